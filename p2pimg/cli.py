@@ -1,0 +1,117 @@
+"""The `p2pimg` command line: commands, exit codes, and nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+import trio
+
+from . import __version__
+from .config import Config, load_config
+from .errors import P2pimgError
+from .model import parse_name_tag
+from .origins import open_origin
+from .publish import publish
+from .resolver import Resolver
+from .store import ChunkStore
+
+
+def _common(p: argparse.ArgumentParser, *, origin: bool = True) -> None:
+    p.add_argument("--home", help="state directory (default: $P2PIMG_HOME or the XDG data dir)")
+    if origin:
+        p.add_argument("--origin", metavar="URL",
+                       help="origin URL (default: $P2PIMG_ORIGIN or file://$P2PIMG_HOME/origin)")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(home=args.home, origin=getattr(args, "origin", None),
+                       listen=getattr(args, "listen", None),
+                       chunk_size=getattr(args, "chunk_size", None))
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    name, tag = parse_name_tag(args.ref)
+    config = _config(args)
+    origin = open_origin(config.origin, config.home)
+
+    def progress(msg: str) -> None:
+        if args.verbose:
+            print(msg, file=sys.stderr)
+
+    report = trio.run(lambda: publish(args.source, name, tag, origin, chunk_size=config.chunk_size,
+                                      progress=progress))
+    print(f"published {name}:{tag} to {origin.url}: {report.blobs_uploaded} blobs uploaded "
+          f"({report.bytes_uploaded} bytes), {report.blobs_skipped} already there",
+          file=sys.stderr)
+    print(report.root)
+    return 0
+
+
+def cmd_resolve(args: argparse.Namespace) -> int:
+    name, tag = parse_name_tag(args.ref)
+    config = _config(args)
+    origin = open_origin(config.origin, config.home)
+    resolver = Resolver(ChunkStore(config.cache_dir), origin)
+    print(trio.run(resolver.resolve_tag, name, tag))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    trio.run(serve, _config(args))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(_config(args), client=args.client)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="p2pimg", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"p2pimg {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("publish", help="publish an image to the origin; prints its root CID")
+    p.add_argument("source", metavar="SOURCE", help="oci:DIR[:TAG] or docker-archive:FILE")
+    p.add_argument("ref", metavar="NAME:TAG")
+    p.add_argument("--chunk-size", help="chunk size, a power of two dividing 64MiB (default 1MiB)")
+    _common(p)
+    p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("resolve", help="print the root CID a NAME:TAG points at")
+    p.add_argument("ref", metavar="NAME:TAG")
+    _common(p)
+    p.set_defaults(func=cmd_resolve)
+
+    p = sub.add_parser("serve", help="run the read-only OCI registry in the foreground")
+    p.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default 127.0.0.1:5050)")
+    _common(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="make a sample image, publish it, pull it through the proxy")
+    p.add_argument("--listen", metavar="HOST:PORT", help="proxy address (default 127.0.0.1:5050)")
+    p.add_argument("--client", choices=["skopeo", "podman", "ctr"], default="skopeo")
+    _common(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="p2pimg: %(levelname)s %(name)s: %(message)s")
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except P2pimgError as exc:
+        print(f"p2pimg: error: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130

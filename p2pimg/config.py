@@ -1,0 +1,73 @@
+"""Configuration in one place: flags, then environment, then `$P2PIMG_HOME/config.toml`."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+from .errors import InvalidInput
+from .model import DEFAULT_CHUNK_SIZE, check_chunk_size
+
+DEFAULT_LISTEN = "127.0.0.1:5050"
+
+
+def default_home() -> Path:
+    return Path(platformdirs.user_data_dir("p2pimg", appauthor=False))
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise InvalidInput(f"invalid listen address {value!r}: expected HOST:PORT")
+    return host, int(port)
+
+
+def parse_size(value: str | int) -> int:
+    """Sizes like 1048576, 1M, 1MiB, 64K."""
+    if isinstance(value, int):
+        return value
+    text = value.strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    try:
+        if text and text[-1] in units:
+            return int(text[:-1]) * units[text[-1]]
+        return int(text)
+    except ValueError:
+        raise InvalidInput(f"invalid size {value!r}") from None
+
+
+@dataclass(frozen=True)
+class Config:
+    home: Path
+    origin: str | None
+    listen: str = DEFAULT_LISTEN
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+
+def load_config(*, home: str | None = None, origin: str | None = None, listen: str | None = None,
+                chunk_size: str | None = None) -> Config:
+    home_path = Path(home or os.environ.get("P2PIMG_HOME") or default_home()).expanduser().absolute()
+    file_values: dict[str, Any] = {}
+    config_file = home_path / "config.toml"
+    if config_file.is_file():
+        try:
+            file_values = tomllib.loads(config_file.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidInput(f"{config_file}: {exc}") from None
+    chosen_origin = origin or os.environ.get("P2PIMG_ORIGIN") or file_values.get("origin")
+    chosen_listen = listen or file_values.get("listen") or DEFAULT_LISTEN
+    parse_listen(chosen_listen)
+    size = parse_size(chunk_size or os.environ.get("P2PIMG_CHUNK_SIZE")
+                      or file_values.get("chunk_size") or DEFAULT_CHUNK_SIZE)
+    check_chunk_size(size)
+    return Config(home=home_path, origin=chosen_origin, listen=chosen_listen, chunk_size=size)

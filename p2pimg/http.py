@@ -1,0 +1,213 @@
+"""A small HTTP/1.1 server: h11 for the protocol, trio for I/O, sendfile for blob bodies.
+
+Blob bytes never enter Python on the way out: a `FileRegion` body part travels through h11 as a
+placeholder (`send_with_data_passthrough`), and its bytes go from the page cache to the socket
+with `os.sendfile`, waiting for writability only after EAGAIN.
+"""
+
+from __future__ import annotations
+
+import http
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import h11
+import trio
+
+log = logging.getLogger(__name__)
+
+MAX_HEADER_BYTES = 16 << 10
+MAX_REQUEST_BODY = 64 << 10
+IDLE_TIMEOUT = 60.0
+HEADER_TIMEOUT = 20.0
+SEND_TIMEOUT = 120.0  # a client that accepts nothing for this long is gone
+_RECV = 64 << 10
+
+
+@dataclass(frozen=True)
+class FileRegion:
+    """`length` bytes of an open file from `offset`, sent with sendfile."""
+
+    fd: int
+    offset: int
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
+
+
+BodyPart = bytes | FileRegion
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]
+
+
+@dataclass
+class Response:
+    status: int
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes | AsyncIterator[BodyPart] = b""
+
+
+class AbortResponse(Exception):
+    """Raised by a body iterator to cut the connection: the client must not take a short body."""
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+async def _sendfile(stream: trio.SocketStream, region: FileRegion) -> None:
+    sock = stream.socket
+    offset, remaining = region.offset, region.length
+    while remaining:
+        try:
+            sent = os.sendfile(sock.fileno(), region.fd, offset, remaining)
+        except BlockingIOError:
+            with trio.fail_after(SEND_TIMEOUT):
+                await trio.lowlevel.wait_writable(sock)
+            continue
+        if sent == 0:
+            raise AbortResponse("file shorter than the response promised")
+        offset += sent
+        remaining -= sent
+        await trio.lowlevel.checkpoint()
+
+
+class _Connection:
+    def __init__(self, stream: trio.SocketStream, handler: Handler) -> None:
+        self.stream = stream
+        self.handler = handler
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+
+    async def _send(self, event: h11.Event) -> None:
+        data = self.conn.send(event)
+        if data:
+            with trio.fail_after(SEND_TIMEOUT):
+                await self.stream.send_all(data)
+
+    async def _next_event(self, timeout: float) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        while True:
+            event = self.conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            with trio.fail_after(timeout):
+                data = await self.stream.receive_some(_RECV)
+            self.conn.receive_data(data)
+
+    async def _read_body(self) -> bool:
+        """Drain a request body (this server takes none); False if it was too large."""
+        total = 0
+        while True:
+            event = await self._next_event(HEADER_TIMEOUT)
+            if isinstance(event, h11.Data):
+                total += len(event.data)
+                if total > MAX_REQUEST_BODY:
+                    return False
+            elif isinstance(event, h11.EndOfMessage):
+                return True
+            else:
+                return False
+
+    async def _respond(self, response: Response) -> None:
+        headers = [(k.encode(), v.encode()) for k, v in response.headers]
+        headers.append((b"server", b"p2pimg"))
+        try:
+            reason = http.HTTPStatus(response.status).phrase.encode()
+        except ValueError:
+            reason = b""
+        await self._send(h11.Response(status_code=response.status, headers=headers, reason=reason))
+        if isinstance(response.body, bytes):
+            if response.body:
+                await self._send(h11.Data(data=response.body))
+        else:
+            async for part in response.body:
+                if isinstance(part, FileRegion):
+                    if not part.length:
+                        continue
+                    for piece in self.conn.send_with_data_passthrough(h11.Data(data=part)):
+                        if isinstance(piece, FileRegion):
+                            await _sendfile(self.stream, piece)
+                        else:
+                            with trio.fail_after(SEND_TIMEOUT):
+                                await self.stream.send_all(piece)
+                elif part:
+                    await self._send(h11.Data(data=part))
+        await self._send(h11.EndOfMessage())
+
+    async def run(self) -> None:
+        try:
+            while True:
+                timeout = IDLE_TIMEOUT if self.conn.our_state is h11.IDLE else HEADER_TIMEOUT
+                try:
+                    event = await self._next_event(timeout)
+                except h11.RemoteProtocolError as exc:
+                    await self._protocol_error(exc)
+                    return
+                if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                    return
+                if not isinstance(event, h11.Request):
+                    return
+                request = _to_request(event)
+                if request is None:
+                    await self._respond(_plain(400, b"bad request target\n"))
+                    return
+                body_ok = await self._read_body()
+                response = await self.handler(request)
+                if not body_ok:
+                    response.headers.append(("connection", "close"))
+                await self._respond(response)
+                if self.conn.our_state is h11.MUST_CLOSE or not body_ok:
+                    return
+                self.conn.start_next_cycle()
+        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
+                ConnectionError, AbortResponse, h11.LocalProtocolError) as exc:
+            log.debug("connection ended: %r", exc)
+        finally:
+            with trio.move_on_after(1) as scope:
+                scope.shield = True
+                await self.stream.aclose()
+
+    async def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
+        if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            status = exc.error_status_hint
+            with trio.move_on_after(5):
+                await self._respond(_plain(status, f"{exc}\n".encode()))
+
+
+def _plain(status: int, body: bytes) -> Response:
+    return Response(status, [("content-type", "text/plain"), ("content-length", str(len(body))),
+                             ("connection", "close")], body)
+
+
+def _to_request(event: h11.Request) -> Request | None:
+    try:
+        target = event.target.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    parts = urlsplit(target)
+    if not parts.path.startswith("/"):
+        return None
+    headers: dict[str, str] = {}
+    for k, v in event.headers:
+        headers[k.decode("latin-1").lower()] = v.decode("latin-1")
+    return Request(method=event.method.decode("ascii", "replace"), path=unquote(parts.path),
+                   query=parse_qs(parts.query), headers=headers)
+
+
+async def serve_http(handler: Handler, host: str, port: int, *,
+                     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve until cancelled; `task_status.started` gets the bound listeners."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+
+    async def on_connection(stream: trio.SocketStream) -> None:
+        await _Connection(stream, handler).run()
+
+    await trio.serve_listeners(on_connection, listeners, task_status=task_status)

@@ -1,0 +1,58 @@
+"""Origins: where published images live, under one key layout on every backend.
+
+    p2pimg/blobs/sha256/<hex>    whole blob bytes
+    p2pimg/blocks/<cid>          DAG-CBOR blocks (image roots, blob maps) and raw manifest blocks
+    p2pimg/tags/<name>/<tag>     tag records
+
+An origin only moves bytes under keys. It never interprets them: everything read from it is
+verified above it, against the CID or digest the key was asked under.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from ..cid import Cid, parse_digest
+from ..errors import InvalidInput
+from ..model import check_name, check_tag
+from .base import BlobReader, Origin
+from .file import FileOrigin
+
+__all__ = ["BlobReader", "FileOrigin", "Origin", "blob_key", "block_key", "open_origin", "tag_key"]
+
+PREFIX = "p2pimg"
+
+
+def blob_key(digest: str) -> str:
+    return f"{PREFIX}/blobs/sha256/{parse_digest(digest)}"
+
+
+def block_key(cid: Cid) -> str:
+    return f"{PREFIX}/blocks/{cid}"
+
+
+def tag_key(name: str, tag: str = "") -> str:
+    """Key of a tag record, or with no tag the prefix under which a name's tags live."""
+    base = f"{PREFIX}/tags/{check_name(name)}/"
+    return base + check_tag(tag) if tag else base
+
+
+def default_origin_url(home: Path) -> str:
+    return (home / "origin").as_uri()
+
+
+def open_origin(url: str | None, home: Path) -> Origin:
+    """The origin named by `url` (`--origin`, else `$P2PIMG_ORIGIN`, else the embedded one)."""
+    url = url or os.environ.get("P2PIMG_ORIGIN") or default_origin_url(home)
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise InvalidInput(f"file origin must be a local path, got {url!r}")
+        if not parts.path:
+            raise InvalidInput(f"file origin needs a directory: {url!r}")
+        return FileOrigin(Path(parts.path))
+    if parts.scheme in ("storj", "s3"):
+        raise InvalidInput(f"{parts.scheme}:// origins are not available in this build yet")
+    raise InvalidInput(f"unsupported origin URL {url!r}: expected file://DIR")

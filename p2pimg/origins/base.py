@@ -1,0 +1,50 @@
+"""The origin interface: keyed objects with ranged, parallel reads."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Callable
+from typing import BinaryIO
+
+BlobReader = Callable[[], BinaryIO]
+"""Opens a fresh stream of a blob's bytes (publish may read a source twice)."""
+
+
+class Origin(abc.ABC):
+    """Where published images live. Reads of disjoint ranges may run concurrently.
+
+    `segment_size` is the backend's natural unit: spans of a read plan never cross it, so that
+    parallel ranged reads land on different segments (on Storj, different storage nodes).
+    """
+
+    url: str
+    segment_size: int = 64 << 20
+
+    @abc.abstractmethod
+    def read_range(self, key: str, offset: int, length: int) -> AsyncIterator[bytes]:
+        """Stream bytes [offset, offset+length) of an object, in pieces of any size.
+
+        Raises OriginNotFound if there is no such object, OriginError on failures.
+        """
+
+    @abc.abstractmethod
+    async def get(self, key: str, *, max_size: int) -> bytes:
+        """A whole small object (block, tag record), refusing anything above `max_size`."""
+
+    @abc.abstractmethod
+    async def exists(self, key: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def put_bytes(self, key: str, data: bytes) -> None:
+        """Write a small object atomically (readers see the old or the new, never a part)."""
+
+    @abc.abstractmethod
+    async def put_blob(self, key: str, open_reader: BlobReader, size: int) -> None:
+        """Write a large object from a stream, atomically, in segment-sized parts."""
+
+    @abc.abstractmethod
+    async def list(self, prefix: str) -> list[str]:
+        """Keys below `prefix` (which ends with '/'), sorted."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
+        """Release connections or handles."""

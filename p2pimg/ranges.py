@@ -1,0 +1,51 @@
+"""HTTP byte ranges (RFC 9110 §14) for blob requests: one range per request (sans I/O)."""
+
+from __future__ import annotations
+
+import re
+
+from .errors import RangeInvalid, RangeNotSatisfiable
+
+_RANGE_RE = re.compile(r"^bytes=(\d{0,19})-(\d{0,19})$")
+_MAX_HEADER = 200
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The byte range [start, end) a Range header asks of a `size`-byte blob, or None for all.
+
+    Malformed headers raise RangeInvalid; well-formed ones that select nothing in the blob (or
+    several ranges, which p2pimg does not serve) raise RangeNotSatisfiable.
+    """
+    if header is None:
+        return None
+    text = header.strip()
+    if len(text) > _MAX_HEADER:
+        raise RangeInvalid("Range header too long")
+    if text.startswith("bytes=") and "," in text:
+        raise RangeNotSatisfiable("only a single byte range is supported", size=size)
+    m = _RANGE_RE.match(text)
+    if m is None:
+        raise RangeInvalid(f"malformed Range header {text[:60]!r}: expected bytes=START-[END]")
+    first, last = m.group(1), m.group(2)
+    if not first and not last:
+        raise RangeInvalid("malformed Range header: empty range")
+    if not first:
+        suffix = int(last)
+        if suffix == 0 or size == 0:
+            raise RangeNotSatisfiable(f"suffix range of {suffix} bytes selects nothing", size=size)
+        return max(0, size - suffix), size
+    start = int(first)
+    if last:
+        end_inclusive = int(last)
+        if end_inclusive < start:
+            raise RangeInvalid(f"malformed Range header: end {end_inclusive} before start {start}")
+        end = min(end_inclusive + 1, size)
+    else:
+        end = size
+    if start >= size:
+        raise RangeNotSatisfiable(f"range starts at {start}, blob has {size} bytes", size=size)
+    return start, end
+
+
+def content_range(start: int, end: int, size: int) -> str:
+    return f"bytes {start}-{end - 1}/{size}"

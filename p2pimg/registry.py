@@ -1,0 +1,204 @@
+"""The read-only OCI distribution endpoint: routing, errors, and streaming blob bodies.
+
+Routes (distribution-spec "pull" category only):
+
+    GET/HEAD /v2/                                 API version check
+    GET/HEAD /v2/<name>/manifests/<tag|digest>    manifest bytes, exactly as published
+    GET/HEAD /v2/<name>/blobs/<digest>            blob bytes, single byte ranges
+    GET      /v2/<name>/tags/list                 tag names (`n` and `last` paginate)
+
+`<name>` is a published repository name, or `ipfs/<root CID>` (any tag = the image's top).
+Everything else that would write answers 405 UNSUPPORTED.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+
+from .cid import Cid, parse_digest
+from .errors import DigestInvalid, NameInvalid, NotFound, P2pimgError, RangeNotSatisfiable
+from .fetch import BlobFetch, Fetcher
+from .http import AbortResponse, BodyPart, FileRegion, Request, Response
+from .model import BlobMap, check_name, check_tag
+from .ranges import content_range, parse_range
+from .resolver import IPFS_PREFIX, Resolver
+from .store import ChunkStore
+
+log = logging.getLogger(__name__)
+
+API_HEADER = ("docker-distribution-api-version", "registry/2.0")
+_READ_METHODS = ("GET", "HEAD")
+_MAX_TAGS_PAGE = 10000
+
+
+def error_response(exc: P2pimgError, *, head: bool = False) -> Response:
+    body = json.dumps({"errors": [{"code": exc.oci_code, "message": exc.message,
+                                   "detail": exc.detail}]}).encode()
+    headers = [API_HEADER, ("content-type", "application/json"),
+               ("content-length", str(len(body)))]
+    if isinstance(exc, RangeNotSatisfiable):
+        headers.append(("content-range", f"bytes */{exc.size}"))
+    return Response(exc.http_status, headers, b"" if head else body)
+
+
+def _unsupported(method: str) -> Response:
+    err = P2pimgError(f"{method} is not supported: this registry is read-only")
+    err.oci_code, err.http_status = "UNSUPPORTED", 405
+    resp = error_response(err)
+    resp.headers.append(("allow", "GET, HEAD"))
+    return resp
+
+
+def check_repository(name: str) -> str:
+    """A registry name: a published NAME, or `ipfs/<CID>` with a valid CID."""
+    check_name(name)
+    if name.startswith(IPFS_PREFIX):
+        try:
+            Cid.parse(name[len(IPFS_PREFIX):])
+        except DigestInvalid as exc:
+            raise NameInvalid(f"invalid image CID in {name!r}: {exc.message}") from None
+    return name
+
+
+class Registry:
+    def __init__(self, store: ChunkStore, resolver: Resolver, fetcher: Fetcher) -> None:
+        self.store = store
+        self.resolver = resolver
+        self.fetcher = fetcher
+
+    async def handle(self, request: Request) -> Response:
+        head = request.method == "HEAD"
+        try:
+            return await self._route(request)
+        except P2pimgError as exc:
+            if exc.http_status >= 500:
+                log.warning("%s %s: %s", request.method, request.path, exc)
+            return error_response(exc, head=head)
+        except Exception:
+            log.exception("%s %s failed", request.method, request.path)
+            return error_response(P2pimgError("internal error"), head=head)
+
+    async def _route(self, request: Request) -> Response:
+        path = request.path
+        if path in ("/v2", "/v2/"):
+            if request.method not in _READ_METHODS:
+                return _unsupported(request.method)
+            return Response(200, [API_HEADER, ("content-type", "application/json"),
+                                  ("content-length", "2")], b"" if request.method == "HEAD" else b"{}")
+        if not path.startswith("/v2/"):
+            raise NotFound(f"no such endpoint {path[:100]}")
+        rest = path[len("/v2/"):]
+        if "/blobs/uploads" in rest or request.method not in _READ_METHODS:
+            return _unsupported(request.method)
+        if rest.endswith("/tags/list"):
+            return await self._tags(check_repository(rest[: -len("/tags/list")]), request)
+        for marker, handler in (("/manifests/", self._manifest), ("/blobs/", self._blob)):
+            name, sep, ref = rest.rpartition(marker)
+            if sep:
+                return await handler(check_repository(name), ref, request)
+        raise NotFound(f"no such endpoint {path[:100]}")
+
+    async def _manifest(self, name: str, reference: str, request: Request) -> Response:
+        if ":" in reference:
+            parse_digest(reference)
+        else:
+            check_tag(reference)
+        manifest = await self.resolver.manifest_for(name, reference)
+        headers = [API_HEADER, ("content-type", manifest.media_type),
+                   ("docker-content-digest", manifest.digest),
+                   ("etag", f'"{manifest.digest}"'),
+                   ("content-length", str(len(manifest.data)))]
+        return Response(200, headers, b"" if request.method == "HEAD" else manifest.data)
+
+    async def _tags(self, name: str, request: Request) -> Response:
+        if name.startswith(IPFS_PREFIX):
+            await self.resolver.manifest_for(name, "latest")  # 404 if the root does not exist
+            tags = ["latest"]
+        else:
+            tags = await self.resolver.tags(name)
+        last = (request.query.get("last") or [""])[0]
+        if last:
+            tags = [t for t in tags if t > last]
+        n_arg = (request.query.get("n") or [""])[0]
+        headers = [API_HEADER, ("content-type", "application/json")]
+        if n_arg.isdigit():
+            n = min(int(n_arg), _MAX_TAGS_PAGE)
+            if len(tags) > n:
+                tags = tags[:n]
+                headers.append(("link", f'</v2/{name}/tags/list?n={n}&last={tags[-1] if tags else ""}>; rel="next"'))
+        body = json.dumps({"name": name, "tags": tags}).encode()
+        headers.append(("content-length", str(len(body))))
+        return Response(200, headers, body)
+
+    async def _blob(self, name: str, digest: str, request: Request) -> Response:
+        parse_digest(digest)
+        entry = await self.resolver.blob_for(name, digest)
+        size = entry.size
+        rng = parse_range(request.headers.get("range"), size)
+        start, end = rng if rng is not None else (0, size)
+        headers = [API_HEADER, ("content-type", "application/octet-stream"),
+                   ("docker-content-digest", digest), ("etag", f'"{digest}"'),
+                   ("accept-ranges", "bytes"), ("content-length", str(end - start))]
+        status = 200
+        if rng is not None:
+            status = 206
+            headers.append(("content-range", content_range(start, end, size)))
+        if request.method == "HEAD":
+            return Response(status, headers)
+        body = await self._blob_body(name, digest, start, end)
+        return Response(status, headers, body)
+
+    async def _blob_body(self, name: str, digest: str, start: int, end: int) -> AsyncIterator[BodyPart]:
+        path = self.store.blob_path(digest)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            pass
+        else:
+            return _file_body(fd, start, end)
+        entry = await self.resolver.blob_for(name, digest)
+        bmap = await self.resolver.blob_map(entry, digest)
+        fetch = await self.fetcher.open(bmap)
+        if fetch is None:  # completed while we looked
+            return _file_body(os.open(path, os.O_RDONLY), start, end)
+        fd = os.dup(fetch.partial.fd)
+        try:
+            if start < end:
+                # Wait for the first chunk before answering: a blob that cannot be fetched at all
+                # gets an error status, not a truncated 200.
+                await fetch.wait_chunk(start // bmap.chunk_size)
+        except BaseException:
+            os.close(fd)
+            raise
+        return _chunked_body(fetch, bmap, fd, start, end)
+
+
+async def _file_body(fd: int, start: int, end: int) -> AsyncIterator[BodyPart]:
+    try:
+        yield FileRegion(fd, start, end - start)
+    finally:
+        os.close(fd)
+
+
+async def _chunked_body(fetch: BlobFetch, bmap: BlobMap, fd: int, start: int,
+                        end: int) -> AsyncIterator[BodyPart]:
+    """Blob bytes in order, each chunk sent as soon as it is verified on disk."""
+    try:
+        offset = start
+        index = start // bmap.chunk_size if bmap.count else 0
+        while offset < end:
+            try:
+                await fetch.wait_chunk(index)
+            except P2pimgError as exc:
+                log.warning("aborting blob %s at byte %d: %s", bmap.digest, offset, exc)
+                raise AbortResponse(str(exc)) from None
+            _, hi = bmap.bounds(index)
+            stop = min(hi, end)
+            yield FileRegion(fd, offset, stop - offset)
+            offset = stop
+            index += 1
+    finally:
+        os.close(fd)

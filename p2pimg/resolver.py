@@ -1,0 +1,171 @@
+"""Tags -> image roots -> manifests and blob maps, verified, cached, transport-agnostic.
+
+Everything the resolver returns was checked against the CID it was asked under (blocks) or the
+name and tag it was asked for (tag records) before it is cached or handed on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import trio
+
+from . import dagcbor
+from .cid import Cid, parse_digest
+from .errors import (
+    BlobUnknown,
+    BlockInvalid,
+    ManifestUnknown,
+    NameUnknown,
+    OriginNotFound,
+    VerificationError,
+)
+from .model import MAX_MANIFEST_SIZE, BlobEntry, BlobMap, ImageRoot, ManifestEntry, TagRecord
+from .origins import Origin, block_key, tag_key
+from .store import ChunkStore
+
+IPFS_PREFIX = "ipfs/"
+_ROOT_CACHE = 256
+_MAP_CACHE = 4096
+
+
+@dataclass(frozen=True)
+class Manifest:
+    digest: str
+    media_type: str
+    data: bytes
+
+
+class Resolver:
+    def __init__(self, store: ChunkStore, origin: Origin, *, tag_ttl: float = 5.0) -> None:
+        self.store = store
+        self.origin = origin
+        self.tag_ttl = tag_ttl
+        self._roots: OrderedDict[Cid, ImageRoot] = OrderedDict()
+        self._maps: OrderedDict[Cid, BlobMap] = OrderedDict()
+        self._tags: dict[tuple[str, str], tuple[float, Cid]] = {}
+        self._name_roots: dict[str, set[Cid]] = {}
+
+    # -- blocks ----------------------------------------------------------------------------
+
+    async def block(self, cid: Cid, *, max_size: int = dagcbor.MAX_BLOCK_SIZE) -> bytes:
+        """A block by CID: from the cache, else from the origin, verified before it is kept."""
+        data = await trio.to_thread.run_sync(self.store.get_block, cid)
+        if data is not None:
+            return data
+        data = await self.origin.get(block_key(cid), max_size=max_size)
+        if not cid.matches(data):
+            raise VerificationError(f"origin returned a block that does not match {cid}")
+        await trio.to_thread.run_sync(self.store.put_block, cid, data)
+        return data
+
+    @staticmethod
+    def _remember(cache: OrderedDict[Cid, object], cid: Cid, value: object, size: int) -> None:
+        cache[cid] = value
+        cache.move_to_end(cid)
+        while len(cache) > size:
+            cache.popitem(last=False)
+
+    async def root(self, cid: Cid) -> ImageRoot:
+        if (hit := self._roots.get(cid)) is not None:
+            return hit
+        if cid.codec_name != "dag-cbor":
+            raise ManifestUnknown(f"{cid} is not an image root CID (not dag-cbor)")
+        try:
+            root = ImageRoot.from_node(dagcbor.decode_verified(await self.block(cid), cid))
+        except OriginNotFound:
+            raise NameUnknown(f"no image with root {cid}") from None
+        self._remember(self._roots, cid, root, _ROOT_CACHE)  # type: ignore[arg-type]
+        return root
+
+    async def blob_map(self, entry: BlobEntry, digest: str) -> BlobMap:
+        if (hit := self._maps.get(entry.map)) is not None:
+            return hit
+        bmap = BlobMap.from_node(dagcbor.decode_verified(await self.block(entry.map), entry.map))
+        if bmap.digest != digest or bmap.size != entry.size:
+            raise BlockInvalid(f"blob map {entry.map} does not describe {digest}")
+        self._remember(self._maps, entry.map, bmap, _MAP_CACHE)  # type: ignore[arg-type]
+        return bmap
+
+    async def manifest(self, entry: ManifestEntry, digest: str) -> Manifest:
+        data = await self.block(entry.cid, max_size=MAX_MANIFEST_SIZE)
+        return Manifest(digest=digest, media_type=entry.media_type, data=data)
+
+    # -- tags ------------------------------------------------------------------------------
+
+    async def resolve_tag(self, name: str, tag: str) -> Cid:
+        """The root CID `name:tag` points at, re-read from the origin after `tag_ttl` seconds."""
+        now = time.monotonic()
+        cached = self._tags.get((name, tag))
+        if cached is not None and now - cached[0] < self.tag_ttl:
+            return cached[1]
+        try:
+            data = await self.origin.get(tag_key(name, tag), max_size=64 << 10)
+        except OriginNotFound:
+            raise ManifestUnknown(f"{name}:{tag} is not published") from None
+        record = TagRecord.decode(data, name=name, tag=tag)
+        await trio.to_thread.run_sync(self.store.put_tag_record, record)
+        self._tags[(name, tag)] = (now, record.root)
+        self._name_roots.setdefault(name, set()).add(record.root)
+        return record.root
+
+    async def tags(self, name: str) -> list[str]:
+        prefix = tag_key(name)
+        keys = await self.origin.list(prefix)
+        tags = sorted(k[len(prefix):] for k in keys if "/" not in k[len(prefix):])
+        if not tags:
+            raise NameUnknown(f"repository {name} is not published")
+        return tags
+
+    # -- what a registry name means --------------------------------------------------------
+
+    async def _roots_of(self, name: str) -> list[ImageRoot]:
+        """Images a name can serve: an `ipfs/<CID>` root, or the roots of the name's tags."""
+        if name.startswith(IPFS_PREFIX):
+            return [await self.root(Cid.parse(name[len(IPFS_PREFIX):]))]
+        known = self._name_roots.get(name)
+        if not known:
+            for tag in await self.tags(name):
+                await self.resolve_tag(name, tag)
+            known = self._name_roots.get(name, set())
+        return [await self.root(cid) for cid in sorted(known, key=str)]
+
+    async def _find(self, name: str, digest: str, kind: str) -> tuple[ImageRoot, object] | None:
+        parse_digest(digest)
+        for attempt in range(2):
+            for root in await self._roots_of(name):
+                table: dict[str, object] = root.manifests if kind == "manifest" else root.blobs  # type: ignore[assignment]
+                if digest in table:
+                    return root, table[digest]
+            if attempt == 0 and not name.startswith(IPFS_PREFIX):
+                # Maybe a tag moved since we last looked: forget what we knew and re-list.
+                self._name_roots.pop(name, None)
+                self._tags = {k: v for k, v in self._tags.items() if k[0] != name}
+                continue
+            break
+        return None
+
+    async def manifest_for(self, name: str, reference: str) -> Manifest:
+        """GET /v2/<name>/manifests/<reference>: by digest, or a tag (any tag for ipfs/<CID>)."""
+        if reference.startswith("sha256:") or ":" in reference:
+            found = await self._find(name, reference, "manifest")
+            if found is None:
+                raise ManifestUnknown(f"manifest {reference} is not part of {name}")
+            entry = found[1]
+            assert isinstance(entry, ManifestEntry)
+            return await self.manifest(entry, reference)
+        if name.startswith(IPFS_PREFIX):
+            root = (await self._roots_of(name))[0]
+        else:
+            root = await self.root(await self.resolve_tag(name, reference))
+        return await self.manifest(root.top_entry, root.top)
+
+    async def blob_for(self, name: str, digest: str) -> BlobEntry:
+        found = await self._find(name, digest, "blob")
+        if found is None:
+            raise BlobUnknown(f"blob {digest} is not part of {name}")
+        entry = found[1]
+        assert isinstance(entry, BlobEntry)
+        return entry

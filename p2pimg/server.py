@@ -1,0 +1,44 @@
+"""`p2pimg serve`: wire the cache, origin, resolver, fetcher and registry into one trio process."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+
+import trio
+
+from .config import Config, parse_listen
+from .fetch import Fetcher
+from .http import serve_http
+from .origins import open_origin
+from .registry import Registry
+from .resolver import Resolver
+from .store import ChunkStore
+
+log = logging.getLogger(__name__)
+
+
+async def serve(config: Config, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve until SIGINT/SIGTERM (or cancellation); `task_status` gets the bound HOST:PORT."""
+    host, port = parse_listen(config.listen)
+    store = ChunkStore(config.cache_dir)
+    origin = open_origin(config.origin, config.home)
+    try:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                fetcher = Fetcher(store, origin, nursery)
+                registry = Registry(store, Resolver(store, origin), fetcher)
+                listeners = await nursery.start(serve_http, registry.handle, host, port)
+                bound = listeners[0].socket.getsockname()
+                address = f"{bound[0]}:{bound[1]}"
+                print(f"p2pimg: serving registry on http://{address} (origin {origin.url})",
+                      file=sys.stderr, flush=True)
+                task_status.started(address)
+                async for signum in signals:
+                    print(f"p2pimg: {signal.Signals(signum).name}, shutting down",
+                          file=sys.stderr, flush=True)
+                    nursery.cancel_scope.cancel()
+                    break
+    finally:
+        await origin.aclose()

@@ -1,0 +1,311 @@
+"""Publish sources: OCI image layouts and `docker save` archives, read as an image graph.
+
+A source is read into a `SourceImage`: every manifest and index as its exact bytes (digests
+never change), and every other blob as something that can be opened and streamed. Nothing here
+writes anywhere; nothing holds a layer in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from .cid import digest_of, parse_digest
+from .errors import SourceInvalid
+from .model import INDEX_MEDIA_TYPES, MANIFEST_MEDIA_TYPES, MAX_MANIFEST_SIZE
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+DOCKER_LAYER = {
+    "gzip": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+    "zstd": "application/vnd.docker.image.rootfs.diff.tar.zstd",
+    "none": "application/vnd.docker.image.rootfs.diff.tar",
+}
+_REF_ANNOTATION = "org.opencontainers.image.ref.name"
+_MAX_INDEX_JSON = 4 << 20
+_MAX_ARCHIVE_MANIFEST = 1 << 20
+
+
+@dataclass(frozen=True)
+class SourceBlob:
+    digest: str
+    size: int
+    open: Callable[[], BinaryIO]
+
+
+@dataclass
+class SourceImage:
+    """An image graph: its top manifest/index, all manifests (bytes), all other blobs."""
+
+    top: str
+    manifests: dict[str, tuple[bytes, str]] = field(default_factory=dict)
+    blobs: dict[str, SourceBlob] = field(default_factory=dict)
+
+
+def _descriptor(d: object, where: str) -> tuple[str, int, str]:
+    if not isinstance(d, dict):
+        raise SourceInvalid(f"{where}: descriptor is not an object")
+    digest, size, media = d.get("digest"), d.get("size"), d.get("mediaType", "")
+    if not isinstance(digest, str) or not isinstance(size, int) or isinstance(size, bool):
+        raise SourceInvalid(f"{where}: descriptor needs a digest and a size")
+    if size < 0 or not isinstance(media, str):
+        raise SourceInvalid(f"{where}: descriptor has an invalid size or media type")
+    try:
+        parse_digest(digest)
+    except Exception as exc:
+        raise SourceInvalid(f"{where}: {exc}") from None
+    return digest, size, media
+
+
+def _parse_json(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SourceInvalid(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise SourceInvalid(f"{what} is not a JSON object")
+    return doc
+
+
+def manifest_media_type(data: bytes, declared: str, what: str) -> str:
+    """The media type a manifest is served with: its own `mediaType`, else the descriptor's."""
+    doc = _parse_json(data, what)
+    own = doc.get("mediaType")
+    if own is not None and not isinstance(own, str):
+        raise SourceInvalid(f"{what}: mediaType is not a string")
+    media = own or declared or (OCI_INDEX if "manifests" in doc else OCI_MANIFEST)
+    if media not in MANIFEST_MEDIA_TYPES:
+        raise SourceInvalid(f"{what}: unsupported manifest media type {media!r}")
+    if doc.get("schemaVersion") != 2:
+        raise SourceInvalid(f"{what}: only schemaVersion 2 manifests are supported")
+    return media
+
+
+def manifest_children(data: bytes, media: str, what: str) -> tuple[list[tuple[str, int, str]], list[tuple[str, int, str]]]:
+    """(child manifests, blobs) a manifest or index refers to, as (digest, size, media type)."""
+    doc = _parse_json(data, what)
+    if media in INDEX_MEDIA_TYPES:
+        entries = doc.get("manifests")
+        if not isinstance(entries, list):
+            raise SourceInvalid(f"{what}: index has no manifests list")
+        return [_descriptor(d, what) for d in entries], []
+    config, layers = doc.get("config"), doc.get("layers")
+    if not isinstance(layers, list):
+        raise SourceInvalid(f"{what}: manifest has no layers list")
+    return [], [_descriptor(config, what)] + [_descriptor(d, what) for d in layers]
+
+
+def walk_graph(top: str, top_media: str, read_manifest: Callable[[str, int], bytes],
+               blob: Callable[[str, int], SourceBlob]) -> SourceImage:
+    """Collect an image graph from its top manifest, checking every digest and size."""
+    image = SourceImage(top=top)
+    pending = [(top, -1, top_media)]
+    while pending:
+        digest, size, declared = pending.pop()
+        if digest in image.manifests:
+            continue
+        data = read_manifest(digest, size)
+        if digest_of(data) != digest:
+            raise SourceInvalid(f"manifest {digest} does not match its digest")
+        if size >= 0 and len(data) != size:
+            raise SourceInvalid(f"manifest {digest} has {len(data)} bytes, descriptor says {size}")
+        media = manifest_media_type(data, declared, f"manifest {digest}")
+        image.manifests[digest] = (data, media)
+        children, blobs = manifest_children(data, media, f"manifest {digest}")
+        pending += children
+        for bdigest, bsize, _ in blobs:
+            if bdigest not in image.blobs:
+                image.blobs[bdigest] = blob(bdigest, bsize)
+    return image
+
+
+# -- OCI image layout ----------------------------------------------------------------------
+
+def read_oci_layout(spec: str) -> SourceImage:
+    """`DIR[:TAG]`: an OCI image layout; the tag is the `ref.name` annotation in index.json."""
+    path, tag = Path(spec), ""
+    if not (path / "index.json").is_file() and ":" in spec:
+        head, _, tag = spec.rpartition(":")
+        path = Path(head)
+    if not path.is_dir():
+        raise SourceInvalid(f"OCI layout {str(path)!r} does not exist")
+    if not (path / "oci-layout").is_file() or not (path / "index.json").is_file():
+        raise SourceInvalid(f"{str(path)!r} is not an OCI image layout (no oci-layout/index.json)")
+    raw = (path / "index.json").read_bytes()[: _MAX_INDEX_JSON + 1]
+    if len(raw) > _MAX_INDEX_JSON:
+        raise SourceInvalid("index.json is too large")
+    index = _parse_json(raw, "index.json")
+    entries = index.get("manifests")
+    if not isinstance(entries, list) or not entries:
+        raise SourceInvalid(f"{str(path)!r}: index.json lists no images")
+    if tag:
+        chosen = [e for e in entries if isinstance(e, dict)
+                  and (e.get("annotations") or {}).get(_REF_ANNOTATION) == tag]
+        if not chosen:
+            known = sorted({str((e.get("annotations") or {}).get(_REF_ANNOTATION))
+                            for e in entries if isinstance(e, dict)} - {"None"})
+            raise SourceInvalid(f"OCI layout has no image tagged {tag!r} (tags: {', '.join(known) or 'none'})")
+    elif len(entries) == 1:
+        chosen = entries
+    else:
+        raise SourceInvalid(f"OCI layout holds {len(entries)} images: name one as oci:DIR:TAG")
+    top, _, media = _descriptor(chosen[0], "index.json")
+    blobs_dir = path / "blobs" / "sha256"
+
+    def blob_path(digest: str, size: int) -> Path:
+        p = blobs_dir / parse_digest(digest)
+        if not p.is_file():
+            raise SourceInvalid(f"OCI layout is missing blob {digest}")
+        if size >= 0 and p.stat().st_size != size:
+            raise SourceInvalid(f"blob {digest} has {p.stat().st_size} bytes, descriptor says {size}")
+        return p
+
+    def read_manifest(digest: str, size: int) -> bytes:
+        p = blob_path(digest, size)
+        if p.stat().st_size > MAX_MANIFEST_SIZE:
+            raise SourceInvalid(f"manifest {digest} exceeds {MAX_MANIFEST_SIZE} bytes")
+        return p.read_bytes()
+
+    def blob(digest: str, size: int) -> SourceBlob:
+        p = blob_path(digest, size)
+        return SourceBlob(digest, size, lambda: open(p, "rb"))
+
+    return walk_graph(top, media, read_manifest, blob)
+
+
+# -- docker save archives ------------------------------------------------------------------
+
+def _compression(head: bytes) -> str:
+    if head.startswith(b"\x1f\x8b"):
+        return "gzip"
+    if head.startswith(b"\x28\xb5\x2f\xfd"):
+        return "zstd"
+    return "none"
+
+
+def read_docker_archive(spec: str) -> SourceImage:
+    """`FILE[:NAME:TAG]`: a `docker save` tarball, given a Docker schema 2 manifest as skopeo does."""
+    path, want = Path(spec), ""
+    if not path.is_file() and ":" in spec:
+        head, _, rest = spec.partition(":")
+        path, want = Path(head), rest
+    if not path.is_file():
+        raise SourceInvalid(f"docker archive {str(path)!r} does not exist")
+    try:
+        tar = tarfile.open(path)
+    except (tarfile.TarError, OSError) as exc:
+        raise SourceInvalid(f"{str(path)!r} is not a tar archive: {exc}") from None
+    with tar:
+        members = {m.name.removeprefix("./"): m for m in tar.getmembers()}
+
+        def member(name: str) -> tarfile.TarInfo:
+            m = members.get(name)
+            if m is None or not m.isfile():
+                raise SourceInvalid(f"docker archive has no file {name!r}")
+            return m
+
+        def read_small(name: str, limit: int) -> bytes:
+            m = member(name)
+            if m.size > limit:
+                raise SourceInvalid(f"{name!r} in the archive is too large")
+            f = tar.extractfile(m)
+            assert f is not None
+            return f.read()
+
+        listing = json.loads(read_small("manifest.json", _MAX_ARCHIVE_MANIFEST) or b"null") \
+            if "manifest.json" in members else None
+        if not isinstance(listing, list) or not listing:
+            raise SourceInvalid(f"{str(path)!r} is not a docker save archive (no manifest.json)")
+        if want:
+            chosen = [e for e in listing if isinstance(e, dict) and want in (e.get("RepoTags") or [])]
+            if not chosen:
+                raise SourceInvalid(f"docker archive has no image {want!r}")
+        elif len(listing) == 1:
+            chosen = listing
+        else:
+            raise SourceInvalid(f"docker archive holds {len(listing)} images: name one as docker-archive:FILE:NAME:TAG")
+        entry = chosen[0]
+        if not isinstance(entry, dict) or not isinstance(entry.get("Config"), str) \
+                or not isinstance(entry.get("Layers"), list):
+            raise SourceInvalid("docker archive manifest.json entry needs Config and Layers")
+        config = read_small(entry["Config"], MAX_MANIFEST_SIZE)
+        _parse_json(config, "image config")
+        layers = []
+        for name in entry["Layers"]:
+            if not isinstance(name, str):
+                raise SourceInvalid("docker archive manifest.json has a non-string layer")
+            m = member(name)
+            f = tar.extractfile(m)
+            assert f is not None
+            kind = _compression(f.read(4))
+            h = hashlib.sha256()
+            f.seek(0)
+            while piece := f.read(1 << 20):
+                h.update(piece)
+            layers.append((name, m.size, "sha256:" + h.hexdigest(), DOCKER_LAYER[kind]))
+
+    def opener(name: str) -> Callable[[], BinaryIO]:
+        def open_member() -> BinaryIO:
+            t = tarfile.open(path)
+            f = t.extractfile(t.getmember(members[name].name))
+            assert f is not None
+            return _Closing(f, t)
+        return open_member
+
+    config_digest = digest_of(config)
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": DOCKER_MANIFEST,
+        "config": {"mediaType": DOCKER_CONFIG, "size": len(config), "digest": config_digest},
+        "layers": [{"mediaType": media, "size": size, "digest": digest}
+                   for _, size, digest, media in layers],
+    }
+    data = json.dumps(manifest, indent=3).encode()
+    image = SourceImage(top=digest_of(data))
+    image.manifests[image.top] = (data, DOCKER_MANIFEST)
+    image.blobs[config_digest] = SourceBlob(config_digest, len(config), lambda: io.BytesIO(config))
+    for name, size, digest, _ in layers:
+        image.blobs.setdefault(digest, SourceBlob(digest, size, opener(name)))
+    return image
+
+
+class _Closing(io.RawIOBase):
+    """A tar member stream that also closes its archive."""
+
+    def __init__(self, f: BinaryIO, tar: tarfile.TarFile) -> None:
+        self._f, self._tar = f, tar
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        return self._f.read(size)
+
+    def readinto(self, b: Any) -> int:
+        data = self._f.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._tar.close()
+        super().close()
+
+
+def read_source(spec: str) -> SourceImage:
+    """Read a publish SOURCE: `oci:DIR[:TAG]` or `docker-archive:FILE`."""
+    transport, sep, rest = spec.partition(":")
+    if not sep or not rest:
+        raise SourceInvalid(f"invalid source {spec!r}: expected oci:DIR[:TAG] or docker-archive:FILE")
+    if transport == "oci":
+        return read_oci_layout(rest)
+    if transport == "docker-archive":
+        return read_docker_archive(rest)
+    raise SourceInvalid(f"unsupported source transport {transport!r}: expected oci or docker-archive")

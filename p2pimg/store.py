@@ -1,0 +1,262 @@
+"""The local content-addressed cache under `$P2PIMG_HOME/cache`.
+
+Rule 1: nothing unverified is ever visible. Chunks are checked against their CID before they are
+written; a whole blob becomes visible under `blobs/` only after its sha256 matched and it was
+fsynced, by an atomic rename; blocks and tag records are checked, then written by rename.
+
+Layout::
+
+    blobs/sha256/<hex>           complete, verified blobs (served with sendfile)
+    partial/sha256/<hex>.data    a blob being fetched: verified chunks at their offsets
+    partial/sha256/<hex>.have    one byte per chunk, 1 = that chunk in .data is verified
+    blocks/<cid>                 DAG-CBOR blocks and raw manifest blocks, verified
+    tags/<name>/<tag>            last tag record seen from the origin
+    tmp/                         staging for atomic renames (same file system)
+
+Crash safety without an fsync per chunk: `.have` is only a claim. A process that opens a partial
+blob re-verifies every claimed chunk before trusting it, so a crash that persisted a `.have` byte
+but not its data costs one re-fetch, never a wrong byte. Two processes sharing a home may write
+the same chunk at once: both write the same verified bytes at the same offset, and the final
+rename is atomic, so either order leaves a consistent cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .cid import Cid, parse_digest
+from .errors import CacheError, VerificationError
+from .model import BlobMap, TagRecord, check_name, check_tag
+
+_READ_PIECE = 1 << 20
+
+
+@contextlib.contextmanager
+def _cache_io(what: str) -> Iterator[None]:
+    """Turn OS errors from cache writes into one clear CacheError."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise CacheError(f"cache disk is full while writing {what}") from exc
+        raise CacheError(f"cache write failed for {what}: {exc.strerror or exc}") from exc
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ChunkStore:
+    """Content-addressed cache of blobs, chunks of partial blobs, blocks and tag records."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._blobs = root / "blobs" / "sha256"
+        self._partial = root / "partial" / "sha256"
+        self._blocks = root / "blocks"
+        self._tags = root / "tags"
+        self._tmp = root / "tmp"
+        for d in (self._blobs, self._partial, self._blocks, self._tags, self._tmp):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # -- atomic writes -------------------------------------------------------------------
+
+    def _write_atomic(self, dest: Path, data: bytes, what: str) -> None:
+        with _cache_io(what):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix="w-")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, dest)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+
+    # -- complete blobs ------------------------------------------------------------------
+
+    def blob_path(self, digest: str) -> Path:
+        return self._blobs / parse_digest(digest)
+
+    def has_blob(self, digest: str) -> bool:
+        return self.blob_path(digest).is_file()
+
+    # -- blocks ----------------------------------------------------------------------------
+
+    def get_block(self, cid: Cid) -> bytes | None:
+        """A cached block, re-checked against its CID (a damaged one is dropped)."""
+        path = self._blocks / str(cid)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        if not cid.matches(data):
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return None
+        return data
+
+    def put_block(self, cid: Cid, data: bytes) -> None:
+        if not cid.matches(data):
+            raise VerificationError(f"block does not match {cid}")
+        path = self._blocks / str(cid)
+        if not path.exists():
+            self._write_atomic(path, data, f"block {cid}")
+
+    # -- tag records -----------------------------------------------------------------------
+
+    def _tag_path(self, name: str, tag: str) -> Path:
+        return self._tags / check_name(name) / check_tag(tag)
+
+    def get_tag_record(self, name: str, tag: str) -> TagRecord | None:
+        try:
+            return TagRecord.decode(self._tag_path(name, tag).read_bytes(), name=name, tag=tag)
+        except FileNotFoundError:
+            return None
+        except Exception:  # a damaged record is as good as none: the origin has the truth
+            return None
+
+    def put_tag_record(self, record: TagRecord) -> None:
+        current = self.get_tag_record(record.name, record.tag)
+        if current is not None and current.seq > record.seq:
+            return
+        self._write_atomic(self._tag_path(record.name, record.tag), record.encode(), "tag record")
+
+    # -- partial blobs ---------------------------------------------------------------------
+
+    def open_partial(self, blob_map: BlobMap) -> PartialBlob:
+        return PartialBlob(self, blob_map)
+
+
+class PartialBlob:
+    """A blob being assembled chunk by chunk; finalize() makes it a visible, verified blob.
+
+    All methods block (disk I/O, hashing): call them from a worker thread in async code.
+    """
+
+    def __init__(self, store: ChunkStore, blob_map: BlobMap) -> None:
+        self.store = store
+        self.map = blob_map
+        hexd = parse_digest(blob_map.digest)
+        self.final_path = store._blobs / hexd
+        self.data_path = store._partial / f"{hexd}.data"
+        self.have_path = store._partial / f"{hexd}.have"
+        self.have = bytearray(blob_map.count)
+        self._data_fd = -1
+        self._have_fd = -1
+        if self.final_path.is_file():
+            self.have = bytearray(b"\x01" * blob_map.count)
+            self._data_fd = os.open(self.final_path, os.O_RDONLY)
+            return
+        with _cache_io(f"partial blob {blob_map.digest}"):
+            self._data_fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o644)
+            self._have_fd = os.open(self.have_path, os.O_RDWR | os.O_CREAT, 0o644)
+            if os.fstat(self._data_fd).st_size != blob_map.size:
+                os.ftruncate(self._data_fd, blob_map.size)
+            if os.fstat(self._have_fd).st_size != blob_map.count:
+                os.ftruncate(self._have_fd, blob_map.count)
+        self._recover()
+
+    def _recover(self) -> None:
+        """Trust a `.have` claim only after re-hashing the chunk it vouches for."""
+        claimed = os.pread(self._have_fd, self.map.count, 0)
+        for i, flag in enumerate(claimed):
+            if flag != 1:
+                continue
+            start, end = self.map.bounds(i)
+            if self.map.chunks[i].matches(os.pread(self._data_fd, end - start, start)):
+                self.have[i] = 1
+            else:
+                os.pwrite(self._have_fd, b"\x00", i)
+
+    @property
+    def fd(self) -> int:
+        """A descriptor of the blob's data; valid across finalize() (same inode)."""
+        return self._data_fd
+
+    @property
+    def complete(self) -> bool:
+        return all(self.have)
+
+    def missing(self) -> list[int]:
+        return [i for i, flag in enumerate(self.have) if not flag]
+
+    def present_bytes(self) -> int:
+        return sum(end - start for i in range(self.map.count) if self.have[i]
+                   for start, end in [self.map.bounds(i)])
+
+    def write_chunk(self, index: int, data: bytes | bytearray | memoryview) -> None:
+        """Verify chunk `index` and record it; raises VerificationError on a mismatch."""
+        start, end = self.map.bounds(index)
+        if len(data) != end - start or not self.map.chunks[index].matches(data):
+            raise VerificationError(
+                f"chunk {index} of {self.map.digest} does not match {self.map.chunks[index]}"
+            )
+        if self.have[index]:
+            return
+        with _cache_io(f"chunk {index} of {self.map.digest}"):
+            os.pwrite(self._data_fd, data, start)
+            if self._have_fd >= 0:
+                os.pwrite(self._have_fd, b"\x01", index)
+        self.have[index] = 1
+
+    def finalize(self) -> Path:
+        """Check the whole blob's digest, then make it visible atomically."""
+        if self.final_path.is_file():
+            self._remove_files()  # a stale partial left beside a finished blob
+            return self.final_path
+        if not self.complete:
+            raise CacheError(f"blob {self.map.digest} is not complete")
+        h = hashlib.sha256()
+        offset = 0
+        while offset < self.map.size:
+            piece = os.pread(self._data_fd, min(_READ_PIECE, self.map.size - offset), offset)
+            if not piece:
+                break
+            h.update(piece)
+            offset += len(piece)
+        if "sha256:" + h.hexdigest() != self.map.digest:
+            # Every chunk matched its CID, so the blob map itself lies about this digest.
+            self.discard()
+            raise VerificationError(f"chunks of {self.map.digest} do not add up to that digest")
+        with _cache_io(f"blob {self.map.digest}"):
+            os.fsync(self._data_fd)
+            try:
+                os.replace(self.data_path, self.final_path)
+            except FileNotFoundError:
+                # Another process sharing the home finalized the same blob first.
+                if not self.final_path.is_file():
+                    raise
+            _fsync_dir(self.final_path.parent)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.have_path)
+        return self.final_path
+
+    def _remove_files(self) -> None:
+        for p in (self.data_path, self.have_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+
+    def discard(self) -> None:
+        """Forget every chunk of this partial blob."""
+        self._remove_files()
+        self.have = bytearray(self.map.count)
+
+    def close(self) -> None:
+        for fd in (self._data_fd, self._have_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._data_fd = self._have_fd = -1

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set up a fresh Debian machine for p2pimg and run the main job on the embedded origin:
+# make a sample image offline, publish it, serve it on 127.0.0.1:5050 and pull it with skopeo.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v skopeo >/dev/null; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends skopeo >/dev/null
+fi
+if [ ! -x .venv/bin/p2pimg ]; then
+    python3 -m venv .venv
+    .venv/bin/pip install -q --upgrade pip
+    .venv/bin/pip install -q -e .
+fi
+exec .venv/bin/p2pimg demo "$@"
