@@ -106,20 +106,24 @@ class Fetcher:
             queue = list(reversed(spans))  # pop() takes the earliest span: readers go in order
             async with trio.open_nursery() as workers:
                 for _ in range(min(self.config.parallel_spans, len(queue))):
-                    workers.start_soon(self._worker, fetch, queue)
-            await trio.to_thread.run_sync(fetch.partial.finalize)
+                    workers.start_soon(self._worker, fetch, queue, workers.cancel_scope)
+            if fetch.error is None:
+                await trio.to_thread.run_sync(fetch.partial.finalize)
         except P2pimgError as exc:
-            log.warning("fetch of %s failed: %s", bmap.digest, exc)
-            fetch.fail(exc)
+            fetch.error = exc
         except Exception as exc:  # never let one blob's bug take the server down
             log.exception("fetch of %s crashed", bmap.digest)
-            fetch.fail(OriginError(f"fetch of {bmap.digest} failed: {exc}"))
+            fetch.error = OriginError(f"fetch of {bmap.digest} failed: {exc}")
         finally:
             self._fetches.pop(bmap.digest, None)
+            if fetch.error is not None:
+                log.warning("fetch of %s failed: %s", bmap.digest, fetch.error)
+                fetch.fail(fetch.error)
             fetch.done.set()
             fetch.partial.close()
 
-    async def _worker(self, fetch: BlobFetch, queue: list[Span]) -> None:
+    async def _worker(self, fetch: BlobFetch, queue: list[Span], scope: trio.CancelScope) -> None:
+        """Fetch spans until none are left; after the last failed attempt, fail the whole fetch."""
         while queue:
             span = queue.pop()
             for attempt in range(1, self.config.attempts + 1):
@@ -128,7 +132,9 @@ class Fetcher:
                     break
                 except (OriginError, VerificationError) as exc:
                     if attempt == self.config.attempts:
-                        raise
+                        fetch.error = exc
+                        scope.cancel()
+                        return
                     log.info("span %s of %s failed (attempt %d): %s",
                              span, fetch.partial.map.digest, attempt, exc)
                     await trio.sleep(self.config.backoff * 2 ** (attempt - 1))

@@ -104,6 +104,7 @@ class Resolver:
         try:
             data = await self.origin.get(tag_key(name, tag), max_size=64 << 10)
         except OriginNotFound:
+            await self.tags(name)  # NAME_UNKNOWN when the repository itself is unknown
             raise ManifestUnknown(f"{name}:{tag} is not published") from None
         record = TagRecord.decode(data, name=name, tag=tag)
         await trio.to_thread.run_sync(self.store.put_tag_record, record)

@@ -1,0 +1,31 @@
+"""Fixtures shared by the in-process tests: sample images, a published home, a live registry."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+from _support import Node, published_home, start_registry
+
+from p2pimg.sample import LayerSpec, SampleImage, write_oci_layout
+from p2pimg.store import ChunkStore
+
+
+@pytest.fixture(scope="session")
+def sample(tmp_path_factory: pytest.TempPathFactory) -> SampleImage:
+    """Three layers: ~1 MiB gzip, ~300 KiB plain, and an empty-payload layer."""
+    return write_oci_layout(tmp_path_factory.mktemp("img") / "layout",
+                            [LayerSpec(1 << 20, files=3), LayerSpec(300 << 10, "none"), LayerSpec(0)],
+                            tag="1", seed=7)
+
+
+@pytest.fixture
+async def node(tmp_path: Path, sample: SampleImage, nursery: trio.Nursery) -> AsyncIterator[Node]:
+    origin, root = await published_home(tmp_path, sample)
+    store = ChunkStore(tmp_path / "cache")
+    url = await start_registry(nursery, store, origin)
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        yield Node(tmp_path, origin, store, root, url, client)

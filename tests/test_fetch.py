@@ -1,0 +1,216 @@
+"""The fetch path behind the registry: verification, streaming, singleflight, resume, retries."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+from _support import CHUNK, published_home, start_registry, wait_cached
+
+from p2pimg.errors import OriginError
+from p2pimg.origins import FileOrigin, blob_key
+from p2pimg.origins.base import BlobReader, Origin
+from p2pimg.resolver import Resolver
+from p2pimg.sample import SampleImage
+from p2pimg.store import ChunkStore
+
+
+class ProbeOrigin(Origin):
+    """A real FileOrigin with a tap: counts bytes, injects failures, pauses mid-stream."""
+
+    def __init__(self, inner: FileOrigin) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.bytes_read: dict[str, int] = {}
+        self.requests = 0
+        self.fail_next = 0
+        self.pause_after: int | None = None  # bytes of a read after which it waits for `resume`
+        self.resume = trio.Event()
+
+    async def read_range(self, key: str, offset: int, length: int) -> AsyncIterator[bytes]:
+        self.requests += 1
+        if self.fail_next:
+            self.fail_next -= 1
+            raise OriginError("injected failure")
+        sent = 0
+        async for piece in self.inner.read_range(key, offset, length):
+            if self.pause_after is not None and sent >= self.pause_after:
+                await self.resume.wait()
+            self.bytes_read[key] = self.bytes_read.get(key, 0) + len(piece)
+            sent += len(piece)
+            yield piece
+
+    async def get(self, key: str, *, max_size: int) -> bytes:
+        return await self.inner.get(key, max_size=max_size)
+
+    async def exists(self, key: str) -> bool:
+        return await self.inner.exists(key)
+
+    async def put_bytes(self, key: str, data: bytes) -> None:
+        await self.inner.put_bytes(key, data)
+
+    async def put_blob(self, key: str, open_reader: BlobReader, size: int) -> None:
+        await self.inner.put_blob(key, open_reader, size)
+
+    async def list(self, prefix: str) -> list[str]:
+        return await self.inner.list(prefix)
+
+
+def big_layer(sample: SampleImage) -> tuple[str, bytes]:
+    blobs = Path(sample.path) / "blobs" / "sha256"
+    manifest = json.loads((blobs / sample.top_digest.removeprefix("sha256:")).read_bytes())
+    digest = max(manifest["layers"], key=lambda d: d["size"])["digest"]
+    return digest, (blobs / digest.removeprefix("sha256:")).read_bytes()
+
+
+async def setup(tmp_path: Path, sample: SampleImage, nursery: trio.Nursery,
+                store_dir: str = "cache") -> tuple[ProbeOrigin, ChunkStore, str]:
+    origin, _root = await published_home(tmp_path, sample)
+    probe = ProbeOrigin(origin)
+    store = ChunkStore(tmp_path / store_dir)
+    url = await start_registry(nursery, store, probe)
+    return probe, store, url
+
+
+async def test_singleflight(tmp_path: Path, sample: SampleImage, nursery: trio.Nursery) -> None:
+    probe, store, url = await setup(tmp_path, sample, nursery)
+    digest, data = big_layer(sample)
+    probe.pause_after = CHUNK  # hold the fetch open so every client joins the same one
+    results: list[bytes] = []
+
+    async def pull() -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=20) as c:
+            results.append((await c.get(f"/v2/demo/app/blobs/{digest}")).content)
+
+    async with trio.open_nursery() as clients:
+        for _ in range(4):
+            clients.start_soon(pull)
+        await trio.sleep(0.3)
+        probe.resume.set()
+    assert results == [data] * 4
+    assert probe.bytes_read[blob_key(digest)] == len(data)
+
+
+async def test_streams_before_blob_complete(tmp_path: Path, sample: SampleImage,
+                                           nursery: trio.Nursery) -> None:
+    probe, store, url = await setup(tmp_path, sample, nursery)
+    digest, data = big_layer(sample)
+    probe.pause_after = CHUNK
+    async with httpx.AsyncClient(base_url=url, timeout=20) as c, \
+            c.stream("GET", f"/v2/demo/app/blobs/{digest}") as r:
+        assert r.status_code == 200
+        pieces = r.aiter_raw()
+        received = b""
+        while len(received) < CHUNK:
+            received += await pieces.__anext__()
+        # The origin is paused: the client holds the first verified chunk of an incomplete blob.
+        assert received[:CHUNK] == data[:CHUNK]
+        assert not store.has_blob(digest)
+        probe.resume.set()
+        async for piece in pieces:
+            received += piece
+    assert received == data
+    await wait_cached(store, digest)
+
+
+async def test_resume_fetches_only_missing_chunks(tmp_path: Path, sample: SampleImage,
+                                                  nursery: trio.Nursery) -> None:
+    probe, store, url = await setup(tmp_path, sample, nursery)
+    digest, data = big_layer(sample)
+    root = await Resolver(store, probe).root(await Resolver(store, probe).resolve_tag("demo/app", "1"))
+    bmap = await Resolver(store, probe).blob_map(root.blobs[digest], digest)
+    # A previous process verified every other chunk, then died (no finalize, nothing closed).
+    partial = store.open_partial(bmap)
+    for i in range(0, bmap.count, 2):
+        lo, hi = bmap.bounds(i)
+        partial.write_chunk(i, data[lo:hi])
+    kept = sum(hi - lo for i in range(0, bmap.count, 2) for lo, hi in [bmap.bounds(i)])
+    async with httpx.AsyncClient(base_url=url, timeout=20) as c:
+        assert (await c.get(f"/v2/demo/app/blobs/{digest}")).content == data
+    assert probe.bytes_read[blob_key(digest)] == len(data) - kept
+    await wait_cached(store, digest)
+
+
+async def test_transient_origin_failures_are_retried(tmp_path: Path, sample: SampleImage,
+                                                     nursery: trio.Nursery) -> None:
+    probe, store, url = await setup(tmp_path, sample, nursery)
+    digest, data = big_layer(sample)
+    probe.fail_next = 2
+    async with httpx.AsyncClient(base_url=url, timeout=20) as c:
+        r = await c.get(f"/v2/demo/app/blobs/{digest}")
+    assert r.status_code == 200 and r.content == data
+
+
+def corrupt(origin_dir: Path, digest: str, offset: int) -> bytes:
+    path = origin_dir / blob_key(digest)
+    data = bytearray(path.read_bytes())
+    original = bytes(data)
+    data[offset] ^= 0xFF
+    path.write_bytes(data)
+    return original
+
+
+@pytest.mark.parametrize("where", ["first", "later"])
+async def test_corrupted_origin_never_reaches_client_or_cache(
+        tmp_path: Path, sample: SampleImage, nursery: trio.Nursery, where: str) -> None:
+    probe, store, url = await setup(tmp_path, sample, nursery)
+    digest, data = big_layer(sample)
+    offset = 10 if where == "first" else 3 * CHUNK + 5
+    original = corrupt(tmp_path / "origin", digest, offset)
+    received = b""
+    async with httpx.AsyncClient(base_url=url, timeout=20) as c:
+        if where == "first":
+            # Nothing verified yet: the client gets an error status, not a body.
+            r = await c.get(f"/v2/demo/app/blobs/{digest}")
+            assert r.status_code == 502
+            assert "does not match" in r.json()["errors"][0]["message"]
+        else:
+            with pytest.raises(httpx.RemoteProtocolError):
+                async with c.stream("GET", f"/v2/demo/app/blobs/{digest}") as r:
+                    assert r.status_code == 200
+                    async for piece in r.aiter_raw():
+                        received += piece
+            # What did arrive is a verified prefix, and it stops before the bad chunk.
+            assert received == data[: len(received)]
+            assert len(received) <= 3 * CHUNK
+        assert not store.has_blob(digest)
+        bmap_have = (store.root / "partial" / "sha256" / (digest[7:] + ".have")).read_bytes()
+        assert bmap_have[offset // CHUNK] == 0
+        # The origin is repaired: the same proxy now serves the blob, whole and correct.
+        (tmp_path / "origin" / blob_key(digest)).write_bytes(original)
+        r = await c.get(f"/v2/demo/app/blobs/{digest}")
+        assert r.status_code == 200 and hashlib.sha256(r.content).hexdigest() == digest[7:]
+    await wait_cached(store, digest)
+
+
+async def test_two_processes_share_one_home(tmp_path: Path, sample: SampleImage,
+                                            nursery: trio.Nursery) -> None:
+    """Two independent fetchers (as two processes would be) fill one cache at once."""
+    origin, _ = await published_home(tmp_path, sample)
+    digest, data = big_layer(sample)
+    probes = [ProbeOrigin(origin), ProbeOrigin(origin)]
+    for p in probes:
+        p.pause_after = 2 * CHUNK
+    urls = [await start_registry(nursery, ChunkStore(tmp_path / "cache"), p) for p in probes]
+    results: list[bytes] = []
+
+    async def pull(url: str) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=20) as c:
+            results.append((await c.get(f"/v2/demo/app/blobs/{digest}")).content)
+
+    async with trio.open_nursery() as clients:
+        for url in urls:
+            clients.start_soon(pull, url)
+        await trio.sleep(0.2)
+        for p in probes:
+            p.resume.set()
+    assert results == [data, data]
+    store = ChunkStore(tmp_path / "cache")
+    await wait_cached(store, digest)
+    assert hashlib.sha256(store.blob_path(digest).read_bytes()).hexdigest() == digest[7:]
+    assert not list((tmp_path / "cache" / "tmp").iterdir())
