@@ -117,3 +117,12 @@ class CacheError(P2pimgError):
 
     http_status = 507
     exit_code = 6
+
+
+def first_error(group: BaseExceptionGroup[P2pimgError]) -> P2pimgError:
+    """The first of a group of concurrent failures: the one a user needs to see."""
+    while True:
+        inner = group.exceptions[0]
+        if not isinstance(inner, BaseExceptionGroup):
+            return inner
+        group = inner

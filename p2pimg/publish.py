@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import trio
 
 from .cid import Cid
-from .errors import OriginNotFound, P2pimgError, SourceInvalid
+from .errors import OriginNotFound, P2pimgError, SourceInvalid, first_error
 from .model import (
     DEFAULT_CHUNK_SIZE,
     BlobEntry,
@@ -28,6 +28,7 @@ from .origins import Origin, blob_key, block_key, tag_key
 from .sources import SourceBlob, SourceImage, read_source
 
 _PARALLEL_UPLOADS = 4
+
 
 
 def chunk_blob(blob: SourceBlob, chunk_size: int) -> BlobMap:
@@ -101,9 +102,12 @@ async def publish_image(image: SourceImage, name: str, tag: str, origin: Origin,
             await _put_block_once(origin, map_cid, data)
             blob_entries[blob.digest] = BlobEntry(size=blob.size, map=map_cid)
 
-    async with trio.open_nursery() as nursery:
-        for blob in image.blobs.values():
-            nursery.start_soon(one, blob)
+    try:
+        async with trio.open_nursery() as nursery:
+            for blob in image.blobs.values():
+                nursery.start_soon(one, blob)
+    except* P2pimgError as group:
+        raise first_error(group) from None
 
     manifests: dict[str, ManifestEntry] = {}
     for digest, (data, media) in image.manifests.items():
