@@ -131,8 +131,8 @@ class ChunkStore:
 
     def put_tag_record(self, record: TagRecord) -> None:
         current = self.get_tag_record(record.name, record.tag)
-        if current is not None and current.seq > record.seq:
-            return
+        if current is not None and current.seq >= record.seq:
+            return  # never downgrade, and an unchanged record costs no write
         self._write_atomic(self._tag_path(record.name, record.tag), record.encode(), "tag record")
 
     # -- partial blobs ---------------------------------------------------------------------
