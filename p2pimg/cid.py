@@ -27,7 +27,7 @@ DAG_CBOR = 0x71
 SHA2_256 = 0x12
 
 _CODEC_NAMES = {RAW: "raw", DAG_CBOR: "dag-cbor"}
-_DIGEST_RE = re.compile(r"^sha256:([a-f0-9]{64})$")
+_DIGEST_RE = re.compile(r"sha256:([a-f0-9]{64})")
 _MAX_CID_TEXT = 128
 
 
@@ -48,7 +48,7 @@ class Cid:
             raise DigestInvalid(f"unsupported CID (codec {self.codec:#x}, {len(self.digest)}-byte digest)")
 
     @classmethod
-    def of_raw(cls, data: bytes | memoryview) -> Cid:
+    def of_raw(cls, data: bytes | bytearray | memoryview) -> Cid:
         """The raw CID of `data`."""
         return cls(RAW, hashlib.sha256(data).digest())
 
@@ -114,18 +114,18 @@ class Cid:
     def __repr__(self) -> str:
         return f"Cid({self})"
 
-    def matches(self, data: bytes | memoryview) -> bool:
+    def matches(self, data: bytes | bytearray | memoryview) -> bool:
         return hashlib.sha256(data).digest() == self.digest
 
 
 def parse_digest(digest: str) -> str:
     """Validate an OCI digest and return its hex part; only sha256 is supported."""
-    if not isinstance(digest, str) or len(digest) > 100:
+    if not isinstance(digest, str):
         raise DigestInvalid("invalid digest")
-    m = _DIGEST_RE.match(digest)
+    m = _DIGEST_RE.fullmatch(digest) if len(digest) == 71 else None
     if m is None:
         algo = digest.split(":", 1)[0] if ":" in digest else ""
-        if algo and algo != "sha256" and re.fullmatch(r"[a-z0-9]+([+._-][a-z0-9]+)*", algo):
+        if algo != "sha256" and len(algo) < 32 and re.fullmatch(r"[a-z0-9]+([+._-][a-z0-9]+)*", algo):
             raise DigestInvalid(f"unsupported digest algorithm {algo!r}: only sha256 is supported")
         raise DigestInvalid(f"invalid digest {digest[:80]!r}: expected sha256:<64 lowercase hex>")
     return m.group(1)

@@ -19,6 +19,7 @@ from .errors import BlockInvalid
 MAX_BLOCK_SIZE = 8 << 20
 MAX_DEPTH = 16
 _LINK_TAG = 42
+_MIN_INT, _MAX_INT = -(2**64), 2**64 - 1
 
 DagValue = Any  # None | bool | int | str | bytes | list[DagValue] | dict[str, DagValue] | Cid
 
@@ -30,24 +31,32 @@ def _encode_default(encoder: cbor2.CBOREncoder, value: object) -> None:
     raise BlockInvalid(f"cannot encode {type(value).__name__} in DAG-CBOR")
 
 
-def _check_encodable(value: DagValue, depth: int = 0) -> None:
+def _check_value(value: object, depth: int = 0) -> None:
+    """Only the data model p2pimg uses: null, bool, 64-bit ints, text, bytes, lists, maps, links."""
     if depth > MAX_DEPTH:
         raise BlockInvalid("DAG node nested too deeply")
-    if isinstance(value, float):
-        raise BlockInvalid("floats are not written in p2pimg DAG nodes")
+    if value is None or isinstance(value, bool | str | bytes | Cid):
+        return
+    if isinstance(value, int):
+        if not _MIN_INT <= value <= _MAX_INT:
+            raise BlockInvalid("integer outside the 64-bit range of DAG-CBOR")
+        return
+    if isinstance(value, list | tuple):
+        for v in value:
+            _check_value(v, depth + 1)
+        return
     if isinstance(value, dict):
         for k, v in value.items():
             if not isinstance(k, str):
                 raise BlockInvalid("DAG-CBOR map keys must be strings")
-            _check_encodable(v, depth + 1)
-    elif isinstance(value, list | tuple):
-        for v in value:
-            _check_encodable(v, depth + 1)
+            _check_value(v, depth + 1)
+        return
+    raise BlockInvalid(f"{type(value).__name__} is not allowed in a p2pimg DAG node")
 
 
 def encode(value: DagValue) -> bytes:
     """Encode a node as strict DAG-CBOR."""
-    _check_encodable(value)
+    _check_value(value)
     data: bytes = cbor2.dumps(value, canonical=True, default=_encode_default)
     if len(data) > MAX_BLOCK_SIZE:
         raise BlockInvalid(f"DAG node of {len(data)} bytes exceeds the {MAX_BLOCK_SIZE}-byte limit")
@@ -66,24 +75,6 @@ def _tag_hook(*args: object) -> object:
         return Cid.from_bytes(raw[1:])
     except Exception as exc:
         raise BlockInvalid(f"malformed DAG-CBOR link: {exc}") from None
-
-
-def _check_decoded(value: object, depth: int = 0) -> None:
-    if depth > MAX_DEPTH:
-        raise BlockInvalid("DAG node nested too deeply")
-    if value is None or isinstance(value, bool | int | str | bytes | Cid):
-        return
-    if isinstance(value, list):
-        for v in value:
-            _check_decoded(v, depth + 1)
-        return
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise BlockInvalid("DAG-CBOR map keys must be strings")
-            _check_decoded(v, depth + 1)
-        return
-    raise BlockInvalid(f"{type(value).__name__} is not allowed in a p2pimg DAG node")
 
 
 def decode(data: bytes, *, max_size: int = MAX_BLOCK_SIZE) -> DagValue:
@@ -105,7 +96,7 @@ def decode(data: bytes, *, max_size: int = MAX_BLOCK_SIZE) -> DagValue:
         raise
     except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError, MemoryError) as exc:
         raise BlockInvalid(f"not valid CBOR: {exc}") from None
-    _check_decoded(value)
+    _check_value(value)
     try:
         canonical = cbor2.dumps(value, canonical=True, default=_encode_default)
     except Exception as exc:

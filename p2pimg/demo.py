@@ -18,7 +18,7 @@ from pathlib import Path
 import trio
 
 from .config import Config, parse_listen
-from .errors import P2pimgError
+from .errors import ListenError, P2pimgError
 from .origins import open_origin
 from .publish import publish
 from .sample import LayerSpec, write_oci_layout
@@ -63,7 +63,7 @@ async def _demo(config: Config, client: str) -> int:
             try:
                 address = await nursery.start(serve, Config(config.home, config.origin,
                                                              f"{host}:{port}", config.chunk_size))
-            except OSError as exc:
+            except ListenError as exc:
                 if exc.errno != errno.EADDRINUSE:
                     raise
                 print(f"{host}:{port} is busy; using a free port instead")

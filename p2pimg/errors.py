@@ -112,6 +112,16 @@ class UnsupportedMethod(P2pimgError):
     exit_code = 2
 
 
+class ListenError(P2pimgError):
+    """A listen address that cannot be bound."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, errno: int | None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
 class CacheError(P2pimgError):
     """The local cache cannot take a write (disk full, permissions)."""
 

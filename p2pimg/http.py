@@ -20,6 +20,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import h11
 import trio
 
+from .errors import ListenError
+
 log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 16 << 10
@@ -151,10 +153,8 @@ class _Connection:
                 total += len(event.data)
                 if total > MAX_REQUEST_BODY:
                     return False
-            elif isinstance(event, h11.EndOfMessage):
-                return True
             else:
-                return False
+                return isinstance(event, h11.EndOfMessage)
 
     async def _respond(self, response: Response) -> None:
         headers = [(k.encode(), v.encode()) for k, v in response.headers]
@@ -172,7 +172,9 @@ class _Connection:
                 if isinstance(part, FileRegion):
                     if not part.length:
                         continue
-                    for piece in self.conn.send_with_data_passthrough(h11.Data(data=part)):
+                    # h11 passes the region through untouched, framing it by its length.
+                    pieces = self.conn.send_with_data_passthrough(h11.Data(data=part))  # type: ignore[arg-type]
+                    for piece in pieces or ():
                         if isinstance(piece, FileRegion):
                             await _sendfile(self.stream, piece)
                         else:
@@ -242,13 +244,28 @@ def _to_request(event: h11.Request) -> Request | None:
                    query=parse_qs(parts.query), headers=headers)
 
 
-async def serve_http(handler: Handler, host: str, port: int, *,
-                     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED) -> None:
+async def listen(host: str, port: int) -> list[trio.SocketListener]:
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+                          errno=exc.errno) from None
+
+
+async def serve_http(
+    handler: Handler, host: str, port: int, *,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Serve until cancelled; `task_status.started` gets the bound listeners."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    listeners = await listen(host, port)
+    await trio.serve_listeners(serve_connection(handler), listeners, task_status=task_status)
+
+
+def serve_connection(handler: Handler) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    """The per-connection task for `trio.serve_listeners`."""
 
     async def on_connection(stream: trio.SocketStream) -> None:
         stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
         await _Connection(stream, handler).run()
 
-    await trio.serve_listeners(on_connection, listeners, task_status=task_status)
+    return on_connection

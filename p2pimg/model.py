@@ -48,8 +48,8 @@ INDEX_MEDIA_TYPES = frozenset(
 # distribution-spec grammar; each path component starts with [a-z0-9], so "." and ".." never
 # match and a validated name is safe to use as a relative path.
 _NAME_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
-NAME_RE = re.compile(rf"^{_NAME_COMPONENT}(?:/{_NAME_COMPONENT})*$")
-TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+NAME_RE = re.compile(rf"{_NAME_COMPONENT}(?:/{_NAME_COMPONENT})*")
+TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 MAX_NAME_LENGTH = 255
 
 
@@ -73,13 +73,13 @@ def chunk_bounds(index: int, size: int, chunk_size: int) -> tuple[int, int]:
 
 
 def check_name(name: str) -> str:
-    if len(name) > MAX_NAME_LENGTH or not NAME_RE.match(name):
+    if len(name) > MAX_NAME_LENGTH or not NAME_RE.fullmatch(name):
         raise NameInvalid(f"invalid repository name {name[:100]!r}")
     return name
 
 
 def check_tag(tag: str) -> str:
-    if not TAG_RE.match(tag):
+    if not TAG_RE.fullmatch(tag):
         raise TagInvalid(f"invalid tag {tag[:130]!r}")
     return tag
 

@@ -6,24 +6,28 @@ import re
 
 from .errors import RangeInvalid, RangeNotSatisfiable
 
-_RANGE_RE = re.compile(r"^bytes=(\d{0,19})-(\d{0,19})$")
+_RANGE_RE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.IGNORECASE)
 _MAX_HEADER = 200
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """The byte range [start, end) a Range header asks of a `size`-byte blob, or None for all.
 
-    Malformed headers raise RangeInvalid; well-formed ones that select nothing in the blob (or
-    several ranges, which p2pimg does not serve) raise RangeNotSatisfiable.
+    Malformed byte ranges raise RangeInvalid; well-formed ones that select nothing in the blob
+    (or several ranges, which p2pimg does not serve) raise RangeNotSatisfiable. A range in a unit
+    other than bytes is ignored, as RFC 9110 requires.
     """
     if header is None:
         return None
     text = header.strip()
     if len(text) > _MAX_HEADER:
         raise RangeInvalid("Range header too long")
-    if text.startswith("bytes=") and "," in text:
+    unit = text.partition("=")[0].strip().lower()
+    if unit != "bytes" and re.fullmatch(r"[a-z0-9!#$%&'*+.^_`|~-]+", unit):
+        return None
+    if "," in text:
         raise RangeNotSatisfiable("only a single byte range is supported", size=size)
-    m = _RANGE_RE.match(text)
+    m = _RANGE_RE.fullmatch(text)
     if m is None:
         raise RangeInvalid(f"malformed Range header {text[:60]!r}: expected bytes=START-[END]")
     first, last = m.group(1), m.group(2)

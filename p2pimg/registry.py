@@ -128,7 +128,8 @@ class Registry:
             n = min(int(n_arg), _MAX_TAGS_PAGE)
             if len(tags) > n:
                 tags = tags[:n]
-                headers.append(("link", f'</v2/{name}/tags/list?n={n}&last={tags[-1] if tags else ""}>; rel="next"'))
+                after = tags[-1] if tags else ""
+                headers.append(("link", f'</v2/{name}/tags/list?n={n}&last={after}>; rel="next"'))
         body = json.dumps({"name": name, "tags": tags}).encode()
         headers.append(("content-length", str(len(body))))
         return Response(200, headers, body)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+from functools import partial
 
 import trio
 
 from .config import Config, parse_listen
 from .fetch import Fetcher
-from .http import serve_http
+from .http import listen, serve_connection
 from .origins import open_origin
 from .registry import Registry
 from .resolver import Resolver
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 async def serve(config: Config, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until SIGINT/SIGTERM (or cancellation); `task_status` gets the bound HOST:PORT."""
     host, port = parse_listen(config.listen)
+    listeners = await listen(host, port)  # before anything else: a busy port is a clear error
     store = ChunkStore(config.cache_dir)
     origin = open_origin(config.origin, config.home)
     try:
@@ -29,7 +31,8 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[str] = trio.TASK
             async with trio.open_nursery() as nursery:
                 fetcher = Fetcher(store, origin, nursery)
                 registry = Registry(store, Resolver(store, origin), fetcher)
-                listeners = await nursery.start(serve_http, registry.handle, host, port)
+                nursery.start_soon(partial(trio.serve_listeners, serve_connection(registry.handle),
+                                           listeners))
                 bound = listeners[0].socket.getsockname()
                 address = f"{bound[0]}:{bound[1]}"
                 print(f"p2pimg: serving registry on http://{address} (origin {origin.url})",

@@ -14,7 +14,7 @@ import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO, cast
 
 from .cid import digest_of, parse_digest
 from .errors import SourceInvalid
@@ -89,7 +89,10 @@ def manifest_media_type(data: bytes, declared: str, what: str) -> str:
     return media
 
 
-def manifest_children(data: bytes, media: str, what: str) -> tuple[list[tuple[str, int, str]], list[tuple[str, int, str]]]:
+Descriptor = tuple[str, int, str]  # digest, size, media type
+
+
+def manifest_children(data: bytes, media: str, what: str) -> tuple[list[Descriptor], list[Descriptor]]:
     """(child manifests, blobs) a manifest or index refers to, as (digest, size, media type)."""
     doc = _parse_json(data, what)
     if media in INDEX_MEDIA_TYPES:
@@ -152,7 +155,8 @@ def read_oci_layout(spec: str) -> SourceImage:
         if not chosen:
             known = sorted({str((e.get("annotations") or {}).get(_REF_ANNOTATION))
                             for e in entries if isinstance(e, dict)} - {"None"})
-            raise SourceInvalid(f"OCI layout has no image tagged {tag!r} (tags: {', '.join(known) or 'none'})")
+            raise SourceInvalid(
+                f"OCI layout has no image tagged {tag!r} (tags: {', '.join(known) or 'none'})")
     elif len(entries) == 1:
         chosen = entries
     else:
@@ -200,7 +204,7 @@ def read_docker_archive(spec: str) -> SourceImage:
     if not path.is_file():
         raise SourceInvalid(f"docker archive {str(path)!r} does not exist")
     try:
-        tar = tarfile.open(path)
+        tar = tarfile.open(path)  # noqa: SIM115 - closed by the `with tar:` below
     except (tarfile.TarError, OSError) as exc:
         raise SourceInvalid(f"{str(path)!r} is not a tar archive: {exc}") from None
     with tar:
@@ -231,7 +235,8 @@ def read_docker_archive(spec: str) -> SourceImage:
         elif len(listing) == 1:
             chosen = listing
         else:
-            raise SourceInvalid(f"docker archive holds {len(listing)} images: name one as docker-archive:FILE:NAME:TAG")
+            raise SourceInvalid(f"docker archive holds {len(listing)} images: "
+                                "name one as docker-archive:FILE:NAME:TAG")
         entry = chosen[0]
         if not isinstance(entry, dict) or not isinstance(entry.get("Config"), str) \
                 or not isinstance(entry.get("Layers"), list):
@@ -254,10 +259,10 @@ def read_docker_archive(spec: str) -> SourceImage:
 
     def opener(name: str) -> Callable[[], BinaryIO]:
         def open_member() -> BinaryIO:
-            t = tarfile.open(path)
+            t = tarfile.open(path)  # noqa: SIM115 - owned and closed by the returned stream
             f = t.extractfile(t.getmember(members[name].name))
             assert f is not None
-            return _Closing(f, t)
+            return cast(BinaryIO, _Closing(f, t))
         return open_member
 
     config_digest = digest_of(config)
@@ -280,7 +285,7 @@ def read_docker_archive(spec: str) -> SourceImage:
 class _Closing(io.RawIOBase):
     """A tar member stream that also closes its archive."""
 
-    def __init__(self, f: BinaryIO, tar: tarfile.TarFile) -> None:
+    def __init__(self, f: IO[bytes], tar: tarfile.TarFile) -> None:
         self._f, self._tar = f, tar
 
     def readable(self) -> bool:

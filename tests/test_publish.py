@@ -29,7 +29,8 @@ def run_cli(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
 
 
 async def load_root(origin: FileOrigin, cid: Cid) -> ImageRoot:
-    return ImageRoot.from_node(dagcbor.decode_verified(await origin.get(block_key(cid), max_size=1 << 20), cid))
+    block = await origin.get(block_key(cid), max_size=1 << 20)
+    return ImageRoot.from_node(dagcbor.decode_verified(block, cid))
 
 
 async def test_publish_writes_the_layout(tmp_path: Path, sample: SampleImage) -> None:
