@@ -22,7 +22,7 @@ from .cid import Cid, parse_digest
 from .errors import DigestInvalid, NameInvalid, NotFound, P2pimgError, RangeNotSatisfiable
 from .fetch import BlobFetch, Fetcher
 from .http import AbortResponse, BodyPart, FileRegion, Request, Response
-from .model import BlobMap, check_name, check_tag
+from .model import BlobEntry, BlobMap, check_name, check_tag
 from .ranges import content_range, parse_range
 from .resolver import IPFS_PREFIX, Resolver
 from .store import ChunkStore
@@ -149,10 +149,11 @@ class Registry:
             headers.append(("content-range", content_range(start, end, size)))
         if request.method == "HEAD":
             return Response(status, headers)
-        body = await self._blob_body(name, digest, start, end)
+        body = await self._blob_body(entry, digest, start, end)
         return Response(status, headers, body)
 
-    async def _blob_body(self, name: str, digest: str, start: int, end: int) -> AsyncIterator[BodyPart]:
+    async def _blob_body(self, entry: BlobEntry, digest: str, start: int,
+                         end: int) -> AsyncIterator[BodyPart]:
         path = self.store.blob_path(digest)
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -160,7 +161,6 @@ class Registry:
             pass
         else:
             return _file_body(fd, start, end)
-        entry = await self.resolver.blob_for(name, digest)
         bmap = await self.resolver.blob_map(entry, digest)
         fetch = await self.fetcher.open(bmap)
         if fetch is None:  # completed while we looked
