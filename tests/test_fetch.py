@@ -60,6 +60,9 @@ class ProbeOrigin(Origin):
     async def list(self, prefix: str) -> list[str]:
         return await self.inner.list(prefix)
 
+    async def delete(self, key: str) -> None:
+        await self.inner.delete(key)
+
 
 def big_layer(sample: SampleImage) -> tuple[str, bytes]:
     blobs = Path(sample.path) / "blobs" / "sha256"

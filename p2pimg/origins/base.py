@@ -46,5 +46,9 @@ class Origin(abc.ABC):
     async def list(self, prefix: str) -> list[str]:
         """Keys below `prefix` (which ends with '/'), sorted."""
 
+    @abc.abstractmethod
+    async def delete(self, key: str) -> None:
+        """Remove an object; removing one that is not there is not an error."""
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release connections or handles."""

@@ -108,6 +108,19 @@ class FileOrigin(Origin):
     async def put_blob(self, key: str, open_reader: BlobReader, size: int) -> None:
         await trio.to_thread.run_sync(self._write, key, open_reader, size)
 
+    async def delete(self, key: str) -> None:
+        path = self._path(key)
+
+        def remove() -> None:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                return
+            except OSError as exc:
+                raise OriginError(f"cannot delete {key} from {self.url}: {exc}") from None
+
+        await trio.to_thread.run_sync(remove)
+
     async def list(self, prefix: str) -> list[str]:
         base = self._path(prefix)
 
