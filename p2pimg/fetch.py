@@ -1,166 +1,385 @@
-"""The fetch engine: one verified, resumable, parallel fetch per blob, however many readers.
+"""The fetch engine: one verified, resumable, parallel, multi-source fetch per blob.
 
-Theory of operation. A reader asks `Fetcher.open(blob_map)`. If the blob is complete in the cache,
-it gets the file. Otherwise it joins the blob's one `BlobFetch` (singleflight), which plans the
-missing chunks as spans, fetches spans in parallel from the origin, verifies each chunk against
-its CID, writes it to the partial blob and wakes readers waiting for that chunk. Readers consume
-chunks in order as soon as each is verified. When every chunk is in, the whole blob is checked
-against its digest and renamed into place.
+Theory of operation. A reader asks `Fetcher.open(blob_map)`. If the blob is complete in the cache
+it gets None and reads the file. Otherwise it joins the blob's one `BlobFetch` (singleflight).
+The fetch's dispatcher repeatedly takes the earliest chunk that is neither verified nor requested,
+asks the `SourcePolicy` which source should fetch it, grows a span from it (contiguous chunks that
+source holds, up to its span size, never across a segment boundary), and starts a request. Every
+chunk is verified against its CID as it arrives, written to the partial blob, and its readers are
+woken; readers consume chunks in order. When every chunk is in, the whole blob is checked against
+its digest and renamed into place.
 
 A chunk's life:
 
-    missing --(span requested)--> in flight --(CID matches)--> verified (on disk, readers woken)
-                                      |--(mismatch / error)--> missing, span retried (bounded)
+    missing --(dispatched in a span)--> requested --(CID matches)--> verified (on disk, readers woken)
+                                            |--(wrong bytes)--> missing; source penalised/banned
+                                            |--(error, stall)--> missing; source backs off
+    requested --(no progress for a while, nothing else to do)--> also requested from a 2nd source
 
-Fetches live in a nursery owned by the Fetcher: they finish even if their reader leaves, so a
-pull interrupted by a client does not waste what was fetched.
+A chunk that failed `attempts` times fails the fetch. A fetch whose last reader leaves is
+cancelled (its verified chunks stay on disk for the next one), unless it is a warm.
+Memory is bounded by the number of requests in flight (each source's limit) times one chunk.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import trio
 
 from .errors import OriginError, P2pimgError, VerificationError
+from .metrics import Metrics
 from .model import BlobMap
 from .origins import Origin, blob_key
-from .plan import Span, plan_spans
+from .plan import Span
+from .policy import PreferNear, SourcePolicy, SourceStats
 from .store import ChunkStore, PartialBlob
 
 log = logging.getLogger(__name__)
 
 
+class ChunkSource(abc.ABC):
+    """Anything that can send byte ranges of a blob: an origin, a peer, an upstream registry."""
+
+    name: str
+    kind: str  # "origin" | "peer" | "upstream": the metrics label and the policy's first key
+    limit: int = 8  # concurrent requests, over all blobs
+    max_span: int = 16 << 20
+    segment_size: int = 64 << 20
+
+    def has(self, blob_map: BlobMap, index: int) -> bool:
+        """Whether this source can send chunk `index` (an origin has everything it published)."""
+        return True
+
+    @abc.abstractmethod
+    def read_span(self, blob_map: BlobMap, start: int, length: int) -> AsyncIterator[bytes]:
+        """Bytes [start, start+length) of the blob, in pieces of any size."""
+
+
+class OriginSource(ChunkSource):
+    kind = "origin"
+
+    def __init__(self, origin: Origin, *, limit: int = 8) -> None:
+        self.origin = origin
+        self.name = f"origin {origin.url}"
+        self.limit = limit
+        self.segment_size = origin.segment_size
+        self.max_span = origin.preferred_span
+
+    def read_span(self, blob_map: BlobMap, start: int, length: int) -> AsyncIterator[bytes]:
+        return self.origin.read_range(blob_key(blob_map.digest), start, length)
+
+
 @dataclass
 class FetchConfig:
-    parallel_spans: int = 4
-    max_span: int = 8 << 20
-    attempts: int = 3
-    backoff: float = 0.2
+    attempts: int = 4  # failed tries of one chunk before the fetch fails
+    stall_timeout: float = 30.0  # a request that sends nothing for this long has failed
+    tick: float = 0.25  # how often a waiting dispatcher re-checks backoffs and stragglers
 
 
-@dataclass
+@dataclass(eq=False)
+class _Request:
+    source: ChunkSource
+    stats: SourceStats
+    span: Span
+    started: float
+    last_progress: float
+    next_index: int
+    hedged: bool = False
+
+
+@dataclass(eq=False)
 class BlobFetch:
     """The single in-flight fetch of one blob."""
 
     partial: PartialBlob
     ready: list[trio.Event]
-    done: trio.Event = field(default_factory=trio.Event)
-    error: P2pimgError | None = None
+    warm: bool = False
     readers: int = 0
+    error: P2pimgError | None = None
+    done: trio.Event = field(default_factory=trio.Event)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    requested: list[int] = field(default_factory=list)  # requests in flight covering each chunk
+    failures: list[int] = field(default_factory=list)
+    requests: set[_Request] = field(default_factory=set)
+    last_failure: P2pimgError | None = None
+
+    @property
+    def map(self) -> BlobMap:
+        return self.partial.map
 
     async def wait_chunk(self, index: int) -> None:
         """Return once chunk `index` is verified on disk; raise the fetch's error if it failed."""
         if not self.partial.have[index]:
             await self.ready[index].wait()
         if not self.partial.have[index]:
-            raise self.error or OriginError(f"chunk {index} of {self.partial.map.digest} was not fetched")
+            raise self.error or OriginError(f"chunk {index} of {self.map.digest} was not fetched")
 
-    def fail(self, error: P2pimgError) -> None:
-        self.error = error
+    def _fail(self, error: P2pimgError) -> None:
+        if self.error is None:
+            self.error = error
         for event in self.ready:
             event.set()
 
 
+class _Broadcast:
+    """Wake every waiter at once (trio.Event is one-shot; this re-arms itself)."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def fire(self) -> None:
+        self._event.set()
+        self._event = trio.Event()
+
+    async def wait(self, timeout: float) -> None:
+        with trio.move_on_after(timeout):
+            await self._event.wait()
+
+
 class Fetcher:
-    def __init__(self, store: ChunkStore, origin: Origin, nursery: trio.Nursery,
+    def __init__(self, store: ChunkStore, sources: list[ChunkSource], nursery: trio.Nursery, *,
+                 policy: SourcePolicy | None = None, metrics: Metrics | None = None,
                  config: FetchConfig | None = None) -> None:
         self.store = store
-        self.origin = origin
         self.nursery = nursery
+        self.policy = policy or PreferNear()
+        self.metrics = metrics or Metrics()
         self.config = config or FetchConfig()
+        self.sources: list[ChunkSource] = []
+        self.stats: dict[str, SourceStats] = {}
+        for source in sources:
+            self.add_source(source)
         self._fetches: dict[str, BlobFetch] = {}
         self._opening: dict[str, trio.Event] = {}
+        self._changed = _Broadcast()
 
-    async def open(self, blob_map: BlobMap) -> BlobFetch | None:
-        """None if the blob is complete in the cache; else its (possibly shared) fetch."""
+    def add_source(self, source: ChunkSource) -> None:
+        self.sources.append(source)
+        self.stats[source.name] = SourceStats(source.name, source.kind, source.limit)
+
+    # -- readers ---------------------------------------------------------------------------
+
+    async def open(self, blob_map: BlobMap, *, warm: bool = False) -> BlobFetch | None:
+        """None if the blob is complete in the cache; else its (shared) fetch, joined as a reader
+        unless `warm` (then it runs to the end whoever reads). Readers must `release()`."""
         digest = blob_map.digest
         while digest in self._opening:
             await self._opening[digest].wait()
-        if (fetch := self._fetches.get(digest)) is not None:
-            return fetch
-        if self.store.has_blob(digest):
-            return None
-        opened = self._opening[digest] = trio.Event()
-        try:
-            partial = await trio.to_thread.run_sync(self.store.open_partial, blob_map)
-            fetch = BlobFetch(partial, [trio.Event() for _ in range(blob_map.count)])
-            for i, have in enumerate(partial.have):
-                if have:
-                    fetch.ready[i].set()
-            self._fetches[digest] = fetch
-        finally:
-            del self._opening[digest]
-            opened.set()
-        self.nursery.start_soon(self._run, fetch)
+        fetch = self._fetches.get(digest)
+        if fetch is None:
+            if self.store.has_blob(digest):
+                return None
+            opened = self._opening[digest] = trio.Event()
+            try:
+                partial = await trio.to_thread.run_sync(self.store.open_partial, blob_map)
+                fetch = BlobFetch(partial, [trio.Event() for _ in range(blob_map.count)],
+                                  requested=[0] * blob_map.count, failures=[0] * blob_map.count)
+                for i, have in enumerate(partial.have):
+                    if have:
+                        fetch.ready[i].set()
+                self._fetches[digest] = fetch
+                self.nursery.start_soon(self._run, fetch)
+            finally:
+                del self._opening[digest]
+                opened.set()
+        if warm:
+            fetch.warm = True
+        else:
+            fetch.readers += 1
         return fetch
 
+    def release(self, fetch: BlobFetch) -> None:
+        """A reader is done; the last one leaving cancels a fetch nobody else wants."""
+        fetch.readers -= 1
+        if (fetch.readers == 0 and not fetch.warm and not fetch.done.is_set()
+                and not fetch.partial.complete):  # complete: only the final check is left
+            # Forget it first: a reader arriving now starts a fresh fetch that resumes from disk.
+            if self._fetches.get(fetch.map.digest) is fetch:
+                del self._fetches[fetch.map.digest]
+            fetch.scope.cancel()
+
+    # -- the dispatcher ------------------------------------------------------------------
+
     async def _run(self, fetch: BlobFetch) -> None:
-        bmap = fetch.partial.map
+        bmap = fetch.map
         try:
-            missing = fetch.partial.missing()
-            spans = plan_spans(missing, bmap.chunk_size, max_span=self.config.max_span,
-                               segment_size=self.origin.segment_size)
-            queue = list(reversed(spans))  # pop() takes the earliest span: readers go in order
-            async with trio.open_nursery() as workers:
-                for _ in range(min(self.config.parallel_spans, len(queue))):
-                    workers.start_soon(self._worker, fetch, queue, workers.cancel_scope)
-            if fetch.error is None:
-                await trio.to_thread.run_sync(fetch.partial.finalize)
+            with fetch.scope:
+                async with trio.open_nursery() as requests:
+                    while not fetch.partial.complete and fetch.error is None:
+                        if not self._dispatch(fetch, requests):
+                            self._hedge(fetch, requests)
+                            await self._changed.wait(self.config.tick)
+                    requests.cancel_scope.cancel()  # hedged losers still reading
+                if fetch.error is None:
+                    await trio.to_thread.run_sync(fetch.partial.finalize)
         except P2pimgError as exc:
             fetch.error = exc
         except Exception as exc:  # never let one blob's bug take the server down
             log.exception("fetch of %s crashed", bmap.digest)
             fetch.error = OriginError(f"fetch of {bmap.digest} failed: {exc}")
         finally:
-            self._fetches.pop(bmap.digest, None)
-            if fetch.error is not None:
+            if self._fetches.get(bmap.digest) is fetch:
+                del self._fetches[bmap.digest]
+            if fetch.scope.cancelled_caught:
+                fetch._fail(OriginError(f"fetch of {bmap.digest} was cancelled"))
+            elif fetch.error is not None:
                 log.warning("fetch of %s failed: %s", bmap.digest, fetch.error)
-                fetch.fail(fetch.error)
+                fetch._fail(fetch.error)
             fetch.done.set()
             fetch.partial.close()
+            self._changed.fire()
 
-    async def _worker(self, fetch: BlobFetch, queue: list[Span], scope: trio.CancelScope) -> None:
-        """Fetch spans until none are left; after the last failed attempt, fail the whole fetch."""
-        while queue:
-            span = queue.pop()
-            for attempt in range(1, self.config.attempts + 1):
-                try:
-                    await self._fetch_span(fetch, span)
-                    break
-                except (OriginError, VerificationError) as exc:
-                    if attempt == self.config.attempts:
-                        fetch.error = exc
-                        scope.cancel()
-                        return
-                    log.info("span %s of %s failed (attempt %d): %s",
-                             span, fetch.partial.map.digest, attempt, exc)
-                    await trio.sleep(self.config.backoff * 2 ** (attempt - 1))
+    def _dispatch(self, fetch: BlobFetch, nursery: trio.Nursery) -> bool:
+        """Start requests for every chunk nobody is fetching yet, as far as sources allow."""
+        bmap, have = fetch.map, fetch.partial.have
+        started = False
+        now = trio.current_time()
+        i = 0
+        while i < bmap.count:
+            if have[i] or fetch.requested[i]:
+                i += 1
+                continue
+            if fetch.failures[i] >= self.config.attempts:
+                last = fetch.last_failure or OriginError("no answer")
+                fetch.error = fetch.error or type(last)(
+                    f"chunk {i} of {bmap.digest} failed {fetch.failures[i]} times, giving up; "
+                    f"last: {last.message}")
+                return started
+            holders = [s for s in self.sources if s.has(bmap, i) and not self.stats[s.name].banned]
+            if not holders:
+                fetch.error = OriginError(f"no usable source has chunk {i} of {bmap.digest}")
+                return started
+            stats = self.policy.choose([self.stats[s.name] for s in holders], now)
+            if stats is None:
+                return started  # every holder is busy or backing off: wait for a change
+            source = next(s for s in holders if s.name == stats.name)
+            span = self._grow_span(fetch, source, i)
+            self._start(fetch, nursery, source, span)
+            started = True
+            i = span.end
+        return started
 
-    async def _fetch_span(self, fetch: BlobFetch, span: Span) -> None:
-        partial, bmap = fetch.partial, fetch.partial.map
-        todo = [i for i in range(span.first, span.end) if not partial.have[i]]
-        if not todo:
-            return
-        span = Span(todo[0], todo[-1] + 1)
+    @staticmethod
+    def _grow_span(fetch: BlobFetch, source: ChunkSource, first: int) -> Span:
+        bmap, have = fetch.map, fetch.partial.have
+        per_span = max(1, source.max_span // bmap.chunk_size)
+        per_segment = max(1, source.segment_size // bmap.chunk_size)
+        end = first + 1
+        while (end < bmap.count and end - first < per_span and end % per_segment
+               and not have[end] and not fetch.requested[end] and source.has(bmap, end)):
+            end += 1
+        return Span(first, end)
+
+    def _start(self, fetch: BlobFetch, nursery: trio.Nursery, source: ChunkSource, span: Span) -> _Request:
+        now = trio.current_time()
+        request = _Request(source, self.stats[source.name], span, now, now, span.first)
+        for j in range(span.first, span.end):
+            fetch.requested[j] += 1
+        fetch.requests.add(request)
+        request.stats.started()
+        self.metrics.source_requests.labels(source.kind).inc()
+        nursery.start_soon(self._request, fetch, request)
+        return request
+
+    def _hedge(self, fetch: BlobFetch, nursery: trio.Nursery) -> None:
+        """Nothing left to dispatch: race a straggling request against another source."""
+        now = trio.current_time()
+        bmap = fetch.map
+        for request in list(fetch.requests):
+            if request.hedged or request.next_index >= request.span.end:
+                continue
+            rate = request.stats.throughput
+            typical = bmap.chunk_size / rate if rate else 1.0
+            if not self.policy.should_hedge(request.stats, now - request.last_progress, typical):
+                continue
+            holders = [s for s in self.sources if s.has(bmap, request.next_index)]
+            others = [self.stats[s.name] for s in holders if s is not request.source]
+            # With no other source, a second request to the same one still beats waiting on a
+            # stuck connection.
+            stats = self.policy.choose_hedge(others, now) or self.policy.choose_hedge(
+                [request.stats], now)
+            if stats is None:
+                continue
+            source = next(s for s in holders if s.name == stats.name)
+            request.hedged = True
+            self.metrics.hedges.inc()
+            log.info("hedging chunks %d-%d of %s on %s", request.next_index, request.span.end - 1,
+                     bmap.digest, source.name)
+            self._start(fetch, nursery, source, Span(request.next_index, request.span.end))
+
+    # -- one request ---------------------------------------------------------------------
+
+    async def _request(self, fetch: BlobFetch, request: _Request) -> None:
+        bmap, partial = fetch.map, fetch.partial
+        source, stats, span = request.source, request.stats, request.span
+        kind = source.kind
         start, end = span.byte_range(bmap.size, bmap.chunk_size)
-        index = span.first
+        received = 0
+        first_byte: float | None = None
+        outcome = "cancelled"
         buf = bytearray()
-        reader = self.origin.read_range(blob_key(bmap.digest), start, end - start)
-        async with contextlib.aclosing(reader) as pieces:  # type: ignore[type-var]
-            async for piece in pieces:
-                buf += piece
+        index = span.first
+        try:
+            reader = source.read_span(bmap, start, end - start)
+            async with contextlib.aclosing(reader) as pieces:  # type: ignore[type-var]
                 while index < span.end:
-                    lo, hi = bmap.bounds(index)
-                    if len(buf) < hi - lo:
-                        break
-                    chunk = bytes(buf[: hi - lo])
-                    del buf[: hi - lo]
-                    await trio.to_thread.run_sync(partial.write_chunk, index, chunk)
-                    fetch.ready[index].set()
-                    index += 1
-        if index < span.end:
-            raise OriginError(f"origin ended {bmap.digest} early at chunk {index}")
-
+                    with trio.fail_after(self.config.stall_timeout):
+                        piece = await anext(pieces, None)
+                    if piece is None:
+                        raise OriginError(f"{source.name} ended chunk {index} of {bmap.digest} early")
+                    if first_byte is None:
+                        first_byte = trio.current_time() - request.started
+                        self.metrics.first_byte_seconds.labels(kind).observe(first_byte)
+                    buf += piece
+                    while index < span.end:
+                        lo, hi = bmap.bounds(index)
+                        if len(buf) < hi - lo:
+                            break
+                        chunk = bytes(buf[: hi - lo])
+                        del buf[: hi - lo]
+                        if not partial.have[index]:
+                            await trio.to_thread.run_sync(partial.write_chunk, index, chunk)
+                            received += len(chunk)
+                            self.metrics.source_bytes.labels(kind).inc(len(chunk))
+                            fetch.ready[index].set()
+                            self._changed.fire()
+                        index += 1
+                        request.next_index = index
+                        request.last_progress = trio.current_time()
+                    if all(partial.have[j] for j in range(index, span.end)):
+                        break  # a hedge (or another process) already has the rest
+            outcome = "ok"
+        except VerificationError as exc:
+            outcome = "bad"
+            fetch.last_failure = exc
+            fetch.failures[index] += 1
+            self.metrics.verify_failures.labels(kind).inc()
+            log.warning("%s sent a bad chunk %d of %s: %s", source.name, index, bmap.digest, exc)
+        except (P2pimgError, OSError, trio.TooSlowError) as exc:
+            outcome = "error"
+            fetch.last_failure = exc if isinstance(exc, P2pimgError) else OriginError(
+                f"{source.name}: {exc or type(exc).__name__}")
+            if index < span.end:
+                fetch.failures[index] += 1
+            log.info("%s failed on chunks %d-%d of %s: %s", source.name, index, span.end - 1,
+                     bmap.digest, exc or type(exc).__name__)
+        finally:
+            now = trio.current_time()
+            if outcome == "ok":
+                stats.finished(received, now - request.started, first_byte)
+                self.metrics.span_seconds.labels(kind).observe(now - request.started)
+            elif outcome == "bad":
+                stats.sent_bad_chunk(now, received)
+            elif outcome == "error":
+                stats.failed(now, received)
+            else:
+                stats.in_flight -= 1  # cancelled: says nothing about the source
+            for j in range(span.first, span.end):
+                fetch.requested[j] -= 1
+            fetch.requests.discard(request)
+            self._changed.fire()

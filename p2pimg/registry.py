@@ -22,7 +22,8 @@ from .cid import Cid, parse_digest
 from .errors import DigestInvalid, NameInvalid, NotFound, P2pimgError, RangeNotSatisfiable
 from .fetch import BlobFetch, Fetcher
 from .http import AbortResponse, BodyPart, FileRegion, Request, Response
-from .model import BlobEntry, BlobMap, check_name, check_tag
+from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .model import BlobEntry, check_name, check_tag
 from .ranges import content_range, parse_range
 from .resolver import IPFS_PREFIX, Resolver
 from .store import ChunkStore
@@ -64,10 +65,11 @@ def check_repository(name: str) -> str:
 
 
 class Registry:
-    def __init__(self, store: ChunkStore, resolver: Resolver, fetcher: Fetcher) -> None:
+    def __init__(self, store: ChunkStore, resolver: Resolver, fetcher: Fetcher, metrics: Metrics) -> None:
         self.store = store
         self.resolver = resolver
         self.fetcher = fetcher
+        self.metrics = metrics
 
     async def handle(self, request: Request) -> Response:
         head = request.method == "HEAD"
@@ -88,6 +90,11 @@ class Registry:
                 return _unsupported(request.method)
             return Response(200, [API_HEADER, ("content-type", "application/json"),
                                   ("content-length", "2")], b"" if request.method == "HEAD" else b"{}")
+        if path == "/metrics" and request.method in _READ_METHODS:
+            body = self.metrics.render()
+            return Response(200, [("content-type", CONTENT_TYPE_LATEST),
+                                  ("content-length", str(len(body)))],
+                            b"" if request.method == "HEAD" else body)
         if not path.startswith("/v2/"):
             raise NotFound(f"no such endpoint {path[:100]}")
         rest = path[len("/v2/"):]
@@ -111,7 +118,10 @@ class Registry:
                    ("docker-content-digest", manifest.digest),
                    ("etag", f'"{manifest.digest}"'),
                    ("content-length", str(len(manifest.data)))]
-        return Response(200, headers, b"" if request.method == "HEAD" else manifest.data)
+        if request.method == "HEAD":
+            return Response(200, headers)
+        self.metrics.served_bytes.inc(len(manifest.data))
+        return Response(200, headers, manifest.data)
 
     async def _tags(self, name: str, request: Request) -> Response:
         if name.startswith(IPFS_PREFIX):
@@ -160,12 +170,18 @@ class Registry:
         except FileNotFoundError:
             pass
         else:
-            return _file_body(fd, start, end)
+            self.metrics.cache_requests.labels("hit").inc()
+            return self._file_body(fd, start, end)
+        self.metrics.cache_requests.labels("miss").inc()
         bmap = await self.resolver.blob_map(entry, digest)
         fetch = await self.fetcher.open(bmap)
         if fetch is None:  # completed while we looked
-            return _file_body(os.open(path, os.O_RDONLY), start, end)
-        fd = os.dup(fetch.partial.fd)
+            return self._file_body(os.open(path, os.O_RDONLY), start, end)
+        try:
+            fd = os.dup(fetch.partial.fd)
+        except BaseException:
+            self.fetcher.release(fetch)
+            raise
         try:
             if start < end:
                 # Wait for the first chunk before answering: a blob that cannot be fetched at all
@@ -173,33 +189,36 @@ class Registry:
                 await fetch.wait_chunk(start // bmap.chunk_size)
         except BaseException:
             os.close(fd)
+            self.fetcher.release(fetch)
             raise
-        return _chunked_body(fetch, bmap, fd, start, end)
+        return self._chunked_body(fetch, fd, start, end)
 
+    async def _file_body(self, fd: int, start: int, end: int) -> AsyncIterator[BodyPart]:
+        try:
+            yield FileRegion(fd, start, end - start)
+            self.metrics.served_bytes.inc(end - start)
+        finally:
+            os.close(fd)
 
-async def _file_body(fd: int, start: int, end: int) -> AsyncIterator[BodyPart]:
-    try:
-        yield FileRegion(fd, start, end - start)
-    finally:
-        os.close(fd)
-
-
-async def _chunked_body(fetch: BlobFetch, bmap: BlobMap, fd: int, start: int,
-                        end: int) -> AsyncIterator[BodyPart]:
-    """Blob bytes in order, each chunk sent as soon as it is verified on disk."""
-    try:
-        offset = start
-        index = start // bmap.chunk_size if bmap.count else 0
-        while offset < end:
-            try:
-                await fetch.wait_chunk(index)
-            except P2pimgError as exc:
-                log.warning("aborting blob %s at byte %d: %s", bmap.digest, offset, exc)
-                raise AbortResponse(str(exc)) from None
-            _, hi = bmap.bounds(index)
-            stop = min(hi, end)
-            yield FileRegion(fd, offset, stop - offset)
-            offset = stop
-            index += 1
-    finally:
-        os.close(fd)
+    async def _chunked_body(self, fetch: BlobFetch, fd: int, start: int,
+                            end: int) -> AsyncIterator[BodyPart]:
+        """Blob bytes in order, each chunk sent as soon as it is verified on disk."""
+        bmap = fetch.map
+        try:
+            offset = start
+            index = start // bmap.chunk_size if bmap.count else 0
+            while offset < end:
+                try:
+                    await fetch.wait_chunk(index)
+                except P2pimgError as exc:
+                    log.warning("aborting blob %s at byte %d: %s", bmap.digest, offset, exc)
+                    raise AbortResponse(str(exc)) from None
+                _, hi = bmap.bounds(index)
+                stop = min(hi, end)
+                yield FileRegion(fd, offset, stop - offset)
+                self.metrics.served_bytes.inc(stop - offset)
+                offset = stop
+                index += 1
+        finally:
+            os.close(fd)
+            self.fetcher.release(fetch)

@@ -10,7 +10,8 @@ from functools import partial
 import trio
 
 from .config import Config, parse_listen
-from .fetch import Fetcher
+from .fetch import Fetcher, OriginSource
+from .metrics import Metrics
 from .http import listen, serve_connection
 from .origins import open_origin
 from .registry import Registry
@@ -29,8 +30,9 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[str] = trio.TASK
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
-                fetcher = Fetcher(store, origin, nursery)
-                registry = Registry(store, Resolver(store, origin), fetcher)
+                metrics = Metrics()
+                fetcher = Fetcher(store, [OriginSource(origin)], nursery, metrics=metrics)
+                registry = Registry(store, Resolver(store, origin), fetcher, metrics)
                 nursery.start_soon(partial(trio.serve_listeners, serve_connection(registry.handle),
                                            listeners))
                 bound = listeners[0].socket.getsockname()

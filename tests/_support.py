@@ -9,7 +9,8 @@ import httpx
 import trio
 
 from p2pimg.cid import Cid
-from p2pimg.fetch import FetchConfig, Fetcher
+from p2pimg.fetch import FetchConfig, Fetcher, OriginSource
+from p2pimg.metrics import Metrics
 from p2pimg.http import serve_http
 from p2pimg.origins import FileOrigin, Origin
 from p2pimg.publish import publish
@@ -38,9 +39,11 @@ async def published_home(tmp: Path, sample: SampleImage) -> tuple[FileOrigin, Ci
 
 
 async def start_registry(nursery: trio.Nursery, store: ChunkStore, origin: Origin,
-                         config: FetchConfig | None = None) -> str:
-    fetcher = Fetcher(store, origin, nursery, config or FetchConfig(backoff=0.01))
-    registry = Registry(store, Resolver(store, origin), fetcher)
+                         config: FetchConfig | None = None, metrics: Metrics | None = None) -> str:
+    metrics = metrics or Metrics()
+    fetcher = Fetcher(store, [OriginSource(origin)], nursery, metrics=metrics,
+                      config=config or FetchConfig(tick=0.05))
+    registry = Registry(store, Resolver(store, origin), fetcher, metrics)
     listeners = await nursery.start(serve_http, registry.handle, "127.0.0.1", 0)
     host, port = listeners[0].socket.getsockname()[:2]
     return f"http://{host}:{port}"

@@ -19,6 +19,7 @@ class Origin(abc.ABC):
 
     url: str
     segment_size: int = 64 << 20
+    preferred_span: int = 16 << 20  # bytes per ranged read: parallel enough, few enough requests
 
     @abc.abstractmethod
     def read_range(self, key: str, offset: int, length: int) -> AsyncIterator[bytes]:

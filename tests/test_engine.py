@@ -1,0 +1,225 @@
+"""The multi-source fetch engine: spans, limits, failover, lying and stalling sources, hedging,
+cancellation when the last reader leaves, warms that outlive their readers."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from p2pimg.cid import Cid, digest_of
+from p2pimg.fetch import BlobFetch, ChunkSource, FetchConfig, Fetcher
+from p2pimg.metrics import Metrics
+from p2pimg.model import BlobMap
+from p2pimg.store import ChunkStore
+
+CHUNK = 64 << 10
+
+
+def make_blob(size: int, seed: int = 3) -> tuple[bytes, BlobMap]:
+    data = random.Random(seed).randbytes(size)
+    chunks = tuple(Cid.of_raw(data[i:i + CHUNK]) for i in range(0, size, CHUNK))
+    return data, BlobMap(digest_of(data), size, CHUNK, chunks)
+
+
+class MemorySource(ChunkSource):
+    """A source serving a blob from memory, with switchable misbehaviour."""
+
+    def __init__(self, name: str, kind: str, data: bytes, *, limit: int = 4, max_span: int = 4 * CHUNK,
+                 segment: int = 8 * CHUNK, lie: bool = False, stall_after: int | None = None,
+                 fail_first: int = 0, delay: float = 0.0, holds: set[int] | None = None) -> None:
+        self.name, self.kind, self.data = name, kind, data
+        self.limit, self.max_span, self.segment_size = limit, max_span, segment
+        self.lie, self.stall_after, self.fail_first, self.delay = lie, stall_after, fail_first, delay
+        self.holds = holds
+        self.requests: list[tuple[int, int]] = []
+        self.in_flight = self.peak = 0
+        self.sent = 0
+
+    def has(self, blob_map: BlobMap, index: int) -> bool:
+        return self.holds is None or index in self.holds
+
+    async def read_span(self, blob_map: BlobMap, start: int, length: int) -> AsyncIterator[bytes]:
+        self.requests.append((start, length))
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            if self.fail_first:
+                self.fail_first -= 1
+                raise OSError("connection reset by test")
+            pos = start
+            while pos < start + length:
+                if self.stall_after is not None and pos - start >= self.stall_after:
+                    await trio.sleep_forever()
+                await trio.sleep(self.delay)
+                piece = bytearray(self.data[pos:min(pos + 16384, start + length)])
+                if self.lie:
+                    piece[0] ^= 0xFF
+                pos += len(piece)
+                self.sent += len(piece)
+                yield bytes(piece)
+        finally:
+            self.in_flight -= 1
+
+
+async def fetch_all(fetcher: Fetcher, bmap: BlobMap, *, warm: bool = False) -> BlobFetch | None:
+    fetch = await fetcher.open(bmap, warm=warm)
+    if fetch is None:
+        return None
+    with trio.fail_after(20):
+        for i in range(bmap.count):
+            await fetch.wait_chunk(i)
+        await fetch.done.wait()
+    if not warm:
+        fetcher.release(fetch)
+    return fetch
+
+
+def engine(tmp_path: Path, nursery: trio.Nursery, sources: list[ChunkSource],
+           **config: float) -> tuple[Fetcher, ChunkStore, Metrics]:
+    store, metrics = ChunkStore(tmp_path / "cache"), Metrics()
+    fetcher = Fetcher(store, sources, nursery, metrics=metrics,
+                      config=FetchConfig(tick=0.02, **config))  # type: ignore[arg-type]
+    return fetcher, store, metrics
+
+
+def counter(metrics: Metrics, name: str, kind: str) -> float:
+    value = metrics.registry.get_sample_value(f"p2pimg_{name}_total", {"source": kind})
+    assert value is not None
+    return value
+
+
+async def test_spans_respect_size_segments_and_limits(tmp_path: Path, nursery: trio.Nursery) -> None:
+    data, bmap = make_blob(50 * CHUNK + 123)
+    origin = MemorySource("origin", "origin", data, limit=3, max_span=4 * CHUNK, segment=8 * CHUNK,
+                          delay=0.001)
+    fetcher, store, metrics = engine(tmp_path, nursery, [origin])
+    await fetch_all(fetcher, bmap)
+    assert store.blob_path(bmap.digest).read_bytes() == data
+    assert origin.peak == 3
+    covered = sorted(origin.requests)
+    assert sum(length for _, length in covered) == len(data)  # each byte requested once
+    for start, length in covered:
+        assert start % CHUNK == 0 and length <= 4 * CHUNK
+        assert start // (8 * CHUNK) == (start + length - 1) // (8 * CHUNK), "span crosses a segment"
+    assert counter(metrics, "source_bytes", "origin") == len(data)
+    assert counter(metrics, "source_requests", "origin") == len(covered)
+
+
+async def test_peers_first_origin_only_for_what_no_peer_has(tmp_path: Path, nursery: trio.Nursery) -> None:
+    data, bmap = make_blob(32 * CHUNK)
+    peer = MemorySource("peer", "peer", data, holds=set(range(0, 20)))
+    origin = MemorySource("origin", "origin", data)
+    fetcher, store, metrics = engine(tmp_path, nursery, [origin, peer])
+    await fetch_all(fetcher, bmap)
+    assert store.blob_path(bmap.digest).read_bytes() == data
+    assert counter(metrics, "source_bytes", "peer") == 20 * CHUNK
+    assert counter(metrics, "source_bytes", "origin") == 12 * CHUNK
+
+
+async def test_lying_source_never_reaches_the_cache(tmp_path: Path, nursery: trio.Nursery) -> None:
+    data, bmap = make_blob(16 * CHUNK)
+    liar = MemorySource("liar", "peer", data, lie=True)
+    origin = MemorySource("origin", "origin", data)
+    fetcher, store, metrics = engine(tmp_path, nursery, [origin, liar])
+    await fetch_all(fetcher, bmap)
+    assert store.blob_path(bmap.digest).read_bytes() == data
+    assert counter(metrics, "verify_failures", "peer") >= 1
+    assert counter(metrics, "source_bytes", "peer") == 0
+    assert fetcher.stats["liar"].bad_chunks >= 1
+
+
+async def test_failover_after_errors(tmp_path: Path, nursery: trio.Nursery) -> None:
+    data, bmap = make_blob(8 * CHUNK)
+    flaky = MemorySource("flaky", "origin", data, fail_first=2)
+    fetcher, store, _ = engine(tmp_path, nursery, [flaky])
+    await fetch_all(fetcher, bmap)
+    assert store.blob_path(bmap.digest).read_bytes() == data
+    assert fetcher.stats["flaky"].requests >= 3
+
+
+async def test_gives_up_with_the_last_error(tmp_path: Path, nursery: trio.Nursery) -> None:
+    data, bmap = make_blob(4 * CHUNK)
+    broken = MemorySource("broken", "origin", data, lie=True)
+    fetcher, store, _ = engine(tmp_path, nursery, [broken], attempts=2)
+    fetch = await fetcher.open(bmap)
+    assert fetch is not None
+    with trio.fail_after(20), pytest.raises(Exception, match="giving up; last: chunk 0"):
+        await fetch.wait_chunk(0)
+    fetcher.release(fetch)
+    assert not store.has_blob(bmap.digest)
+
+
+async def test_straggler_is_hedged(tmp_path: Path, nursery: trio.Nursery) -> None:
+    data, bmap = make_blob(12 * CHUNK)
+    stuck = MemorySource("stuck", "peer", data, stall_after=CHUNK, max_span=12 * CHUNK, segment=64 * CHUNK)
+    origin = MemorySource("origin", "origin", data)
+    fetcher, store, metrics = engine(tmp_path, nursery, [origin, stuck], stall_timeout=60)
+    started = trio.current_time()
+    await fetch_all(fetcher, bmap)
+    assert trio.current_time() - started < 10, "the stalled span waited for its stall timeout"
+    assert store.blob_path(bmap.digest).read_bytes() == data
+    assert metrics.registry.get_sample_value("p2pimg_fetch_hedges_total") == 1
+    assert counter(metrics, "source_bytes", "peer") == CHUNK
+
+
+async def test_stall_timeout_fails_over(tmp_path: Path, nursery: trio.Nursery) -> None:
+    data, bmap = make_blob(4 * CHUNK)
+    stuck = MemorySource("stuck", "origin", data, stall_after=0)
+    fetcher, store, _ = engine(tmp_path, nursery, [stuck], stall_timeout=0.2, attempts=2)
+    fetch = await fetcher.open(bmap)
+    assert fetch is not None
+    with trio.fail_after(10), pytest.raises(Exception, match="giving up"):
+        await fetch.wait_chunk(0)
+    fetcher.release(fetch)
+
+
+async def test_last_reader_leaving_cancels_but_keeps_verified_chunks(
+        tmp_path: Path, nursery: trio.Nursery) -> None:
+    data, bmap = make_blob(40 * CHUNK)
+    slow = MemorySource("slow", "origin", data, limit=1, max_span=CHUNK, delay=0.01)
+    fetcher, store, _ = engine(tmp_path, nursery, [slow])
+    fetch = await fetcher.open(bmap)
+    assert fetch is not None
+    await fetch.wait_chunk(2)
+    fetcher.release(fetch)
+    with trio.fail_after(5):
+        await fetch.done.wait()
+    sent = slow.sent
+    await trio.sleep(0.2)
+    assert slow.sent == sent < len(data), "the fetch went on without readers"
+    partial = store.open_partial(bmap)
+    kept = partial.present_bytes()
+    assert kept >= 3 * CHUNK
+    partial.close()
+    # The next reader resumes: only what is missing is requested again.
+    before = slow.sent
+    await fetch_all(fetcher, bmap)
+    assert slow.sent - before == len(data) - kept
+    assert store.blob_path(bmap.digest).read_bytes() == data
+
+
+async def test_warm_outlives_its_readers(tmp_path: Path, nursery: trio.Nursery) -> None:
+    data, bmap = make_blob(20 * CHUNK)
+    slow = MemorySource("slow", "origin", data, limit=1, max_span=CHUNK, delay=0.002)
+    fetcher, store, _ = engine(tmp_path, nursery, [slow])
+    warm = await fetcher.open(bmap, warm=True)
+    reader = await fetcher.open(bmap)
+    assert warm is reader is not None
+    fetcher.release(reader)
+    with trio.fail_after(20):
+        await warm.done.wait()
+    assert warm.error is None and store.blob_path(bmap.digest).read_bytes() == data
+
+
+async def test_many_readers_one_fetch(tmp_path: Path, nursery: trio.Nursery) -> None:
+    data, bmap = make_blob(24 * CHUNK)
+    origin = MemorySource("origin", "origin", data, delay=0.001)
+    fetcher, store, _ = engine(tmp_path, nursery, [origin])
+    async with trio.open_nursery() as readers:
+        for _ in range(8):
+            readers.start_soon(fetch_all, fetcher, bmap)
+    assert origin.sent == len(data)
