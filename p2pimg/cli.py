@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from . import __version__
+from . import __version__, admin
 from .config import Config, load_config
 from .errors import P2pimgError
 from .model import parse_name_tag
@@ -59,6 +59,51 @@ def cmd_resolve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ls(args: argparse.Namespace) -> int:
+    config = _config(args)
+    origin = open_origin(config.origin, config.home)
+    names = trio.run(admin.list_tags, origin)
+    for name, tags in names.items():
+        for tag in tags:
+            print(f"{name}:{tag}")
+    if not names:
+        print(f"no images are published in {origin.url}", file=sys.stderr)
+    return 0
+
+
+def cmd_untag(args: argparse.Namespace) -> int:
+    name, tag = parse_name_tag(args.ref)
+    config = _config(args)
+    origin = open_origin(config.origin, config.home)
+    trio.run(admin.untag, origin, name, tag)
+    print(f"removed {name}:{tag} from {origin.url}; `p2pimg gc` deletes what it alone used", file=sys.stderr)
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    config = _config(args)
+    origin = open_origin(config.origin, config.home)
+
+    async def run() -> int:
+        plan = await admin.plan_gc(origin)
+        if plan.problems:
+            for problem in plan.problems:
+                print(f"p2pimg: cannot read {problem}", file=sys.stderr)
+            print("p2pimg: error: nothing deleted: fix or untag the images above first", file=sys.stderr)
+            return 5
+        for key in plan.garbage:
+            print(key)
+        if not args.yes:
+            print(f"{len(plan.garbage)} objects are unreachable from any tag in {origin.url}; "
+                  "run again with --yes to delete them", file=sys.stderr)
+            return 0
+        deleted = await admin.run_gc(origin, plan)
+        print(f"deleted {deleted} objects from {origin.url}", file=sys.stderr)
+        return 0
+
+    return trio.run(run)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
@@ -89,6 +134,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref", metavar="NAME:TAG")
     _common(p)
     p.set_defaults(func=cmd_resolve)
+
+    p = sub.add_parser("ls", help="list the published NAME:TAGs of the origin")
+    _common(p)
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("untag", help="remove a tag from the origin (its content stays until gc)")
+    p.add_argument("ref", metavar="NAME:TAG")
+    _common(p)
+    p.set_defaults(func=cmd_untag)
+
+    p = sub.add_parser("gc", help="list (or with --yes delete) origin objects no tag reaches")
+    p.add_argument("--yes", action="store_true", help="delete them (default: dry run, only list)")
+    _common(p)
+    p.set_defaults(func=cmd_gc)
 
     p = sub.add_parser("serve", help="run the read-only OCI registry in the foreground")
     p.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default 127.0.0.1:5050)")

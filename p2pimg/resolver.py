@@ -6,6 +6,7 @@ name and tag it was asked for (tag records) before it is cached or handed on.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -19,12 +20,15 @@ from .errors import (
     BlockInvalid,
     ManifestUnknown,
     NameUnknown,
+    OriginError,
     OriginNotFound,
     VerificationError,
 )
 from .model import MAX_MANIFEST_SIZE, BlobEntry, BlobMap, ImageRoot, ManifestEntry, TagRecord
 from .origins import Origin, block_key, tag_key
 from .store import ChunkStore
+
+log = logging.getLogger(__name__)
 
 IPFS_PREFIX = "ipfs/"
 _ROOT_CACHE = 256
@@ -106,6 +110,15 @@ class Resolver:
         except OriginNotFound:
             await self.tags(name)  # NAME_UNKNOWN when the repository itself is unknown
             raise ManifestUnknown(f"{name}:{tag} is not published") from None
+        except OriginError as exc:
+            record = await trio.to_thread.run_sync(self.store.get_tag_record, name, tag)
+            if record is None:
+                raise
+            log.warning("origin unreachable (%s); using the last verified record of %s:%s (seq %d)",
+                        exc.message, name, tag, record.seq)
+            self._tags[(name, tag)] = (now, record.root)
+            self._name_roots.setdefault(name, set()).add(record.root)
+            return record.root
         record = TagRecord.decode(data, name=name, tag=tag)
         await trio.to_thread.run_sync(self.store.put_tag_record, record)
         self._tags[(name, tag)] = (now, record.root)
@@ -114,7 +127,16 @@ class Resolver:
 
     async def tags(self, name: str) -> list[str]:
         prefix = tag_key(name)
-        keys = await self.origin.list(prefix)
+        try:
+            keys = await self.origin.list(prefix)
+        except OriginNotFound:
+            keys = []
+        except OriginError as exc:
+            cached = await trio.to_thread.run_sync(self.store.cached_tags, name)
+            if not cached:
+                raise
+            log.warning("origin unreachable (%s); listing the tags of %s seen before", exc.message, name)
+            return cached
         tags = sorted(k[len(prefix):] for k in keys if "/" not in k[len(prefix):])
         if not tags:
             raise NameUnknown(f"repository {name} is not published")

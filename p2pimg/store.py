@@ -129,6 +129,13 @@ class ChunkStore:
         except Exception:  # a damaged record is as good as none: the origin has the truth
             return None
 
+    def cached_tags(self, name: str) -> list[str]:
+        """Tags of `name` whose records this cache has seen."""
+        try:
+            return sorted(p.name for p in (self._tags / check_name(name)).iterdir() if p.is_file())
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
     def put_tag_record(self, record: TagRecord) -> None:
         current = self.get_tag_record(record.name, record.tag)
         if current is not None and current.seq >= record.seq:

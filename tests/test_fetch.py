@@ -217,3 +217,42 @@ async def test_two_processes_share_one_home(tmp_path: Path, sample: SampleImage,
     await wait_cached(store, digest)
     assert hashlib.sha256(store.blob_path(digest).read_bytes()).hexdigest() == digest[7:]
     assert not list((tmp_path / "cache" / "tmp").iterdir())
+
+
+class UnreachableOrigin(ProbeOrigin):
+    """The origin's network is gone: every call fails as a connection error would."""
+
+    async def read_range(self, key: str, offset: int, length: int) -> AsyncIterator[bytes]:
+        raise OriginError("connection refused (test)")
+        yield b""  # pragma: no cover - makes this an async generator
+
+    async def get(self, key: str, *, max_size: int) -> bytes:
+        raise OriginError("connection refused (test)")
+
+    async def list(self, prefix: str) -> list[str]:
+        raise OriginError("connection refused (test)")
+
+
+async def test_cached_images_pull_while_the_origin_is_down(
+        tmp_path: Path, sample: SampleImage, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture) -> None:
+    origin, _ = await published_home(tmp_path, sample)
+    store = ChunkStore(tmp_path / "cache")
+    url = await start_registry(nursery, store, origin)
+    digest, data = big_layer(sample)
+    async with httpx.AsyncClient(base_url=url, timeout=20) as c:
+        assert (await c.get(f"/v2/demo/app/blobs/{digest}")).status_code == 200
+        manifest = await c.get("/v2/demo/app/manifests/1")
+    await wait_cached(store, digest)
+    # A new proxy on the same cache, with the origin unreachable.
+    down_url = await start_registry(nursery, store, UnreachableOrigin(origin))
+    async with httpx.AsyncClient(base_url=down_url, timeout=20) as c:
+        again = await c.get("/v2/demo/app/manifests/1")
+        assert again.status_code == 200 and again.content == manifest.content
+        assert (await c.get(f"/v2/demo/app/blobs/{digest}")).content == data
+        assert (await c.get("/v2/demo/app/tags/list")).json()["tags"] == ["1"]
+        # What was never cached fails clearly instead of hanging.
+        other = next(d for d in json.loads(manifest.content)["layers"] if d["digest"] != digest)
+        with trio.fail_after(15):
+            r = await c.get(f"/v2/demo/app/blobs/{other['digest']}")
+        assert r.status_code == 502 and "connection refused" in r.text
+    assert "last verified record of demo/app:1" in caplog.text
