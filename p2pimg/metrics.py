@@ -3,10 +3,19 @@ read them (`GET /metrics`, Prometheus text format)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+# `*_created` series double the output and nothing here reads them.
+disable_created_metrics()
 
 
 class Metrics:
@@ -19,19 +28,20 @@ class Metrics:
                                     ["source"], registry=r)
         self.source_requests = Counter("p2pimg_source_requests", "Requests sent to sources, by kind",
                                        ["source"], registry=r)
-        self.verify_failures = Counter("p2pimg_verify_failures",
-                                       "Chunks or blobs that did not match their CID or digest, by kind of source",
-                                       ["source"], registry=r)
-        self.served_bytes = Counter("p2pimg_served_bytes", "Blob and manifest bytes sent to registry clients",
-                                    registry=r)
-        self.cache_requests = Counter("p2pimg_cache_requests", "Blob requests answered from the complete cache "
-                                      "(hit) or needing a fetch (miss)", ["result"], registry=r)
-        self.span_seconds = Histogram("p2pimg_fetch_span_seconds", "Time to fetch one span, by kind of source",
-                                      ["source"], registry=r,
-                                      buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
-        self.first_byte_seconds = Histogram("p2pimg_fetch_first_byte_seconds",
-                                            "Time from a request to a source to its first byte", ["source"],
-                                            registry=r, buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 5))
+        self.verify_failures = Counter(
+            "p2pimg_verify_failures", "Chunks or blobs that did not match their CID or digest, by kind of source",
+            ["source"], registry=r)
+        self.served_bytes = Counter(
+            "p2pimg_served_bytes", "Blob and manifest bytes sent to registry clients", registry=r)
+        self.cache_requests = Counter(
+            "p2pimg_cache_requests", "Blob requests served from the complete cache (hit) or fetched (miss)",
+            ["result"], registry=r)
+        self.span_seconds = Histogram(
+            "p2pimg_fetch_span_seconds", "Time to fetch one span, by kind of source", ["source"], registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.first_byte_seconds = Histogram(
+            "p2pimg_fetch_first_byte_seconds", "Time from a request to a source to its first byte", ["source"],
+            registry=r, buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 5))
         self.hedges = Counter("p2pimg_fetch_hedges", "Slow spans raced by a second source", registry=r)
         for kind in ("origin", "peer", "upstream"):
             self.source_bytes.labels(kind)

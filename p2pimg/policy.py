@@ -10,8 +10,9 @@ before the origin (far, metered, shared) before an upstream registry. While a he
 nearer kind holds the chunk, the policy waits for it to have a free slot rather than spend the
 origin's bandwidth; only a kind whose holders are all failing (backing off) is passed over.
 Within a kind, faster and less busy first. Hedging a straggler is the exception: it takes the
-best free source other than the straggler, whatever its kind. A source that sends a wrong byte is penalised for a while and banned after repeated
-offences; one that errs or stalls backs off exponentially.
+best free source other than the straggler, whatever its kind. A peer that sends a wrong byte is
+penalised for a while and banned after repeated offences; any source that errs or stalls backs
+off exponentially.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ import trio
 
 from .config import Config, parse_listen
 from .fetch import Fetcher, OriginSource
-from .metrics import Metrics
 from .http import listen, serve_connection
+from .metrics import Metrics
 from .origins import open_origin
 from .registry import Registry
 from .resolver import Resolver

@@ -10,8 +10,8 @@ import trio
 
 from p2pimg.cid import Cid
 from p2pimg.fetch import FetchConfig, Fetcher, OriginSource
-from p2pimg.metrics import Metrics
 from p2pimg.http import serve_http
+from p2pimg.metrics import Metrics
 from p2pimg.origins import FileOrigin, Origin
 from p2pimg.publish import publish
 from p2pimg.registry import Registry
