@@ -34,13 +34,13 @@ class Metrics:
         self.served_bytes = Counter(
             "p2pimg_served_bytes", "Blob and manifest bytes sent to registry clients", registry=r)
         self.cache_requests = Counter(
-            "p2pimg_cache_requests", "Blob requests served from the complete cache (hit) or fetched (miss)",
+            "p2pimg_cache_requests", "Blob requests served from the cache (hit) or fetched (miss)",
             ["result"], registry=r)
         self.span_seconds = Histogram(
             "p2pimg_fetch_span_seconds", "Time to fetch one span, by kind of source", ["source"], registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
         self.first_byte_seconds = Histogram(
-            "p2pimg_fetch_first_byte_seconds", "Time from a request to a source to its first byte", ["source"],
+            "p2pimg_fetch_first_byte_seconds", "Time to the first byte of a source request", ["source"],
             registry=r, buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 5))
         self.hedges = Counter("p2pimg_fetch_hedges", "Slow spans raced by a second source", registry=r)
         for kind in ("origin", "peer", "upstream"):
