@@ -29,7 +29,7 @@ class Metrics:
         self.source_requests = Counter("p2pimg_source_requests", "Requests sent to sources, by kind",
                                        ["source"], registry=r)
         self.verify_failures = Counter(
-            "p2pimg_verify_failures", "Chunks or blobs that did not match their CID or digest, by kind of source",
+            "p2pimg_verify_failures", "Chunks or blobs not matching their CID or digest, by kind of source",
             ["source"], registry=r)
         self.served_bytes = Counter(
             "p2pimg_served_bytes", "Blob and manifest bytes sent to registry clients", registry=r)
