@@ -14,6 +14,7 @@ from .config import Config, load_config
 from .errors import P2pimgError
 from .model import parse_name_tag
 from .origins import open_origin
+from .policy import POLICIES
 from .publish import publish
 from .resolver import Resolver
 from .store import ChunkStore
@@ -29,7 +30,10 @@ def _common(p: argparse.ArgumentParser, *, origin: bool = True) -> None:
 def _config(args: argparse.Namespace) -> Config:
     return load_config(home=args.home, origin=getattr(args, "origin", None),
                        listen=getattr(args, "listen", None),
-                       chunk_size=getattr(args, "chunk_size", None))
+                       chunk_size=getattr(args, "chunk_size", None),
+                       upstreams=getattr(args, "upstream", None),
+                       upstream_tag_ttl=getattr(args, "upstream_tag_ttl", None),
+                       policy=getattr(args, "policy", None))
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
@@ -111,6 +115,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_containerd_config(args: argparse.Namespace) -> int:
+    from .upstream import containerd_hosts_toml
+
+    print(containerd_hosts_toml(args.registry, args.mirror), end="")
+    return 0
+
+
+def cmd_podman_config(args: argparse.Namespace) -> int:
+    from .upstream import podman_registries_conf
+
+    print(podman_registries_conf(args.registry, args.mirror), end="")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -124,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("publish", help="publish an image to the origin; prints its root CID")
-    p.add_argument("source", metavar="SOURCE", help="oci:DIR[:TAG] or docker-archive:FILE")
+    p.add_argument("source", metavar="SOURCE",
+                   help="oci:DIR[:TAG], docker-archive:FILE or docker://HOST/REPO:TAG (from a registry)")
     p.add_argument("ref", metavar="NAME:TAG")
     p.add_argument("--chunk-size", help="chunk size, a power of two dividing 64MiB (default 1MiB)")
     _common(p)
@@ -151,8 +170,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the read-only OCI registry in the foreground")
     p.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default 127.0.0.1:5050)")
+    p.add_argument("--upstream", action="append", metavar="URL",
+                   help="pull-through mirror of this registry for names not published here "
+                        "(repeatable; credentials from ~/.docker/config.json)")
+    p.add_argument("--upstream-tag-ttl", type=float, metavar="SECONDS",
+                   help="re-check mutable upstream tags after this long (default 300)")
+    p.add_argument("--policy", choices=sorted(POLICIES), help="source selection policy (default prefer-near)")
     _common(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("containerd-config", help="print a hosts.toml making p2pimg a containerd mirror")
+    p.add_argument("--registry", default="docker.io", help="registry to mirror (default docker.io)")
+    p.add_argument("--mirror", default="http://127.0.0.1:5050", help="p2pimg's address (default %(default)s)")
+    p.set_defaults(func=cmd_containerd_config)
+
+    p = sub.add_parser("podman-config", help="print a registries.conf entry making p2pimg a podman mirror")
+    p.add_argument("--registry", default="docker.io", help="registry to mirror (default docker.io)")
+    p.add_argument("--mirror", default="http://127.0.0.1:5050", help="p2pimg's address (default %(default)s)")
+    p.set_defaults(func=cmd_podman_config)
 
     p = sub.add_parser("demo", help="make a sample image, publish it, pull it through the proxy")
     p.add_argument("--listen", metavar="HOST:PORT", help="proxy address (default 127.0.0.1:5050)")

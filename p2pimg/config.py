@@ -48,6 +48,9 @@ class Config:
     origin: str | None
     listen: str = DEFAULT_LISTEN
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    upstreams: tuple[str, ...] = ()
+    upstream_tag_ttl: float = 300.0
+    policy: str = "prefer-near"
 
     @property
     def cache_dir(self) -> Path:
@@ -55,7 +58,8 @@ class Config:
 
 
 def load_config(*, home: str | None = None, origin: str | None = None, listen: str | None = None,
-                chunk_size: str | None = None) -> Config:
+                chunk_size: str | None = None, upstreams: list[str] | None = None,
+                upstream_tag_ttl: float | None = None, policy: str | None = None) -> Config:
     home_path = Path(home or os.environ.get("P2PIMG_HOME") or default_home()).expanduser().absolute()
     file_values: dict[str, Any] = {}
     config_file = home_path / "config.toml"
@@ -70,4 +74,12 @@ def load_config(*, home: str | None = None, origin: str | None = None, listen: s
     size = parse_size(chunk_size or os.environ.get("P2PIMG_CHUNK_SIZE")
                       or file_values.get("chunk_size") or DEFAULT_CHUNK_SIZE)
     check_chunk_size(size)
-    return Config(home=home_path, origin=chosen_origin, listen=chosen_listen, chunk_size=size)
+    chosen_upstreams = upstreams or file_values.get("upstreams") or []
+    if not isinstance(chosen_upstreams, list) or not all(isinstance(u, str) for u in chosen_upstreams):
+        raise InvalidInput(f"{config_file}: upstreams must be a list of URLs")
+    ttl = upstream_tag_ttl if upstream_tag_ttl is not None else file_values.get("upstream_tag_ttl", 300.0)
+    if not isinstance(ttl, int | float) or ttl < 0:
+        raise InvalidInput(f"invalid upstream tag TTL {ttl!r}: expected seconds >= 0")
+    return Config(home=home_path, origin=chosen_origin, listen=chosen_listen, chunk_size=size,
+                  upstreams=tuple(chosen_upstreams), upstream_tag_ttl=float(ttl),
+                  policy=policy or file_values.get("policy") or "prefer-near")

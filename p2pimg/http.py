@@ -212,6 +212,9 @@ class _Connection:
         except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
                 ConnectionError, AbortResponse, h11.LocalProtocolError) as exc:
             log.debug("connection ended: %r", exc)
+        except Exception:
+            # One connection's failure must never take the server (and every other client) down.
+            log.exception("connection failed")
         finally:
             with trio.move_on_after(1) as scope:
                 scope.shield = True

@@ -19,14 +19,16 @@ import os
 from collections.abc import AsyncIterator
 
 from .cid import Cid, parse_digest
-from .errors import DigestInvalid, NameInvalid, NotFound, P2pimgError, RangeNotSatisfiable
+from .errors import DigestInvalid, NameInvalid, NameUnknown, NotFound, P2pimgError, RangeNotSatisfiable
 from .fetch import BlobFetch, Fetcher
 from .http import AbortResponse, BodyPart, FileRegion, Request, Response
 from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .mirror import Mirror
 from .model import BlobEntry, check_name, check_tag
 from .ranges import content_range, parse_range
 from .resolver import IPFS_PREFIX, Resolver
 from .store import ChunkStore
+from .upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +67,13 @@ def check_repository(name: str) -> str:
 
 
 class Registry:
-    def __init__(self, store: ChunkStore, resolver: Resolver, fetcher: Fetcher, metrics: Metrics) -> None:
+    def __init__(self, store: ChunkStore, resolver: Resolver, fetcher: Fetcher, metrics: Metrics,
+                 mirror: Mirror | None = None) -> None:
         self.store = store
         self.resolver = resolver
         self.fetcher = fetcher
         self.metrics = metrics
+        self.mirror = mirror
 
     async def handle(self, request: Request) -> Response:
         head = request.method == "HEAD"
@@ -113,7 +117,12 @@ class Registry:
             parse_digest(reference)
         else:
             check_tag(reference)
-        manifest = await self.resolver.manifest_for(name, reference)
+        upstream = await self._upstream_for(name, request)
+        if upstream is not None:
+            assert self.mirror is not None
+            manifest = await self.mirror.manifest(upstream, name, reference)
+        else:
+            manifest = await self.resolver.manifest_for(name, reference)
         headers = [API_HEADER, ("content-type", manifest.media_type),
                    ("docker-content-digest", manifest.digest),
                    ("etag", f'"{manifest.digest}"'),
@@ -144,23 +153,85 @@ class Registry:
         headers.append(("content-length", str(len(body))))
         return Response(200, headers, body)
 
+    async def _upstream_for(self, name: str, request: Request) -> UpstreamClient | None:
+        """The upstream registry a request goes to, or None for p2pimg's own images.
+
+        containerd names the registry it means with `?ns=`: such a request is about that
+        registry's image, never one published here under the same name. Without `ns`, names
+        published here win and the rest go to the first upstream.
+        """
+        if self.mirror is None or name.startswith(IPFS_PREFIX):
+            return None
+        ns_values = request.query.get("ns")
+        if ns_values:
+            ns = ns_values[0]
+            upstream = self.mirror.upstream_for(ns)
+            if upstream is None:
+                raise NameUnknown(f"this mirror does not serve registry {ns[:100]}")
+            return upstream
+        if await self.resolver.is_published(name):
+            return None
+        return self.mirror.upstream_for(None)
+
     async def _blob(self, name: str, digest: str, request: Request) -> Response:
         parse_digest(digest)
+        upstream = await self._upstream_for(name, request)
+        if upstream is not None:
+            return await self._upstream_blob(upstream, name, digest, request)
         entry = await self.resolver.blob_for(name, digest)
-        size = entry.size
+        status, start, end, headers = self._blob_headers(digest, entry.size, request)
+        if request.method == "HEAD":
+            return Response(status, headers)
+        body = await self._blob_body(entry, digest, start, end)
+        return Response(status, headers, body)
+
+    @staticmethod
+    def _blob_headers(digest: str, size: int,
+                      request: Request) -> tuple[int, int, int, list[tuple[str, str]]]:
         rng = parse_range(request.headers.get("range"), size)
         start, end = rng if rng is not None else (0, size)
         headers = [API_HEADER, ("content-type", "application/octet-stream"),
                    ("docker-content-digest", digest), ("etag", f'"{digest}"'),
                    ("accept-ranges", "bytes"), ("content-length", str(end - start))]
-        status = 200
-        if rng is not None:
-            status = 206
-            headers.append(("content-range", content_range(start, end, size)))
+        if rng is None:
+            return 200, start, end, headers
+        headers.append(("content-range", content_range(start, end, size)))
+        return 206, start, end, headers
+
+    async def _upstream_blob(self, upstream: UpstreamClient, name: str, digest: str,
+                             request: Request) -> Response:
+        assert self.mirror is not None
+        path = self.store.blob_path(digest)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            pass
+        else:
+            self.metrics.cache_requests.labels("hit").inc()
+            status, start, end, headers = self._blob_headers(digest, os.fstat(fd).st_size, request)
+            if request.method == "HEAD":
+                os.close(fd)
+                return Response(status, headers)
+            return Response(status, headers, self._file_body(fd, start, end))
+        size = await self.mirror.blob_size(upstream, name, digest)
+        status, start, end, headers = self._blob_headers(digest, size, request)
         if request.method == "HEAD":
             return Response(status, headers)
-        body = await self._blob_body(entry, digest, start, end)
-        return Response(status, headers, body)
+        if self.store.has_blob(digest):  # finished while we asked for its size
+            return Response(status, headers, self._file_body(os.open(path, os.O_RDONLY), start, end))
+        self.metrics.cache_requests.labels("miss").inc()
+        fetch, fd = self.mirror.open(upstream, name, digest, size)
+        try:
+            # As for origin blobs: an upstream that fails at once gets an error status.
+            while fetch.readable() <= start < end and fetch.error is None:
+                await fetch.progress.wait()
+            if fetch.error is not None and fetch.readable() <= start:
+                raise fetch.error
+        except BaseException:
+            os.close(fd)
+            self.mirror.release(fetch)
+            raise
+        return Response(status, headers, self.mirror.body(fetch, fd, start, end))
 
     async def _blob_body(self, entry: BlobEntry, digest: str, start: int,
                          end: int) -> AsyncIterator[BodyPart]:

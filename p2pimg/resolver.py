@@ -51,6 +51,7 @@ class Resolver:
         self._maps: OrderedDict[Cid, BlobMap] = OrderedDict()
         self._tags: dict[tuple[str, str], tuple[float, Cid]] = {}
         self._name_roots: dict[str, set[Cid]] = {}
+        self._published: dict[str, tuple[float, bool]] = {}
 
     # -- blocks ----------------------------------------------------------------------------
 
@@ -124,6 +125,20 @@ class Resolver:
         self._tags[(name, tag)] = (now, record.root)
         self._name_roots.setdefault(name, set()).add(record.root)
         return record.root
+
+    async def is_published(self, name: str) -> bool:
+        """Whether `name` has tags in the origin (remembered for `tag_ttl` either way)."""
+        now = time.monotonic()
+        known = self._published.get(name)
+        if known is not None and now - known[0] < self.tag_ttl:
+            return known[1]
+        try:
+            await self.tags(name)
+            published = True
+        except NameUnknown:
+            published = False
+        self._published[name] = (now, published)
+        return published
 
     async def tags(self, name: str) -> list[str]:
         prefix = tag_key(name)

@@ -308,9 +308,14 @@ def read_source(spec: str) -> SourceImage:
     """Read a publish SOURCE: `oci:DIR[:TAG]` or `docker-archive:FILE`."""
     transport, sep, rest = spec.partition(":")
     if not sep or not rest:
-        raise SourceInvalid(f"invalid source {spec!r}: expected oci:DIR[:TAG] or docker-archive:FILE")
+        raise SourceInvalid(f"invalid source {spec!r}: expected oci:DIR[:TAG], docker-archive:FILE "
+                            "or docker://HOST/REPO:TAG")
     if transport == "oci":
         return read_oci_layout(rest)
     if transport == "docker-archive":
         return read_docker_archive(rest)
-    raise SourceInvalid(f"unsupported source transport {transport!r}: expected oci or docker-archive")
+    if transport == "docker":
+        from .upstream import import_image  # the registry client is only needed here
+
+        return import_image(spec)
+    raise SourceInvalid(f"unsupported source transport {transport!r}: expected oci, docker-archive or docker")

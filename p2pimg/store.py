@@ -86,6 +86,12 @@ class ChunkStore:
                     os.unlink(tmp)
                 raise
 
+    def write_small(self, dest: Path, data: bytes) -> None:
+        """An atomic write of a small file under the cache (caller builds `dest` from checked parts)."""
+        if self.root not in dest.parents:
+            raise CacheError(f"refusing to write outside the cache: {dest}")
+        self._write_atomic(dest, data, dest.name)
+
     # -- complete blobs ------------------------------------------------------------------
 
     def blob_path(self, digest: str) -> Path:

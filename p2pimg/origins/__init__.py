@@ -53,6 +53,14 @@ def open_origin(url: str | None, home: Path) -> Origin:
         if not parts.path:
             raise InvalidInput(f"file origin needs a directory: {url!r}")
         return FileOrigin(Path(parts.path))
-    if parts.scheme in ("storj", "s3"):
-        raise InvalidInput(f"{parts.scheme}:// origins are not available in this build yet")
-    raise InvalidInput(f"unsupported origin URL {url!r}: expected file://DIR")
+    if parts.scheme == "s3":
+        from .s3 import S3Origin  # imported here: botocore costs startup time file:// never needs
+
+        return S3Origin(url)
+    if parts.scheme == "storj":
+        from .storj import StorjOrigin  # storj-uplink is optional: import it only when asked for
+
+        return StorjOrigin.from_url(url)
+    raise InvalidInput(
+        f"unsupported origin URL {url!r}: expected file://DIR, s3://BUCKET[/PREFIX]?endpoint=URL "
+        "or storj://BUCKET[/PREFIX]")
