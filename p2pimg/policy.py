@@ -24,7 +24,7 @@ from dataclasses import dataclass
 KIND_RANK = {"peer": 0, "origin": 1, "upstream": 2}
 BAN_AFTER_BAD_CHUNKS = 3
 BACKOFF_BASE = 0.25
-BACKOFF_MAX = 30.0
+BACKOFF_MAX = 8.0
 _EWMA = 0.3
 
 
@@ -75,14 +75,18 @@ class SourceStats:
         """A chunk that did not match its CID.
 
         A peer that lies gets a long penalty and, when it repeats, a ban. An origin or upstream
-        is the authority for what it published: a bad chunk there is damage to that one object,
-        so it backs off as for an error but stays in use for everything else.
+        is the authority for what it published: a bad chunk there is damage to that one object
+        (or to one transfer), so the source stays in use at once for everything else; the
+        engine's per-chunk attempt limit ends the fetch of a damaged object.
         """
-        self.failed(now, nbytes)
         self.bad_chunks += 1
-        if self.kind == "peer":
-            self.unavailable_until = now + min(BACKOFF_MAX, 4 * BACKOFF_BASE * 2 ** self.bad_chunks)
-            self.banned = self.bad_chunks >= BAN_AFTER_BAD_CHUNKS
+        if self.kind != "peer":
+            self.in_flight -= 1
+            self.bytes += nbytes
+            return
+        self.failed(now, nbytes)
+        self.unavailable_until = now + min(BACKOFF_MAX, 4 * BACKOFF_BASE * 2 ** self.bad_chunks)
+        self.banned = self.bad_chunks >= BAN_AFTER_BAD_CHUNKS
 
 
 class SourcePolicy(abc.ABC):

@@ -94,6 +94,7 @@ def test_lying_peer_is_banned_but_origin_never() -> None:
             s.sent_bad_chunk(float(n))
     assert peer.banned and not origin.banned
     assert peer.unavailable_until > origin.unavailable_until
+    assert origin.usable(float(BAN_AFTER_BAD_CHUNKS)) and origin.in_flight == 0
 
 
 def test_policies_by_name() -> None:
