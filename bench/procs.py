@@ -61,9 +61,11 @@ def docker_registry(workdir: Path) -> Iterator[str]:
     config = workdir / "registry.yml"
     config.write_text(
         "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n"
-        f"    rootdirectory: {workdir / 'registry-data'}\nhttp:\n  addr: 127.0.0.1:{port}\n")
-    proc = subprocess.Popen(["docker-registry", "serve", str(config)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        f"    rootdirectory: {workdir / 'registry-data'}\nhttp:\n  addr: 127.0.0.1:{port}\n"
+    )
+    proc = subprocess.Popen(
+        ["docker-registry", "serve", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     with stopping(proc):
         wait_http(f"http://127.0.0.1:{port}/v2/", proc)
         yield f"127.0.0.1:{port}"
@@ -73,8 +75,12 @@ def docker_registry(workdir: Path) -> Iterator[str]:
 def p2pimg_serve(home: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     port = free_port()
     env = dict(os.environ, P2PIMG_HOME=str(home))
-    proc = subprocess.Popen([sys.executable, "-m", "p2pimg", "serve", "--listen", f"127.0.0.1:{port}"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "p2pimg", "serve", "--listen", f"127.0.0.1:{port}"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     with stopping(proc):
         wait_http(f"http://127.0.0.1:{port}/v2/", proc)
         yield f"127.0.0.1:{port}", proc
