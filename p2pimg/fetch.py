@@ -107,6 +107,7 @@ class BlobFetch:
     failures: list[int] = field(default_factory=list)
     requests: set[_Request] = field(default_factory=set)
     last_failure: P2pimgError | None = None
+    cursor: int = 0  # no chunk before this one is waiting to be requested
 
     @property
     def map(self) -> BlobMap:
@@ -239,7 +240,9 @@ class Fetcher:
         bmap, have = fetch.map, fetch.partial.have
         started = False
         now = trio.current_time()
-        i = 0
+        while fetch.cursor < bmap.count and (have[fetch.cursor] or fetch.requested[fetch.cursor]):
+            fetch.cursor += 1
+        i = fetch.cursor
         while i < bmap.count:
             if have[i] or fetch.requested[i]:
                 i += 1
@@ -381,5 +384,7 @@ class Fetcher:
                 stats.in_flight -= 1  # cancelled: says nothing about the source
             for j in range(span.first, span.end):
                 fetch.requested[j] -= 1
+            if index < span.end:  # what this request left undone may need asking for again
+                fetch.cursor = min(fetch.cursor, index)
             fetch.requests.discard(request)
             self._changed.fire()

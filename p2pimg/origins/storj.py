@@ -29,25 +29,39 @@ storj-uplink 0.2.0 has bugs that this adapter works around:
   in libuplink's handle table with its context never cancelled. Finished downloads and uploads
   are released here with `uplink_free_download_result` / `uplink_free_upload_result`. (The small
   C results of stat/info/delete still leak: the wrapper keeps no pointer to free them with.)
+- It binds none of libuplink's multipart upload functions. Blobs larger than one segment are sent
+  here as resumable multipart uploads through them directly (`_put_multipart`): one part per
+  64 MiB segment, each tagged with the SHA-256 of its bytes as its ETag, so that a later attempt
+  finds the pending upload, keeps the parts that match its source and sends only the rest.
+
+Every native function called directly is declared once, in `_signatures`, with the C signatures
+of uplink-c's exported functions and the layouts of `uplink_definitions.h` (uplink-c built with
+storj.io/uplink v1.13.1, as bundled); structures the wrapper defines are the wrapper's own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
+import hashlib
 import importlib
+import logging
 import os
 import platform
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlsplit
 
 import trio
 
-from ..errors import InvalidInput, OriginError, OriginNotFound
+from ..errors import InvalidInput, OriginError, OriginNotFound, P2pimgError, first_error
 from .base import BlobReader, Origin
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 ProjectFactory = Callable[[], Any]
 """Opens an uplink `Project` (blocking: it is called in a worker thread)."""
@@ -58,6 +72,9 @@ _PIECE = 1 << 20  # bytes per native read or write: bounds memory per call, keep
 _ERROR_BUCKET_NOT_FOUND = 0x13
 _ERROR_OBJECT_NOT_FOUND = 0x21
 _EOF = -1  # uplink-c reports io.EOF as C's EOF, with no message
+
+_MAX_PARTS = 10_000  # S3's limit on parts per upload; a blob needing more goes in a single upload
+_PARALLEL_PARTS = 2  # parts uploaded at once: memory stays at this many parts
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _COMPONENT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
@@ -155,6 +172,130 @@ def _declare(fn: Any, argtypes: list[Any], restype: Any) -> Any:
     return fn
 
 
+def _structure(name: str, fields: list[tuple[str, Any]]) -> Any:
+    return type(name, (ctypes.Structure,), {"_fields_": fields})
+
+
+@dataclass(frozen=True)
+class _MultipartTypes:
+    """uplink-c's multipart structures, which storj-uplink does not define.
+
+    Laid out as `uplink_definitions.h` has them; where one nests a structure the wrapper defines
+    (error, metadata, object), it is the wrapper's, so that functions shared with the wrapper and
+    with the other paths here (`uplink_free_error`) keep a single declaration.
+    """
+
+    part_upload: Any  # UplinkPartUpload
+    upload_iterator: Any  # UplinkUploadIterator
+    part_iterator: Any  # UplinkPartIterator
+    upload_info: Any  # UplinkUploadInfo
+    part: Any  # UplinkPart
+    list_uploads_options: Any  # UplinkListUploadsOptions
+    list_upload_parts_options: Any  # UplinkListUploadPartsOptions
+    commit_upload_options: Any  # UplinkCommitUploadOptions
+    upload_info_result: Any  # UplinkUploadInfoResult
+    part_upload_result: Any  # UplinkPartUploadResult
+    commit_upload_result: Any  # UplinkCommitUploadResult
+
+
+@functools.cache
+def _multipart_types(defs: Any) -> _MultipartTypes:
+    ptr, handle = ctypes.POINTER, [("_handle", ctypes.c_size_t)]
+    error_p = ptr(defs._Error)
+    upload_info = _structure("UplinkUploadInfo", [
+        ("upload_id", ctypes.c_char_p), ("key", ctypes.c_char_p), ("is_prefix", ctypes.c_bool),
+        ("system", defs._SystemMetadataStruct), ("custom", defs._CustomMetadataStruct)])
+    part = _structure("UplinkPart", [
+        ("part_number", ctypes.c_uint32), ("size", ctypes.c_size_t), ("modified", ctypes.c_int64),
+        # char * with a length: read as a pointer (c_char_p would stop at a NUL byte).
+        ("etag", ptr(ctypes.c_char)), ("etag_length", ctypes.c_size_t)])
+    part_upload = _structure("UplinkPartUpload", handle)
+    return _MultipartTypes(
+        part_upload=part_upload,
+        upload_iterator=_structure("UplinkUploadIterator", handle),
+        part_iterator=_structure("UplinkPartIterator", handle),
+        upload_info=upload_info,
+        part=part,
+        list_uploads_options=_structure("UplinkListUploadsOptions", [
+            ("prefix", ctypes.c_char_p), ("cursor", ctypes.c_char_p), ("recursive", ctypes.c_bool),
+            ("system", ctypes.c_bool), ("custom", ctypes.c_bool)]),
+        list_upload_parts_options=_structure("UplinkListUploadPartsOptions", [("cursor", ctypes.c_uint32)]),
+        commit_upload_options=_structure("UplinkCommitUploadOptions",
+                                         [("custom_metadata", defs._CustomMetadataStruct)]),
+        upload_info_result=_structure("UplinkUploadInfoResult",
+                                      [("info", ptr(upload_info)), ("error", error_p)]),
+        part_upload_result=_structure("UplinkPartUploadResult",
+                                      [("part_upload", ptr(part_upload)), ("error", error_p)]),
+        commit_upload_result=_structure("UplinkCommitUploadResult",
+                                        [("object", ptr(defs._ObjectStruct)), ("error", error_p)]),
+    )
+
+
+@functools.cache
+def _signatures(defs: Any) -> dict[str, tuple[list[Any], Any]]:
+    """(argtypes, restype) of every libuplink function this module calls itself, by name."""
+    t = _multipart_types(defs)
+    ptr, char_p, size_t = ctypes.POINTER, ctypes.c_char_p, ctypes.c_size_t
+    project, error, data = ptr(defs._ProjectStruct), ptr(defs._Error), ptr(ctypes.c_uint8)
+    part_upload, uploads, parts = ptr(t.part_upload), ptr(t.upload_iterator), ptr(t.part_iterator)
+    objects = ptr(defs._ObjectIterator)
+    return {
+        # download.go, upload.go
+        "uplink_download_read": ([ptr(defs._DownloadStruct), data, size_t], defs._ReadResult),
+        "uplink_upload_write": ([ptr(defs._UploadStruct), data, size_t], defs._WriteResult),
+        "uplink_free_read_result": ([defs._ReadResult], None),
+        "uplink_free_write_result": ([defs._WriteResult], None),
+        "uplink_free_download_result": ([defs._DownloadResult], None),
+        "uplink_free_upload_result": ([defs._UploadResult], None),
+        # objects.go, object.go, error.go
+        "uplink_list_objects": ([project, char_p, ptr(defs._ListObjectsOptionsStruct)], objects),
+        "uplink_object_iterator_next": ([objects], ctypes.c_bool),
+        "uplink_object_iterator_item": ([objects], ptr(defs._ObjectStruct)),
+        "uplink_object_iterator_err": ([objects], error),
+        "uplink_free_object_iterator": ([objects], None),
+        "uplink_free_object": ([ptr(defs._ObjectStruct)], None),
+        "uplink_free_error": ([error], None),
+        # multipart.go: (project, bucket, key[, upload_id], ...)
+        "uplink_begin_upload": ([project, char_p, char_p, ptr(defs._UploadOptionsStruct)],
+                                t.upload_info_result),
+        "uplink_free_upload_info_result": ([t.upload_info_result], None),
+        "uplink_commit_upload": ([project, char_p, char_p, char_p, ptr(t.commit_upload_options)],
+                                 t.commit_upload_result),
+        "uplink_free_commit_upload_result": ([t.commit_upload_result], None),
+        "uplink_abort_upload": ([project, char_p, char_p, char_p], error),
+        "uplink_upload_part": ([project, char_p, char_p, char_p, ctypes.c_uint32], t.part_upload_result),
+        "uplink_part_upload_write": ([part_upload, data, size_t], defs._WriteResult),
+        "uplink_part_upload_set_etag": ([part_upload, char_p], error),
+        "uplink_part_upload_commit": ([part_upload], error),
+        "uplink_part_upload_abort": ([part_upload], error),
+        "uplink_free_part_upload_result": ([t.part_upload_result], None),
+        "uplink_list_uploads": ([project, char_p, ptr(t.list_uploads_options)], uploads),
+        "uplink_upload_iterator_next": ([uploads], ctypes.c_bool),
+        "uplink_upload_iterator_item": ([uploads], ptr(t.upload_info)),
+        "uplink_upload_iterator_err": ([uploads], error),
+        "uplink_free_upload_iterator": ([uploads], None),
+        "uplink_free_upload_info": ([ptr(t.upload_info)], None),
+        "uplink_list_upload_parts": ([project, char_p, char_p, char_p, ptr(t.list_upload_parts_options)],
+                                     parts),
+        "uplink_part_iterator_next": ([parts], ctypes.c_bool),
+        "uplink_part_iterator_item": ([parts], ptr(t.part)),
+        "uplink_part_iterator_err": ([parts], error),
+        "uplink_free_part_iterator": ([parts], None),
+        "uplink_free_part": ([ptr(t.part)], None),
+    }
+
+
+# The functions that walk each kind of libuplink iterator: next, item, err, free it, free an item.
+_ITERATORS = {
+    "object": ("uplink_object_iterator_next", "uplink_object_iterator_item", "uplink_object_iterator_err",
+               "uplink_free_object_iterator", "uplink_free_object"),
+    "upload": ("uplink_upload_iterator_next", "uplink_upload_iterator_item", "uplink_upload_iterator_err",
+               "uplink_free_upload_iterator", "uplink_free_upload_info"),
+    "part": ("uplink_part_iterator_next", "uplink_part_iterator_item", "uplink_part_iterator_err",
+             "uplink_free_part_iterator", "uplink_free_part"),
+}
+
+
 def _c_error(err: Any) -> _NativeError:
     message = err.message.decode("utf-8", "replace") if err.message else ""
     return _NativeError(int(err.code), _first_line(message))
@@ -175,10 +316,22 @@ def parse_storj_url(url: str) -> tuple[str, str]:
     return parts.netloc, parts.path.strip("/")
 
 
+@dataclass
+class UploadStats:
+    """What this origin's blob uploads did (resumes show up as parts_reused)."""
+
+    parts_uploaded: int = 0
+    parts_reused: int = 0
+    bytes_uploaded: int = 0
+
+
 class StorjOrigin(Origin):
     # Storj splits objects into 64 MiB segments, each erasure-coded onto its own set of nodes
     # (libuplink does the splitting); spans aligned to them read from different nodes.
     segment_size = 64 << 20
+    # Blobs larger than this go up as multipart uploads, in parts of exactly this size: one
+    # segment each. (Tests lower it on an instance to exercise many parts cheaply.)
+    part_size = segment_size
 
     def __init__(self, bucket: str, prefix: str = "", *, access: str | None = None,
                  project_factory: ProjectFactory | None = None) -> None:
@@ -197,6 +350,7 @@ class StorjOrigin(Origin):
         self._open_project = project_factory
         self._project: Any = None
         self._project_lock = trio.Lock()
+        self.stats = UploadStats()
 
     @classmethod
     def from_url(cls, url: str) -> StorjOrigin:
@@ -226,9 +380,10 @@ class StorjOrigin(Origin):
                     raise self._error(exc, "open the Storj project for", None) from None
             return self._project
 
-    def _error(self, exc: BaseException, what: str, key: str | None) -> OriginError:
+    def _error(self, exc: BaseException, what: str, key: str | None, *,
+               reading: bool = True) -> OriginError:
         code, message = _native_error(exc)
-        if code == _ERROR_OBJECT_NOT_FOUND and key is not None:
+        if code == _ERROR_OBJECT_NOT_FOUND and key is not None and reading:
             return OriginNotFound(f"origin has no {key}")
         if code == _ERROR_BUCKET_NOT_FOUND:
             return OriginError(f"Storj bucket {self.bucket!r} does not exist (create it with "
@@ -242,6 +397,51 @@ class StorjOrigin(Origin):
         except Exception as exc:
             raise self._error(exc, what, key) from None
 
+    async def _call_write(self, what: str, key: str, fn: Callable[..., _T], *args: Any) -> _T:
+        """`_call` for the multipart path: 'object not found' there is a failure, not a missing key."""
+        try:
+            return await trio.to_thread.run_sync(fn, *args)
+        except OriginError:
+            raise
+        except Exception as exc:
+            raise self._error(exc, what, key, reading=False) from None
+
+    def _fn(self, lib: Any, name: str) -> Any:
+        """A libuplink function, declared as `_signatures` has it."""
+        argtypes, restype = _signatures(self._wrapper.defs)[name]
+        return _declare(getattr(lib, name), argtypes, restype)
+
+    def _check(self, lib: Any, error: Any) -> None:
+        """Raise (and free) the `UplinkError *` a libuplink function returned, if any."""
+        if error:
+            try:
+                raise _c_error(error.contents)
+            finally:
+                self._fn(lib, "uplink_free_error")(error)
+
+    def _drain(self, lib: Any, kind: str, iterator: Any, read: Callable[[Any], _T | None]) -> list[_T]:
+        """What `read` makes of each item of a libuplink iterator (blocking), then the iterator's
+        error, which only the end of the iteration tells; frees the items and the iterator."""
+        next_, item_, err_, free_iterator, free_item = (self._fn(lib, name) for name in _ITERATORS[kind])
+        if not iterator:
+            raise _NativeError(None, f"libuplink returned no {kind} iterator")
+        try:
+            values = []
+            while next_(iterator):
+                item = item_(iterator)
+                if not item:
+                    raise _NativeError(None, f"libuplink returned no {kind} from its iterator")
+                try:
+                    value = read(item.contents)
+                finally:
+                    free_item(item)
+                if value is not None:
+                    values.append(value)
+            self._check(lib, err_(iterator))
+            return values
+        finally:
+            free_iterator(iterator)
+
     def _release(self, kind: str, handle: Any) -> None:
         """Close a download or drop an upload, then free it in libuplink (blocking).
 
@@ -251,11 +451,11 @@ class StorjOrigin(Origin):
             if kind == "download":
                 handle.close()
         finally:
-            defs = self._wrapper.defs
-            result_t = defs._DownloadResult if kind == "download" else defs._UploadResult
-            free = _declare(getattr(handle.uplink.m_libuplink, f"uplink_free_{kind}_result"),
-                            [result_t], None)
-            free(result_t(**{kind: getattr(handle, kind)}))
+            defs, lib = self._wrapper.defs, handle.uplink.m_libuplink
+            if kind == "download":
+                self._fn(lib, "uplink_free_download_result")(defs._DownloadResult(download=handle.download))
+            else:
+                self._fn(lib, "uplink_free_upload_result")(defs._UploadResult(upload=handle.upload))
 
     async def _quietly(self, fn: Callable[..., Any], *args: Any) -> None:
         """Release a native handle whatever happens around us (cancellation included)."""
@@ -267,12 +467,8 @@ class StorjOrigin(Origin):
 
     def _read_native(self, download: Any, buf: Any, size: int) -> tuple[bytes, bool]:
         """Up to `size` bytes and whether the stream ended (blocking), bypassing `Download.read`."""
-        defs = self._wrapper.defs
         lib = download.uplink.m_libuplink
-        read = _declare(lib.uplink_download_read, [ctypes.POINTER(defs._DownloadStruct),
-                                                   ctypes.POINTER(ctypes.c_uint8), ctypes.c_size_t],
-                        defs._ReadResult)
-        free = _declare(lib.uplink_free_read_result, [defs._ReadResult], None)
+        read, free = self._fn(lib, "uplink_download_read"), self._fn(lib, "uplink_free_read_result")
         result = read(download.download, ctypes.cast(buf, ctypes.POINTER(ctypes.c_uint8)), size)
         try:
             n = int(result.bytes_read)
@@ -363,17 +559,16 @@ class StorjOrigin(Origin):
 
     def _write_native(self, upload: Any, data: bytes) -> None:
         """Write all of `data` to an upload (blocking), bypassing the broken `Upload.write`."""
-        defs = self._wrapper.defs
-        lib = upload.uplink.m_libuplink
-        write = _declare(lib.uplink_upload_write, [ctypes.POINTER(defs._UploadStruct),
-                                                   ctypes.POINTER(ctypes.c_uint8), ctypes.c_size_t],
-                         defs._WriteResult)
-        free = _declare(lib.uplink_free_write_result, [defs._WriteResult], None)
+        self._write_all(upload.uplink.m_libuplink, "uplink_upload_write", upload.upload, data)
+
+    def _write_all(self, lib: Any, function: str, handle: Any, data: bytes) -> None:
+        """Write all of `data` with uplink_upload_write or uplink_part_upload_write (blocking)."""
+        write, free = self._fn(lib, function), self._fn(lib, "uplink_free_write_result")
         view, done = memoryview(data), 0
         while done < len(data):
             rest = bytes(view[done:]) if done else data
             buf = ctypes.cast(ctypes.c_char_p(rest), ctypes.POINTER(ctypes.c_uint8))
-            result = write(upload.upload, buf, len(rest))
+            result = write(handle, buf, len(rest))
             try:
                 written = int(result.bytes_written)
                 if result.error:
@@ -427,11 +622,227 @@ class StorjOrigin(Origin):
         await self._upload(key, data, len(data))
 
     async def put_blob(self, key: str, open_reader: BlobReader, size: int) -> None:
-        # storj-uplink exposes no multipart upload (libuplink has it, the wrapper does not bind
-        # it), so an interrupted upload starts over; a blob already there is not sent again.
+        # A blob already there is not sent again.
         if await self._stat_size(key) == size:
             return
-        await self._upload(key, open_reader, size)
+        part_size = self.part_size
+        if size <= part_size or -(-size // part_size) > _MAX_PARTS:
+            await self._upload(key, open_reader, size)
+            self.stats.parts_uploaded += 1
+            self.stats.bytes_uploaded += size
+        else:
+            await self._put_multipart(key, open_reader, size, part_size)
+
+    # -- multipart uploads -----------------------------------------------------------------------
+    #
+    # A multipart upload stays pending, invisible to readers, until committed; its parts stay
+    # with it. Nothing here aborts it on failure or cancellation: the next attempt looks for it,
+    # keeps each part whose size and ETag (the SHA-256 of its bytes, set when it was sent) match
+    # its source, sends the others and commits. Storj commits every part of the upload, in part
+    # number order: there is no list of parts to commit as in S3.
+
+    async def _put_multipart(self, key: str, open_reader: BlobReader, size: int, part_size: int) -> None:
+        path = self._path(key)
+        count = -(-size // part_size)
+        project = await self._project_handle()
+        found = await self._find_upload(project, key, path, count)
+        if found is None:
+            upload_id, have = await self._call_write("start an upload of", key, self._begin_upload_native,
+                                                     project, path), {}
+        else:
+            upload_id, have = found
+            log.info("resuming upload of %s: %d parts already in %s", key, len(have), self.url)
+        slots = trio.Semaphore(_PARALLEL_PARTS)
+        source_error: OriginError | None = None
+
+        async def send(number: int, data: bytes, digest: str) -> None:
+            try:
+                await self._send_part(project, key, path, upload_id, number, data, digest)
+            finally:
+                slots.release()
+
+        src = await self._open_source(key, open_reader)
+        try:
+            async with trio.open_nursery() as nursery:
+                for number in range(1, count + 1):
+                    length = min(part_size, size - (number - 1) * part_size)
+                    # A slot is taken before reading, so at most `_PARALLEL_PARTS` parts are in memory.
+                    await slots.acquire()
+                    try:
+                        data, digest = await trio.to_thread.run_sync(self._read_part, key, src, length)
+                    except OriginError as exc:
+                        # Parts already on their way are let through: the next attempt keeps them.
+                        slots.release()
+                        source_error = exc
+                        break
+                    if have.get(number) == (length, digest):
+                        self.stats.parts_reused += 1
+                        slots.release()
+                        continue
+                    nursery.start_soon(send, number, data, digest)
+                    del data  # the part's memory now belongs to its upload task alone
+        except* P2pimgError as group:
+            raise first_error(group) from None
+        finally:
+            src.close()  # not in a thread: a cancelled task could not start one, and this is quick
+        if source_error is not None:
+            raise source_error
+        stored = await self._call_write("commit the upload of", key, self._commit_upload_native,
+                                        project, path, upload_id)
+        if stored != size:
+            raise OriginError(f"{key} on {self.url} has {stored} bytes after upload, expected {size}")
+
+    async def _find_upload(self, project: Any, key: str, path: str,
+                           count: int) -> tuple[str, dict[int, tuple[int, str]]] | None:
+        """The newest pending upload of exactly this key and its parts, if it can be resumed."""
+        what = "look for an upload to resume of"
+        uploads = await self._call_write(what, key, self._list_uploads_native, project, path)
+        if not uploads:
+            return None
+        # max() keeps the first of equal times; uploads started in the same second: the later listed.
+        upload_id = max(reversed(uploads), key=lambda upload: upload[0])[1]
+        try:
+            parts = await self._call_write(what, key, self._list_parts_native, project, path, upload_id)
+        except OriginError as exc:
+            if _native_error(exc.__cause__ or exc)[0] == _ERROR_OBJECT_NOT_FOUND:
+                return None  # committed or aborted meanwhile
+            raise
+        if any(not 1 <= number <= count for number in parts):
+            # Parts of another size, or a plain upload (part 0): committing it would keep them.
+            log.info("aborting an upload of %s in %s that does not fit: parts %s", key, self.url,
+                     sorted(parts))
+            with contextlib.suppress(OriginError):
+                await self._call_write("abort an upload of", key, self._abort_upload_native,
+                                       project, path, upload_id)
+            return None
+        return upload_id, parts
+
+    async def _open_source(self, key: str, open_reader: BlobReader) -> BinaryIO:
+        try:
+            return await trio.to_thread.run_sync(open_reader)
+        except OSError as exc:
+            raise OriginError(f"cannot write {key} to {self.url}: cannot open its source: {exc}") from None
+
+    def _read_part(self, key: str, src: BinaryIO, length: int) -> tuple[bytes, str]:
+        """Exactly `length` bytes of a source and the hex SHA-256 of them (blocking)."""
+        pieces, have = [], 0
+        while have < length:
+            try:
+                piece = src.read(length - have)
+            except OSError as exc:
+                raise OriginError(f"cannot write {key} to {self.url}: reading its source: {exc}") from None
+            if not piece:
+                raise OriginError(f"source for {key} ended early")
+            pieces.append(piece)
+            have += len(piece)
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        return data, hashlib.sha256(data).hexdigest()
+
+    async def _send_part(self, project: Any, key: str, path: str, upload_id: str, number: int,
+                         data: bytes, digest: str) -> None:
+        what = f"write part {number} of"
+        lib = project.uplink.m_libuplink
+        result = await self._call_write(what, key, self._begin_part_native, project, path, upload_id, number)
+        committed = False
+        try:
+            for start in range(0, len(data), _PIECE):
+                await self._call_write(what, key, self._write_all, lib, "uplink_part_upload_write",
+                                       result.part_upload, data[start:start + _PIECE])
+            await self._call_write(what, key, self._commit_part_native, lib, result.part_upload, digest)
+            committed = True
+        finally:
+            if not committed:
+                # The upload keeps no trace of an aborted part; the next attempt sends it again.
+                await self._quietly(self._check, lib, self._fn(lib, "uplink_part_upload_abort")(
+                    result.part_upload)) if False else await self._quietly(
+                    self._abort_part_native, lib, result.part_upload)
+            await self._quietly(self._fn(lib, "uplink_free_part_upload_result"), result)
+        self.stats.parts_uploaded += 1
+        self.stats.bytes_uploaded += len(data)
+
+    # Blocking calls into libuplink for the multipart path (run them in a worker thread).
+
+    def _begin_upload_native(self, project: Any, path: str) -> str:
+        lib = project.uplink.m_libuplink
+        result = self._fn(lib, "uplink_begin_upload")(project.project, self.bucket.encode(), path.encode(), None)
+        try:
+            if result.error:
+                raise _c_error(result.error.contents)
+            if not result.info or not result.info.contents.upload_id:
+                raise _NativeError(None, "libuplink began an upload without an upload ID")
+            return str(result.info.contents.upload_id.decode("ascii"))
+        finally:
+            self._fn(lib, "uplink_free_upload_info_result")(result)
+
+    def _list_uploads_native(self, project: Any, path: str) -> list[tuple[int, str]]:
+        """(creation time, upload ID) of the pending uploads of exactly `path`."""
+        lib = project.uplink.m_libuplink
+        # A prefix without a trailing slash lists the pending uploads of exactly that key.
+        options = _multipart_types(self._wrapper.defs).list_uploads_options(path.encode(), b"", True, True,
+                                                                              False)
+        iterator = self._fn(lib, "uplink_list_uploads")(project.project, self.bucket.encode(),
+                                                       ctypes.byref(options))
+
+        def upload(info: Any) -> tuple[int, str] | None:
+            if info.is_prefix or not info.upload_id or info.key != path.encode():
+                return None
+            return int(info.system.created), str(info.upload_id.decode("ascii"))
+
+        return self._drain(lib, "upload", iterator, upload)
+
+    def _list_parts_native(self, project: Any, path: str, upload_id: str) -> dict[int, tuple[int, str]]:
+        """Part number -> (size, ETag) of the parts an upload holds."""
+        lib = project.uplink.m_libuplink
+        options = _multipart_types(self._wrapper.defs).list_upload_parts_options(0)
+        iterator = self._fn(lib, "uplink_list_upload_parts")(
+            project.project, self.bucket.encode(), path.encode(), upload_id.encode(), ctypes.byref(options))
+
+        def part(info: Any) -> tuple[int, int, str]:
+            etag = ctypes.string_at(info.etag, info.etag_length) if info.etag else b""
+            return int(info.part_number), int(info.size), etag.decode("ascii", "replace")
+
+        return {number: (size, etag) for number, size, etag in self._drain(lib, "part", iterator, part)}
+
+    def _begin_part_native(self, project: Any, path: str, upload_id: str, number: int) -> Any:
+        """The `UplinkPartUploadResult` of a new part upload (free it when done with it)."""
+        lib = project.uplink.m_libuplink
+        result = self._fn(lib, "uplink_upload_part")(project.project, self.bucket.encode(), path.encode(),
+                                                     upload_id.encode(), number)
+        if result.error or not result.part_upload:
+            # On failure uplink-c v1.13 still hands out a handle, with no part upload behind it:
+            # any call on it but the free would crash the process.
+            error = (_c_error(result.error.contents) if result.error
+                     else _NativeError(None, "libuplink returned no part upload"))
+            self._fn(lib, "uplink_free_part_upload_result")(result)
+            raise error
+        return result
+
+    def _commit_part_native(self, lib: Any, part_upload: Any, digest: str) -> None:
+        # The ETag goes before the commit: libuplink stores it with the part's last segment.
+        self._check(lib, self._fn(lib, "uplink_part_upload_set_etag")(part_upload, digest.encode()))
+        self._check(lib, self._fn(lib, "uplink_part_upload_commit")(part_upload))
+
+    def _abort_part_native(self, lib: Any, part_upload: Any) -> None:
+        self._check(lib, self._fn(lib, "uplink_part_upload_abort")(part_upload))
+
+    def _commit_upload_native(self, project: Any, path: str, upload_id: str) -> int:
+        """Commit an upload; the size of the object it made."""
+        lib = project.uplink.m_libuplink
+        result = self._fn(lib, "uplink_commit_upload")(project.project, self.bucket.encode(), path.encode(),
+                                                       upload_id.encode(), None)
+        try:
+            if result.error:
+                raise _c_error(result.error.contents)
+            if not result.object:
+                raise _NativeError(None, "libuplink committed the upload but returned no object")
+            return int(result.object.contents.system.content_length)
+        finally:
+            self._fn(lib, "uplink_free_commit_upload_result")(result)
+
+    def _abort_upload_native(self, project: Any, path: str, upload_id: str) -> None:
+        lib = project.uplink.m_libuplink
+        self._check(lib, self._fn(lib, "uplink_abort_upload")(project.project, self.bucket.encode(),
+                                                              path.encode(), upload_id.encode()))
 
     async def delete(self, key: str) -> None:
         path = self._path(key)
@@ -451,43 +862,14 @@ class StorjOrigin(Origin):
         """Keys under `prefix` (blocking), with the iterator's error checked after the last item."""
         defs = self._wrapper.defs
         lib = project.uplink.m_libuplink
-        ptr = ctypes.POINTER
-        iterator_t, object_t, error_t = (ptr(defs._ObjectIterator), ptr(defs._ObjectStruct),
-                                         ptr(defs._Error))
-        list_objects = _declare(lib.uplink_list_objects, [ptr(defs._ProjectStruct), ctypes.c_char_p,
-                                                          ptr(defs._ListObjectsOptionsStruct)], iterator_t)
-        next_ = _declare(lib.uplink_object_iterator_next, [iterator_t], ctypes.c_bool)
-        item_ = _declare(lib.uplink_object_iterator_item, [iterator_t], object_t)
-        err_ = _declare(lib.uplink_object_iterator_err, [iterator_t], error_t)
-        free_iterator = _declare(lib.uplink_free_object_iterator, [iterator_t], None)
-        free_object = _declare(lib.uplink_free_object, [object_t], None)
-        free_error = _declare(lib.uplink_free_error, [error_t], None)
-
         options = defs._ListObjectsOptionsStruct(prefix.encode(), b"", True, False, False)
-        iterator = list_objects(project.project, self.bucket.encode(), ctypes.byref(options))
-        if not iterator:
-            raise _NativeError(None, "libuplink returned no object iterator")
-        try:
-            keys = []
-            while next_(iterator):
-                item = item_(iterator)
-                if not item:
-                    raise _NativeError(None, "libuplink returned no object from its iterator")
-                try:
-                    if not item.contents.is_prefix:
-                        keys.append(item.contents.key.decode("utf-8"))
-                finally:
-                    free_object(item)
-            # Only now does the iterator know whether the listing stopped early.
-            error = err_(iterator)
-            if error:
-                try:
-                    raise _c_error(error.contents)
-                finally:
-                    free_error(error)
-            return keys
-        finally:
-            free_iterator(iterator)
+        iterator = self._fn(lib, "uplink_list_objects")(project.project, self.bucket.encode(),
+                                                       ctypes.byref(options))
+
+        def key(obj: Any) -> str | None:
+            return None if obj.is_prefix else str(obj.key.decode("utf-8"))
+
+        return self._drain(lib, "object", iterator, key)
 
     async def list(self, prefix: str) -> list[str]:
         if not prefix.endswith("/"):

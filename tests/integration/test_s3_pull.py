@@ -241,7 +241,12 @@ def test_kill_9_then_resume_fetches_only_the_rest(
     # Chunk i is [i MiB, (i+1) MiB) of the layer; the last one is short.
     kept = sum(min(1 << 20, layer_size - (i << 20)) for i, flag in enumerate(flags) if flag == 1)
     assert 7 << 20 < kept < layer_size
-    before = proxy.stats()["body_bytes"]
+    # The proxy may still be pushing bytes at the dead process's sockets: wait until it stops.
+    before, deadline = -1, time.monotonic() + 20
+    while (now := proxy.stats()["body_bytes"]) != before:
+        assert time.monotonic() < deadline, "the proxy kept sending to a dead process"
+        before = now
+        time.sleep(0.5)
 
     survivor, host = serve(home, s3_url(bucket, proxy.endpoint), tmp_path / "logs", "survivor")
     try:
