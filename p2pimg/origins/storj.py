@@ -646,9 +646,10 @@ class StorjOrigin(Origin):
         count = -(-size // part_size)
         project = await self._project_handle()
         found = await self._find_upload(project, key, path, count)
+        have: dict[int, tuple[int, str]] = {}
         if found is None:
-            upload_id, have = await self._call_write("start an upload of", key, self._begin_upload_native,
-                                                     project, path), {}
+            upload_id = await self._call_write("start an upload of", key, self._begin_upload_native,
+                                               project, path)
         else:
             upload_id, have = found
             log.info("resuming upload of %s: %d parts already in %s", key, len(have), self.url)
@@ -699,14 +700,11 @@ class StorjOrigin(Origin):
         uploads = await self._call_write(what, key, self._list_uploads_native, project, path)
         if not uploads:
             return None
-        # max() keeps the first of equal times; uploads started in the same second: the later listed.
+        # The newest; of uploads started in the same second, the one listed last (max keeps the first).
         upload_id = max(reversed(uploads), key=lambda upload: upload[0])[1]
-        try:
-            parts = await self._call_write(what, key, self._list_parts_native, project, path, upload_id)
-        except OriginError as exc:
-            if _native_error(exc.__cause__ or exc)[0] == _ERROR_OBJECT_NOT_FOUND:
-                return None  # committed or aborted meanwhile
-            raise
+        parts = await self._call_write(what, key, self._list_parts_native, project, path, upload_id)
+        if parts is None:
+            return None  # committed or aborted meanwhile
         if any(not 1 <= number <= count for number in parts):
             # Parts of another size, or a plain upload (part 0): committing it would keep them.
             log.info("aborting an upload of %s in %s that does not fit: parts %s", key, self.url,
@@ -753,10 +751,8 @@ class StorjOrigin(Origin):
         finally:
             if not committed:
                 # The upload keeps no trace of an aborted part; the next attempt sends it again.
-                await self._quietly(self._check, lib, self._fn(lib, "uplink_part_upload_abort")(
-                    result.part_upload)) if False else await self._quietly(
-                    self._abort_part_native, lib, result.part_upload)
-            await self._quietly(self._fn(lib, "uplink_free_part_upload_result"), result)
+                await self._quietly(self._abort_part_native, lib, result.part_upload)
+            await self._quietly(self._free_part_native, lib, result)
         self.stats.parts_uploaded += 1
         self.stats.bytes_uploaded += len(data)
 
@@ -764,7 +760,8 @@ class StorjOrigin(Origin):
 
     def _begin_upload_native(self, project: Any, path: str) -> str:
         lib = project.uplink.m_libuplink
-        result = self._fn(lib, "uplink_begin_upload")(project.project, self.bucket.encode(), path.encode(), None)
+        result = self._fn(lib, "uplink_begin_upload")(project.project, self.bucket.encode(), path.encode(),
+                                                      None)
         try:
             if result.error:
                 raise _c_error(result.error.contents)
@@ -790,8 +787,9 @@ class StorjOrigin(Origin):
 
         return self._drain(lib, "upload", iterator, upload)
 
-    def _list_parts_native(self, project: Any, path: str, upload_id: str) -> dict[int, tuple[int, str]]:
-        """Part number -> (size, ETag) of the parts an upload holds."""
+    def _list_parts_native(self, project: Any, path: str,
+                           upload_id: str) -> dict[int, tuple[int, str]] | None:
+        """Part number -> (size, ETag) of the parts an upload holds; None if it is gone."""
         lib = project.uplink.m_libuplink
         options = _multipart_types(self._wrapper.defs).list_upload_parts_options(0)
         iterator = self._fn(lib, "uplink_list_upload_parts")(
@@ -801,7 +799,13 @@ class StorjOrigin(Origin):
             etag = ctypes.string_at(info.etag, info.etag_length) if info.etag else b""
             return int(info.part_number), int(info.size), etag.decode("ascii", "replace")
 
-        return {number: (size, etag) for number, size, etag in self._drain(lib, "part", iterator, part)}
+        try:
+            parts = self._drain(lib, "part", iterator, part)
+        except _NativeError as exc:
+            if exc.code == _ERROR_OBJECT_NOT_FOUND:
+                return None
+            raise
+        return {number: (size, etag) for number, size, etag in parts}
 
     def _begin_part_native(self, project: Any, path: str, upload_id: str, number: int) -> Any:
         """The `UplinkPartUploadResult` of a new part upload (free it when done with it)."""
@@ -813,7 +817,7 @@ class StorjOrigin(Origin):
             # any call on it but the free would crash the process.
             error = (_c_error(result.error.contents) if result.error
                      else _NativeError(None, "libuplink returned no part upload"))
-            self._fn(lib, "uplink_free_part_upload_result")(result)
+            self._free_part_native(lib, result)
             raise error
         return result
 
@@ -824,6 +828,9 @@ class StorjOrigin(Origin):
 
     def _abort_part_native(self, lib: Any, part_upload: Any) -> None:
         self._check(lib, self._fn(lib, "uplink_part_upload_abort")(part_upload))
+
+    def _free_part_native(self, lib: Any, result: Any) -> None:
+        self._fn(lib, "uplink_free_part_upload_result")(result)
 
     def _commit_upload_native(self, project: Any, path: str, upload_id: str) -> int:
         """Commit an upload; the size of the object it made."""

@@ -20,6 +20,8 @@ import shutil
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -53,7 +55,16 @@ from p2pimg.upstream import (
 )
 
 if TYPE_CHECKING:
-    from conftest import Containerd, Podman, PushReference, Registry, Sample, SampleCache, Skopeo
+    from conftest import (
+        Containerd,
+        P2pimgServe,
+        Podman,
+        PushReference,
+        Registry,
+        Sample,
+        SampleCache,
+        Skopeo,
+    )
 
 USER, PASSWORD = "alice", "wonderland-7"
 SERVICE, ISSUER = "p2pimg-test-registry", "p2pimg-test-token-issuer"
@@ -732,3 +743,31 @@ def test_podman_pulls_through_generated_registries_conf(
     run_command([*podman.argv(root), "pull", "--signature-policy", str(podman.config.policy), ref], env=env)
     out = run_command([*podman.argv(root), "image", "inspect", ref], env=env).stdout
     assert json.loads(out)[0]["Digest"] == sample.image.top_digest
+
+
+def test_mirror_with_basic_auth(basic_registry: AuthRegistry, samples: SampleCache, skopeo: Skopeo,
+                                p2pimg_serve: P2pimgServe, tmp_path: Path,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve --upstream` takes the registry credentials from the Docker config, and without
+    them refuses clearly instead of serving anything."""
+    sample = samples.one_layer
+    config_dir = tmp_path / "docker"
+    config_dir.mkdir()
+    write_docker_config(config_dir / "config.json", basic_registry.host, auth_entry())
+    monkeypatch.setenv("DOCKER_CONFIG", str(config_dir))
+    server = p2pimg_serve(tmp_path / "home", extra_args=["--upstream", basic_registry.url])
+    dest = tmp_path / "out"
+    skopeo("copy", "--src-tls-verify=false", "--preserve-digests",
+           f"docker://{server.host}/private/one-layer:{sample.tag}", f"oci:{dest}:x")
+    assert json.loads((dest / "index.json").read_text())["manifests"][0]["digest"] == \
+        digest_of(sample.top_manifest()[1])
+
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "empty-docker-config"))
+    anonymous = p2pimg_serve(tmp_path / "home2", extra_args=["--upstream", basic_registry.url])
+    url = f"http://{anonymous.host}/v2/private/one-layer/manifests/{sample.tag}"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        opener.open(url, timeout=30)
+    error = json.loads(refused.value.read())["errors"][0]
+    assert refused.value.code == 502 and error["code"] == "DENIED"
+    assert basic_registry.host in error["message"] and "credentials" in error["message"].lower()
