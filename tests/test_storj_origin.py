@@ -3,8 +3,12 @@
 The adapter's calls go through the installed wrapper's own Project / Download / Upload code, so
 its quirks happen for real; only the native library underneath is emulated, at the C ABI the
 wrapper uses (the ctypes result structures of storj_uplink.module_def, filled from a dict of
-objects). Contract tests check that everything the adapter and the fake use exists in the
-installed wrapper and in its bundled libuplink.so. The live test needs a real Storj project.
+objects), multipart uploads included (with the structures the adapter declares for them). Every
+call into the fake is checked against the argtypes/restype declared for it, as ctypes would.
+Contract tests check that everything the adapter and the fake use exists in the installed wrapper
+and in its bundled libuplink.so, that the adapter's declarations match uplink-c's C definitions,
+and call the real library's multipart functions (on invalid handles: no network). The live tests
+need a real Storj project.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import inspect
 import io
 import itertools
 import os
+import re
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -68,7 +73,12 @@ def _struct(arg: Any) -> Any:
 
 
 class _Fn:
-    """A native function: callable, and takes the argtypes/restype the wrapper assigns."""
+    """A native function: callable, and takes the argtypes/restype the wrapper assigns.
+
+    Once declared, each call is checked as ctypes would check it (each argument must convert to
+    its declared type) and the fake's result must be of the declared result type, so the fake
+    and the declarations cannot drift apart silently.
+    """
 
     def __init__(self, lib: FakeLibuplink, name: str, impl: Callable[..., Any]) -> None:
         self.lib, self.name, self.impl = lib, name, impl
@@ -77,7 +87,23 @@ class _Fn:
 
     def __call__(self, *args: Any) -> Any:
         self.lib.calls.append(self.name)
-        return self.impl(*args)
+        argtypes, restype = self.argtypes, self.restype
+        if argtypes is not None:
+            if len(args) != len(argtypes):
+                self.lib.problem(f"{self.name}: called with {len(args)} arguments, declared {len(argtypes)}")
+            for i, (argtype, arg) in enumerate(zip(argtypes, args, strict=False), 1):
+                try:
+                    argtype.from_param(arg)
+                except TypeError as exc:
+                    self.lib.problem(f"{self.name}: argument {i} ({arg!r}) is no {argtype.__name__}: {exc}")
+        result = self.impl(*args)
+        if argtypes is not None:
+            fits = (result is None if restype is None
+                    else isinstance(result, bool) if restype is ctypes.c_bool
+                    else isinstance(result, restype))
+            if not fits:
+                self.lib.problem(f"{self.name}: the fake returned {result!r}, declared {restype!r}")
+        return result
 
 
 class FakeLibuplink:
@@ -99,6 +125,15 @@ class FakeLibuplink:
         self.downloads: dict[int, dict[str, Any]] = {}
         self.uploads: dict[int, dict[str, Any]] = {}
         self.iterators: dict[int, dict[str, Any]] = {}
+        # Multipart: upload ID -> {"key", "created", "state", "parts": {number: {"data", "etag"}}}
+        self.mp = storj_module._multipart_types(md)
+        self.pending: dict[str, dict[str, Any]] = {}
+        self.part_uploads: dict[int, dict[str, Any]] = {}
+        self.part_writes: list[tuple[int, int]] = []  # (part number, bytes) per part write call
+        self.upload_listings: list[str] = []  # prefix per uplink_list_uploads
+        self.commit_extra = b""  # bytes a multipart commit adds (to fake a wrong result)
+        self.clock = 1_700_000_000  # creation times of uploads, one second apart
+        self.problems: list[str] = []  # misuse of the C API, reported by the fixture
         self.freed: collections.Counter[str] = collections.Counter()
         self.projects_closed = 0
         self._ids = itertools.count(1)
@@ -144,6 +179,11 @@ class FakeLibuplink:
 
     def _null_error(self) -> Any:
         return ctypes.POINTER(self.md._Error)()
+
+    def problem(self, message: str) -> None:
+        """Record a misuse (the adapter may turn the exception into an OriginError), then raise."""
+        self.problems.append(message)
+        raise AssertionError(message)
 
     # the functions
 
@@ -285,7 +325,7 @@ class FakeLibuplink:
         return self._error(*s["error"]) if s["error"] is not None else self._null_error()
 
     def _uplink_free_object_iterator(self, iterator: Any) -> None:
-        self.freed["iterator"] += 1
+        self._free_iterator(iterator)
 
     def _uplink_free_object(self, obj: Any) -> None:
         self.freed["object"] += 1
@@ -311,7 +351,231 @@ class FakeLibuplink:
 
     def all_released(self) -> bool:
         return (all(d["closed"] and d.get("freed") for d in self.downloads.values())
-                and all(u.get("freed") for u in self.uploads.values()))
+                and all(u.get("freed") for u in self.uploads.values())
+                and all(p.get("freed") for p in self.part_uploads.values())
+                and all(i.get("freed") for i in self.iterators.values()))
+
+    def _free_iterator(self, iterator: Any) -> None:
+        s = self.iterators[iterator.contents._handle]
+        if s.get("freed"):
+            self.problem("iterator freed twice")
+        s["freed"] = True
+        self.freed["iterator"] += 1
+
+    # multipart uploads (multipart.go)
+
+    def add_pending(self, key: str, parts: dict[int, bytes], etag: Callable[[bytes], bytes | None]) -> str:
+        """A pending upload as an earlier attempt (or another tool) would have left it."""
+        upload_id = f"Upl{next(self._ids)}"
+        self.pending[upload_id] = {"key": key, "created": self.clock, "state": "pending",
+                                   "parts": {n: {"data": d, "etag": etag(d)} for n, d in parts.items()}}
+        self.clock += 1
+        return upload_id
+
+    def _upload_info(self, upload_id: str, system: bool = True) -> Any:
+        u = self.pending[upload_id]
+        created = u["created"] if system else 0
+        return self._keep_ptr(self.mp.upload_info(upload_id.encode(), u["key"].encode(), False,
+                                                  self.md._SystemMetadataStruct(created, 0, 0),
+                                                  self.md._CustomMetadataStruct()))
+
+    def _pending(self, upload_id: Any, key: Any) -> tuple[dict[str, Any] | None, Any]:
+        u = self.pending.get(_text(upload_id))
+        if u is None or u["state"] != "pending" or u["key"] != _text(key):
+            return None, self._error(0x21, f"uplink: object not found (\"{_text(key)}\")\n\tstack")
+        return u, None
+
+    def _uplink_begin_upload(self, project: Any, bucket: Any, key: Any, options: Any) -> Any:
+        error = self._failure("uplink_begin_upload")
+        if error is None and _text(bucket) != BUCKET:
+            error = self._error(0x13, "uplink: bucket not found")
+        if error is not None:  # uplink-c v1.13 returns an empty info along with the error
+            return self.mp.upload_info_result(info=self._keep_ptr(self.mp.upload_info()), error=error)
+        upload_id = self.add_pending(_text(key), {}, lambda _data: None)
+        return self.mp.upload_info_result(info=self._upload_info(upload_id))
+
+    def _uplink_free_upload_info_result(self, result: Any) -> None:
+        self.freed["upload_info_result"] += 1
+
+    def _uplink_free_upload_info(self, info: Any) -> None:
+        self.freed["upload_info"] += 1
+
+    def _uplink_list_uploads(self, project: Any, bucket: Any, options: Any) -> Any:
+        opts = _struct(options)
+        prefix = opts.prefix.decode() if opts is not None and opts.prefix else ""
+        self.upload_listings.append(prefix)
+
+        # Like uplink v1.13: a prefix without a trailing slash lists exactly that key; an upload
+        # shows once it has a committed part.
+        def listed(u: dict[str, Any]) -> bool:
+            exact = prefix and not prefix.endswith("/")
+            return (u["key"] == prefix if exact else u["key"].startswith(prefix)) and bool(u["parts"])
+
+        state: dict[str, Any] = {"kind": "upload", "i": -1, "error": None,
+                                 "system": bool(opts is not None and opts.system),
+                                 "keys": [i for i, u in self.pending.items()
+                                          if u["state"] == "pending" and listed(u)]}
+        if _text(bucket) != BUCKET:
+            state["error"] = (0x13, "uplink: bucket not found")
+        elif "uplink_list_uploads" in self.fail:
+            state["error"] = self.fail["uplink_list_uploads"]
+        handle = next(self._ids)
+        self.iterators[handle] = state
+        return self._keep_ptr(self.mp.upload_iterator(handle))
+
+    def _next(self, iterator: Any) -> bool:
+        s = self.iterators[iterator.contents._handle]
+        if s["error"] is not None:
+            return False
+        s["i"] += 1
+        return bool(s["i"] < len(s["keys"]))
+
+    def _uplink_upload_iterator_next(self, iterator: Any) -> bool:
+        return self._next(iterator)
+
+    def _uplink_upload_iterator_item(self, iterator: Any) -> Any:
+        s = self.iterators[iterator.contents._handle]
+        return self._upload_info(s["keys"][s["i"]], s["system"])
+
+    def _uplink_upload_iterator_err(self, iterator: Any) -> Any:
+        s = self.iterators[iterator.contents._handle]
+        return self._error(*s["error"]) if s["error"] is not None else self._null_error()
+
+    def _uplink_free_upload_iterator(self, iterator: Any) -> None:
+        self._free_iterator(iterator)
+
+    def _uplink_list_upload_parts(self, project: Any, bucket: Any, key: Any, upload_id: Any,
+                                  options: Any) -> Any:
+        u, _ = self._pending(upload_id, key)
+        state: dict[str, Any] = {"kind": "part", "i": -1, "error": None,
+                                 "keys": sorted(u["parts"]) if u is not None else [], "upload": u}
+        if "uplink_list_upload_parts" in self.fail:
+            state["error"] = self.fail["uplink_list_upload_parts"]
+        elif u is None:
+            state["error"] = (0x21, f"uplink: object not found (\"{_text(key)}\")")
+        handle = next(self._ids)
+        self.iterators[handle] = state
+        return self._keep_ptr(self.mp.part_iterator(handle))
+
+    def _uplink_part_iterator_next(self, iterator: Any) -> bool:
+        return self._next(iterator)
+
+    def _uplink_part_iterator_item(self, iterator: Any) -> Any:
+        s = self.iterators[iterator.contents._handle]
+        number = s["keys"][s["i"]]
+        part = s["upload"]["parts"][number]
+        etag = part["etag"]
+        etag_p = ctypes.POINTER(ctypes.c_char)()
+        if etag is not None:
+            buf = ctypes.create_string_buffer(etag)
+            self._keep.append(buf)
+            etag_p = ctypes.cast(buf, ctypes.POINTER(ctypes.c_char))
+        return self._keep_ptr(self.mp.part(number, len(part["data"]), self.clock, etag_p,
+                                           len(etag) if etag is not None else 0))
+
+    def _uplink_part_iterator_err(self, iterator: Any) -> Any:
+        s = self.iterators[iterator.contents._handle]
+        return self._error(*s["error"]) if s["error"] is not None else self._null_error()
+
+    def _uplink_free_part_iterator(self, iterator: Any) -> None:
+        self._free_iterator(iterator)
+
+    def _uplink_free_part(self, part: Any) -> None:
+        self.freed["part"] += 1
+
+    def _uplink_upload_part(self, project: Any, bucket: Any, key: Any, upload_id: Any, number: Any) -> Any:
+        error = self._failure("uplink_upload_part")
+        handle = next(self._ids)
+        # uplink-c v1.13 hands out a handle even on failure, with no part upload behind it.
+        self.part_uploads[handle] = {"upload": _text(upload_id), "key": _text(key), "number": _int(number),
+                                     "data": bytearray(), "etag": None, "state": "open",
+                                     "broken": error is not None}
+        return self.mp.part_upload_result(part_upload=self._keep_ptr(self.mp.part_upload(handle)),
+                                          error=error)
+
+    def _part_upload(self, part_upload: Any) -> dict[str, Any]:
+        p = self.part_uploads[part_upload.contents._handle]
+        if p["broken"] or p.get("freed"):
+            self.problem("part upload used after a failed uplink_upload_part or after its free: "
+                         "libuplink v1.13 would crash")
+        return p
+
+    def _uplink_part_upload_write(self, part_upload: Any, buf: Any, size: Any) -> Any:
+        p = self._part_upload(part_upload)
+        if not isinstance(buf, ctypes._Pointer):
+            self.problem(f"part write got {buf!r}, not a pointer to the data")
+        n = _int(size)
+        error = self._failure("uplink_part_upload_write")
+        if error is None and p["state"] != "open":
+            error = self._error(0x22, "uplink: upload done")
+        if error is not None:
+            return self.md._WriteResult(0, error)
+        if self.write_limit is not None:
+            n = min(n, self.write_limit)
+        p["data"] += ctypes.string_at(buf, n)
+        self.part_writes.append((p["number"], n))
+        return self.md._WriteResult(n)
+
+    def _uplink_part_upload_set_etag(self, part_upload: Any, etag: Any) -> Any:
+        p = self._part_upload(part_upload)
+        if p["etag"] is not None:
+            return self._error(0x02, "uplink: etag already set")
+        if p["state"] != "open":
+            return self._error(0x22, "uplink: upload done")
+        p["etag"] = etag.value if isinstance(etag, ctypes.c_char_p) else bytes(etag)
+        return self._null_error()
+
+    def _uplink_part_upload_commit(self, part_upload: Any) -> Any:
+        p = self._part_upload(part_upload)
+        if p["state"] != "open":
+            return self._error(0x22, "uplink: upload done: already " + p["state"])
+        p["state"] = "committed"  # libuplink: a failed commit still ends the part upload
+        error = self._failure("uplink_part_upload_commit")
+        if error is not None:
+            return error
+        u = self.pending.get(p["upload"])
+        if u is None or u["state"] != "pending":
+            return self._error(0x02, "uplink: metaclient: pending object missing")
+        u["parts"][p["number"]] = {"data": bytes(p["data"]), "etag": p["etag"]}
+        return self._null_error()
+
+    def _uplink_part_upload_abort(self, part_upload: Any) -> Any:
+        p = self._part_upload(part_upload)
+        if p["state"] != "open":
+            return self._error(0x22, "uplink: upload done: already " + p["state"])
+        p["state"] = "aborted"
+        return self._null_error()
+
+    def _uplink_free_part_upload_result(self, result: Any) -> None:
+        if result.part_upload:
+            p = self.part_uploads[result.part_upload.contents._handle]
+            if p.get("freed"):
+                self.problem("part upload freed twice")
+            p["freed"] = True
+        self.freed["part_upload_result"] += 1
+
+    def _uplink_commit_upload(self, project: Any, bucket: Any, key: Any, upload_id: Any, options: Any) -> Any:
+        error = self._failure("uplink_commit_upload")
+        u, missing = self._pending(upload_id, key)
+        if error is None:
+            error = missing
+        if error is not None or u is None:
+            return self.mp.commit_upload_result(error=error)
+        # Storj commits every segment of the upload, in (part, index) order.
+        k = _text(key)
+        self.objects[k] = b"".join(u["parts"][n]["data"] for n in sorted(u["parts"])) + self.commit_extra
+        u["state"] = "committed"
+        return self.mp.commit_upload_result(object=self._object(k))
+
+    def _uplink_free_commit_upload_result(self, result: Any) -> None:
+        self.freed["commit_upload_result"] += 1
+
+    def _uplink_abort_upload(self, project: Any, bucket: Any, key: Any, upload_id: Any) -> Any:
+        u, error = self._pending(upload_id, key)
+        if u is None:
+            return error
+        u["state"] = "aborted"
+        return self._null_error()
 
     def _uplink_close_project(self, project: Any) -> Any:
         self.projects_closed += 1
@@ -332,8 +596,10 @@ class FakeLibuplink:
 
 
 @pytest.fixture
-def fake() -> FakeLibuplink:
-    return FakeLibuplink(_wrapper().defs)
+def fake() -> Iterator[FakeLibuplink]:
+    lib = FakeLibuplink(_wrapper().defs)
+    yield lib
+    assert not lib.problems
 
 
 @pytest.fixture
@@ -463,6 +729,190 @@ def test_wrapper_has_no_multipart_binding() -> None:
     bound = {name for name in dir(Project) if not name.startswith("_")}
     assert not bound & {"begin_upload", "upload_part", "commit_upload", "list_uploads",
                         "list_upload_parts", "abort_upload"}
+
+
+# uplink-c's exported prototypes (multipart.go, upload.go, download.go, objects.go, error.go) as the
+# C header cgo generates for them spells them, for the uplink-c built with storj.io/uplink v1.13.1.
+# `void *` data pointers are declared as `uint8_t *` (any data pointer converts to void *).
+C_PROTOTYPES = """
+UplinkReadResult uplink_download_read(UplinkDownload *, uint8_t *, size_t)
+UplinkWriteResult uplink_upload_write(UplinkUpload *, uint8_t *, size_t)
+void uplink_free_read_result(UplinkReadResult)
+void uplink_free_write_result(UplinkWriteResult)
+void uplink_free_download_result(UplinkDownloadResult)
+void uplink_free_upload_result(UplinkUploadResult)
+UplinkObjectIterator * uplink_list_objects(UplinkProject *, char *, UplinkListObjectsOptions *)
+bool uplink_object_iterator_next(UplinkObjectIterator *)
+UplinkObject * uplink_object_iterator_item(UplinkObjectIterator *)
+UplinkError * uplink_object_iterator_err(UplinkObjectIterator *)
+void uplink_free_object_iterator(UplinkObjectIterator *)
+void uplink_free_object(UplinkObject *)
+void uplink_free_error(UplinkError *)
+UplinkUploadInfoResult uplink_begin_upload(UplinkProject *, char *, char *, UplinkUploadOptions *)
+void uplink_free_upload_info_result(UplinkUploadInfoResult)
+UplinkCommitUploadResult uplink_commit_upload(UplinkProject *, char *, char *, char *,
+                                              UplinkCommitUploadOptions *)
+void uplink_free_commit_upload_result(UplinkCommitUploadResult)
+UplinkError * uplink_abort_upload(UplinkProject *, char *, char *, char *)
+UplinkPartUploadResult uplink_upload_part(UplinkProject *, char *, char *, char *, uint32_t)
+UplinkWriteResult uplink_part_upload_write(UplinkPartUpload *, uint8_t *, size_t)
+UplinkError * uplink_part_upload_set_etag(UplinkPartUpload *, char *)
+UplinkError * uplink_part_upload_commit(UplinkPartUpload *)
+UplinkError * uplink_part_upload_abort(UplinkPartUpload *)
+void uplink_free_part_upload_result(UplinkPartUploadResult)
+UplinkUploadIterator * uplink_list_uploads(UplinkProject *, char *, UplinkListUploadsOptions *)
+bool uplink_upload_iterator_next(UplinkUploadIterator *)
+UplinkUploadInfo * uplink_upload_iterator_item(UplinkUploadIterator *)
+UplinkError * uplink_upload_iterator_err(UplinkUploadIterator *)
+void uplink_free_upload_iterator(UplinkUploadIterator *)
+void uplink_free_upload_info(UplinkUploadInfo *)
+UplinkPartIterator * uplink_list_upload_parts(UplinkProject *, char *, char *, char *,
+                                              UplinkListUploadPartsOptions *)
+bool uplink_part_iterator_next(UplinkPartIterator *)
+UplinkPart * uplink_part_iterator_item(UplinkPartIterator *)
+UplinkError * uplink_part_iterator_err(UplinkPartIterator *)
+void uplink_free_part_iterator(UplinkPartIterator *)
+void uplink_free_part(UplinkPart *)
+"""
+
+# The wrapper's names for uplink-c's structures.
+_WRAPPER_STRUCTS = {
+    "_ProjectStruct": "UplinkProject", "_DownloadStruct": "UplinkDownload", "_UploadStruct": "UplinkUpload",
+    "_Error": "UplinkError", "_ReadResult": "UplinkReadResult", "_WriteResult": "UplinkWriteResult",
+    "_DownloadResult": "UplinkDownloadResult", "_UploadResult": "UplinkUploadResult",
+    "_ObjectStruct": "UplinkObject", "_ObjectIterator": "UplinkObjectIterator",
+    "_ListObjectsOptionsStruct": "UplinkListObjectsOptions", "_UploadOptionsStruct": "UplinkUploadOptions",
+    "_SystemMetadataStruct": "UplinkSystemMetadata", "_CustomMetadataStruct": "UplinkCustomMetadata",
+}
+
+
+def _c_name(t: Any) -> str:
+    if t is None:
+        return "void"
+    scalars = {ctypes.c_char_p: "char *", ctypes.c_size_t: "size_t", ctypes.c_uint32: "uint32_t",
+               ctypes.c_uint8: "uint8_t", ctypes.c_bool: "bool", ctypes.c_int64: "int64_t",
+               ctypes.c_int32: "int32_t", ctypes.c_char: "char"}
+    if t in scalars:
+        return scalars[t]
+    if issubclass(t, ctypes._Pointer):
+        return f"{_c_name(t._type_)} *"
+    return _WRAPPER_STRUCTS.get(t.__name__, t.__name__)
+
+
+def _c_layout(struct: Any) -> list[tuple[str, str, int]]:
+    return [(name, _c_name(t), getattr(struct, name).offset) for name, t in struct._fields_]
+
+
+def test_native_declarations_match_the_uplink_c_prototypes() -> None:
+    signatures = storj_module._signatures(_wrapper().defs)
+    declared = {f"{_c_name(restype)}{name}({','.join(_c_name(t) for t in argtypes)})".replace(" ", "")
+                for name, (argtypes, restype) in signatures.items()}
+    expected = {f"{prototype})" for prototype in re.sub(r"\s+", "", C_PROTOTYPES).split(")") if prototype}
+    assert len(expected) == len(C_PROTOTYPES.split("uplink_")) - 1
+    assert sorted(declared) == sorted(expected)
+
+
+def test_multipart_structures_have_the_uplink_c_layout() -> None:
+    """Field order, C types and x86_64 offsets of uplink_definitions.h (uplink-c for uplink v1.13.1)."""
+    defs = _wrapper().defs
+    t = storj_module._multipart_types(defs)
+    assert _c_layout(t.part) == [("part_number", "uint32_t", 0), ("size", "size_t", 8),
+                                 ("modified", "int64_t", 16), ("etag", "char *", 24),
+                                 ("etag_length", "size_t", 32)]
+    assert ctypes.sizeof(t.part) == 40
+    assert _c_layout(t.upload_info) == [("upload_id", "char *", 0), ("key", "char *", 8),
+                                        ("is_prefix", "bool", 16), ("system", "UplinkSystemMetadata", 24),
+                                        ("custom", "UplinkCustomMetadata", 48)]
+    assert ctypes.sizeof(t.upload_info) == 64
+    assert _c_layout(t.list_uploads_options) == [("prefix", "char *", 0), ("cursor", "char *", 8),
+                                                 ("recursive", "bool", 16), ("system", "bool", 17),
+                                                 ("custom", "bool", 18)]
+    assert ctypes.sizeof(t.list_uploads_options) == 24
+    assert _c_layout(t.list_upload_parts_options) == [("cursor", "uint32_t", 0)]
+    assert _c_layout(t.commit_upload_options) == [("custom_metadata", "UplinkCustomMetadata", 0)]
+    assert ctypes.sizeof(t.commit_upload_options) == 16
+    for handle in (t.part_upload, t.upload_iterator, t.part_iterator):
+        assert _c_layout(handle) == [("_handle", "size_t", 0)]
+    assert _c_layout(t.upload_info_result) == [("info", "UplinkUploadInfo *", 0),
+                                               ("error", "UplinkError *", 8)]
+    assert _c_layout(t.part_upload_result) == [("part_upload", "UplinkPartUpload *", 0),
+                                               ("error", "UplinkError *", 8)]
+    assert _c_layout(t.commit_upload_result) == [("object", "UplinkObject *", 0),
+                                                 ("error", "UplinkError *", 8)]
+    # What they nest from the wrapper has the C sizes too.
+    assert _c_layout(defs._SystemMetadataStruct) == [("created", "int64_t", 0), ("expires", "int64_t", 8),
+                                                     ("content_length", "int64_t", 16)]
+    assert ctypes.sizeof(defs._CustomMetadataStruct) == 16 and ctypes.sizeof(defs._ObjectStruct) == 56
+
+
+def test_every_native_function_the_adapter_calls_is_in_the_bundled_libuplink(fake: FakeLibuplink) -> None:
+    lib = _real_lib()
+    signatures = storj_module._signatures(_wrapper().defs)
+    # Every name the adapter's source spells (as a string or an attribute), and every declared one.
+    source = Path(inspect.getfile(storj_module)).read_text()
+    spelled = {name for name in re.findall(r"[\"'.](uplink_[a-z0-9_]+)", source) if not name.endswith("_")}
+    assert {"uplink_begin_upload", "uplink_part_upload_set_etag", "uplink_commit_upload"} <= spelled
+    for name in sorted(spelled | set(signatures)):
+        getattr(lib, name)  # ctypes raises AttributeError for a symbol the library does not export
+    # The fake emulates every function the adapter declares.
+    assert set(signatures) <= set(fake.functions)
+
+
+def test_multipart_functions_run_in_the_real_libuplink() -> None:
+    """Each multipart call, as declared, on the real library: invalid handles fail fast, offline."""
+    lib = _real_lib()
+    defs = _wrapper().defs
+    t = storj_module._multipart_types(defs)
+    signatures = storj_module._signatures(defs)
+
+    def fn(name: str) -> Any:
+        return storj_module._declare(getattr(lib, name), *signatures[name])
+
+    def invalid_handle(error: Any, what: bytes) -> None:
+        assert error, "libuplink reported no error"
+        try:
+            assert error.contents.code == 0x04  # UPLINK_ERROR_INVALID_HANDLE
+            assert error.contents.message.startswith(b"invalid handle") and what in error.contents.message
+        finally:
+            fn("uplink_free_error")(error)
+
+    project = ctypes.pointer(defs._ProjectStruct(1 << 40))  # no such handle in libuplink's table
+    info = fn("uplink_begin_upload")(project, b"bkt", b"k", None)
+    assert not info.info and info.error.contents.code == 0x04
+    fn("uplink_free_upload_info_result")(info)
+    part = fn("uplink_upload_part")(project, b"bkt", b"k", b"upload", 1)
+    assert not part.part_upload and part.error.contents.code == 0x04
+    fn("uplink_free_part_upload_result")(part)
+    commit = fn("uplink_commit_upload")(project, b"bkt", b"k", b"upload", None)
+    assert not commit.object and commit.error.contents.code == 0x04
+    fn("uplink_free_commit_upload_result")(commit)
+    invalid_handle(fn("uplink_abort_upload")(project, b"bkt", b"k", b"upload"), b"project")
+
+    uploads_options = t.list_uploads_options(b"k", b"", True, True, False)
+    parts_options = t.list_upload_parts_options(0)
+    for kind, iterator in (
+            ("upload", fn("uplink_list_uploads")(project, b"bkt", ctypes.byref(uploads_options))),
+            ("part", fn("uplink_list_upload_parts")(project, b"bkt", b"k", b"upload",
+                                                    ctypes.byref(parts_options)))):
+        assert iterator
+        try:
+            assert fn(f"uplink_{kind}_iterator_next")(iterator) is False
+            # (No _item call: on an iterator that failed to start, uplink-c v1.13 dereferences nil.)
+            invalid_handle(fn(f"uplink_{kind}_iterator_err")(iterator), b"project")
+        finally:
+            fn(f"uplink_free_{kind}_iterator")(iterator)
+
+    part_upload = ctypes.pointer(t.part_upload(1 << 40))
+    data = ctypes.create_string_buffer(b"abc")
+    buf = ctypes.cast(data, ctypes.POINTER(ctypes.c_uint8))
+    written = fn("uplink_part_upload_write")(part_upload, buf, 3)
+    assert written.bytes_written == 0 and written.error.contents.code == 0x04
+    fn("uplink_free_write_result")(written)
+    invalid_handle(fn("uplink_part_upload_set_etag")(part_upload, b"0" * 64), b"part upload")
+    invalid_handle(fn("uplink_part_upload_commit")(part_upload), b"part upload")
+    invalid_handle(fn("uplink_part_upload_abort")(part_upload), b"part upload")
+    fn("uplink_free_part")(None)  # NULL is fine for the item frees
+    fn("uplink_free_upload_info")(None)
 
 
 # -- the wrapper's quirks, confirmed on its own code -----------------------------------------------
@@ -699,6 +1149,271 @@ async def test_cancelled_upload_is_aborted(origin: StorjOrigin, fake: FakeLibupl
     assert "pre/k" not in fake.objects
 
 
+# -- multipart uploads ---------------------------------------------------------------------------
+
+
+class Source(io.FileIO):
+    """A blob's file that counts what is read from it and can fail or cancel at an offset."""
+
+    def __init__(self, path: Path, log: list[int], fail_at: int | None = None,
+                 on_reaching: tuple[int, Callable[[], Any]] | None = None) -> None:
+        super().__init__(path)
+        self.log, self.fail_at, self.on_reaching = log, fail_at, on_reaching
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.fail_at is not None and self.tell() >= self.fail_at:
+            raise OSError(5, "Input/output error")
+        if self.on_reaching is not None and self.tell() >= self.on_reaching[0]:
+            self.on_reaching[1]()
+        data = super().read(size)
+        self.log.append(len(data))
+        return data
+
+
+def _sha(data: bytes) -> bytes:
+    return hashlib.sha256(data).hexdigest().encode()
+
+
+def _blob_file(tmp_path: Path, size: int, seed: int = 3) -> tuple[Path, bytes, str]:
+    data = _blob(size, seed)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    return path, data, f"p2pimg/blobs/sha256/{hashlib.sha256(data).hexdigest()}"
+
+
+def _written(fake: FakeLibuplink) -> dict[int, int]:
+    """Bytes written per part number."""
+    out: dict[int, int] = collections.Counter()
+    for number, n in fake.part_writes:
+        out[number] += n
+    return dict(out)
+
+
+async def test_large_blob_resumes_without_sending_its_parts_again(origin: StorjOrigin, fake: FakeLibuplink,
+                                                                  tmp_path: Path) -> None:
+    assert origin.part_size == origin.segment_size == 64 << 20  # production parts: one segment each
+    part = 64 << 20
+    size = (150 << 20) + 12345
+    path, data, key = _blob_file(tmp_path, size)
+    reads: list[int] = []
+
+    # The source fails as the second part is read: the first, already on its way, is let through.
+    with pytest.raises(OriginError, match=f"cannot write {key} to storj://bkt/pre: reading its source: "
+                                          ".*Input/output error"):
+        await origin.put_blob(key, lambda: Source(path, reads, fail_at=part), size)
+    [(upload_id, upload)] = fake.pending.items()
+    assert upload["key"] == f"pre/{key}" and upload["state"] == "pending"
+    assert list(upload["parts"]) == [1]
+    assert upload["parts"][1] == {"data": data[:part], "etag": _sha(data[:part])}
+    assert _written(fake) == {1: part} and max(n for _, n in fake.part_writes) <= 1 << 20
+    assert f"pre/{key}" not in fake.objects and not await origin.exists(key)  # readers see nothing
+    assert "uplink_abort_upload" not in fake.calls and "uplink_upload_object" not in fake.calls
+    assert fake.all_released()
+
+    fake.part_writes.clear()
+    reads.clear()
+    await origin.put_blob(key, lambda: Source(path, reads), size)
+    assert fake.objects[f"pre/{key}"] == data
+    assert upload["state"] == "committed" and fake.calls.count("uplink_begin_upload") == 1
+    assert fake.upload_listings == [f"pre/{key}"] * 2  # exactly this key, no trailing slash
+    # Part 1 was read from the file to check it against its ETag, and not sent again.
+    assert _written(fake) == {2: part, 3: size - 2 * part}
+    assert sum(reads) == size and not fake.ranges
+    assert (origin.stats.parts_reused, origin.stats.parts_uploaded) == (1, 3)
+    assert origin.stats.bytes_uploaded == size
+    assert "uplink_abort_upload" not in fake.calls and "uplink_part_upload_abort" not in fake.calls
+    assert fake.all_released()
+    assert fake.freed["part"] == 1 and fake.freed["commit_upload_result"] == 1
+
+    # Already there: nothing is read or sent.
+    fake.calls.clear()
+    await origin.put_blob(key, lambda: Source(path, reads), size)
+    assert "uplink_list_uploads" not in fake.calls and "uplink_upload_part" not in fake.calls
+
+
+@pytest.mark.parametrize("damage", ["etag", "no etag", "size"])
+async def test_parts_that_do_not_match_are_sent_again(origin: StorjOrigin, fake: FakeLibuplink,
+                                                      tmp_path: Path, damage: str) -> None:
+    origin.part_size = part = 1 << 20
+    size = (3 << 20) + 500_000
+    path, data, key = _blob_file(tmp_path, size)
+    with pytest.raises(OriginError, match="Input/output error"):
+        await origin.put_blob(key, lambda: Source(path, [], fail_at=2 * part), size)
+    [upload] = fake.pending.values()
+    assert sorted(upload["parts"]) == [1, 2]
+    first = upload["parts"][1]
+    if damage == "etag":  # another writer's bytes, or a digest of another kind
+        first["etag"] = hashlib.md5(first["data"]).hexdigest().encode()
+    elif damage == "no etag":
+        first["etag"] = None
+    else:
+        first["data"] = first["data"][:-1]
+    fake.part_writes.clear()
+    await origin.put_blob(key, lambda: Source(path, []), size)
+    assert fake.objects[f"pre/{key}"] == data
+    assert _written(fake) == {1: part, 3: part, 4: size - 3 * part}
+    assert origin.stats.parts_reused == 1
+    assert fake.all_released()
+
+
+async def test_cancelled_multipart_upload_stays_pending(origin: StorjOrigin, fake: FakeLibuplink,
+                                                        tmp_path: Path) -> None:
+    origin.part_size = part = 1 << 20
+    size = 6 * part
+    path, data, key = _blob_file(tmp_path, size)
+    with trio.CancelScope() as scope:
+        cancel = (3 * part, lambda: trio.from_thread.run_sync(scope.cancel))
+        await origin.put_blob(key, lambda: Source(path, [], on_reaching=cancel), size)
+    assert scope.cancelled_caught
+    [upload] = fake.pending.values()
+    assert upload["state"] == "pending"  # left for the next attempt, not aborted
+    assert "uplink_abort_upload" not in fake.calls and f"pre/{key}" not in fake.objects
+    # Parts interrupted on their way were aborted; the others are in the upload. Reading part 4
+    # took a slot twice after the first two: two parts at least were done by then.
+    assert {p["state"] for p in fake.part_uploads.values()} <= {"committed", "aborted"}
+    kept = set(upload["parts"])
+    assert len(kept) >= 2 and kept <= {1, 2, 3}
+    assert fake.all_released()
+
+    fake.part_writes.clear()
+    await origin.put_blob(key, lambda: Source(path, []), size)
+    assert fake.objects[f"pre/{key}"] == data and upload["state"] == "committed"
+    assert set(_written(fake)) == set(range(1, 7)) - kept
+    assert origin.stats.parts_reused == len(kept)
+    assert fake.all_released()
+
+
+async def test_small_blobs_keep_the_single_upload(origin: StorjOrigin, fake: FakeLibuplink) -> None:
+    origin.part_size = 1 << 20
+    data = _blob(1 << 20)
+    await origin.put_blob("p2pimg/blobs/sha256/aa", lambda: io.BytesIO(data), len(data))
+    assert fake.objects["pre/p2pimg/blobs/sha256/aa"] == data
+    assert "uplink_upload_object" in fake.calls
+    assert not {"uplink_list_uploads", "uplink_begin_upload", "uplink_upload_part"} & set(fake.calls)
+    # One byte more: two parts.
+    fake.calls.clear()
+    data += b"!"
+    await origin.put_blob("p2pimg/blobs/sha256/bb", lambda: io.BytesIO(data), len(data))
+    assert fake.objects["pre/p2pimg/blobs/sha256/bb"] == data
+    assert "uplink_upload_object" not in fake.calls and _written(fake) == {1: 1 << 20, 2: 1}
+    # More parts than an upload may have: a single upload too.
+    origin.part_size = 1
+    fake.calls.clear()
+    await origin.put_blob("p2pimg/blobs/sha256/cc", lambda: io.BytesIO(data[:10_001]), 10_001)
+    assert fake.objects["pre/p2pimg/blobs/sha256/cc"] == data[:10_001]
+    assert "uplink_upload_object" in fake.calls and "uplink_begin_upload" not in fake.calls
+    assert fake.all_released()
+
+
+async def test_newest_pending_upload_is_resumed(origin: StorjOrigin, fake: FakeLibuplink) -> None:
+    origin.part_size = part = 1 << 20
+    data = _blob(3 * part)
+    pieces = {n: data[(n - 1) * part:n * part] for n in (1, 2, 3)}
+    fake.add_pending("pre/k", {1: pieces[1]}, _sha)
+    newest = fake.add_pending("pre/k", {1: pieces[1], 2: pieces[2]}, _sha)
+    fake.add_pending("pre/k2", {1: pieces[1], 2: pieces[2], 3: pieces[3]}, _sha)  # another key
+    await origin.put_blob("k", lambda: io.BytesIO(data), len(data))
+    assert fake.objects["pre/k"] == data
+    assert fake.pending[newest]["state"] == "committed" and _written(fake) == {3: part}
+    assert "uplink_begin_upload" not in fake.calls
+
+
+async def test_pending_upload_that_does_not_fit_is_aborted(origin: StorjOrigin, fake: FakeLibuplink) -> None:
+    origin.part_size = part = 1 << 20
+    data = _blob(2 * part + 10)
+    # A plain upload's segments are part 0; a part past the end, or larger than a part, would
+    # survive into the object, since Storj commits all of an upload's segments.
+    for parts in ({0: data[:part]}, {1: data[:part], 4: b"x"}, {1: data[:part + 1]}):
+        fake.pending.clear()
+        stale = fake.add_pending("pre/k", parts, _sha)
+        fake.objects.pop("pre/k", None)
+        fake.part_writes.clear()
+        await origin.put_blob("k", lambda: io.BytesIO(data), len(data))
+        assert fake.objects["pre/k"] == data
+        assert fake.pending[stale]["state"] == "aborted"
+        assert _written(fake) == {1: part, 2: part, 3: 10}
+    assert fake.all_released()
+
+
+async def test_upload_gone_meanwhile_starts_over(origin: StorjOrigin, fake: FakeLibuplink) -> None:
+    origin.part_size = part = 1 << 20
+    data = _blob(2 * part)
+    fake.add_pending("pre/k", {1: data[:part]}, _sha)
+    fake.fail["uplink_list_upload_parts"] = (0x21, "uplink: object not found (\"pre/k\")")
+    await origin.put_blob("k", lambda: io.BytesIO(data), len(data))
+    assert fake.objects["pre/k"] == data and _written(fake) == {1: part, 2: part}
+    assert "uplink_abort_upload" not in fake.calls
+    fake.objects.clear()
+    fake.fail["uplink_list_upload_parts"] = (0x09, "uplink: permission denied\n\tstack")
+    fake.add_pending("pre/k", {1: data[:part]}, _sha)
+    with pytest.raises(OriginError, match="^cannot look for an upload to resume of k on storj://bkt/pre: "
+                                          "uplink: permission denied$"):
+        await origin.put_blob("k", lambda: io.BytesIO(data), len(data))
+    assert fake.all_released()
+
+
+async def test_multipart_failures_leave_the_upload_to_resume(origin: StorjOrigin,
+                                                             fake: FakeLibuplink) -> None:
+    origin.part_size = part = 1 << 20
+    data = _blob(3 * part)
+    # A part that cannot start: its handle (uplink-c v1.13 makes one anyway) is only freed.
+    fake.fail["uplink_upload_part"] = (0x05, "uplink: too many requests\n\tstack")
+    with pytest.raises(OriginError, match="^cannot write part [12] of k on storj://bkt/pre: "
+                                          "uplink: too many"):
+        await origin.put_blob("k", lambda: io.BytesIO(data), len(data))
+    assert fake.all_released() and "uplink_part_upload_abort" not in fake.calls
+    del fake.fail["uplink_upload_part"]
+    # A write fails: that part is aborted, the upload stays.
+    fake.fail["uplink_part_upload_write"] = (0x07, "uplink: storage limit exceeded\n\tstack")
+    with pytest.raises(OriginError, match="^cannot write part [12] of k on storj://bkt/pre: "
+                                          "uplink: storage limit exceeded$"):
+        await origin.put_blob("k", lambda: io.BytesIO(data), len(data))
+    assert fake.calls.count("uplink_part_upload_abort") >= 1
+    del fake.fail["uplink_part_upload_write"]
+    # The commit fails: every part is in, the upload stays pending.
+    fake.fail["uplink_commit_upload"] = (0x02, "uplink: metaclient: commit failed\n\tstack")
+    with pytest.raises(OriginError, match="^cannot commit the upload of k on storj://bkt/pre: "
+                                          ".*commit failed$"):
+        await origin.put_blob("k", lambda: io.BytesIO(data), len(data))
+    assert "pre/k" not in fake.objects
+    del fake.fail["uplink_commit_upload"]
+    pending = [u for u in fake.pending.values() if u["state"] == "pending" and len(u["parts"]) == 3]
+    assert len(pending) == 1
+    # The next attempt only commits.
+    fake.part_writes.clear()
+    reused = origin.stats.parts_reused
+    await origin.put_blob("k", lambda: io.BytesIO(data), len(data))
+    assert fake.objects["pre/k"] == data and fake.part_writes == []
+    assert origin.stats.parts_reused - reused == 3
+    assert "uplink_abort_upload" not in fake.calls
+    assert fake.all_released()
+
+
+async def test_multipart_result_of_the_wrong_size_is_an_error(origin: StorjOrigin,
+                                                              fake: FakeLibuplink) -> None:
+    origin.part_size = 1 << 20
+    data = _blob(3 << 20)
+    fake.commit_extra = b"x"
+    with pytest.raises(OriginError, match=f"k on storj://bkt/pre has {len(data) + 1} bytes after upload, "
+                                          f"expected {len(data)}"):
+        await origin.put_blob("k", lambda: io.BytesIO(data), len(data))
+
+
+async def test_multipart_source_errors(origin: StorjOrigin, fake: FakeLibuplink) -> None:
+    origin.part_size = 1 << 20
+    data = _blob(3 << 20)
+    with pytest.raises(OriginError, match="source for k ended early"):
+        await origin.put_blob("k", lambda: io.BytesIO(data[:-1]), len(data))
+
+    def missing() -> io.BytesIO:
+        raise FileNotFoundError(2, "No such file or directory")
+
+    with pytest.raises(OriginError, match="cannot write k to storj://bkt/pre: cannot open its source: "
+                                          ".*No such"):
+        await origin.put_blob("k", missing, len(data))
+    assert "pre/k" not in fake.objects and fake.all_released()
+
+
 # -- list, delete, lifecycle ---------------------------------------------------------------------
 
 
@@ -925,5 +1640,38 @@ async def test_live_round_trip(live_origin: StorjOrigin) -> None:
         with trio.CancelScope(shield=True):
             for key in (blob, tag):
                 await origin.delete(key)
+            assert await origin.list("p2pimg/") == []
+            await origin.aclose()
+
+
+async def test_live_multipart_round_trip(live_origin: StorjOrigin, tmp_path: Path) -> None:
+    """~130 MiB in three parts: interrupted after the first part, resumed, read back."""
+    origin = live_origin
+    part = origin.part_size
+    assert part == 64 << 20
+    size = (130 << 20) + 4321
+    path, data, blob = _blob_file(tmp_path, size, seed=11)
+    try:
+        with pytest.raises(OriginError, match="Input/output error"):
+            await origin.put_blob(blob, lambda: Source(path, [], fail_at=part), size)
+        assert not await origin.exists(blob)  # a pending upload is invisible
+        assert origin.stats.parts_uploaded == 1
+        await origin.put_blob(blob, lambda: Source(path, []), size)
+        assert (origin.stats.parts_reused, origin.stats.parts_uploaded) == (1, 3)
+        assert await origin.exists(blob)
+        whole = b"".join(await _read(origin, blob, 0, size))
+        assert hashlib.sha256(whole).digest() == hashlib.sha256(data).digest()
+        for offset, length in ((part - 10, 20), (2 * part - 1, 2), (size - 5, 5)):
+            assert b"".join(await _read(origin, blob, offset, length)) == data[offset:offset + length]
+        assert await origin.list("p2pimg/") == [blob]
+    finally:
+        with trio.CancelScope(shield=True):
+            await origin.delete(blob)
+            # Whatever an interrupted run left pending.
+            project = await origin._project_handle()
+            path_in_bucket = origin._path(blob)
+            for _created, upload_id in await trio.to_thread.run_sync(origin._list_uploads_native, project,
+                                                                     path_in_bucket):
+                await trio.to_thread.run_sync(origin._abort_upload_native, project, path_in_bucket, upload_id)
             assert await origin.list("p2pimg/") == []
             await origin.aclose()

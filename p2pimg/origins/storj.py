@@ -73,7 +73,9 @@ _ERROR_BUCKET_NOT_FOUND = 0x13
 _ERROR_OBJECT_NOT_FOUND = 0x21
 _EOF = -1  # uplink-c reports io.EOF as C's EOF, with no message
 
-_MAX_PARTS = 10_000  # S3's limit on parts per upload; a blob needing more goes in a single upload
+# S3's limit on parts per upload (Storj satellites have a configured limit too); a blob needing more
+# goes up as a single upload.
+_MAX_PARTS = 10_000
 _PARALLEL_PARTS = 2  # parts uploaded at once: memory stays at this many parts
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -645,7 +647,7 @@ class StorjOrigin(Origin):
         path = self._path(key)
         count = -(-size // part_size)
         project = await self._project_handle()
-        found = await self._find_upload(project, key, path, count)
+        found = await self._find_upload(project, key, path, size, part_size)
         have: dict[int, tuple[int, str]] = {}
         if found is None:
             upload_id = await self._call_write("start an upload of", key, self._begin_upload_native,
@@ -693,8 +695,8 @@ class StorjOrigin(Origin):
         if stored != size:
             raise OriginError(f"{key} on {self.url} has {stored} bytes after upload, expected {size}")
 
-    async def _find_upload(self, project: Any, key: str, path: str,
-                           count: int) -> tuple[str, dict[int, tuple[int, str]]] | None:
+    async def _find_upload(self, project: Any, key: str, path: str, size: int,
+                           part_size: int) -> tuple[str, dict[int, tuple[int, str]]] | None:
         """The newest pending upload of exactly this key and its parts, if it can be resumed."""
         what = "look for an upload to resume of"
         uploads = await self._call_write(what, key, self._list_uploads_native, project, path)
@@ -705,8 +707,11 @@ class StorjOrigin(Origin):
         parts = await self._call_write(what, key, self._list_parts_native, project, path, upload_id)
         if parts is None:
             return None  # committed or aborted meanwhile
-        if any(not 1 <= number <= count for number in parts):
-            # Parts of another size, or a plain upload (part 0): committing it would keep them.
+        count = -(-size // part_size)
+        if any(not 1 <= number <= count or have > min(part_size, size - (number - 1) * part_size)
+               for number, (have, _etag) in parts.items()):
+            # Parts of another size, or a plain upload (part 0). Sending a part again replaces its
+            # segments one by one, so one too large (more segments) or out of range would be kept.
             log.info("aborting an upload of %s in %s that does not fit: parts %s", key, self.url,
                      sorted(parts))
             with contextlib.suppress(OriginError):
@@ -750,7 +755,8 @@ class StorjOrigin(Origin):
             committed = True
         finally:
             if not committed:
-                # The upload keeps no trace of an aborted part; the next attempt sends it again.
+                # Its one segment is committed with the part, so nothing of it stays in the upload;
+                # the next attempt sends it again.
                 await self._quietly(self._abort_part_native, lib, result.part_upload)
             await self._quietly(self._free_part_native, lib, result)
         self.stats.parts_uploaded += 1
