@@ -74,7 +74,7 @@ def docker_registry(workdir: Path) -> Iterator[str]:
 @contextmanager
 def p2pimg_serve(home: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     port = free_port()
-    env = dict(os.environ, P2PIMG_HOME=str(home))
+    env = dict(os.environ, P2PIMG_HOME=str(home), P2PIMG_MDNS="0")  # benchmarks stay on loopback
     proc = subprocess.Popen(
         [sys.executable, "-m", "p2pimg", "serve", "--listen", f"127.0.0.1:{port}"],
         env=env,

@@ -27,13 +27,24 @@ def _common(p: argparse.ArgumentParser, *, origin: bool = True) -> None:
                        help="origin URL (default: $P2PIMG_ORIGIN or file://$P2PIMG_HOME/origin)")
 
 
+def _peers(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--peer", action="append", metavar="URL",
+                   help="a peer's address, e.g. http://10.0.0.5:5051 (repeatable)")
+    p.add_argument("--no-mdns", action="store_true", help="neither advertise nor browse with mDNS")
+
+
 def _config(args: argparse.Namespace) -> Config:
     return load_config(home=args.home, origin=getattr(args, "origin", None),
                        listen=getattr(args, "listen", None),
                        chunk_size=getattr(args, "chunk_size", None),
                        upstreams=getattr(args, "upstream", None),
                        upstream_tag_ttl=getattr(args, "upstream_tag_ttl", None),
-                       policy=getattr(args, "policy", None))
+                       policy=getattr(args, "policy", None),
+                       peer_listen=getattr(args, "peer_listen", None),
+                       peers=getattr(args, "peer", None),
+                       mdns=False if getattr(args, "no_mdns", False) else None,
+                       peer_rate=getattr(args, "peer_rate", None),
+                       peer_max_requests=getattr(args, "peer_max_requests", None))
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
@@ -115,6 +126,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_warm(args: argparse.Namespace) -> int:
+    from .warmcli import run_warm
+
+    return trio.run(lambda: run_warm(_config(args), args.ref, lan=args.lan))
+
+
 def cmd_containerd_config(args: argparse.Namespace) -> int:
     from .upstream import containerd_hosts_toml
 
@@ -176,8 +193,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upstream-tag-ttl", type=float, metavar="SECONDS",
                    help="re-check mutable upstream tags after this long (default 300)")
     p.add_argument("--policy", choices=sorted(POLICIES), help="source selection policy (default prefer-near)")
+    p.add_argument("--peer-listen", metavar="HOST:PORT",
+                   help="share this cache with LAN peers on this address (off by default)")
+    p.add_argument("--peer-rate", metavar="BYTES/S", help="upload limit to peers, e.g. 50M (default: none)")
+    p.add_argument("--peer-max-requests", type=int, metavar="N",
+                   help="concurrent peer requests served before answering 429 (default 32)")
+    _peers(p)
     _common(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("warm", help="fetch an image completely into the cache (--lan: into every peer's)")
+    p.add_argument("ref", metavar="REF", help="NAME:TAG or ipfs/<CID>")
+    p.add_argument("--lan", action="store_true", help="ask every known peer to warm it too")
+    _peers(p)
+    _common(p)
+    p.set_defaults(func=cmd_warm)
 
     p = sub.add_parser("containerd-config", help="print a hosts.toml making p2pimg a containerd mirror")
     p.add_argument("--registry", default="docker.io", help="registry to mirror (default docker.io)")

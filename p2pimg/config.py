@@ -28,6 +28,13 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _env_flag(name: str, default: object) -> bool:
+    value = os.environ.get(name)
+    if value is None:
+        return bool(default)
+    return value.strip().lower() not in ("0", "false", "no", "off", "")
+
+
 def parse_size(value: str | int) -> int:
     """Sizes like 1048576, 1M, 1MiB, 64K."""
     if isinstance(value, int):
@@ -51,6 +58,11 @@ class Config:
     upstreams: tuple[str, ...] = ()
     upstream_tag_ttl: float = 300.0
     policy: str = "prefer-near"
+    peer_listen: str | None = None
+    peers: tuple[str, ...] = ()
+    mdns: bool = True
+    peer_rate: float = 0.0
+    peer_max_requests: int = 32
 
     @property
     def cache_dir(self) -> Path:
@@ -59,7 +71,9 @@ class Config:
 
 def load_config(*, home: str | None = None, origin: str | None = None, listen: str | None = None,
                 chunk_size: str | None = None, upstreams: list[str] | None = None,
-                upstream_tag_ttl: float | None = None, policy: str | None = None) -> Config:
+                upstream_tag_ttl: float | None = None, policy: str | None = None,
+                peer_listen: str | None = None, peers: list[str] | None = None, mdns: bool | None = None,
+                peer_rate: str | None = None, peer_max_requests: int | None = None) -> Config:
     home_path = Path(home or os.environ.get("P2PIMG_HOME") or default_home()).expanduser().absolute()
     file_values: dict[str, Any] = {}
     config_file = home_path / "config.toml"
@@ -80,6 +94,20 @@ def load_config(*, home: str | None = None, origin: str | None = None, listen: s
     ttl = upstream_tag_ttl if upstream_tag_ttl is not None else file_values.get("upstream_tag_ttl", 300.0)
     if not isinstance(ttl, int | float) or ttl < 0:
         raise InvalidInput(f"invalid upstream tag TTL {ttl!r}: expected seconds >= 0")
+    chosen_peer_listen = peer_listen or file_values.get("peer_listen")
+    if chosen_peer_listen:
+        parse_listen(chosen_peer_listen)
+    chosen_peers = peers or file_values.get("peers") or []
+    for url in chosen_peers:
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise InvalidInput(f"invalid peer {url!r}: expected http://HOST:PORT")
+    max_requests = peer_max_requests or file_values.get("peer_max_requests") or 32
+    if not isinstance(max_requests, int) or max_requests < 1:
+        raise InvalidInput(f"invalid peer request limit {max_requests!r}")
     return Config(home=home_path, origin=chosen_origin, listen=chosen_listen, chunk_size=size,
                   upstreams=tuple(chosen_upstreams), upstream_tag_ttl=float(ttl),
-                  policy=policy or file_values.get("policy") or "prefer-near")
+                  policy=policy or file_values.get("policy") or "prefer-near",
+                  peer_listen=chosen_peer_listen, peers=tuple(chosen_peers),
+                  mdns=mdns if mdns is not None else _env_flag("P2PIMG_MDNS", file_values.get("mdns", True)),
+                  peer_rate=float(parse_size(peer_rate or file_values.get("peer_rate") or 0)),
+                  peer_max_requests=max_requests)

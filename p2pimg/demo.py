@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import trio
@@ -61,14 +62,12 @@ async def _demo(config: Config, client: str) -> int:
         host, port = parse_listen(config.listen)
         async with trio.open_nursery() as nursery:
             try:
-                address = await nursery.start(serve, Config(config.home, config.origin,
-                                                             f"{host}:{port}", config.chunk_size))
+                address = await nursery.start(serve, replace(config, listen=f"{host}:{port}", mdns=False))
             except ListenError as exc:
                 if exc.errno != errno.EADDRINUSE:
                     raise
                 print(f"{host}:{port} is busy; using a free port instead")
-                address = await nursery.start(serve, Config(config.home, config.origin,
-                                                            f"{host}:0", config.chunk_size))
+                address = await nursery.start(serve, replace(config, listen=f"{host}:0", mdns=False))
             status = 0
             for ref in (f"{address}/{name}:{tag}", f"{address}/ipfs/{report.root}:latest"):
                 dest = work / f"pull-{len(ref)}"

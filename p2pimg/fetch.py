@@ -26,7 +26,8 @@ from __future__ import annotations
 import abc
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import random
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -50,10 +51,21 @@ class ChunkSource(abc.ABC):
     limit: int = 8  # concurrent requests, over all blobs
     max_span: int = 16 << 20
     segment_size: int = 64 << 20
+    stall_timeout: float | None = None  # None: the engine's default
 
     def has(self, blob_map: BlobMap, index: int) -> bool:
         """Whether this source can send chunk `index` (an origin has everything it published)."""
         return True
+
+    def coming(self, blob_map: BlobMap, index: int) -> bool:
+        """Whether this source is fetching chunk `index` itself right now (a peer, mid-download)."""
+        return False
+
+    async def prime(self, blob_map: BlobMap) -> None:  # noqa: B027 - most sources know already
+        """Learn what this source holds of a blob before its fetch starts (peers ask)."""
+
+    async def track(self, blob_map: BlobMap, changed: Callable[[], None]) -> None:  # noqa: B027
+        """Keep what `has`/`coming` say fresh while the blob's fetch runs; call `changed()`."""
 
     @abc.abstractmethod
     def read_span(self, blob_map: BlobMap, start: int, length: int) -> AsyncIterator[bytes]:
@@ -79,6 +91,8 @@ class FetchConfig:
     attempts: int = 4  # failed tries of one chunk before the fetch fails
     stall_timeout: float = 30.0  # a request that sends nothing for this long has failed
     tick: float = 0.25  # how often a waiting dispatcher re-checks backoffs and stragglers
+    prime_timeout: float = 0.3  # how long a new fetch waits to hear what peers hold
+    coming_grace: float = 3.0  # how long a chunk a peer is fetching is left to that peer
 
 
 @dataclass(eq=False)
@@ -90,6 +104,8 @@ class _Request:
     last_progress: float
     next_index: int
     hedged: bool = False
+    overtaken: bool = False  # stopped because others verified the rest while it stalled
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
 @dataclass(eq=False)
@@ -107,7 +123,11 @@ class BlobFetch:
     failures: list[int] = field(default_factory=list)
     requests: set[_Request] = field(default_factory=set)
     last_failure: P2pimgError | None = None
-    cursor: int = 0  # no chunk before this one is waiting to be requested
+    order: list[int] = field(default_factory=list)  # the order chunks are dispatched in
+    position: list[int] = field(default_factory=list)  # chunk index -> place in `order`
+    cursor: int = 0  # no chunk before order[cursor] is waiting to be requested
+    received: dict[str, int] = field(default_factory=dict)  # verified bytes by kind of source
+    coming_since: dict[int, float] = field(default_factory=dict)
 
     @property
     def map(self) -> BlobMap:
@@ -161,7 +181,25 @@ class Fetcher:
 
     def add_source(self, source: ChunkSource) -> None:
         self.sources.append(source)
-        self.stats[source.name] = SourceStats(source.name, source.kind, source.limit)
+        self.stats.setdefault(source.name, SourceStats(source.name, source.kind, source.limit))
+
+    def remove_source(self, name: str) -> None:
+        """Stop choosing a source (requests already running finish or fail on their own)."""
+        self.sources = [s for s in self.sources if s.name != name]
+
+    def availability(self, digest: str) -> bytes | None:
+        """What this node holds of a blob, per chunk (1 verified, 2 being fetched, 0 missing);
+        b"" for a complete blob; None when it holds nothing of it (or nothing verified yet)."""
+        if self.store.has_blob(digest):
+            return b""
+        fetch = self._fetches.get(digest)
+        if fetch is None:
+            return None
+        have, requested = fetch.partial.have, fetch.requested
+        return bytes(1 if have[i] else 2 if requested[i] else 0 for i in range(len(have)))
+
+    def fetch_of(self, digest: str) -> BlobFetch | None:
+        return self._fetches.get(digest)
 
     # -- readers ---------------------------------------------------------------------------
 
@@ -211,6 +249,7 @@ class Fetcher:
         try:
             with fetch.scope:
                 async with trio.open_nursery() as requests:
+                    await self._prepare(fetch, requests)
                     while not fetch.partial.complete and fetch.error is None:
                         if not self._dispatch(fetch, requests):
                             self._hedge(fetch, requests)
@@ -235,17 +274,60 @@ class Fetcher:
             fetch.partial.close()
             self._changed.fire()
 
+    async def _prepare(self, fetch: BlobFetch, nursery: trio.Nursery) -> None:
+        """Ask peers what they hold, keep asking while the fetch runs, and choose the order.
+
+        Alone, a blob is fetched in order, which feeds an in-order reader first. With peers, the
+        origin's share is taken in a random order of span-sized blocks, so that nodes fetching
+        the same blob at once mostly ask the origin for different parts and trade the rest.
+        """
+        bmap = fetch.map
+        sources = list(self.sources)
+        with trio.move_on_after(self.config.prime_timeout):
+            async with trio.open_nursery() as primes:
+                for source in sources:
+                    primes.start_soon(source.prime, bmap)
+        for source in sources:
+            nursery.start_soon(source.track, bmap, self._changed.fire)
+        order = list(range(bmap.count))
+        if any(s.kind == "peer" for s in sources):
+            block = max(1, min(s.max_span for s in sources if s.kind != "peer") // bmap.chunk_size
+                        if any(s.kind != "peer" for s in sources) else 1)
+            blocks = [order[i:i + block] for i in range(0, len(order), block)]
+            random.shuffle(blocks)
+            order = [i for b in blocks for i in b]
+        fetch.order = order
+        fetch.position = [0] * bmap.count
+        for pos, i in enumerate(order):
+            fetch.position[i] = pos
+        fetch.cursor = 0
+
+    def _waiting_for_peer(self, fetch: BlobFetch, holders: list[ChunkSource], i: int, now: float) -> bool:
+        """Leave chunk `i` to a healthy peer that is fetching it, for a while, instead of asking
+        the origin for it too."""
+        if any(s.kind == "peer" for s in holders):
+            return False
+        coming = [s for s in self.sources if s.kind == "peer" and s.coming(fetch.map, i)
+                  and not self.stats[s.name].banned and now >= self.stats[s.name].unavailable_until]
+        if not coming:
+            fetch.coming_since.pop(i, None)
+            return False
+        since = fetch.coming_since.setdefault(i, now)
+        return now - since < self.config.coming_grace
+
     def _dispatch(self, fetch: BlobFetch, nursery: trio.Nursery) -> bool:
         """Start requests for every chunk nobody is fetching yet, as far as sources allow."""
-        bmap, have = fetch.map, fetch.partial.have
+        bmap, have, order = fetch.map, fetch.partial.have, fetch.order
         started = False
         now = trio.current_time()
-        while fetch.cursor < bmap.count and (have[fetch.cursor] or fetch.requested[fetch.cursor]):
+        while fetch.cursor < bmap.count and (have[order[fetch.cursor]]
+                                             or fetch.requested[order[fetch.cursor]]):
             fetch.cursor += 1
-        i = fetch.cursor
-        while i < bmap.count:
+        pos = fetch.cursor
+        while pos < bmap.count:
+            i = order[pos]
+            pos += 1
             if have[i] or fetch.requested[i]:
-                i += 1
                 continue
             if fetch.failures[i] >= self.config.attempts:
                 last = fetch.last_failure or OriginError("no answer")
@@ -257,24 +339,28 @@ class Fetcher:
             if not holders:
                 fetch.error = OriginError(f"no usable source has chunk {i} of {bmap.digest}")
                 return started
+            if self._waiting_for_peer(fetch, holders, i, now):
+                continue
             stats = self.policy.choose([self.stats[s.name] for s in holders], now)
             if stats is None:
-                return started  # every holder is busy or backing off: wait for a change
+                if len(holders) == len(self.sources):
+                    break  # every source is busy or backing off: nothing later can start either
+                continue  # its holders are busy; later chunks may have others
             source = next(s for s in holders if s.name == stats.name)
             span = self._grow_span(fetch, source, i)
             self._start(fetch, nursery, source, span)
             started = True
-            i = span.end
         return started
 
-    @staticmethod
-    def _grow_span(fetch: BlobFetch, source: ChunkSource, first: int) -> Span:
+    def _grow_span(self, fetch: BlobFetch, source: ChunkSource, first: int) -> Span:
         bmap, have = fetch.map, fetch.partial.have
+        peers = [s for s in self.sources if s.kind == "peer"] if source.kind != "peer" else []
         per_span = max(1, source.max_span // bmap.chunk_size)
         per_segment = max(1, source.segment_size // bmap.chunk_size)
         end = first + 1
         while (end < bmap.count and end - first < per_span and end % per_segment
-               and not have[end] and not fetch.requested[end] and source.has(bmap, end)):
+               and not have[end] and not fetch.requested[end] and source.has(bmap, end)
+               and not any(p.coming(bmap, end) or p.has(bmap, end) for p in peers)):
             end += 1
         return Span(first, end)
 
@@ -315,6 +401,17 @@ class Fetcher:
                      bmap.digest, source.name)
             self._start(fetch, nursery, source, Span(request.next_index, request.span.end))
 
+    def _release_overtaken(self, fetch: BlobFetch, winner: _Request) -> None:
+        """Stop requests whose remaining chunks others have now verified: they hold a slot of
+        their source (a stuck peer's, typically) for nothing."""
+        have = fetch.partial.have
+        for other in fetch.requests:
+            if other is winner or other.next_index >= other.span.end:
+                continue
+            if all(have[j] for j in range(other.next_index, other.span.end)):
+                other.overtaken = other.hedged
+                other.scope.cancel()
+
     # -- one request ---------------------------------------------------------------------
 
     async def _request(self, fetch: BlobFetch, request: _Request) -> None:
@@ -328,35 +425,38 @@ class Fetcher:
         buf = bytearray()
         index = span.first
         try:
-            reader = source.read_span(bmap, start, end - start)
-            async with contextlib.aclosing(reader) as pieces:  # type: ignore[type-var]
-                while index < span.end:
-                    with trio.fail_after(self.config.stall_timeout):
-                        piece = await anext(pieces, None)
-                    if piece is None:
-                        raise OriginError(f"{source.name} ended chunk {index} of {bmap.digest} early")
-                    if first_byte is None:
-                        first_byte = trio.current_time() - request.started
-                        self.metrics.first_byte_seconds.labels(kind).observe(first_byte)
-                    buf += piece
+            with request.scope:
+                reader = source.read_span(bmap, start, end - start)
+                async with contextlib.aclosing(reader) as pieces:  # type: ignore[type-var]
                     while index < span.end:
-                        lo, hi = bmap.bounds(index)
-                        if len(buf) < hi - lo:
-                            break
-                        chunk = bytes(buf[: hi - lo])
-                        del buf[: hi - lo]
-                        if not partial.have[index]:
-                            await trio.to_thread.run_sync(partial.write_chunk, index, chunk)
-                            received += len(chunk)
-                            self.metrics.source_bytes.labels(kind).inc(len(chunk))
-                            fetch.ready[index].set()
-                            self._changed.fire()
-                        index += 1
-                        request.next_index = index
-                        request.last_progress = trio.current_time()
-                    if all(partial.have[j] for j in range(index, span.end)):
-                        break  # a hedge (or another process) already has the rest
-            outcome = "ok"
+                        with trio.fail_after(source.stall_timeout or self.config.stall_timeout):
+                            piece = await anext(pieces, None)
+                        if piece is None:
+                            raise OriginError(f"{source.name} ended chunk {index} of {bmap.digest} early")
+                        if first_byte is None:
+                            first_byte = trio.current_time() - request.started
+                            self.metrics.first_byte_seconds.labels(kind).observe(first_byte)
+                        buf += piece
+                        while index < span.end:
+                            lo, hi = bmap.bounds(index)
+                            if len(buf) < hi - lo:
+                                break
+                            chunk = bytes(buf[: hi - lo])
+                            del buf[: hi - lo]
+                            if not partial.have[index]:
+                                await trio.to_thread.run_sync(partial.write_chunk, index, chunk)
+                                received += len(chunk)
+                                fetch.received[kind] = fetch.received.get(kind, 0) + len(chunk)
+                                self.metrics.source_bytes.labels(kind).inc(len(chunk))
+                                fetch.ready[index].set()
+                                self._changed.fire()
+                                self._release_overtaken(fetch, request)
+                            index += 1
+                            request.next_index = index
+                            request.last_progress = trio.current_time()
+                        if all(partial.have[j] for j in range(index, span.end)):
+                            break  # a hedge (or another process) already has the rest
+                outcome = "ok"
         except VerificationError as exc:
             outcome = "bad"
             fetch.last_failure = exc
@@ -378,13 +478,13 @@ class Fetcher:
                 self.metrics.span_seconds.labels(kind).observe(now - request.started)
             elif outcome == "bad":
                 stats.sent_bad_chunk(now, received)
-            elif outcome == "error":
-                stats.failed(now, received)
+            elif outcome == "error" or request.overtaken:
+                stats.failed(now, received)  # an error, or a stall that a hedge had to make up for
             else:
                 stats.in_flight -= 1  # cancelled: says nothing about the source
             for j in range(span.first, span.end):
                 fetch.requested[j] -= 1
-            if index < span.end:  # what this request left undone may need asking for again
-                fetch.cursor = min(fetch.cursor, index)
+            if index < span.end and fetch.position:  # what it left undone may need asking again
+                fetch.cursor = min(fetch.cursor, *(fetch.position[j] for j in range(index, span.end)))
             fetch.requests.discard(request)
             self._changed.fire()

@@ -59,6 +59,15 @@ class Request:
     path: str
     query: dict[str, list[str]]
     headers: dict[str, str]
+    client: str = ""  # the peer's IP address
+    local: str = ""  # the address it connected to
+    body: bytes = b""
+
+    @property
+    def from_this_machine(self) -> bool:
+        """Loopback, or a connection from our own address to itself."""
+        return (self.client.startswith("127.") or self.client in ("::1", "::ffff:127.0.0.1")
+                or (bool(self.client) and self.client == self.local))
 
 
 @dataclass
@@ -128,6 +137,11 @@ class _Connection:
         self.stream = stream
         self.handler = handler
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        try:
+            self.client = str(stream.socket.getpeername()[0])
+            self.local = str(stream.socket.getsockname()[0])
+        except OSError:
+            self.client = self.local = ""
 
     async def _send(self, event: h11.Event) -> None:
         data = self.conn.send(event)
@@ -144,17 +158,17 @@ class _Connection:
                 data = await self.stream.receive_some(_RECV)
             self.conn.receive_data(data)
 
-    async def _read_body(self) -> bool:
-        """Drain a request body (this server takes none); False if it was too large."""
-        total = 0
+    async def _read_body(self) -> tuple[bool, bytes]:
+        """Read a request body of at most MAX_REQUEST_BODY bytes; (False, b"") if it was larger."""
+        body = bytearray()
         while True:
             event = await self._next_event(HEADER_TIMEOUT)
             if isinstance(event, h11.Data):
-                total += len(event.data)
-                if total > MAX_REQUEST_BODY:
-                    return False
+                body += event.data
+                if len(body) > MAX_REQUEST_BODY:
+                    return False, b""
             else:
-                return isinstance(event, h11.EndOfMessage)
+                return isinstance(event, h11.EndOfMessage), bytes(body)
 
     async def _respond(self, response: Response) -> None:
         headers = [(k.encode(), v.encode()) for k, v in response.headers]
@@ -201,7 +215,8 @@ class _Connection:
                 if request is None:
                     await self._respond(_plain(400, b"bad request target\n"))
                     return
-                body_ok = await self._read_body()
+                request.client, request.local = self.client, self.local
+                body_ok, request.body = await self._read_body()
                 response = await self.handler(request)
                 if not body_ok:
                     response.headers.append(("connection", "close"))

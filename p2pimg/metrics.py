@@ -43,6 +43,12 @@ class Metrics:
             "p2pimg_fetch_first_byte_seconds", "Time to the first byte of a source request", ["source"],
             registry=r, buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 5))
         self.hedges = Counter("p2pimg_fetch_hedges", "Slow spans raced by a second source", registry=r)
+        self.peer_requests = Counter(
+            "p2pimg_peer_requests", "Peer requests served or refused as busy (429)", ["result"], registry=r)
+        self.peer_served_bytes = Counter(
+            "p2pimg_peer_served_bytes", "Bytes sent to peers from the peer listener", registry=r)
+        for result in ("served", "busy"):
+            self.peer_requests.labels(result)
         for kind in ("origin", "peer", "upstream"):
             self.source_bytes.labels(kind)
             self.source_requests.labels(kind)

@@ -18,7 +18,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +74,7 @@ class Mirror:
         self.chunk_size = chunk_size
         self._root = store.root / "upstream"
         self._fetches: dict[str, UpstreamFetch] = {}
+        self.on_blob_map: Callable[[BlobMap], None] = lambda _bmap: None  # the peer index
 
     def upstream_for(self, ns: str | None) -> UpstreamClient | None:
         """The upstream a request means: containerd names it with `?ns=`, others get the first."""
@@ -212,6 +213,7 @@ class Mirror:
                     raise VerificationError(f"upstream bytes of {fetch.digest} do not match that digest")
                 bmap = BlobMap(fetch.digest, fetch.size, self.chunk_size, tuple(chunks))
                 await trio.to_thread.run_sync(self._keep, fetch, bmap)
+                self.on_blob_map(bmap)
                 fetch.verified = True
                 self.metrics.source_bytes.labels("upstream").inc(fetch.size)
         except VerificationError as exc:

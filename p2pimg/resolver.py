@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -52,6 +53,7 @@ class Resolver:
         self._tags: dict[tuple[str, str], tuple[float, Cid]] = {}
         self._name_roots: dict[str, set[Cid]] = {}
         self._published: dict[str, tuple[float, bool]] = {}
+        self.on_blob_map: Callable[[BlobMap], None] = lambda _bmap: None  # the peer index
 
     # -- blocks ----------------------------------------------------------------------------
 
@@ -92,6 +94,7 @@ class Resolver:
         if bmap.digest != digest or bmap.size != entry.size:
             raise BlockInvalid(f"blob map {entry.map} does not describe {digest}")
         self._remember(self._maps, entry.map, bmap, _MAP_CACHE)  # type: ignore[arg-type]
+        self.on_blob_map(bmap)
         return bmap
 
     async def manifest(self, entry: ManifestEntry, digest: str) -> Manifest:

@@ -1,7 +1,8 @@
-"""`p2pimg serve`: wire the cache, origin, resolver, fetcher and registry into one trio process."""
+"""`p2pimg serve`: a node with its registry listener and, when asked for, its peer listener."""
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import sys
@@ -10,50 +11,67 @@ from functools import partial
 import trio
 
 from .config import Config, parse_listen
-from .fetch import Fetcher, OriginSource
-from .http import listen, serve_connection
-from .metrics import Metrics
-from .mirror import Mirror
-from .origins import open_origin
-from .policy import policy_named
+from .http import Handler, Request, Response, listen, serve_connection
+from .node import Node, clear_serve_info, open_node, write_serve_info
 from .registry import Registry
-from .resolver import Resolver
-from .store import ChunkStore
-from .upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
+
+
+def local_control(node: Node, registry: Registry) -> Handler:
+    """The registry listener's handler: the OCI API for everyone, plus the node's own control
+    endpoints (warm jobs, the peer list) for clients on this machine only."""
+
+    async def handle(request: Request) -> Response:
+        if request.path.startswith("/p2pimg/v1/") and request.from_this_machine:
+            if request.path == "/p2pimg/v1/peers":
+                body = json.dumps(sorted(node.swarm.peers)).encode()
+                return Response(200, [("content-type", "application/json"),
+                                      ("content-length", str(len(body)))], body)
+            return await node.peer_service.handle(request)
+        return await registry.handle(request)
+
+    return handle
+
+
+def _address(listeners: list[trio.SocketListener]) -> str:
+    host, port = listeners[0].socket.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def serve(config: Config, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until SIGINT/SIGTERM (or cancellation); `task_status` gets the bound HOST:PORT."""
     host, port = parse_listen(config.listen)
     listeners = await listen(host, port)  # before anything else: a busy port is a clear error
-    store = ChunkStore(config.cache_dir)
-    origin = open_origin(config.origin, config.home)
-    policy = policy_named(config.policy)
-    upstreams = [UpstreamClient(url) for url in config.upstreams]
-    try:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with trio.open_nursery() as nursery:
-                metrics = Metrics()
-                fetcher = Fetcher(store, [OriginSource(origin)], nursery, metrics=metrics, policy=policy)
-                mirror = Mirror(store, upstreams, nursery, metrics, tag_ttl=config.upstream_tag_ttl,
-                                chunk_size=config.chunk_size) if upstreams else None
-                registry = Registry(store, Resolver(store, origin), fetcher, metrics, mirror)
-                nursery.start_soon(partial(trio.serve_listeners, serve_connection(registry.handle),
-                                           listeners))
-                bound = listeners[0].socket.getsockname()
-                address = f"{bound[0]}:{bound[1]}"
-                mirrored = "".join(f", mirroring {u.url}" for u in upstreams)
-                print(f"p2pimg: serving registry on http://{address} (origin {origin.url}{mirrored})",
+    peer_listeners = await listen(*parse_listen(config.peer_listen)) if config.peer_listen else []
+    advertise = None
+    if peer_listeners:
+        peer_host = parse_listen(config.peer_listen or "")[0]
+        advertise = (peer_host, int(peer_listeners[0].socket.getsockname()[1]))
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with open_node(config, advertise=advertise) as node:
+            registry = Registry(node.store, node.resolver, node.fetcher, node.metrics, node.mirror)
+            if node.mirror is not None:
+                node.mirror.on_blob_map = node.peer_service.index
+            node.nursery.start_soon(partial(trio.serve_listeners,
+                                            serve_connection(local_control(node, registry)), listeners))
+            address = _address(listeners)
+            peer_address = None
+            if peer_listeners:
+                node.nursery.start_soon(partial(trio.serve_listeners,
+                                                serve_connection(node.peer_service.handle), peer_listeners))
+                peer_address = _address(peer_listeners)
+            write_serve_info(config, address, peer_address)
+            try:
+                extra = "".join(f", mirroring {u}" for u in config.upstreams)
+                if peer_address:
+                    extra += f", peers on http://{peer_address}"
+                print(f"p2pimg: serving registry on http://{address} (origin {node.origin.url}{extra})",
                       file=sys.stderr, flush=True)
                 task_status.started(address)
                 async for signum in signals:
-                    print(f"p2pimg: {signal.Signals(signum).name}, shutting down",
-                          file=sys.stderr, flush=True)
-                    nursery.cancel_scope.cancel()
+                    print(f"p2pimg: {signal.Signals(signum).name}, shutting down", file=sys.stderr,
+                          flush=True)
                     break
-    finally:
-        for upstream in upstreams:
-            await upstream.aclose()
-        await origin.aclose()
+            finally:
+                clear_serve_info(config)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,6 +12,10 @@ import trio
 from _support import Node, published_home, start_registry
 
 from p2pimg.sample import LayerSpec, SampleImage, write_oci_layout
+
+# Every p2pimg process a test starts inherits this: mDNS would send multicast on the machine's
+# real interfaces. Tests that create network namespaces turn it on inside them.
+os.environ["P2PIMG_MDNS"] = "0"
 from p2pimg.store import ChunkStore
 
 

@@ -155,7 +155,8 @@ async def test_gives_up_with_the_last_error(tmp_path: Path, nursery: trio.Nurser
 
 async def test_straggler_is_hedged(tmp_path: Path, nursery: trio.Nursery) -> None:
     data, bmap = make_blob(12 * CHUNK)
-    stuck = MemorySource("stuck", "peer", data, stall_after=CHUNK, max_span=12 * CHUNK, segment=64 * CHUNK)
+    stuck = MemorySource("stuck", "peer", data, stall_after=CHUNK, max_span=12 * CHUNK, segment=64 * CHUNK,
+                         limit=1)
     origin = MemorySource("origin", "origin", data)
     fetcher, store, metrics = engine(tmp_path, nursery, [origin, stuck], stall_timeout=60)
     started = trio.current_time()
@@ -164,6 +165,8 @@ async def test_straggler_is_hedged(tmp_path: Path, nursery: trio.Nursery) -> Non
     assert store.blob_path(bmap.digest).read_bytes() == data
     assert metrics.registry.get_sample_value("p2pimg_fetch_hedges_total") == 1
     assert counter(metrics, "source_bytes", "peer") == CHUNK
+    # The stalled request was stopped once overtaken, and its peer backs off for a while.
+    assert stuck.in_flight == 0 and fetcher.stats["stuck"].errors == 1
 
 
 async def test_stall_timeout_fails_over(tmp_path: Path, nursery: trio.Nursery) -> None:

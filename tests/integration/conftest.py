@@ -22,6 +22,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -79,6 +80,9 @@ def client_env(**extra: str) -> dict[str, str]:
         for k, v in os.environ.items()
         if not k.lower().endswith("_proxy") and not k.startswith("P2PIMG_")
     }
+    # mDNS would send multicast on the machine's real interfaces: only the tests that create
+    # their own network namespaces turn it back on, there.
+    env["P2PIMG_MDNS"] = "0"
     env.update(extra)
     return env
 
@@ -905,3 +909,116 @@ def p2pimg_serve_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[P2
         yield pool.start
     finally:
         pool.stop_all()
+
+
+# --------------------------------------------------------------------------------------------
+# S3 origin (moto_server) and the misbehaving proxy in front of origins and peers
+# --------------------------------------------------------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in AWS.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A moto_server (a real S3 server process) on loopback; yields its endpoint URL."""
+    logdir = tmp_path_factory.mktemp("moto")
+
+    def launch(port: int) -> Daemon:
+        return Daemon(
+            "moto",
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            logdir=logdir,
+            env=client_env(**AWS),
+        )
+
+    daemon, port = start_or_fail(
+        "moto_server did not start",
+        "moto",
+        launch,
+        lambda p: http_status(f"http://127.0.0.1:{p}/moto-api/data.json") == 200,
+    )
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        daemon.stop()
+
+
+def make_bucket(moto: str) -> str:
+    import boto3
+
+    name = f"p2pimg-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=moto, region_name="us-east-1").create_bucket(Bucket=name)
+    return name
+
+
+@dataclass
+class FaultProxy:
+    """`tools/faultproxy.py` running in front of some HTTP server."""
+
+    daemon: Daemon
+    endpoint: str
+
+    def stats(self) -> dict[str, int]:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(f"{self.endpoint}/__faultproxy/stats", timeout=10) as r:
+            stats: dict[str, int] = json.loads(r.read())
+            return stats
+
+
+@pytest.fixture
+def fault_proxy(tmp_path: Path) -> Iterator[Callable[..., FaultProxy]]:
+    """Factory: fault_proxy(upstream_url, *proxy_args) -> a running FaultProxy."""
+    started: list[Daemon] = []
+
+    def start(upstream: str, *args: str) -> FaultProxy:
+        def launch(port: int) -> Daemon:
+            argv = [
+                sys.executable,
+                "-m",
+                "tools.faultproxy",
+                "--upstream",
+                upstream,
+                "--listen",
+                f"127.0.0.1:{port}",
+                *args,
+            ]
+            return Daemon(
+                f"faultproxy-{len(started)}",
+                argv,
+                logdir=tmp_path / "proxy-logs",
+                env=client_env(PYTHONPATH=str(REPO_ROOT)),
+            )
+
+        daemon, port = start_or_fail(
+            "fault proxy did not start",
+            "faultproxy",
+            launch,
+            lambda p: http_status(f"http://127.0.0.1:{p}/__faultproxy/stats") == 200,
+        )
+        started.append(daemon)
+        return FaultProxy(daemon, f"http://127.0.0.1:{port}")
+
+    try:
+        yield start
+    finally:
+        for daemon in started:
+            daemon.stop()
+
+
+def metric(host: str, name: str, **labels: str) -> float:
+    """One sample from a p2pimg node's /metrics."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://{host}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
+    for line in text.splitlines():
+        if line.startswith(want + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{want} not in /metrics")

@@ -13,112 +13,22 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
-import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import Daemon, client_env, http_status, start_or_fail
+from conftest import Daemon, FaultProxy, client_env, http_status, make_bucket, metric, start_or_fail
 
 from p2pimg.sample import LayerSpec, SampleImage, write_oci_layout
 
 if TYPE_CHECKING:
     from conftest import RunP2pimg
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
 
 @pytest.fixture(autouse=True)
-def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key, value in AWS.items():
-        monkeypatch.setenv(key, value)
-
-
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    logdir = tmp_path_factory.mktemp("moto")
-
-    def launch(port: int) -> Daemon:
-        return Daemon(
-            "moto",
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            logdir=logdir,
-            env=client_env(**AWS),
-        )
-
-    daemon, port = start_or_fail(
-        "moto_server did not start",
-        "moto",
-        launch,
-        lambda p: http_status(f"http://127.0.0.1:{p}/moto-api/data.json") == 200,
-    )
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        daemon.stop()
-
-
-@dataclass
-class FaultProxy:
-    daemon: Daemon
-    endpoint: str
-
-    def stats(self) -> dict[str, int]:
-        with OPENER.open(f"{self.endpoint}/__faultproxy/stats", timeout=10) as r:
-            stats: dict[str, int] = json.loads(r.read())
-            return stats
-
-
-@pytest.fixture
-def fault_proxy(moto: str, tmp_path: Path) -> Iterator[Callable[..., FaultProxy]]:
-    started: list[Daemon] = []
-
-    def start(*args: str) -> FaultProxy:
-        def launch(port: int) -> Daemon:
-            argv = [
-                sys.executable,
-                "-m",
-                "tools.faultproxy",
-                "--upstream",
-                moto,
-                "--listen",
-                f"127.0.0.1:{port}",
-                *args,
-            ]
-            return Daemon(
-                f"faultproxy-{len(started)}",
-                argv,
-                logdir=tmp_path / "logs",
-                env=client_env(PYTHONPATH=str(REPO_ROOT)),
-            )
-
-        daemon, port = start_or_fail(
-            "fault proxy did not start",
-            "faultproxy",
-            launch,
-            lambda p: http_status(f"http://127.0.0.1:{p}/__faultproxy/stats") == 200,
-        )
-        started.append(daemon)
-        return FaultProxy(daemon, f"http://127.0.0.1:{port}")
-
-    try:
-        yield start
-    finally:
-        for daemon in started:
-            daemon.stop()
-
-
-def make_bucket(moto: str) -> str:
-    import boto3
-
-    name = f"p2pimg-{uuid.uuid4().hex[:10]}"
-    boto3.client("s3", endpoint_url=moto, region_name="us-east-1").create_bucket(Bucket=name)
-    return name
+def _aws(aws_env: None) -> None:
+    """Every p2pimg process here talks S3 with moto's test credentials."""
 
 
 def s3_url(bucket: str, endpoint: str) -> str:
@@ -142,16 +52,6 @@ def serve(home: Path, origin: str, logdir: Path, name: str = "p2pimg") -> tuple[
         "p2pimg serve did not start", name, launch, lambda p: http_status(f"http://127.0.0.1:{p}/v2/") == 200
     )
     return daemon, f"127.0.0.1:{port}"
-
-
-def metric(host: str, name: str, **labels: str) -> float:
-    with OPENER.open(f"http://{host}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
-    for line in text.splitlines():
-        if line.startswith(want + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"{want} not in /metrics")
 
 
 def skopeo_pull(ref: str, dest: Path) -> subprocess.Popen[bytes]:
@@ -197,7 +97,7 @@ def test_four_clients_one_origin_fetch(
     )
     bucket = make_bucket(moto)
     publish(run_p2pimg, image, s3_url(bucket, moto), tmp_path / "publisher")
-    proxy = fault_proxy("--latency", "0.05")  # far enough that the four pulls overlap
+    proxy = fault_proxy(moto, "--latency", "0.05")  # far enough that the four pulls overlap
     daemon, host = serve(tmp_path / "home", s3_url(bucket, proxy.endpoint), tmp_path / "logs")
     try:
         pulls = [skopeo_pull(f"{host}/demo/app:1", tmp_path / f"out{i}") for i in range(4)]
@@ -219,7 +119,7 @@ def test_kill_9_then_resume_fetches_only_the_rest(
     image = write_oci_layout(tmp_path / "img", [LayerSpec(32 << 20, "none")], tag="1", seed=6)
     bucket = make_bucket(moto)
     publish(run_p2pimg, image, s3_url(bucket, moto), tmp_path / "publisher")
-    proxy = fault_proxy("--rate", str(4 << 20))  # 4 MiB/s a connection: the fetch takes seconds
+    proxy = fault_proxy(moto, "--rate", str(4 << 20))  # 4 MiB/s a connection: the fetch takes seconds
     home = tmp_path / "home"
     daemon, host = serve(home, s3_url(bucket, proxy.endpoint), tmp_path / "logs", "victim")
     manifest = json.loads((image.path / "blobs" / "sha256" / image.top_digest[7:]).read_bytes())
@@ -269,7 +169,7 @@ def test_origin_faults_still_yield_a_correct_pull(
     )
     bucket = make_bucket(moto)
     publish(run_p2pimg, image, s3_url(bucket, moto), tmp_path / "publisher")
-    proxy = fault_proxy("--faults", "fail,reset,stall,corrupt", "--every", "2", "--max-faults", "8")
+    proxy = fault_proxy(moto, "--faults", "fail,reset,stall,corrupt", "--every", "2", "--max-faults", "8")
     daemon, host = serve(tmp_path / "home", s3_url(bucket, proxy.endpoint), tmp_path / "logs")
     try:
         pull = skopeo_pull(f"{host}/demo/app:1", tmp_path / "out")
@@ -289,7 +189,7 @@ def test_wrong_bytes_never_reach_the_client(
     image = write_oci_layout(tmp_path / "img", [LayerSpec(6 << 20, "none")], tag="1", seed=8)
     bucket = make_bucket(moto)
     publish(run_p2pimg, image, s3_url(bucket, moto), tmp_path / "publisher", "--chunk-size", "256K")
-    proxy = fault_proxy("--faults", "corrupt", "--every", "1")  # every ranged GET is corrupted
+    proxy = fault_proxy(moto, "--faults", "corrupt", "--every", "1")  # every ranged GET is corrupted
     home = tmp_path / "home"
     daemon, host = serve(home, s3_url(bucket, proxy.endpoint), tmp_path / "logs")
     manifest = json.loads((image.path / "blobs" / "sha256" / image.top_digest[7:]).read_bytes())

@@ -1,0 +1,185 @@
+"""One p2pimg node: the cache, origin, resolver, fetch engine, mirror, peers and warm jobs of a
+home, with the lifetime of a trio nursery. `serve` puts HTTP listeners in front of it; `warm`
+without a running server uses one for the length of the warm."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import httpx
+import trio
+
+from .config import Config
+from .fetch import Fetcher, OriginSource
+from .metrics import Metrics
+from .mirror import Mirror
+from .origins import Origin, open_origin
+from .peer import PeerService, PeerSource
+from .policy import policy_named
+from .resolver import Resolver
+from .store import ChunkStore
+from .upstream import UpstreamClient
+from .warm import WarmJobs
+
+log = logging.getLogger(__name__)
+
+
+def node_id(home: os.PathLike[str] | str) -> str:
+    """A stable random identity of the node owning a home (peers use it to skip themselves)."""
+    path = os.path.join(home, "node-id")
+    try:
+        with open(path) as f:
+            value = f.read().strip()
+        if len(value) == 32 and all(c in "0123456789abcdef" for c in value):
+            return value
+    except OSError:
+        pass
+    value = secrets.token_hex(16)
+    os.makedirs(home, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(value)
+    os.replace(tmp, path)
+    return value
+
+
+@dataclass
+class Swarm:
+    """The node's peers: static ones (`--peer`) and those mDNS finds, as fetch sources."""
+
+    fetcher: Fetcher
+    own_id: str
+    static: list[str]
+    client: httpx.AsyncClient
+    discovery: object | None = None
+    peers: dict[str, PeerSource] = field(default_factory=dict)
+
+    def add(self, url: str, peer_node: str | None = None) -> None:
+        if peer_node == self.own_id or url in self.peers:
+            return
+        source = PeerSource(url, self.client, node_id=peer_node)
+        self.peers[url] = source
+        self.fetcher.add_source(source)
+        log.info("peer %s joined", url)
+
+    def remove(self, url: str) -> None:
+        if self.peers.pop(url, None) is not None:
+            self.fetcher.remove_source(f"peer {url.rstrip('/')}")
+            log.info("peer %s left", url)
+
+    async def _check_static(self, url: str) -> None:
+        """Drop a static peer that turns out to be this very node."""
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            r = await self.client.get(f"{url.rstrip('/')}/p2pimg/v1/info", timeout=2)
+            if r.status_code == 200 and r.json().get("node") == self.own_id:
+                self.remove(url)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            for url in self.static:
+                self.add(url)
+                nursery.start_soon(self._check_static, url)
+            if self.discovery is not None:
+                # Not nursery.start: announcing first probes the LAN for name clashes (~2 s), and
+                # serving must not wait for that.
+                nursery.start_soon(self.discovery.run)  # type: ignore[attr-defined]
+                nursery.start_soon(self._follow_discovery)
+            task_status.started()
+
+    async def _follow_discovery(self) -> None:
+        assert self.discovery is not None
+        while True:
+            found = {p.url: p.node_id for p in self.discovery.peers()}  # type: ignore[attr-defined]
+            for url, peer_node in found.items():
+                self.add(url, peer_node)
+            for url in [u for u in self.peers if u not in found and u not in self.static]:
+                self.remove(url)
+            await self.discovery.changed()  # type: ignore[attr-defined]
+
+
+@dataclass
+class Node:
+    config: Config
+    nursery: trio.Nursery
+    node_id: str
+    store: ChunkStore
+    origin: Origin
+    metrics: Metrics
+    fetcher: Fetcher
+    resolver: Resolver
+    mirror: Mirror | None
+    peer_service: PeerService
+    warm: WarmJobs
+    swarm: Swarm
+
+
+@contextlib.asynccontextmanager
+async def open_node(config: Config, *, advertise: tuple[str, int] | None = None) -> AsyncIterator[Node]:
+    """A running node; everything it started stops when the block ends."""
+    store = ChunkStore(config.cache_dir)
+    origin = open_origin(config.origin, config.home)
+    policy = policy_named(config.policy)
+    upstreams = [UpstreamClient(url) for url in config.upstreams]
+    client = httpx.AsyncClient(timeout=httpx.Timeout(30, connect=1.0),
+                               limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+                               trust_env=False)  # peers are on the LAN: never through a proxy
+    own_id = await trio.to_thread.run_sync(node_id, config.home)
+    discovery = None
+    if config.mdns:
+        from .discovery import Discovery
+
+        discovery = Discovery(node_id=own_id, advertise=advertise)
+    try:
+        async with trio.open_nursery() as nursery:
+            metrics = Metrics()
+            fetcher = Fetcher(store, [OriginSource(origin)], nursery, metrics=metrics, policy=policy)
+            mirror = Mirror(store, upstreams, nursery, metrics, tag_ttl=config.upstream_tag_ttl,
+                            chunk_size=config.chunk_size) if upstreams else None
+            resolver = Resolver(store, origin)
+            peer_service = PeerService(store, fetcher, own_id, rate=config.peer_rate,
+                                       max_requests=config.peer_max_requests)
+            swarm = Swarm(fetcher, own_id, list(config.peers), client, discovery)
+            node = Node(config, nursery, own_id, store, origin, metrics, fetcher, resolver, mirror,
+                        peer_service, WarmJobs.__new__(WarmJobs), swarm)
+            node.warm = WarmJobs(node, nursery)
+            peer_service.warm = node.warm
+            resolver.on_blob_map = peer_service.index
+            await nursery.start(swarm.run)
+            yield node
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            await client.aclose()
+            for upstream in upstreams:
+                await upstream.aclose()
+            await origin.aclose()
+
+
+def write_serve_info(config: Config, registry: str, peer: str | None) -> None:
+    """Tell `p2pimg warm` on the same home where the running server is."""
+    path = config.home / "serve.json"
+    tmp = path.with_suffix(f".{os.getpid()}")
+    tmp.write_text(json.dumps({"pid": os.getpid(), "registry": registry, "peer": peer}))
+    os.replace(tmp, path)
+
+
+def read_serve_info(config: Config) -> dict[str, object] | None:
+    try:
+        info = json.loads((config.home / "serve.json").read_text())
+        os.kill(int(info["pid"]), 0)  # still alive?
+        return info if isinstance(info, dict) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def clear_serve_info(config: Config) -> None:
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        info = json.loads((config.home / "serve.json").read_text())
+        if int(info["pid"]) == os.getpid():
+            (config.home / "serve.json").unlink()

@@ -1,0 +1,341 @@
+"""Peer exchange: the HTTP API a node serves to its LAN, and the source that fetches from it.
+
+Content-addressed only: a peer never serves a path, only content named by CID or digest, and
+only bytes it has verified. Single blocks follow the IPFS trustless-gateway form; what the swarm
+needs beyond it is versioned under /p2pimg/v1/:
+
+    GET /ipfs/<cid>                     a block: a chunk, a manifest, a DAG node, or a whole blob
+                                        (Accept: application/vnd.ipld.raw, or ?format=raw)
+    GET /p2pimg/v1/have/<digest>        {"digest", "complete", "chunks": base64 of one byte per
+                                        chunk: 1 verified, 2 being fetched, 0 missing}
+    GET /p2pimg/v1/blobs/<digest>       verified bytes of a blob; Range: one span
+    GET /p2pimg/v1/info                 {"version": 1, "node": "<node id>"}
+    POST /p2pimg/v1/warm, GET /p2pimg/v1/warm/<id>   remote warm (see warm.py)
+
+A busy node answers 429 with Retry-After (concurrent requests or bytes/s over its limits); the
+fetching side backs off that peer and takes the chunk elsewhere. Every chunk a peer sends is
+verified by the receiver, and a peer that lies is penalised, then banned (policy.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
+
+import httpx
+import trio
+
+from .cid import Cid, parse_digest
+from .errors import BlobUnknown, NotFound, OriginError, P2pimgError, RangeNotSatisfiable
+from .fetch import ChunkSource, Fetcher
+from .http import BodyPart, FileRegion, Request, Response
+from .model import BlobMap
+from .ranges import content_range, parse_range
+from .registry import error_response
+from .store import ChunkStore
+
+if TYPE_CHECKING:
+    from .warm import WarmJobs
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+RAW_BLOCK = "application/vnd.ipld.raw"
+_PIECE = 256 << 10
+_POLL = 0.3
+
+
+class PeerBusy(OriginError):
+    """A peer answered 429: try elsewhere, come back later."""
+
+    http_status = 429
+
+
+class TokenBucket:
+    """Bytes per second with a one-second burst; `rate` 0 means unlimited."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.tokens = rate
+        self.stamp = trio.current_time() if rate else 0.0
+
+    async def take(self, n: int) -> None:
+        if not self.rate:
+            return
+        while True:
+            now = trio.current_time()
+            self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+            if self.tokens >= n or self.tokens >= self.rate:
+                self.tokens -= n
+                return
+            await trio.sleep((min(n, self.rate) - self.tokens) / self.rate)
+
+
+class PeerService:
+    """The peer API of one node (served on `--peer-listen`)."""
+
+    def __init__(self, store: ChunkStore, fetcher: Fetcher, node_id: str, *, rate: float = 0.0,
+                 max_requests: int = 32, warm: WarmJobs | None = None) -> None:
+        self.store = store
+        self.fetcher = fetcher
+        self.metrics = fetcher.metrics
+        self.node_id = node_id
+        self.max_requests = max_requests
+        self.active = 0
+        self.rate = rate
+        self._bucket: TokenBucket | None = None
+        self.warm = warm
+        self.chunk_index: dict[bytes, tuple[BlobMap, int]] = {}
+
+    def index(self, bmap: BlobMap) -> None:
+        """Make a blob's chunks findable by CID (for /ipfs/<chunk cid>)."""
+        for i, cid in enumerate(bmap.chunks):
+            self.chunk_index[cid.digest] = (bmap, i)
+
+    def _busy(self) -> Response:
+        err = P2pimgError("busy: too many requests")
+        err.oci_code, err.http_status = "TOOMANYREQUESTS", 429
+        response = error_response(err)
+        response.headers.append(("retry-after", "1"))
+        return response
+
+    async def handle(self, request: Request) -> Response:
+        if self.active >= self.max_requests:
+            self.metrics.peer_requests.labels("busy").inc()
+            return self._busy()
+        self.metrics.peer_requests.labels("served").inc()
+        self.active += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.active -= 1
+
+        try:
+            response = await self._route(request)
+        except P2pimgError as exc:
+            release()
+            return error_response(exc, head=request.method == "HEAD")
+        except BaseException:
+            release()
+            raise
+        if isinstance(response.body, bytes):
+            release()
+        else:
+            response.body = self._limited(response.body, release)
+        return response
+
+    async def _limited(self, body: AsyncIterator[BodyPart],
+                       release: Callable[[], None]) -> AsyncIterator[BodyPart]:
+        """Pace a body to the upload rate (in 256 KiB pieces) and hold a request slot until done."""
+        if self._bucket is None:
+            self._bucket = TokenBucket(self.rate)
+        try:
+            async for part in body:
+                if isinstance(part, FileRegion) and self.rate:
+                    for off in range(0, part.length, _PIECE):
+                        n = min(_PIECE, part.length - off)
+                        await self._bucket.take(n)
+                        yield FileRegion(part.fd, part.offset + off, n)
+                        self.metrics.peer_served_bytes.inc(n)
+                else:
+                    if self.rate:
+                        await self._bucket.take(len(part))
+                    yield part
+                    self.metrics.peer_served_bytes.inc(len(part))
+        finally:
+            release()
+            await body.aclose()  # type: ignore[attr-defined]
+
+    async def _route(self, request: Request) -> Response:
+        path = request.path
+        if request.method == "POST" and path == "/p2pimg/v1/warm" and self.warm is not None:
+            return await self.warm.http_start(request)
+        if request.method not in ("GET", "HEAD"):
+            err = P2pimgError(f"{request.method} is not supported here")
+            err.oci_code, err.http_status = "UNSUPPORTED", 405
+            return error_response(err)
+        if path == "/p2pimg/v1/info":
+            return _json({"version": PROTOCOL_VERSION, "node": self.node_id})
+        if path.startswith("/p2pimg/v1/warm/") and self.warm is not None:
+            return self.warm.http_status(path.rpartition("/")[2])
+        if path.startswith("/p2pimg/v1/have/"):
+            digest = path.rpartition("/")[2]
+            parse_digest(digest)
+            states = self.fetcher.availability(digest)
+            if states is None:
+                raise BlobUnknown(f"this peer holds nothing of {digest}")
+            return _json({"digest": digest, "complete": states == b"",
+                          "chunks": base64.b64encode(states).decode() if states else None})
+        if path.startswith("/p2pimg/v1/blobs/"):
+            return await self._blob(path.rpartition("/")[2], request)
+        if path.startswith("/ipfs/"):
+            return await self._block(path[len("/ipfs/"):], request)
+        raise NotFound(f"no such endpoint {path[:100]}")
+
+    async def _blob(self, digest: str, request: Request) -> Response:
+        parse_digest(digest)
+        path = self.store.blob_path(digest)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return self._partial_blob(digest, request)
+        size = os.fstat(fd).st_size
+        try:
+            whole = parse_range(request.headers.get("range"), size)
+        except BaseException:
+            os.close(fd)
+            raise
+        return self._region(fd, whole or (0, size), size, request, ranged=whole is not None)
+
+    def _partial_blob(self, digest: str, request: Request) -> Response:
+        """Verified chunks of a blob this node is still fetching."""
+        fetch = self.fetcher.fetch_of(digest)
+        if fetch is None:
+            raise BlobUnknown(f"this peer holds nothing of {digest}")
+        bmap = fetch.map
+        asked = parse_range(request.headers.get("range"), bmap.size)
+        rng = asked if asked is not None else (0, bmap.size)
+        first, last = rng[0] // bmap.chunk_size, (rng[1] - 1) // bmap.chunk_size
+        if rng[1] <= rng[0] or not all(fetch.partial.have[i] for i in range(first, last + 1)):
+            raise RangeNotSatisfiable(f"this peer has not verified all of {rng} yet", size=bmap.size)
+        return self._region(os.dup(fetch.partial.fd), rng, bmap.size, request, ranged=asked is not None)
+
+    def _region(self, fd: int, rng: tuple[int, int], size: int, request: Request, *,
+                ranged: bool) -> Response:
+        start, end = rng
+        headers = [("content-type", "application/octet-stream"), ("content-length", str(end - start))]
+        if ranged:
+            headers.append(("content-range", content_range(start, end, size)))
+        if request.method == "HEAD":
+            os.close(fd)
+            return Response(206 if ranged else 200, headers)
+        return Response(206 if ranged else 200, headers, _file_body(fd, start, end))
+
+    async def _block(self, text: str, request: Request) -> Response:
+        cid = Cid.parse(text)
+        headers = [("content-type", RAW_BLOCK), ("x-content-type-options", "nosniff"),
+                   ("etag", f'"{cid}.raw"')]
+        data = await trio.to_thread.run_sync(self.store.get_block, cid)
+        if data is not None:
+            headers.append(("content-length", str(len(data))))
+            return Response(200, headers, b"" if request.method == "HEAD" else data)
+        if cid.codec_name == "raw":
+            digest = cid.to_digest()
+            if self.store.has_blob(digest):  # a whole blob, named by the CID of all its bytes
+                fd = os.open(self.store.blob_path(digest), os.O_RDONLY)
+                size = os.fstat(fd).st_size
+                return self._raw(fd, 0, size, headers, request)
+            found = self.chunk_index.get(cid.digest)
+            if found is not None:
+                bmap, i = found
+                lo, hi = bmap.bounds(i)
+                if self.store.has_blob(bmap.digest):
+                    return self._raw(os.open(self.store.blob_path(bmap.digest), os.O_RDONLY), lo, hi,
+                                     headers, request)
+                fetch = self.fetcher.fetch_of(bmap.digest)
+                if fetch is not None and fetch.partial.have[i]:
+                    return self._raw(os.dup(fetch.partial.fd), lo, hi, headers, request)
+        raise NotFound(f"this peer does not have {cid}")
+
+    @staticmethod
+    def _raw(fd: int, lo: int, hi: int, headers: list[tuple[str, str]], request: Request) -> Response:
+        headers = [*headers, ("content-length", str(hi - lo))]
+        if request.method == "HEAD":
+            os.close(fd)
+            return Response(200, headers)
+        return Response(200, headers, _file_body(fd, lo, hi))
+
+
+async def _file_body(fd: int, start: int, end: int) -> AsyncIterator[BodyPart]:
+    try:
+        if end > start:
+            yield FileRegion(fd, start, end - start)
+    finally:
+        os.close(fd)
+
+
+def _json(value: object) -> Response:
+    body = json.dumps(value).encode()
+    return Response(200, [("content-type", "application/json"), ("content-length", str(len(body)))], body)
+
+
+class PeerSource(ChunkSource):
+    """Another node's peer server, as a source of chunks."""
+
+    kind = "peer"
+    limit = 4
+    max_span = 4 << 20
+    stall_timeout = 5.0  # a LAN peer that goes quiet this long is dead to this request
+
+    def __init__(self, url: str, client: httpx.AsyncClient, *, node_id: str | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.name = f"peer {self.url}"
+        self.client = client
+        self.node_id = node_id
+        self._have: dict[str, bytes | None] = {}  # digest -> states (b"" = complete, None = nothing)
+
+    def has(self, blob_map: BlobMap, index: int) -> bool:
+        states = self._have.get(blob_map.digest)
+        if states is None:
+            return False
+        return states == b"" or (len(states) > index and states[index] == 1)
+
+    def coming(self, blob_map: BlobMap, index: int) -> bool:
+        states = self._have.get(blob_map.digest)
+        return states is not None and len(states) > index and states[index] == 2
+
+    async def _poll(self, blob_map: BlobMap) -> bool:
+        """Refresh what this peer holds of a blob; True when it changed."""
+        try:
+            r = await self.client.get(f"{self.url}/p2pimg/v1/have/{blob_map.digest}", timeout=1.0)
+        except httpx.HTTPError:
+            return False
+        states: bytes | None = None
+        if r.status_code == 200:
+            try:
+                doc = r.json()
+                states = b"" if doc.get("complete") else base64.b64decode(doc.get("chunks") or "")
+                if states and len(states) != blob_map.count:
+                    states = None  # describes another chunking of the blob: useless to us
+            except (ValueError, AttributeError):
+                states = None
+        changed = self._have.get(blob_map.digest) != states
+        self._have[blob_map.digest] = states
+        return changed
+
+    async def prime(self, blob_map: BlobMap) -> None:
+        await self._poll(blob_map)
+
+    async def track(self, blob_map: BlobMap, changed: Callable[[], None]) -> None:
+        """Poll until cancelled (the fetch's end), forgetting what was learnt only then."""
+        try:
+            while True:
+                if self._have.get(blob_map.digest) == b"":
+                    await trio.sleep_forever()  # complete there: nothing more to learn
+                await trio.sleep(_POLL)
+                if await self._poll(blob_map):
+                    changed()
+        finally:
+            self._have.pop(blob_map.digest, None)
+
+    async def read_span(self, blob_map: BlobMap, start: int, length: int) -> AsyncIterator[bytes]:
+        headers = {"range": f"bytes={start}-{start + length - 1}"}
+        url = f"{self.url}/p2pimg/v1/blobs/{blob_map.digest}"
+        try:
+            async with self.client.stream("GET", url, headers=headers) as r:
+                if r.status_code == 429:
+                    raise PeerBusy(f"{self.name} is busy")
+                if r.status_code != 206:
+                    raise OriginError(f"{self.name} answered {r.status_code} for a span of {blob_map.digest}")
+                async for piece in r.aiter_raw():
+                    yield piece
+        except httpx.HTTPError as exc:
+            raise OriginError(f"{self.name}: {exc or type(exc).__name__}") from None

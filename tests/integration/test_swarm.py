@@ -1,0 +1,264 @@
+"""The LAN swarm on loopback: peers are separate `p2pimg serve` processes with their own homes.
+
+Where the origin's egress matters it is an S3 origin (moto_server) behind `tools/faultproxy.py`,
+which counts the bytes it sends; peers that lie or stall are real peers behind the same proxy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import (
+    AWS,
+    Daemon,
+    FaultProxy,
+    client_env,
+    free_port,
+    http_status,
+    make_bucket,
+    metric,
+    start_or_fail,
+)
+
+from p2pimg.sample import LayerSpec, SampleImage, write_oci_layout
+
+
+class Nodes:
+    """`p2pimg serve` processes with peer listeners, stopped (and checked) at teardown."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.daemons: list[Daemon] = []
+
+    def start(
+        self, name: str, origin: str, *extra: str, peer_port: int | None = None
+    ) -> tuple[Daemon, str, str]:
+        home = self.tmp / name
+        ports: dict[str, int] = {}
+
+        def launch(port: int) -> Daemon:
+            ports["registry"] = port
+            ports["peer"] = peer_port or free_port()
+            argv = [
+                sys.executable,
+                "-m",
+                "p2pimg",
+                "serve",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--peer-listen",
+                f"127.0.0.1:{ports['peer']}",
+                "--origin",
+                origin,
+                "--no-mdns",
+                *extra,
+            ]
+            return Daemon(name, argv, logdir=self.tmp / "logs", env=client_env(P2PIMG_HOME=str(home), **AWS))
+
+        daemon, _ = start_or_fail(
+            f"{name} did not start", name, launch, lambda p: http_status(f"http://127.0.0.1:{p}/v2/") == 200
+        )
+        self.daemons.append(daemon)
+        return daemon, f"127.0.0.1:{ports['registry']}", f"http://127.0.0.1:{ports['peer']}"
+
+    def stop_all(self) -> None:
+        problems = []
+        for d in self.daemons:
+            status, graceful = d.stop()
+            if d.proc.returncode not in (0, -signal.SIGKILL) or not graceful:
+                problems.append(f"{d.name}: exit {status}\n{d.output()}")
+        assert not problems, "\n".join(problems)
+
+
+@pytest.fixture(autouse=True)
+def _aws(aws_env: None) -> None:
+    """Every p2pimg process here talks S3 with moto's test credentials."""
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> Iterator[Nodes]:
+    n = Nodes(tmp_path)
+    try:
+        yield n
+    finally:
+        n.stop_all()
+
+
+def p2pimg(*args: str, home: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "p2pimg", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=client_env(P2PIMG_HOME=str(home), **AWS),
+        check=False,
+    )
+
+
+def published(tmp: Path, moto: str, layers: list[LayerSpec], seed: int) -> tuple[SampleImage, str]:
+    image = write_oci_layout(tmp / f"img{seed}", layers, tag="1", seed=seed)
+    bucket = make_bucket(moto)
+    out = p2pimg(
+        "publish",
+        f"oci:{image.path}:1",
+        "demo/app:1",
+        "--origin",
+        f"s3://{bucket}?endpoint={moto}",
+        home=tmp / "publisher",
+    )
+    assert out.returncode == 0, out.stderr
+    return image, bucket
+
+
+def blob_bytes(image: SampleImage) -> int:
+    return image.total_bytes - (image.path / "blobs" / "sha256" / image.top_digest[7:]).stat().st_size
+
+
+def pull(host: str, dest: Path, image: SampleImage) -> None:
+    result = subprocess.run(
+        [
+            "skopeo",
+            "copy",
+            "--insecure-policy",
+            "--preserve-digests",
+            "--src-tls-verify=false",
+            f"docker://{host}/demo/app:1",
+            f"oci:{dest}:x",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=client_env(),
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads((dest / "index.json").read_text())["manifests"][0]["digest"] == image.top_digest
+    for blob in (dest / "blobs" / "sha256").iterdir():
+        assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name
+
+
+def test_pull_what_a_peer_warmed(moto: str, nodes: Nodes, tmp_path: Path) -> None:
+    image, bucket = published(tmp_path, moto, [LayerSpec(12 << 20, "none"), LayerSpec(3 << 20)], seed=1)
+    origin = f"s3://{bucket}?endpoint={moto}"
+    _, a_host, a_peer = nodes.start("a", origin)
+    warmed = p2pimg("warm", "demo/app:1", home=tmp_path / "a")
+    assert warmed.returncode == 0, warmed.stderr
+    assert "through the server of this home" in warmed.stderr and "warmed demo/app:1" in warmed.stdout
+    assert metric(a_host, "p2pimg_source_bytes_total", source="origin") == blob_bytes(image)
+
+    _, b_host, _ = nodes.start("b", origin, "--peer", a_peer)
+    pull(b_host, tmp_path / "out", image)
+    assert metric(b_host, "p2pimg_source_bytes_total", source="peer") == blob_bytes(image)
+    assert metric(b_host, "p2pimg_source_bytes_total", source="origin") == 0
+    assert metric(a_host, "p2pimg_peer_served_bytes_total") >= blob_bytes(image)
+
+
+def test_three_nodes_warm_at_once_origin_serves_about_once(
+    moto: str, nodes: Nodes, fault_proxy: Callable[..., FaultProxy], tmp_path: Path
+) -> None:
+    image, bucket = published(
+        tmp_path, moto, [LayerSpec(24 << 20, "none"), LayerSpec(16 << 20, "none")], seed=2
+    )
+    far = fault_proxy(moto, "--latency", "0.02", "--rate", str(16 << 20))
+    origin = f"s3://{bucket}?endpoint={far.endpoint}"
+    # Every node knows the others by --peer (mDNS does this on a real LAN; see the netns test).
+    ports = [free_port() for _ in range(3)]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    restarted = []
+    for i, name in enumerate(("n1", "n2", "n3")):
+        others = [arg for u in urls if u != urls[i] for arg in ("--peer", u)]
+        restarted.append(nodes.start(name, origin, *others, peer_port=ports[i])[1])
+    before = far.stats()["body_bytes"]
+    warmed = p2pimg("warm", "demo/app:1", "--lan", home=tmp_path / "n1")
+    assert warmed.returncode == 0, warmed.stdout + warmed.stderr
+    assert warmed.stdout.count("warmed demo/app:1") == 3, warmed.stdout  # this machine and both peers
+    egress = far.stats()["body_bytes"] - before
+    assert egress <= 1.2 * blob_bytes(image), f"origin sent {egress / blob_bytes(image):.2f}x the image"
+    for host in restarted:
+        assert metric(host, "p2pimg_source_bytes_total", source="origin") + metric(
+            host, "p2pimg_source_bytes_total", source="peer"
+        ) == blob_bytes(image)
+
+
+def test_peer_killed_mid_transfer(moto: str, nodes: Nodes, tmp_path: Path) -> None:
+    image, bucket = published(tmp_path, moto, [LayerSpec(24 << 20, "none")], seed=3)
+    origin = f"s3://{bucket}?endpoint={moto}"
+    a, _a_host, a_peer = nodes.start("a", origin, "--peer-rate", "3M")  # slow enough to be caught mid-span
+    assert p2pimg("warm", "demo/app:1", home=tmp_path / "a").returncode == 0
+    _, b_host, _ = nodes.start("b", origin, "--peer", a_peer)
+    client = subprocess.Popen(
+        [
+            "skopeo",
+            "copy",
+            "--insecure-policy",
+            "--preserve-digests",
+            "--src-tls-verify=false",
+            f"docker://{b_host}/demo/app:1",
+            f"oci:{tmp_path / 'out'}:x",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=client_env(),
+    )
+    deadline = time.monotonic() + 60
+    while metric(b_host, "p2pimg_source_bytes_total", source="peer") < 2 << 20:
+        assert time.monotonic() < deadline and client.poll() is None, "no bytes came from the peer"
+        time.sleep(0.05)
+    a.proc.send_signal(signal.SIGKILL)
+    _, err = client.communicate(timeout=300)
+    assert client.returncode == 0, err.decode()
+    assert (
+        json.loads((tmp_path / "out" / "index.json").read_text())["manifests"][0]["digest"]
+        == image.top_digest
+    )
+    for blob in (tmp_path / "out" / "blobs" / "sha256").iterdir():
+        assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name
+    assert metric(b_host, "p2pimg_source_bytes_total", source="origin") > 0  # the rest came from the origin
+
+
+def test_lying_peer_never_reaches_the_client(
+    moto: str, nodes: Nodes, fault_proxy: Callable[..., FaultProxy], tmp_path: Path
+) -> None:
+    image, bucket = published(tmp_path, moto, [LayerSpec(8 << 20, "none")], seed=4)
+    origin = f"s3://{bucket}?endpoint={moto}"
+    _, _a_host, a_peer = nodes.start("a", origin)
+    assert p2pimg("warm", "demo/app:1", home=tmp_path / "a").returncode == 0
+    liar = fault_proxy(a_peer, "--faults", "corrupt", "--every", "1")  # every span A sends is corrupted
+    _, b_host, _ = nodes.start("b", origin, "--peer", liar.endpoint)
+    pull(b_host, tmp_path / "out", image)
+    assert metric(b_host, "p2pimg_verify_failures_total", source="peer") >= 1
+    assert metric(b_host, "p2pimg_source_bytes_total", source="peer") < blob_bytes(image)
+    assert metric(b_host, "p2pimg_source_bytes_total", source="origin") + metric(
+        b_host, "p2pimg_source_bytes_total", source="peer"
+    ) == blob_bytes(image)
+
+
+def test_busy_peer_answers_429_and_the_pull_goes_on(moto: str, nodes: Nodes, tmp_path: Path) -> None:
+    image, bucket = published(tmp_path, moto, [LayerSpec(16 << 20, "none"), LayerSpec(4 << 20)], seed=5)
+    origin = f"s3://{bucket}?endpoint={moto}"
+    _, a_host, a_peer = nodes.start("a", origin, "--peer-max-requests", "1", "--peer-rate", "8M")
+    assert p2pimg("warm", "demo/app:1", home=tmp_path / "a").returncode == 0
+    _, b_host, _ = nodes.start("b", origin, "--peer", a_peer)
+    pull(b_host, tmp_path / "out", image)
+    assert metric(a_host, "p2pimg_peer_requests_total", result="busy") >= 1
+    assert metric(b_host, "p2pimg_source_bytes_total", source="peer") > 0
+
+
+def test_warm_errors_are_clear(tmp_path: Path) -> None:
+    for ref, message in (
+        ("demo/nothing:1", "not published"),
+        ("ipfs/notacid", "invalid CID"),
+        ("Bad:Ref", "invalid repository name"),
+    ):
+        result = p2pimg("warm", ref, "--no-mdns", home=tmp_path / f"h{uuid.uuid4().hex[:6]}")
+        assert result.returncode != 0
+        assert message in result.stdout + result.stderr and "Traceback" not in result.stderr
