@@ -11,7 +11,8 @@ listed kinds, at most `--max-faults` times; everything else is passed through un
     stall    send the headers and part of the body, then send nothing more
     corrupt  flip one byte in the middle of the body
 
-`--latency` delays every response (a far origin); `--rate` caps each connection's bytes/s. It
+`--latency` delays every response (a far origin); `--rate` caps each connection's bytes/s and
+`--total-rate` all of them together (the origin's uplink). It
 prints `listening on HOST:PORT` on stdout when ready, and a line per fault on stderr.
 `GET /__faultproxy/stats` answers how many ranged GETs and body bytes went through (the origin's
 egress as its clients see it).
@@ -48,6 +49,8 @@ class Proxy:
         self.upstream = args.upstream.rstrip("/")
         self.latency = args.latency
         self.rate = args.rate
+        self.total_rate = args.total_rate
+        self.uplink_free_at = 0.0  # when the shared uplink can take the next piece
         self.kinds = itertools.cycle([k for k in args.faults.split(",") if k] or ["none"])
         self.every = max(1, args.every)
         self.max_faults = args.max_faults
@@ -73,13 +76,19 @@ class Proxy:
         return kind
 
     async def send(self, stream: trio.SocketStream, data: bytes) -> None:
-        if not self.rate:
+        if not self.rate and not self.total_rate:
             await stream.send_all(data)
             return
         for i in range(0, len(data), 16384):
             piece = data[i : i + 16384]
+            if self.total_rate:
+                # One queue for the uplink: each piece waits for the pieces sent before it.
+                now = trio.current_time()
+                self.uplink_free_at = max(self.uplink_free_at, now) + len(piece) / self.total_rate
+                await trio.sleep_until(self.uplink_free_at)
             await stream.send_all(piece)
-            await trio.sleep(len(piece) / self.rate)
+            if self.rate:
+                await trio.sleep(len(piece) / self.rate)
 
     async def handle(self, stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER)
@@ -216,6 +225,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--listen", default="127.0.0.1:0")
     p.add_argument("--latency", type=float, default=0.0, help="seconds added to every response")
     p.add_argument("--rate", type=float, default=0.0, help="bytes/s per connection (0 = unlimited)")
+    p.add_argument("--total-rate", type=float, default=0.0, help="bytes/s, all connections")
     p.add_argument("--faults", default="", help="comma-separated: fail,reset,stall,corrupt")
     p.add_argument("--every", type=int, default=3, help="fault every Nth ranged GET")
     p.add_argument("--max-faults", type=int, default=1_000_000)

@@ -1,0 +1,188 @@
+"""LAN swarm warm: N nodes warm one image at once from a far origin, against one node alone.
+
+    python -m bench.swarm_warm [--nodes 4] [--size-mib 256] [--uplink-mib 48] [--latency 0.01]
+
+The origin is a real moto_server behind `tools/faultproxy.py`, which plays the origin's uplink
+(`--uplink-mib` MiB/s shared by every connection, `--latency` s per response) and counts what the
+origin sends. The nodes are `p2pimg serve` processes on loopback that know each other by --peer.
+Reported, same run: time until every node has the whole image (`warm --lan`) against one node
+warming alone, and the origin's egress divided by the image size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import ExitStack
+from pathlib import Path
+
+from p2pimg.sample import LayerSpec, write_oci_layout
+
+from .procs import free_port, stopping, wait_http
+
+AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+ROOT = Path(__file__).resolve().parents[1]
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def env(**extra: str) -> dict[str, str]:
+    return dict(os.environ, **AWS, PYTHONPATH=str(ROOT), P2PIMG_MDNS="0", **extra)
+
+
+def start(argv: list[str], ready: str, **extra: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(**extra))
+    wait_http(ready, proc, timeout=30)
+    return proc
+
+
+def egress(proxy: str) -> int:
+    with OPENER.open(f"{proxy}/__faultproxy/stats", timeout=10) as r:
+        return int(json.loads(r.read())["body_bytes"])
+
+
+def warm(home: Path, *extra: str) -> float:
+    started = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "p2pimg", "warm", "bench/big:1", *extra],
+        check=True,
+        capture_output=True,
+        env=env(P2PIMG_HOME=str(home)),
+    )
+    return time.perf_counter() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--nodes", type=int, default=4)
+    parser.add_argument("--size-mib", type=int, default=256)
+    parser.add_argument("--uplink-mib", type=float, default=48)
+    parser.add_argument("--latency", type=float, default=0.01)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="p2pimg-bench-"))
+    try:
+        half = (args.size_mib << 20) // 2
+        image = write_oci_layout(work / "img", [LayerSpec(half, "none"), LayerSpec(half, "none")], tag="1")
+        with ExitStack() as stack:
+            moto_port, proxy_port = free_port(), free_port()
+            moto, proxy = f"http://127.0.0.1:{moto_port}", f"http://127.0.0.1:{proxy_port}"
+            stack.enter_context(
+                stopping(
+                    start(
+                        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(moto_port)],
+                        f"{moto}/moto-api/data.json",
+                    )
+                )
+            )
+            import boto3
+
+            boto3.client("s3", endpoint_url=moto, region_name="us-east-1").create_bucket(Bucket="bench")
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "p2pimg",
+                    "publish",
+                    f"oci:{image.path}:1",
+                    "bench/big:1",
+                    "--origin",
+                    f"s3://bench?endpoint={moto}",
+                    "--home",
+                    str(work / "publisher"),
+                ],
+                check=True,
+                capture_output=True,
+                env=env(),
+            )
+            stack.enter_context(
+                stopping(
+                    start(
+                        [
+                            sys.executable,
+                            "-m",
+                            "tools.faultproxy",
+                            "--upstream",
+                            moto,
+                            "--listen",
+                            f"127.0.0.1:{proxy_port}",
+                            "--latency",
+                            str(args.latency),
+                            "--total-rate",
+                            str(int(args.uplink_mib * (1 << 20))),
+                        ],
+                        f"{proxy}/__faultproxy/stats",
+                    )
+                )
+            )
+            origin = f"s3://bench?endpoint={proxy}"
+
+            def serve(name: str, peer_port: int, peers: list[str]) -> None:
+                port = free_port()
+                argv = [
+                    sys.executable,
+                    "-m",
+                    "p2pimg",
+                    "serve",
+                    "--listen",
+                    f"127.0.0.1:{port}",
+                    "--peer-listen",
+                    f"127.0.0.1:{peer_port}",
+                    "--origin",
+                    origin,
+                    "--no-mdns",
+                ]
+                argv += [a for u in peers for a in ("--peer", u)]
+                stack.enter_context(
+                    stopping(start(argv, f"http://127.0.0.1:{port}/v2/", P2PIMG_HOME=str(work / name)))
+                )
+
+            serve("alone", free_port(), [])
+            before = egress(proxy)
+            alone = warm(work / "alone")
+            alone_egress = egress(proxy) - before
+
+            ports = [free_port() for _ in range(args.nodes)]
+            urls = [f"http://127.0.0.1:{p}" for p in ports]
+            for i, port in enumerate(ports):
+                serve(f"n{i}", port, [u for u in urls if u != urls[i]])
+            before = egress(proxy)
+            together = warm(work / "n0", "--lan")
+            swarm_egress = egress(proxy) - before
+        size = image.total_bytes
+        result = {
+            "scenario": "swarm-warm",
+            "client": "p2pimg warm --lan",
+            "nodes": args.nodes,
+            "image_bytes": size,
+            "link": {"origin_uplink_mib_s": args.uplink_mib, "latency_s": args.latency},
+            "p2pimg": together,
+            "baseline": alone,
+            "ratio": together / alone,
+            "unit": "s (all nodes done)",
+            "origin_egress_ratio": swarm_egress / size,
+            "alone_egress_ratio": alone_egress / size,
+            "bound": size / (args.uplink_mib * (1 << 20)),
+        }
+        r = result
+        print(f"{args.nodes} nodes warming {size / 1e6:.0f} MB at once through a {args.uplink_mib:.0f} MiB/s "
+              f"origin uplink: all done in {together:.1f} s, one node alone {alone:.1f} s "
+              f"(ratio {r['ratio']:.2f}); origin sent {r['origin_egress_ratio']:.2f}x the image "
+              f"(alone: {r['alone_egress_ratio']:.2f}x); uplink bound for one copy {r['bound']:.1f} s")
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=2))
+        return 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
