@@ -68,6 +68,7 @@ def main() -> int:
     parser.add_argument("--latency", type=float, default=0.01)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    os.environ.update(AWS)  # boto3 here, and every child process, talk to moto with these
     work = Path(tempfile.mkdtemp(prefix="p2pimg-bench-"))
     try:
         half = (args.size_mib << 20) // 2

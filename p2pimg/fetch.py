@@ -92,7 +92,9 @@ class FetchConfig:
     stall_timeout: float = 30.0  # a request that sends nothing for this long has failed
     tick: float = 0.25  # how often a waiting dispatcher re-checks backoffs and stragglers
     prime_timeout: float = 0.3  # how long a new fetch waits to hear what peers hold
-    coming_grace: float = 3.0  # how long a chunk a peer is fetching is left to that peer
+    coming_grace: float = 30.0  # how long a chunk a peer is fetching is left to that peer
+    swarm_span: int = 4 << 20  # origin span size while peers may be fetching the same blob
+    slow_start: float = 0.6  # with peers, one origin request at a time until they have spoken
 
 
 @dataclass(eq=False)
@@ -127,6 +129,8 @@ class BlobFetch:
     position: list[int] = field(default_factory=list)  # chunk index -> place in `order`
     cursor: int = 0  # no chunk before order[cursor] is waiting to be requested
     received: dict[str, int] = field(default_factory=dict)  # verified bytes by kind of source
+    swarm: bool = False  # peers were known when it started: share the origin's work with them
+    started: float = field(default_factory=trio.current_time)
     coming_since: dict[int, float] = field(default_factory=dict)
 
     @property
@@ -291,8 +295,8 @@ class Fetcher:
             nursery.start_soon(source.track, bmap, self._changed.fire)
         order = list(range(bmap.count))
         if any(s.kind == "peer" for s in sources):
-            block = max(1, min(s.max_span for s in sources if s.kind != "peer") // bmap.chunk_size
-                        if any(s.kind != "peer" for s in sources) else 1)
+            fetch.swarm = True
+            block = max(1, self.config.swarm_span // bmap.chunk_size)
             blocks = [order[i:i + block] for i in range(0, len(order), block)]
             random.shuffle(blocks)
             order = [i for b in blocks for i in b]
@@ -347,15 +351,30 @@ class Fetcher:
                     break  # every source is busy or backing off: nothing later can start either
                 continue  # its holders are busy; later chunks may have others
             source = next(s for s in holders if s.name == stats.name)
+            if source.kind != "peer" and self._slow_start(fetch, now):
+                continue  # peers may be starting on this blob too: let them say what they take
             span = self._grow_span(fetch, source, i)
             self._start(fetch, nursery, source, span)
             started = True
         return started
 
+    def _slow_start(self, fetch: BlobFetch, now: float) -> bool:
+        """In a swarm, hold back origin requests right after the start, beyond one.
+
+        Nodes that start on the same blob together cannot see each other's requests until their
+        first availability polls; until then each asks the origin for one span only, so they
+        claim little blind, and the random block order makes those few claims mostly disjoint.
+        """
+        if not fetch.swarm or now - fetch.started >= self.config.slow_start:
+            return False
+        return any(r.source.kind != "peer" for r in fetch.requests)
+
     def _grow_span(self, fetch: BlobFetch, source: ChunkSource, first: int) -> Span:
         bmap, have = fetch.map, fetch.partial.have
         peers = [s for s in self.sources if s.kind == "peer"] if source.kind != "peer" else []
-        per_span = max(1, source.max_span // bmap.chunk_size)
+        span_bytes = source.max_span if source.kind == "peer" or not fetch.swarm else min(
+            source.max_span, self.config.swarm_span)
+        per_span = max(1, span_bytes // bmap.chunk_size)
         per_segment = max(1, source.segment_size // bmap.chunk_size)
         end = first + 1
         while (end < bmap.count and end - first < per_span and end % per_segment
@@ -422,7 +441,8 @@ class Fetcher:
         received = 0
         first_byte: float | None = None
         outcome = "cancelled"
-        buf = bytearray()
+        buf = bytearray(bmap.chunk_size)
+        filled = 0
         index = span.first
         try:
             with request.scope:
@@ -436,18 +456,23 @@ class Fetcher:
                         if first_byte is None:
                             first_byte = trio.current_time() - request.started
                             self.metrics.first_byte_seconds.labels(kind).observe(first_byte)
-                        buf += piece
-                        while index < span.end:
+                        rest = memoryview(piece)
+                        while rest and index < span.end:
+                            # One copy per byte: from the piece into the chunk buffer.
                             lo, hi = bmap.bounds(index)
-                            if len(buf) < hi - lo:
+                            take = rest[: hi - lo - filled]
+                            buf[filled : filled + len(take)] = take
+                            filled += len(take)
+                            rest = rest[len(take) :]
+                            if filled < hi - lo:
                                 break
-                            chunk = bytes(buf[: hi - lo])
-                            del buf[: hi - lo]
+                            filled = 0
                             if not partial.have[index]:
+                                chunk = memoryview(buf)[: hi - lo]
                                 await trio.to_thread.run_sync(partial.write_chunk, index, chunk)
-                                received += len(chunk)
-                                fetch.received[kind] = fetch.received.get(kind, 0) + len(chunk)
-                                self.metrics.source_bytes.labels(kind).inc(len(chunk))
+                                received += hi - lo
+                                fetch.received[kind] = fetch.received.get(kind, 0) + hi - lo
+                                self.metrics.source_bytes.labels(kind).inc(hi - lo)
                                 fetch.ready[index].set()
                                 self._changed.fire()
                                 self._release_overtaken(fetch, request)

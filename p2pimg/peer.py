@@ -297,7 +297,10 @@ class PeerSource(ChunkSource):
         try:
             r = await self.client.get(f"{self.url}/p2pimg/v1/have/{blob_map.digest}", timeout=1.0)
         except httpx.HTTPError:
-            return False
+            # Unreachable: whatever it claimed to be bringing is not coming.
+            changed = self._have.get(blob_map.digest) is not None
+            self._have[blob_map.digest] = None
+            return changed
         states: bytes | None = None
         if r.status_code == 200:
             try:
