@@ -202,12 +202,8 @@ class Registry:
                              request: Request) -> Response:
         assert self.mirror is not None
         path = self.store.blob_path(digest)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            pass
-        else:
-            self.metrics.cache_requests.labels("hit").inc()
+        fd = self._open_cached(digest)
+        if fd is not None:
             status, start, end, headers = self._blob_headers(digest, os.fstat(fd).st_size, request)
             if request.method == "HEAD":
                 os.close(fd)
@@ -219,7 +215,6 @@ class Registry:
             return Response(status, headers)
         if self.store.has_blob(digest):  # finished while we asked for its size
             return Response(status, headers, self._file_body(os.open(path, os.O_RDONLY), start, end))
-        self.metrics.cache_requests.labels("miss").inc()
         fetch, fd = self.mirror.open(upstream, name, digest, size)
         try:
             # As for origin blobs: an upstream that fails at once gets an error status.
@@ -233,17 +228,22 @@ class Registry:
             raise
         return Response(status, headers, self.mirror.body(fetch, fd, start, end))
 
+    def _open_cached(self, digest: str) -> int | None:
+        """A descriptor of the complete cached blob (a cache hit), or None (a miss)."""
+        try:
+            fd = os.open(self.store.blob_path(digest), os.O_RDONLY)
+        except FileNotFoundError:
+            self.metrics.cache_requests.labels("miss").inc()
+            return None
+        self.metrics.cache_requests.labels("hit").inc()
+        return fd
+
     async def _blob_body(self, entry: BlobEntry, digest: str, start: int,
                          end: int) -> AsyncIterator[BodyPart]:
         path = self.store.blob_path(digest)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            pass
-        else:
-            self.metrics.cache_requests.labels("hit").inc()
+        fd = self._open_cached(digest)
+        if fd is not None:
             return self._file_body(fd, start, end)
-        self.metrics.cache_requests.labels("miss").inc()
         bmap = await self.resolver.blob_map(entry, digest)
         fetch = await self.fetcher.open(bmap)
         if fetch is None:  # completed while we looked
