@@ -115,8 +115,12 @@ class Node:
     resolver: Resolver
     mirror: Mirror | None
     peer_service: PeerService
-    warm: WarmJobs
     swarm: Swarm
+    warm: WarmJobs = field(init=False)  # needs the node itself
+
+    def __post_init__(self) -> None:
+        self.warm = WarmJobs(self, self.nursery)
+        self.peer_service.warm = self.warm
 
 
 @contextlib.asynccontextmanager
@@ -146,9 +150,7 @@ async def open_node(config: Config, *, advertise: tuple[str, int] | None = None)
                                        max_requests=config.peer_max_requests)
             swarm = Swarm(fetcher, own_id, list(config.peers), client, discovery)
             node = Node(config, nursery, own_id, store, origin, metrics, fetcher, resolver, mirror,
-                        peer_service, WarmJobs.__new__(WarmJobs), swarm)
-            node.warm = WarmJobs(node, nursery)
-            peer_service.warm = node.warm
+                        peer_service, swarm)
             resolver.on_blob_map = peer_service.index
             await nursery.start(swarm.run)
             yield node
