@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import hashlib
 import logging
 import random
 from collections.abc import AsyncIterator, Callable
@@ -61,6 +62,12 @@ class ChunkSource(abc.ABC):
         """Whether this source is fetching chunk `index` itself right now (a peer, mid-download)."""
         return False
 
+    def participates(self, blob_map: BlobMap) -> bool:
+        """Whether this source (a peer) holds or is fetching any of the blob."""
+        return False
+
+    node_id: str | None = None  # a peer's node identity, shared by every node's view of it
+
     async def prime(self, blob_map: BlobMap) -> None:  # noqa: B027 - most sources know already
         """Learn what this source holds of a blob before its fetch starts (peers ask)."""
 
@@ -93,8 +100,11 @@ class FetchConfig:
     tick: float = 0.25  # how often a waiting dispatcher re-checks backoffs and stragglers
     prime_timeout: float = 0.3  # how long a new fetch waits to hear what peers hold
     coming_grace: float = 30.0  # how long a chunk a peer is fetching is left to that peer
-    swarm_span: int = 4 << 20  # origin span size while peers may be fetching the same blob
+    swarm_span: int = 2 << 20  # origin span size while peers may be fetching the same blob
     slow_start: float = 0.6  # with peers, one origin request at a time until they have spoken
+    swarm_origin_requests: int = 3  # with peers, origin requests in flight per blob after that
+    same_source_hedge: float = 5.0  # no progress for this long: race a request on its own source
+    steal_after: float = 1.5  # idle this long, take blocks other peers own but have not brought
 
 
 @dataclass(eq=False)
@@ -130,6 +140,7 @@ class BlobFetch:
     cursor: int = 0  # no chunk before order[cursor] is waiting to be requested
     received: dict[str, int] = field(default_factory=dict)  # verified bytes by kind of source
     swarm: bool = False  # peers were known when it started: share the origin's work with them
+    last_own_dispatch: float = field(default_factory=trio.current_time)  # last origin request
     started: float = field(default_factory=trio.current_time)
     coming_since: dict[int, float] = field(default_factory=dict)
 
@@ -169,8 +180,9 @@ class _Broadcast:
 class Fetcher:
     def __init__(self, store: ChunkStore, sources: list[ChunkSource], nursery: trio.Nursery, *,
                  policy: SourcePolicy | None = None, metrics: Metrics | None = None,
-                 config: FetchConfig | None = None) -> None:
+                 config: FetchConfig | None = None, node_id: str | None = None) -> None:
         self.store = store
+        self.node_id = node_id
         self.nursery = nursery
         self.policy = policy or PreferNear()
         self.metrics = metrics or Metrics()
@@ -306,6 +318,31 @@ class Fetcher:
             fetch.position[i] = pos
         fetch.cursor = 0
 
+    def _left_to_owner(self, fetch: BlobFetch, i: int, now: float) -> bool:
+        """Leave chunk `i` to the peer that owns its block, so the origin sends it once.
+
+        Every node fetching a blob ranks the nodes fetching it (itself and the peers that say
+        they hold or fetch part of it) per block by a hash of (node, blob, block), the same on
+        every node (rendezvous hashing): each block's owner asks the origin for it, the others
+        wait and take it from the owner. A node that has nothing of its own left to ask for
+        takes an owner's block after `steal_after` seconds, in case the owner is slow or gone.
+        """
+        bmap = fetch.map
+        block = i // max(1, self.config.swarm_span // bmap.chunk_size)
+        nodes = {self.node_id: None} if self.node_id else {}
+        for s in self.sources:
+            st = self.stats[s.name]
+            if (s.kind == "peer" and s.node_id and s.participates(bmap) and not st.banned
+                    and now >= st.unavailable_until):
+                nodes[s.node_id] = None
+        if len(nodes) < 2 or not self.node_id:
+            return False
+        owner = max(nodes, key=lambda n: hashlib.blake2b(f"{n}/{bmap.digest}/{block}".encode(),
+                                                           digest_size=8).digest())
+        if owner == self.node_id:
+            return False
+        return now - fetch.last_own_dispatch < self.config.steal_after
+
     def _waiting_for_peer(self, fetch: BlobFetch, holders: list[ChunkSource], i: int, now: float) -> bool:
         """Leave chunk `i` to a healthy peer that is fetching it, for a while, instead of asking
         the origin for it too."""
@@ -345,6 +382,9 @@ class Fetcher:
                 return started
             if self._waiting_for_peer(fetch, holders, i, now):
                 continue
+            if fetch.swarm and not any(s.kind == "peer" for s in holders) and self._left_to_owner(
+                    fetch, i, now):
+                continue
             stats = self.policy.choose([self.stats[s.name] for s in holders], now)
             if stats is None:
                 if len(holders) == len(self.sources):
@@ -355,19 +395,27 @@ class Fetcher:
                 continue  # peers may be starting on this blob too: let them say what they take
             span = self._grow_span(fetch, source, i)
             self._start(fetch, nursery, source, span)
+            if source.kind != "peer":
+                fetch.last_own_dispatch = now
             started = True
         return started
 
     def _slow_start(self, fetch: BlobFetch, now: float) -> bool:
-        """In a swarm, hold back origin requests right after the start, beyond one.
+        """In a swarm, keep few origin requests in flight per blob: one right after the start,
+        `swarm_origin_requests` after that.
 
-        Nodes that start on the same blob together cannot see each other's requests until their
-        first availability polls; until then each asks the origin for one span only, so they
-        claim little blind, and the random block order makes those few claims mostly disjoint.
+        Nodes fetching the same blob see each other's requests only through availability polls
+        (every 0.3 s). Claiming the origin's share a few spans at a time keeps what a node claims
+        blind small, and the random block order keeps those claims mostly disjoint; with several
+        blobs and nodes, the sum still fills the origin's uplink.
         """
-        if not fetch.swarm or now - fetch.started >= self.config.slow_start:
+        if not fetch.swarm:
             return False
-        return any(r.source.kind != "peer" for r in fetch.requests)
+        far = sum(1 for r in fetch.requests if r.source.kind != "peer")
+        if now - fetch.started < self.config.slow_start:
+            return far >= 1
+        # Claim the origin's share a little at a time, so peers see each claim before the next.
+        return far >= self.config.swarm_origin_requests
 
     def _grow_span(self, fetch: BlobFetch, source: ChunkSource, first: int) -> Span:
         bmap, have = fetch.map, fetch.partial.have
@@ -407,10 +455,12 @@ class Fetcher:
                 continue
             holders = [s for s in self.sources if s.has(bmap, request.next_index)]
             others = [self.stats[s.name] for s in holders if s is not request.source]
-            # With no other source, a second request to the same one still beats waiting on a
-            # stuck connection.
-            stats = self.policy.choose_hedge(others, now) or self.policy.choose_hedge(
-                [request.stats], now)
+            stats = self.policy.choose_hedge(others, now)
+            if stats is None and now - request.last_progress > self.config.same_source_hedge:
+                # With no other source, a second request to the same one beats waiting on a
+                # stuck connection; but only when it is stuck, not slow: on a saturated link a
+                # second request would only send the same bytes twice.
+                stats = self.policy.choose_hedge([request.stats], now)
             if stats is None:
                 continue
             source = next(s for s in holders if s.name == stats.name)

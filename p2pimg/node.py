@@ -74,11 +74,19 @@ class Swarm:
             log.info("peer %s left", url)
 
     async def _check_static(self, url: str) -> None:
-        """Drop a static peer that turns out to be this very node."""
-        with contextlib.suppress(httpx.HTTPError, ValueError):
-            r = await self.client.get(f"{url.rstrip('/')}/p2pimg/v1/info", timeout=2)
-            if r.status_code == 200 and r.json().get("node") == self.own_id:
-                self.remove(url)
+        """Learn a static peer's node id (dropping it if it is this very node); it may start
+        after us, so ask a few times."""
+        for attempt in range(30):
+            with contextlib.suppress(httpx.HTTPError, ValueError, AttributeError):
+                r = await self.client.get(f"{url.rstrip('/')}/p2pimg/v1/info", timeout=2)
+                peer_node = r.json().get("node") if r.status_code == 200 else None
+                if peer_node == self.own_id:
+                    self.remove(url)
+                    return
+                if isinstance(peer_node, str) and url in self.peers:
+                    self.peers[url].node_id = peer_node  # lets block ownership name it
+                    return
+            await trio.sleep(min(10.0, 0.5 * 2 ** min(attempt, 4)))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -142,7 +150,8 @@ async def open_node(config: Config, *, advertise: tuple[str, int] | None = None)
     try:
         async with trio.open_nursery() as nursery:
             metrics = Metrics()
-            fetcher = Fetcher(store, [OriginSource(origin)], nursery, metrics=metrics, policy=policy)
+            fetcher = Fetcher(store, [OriginSource(origin)], nursery, metrics=metrics, policy=policy,
+                              node_id=own_id)
             mirror = Mirror(store, upstreams, nursery, metrics, tag_ttl=config.upstream_tag_ttl,
                             chunk_size=config.chunk_size) if upstreams else None
             resolver = Resolver(store, origin)

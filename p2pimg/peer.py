@@ -6,8 +6,8 @@ needs beyond it is versioned under /p2pimg/v1/:
 
     GET /ipfs/<cid>                     a block: a chunk, a manifest, a DAG node, or a whole blob
                                         (Accept: application/vnd.ipld.raw, or ?format=raw)
-    GET /p2pimg/v1/have/<digest>        {"digest", "complete", "chunks": base64 of one byte per
-                                        chunk: 1 verified, 2 being fetched, 0 missing}
+    GET /p2pimg/v1/have/<digest>        {"digest", "complete", "node", "chunks": base64 of one
+                                        byte per chunk: 1 verified, 2 being fetched, 0 missing}
     GET /p2pimg/v1/blobs/<digest>       verified bytes of a blob; Range: one span
     GET /p2pimg/v1/info                 {"version": 1, "node": "<node id>"}
     POST /p2pimg/v1/warm, GET /p2pimg/v1/warm/<id>   remote warm (see warm.py)
@@ -172,7 +172,7 @@ class PeerService:
             states = self.fetcher.availability(digest)
             if states is None:
                 raise BlobUnknown(f"this peer holds nothing of {digest}")
-            return _json({"digest": digest, "complete": states == b"",
+            return _json({"digest": digest, "complete": states == b"", "node": self.node_id,
                           "chunks": base64.b64encode(states).decode() if states else None})
         if path.startswith("/p2pimg/v1/blobs/"):
             return await self._blob(path.rpartition("/")[2], request)
@@ -281,12 +281,16 @@ class PeerSource(ChunkSource):
         self.client = client
         self.node_id = node_id
         self._have: dict[str, bytes | None] = {}  # digest -> states (b"" = complete, None = nothing)
+        self._misses: dict[str, int] = {}  # digest -> failed polls in a row
 
     def has(self, blob_map: BlobMap, index: int) -> bool:
         states = self._have.get(blob_map.digest)
         if states is None:
             return False
         return states == b"" or (len(states) > index and states[index] == 1)
+
+    def participates(self, blob_map: BlobMap) -> bool:
+        return self._have.get(blob_map.digest) is not None
 
     def coming(self, blob_map: BlobMap, index: int) -> bool:
         states = self._have.get(blob_map.digest)
@@ -295,16 +299,23 @@ class PeerSource(ChunkSource):
     async def _poll(self, blob_map: BlobMap) -> bool:
         """Refresh what this peer holds of a blob; True when it changed."""
         try:
-            r = await self.client.get(f"{self.url}/p2pimg/v1/have/{blob_map.digest}", timeout=1.0)
+            r = await self.client.get(f"{self.url}/p2pimg/v1/have/{blob_map.digest}", timeout=2.0)
         except httpx.HTTPError:
-            # Unreachable: whatever it claimed to be bringing is not coming.
+            # A busy machine answers late now and then; three misses in a row mean it is gone,
+            # and whatever it claimed to be bringing is not coming.
+            self._misses[blob_map.digest] = misses = self._misses.get(blob_map.digest, 0) + 1
+            if misses < 3:
+                return False
             changed = self._have.get(blob_map.digest) is not None
             self._have[blob_map.digest] = None
             return changed
+        self._misses.pop(blob_map.digest, None)
         states: bytes | None = None
         if r.status_code == 200:
             try:
                 doc = r.json()
+                if isinstance(doc.get("node"), str) and len(doc["node"]) <= 64:
+                    self.node_id = doc["node"]
                 states = b"" if doc.get("complete") else base64.b64decode(doc.get("chunks") or "")
                 if states and len(states) != blob_map.count:
                     states = None  # describes another chunking of the blob: useless to us
@@ -328,6 +339,7 @@ class PeerSource(ChunkSource):
                     changed()
         finally:
             self._have.pop(blob_map.digest, None)
+            self._misses.pop(blob_map.digest, None)
 
     async def read_span(self, blob_map: BlobMap, start: int, length: int) -> AsyncIterator[bytes]:
         headers = {"range": f"bytes={start}-{start + length - 1}"}

@@ -51,7 +51,7 @@ stamp=.venv/.p2pimg-test-deps.sha256
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
     log "installing p2pimg[test] into .venv"
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
     printf '%s\n' "$want" >"$stamp"
 fi
 

@@ -1,0 +1,5 @@
+"""`python -m bench`: see bench/runner.py."""
+
+from .runner import main
+
+raise SystemExit(main())

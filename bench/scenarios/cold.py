@@ -1,0 +1,221 @@
+"""Cold pull from a Storj-like origin over a shaped link, against the same bytes fetched the
+plain ways, in the same run.
+
+The LAN is made of network namespaces (`tools.netns`): a client host, and an origin host whose
+link is shaped with tbf to `link_mbit` in both directions. On the origin host: moto_server (an
+S3 store) on its loopback with `tools/faultproxy.py` in front adding `latency_s` before every
+response (netem is not assumed to exist, so per-request latency stands in for distance), and
+the Debian `docker-registry` serving the same image from its own storage. On the client host:
+`p2pimg serve` with a fresh cache for every figure, and the clients. Every byte a client gets
+crosses the shaped link.
+
+Figures per image, each against a baseline from the same origin host and link:
+
+- skopeo pulling the image through p2pimg (parallel segment-aligned spans, each chunk verified)
+  against skopeo pulling it straight from docker-registry. The registry answers without the
+  added latency: faultproxy sits only in front of the S3 origin.
+- one GET of the largest layer through p2pimg against a single sequential ranged stream of the
+  same blob from the same S3 origin (`S3Origin.read_range` of the whole object, hashed).
+
+The bound of each is its bytes divided by the link rate.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.scenario import Context, Measure, Skipped
+from bench.scenarios import ImageSpec, build_image, image_matrix
+from bench.shaped import (
+    IMAGE_NAME,
+    MB,
+    P2PIMG_PORT,
+    bytes_per_s,
+    check_pulled,
+    helper,
+    manifest_layers,
+    publish,
+    run_in,
+    skopeo_copy_argv,
+    start_origin,
+    start_p2pimg,
+    start_registry,
+    stop_daemon,
+    transfer_timeout,
+    unavailable,
+)
+from p2pimg.sample import SampleImage
+from tools.netns import Host, lans
+
+SCENARIO = "cold-pull"
+
+
+@dataclass(frozen=True)
+class ColdPlan:
+    images: tuple[ImageSpec, ...]
+    runs: int
+    link_mbit: float  # the origin host's link, both directions (tbf)
+    latency_s: float  # added by faultproxy before every S3 response
+    stream_rate_mbit: float | None  # faultproxy's per-connection cap, None = only the link limits
+    clients: tuple[str, ...] = ("skopeo", "GET of the largest layer")
+
+
+def cold_plan(ctx: Context) -> ColdPlan:
+    """What `cold_pull` runs; cheap, needs no namespaces.
+
+    200 Mbit/s (25 MB/s) is a common office or cloud-egress link, and slow enough that the
+    Python processes on the origin side (moto, faultproxy) are not what limits a pull on two
+    cores. 50 ms before every S3 response stands for a far gateway's time to first byte. No
+    per-connection cap by default: the link is the limit, as the docker-registry baseline sees it.
+    """
+    return ColdPlan(
+        images=tuple(image_matrix(ctx)),
+        runs=ctx.runs,
+        link_mbit=200.0,
+        latency_s=0.05,
+        stream_rate_mbit=None,
+    )
+
+
+def cold_pull(ctx: Context) -> list[Measure | Skipped]:
+    plan = cold_plan(ctx)
+    reason = unavailable("skopeo", "docker-registry", "curl")
+    if reason:
+        return [Skipped(SCENARIO, reason)]
+    results: list[Measure | Skipped] = []
+    for i, spec in enumerate(plan.images):
+        work = ctx.workdir / "cold" / f"image{i}"
+        try:
+            results += _image(ctx, plan, spec, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)  # up to ~1 GB per copy in --full
+    return results
+
+
+def _image(ctx: Context, plan: ColdPlan, spec: ImageSpec, work: Path) -> list[Measure | Skipped]:
+    label = spec.label
+    ctx.progress(f"cold pull {label}: writing the image")
+    image = build_image(spec, work / "image")
+    blob = max(manifest_layers(image), key=lambda layer: int(layer["size"]))
+    blob_digest, blob_size = str(blob["digest"]), int(blob["size"])
+    blob_label = f"{blob_size / MB:.0f} MB" if blob_size >= MB else f"{blob_size / 1000:.0f} kB"
+    rate = bytes_per_s(plan.link_mbit)
+    pull_timeout = transfer_timeout(image.total_bytes, plan.link_mbit)
+    blob_timeout = transfer_timeout(blob_size, plan.link_mbit)
+    logs = work / "logs"
+    stream_rate = bytes_per_s(plan.stream_rate_mbit) if plan.stream_rate_mbit else 0.0
+
+    pulls: list[float] = []
+    registry_pulls: list[float] = []
+    fetches: list[float] = []
+    streams: list[float] = []
+    egress: list[float] = []
+    with lans() as make:
+        ctx.progress(f"cold pull {label}: building the namespaces")
+        lan = make(1)
+        client = lan.hosts[0]
+        origin_host = lan.add_origin_host(rate_mbit=plan.link_mbit)
+        ctx.progress(f"cold pull {label}: starting moto, faultproxy and docker-registry")
+        origin = start_origin(origin_host, logs, latency_s=plan.latency_s, stream_rate=stream_rate)
+        publish(origin, image, work / "publisher", timeout=pull_timeout)
+        registry = start_registry(origin_host, work / "registry", logs, image, timeout=pull_timeout)
+
+        for run in range(plan.runs):
+            step = f"cold pull {label}, run {run + 1}/{plan.runs}"
+            ctx.progress(f"{step}: single sequential stream of a {blob_label} layer")
+            got = helper(client, "stream", origin.url, blob_digest, str(blob_size),
+                         what="single sequential stream", timeout=blob_timeout)
+            streams.append(float(got["seconds"]))
+
+            ctx.progress(f"{step}: the same layer through p2pimg")
+            home = work / f"home-fetch{run}"
+            node = start_p2pimg(client, f"p2pimg-fetch{run}", home, logs, origin.url)
+            try:
+                repo = IMAGE_NAME.split(":")[0]
+                url = f"http://127.0.0.1:{P2PIMG_PORT}/v2/{repo}/blobs/{blob_digest}"
+                got = helper(client, "fetch", url, blob_digest, what="GET through p2pimg",
+                             timeout=blob_timeout)
+                fetches.append(float(got["seconds"]))
+            finally:
+                stop_daemon(node)
+                shutil.rmtree(home, ignore_errors=True)
+
+            ctx.progress(f"{step}: skopeo through p2pimg")
+            home = work / f"home-pull{run}"
+            node = start_p2pimg(client, f"p2pimg-pull{run}", home, logs, origin.url)
+            try:
+                before = origin.stats(client)["body_bytes"]
+                pulls.append(_skopeo(client, f"127.0.0.1:{P2PIMG_PORT}/{IMAGE_NAME}", work / "out",
+                                     image, pull_timeout))
+                egress.append((origin.stats(client)["body_bytes"] - before) / image.total_bytes)
+            finally:
+                stop_daemon(node)
+                shutil.rmtree(home, ignore_errors=True)
+
+            ctx.progress(f"{step}: skopeo from docker-registry")
+            registry_pulls.append(_skopeo(client, registry.ref, work / "out", image, pull_timeout))
+
+    def mbps(nbytes: int, seconds: list[float]) -> float:
+        return round(nbytes / MB / statistics.median(seconds), 1)
+
+    link = {
+        "origin_link_mbit": plan.link_mbit,
+        "shaping": "tbf on the origin host's veth and its bridge port",
+        "latency_s": plan.latency_s,
+        "latency_note": "faultproxy adds it before every S3 response; docker-registry is reached "
+        "directly, so its requests see no added latency",
+        "per_connection_cap_mbit": plan.stream_rate_mbit,
+    }
+    pull = Measure(
+        scenario=SCENARIO,
+        client="skopeo",
+        metric=f"pull time ({label})",
+        unit="s",
+        p2pimg=pulls,
+        baseline=registry_pulls,
+        baseline_name="docker-registry behind the same link",
+        bound=image.total_bytes / rate,
+        details={
+            **link,
+            "image": label,
+            "image_bytes": image.total_bytes,
+            "p2pimg_MB_s": mbps(image.total_bytes, pulls),
+            "baseline_MB_s": mbps(image.total_bytes, registry_pulls),
+            "bound_MB_s": round(rate / MB, 1),
+            "p2pimg_origin_egress_x_image": [round(e, 3) for e in egress],
+        },
+    )
+    fetch = Measure(
+        scenario=SCENARIO,
+        client="GET of the largest layer",
+        metric=f"blob fetch time ({label}: {blob_label} layer)",
+        unit="s",
+        p2pimg=fetches,
+        baseline=streams,
+        baseline_name="single sequential ranged stream (S3Origin.read_range, hashed)",
+        bound=blob_size / rate,
+        details={
+            **link,
+            "image": label,
+            "blob_bytes": blob_size,
+            "p2pimg_MB_s": mbps(blob_size, fetches),
+            "baseline_MB_s": mbps(blob_size, streams),
+            "bound_MB_s": round(rate / MB, 1),
+        },
+    )
+    return [pull, fetch]
+
+
+def _skopeo(client: Host, ref: str, dest: Path, image: SampleImage, timeout: float) -> float:
+    """Seconds for skopeo in `client` to copy `ref` into an OCI layout (then checked, removed)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    started = time.perf_counter()
+    run_in(client, skopeo_copy_argv(ref, dest), f"skopeo copy {ref}", timeout=timeout)
+    elapsed = time.perf_counter() - started
+    check_pulled(dest, image)
+    shutil.rmtree(dest, ignore_errors=True)
+    return elapsed

@@ -1,0 +1,273 @@
+"""Overheads: what p2pimg's design costs where no network hides it.
+
+- manifest HEAD latency (p50 and p99 of many HEADs by tag over one keep-alive connection) on a
+  warm cache, against docker-registry serving the same image;
+- verification throughput: checking 1 MiB chunks against their CIDs, as every fetched chunk is
+  checked, against plain hashlib.sha256 over the same bytes on this machine;
+- peak RSS (VmHWM) of the p2pimg proxy while a client pulls the largest image cold from its file
+  origin, against docker-registry's peak RSS serving the same pull.
+
+Each part stands alone: one that fails is recorded as skipped and the others still report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+
+from p2pimg.cid import Cid
+
+from ..procs import docker_registry, p2pimg_serve, peak_rss_kib, registry_process, require, rss_kib
+from ..runner import percentile
+from ..scenario import Context, Measure, Skipped
+from . import MB, REPO, ImageSpec, build_image, file_origin, largest, publish, push, skopeo_pull, tiny
+
+SCENARIO = "overheads"
+BASELINE = "docker-registry (local disk)"
+CHUNK = 1 << 20  # p2pimg's default chunk size
+# What clients send when they HEAD a manifest: all four manifest types, so neither server has to
+# fall back to converting anything.
+ACCEPT = ", ".join(
+    [
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+    ]
+)
+
+
+def overheads(ctx: Context) -> list[Measure | Skipped]:
+    rows: list[Measure | Skipped] = []
+    parts: list[tuple[str, Callable[[Context], list[Measure]], tuple[str, ...]]] = [
+        ("verification throughput", verification, ()),
+        ("manifest HEAD latency", head_latency, ("skopeo", "docker-registry")),
+        ("peak RSS", peak_rss, ("skopeo", "docker-registry")),
+    ]
+    for name, part, tools in parts:
+        if missing := require(*tools):
+            rows.append(Skipped(SCENARIO, f"{name}: missing {', '.join(missing)}"))
+            continue
+        try:
+            rows.extend(part(ctx))
+        except Exception as exc:
+            rows.append(Skipped(SCENARIO, f"{name}: error: {type(exc).__name__}: {exc}"))
+    return rows
+
+
+# -- verification throughput ---------------------------------------------------------------
+
+
+def verification(ctx: Context) -> list[Measure]:
+    size = (4 if tiny() else 256 if ctx.quick else 1024) * CHUNK
+    ctx.progress(f"verification throughput over {size >> 20} MiB")
+    data = memoryview(os.urandom(size))
+    chunks = [data[i : i + CHUNK] for i in range(0, size, CHUNK)]
+    cids = [Cid.of_raw(c) for c in chunks]  # the blob map a fetch checks against, made beforehand
+    blob_digest = hashlib.sha256(data).digest()
+
+    def chunk_checks() -> float:
+        started = time.perf_counter()
+        for cid, chunk in zip(cids, chunks, strict=True):
+            if not cid.matches(chunk):
+                raise AssertionError("a chunk does not match its own CID")
+        return time.perf_counter() - started
+
+    def chunks_and_blob() -> float:
+        # A cold fetch also re-hashes the whole blob before it enters the cache (the blob map
+        # could lie about the blob's digest while every chunk matches its CID).
+        started = time.perf_counter()
+        for cid, chunk in zip(cids, chunks, strict=True):
+            if not cid.matches(chunk):
+                raise AssertionError("a chunk does not match its own CID")
+        h = hashlib.sha256()
+        for chunk in chunks:
+            h.update(chunk)
+        if h.digest() != blob_digest:
+            raise AssertionError("the blob does not match its digest")
+        return time.perf_counter() - started
+
+    def plain_sha256() -> float:
+        started = time.perf_counter()
+        h = hashlib.sha256()
+        for chunk in chunks:
+            h.update(chunk)
+        if h.digest() != blob_digest:
+            raise AssertionError("the blob does not match its digest")
+        return time.perf_counter() - started
+
+    chunk_only: list[float] = []
+    full_path: list[float] = []
+    plain: list[float] = []
+    for run in range(ctx.runs):
+        ctx.progress(f"verification throughput: run {run + 1}/{ctx.runs}")
+        order = [(chunk_checks, chunk_only), (chunks_and_blob, full_path), (plain_sha256, plain)]
+        if run % 2:
+            order.reverse()
+        for measure, into in order:
+            into.append(size / MB / measure())
+    return [
+        Measure(
+            scenario=SCENARIO,
+            client=client,
+            metric=metric,
+            unit="MB/s",
+            p2pimg=figures,
+            baseline=plain,
+            baseline_name="hashlib.sha256, one stream",
+            lower_is_better=False,
+            details={"bytes_per_run": size, "chunk_bytes": CHUNK},
+        )
+        for client, metric, figures in (
+            ("1 MiB chunks vs their CIDs", "verification throughput (Cid.matches per chunk)", chunk_only),
+            (
+                "chunk CIDs + blob digest (cold fetch)",
+                "verification throughput (chunk CIDs, then the blob's sha256)",
+                full_path,
+            ),
+        )
+    ]
+
+
+# -- manifest HEAD latency -----------------------------------------------------------------
+
+
+def head_latency(ctx: Context) -> list[Measure]:
+    count, warmup = (50, 10) if tiny() else (2000, 200) if ctx.quick else (10000, 500)
+    work = ctx.workdir / "head"
+    home = work / "home"
+    spec = ImageSpec(1000 if tiny() else MB, 1)  # small: a manifest's size does not depend on it
+    ctx.progress("manifest HEAD latency: placing the image")
+    image = build_image(spec, work / "layout")
+    publish(image, f"{REPO}:head", home)
+    path = f"/v2/{REPO}/manifests/head"
+    with ExitStack() as stack:
+        registry = stack.enter_context(docker_registry(work))
+        push(image, f"{registry}/{REPO}:head")
+        proxy, _proc = stack.enter_context(
+            p2pimg_serve(home, origin=file_origin(home), log=work / "p2pimg.log")
+        )
+        skopeo_pull(f"{proxy}/{REPO}:head", work / "pull")  # a warm cache: the image was pulled
+        for host in (proxy, registry):
+            head_latencies(host, path, warmup)
+        p50: tuple[list[float], list[float]] = ([], [])
+        p99: tuple[list[float], list[float]] = ([], [])
+        for run in range(ctx.runs):
+            ctx.progress(f"manifest HEAD latency: run {run + 1}/{ctx.runs}, {count} HEADs each")
+            sides = [(0, proxy), (1, registry)]
+            if run % 2:
+                sides.reverse()
+            for side, host in sides:
+                ms = [s * 1000 for s in head_latencies(host, path, count)]
+                p50[side].append(percentile(ms, 0.5))
+                p99[side].append(percentile(ms, 0.99))
+    details = {"requests_per_run": count, "reference": "by tag", "connection": "one, keep-alive"}
+    return [
+        Measure(
+            scenario=SCENARIO,
+            client=f"manifest HEAD {q}",
+            metric=f"manifest HEAD latency {q}, warm cache",
+            unit="ms",
+            p2pimg=ours,
+            baseline=theirs,
+            baseline_name=BASELINE,
+            details=details,
+        )
+        for q, (ours, theirs) in (("p50", p50), ("p99", p99))
+    ]
+
+
+def head_latencies(host: str, path: str, count: int) -> list[float]:
+    """Seconds for each of `count` HEADs of `path`, one after another on one connection.
+
+    A raw socket rather than an HTTP library: at well under a millisecond per request, a
+    library's own overhead would be a large part of what is measured, on both sides alike.
+    """
+    name, _, port = host.rpartition(":")
+    request = (
+        f"HEAD {path} HTTP/1.1\r\nHost: {host}\r\nAccept: {ACCEPT}\r\nUser-Agent: p2pimg-bench\r\n\r\n"
+    ).encode()
+    times: list[float] = []
+    with socket.create_connection((name, int(port)), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        pending = b""
+        for _ in range(count):
+            started = time.perf_counter()
+            sock.sendall(request)
+            while b"\r\n\r\n" not in pending:
+                data = sock.recv(65536)
+                if not data:
+                    raise RuntimeError(f"{host} closed the connection (no keep-alive?)")
+                pending += data
+            # A HEAD response has no body whatever its Content-Length: the headers are all.
+            head, _, pending = pending.partition(b"\r\n\r\n")
+            times.append(time.perf_counter() - started)
+            status = head.split(b"\r\n", 1)[0]
+            if status.split()[1:2] != [b"200"]:
+                raise RuntimeError(f"HEAD {host}{path} answered {status.decode(errors='replace')}")
+            if b"\r\nconnection: close" in head.lower():
+                raise RuntimeError(f"{host} closes the connection after each HEAD")
+    return times
+
+
+# -- peak RSS --------------------------------------------------------------------------------
+
+
+def peak_rss(ctx: Context) -> list[Measure]:
+    spec = largest(ctx)
+    work = ctx.workdir / "rss"
+    origin = f"file://{work.absolute() / 'origin'}"
+    ctx.progress(f"peak RSS: placing a {spec.label} image")
+    image = build_image(spec, work / "layout")
+    publish(image, f"{REPO}:rss", work / "publisher", origin=origin)
+    with registry_process(work) as (registry, _proc):
+        push(image, f"{registry}/{REPO}:rss")
+    shutil.rmtree(image.path)
+    ours: list[float] = []
+    theirs: list[float] = []
+    idle: list[float] = []
+
+    def p2pimg_pull(run: int) -> None:
+        home = work / f"home{run}"  # a fresh cache: the pull is cold, from the file origin
+        with p2pimg_serve(home, origin=origin, log=work / "p2pimg.log") as (proxy, proc):
+            idle.append(rss_kib(proc.pid) / 1024)
+            skopeo_pull(f"{proxy}/{REPO}:rss", work / "pull")
+            ours.append(peak_rss_kib(proc.pid) / 1024)
+        shutil.rmtree(home)
+
+    def registry_pull() -> None:
+        # A new process each run: VmHWM is the peak over the process's whole life.
+        with registry_process(work) as (registry, proc):
+            skopeo_pull(f"{registry}/{REPO}:rss", work / "pull")
+            theirs.append(peak_rss_kib(proc.pid) / 1024)
+
+    for run in range(ctx.runs):
+        ctx.progress(f"peak RSS, cold pull of {spec.label}: run {run + 1}/{ctx.runs}")
+        if run % 2 == 0:
+            p2pimg_pull(run)
+            registry_pull()
+        else:
+            registry_pull()
+            p2pimg_pull(run)
+    return [
+        Measure(
+            scenario=SCENARIO,
+            client=f"skopeo, cold pull of {spec.label}",
+            metric="peak RSS of the server (VmHWM)",
+            unit="MiB",
+            p2pimg=ours,
+            baseline=theirs,
+            baseline_name=BASELINE,
+            details={
+                "image": spec.label,
+                "image_bytes": spec.total,
+                "p2pimg_rss_after_start_mib": idle,
+                "origin": "file",
+            },
+        )
+    ]

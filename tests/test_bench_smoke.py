@@ -1,0 +1,138 @@
+"""Smoke test of `python -m bench`: statistics, scenario planning and the report, in seconds.
+
+The warm-pull scenario runs for real (docker-registry, p2pimg serve, skopeo) on a tiny image
+(P2PIMG_BENCH_TINY) with one run; the report is then written from its rows and checked.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import runner
+from bench.runner import Entry, percentile, ratio, run_scenarios, spread, summarize, write_results
+from bench.scenario import Context, Measure, Skipped
+from bench.scenarios import TINY_ENV, image_matrix
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+RECORD_KEYS = {
+    "scenario", "client", "metric", "unit", "baseline_name", "p2pimg", "baseline", "ratio", "bound",
+    "p2pimg_median", "p2pimg_p10", "p2pimg_p90", "baseline_median", "baseline_p10", "baseline_p90",
+}  # fmt: skip
+META = {"command": "python -m bench --quick", "mode": "quick", "runs": 1, "machine": runner.machine_info()}
+
+
+def ctx(tmp_path: Path, runs: int = 1) -> Context:
+    return Context(workdir=tmp_path, quick=True, runs=runs, progress=lambda _line: None)
+
+
+def test_percentiles_interpolate_linearly() -> None:
+    values = [4.0, 1.0, 3.0, 2.0]  # unsorted on purpose
+    assert percentile(values, 0.5) == pytest.approx(2.5)
+    assert percentile(values, 0.1) == pytest.approx(1.3)  # rank 0.3 between 1 and 2
+    assert percentile(values, 0.9) == pytest.approx(3.7)  # rank 2.7 between 3 and 4
+    assert percentile(values, 0.0) == 1.0 and percentile(values, 1.0) == 4.0
+    assert percentile([7.0], 0.9) == 7.0
+    assert spread([1.0, 2.0, 3.0]) == pytest.approx({"median": 2.0, "p10": 1.2, "p90": 2.8})
+    assert spread([]) == {"median": None, "p10": None, "p90": None}
+    assert ratio(3.0, 2.0) == 1.5 and ratio(1.0, 0.0) is None and ratio(None, 1.0) is None
+    with pytest.raises(ValueError):
+        percentile([], 0.5)
+
+
+def test_summarize_reports_medians_and_ratio() -> None:
+    m = Measure("warm-pull", "skopeo", "pull time", "s", [1.0, 2.0, 3.0], [2.0, 4.0, 6.0, 8.0], "registry")
+    r = summarize(m)
+    assert r.keys() >= RECORD_KEYS
+    assert (r["p2pimg"], r["baseline"]) == (2.0, 5.0)
+    assert r["ratio"] == pytest.approx(0.4)
+    assert r["baseline_p10"] == pytest.approx(2.6) and r["baseline_p90"] == pytest.approx(7.4)
+    assert r["bound"] is None
+
+
+def test_runner_records_missing_and_failing_scenarios(tmp_path: Path) -> None:
+    def broken(_ctx: Context) -> list[Measure | Skipped]:
+        raise RuntimeError("boom")
+
+    def fine(c: Context) -> list[Measure | Skipped]:
+        assert c.workdir.is_dir() and c.runs == 2
+        return [Measure("fine", "x", "m", "s", [1.0], [2.0], "b"), Skipped("fine", "half of it")]
+
+    found = {"broken": broken, "fine": fine}
+    missing = Entry("cold-pull", "bench.scenarios.no_such_module", "cold_pull")
+    outcome = run_scenarios(
+        [missing, Entry("broken", "", ""), Entry("fine", "", "")],
+        quick=True,
+        runs=2,
+        loader=lambda e: runner.load(e) if e.module else found[e.name],
+    )
+    reasons = {s.scenario: s.reason for s in outcome.skipped}
+    assert reasons["cold-pull"] == runner.NOT_AVAILABLE
+    assert reasons["broken"] == "error: RuntimeError: boom"
+    assert reasons["fine"] == "half of it"
+    assert [m.scenario for m in outcome.measures] == ["fine"]
+    assert "RuntimeError: boom" in outcome.errors[0]
+
+
+def test_only_selects_scenarios_in_order() -> None:
+    args = runner.parse_args(["--only", "overheads,warm-pull"])
+    assert [e.name for e in args.entries] == ["warm-pull", "overheads"] and args.quick
+    assert not runner.parse_args(["--full"]).quick
+    with pytest.raises(SystemExit):
+        runner.parse_args(["--only", "nope"])
+
+
+def check_report(out: Path, document: dict[str, Any], scenarios: set[str]) -> None:
+    data = json.loads((out / "results.json").read_text())
+    assert data["results"], "no records"
+    for record in data["results"]:
+        assert record.keys() >= RECORD_KEYS, RECORD_KEYS - record.keys()
+    assert {"cpu_count", "cpu_model", "kernel", "python", "memory_mib"} <= data["machine"].keys()
+    assert data["command"].startswith("python -m bench")
+    assert {"scenario": "cold-pull", "reason": runner.NOT_AVAILABLE} in data["skipped"]
+    md = (out / "results.md").read_text()
+    assert "| Scenario | Client | Metric | p2pimg | Baseline |" in md
+    assert f"| cold-pull | — | skipped: {runner.NOT_AVAILABLE} |" in md
+    assert "plots_skipped" not in document, document.get("plots_skipped")  # matplotlib: the bench extra
+    for scenario in scenarios:
+        png = out / f"{scenario}.png"
+        assert png.read_bytes()[:8] == PNG_MAGIC, f"{png} is not a PNG"
+    assert str(out / "results.json") in document["files"]
+
+
+def test_report_from_known_rows(tmp_path: Path) -> None:
+    measures = [
+        Measure("overheads", "HEAD p50", "latency", "ms", [1.0, 1.2, 1.1], [0.5, 0.6, 0.4], "registry"),
+        Measure("overheads", "sha", "throughput", "MB/s", [900.0], [1000.0], "sha256", lower_is_better=False),
+        Measure("lan-swarm", "warm --lan", "time", "s", [3.0, float("nan")], [9.0], "alone", bound=2.5),
+    ]
+    skipped = [Skipped("cold-pull", runner.NOT_AVAILABLE)]
+    document = write_results(measures, skipped, tmp_path / "out", dict(META))
+    check_report(tmp_path / "out", document, {"overheads", "lan-swarm"})
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| HEAD p50 | latency (ms, lower is better) | 1.10 (1.02–1.18) | 0.500 (0.420–0.580) |" in md
+    assert "| lan-swarm | warm --lan | time (s, lower is better) | 3.00 | 9.00 | alone | 0.333 | 2.50 |" in md
+
+
+def test_warm_pull_tiny_then_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if missing := [t for t in ("skopeo", "docker-registry") if shutil.which(t) is None]:
+        pytest.skip(f"{' and '.join(missing)} not installed (apt-get install skopeo docker-registry)")
+    from bench.scenarios.warm import warm_pull
+
+    monkeypatch.setenv(TINY_ENV, "1")
+    work = tmp_path / "work"
+    work.mkdir()
+    c = ctx(work)
+    assert [s.total for s in image_matrix(c)] == [200_000]
+    rows = warm_pull(c, clients=("skopeo",))
+    measures = [r for r in rows if isinstance(r, Measure)]
+    assert [m.client for m in measures] == ["skopeo, 200 kB in 2 layers"], rows
+    (m,) = measures
+    assert len(m.p2pimg) == len(m.baseline) == 1 and min(m.p2pimg + m.baseline) > 0
+    out = tmp_path / "out"
+    document = write_results(measures, [Skipped("cold-pull", runner.NOT_AVAILABLE)], out, dict(META))
+    check_report(out, document, {"warm-pull"})
