@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import httpx
 import trio
 
+from .cid import Cid
 from .config import Config
 from .fetch import Fetcher, OriginSource
 from .metrics import Metrics
@@ -67,6 +68,23 @@ class Swarm:
         self.peers[url] = source
         self.fetcher.add_source(source)
         log.info("peer %s joined", url)
+
+    async def block(self, cid: Cid, max_size: int) -> bytes | None:
+        """A block by CID from the first peer that has it (checked against the CID here too)."""
+        for source in list(self.peers.values()):
+            with contextlib.suppress(httpx.HTTPError):
+                async with self.client.stream("GET", f"{source.url}/ipfs/{cid}", timeout=3,
+                                              headers={"accept": "application/vnd.ipld.raw"}) as r:
+                    if r.status_code != 200:
+                        continue
+                    data = bytearray()
+                    async for piece in r.aiter_raw():
+                        data += piece
+                        if len(data) > max_size:
+                            break
+                    if len(data) <= max_size and cid.matches(data):
+                        return bytes(data)
+        return None
 
     def remove(self, url: str) -> None:
         if self.peers.pop(url, None) is not None:
@@ -161,6 +179,7 @@ async def open_node(config: Config, *, advertise: tuple[str, int] | None = None)
             node = Node(config, nursery, own_id, store, origin, metrics, fetcher, resolver, mirror,
                         peer_service, swarm)
             resolver.on_blob_map = peer_service.index
+            resolver.peer_block = swarm.block
             await nursery.start(swarm.run)
             yield node
             nursery.cancel_scope.cancel()

@@ -262,3 +262,39 @@ def test_warm_errors_are_clear(tmp_path: Path) -> None:
         result = p2pimg("warm", ref, "--no-mdns", home=tmp_path / f"h{uuid.uuid4().hex[:6]}")
         assert result.returncode != 0
         assert message in result.stdout + result.stderr and "Traceback" not in result.stderr
+
+
+def test_origin_down_image_pulls_from_a_peer(
+    moto: str, nodes: Nodes, fault_proxy: Callable[..., FaultProxy], tmp_path: Path
+) -> None:
+    """B never saw the image and its origin is unreachable: by root CID, every block (root,
+    manifest, blob maps) and every chunk comes from A, checked against its CID."""
+    image, bucket = published(tmp_path, moto, [LayerSpec(6 << 20, "none"), LayerSpec(1 << 20)], seed=6)
+    _, _a_host, a_peer = nodes.start("a", f"s3://{bucket}?endpoint={moto}")
+    warmed = p2pimg("warm", "demo/app:1", home=tmp_path / "a")
+    assert warmed.returncode == 0, warmed.stderr
+    root = warmed.stdout.split("(")[1].split(")")[0]
+    doomed = fault_proxy(moto)
+    _, b_host, _ = nodes.start("b", f"s3://{bucket}?endpoint={doomed.endpoint}", "--peer", a_peer)
+    doomed.daemon.stop()  # B's origin is gone before B asked it anything
+    dest = tmp_path / "out"
+    result = subprocess.run(
+        [
+            "skopeo",
+            "copy",
+            "--insecure-policy",
+            "--preserve-digests",
+            "--src-tls-verify=false",
+            f"docker://{b_host}/ipfs/{root}:latest",
+            f"oci:{dest}:x",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=client_env(),
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads((dest / "index.json").read_text())["manifests"][0]["digest"] == image.top_digest
+    assert metric(b_host, "p2pimg_source_bytes_total", source="peer") == blob_bytes(image)
+    assert metric(b_host, "p2pimg_source_bytes_total", source="origin") == 0
