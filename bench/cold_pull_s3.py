@@ -29,21 +29,7 @@ from p2pimg.origins import blob_key
 from p2pimg.origins.s3 import S3Origin
 from p2pimg.sample import LayerSpec, write_oci_layout
 
-from .procs import free_port, p2pimg_serve, require, stopping, wait_http
-
-AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def start(argv: list[str], ready_url: str) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        argv,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=dict(os.environ, **AWS, PYTHONPATH=str(ROOT)),
-    )
-    wait_http(ready_url, proc, timeout=30)
-    return proc
+from .procs import fault_proxy, moto_with_image, p2pimg_serve, peak_rss_kib, require
 
 
 async def sequential_stream(url: str, digest: str, size: int) -> float:
@@ -59,13 +45,6 @@ async def sequential_stream(url: str, digest: str, size: int) -> float:
     return elapsed
 
 
-def peak_rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return 0
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -79,73 +58,33 @@ def main() -> int:
     if missing := require("curl"):
         print(f"missing tools: {', '.join(missing)}", file=sys.stderr)
         return 2
-    os.environ.update(AWS)
     work = Path(tempfile.mkdtemp(prefix="p2pimg-bench-"))
     try:
         image = write_oci_layout(work / "img", [LayerSpec(args.size_mib << 20, "none")], tag="1")
         manifest = json.loads((image.path / "blobs" / "sha256" / image.top_digest[7:]).read_bytes())
         layer = manifest["layers"][0]
-        moto_port, proxy_port = free_port(), free_port()
-        moto = f"http://127.0.0.1:{moto_port}"
-        with stopping(
-            start(
-                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(moto_port)],
-                f"{moto}/moto-api/data.json",
-            )
+        proxy_args = ["--latency", str(args.latency), "--rate", str(int(args.rate_mib * (1 << 20)))]
+        with (
+            moto_with_image(work, image.path, "bench/big:1") as moto,
+            fault_proxy(moto, *proxy_args) as proxy,
         ):
-            import boto3
-
-            boto3.client("s3", endpoint_url=moto, region_name="us-east-1").create_bucket(Bucket="bench")
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "p2pimg",
-                    "publish",
-                    f"oci:{image.path}:1",
-                    "bench/big:1",
-                    "--origin",
-                    f"s3://bench?endpoint={moto}",
-                    "--home",
-                    str(work / "publisher"),
-                ],
-                check=True,
-                capture_output=True,
-            )
-            proxy_args = ["--latency", str(args.latency), "--rate", str(int(args.rate_mib * (1 << 20)))]
-            proxy = f"http://127.0.0.1:{proxy_port}"
-            with stopping(
-                start(
-                    [
-                        sys.executable,
-                        "-m",
-                        "tools.faultproxy",
-                        "--upstream",
-                        moto,
-                        "--listen",
-                        f"127.0.0.1:{proxy_port}",
-                        *proxy_args,
-                    ],
-                    f"{proxy}/__faultproxy/stats",
-                )
-            ):
-                origin_url = f"s3://bench?endpoint={proxy}"
-                ours, theirs, rss = [], [], []
-                for run in range(args.runs):
-                    theirs.append(trio.run(sequential_stream, origin_url, layer["digest"], layer["size"]))
-                    home = work / f"home{run}"
-                    os.environ["P2PIMG_ORIGIN"] = origin_url
-                    with p2pimg_serve(home) as (host, proc):
-                        started = time.perf_counter()
-                        out = subprocess.run(
-                            ["curl", "-sf", f"http://{host}/v2/bench/big/blobs/{layer['digest']}"],
-                            capture_output=True,
-                            check=True,
-                        ).stdout
-                        ours.append(time.perf_counter() - started)
-                        rss.append(peak_rss_kib(proc.pid))
-                    del os.environ["P2PIMG_ORIGIN"]
-                    assert hashlib.sha256(out).hexdigest() == layer["digest"][7:]
+            origin_url = f"s3://bench?endpoint={proxy}"
+            ours, theirs, rss = [], [], []
+            for run in range(args.runs):
+                theirs.append(trio.run(sequential_stream, origin_url, layer["digest"], layer["size"]))
+                home = work / f"home{run}"
+                os.environ["P2PIMG_ORIGIN"] = origin_url
+                with p2pimg_serve(home) as (host, proc):
+                    started = time.perf_counter()
+                    out = subprocess.run(
+                        ["curl", "-sf", f"http://{host}/v2/bench/big/blobs/{layer['digest']}"],
+                        capture_output=True,
+                        check=True,
+                    ).stdout
+                    ours.append(time.perf_counter() - started)
+                    rss.append(peak_rss_kib(proc.pid))
+                del os.environ["P2PIMG_ORIGIN"]
+                assert hashlib.sha256(out).hexdigest() == layer["digest"][7:]
         size_mb = layer["size"] / 1e6
         med_ours, med_theirs = statistics.median(ours), statistics.median(theirs)
         result = {

@@ -275,3 +275,73 @@ def tool_version(tool: str, flag: str = "--version") -> str | None:
         return None
     lines = done.stdout.decode(errors="replace").strip().splitlines()
     return lines[0] if done.returncode == 0 and lines else None
+
+
+S3_TEST_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def moto_with_image(workdir: Path, layout: Path, ref: str) -> Iterator[str]:
+    """A moto_server on loopback holding bucket "bench" with `layout` published as `ref`;
+    yields the endpoint URL. The S3 test credentials are put in this process's environment."""
+    os.environ.update(S3_TEST_CREDENTIALS)
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    with stopping(proc):
+        wait_http(f"{endpoint}/moto-api/data.json", proc, timeout=30)
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "p2pimg",
+                "publish",
+                f"oci:{layout}:1",
+                ref,
+                "--origin",
+                f"s3://bench?endpoint={endpoint}",
+                "--home",
+                str(workdir / "publisher"),
+            ],
+            check=True,
+            capture_output=True,
+            env=dict(os.environ, P2PIMG_MDNS="0"),
+        )
+        yield endpoint
+
+
+@contextmanager
+def fault_proxy(upstream: str, *args: str) -> Iterator[str]:
+    """`tools/faultproxy.py` in front of `upstream`; yields its URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tools.faultproxy",
+            "--upstream",
+            upstream,
+            "--listen",
+            f"127.0.0.1:{port}",
+            *args,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=dict(os.environ, PYTHONPATH=str(_ROOT)),
+    )
+    with stopping(proc):
+        wait_http(f"{url}/__faultproxy/stats", proc, timeout=30)
+        yield url

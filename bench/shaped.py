@@ -28,11 +28,13 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.scenario import Measure, Skipped
+from bench.scenarios import ImageSpec
 from p2pimg.sample import SampleImage
 from tools.netns import IP, Host, support
 
@@ -136,8 +138,9 @@ def start_daemon(host: Host, name: str, argv: Sequence[str], logs: Path, **env: 
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"{name}.log"
     with log.open("ab") as out:
-        proc = host.popen(list(argv), env=child_env(**env), stdout=out, stderr=subprocess.STDOUT,
-                          stdin=subprocess.DEVNULL)
+        proc = host.popen(
+            list(argv), env=child_env(**env), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
     return Daemon(name, proc, log)
 
 
@@ -170,12 +173,19 @@ def wait_ready(host: Host, url: str, daemon: Daemon, timeout: float = START_TIME
         time.sleep(0.1)
 
 
-def run_in(host: Host, argv: Sequence[str], what: str, timeout: float = STEP_TIMEOUT,
-           **env: str) -> subprocess.CompletedProcess[str]:
+def run_in(
+    host: Host, argv: Sequence[str], what: str, timeout: float = STEP_TIMEOUT, **env: str
+) -> subprocess.CompletedProcess[str]:
     """Run a command in `host` to completion; a failure raises with its output."""
     try:
-        result = host.run(list(argv), capture_output=True, text=True, timeout=timeout,
-                          env=child_env(**env), stdin=subprocess.DEVNULL)
+        result = host.run(
+            list(argv),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=child_env(**env),
+            stdin=subprocess.DEVNULL,
+        )
     except subprocess.TimeoutExpired as exc:
         raise RuntimeError(f"{what}: timed out after {timeout:.0f} s") from exc
     if result.returncode != 0:
@@ -193,14 +203,26 @@ def helper(host: Host, *args: str, what: str, timeout: float = STEP_TIMEOUT) -> 
 
 def link_tx_bytes(host: Host) -> int:
     """Bytes sent on the host's eth0 (frames: payload plus TCP/IP and Ethernet headers)."""
-    out = subprocess.run([IP, "-n", host.ns, "-s", "-j", "link", "show", "eth0"], capture_output=True,
-                         text=True, timeout=15, check=True).stdout
+    out = subprocess.run(
+        [IP, "-n", host.ns, "-s", "-j", "link", "show", "eth0"],
+        capture_output=True,
+        text=True,
+        timeout=15,
+        check=True,
+    ).stdout
     return int(json.loads(out)[0]["stats64"]["tx"]["bytes"])
 
 
 def skopeo_copy_argv(src: str, dest: Path) -> list[str]:
-    return ["skopeo", "copy", "--insecure-policy", "--preserve-digests", "--src-tls-verify=false",
-            f"docker://{src}", f"oci:{dest}:x"]
+    return [
+        "skopeo",
+        "copy",
+        "--insecure-policy",
+        "--preserve-digests",
+        "--src-tls-verify=false",
+        f"docker://{src}",
+        f"oci:{dest}:x",
+    ]
 
 
 def check_pulled(dest: Path, image: SampleImage) -> None:
@@ -255,13 +277,23 @@ class Origin:
 def start_origin(host: Host, logs: Path, *, latency_s: float, stream_rate: float = 0.0) -> Origin:
     """moto_server on the origin host's loopback and faultproxy in front of it on its LAN address."""
     origin = Origin(host, latency_s, stream_rate)
-    moto = start_daemon(host, "moto", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
-                                       "-p", str(MOTO_PORT)], logs)
+    moto = start_daemon(
+        host, "moto", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(MOTO_PORT)], logs
+    )
     origin.daemons.append(moto)
     wait_ready(host, f"{origin.moto}/moto-api/data.json", moto)
     helper(host, "mkbucket", origin.moto, BUCKET, what="create the bucket")
-    argv = [sys.executable, "-m", "tools.faultproxy", "--upstream", origin.moto,
-            "--listen", f"{host.addr}:{PROXY_PORT}", "--latency", str(latency_s)]
+    argv = [
+        sys.executable,
+        "-m",
+        "tools.faultproxy",
+        "--upstream",
+        origin.moto,
+        "--listen",
+        f"{host.addr}:{PROXY_PORT}",
+        "--latency",
+        str(latency_s),
+    ]
     if stream_rate:
         argv += ["--rate", str(int(stream_rate))]
     proxy = start_daemon(host, "faultproxy", argv, logs)
@@ -272,9 +304,23 @@ def start_origin(host: Host, logs: Path, *, latency_s: float, stream_rate: float
 
 def publish(origin: Origin, image: SampleImage, home: Path, timeout: float) -> None:
     """Publish to moto directly, from the origin host: the shaped link is for pulls only."""
-    run_in(origin.host, [sys.executable, "-m", "p2pimg", "publish", f"oci:{image.path}:1", IMAGE_NAME,
-                         "--origin", f"s3://{BUCKET}?endpoint={origin.moto}", "--home", str(home)],
-           "p2pimg publish", timeout=timeout)
+    run_in(
+        origin.host,
+        [
+            sys.executable,
+            "-m",
+            "p2pimg",
+            "publish",
+            f"oci:{image.path}:1",
+            IMAGE_NAME,
+            "--origin",
+            f"s3://{BUCKET}?endpoint={origin.moto}",
+            "--home",
+            str(home),
+        ],
+        "p2pimg publish",
+        timeout=timeout,
+    )
 
 
 @dataclass
@@ -309,20 +355,49 @@ def start_registry(host: Host, workdir: Path, logs: Path, image: SampleImage, ti
     )
     daemon = start_daemon(host, "docker-registry", ["docker-registry", "serve", str(config)], logs)
     wait_ready(host, f"http://127.0.0.1:{REGISTRY_PORT}/v2/", daemon)
-    run_in(host, ["skopeo", "copy", "--insecure-policy", "--preserve-digests", "--dest-tls-verify=false",
-                  f"oci:{image.path}:1", f"docker://127.0.0.1:{REGISTRY_PORT}/{IMAGE_NAME}"],
-           "push to docker-registry", timeout=timeout)
+    run_in(
+        host,
+        [
+            "skopeo",
+            "copy",
+            "--insecure-policy",
+            "--preserve-digests",
+            "--dest-tls-verify=false",
+            f"oci:{image.path}:1",
+            f"docker://127.0.0.1:{REGISTRY_PORT}/{IMAGE_NAME}",
+        ],
+        "push to docker-registry",
+        timeout=timeout,
+    )
     return Registry(host, daemon)
 
 
-def start_p2pimg(host: Host, name: str, home: Path, logs: Path, origin_url: str, *,
-                 peer_listen: bool = False, peers: Sequence[str] = (), wait: bool = True) -> Daemon:
+def start_p2pimg(
+    host: Host,
+    name: str,
+    home: Path,
+    logs: Path,
+    origin_url: str,
+    *,
+    peer_listen: bool = False,
+    peers: Sequence[str] = (),
+    wait: bool = True,
+) -> Daemon:
     """`p2pimg serve` on the host's loopback (its own namespace), static peers only, no mDNS.
 
     With `wait=False` it returns at once; `p2pimg_ready` then waits for it to answer.
     """
-    argv = [sys.executable, "-m", "p2pimg", "serve", "--listen", f"127.0.0.1:{P2PIMG_PORT}",
-            "--origin", origin_url, "--no-mdns"]
+    argv = [
+        sys.executable,
+        "-m",
+        "p2pimg",
+        "serve",
+        "--listen",
+        f"127.0.0.1:{P2PIMG_PORT}",
+        "--origin",
+        origin_url,
+        "--no-mdns",
+    ]
     if peer_listen:
         argv += ["--peer-listen", f"{host.addr}:{PEER_PORT}"]
     argv += [a for peer in peers for a in ("--peer", peer)]
@@ -407,3 +482,18 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main(sys.argv[1:]))
+
+
+def per_image(
+    workdir: Path, images: Sequence[ImageSpec], run: Callable[[ImageSpec, Path], list[Measure | Skipped]]
+) -> list[Measure | Skipped]:
+    """Run a scenario once per image, each in a directory removed right after (up to ~1 GB per
+    copy in --full)."""
+    results: list[Measure | Skipped] = []
+    for i, spec in enumerate(images):
+        work = workdir / f"image{i}"
+        try:
+            results += run(spec, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return results

@@ -25,15 +25,14 @@ from pathlib import Path
 
 from p2pimg.sample import LayerSpec, write_oci_layout
 
-from .procs import free_port, stopping, wait_http
+from .procs import S3_TEST_CREDENTIALS, fault_proxy, free_port, moto_with_image, stopping, wait_http
 
-AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 ROOT = Path(__file__).resolve().parents[1]
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def env(**extra: str) -> dict[str, str]:
-    return dict(os.environ, **AWS, PYTHONPATH=str(ROOT), P2PIMG_MDNS="0", **extra)
+    return dict(os.environ, **S3_TEST_CREDENTIALS, PYTHONPATH=str(ROOT), P2PIMG_MDNS="0", **extra)
 
 
 def start(argv: list[str], ready: str, **extra: str) -> subprocess.Popen[bytes]:
@@ -68,60 +67,19 @@ def main() -> int:
     parser.add_argument("--latency", type=float, default=0.01)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    os.environ.update(AWS)  # boto3 here, and every child process, talk to moto with these
     work = Path(tempfile.mkdtemp(prefix="p2pimg-bench-"))
     try:
         half = (args.size_mib << 20) // 2
         image = write_oci_layout(work / "img", [LayerSpec(half, "none"), LayerSpec(half, "none")], tag="1")
         with ExitStack() as stack:
-            moto_port, proxy_port = free_port(), free_port()
-            moto, proxy = f"http://127.0.0.1:{moto_port}", f"http://127.0.0.1:{proxy_port}"
-            stack.enter_context(
-                stopping(
-                    start(
-                        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(moto_port)],
-                        f"{moto}/moto-api/data.json",
-                    )
-                )
-            )
-            import boto3
-
-            boto3.client("s3", endpoint_url=moto, region_name="us-east-1").create_bucket(Bucket="bench")
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "p2pimg",
-                    "publish",
-                    f"oci:{image.path}:1",
-                    "bench/big:1",
-                    "--origin",
-                    f"s3://bench?endpoint={moto}",
-                    "--home",
-                    str(work / "publisher"),
-                ],
-                check=True,
-                capture_output=True,
-                env=env(),
-            )
-            stack.enter_context(
-                stopping(
-                    start(
-                        [
-                            sys.executable,
-                            "-m",
-                            "tools.faultproxy",
-                            "--upstream",
-                            moto,
-                            "--listen",
-                            f"127.0.0.1:{proxy_port}",
-                            "--latency",
-                            str(args.latency),
-                            "--total-rate",
-                            str(int(args.uplink_mib * (1 << 20))),
-                        ],
-                        f"{proxy}/__faultproxy/stats",
-                    )
+            moto = stack.enter_context(moto_with_image(work, image.path, "bench/big:1"))
+            proxy = stack.enter_context(
+                fault_proxy(
+                    moto,
+                    "--latency",
+                    str(args.latency),
+                    "--total-rate",
+                    str(int(args.uplink_mib * (1 << 20))),
                 )
             )
             origin = f"s3://bench?endpoint={proxy}"
@@ -174,10 +132,12 @@ def main() -> int:
             "bound": size / (args.uplink_mib * (1 << 20)),
         }
         r = result
-        print(f"{args.nodes} nodes warming {size / 1e6:.0f} MB at once through a {args.uplink_mib:.0f} MiB/s "
-              f"origin uplink: all done in {together:.1f} s, one node alone {alone:.1f} s "
-              f"(ratio {r['ratio']:.2f}); origin sent {r['origin_egress_ratio']:.2f}x the image "
-              f"(alone: {r['alone_egress_ratio']:.2f}x); uplink bound for one copy {r['bound']:.1f} s")
+        print(
+            f"{args.nodes} nodes warming {size / 1e6:.0f} MB at once through a {args.uplink_mib:.0f} MiB/s "
+            f"origin uplink: all done in {together:.1f} s, one node alone {alone:.1f} s "
+            f"(ratio {r['ratio']:.2f}); origin sent {r['origin_egress_ratio']:.2f}x the image "
+            f"(alone: {r['alone_egress_ratio']:.2f}x); uplink bound for one copy {r['bound']:.1f} s"
+        )
         if args.out:
             args.out.write_text(json.dumps(result, indent=2))
         return 0

@@ -38,6 +38,7 @@ from bench.shaped import (
     check_pulled,
     helper,
     manifest_layers,
+    per_image,
     publish,
     run_in,
     skopeo_copy_argv,
@@ -86,14 +87,7 @@ def cold_pull(ctx: Context) -> list[Measure | Skipped]:
     reason = unavailable("skopeo", "docker-registry", "curl")
     if reason:
         return [Skipped(SCENARIO, reason)]
-    results: list[Measure | Skipped] = []
-    for i, spec in enumerate(plan.images):
-        work = ctx.workdir / "cold" / f"image{i}"
-        try:
-            results += _image(ctx, plan, spec, work)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)  # up to ~1 GB per copy in --full
-    return results
+    return per_image(ctx.workdir / "cold", plan.images, lambda spec, work: _image(ctx, plan, spec, work))
 
 
 def _image(ctx: Context, plan: ColdPlan, spec: ImageSpec, work: Path) -> list[Measure | Skipped]:
@@ -127,8 +121,15 @@ def _image(ctx: Context, plan: ColdPlan, spec: ImageSpec, work: Path) -> list[Me
         for run in range(plan.runs):
             step = f"cold pull {label}, run {run + 1}/{plan.runs}"
             ctx.progress(f"{step}: single sequential stream of a {blob_label} layer")
-            got = helper(client, "stream", origin.url, blob_digest, str(blob_size),
-                         what="single sequential stream", timeout=blob_timeout)
+            got = helper(
+                client,
+                "stream",
+                origin.url,
+                blob_digest,
+                str(blob_size),
+                what="single sequential stream",
+                timeout=blob_timeout,
+            )
             streams.append(float(got["seconds"]))
 
             ctx.progress(f"{step}: the same layer through p2pimg")
@@ -137,8 +138,9 @@ def _image(ctx: Context, plan: ColdPlan, spec: ImageSpec, work: Path) -> list[Me
             try:
                 repo = IMAGE_NAME.split(":")[0]
                 url = f"http://127.0.0.1:{P2PIMG_PORT}/v2/{repo}/blobs/{blob_digest}"
-                got = helper(client, "fetch", url, blob_digest, what="GET through p2pimg",
-                             timeout=blob_timeout)
+                got = helper(
+                    client, "fetch", url, blob_digest, what="GET through p2pimg", timeout=blob_timeout
+                )
                 fetches.append(float(got["seconds"]))
             finally:
                 stop_daemon(node)
@@ -149,8 +151,11 @@ def _image(ctx: Context, plan: ColdPlan, spec: ImageSpec, work: Path) -> list[Me
             node = start_p2pimg(client, f"p2pimg-pull{run}", home, logs, origin.url)
             try:
                 before = origin.stats(client)["body_bytes"]
-                pulls.append(_skopeo(client, f"127.0.0.1:{P2PIMG_PORT}/{IMAGE_NAME}", work / "out",
-                                     image, pull_timeout))
+                pulls.append(
+                    _skopeo(
+                        client, f"127.0.0.1:{P2PIMG_PORT}/{IMAGE_NAME}", work / "out", image, pull_timeout
+                    )
+                )
                 egress.append((origin.stats(client)["body_bytes"] - before) / image.total_bytes)
             finally:
                 stop_daemon(node)

@@ -39,6 +39,7 @@ from bench.shaped import (
     link_tx_bytes,
     p2pimg_ready,
     peer_url,
+    per_image,
     percentile,
     publish,
     skopeo_copy_argv,
@@ -89,14 +90,7 @@ def lan_swarm(ctx: Context) -> list[Measure | Skipped]:
     reason = unavailable("skopeo", "docker-registry", "curl")
     if reason:
         return [Skipped(SCENARIO, reason)]
-    results: list[Measure | Skipped] = []
-    for i, spec in enumerate(plan.images):
-        work = ctx.workdir / "swarm" / f"image{i}"
-        try:
-            results += _image(ctx, plan, spec, work)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)  # up to ~1 GB per copy in --full
-    return results
+    return per_image(ctx.workdir / "swarm", plan.images, lambda spec, work: _image(ctx, plan, spec, work))
 
 
 @dataclass
@@ -135,10 +129,20 @@ def _image(ctx: Context, plan: SwarmPlan, spec: ImageSpec, work: Path) -> list[M
             try:
                 ctx.progress(f"{step}: {plan.nodes} nodes pulling through p2pimg at once")
                 before, wire = origin.stats(lan.hosts[0])["body_bytes"], link_tx_bytes(origin_host)
-                times = _pull_at_once(lan.hosts, f"127.0.0.1:{P2PIMG_PORT}/{IMAGE_NAME}",
-                                      work / f"run{run}" / "out", image, timeout)
-                ours.append(Round(times, origin.stats(lan.hosts[0])["body_bytes"] - before,
-                                  link_tx_bytes(origin_host) - wire))
+                times = _pull_at_once(
+                    lan.hosts,
+                    f"127.0.0.1:{P2PIMG_PORT}/{IMAGE_NAME}",
+                    work / f"run{run}" / "out",
+                    image,
+                    timeout,
+                )
+                ours.append(
+                    Round(
+                        times,
+                        origin.stats(lan.hosts[0])["body_bytes"] - before,
+                        link_tx_bytes(origin_host) - wire,
+                    )
+                )
             finally:
                 for node in nodes:
                     stop_daemon(node)
@@ -226,9 +230,16 @@ def _start_nodes(hosts: list[Host], origin: Origin, work: Path, logs: Path, run:
         # All start at once and load in parallel; then each must answer.
         for i, host in enumerate(hosts):
             nodes.append(
-                start_p2pimg(host, f"p2pimg-run{run}-{host.name}", work / f"home-{host.name}", logs,
-                             origin.url, peer_listen=True, peers=[u for j, u in enumerate(urls) if j != i],
-                             wait=False)
+                start_p2pimg(
+                    host,
+                    f"p2pimg-run{run}-{host.name}",
+                    work / f"home-{host.name}",
+                    logs,
+                    origin.url,
+                    peer_listen=True,
+                    peers=[u for j, u in enumerate(urls) if j != i],
+                    wait=False,
+                )
             )
         for host, node in zip(hosts, nodes, strict=True):
             p2pimg_ready(host, node)
@@ -248,8 +259,15 @@ def _pull_at_once(hosts: list[Host], ref: str, out: Path, image: SampleImage, ti
     started = time.perf_counter()
     for host, dest, log in zip(hosts, dests, logs, strict=True):
         with log.open("wb") as sink:
-            procs.append(host.popen(skopeo_copy_argv(ref, dest), env=child_env(), stdout=sink,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+            procs.append(
+                host.popen(
+                    skopeo_copy_argv(ref, dest),
+                    env=child_env(),
+                    stdout=sink,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                )
+            )
     done: list[float | None] = [None] * len(procs)
     deadline = started + timeout
     try:
@@ -259,8 +277,10 @@ def _pull_at_once(hosts: list[Host], ref: str, out: Path, image: SampleImage, ti
                 if done[i] is None and proc.poll() is not None:
                     done[i] = now - started
                     if proc.returncode != 0:
-                        raise RuntimeError(f"skopeo on {hosts[i].name} exited {proc.returncode}: "
-                                           f"{logs[i].read_text(errors='replace')[-2000:]}")
+                        raise RuntimeError(
+                            f"skopeo on {hosts[i].name} exited {proc.returncode}: "
+                            f"{logs[i].read_text(errors='replace')[-2000:]}"
+                        )
             if now > deadline:
                 raise RuntimeError(f"pulls of {ref} not done within {timeout:.0f} s")
             time.sleep(0.01)
@@ -272,4 +292,3 @@ def _pull_at_once(hosts: list[Host], ref: str, out: Path, image: SampleImage, ti
     for dest in dests:
         check_pulled(dest, image)
     return [d for d in done if d is not None]
-
