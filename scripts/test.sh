@@ -11,7 +11,7 @@ log() { printf '==> %s\n' "$*" >&2; }
 
 # --- System packages: the real registry clients the integration tests drive. ---------------
 # Only ask apt when something is missing, so a prepared machine pays nothing here.
-packages=(skopeo podman containerd docker-registry umoci uidmap iproute2)
+packages=(skopeo podman containerd docker-registry umoci uidmap iproute2 curl)
 if [[ ! -d .venv ]]; then
     # `python3 -m venv` needs ensurepip, which Debian ships separately in python3-venv.
     packages+=(python3 python3-venv)
