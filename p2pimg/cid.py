@@ -89,7 +89,11 @@ class Cid:
             raise DigestInvalid(f"CID {shown} uses {parsed.hashfun.name}; only sha2-256 is supported")
         if parsed.codec.code not in _CODEC_NAMES:
             raise DigestInvalid(f"CID {shown} has codec {parsed.codec.name}; expected raw or dag-cbor")
-        return cls(parsed.codec.code, bytes(parsed.raw_digest))
+        try:
+            digest = bytes(parsed.raw_digest)  # multiformats checks the declared length only here
+        except Exception as exc:
+            raise DigestInvalid(f"invalid CID {shown}: {exc}") from None
+        return cls(parsed.codec.code, digest)
 
     @classmethod
     def from_digest(cls, digest: str) -> Cid:

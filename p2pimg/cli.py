@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import trio
 
-from . import __version__, admin
+from . import __version__, admin, signing
 from .config import Config, load_config
 from .errors import P2pimgError
 from .model import parse_name_tag
@@ -25,6 +27,11 @@ def _common(p: argparse.ArgumentParser, *, origin: bool = True) -> None:
     if origin:
         p.add_argument("--origin", metavar="URL",
                        help="origin URL (default: $P2PIMG_ORIGIN or file://$P2PIMG_HOME/origin)")
+
+
+def _trust(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust", action="append", metavar="PUBFILE",
+                   help="trust tags signed by this publisher key (repeatable; also $P2PIMG_HOME/trust/*.pub)")
 
 
 def _peers(p: argparse.ArgumentParser) -> None:
@@ -44,20 +51,23 @@ def _config(args: argparse.Namespace) -> Config:
                        peers=getattr(args, "peer", None),
                        mdns=False if getattr(args, "no_mdns", False) else None,
                        peer_rate=getattr(args, "peer_rate", None),
-                       peer_max_requests=getattr(args, "peer_max_requests", None))
+                       peer_max_requests=getattr(args, "peer_max_requests", None),
+                       cache_max=getattr(args, "cache_max", None),
+                       trust=getattr(args, "trust", None))
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
     name, tag = parse_name_tag(args.ref)
     config = _config(args)
     origin = open_origin(config.origin, config.home)
+    signer = signing.load_signer(config.home)  # tag records are signed when the home has a key
 
     def progress(msg: str) -> None:
         if args.verbose:
             print(msg, file=sys.stderr)
 
     report = trio.run(lambda: publish(args.source, name, tag, origin, chunk_size=config.chunk_size,
-                                      progress=progress))
+                                      progress=progress, signer=signer))
     print(f"published {name}:{tag} to {origin.url}: {report.blobs_uploaded} blobs uploaded "
           f"({report.bytes_uploaded} bytes), {report.blobs_skipped} already there",
           file=sys.stderr)
@@ -65,11 +75,21 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    config = _config(args)
+    pub = signing.generate_key(config.home)
+    print(f"publisher key made; the private key stays in {config.home}; give this file to "
+          "those who should trust your tags (--trust, or their home's trust/ directory):", file=sys.stderr)
+    print(pub)
+    return 0
+
+
 def cmd_resolve(args: argparse.Namespace) -> int:
     name, tag = parse_name_tag(args.ref)
     config = _config(args)
     origin = open_origin(config.origin, config.home)
-    resolver = Resolver(ChunkStore(config.cache_dir), origin)
+    trust = signing.TrustStore.load(config.home, [Path(p) for p in config.trust])
+    resolver = Resolver(ChunkStore(config.cache_dir), origin, trust=trust)
     print(trio.run(resolver.resolve_tag, name, tag))
     return 0
 
@@ -129,7 +149,85 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_warm(args: argparse.Namespace) -> int:
     from .warmcli import run_warm
 
-    return trio.run(lambda: run_warm(_config(args), args.ref, lan=args.lan))
+    config = _config(args)
+    code = trio.run(lambda: run_warm(config, args.ref, lan=args.lan))
+    if code == 0 and args.pin:
+        _pin(config, args.ref)
+    return code
+
+
+def _pin(config: Config, ref: str) -> None:
+    from . import cache
+
+    store = ChunkStore(config.cache_dir)
+    resolver = Resolver(store, open_origin(config.origin, config.home))
+    root, digests = trio.run(cache.pin, store, resolver, ref)
+    print(f"pinned {ref} ({root}): {len(digests)} blobs", file=sys.stderr)
+
+
+def cmd_cache_ls(args: argparse.Namespace) -> int:
+    from .cache import human, scan
+
+    state = scan(ChunkStore(_config(args).cache_dir))
+    print(f"complete blobs: {len(state.blobs)}")
+    for b in sorted(state.blobs, key=lambda b: b.last_used, reverse=True):
+        used = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b.last_used))
+        print(f"  {b.digest}  {b.size:>12}  {used}  {'pinned' if b.pinned else '-'}")
+    print(f"partial blobs: {len(state.partials)}")
+    for p in state.partials:
+        print(f"  {p.digest}  verified {p.verified} of {p.size} bytes")
+    pinned = sum(b.size for b in state.blobs if b.pinned)
+    print(f"total: {state.total} bytes ({human(state.total)}): blobs {state.blob_bytes}, "
+          f"partial {state.partial_bytes}, blocks {sum(f.size for f in state.blocks)} "
+          f"({len(state.blocks)}), tmp {sum(f.size for f in state.tmp)}, "
+          f"tags and pins {sum(f.size for f in state.meta)}; pinned blobs {pinned}")
+    return 0
+
+
+def cmd_cache_gc(args: argparse.Namespace) -> int:
+    from .cache import collect, human, parse_limit
+
+    limit = parse_limit(args.max_size)
+    result = collect(ChunkStore(_config(args).cache_dir), limit)
+    for item in result.removed:
+        print(f"removed {item.kind} {item.name} ({item.size} bytes)")
+    print(f"cache: {human(result.before)} -> {human(result.after)} (limit {human(limit)}), "
+          f"{len(result.removed)} removed", file=sys.stderr)
+    if not result.fits:
+        print("p2pimg: the rest is pinned, recently written partial/staging files, or metadata",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_cache_verify(args: argparse.Namespace) -> int:
+    from .cache import Removed, verify
+
+    def report(item: Removed) -> None:
+        print(f"removed corrupt {item.kind} {item.name} ({item.size} bytes)")
+
+    removed = verify(ChunkStore(_config(args).cache_dir), report)
+    if removed:
+        print(f"p2pimg: {len(removed)} corrupt files removed; they are fetched again on next use",
+              file=sys.stderr)
+        return 1
+    print("cache verified: no corrupt blobs or blocks", file=sys.stderr)
+    return 0
+
+
+def cmd_cache_pin(args: argparse.Namespace) -> int:
+    _pin(_config(args), args.ref)
+    return 0
+
+
+def cmd_cache_unpin(args: argparse.Namespace) -> int:
+    from . import cache
+
+    config = _config(args)
+    store = ChunkStore(config.cache_dir)
+    resolver = Resolver(store, open_origin(config.origin, config.home))
+    roots = trio.run(cache.unpin, store, resolver, args.ref)
+    print(f"unpinned {args.ref} ({', '.join(roots)})", file=sys.stderr)
+    return 0
 
 
 def cmd_containerd_config(args: argparse.Namespace) -> int:
@@ -166,7 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_publish)
 
+    p = sub.add_parser("keygen", help="make this home's ed25519 publisher key; prints the .pub path")
+    _common(p, origin=False)
+    p.set_defaults(func=cmd_keygen)
+
     p = sub.add_parser("resolve", help="print the root CID a NAME:TAG points at")
+    _trust(p)
     p.add_argument("ref", metavar="NAME:TAG")
     _common(p)
     p.set_defaults(func=cmd_resolve)
@@ -186,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_gc)
 
     p = sub.add_parser("serve", help="run the read-only OCI registry in the foreground")
+    _trust(p)
     p.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default 127.0.0.1:5050)")
     p.add_argument("--upstream", action="append", metavar="URL",
                    help="pull-through mirror of this registry for names not published here "
@@ -198,16 +302,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer-rate", metavar="BYTES/S", help="upload limit to peers, e.g. 50M (default: none)")
     p.add_argument("--peer-max-requests", type=int, metavar="N",
                    help="concurrent peer requests served before answering 429 (default 32)")
+    p.add_argument("--cache-max", metavar="SIZE",
+                   help="evict least recently used unpinned blobs to keep the cache under this, e.g. 20G")
     _peers(p)
     _common(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("warm", help="fetch an image completely into the cache (--lan: into every peer's)")
+    _trust(p)
     p.add_argument("ref", metavar="REF", help="NAME:TAG or ipfs/<CID>")
     p.add_argument("--lan", action="store_true", help="ask every known peer to warm it too")
+    p.add_argument("--pin", action="store_true", help="pin the image once warmed (never evicted)")
     _peers(p)
     _common(p)
     p.set_defaults(func=cmd_warm)
+
+    p = sub.add_parser("cache", help="manage the local cache: ls, gc, verify, pin, unpin")
+    cache_sub = p.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    c = cache_sub.add_parser("ls", help="list cached blobs, partial blobs and totals")
+    _common(c, origin=False)
+    c.set_defaults(func=cmd_cache_ls)
+    c = cache_sub.add_parser("gc", help="evict least recently used unpinned blobs until the cache fits")
+    c.add_argument("--max-size", required=True, metavar="SIZE", help="the size to fit in, e.g. 20G")
+    _common(c, origin=False)
+    c.set_defaults(func=cmd_cache_gc)
+    c = cache_sub.add_parser("verify", help="re-hash every blob and block, remove corrupt ones (exit 1)")
+    _common(c, origin=False)
+    c.set_defaults(func=cmd_cache_verify)
+    c = cache_sub.add_parser("pin", help="never evict the blobs of an image")
+    c.add_argument("ref", metavar="REF", help="NAME:TAG or ipfs/<CID>")
+    _common(c)
+    c.set_defaults(func=cmd_cache_pin)
+    c = cache_sub.add_parser("unpin", help="remove a pin")
+    c.add_argument("ref", metavar="REF", help="NAME:TAG or ipfs/<CID>")
+    _common(c)
+    c.set_defaults(func=cmd_cache_unpin)
 
     p = sub.add_parser("containerd-config", help="print a hosts.toml making p2pimg a containerd mirror")
     p.add_argument("--registry", default="docker.io", help="registry to mirror (default docker.io)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ def default_home() -> Path:
 def parse_listen(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not host or not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
         raise InvalidInput(f"invalid listen address {value!r}: expected HOST:PORT")
     return host, int(port)
 
@@ -39,14 +40,10 @@ def parse_size(value: str | int) -> int:
     """Sizes like 1048576, 1M, 1MiB, 64K."""
     if isinstance(value, int):
         return value
-    text = value.strip().upper().removesuffix("B").removesuffix("I")
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    try:
-        if text and text[-1] in units:
-            return int(text[:-1]) * units[text[-1]]
-        return int(text)
-    except ValueError:
-        raise InvalidInput(f"invalid size {value!r}") from None
+    m = re.fullmatch(r"([0-9]{1,15})\s*([KMGT]?)(?:I?B)?", value.strip().upper())
+    if m is None:
+        raise InvalidInput(f"invalid size {value!r}: expected a number of bytes, or with K, M, G, T")
+    return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2)]
 
 
 @dataclass(frozen=True)
@@ -63,6 +60,8 @@ class Config:
     mdns: bool = True
     peer_rate: float = 0.0
     peer_max_requests: int = 32
+    cache_max: int | None = None  # bytes; a running node evicts down to this
+    trust: tuple[str, ...] = ()  # extra publisher public key files (--trust)
 
     @property
     def cache_dir(self) -> Path:
@@ -73,7 +72,8 @@ def load_config(*, home: str | None = None, origin: str | None = None, listen: s
                 chunk_size: str | None = None, upstreams: list[str] | None = None,
                 upstream_tag_ttl: float | None = None, policy: str | None = None,
                 peer_listen: str | None = None, peers: list[str] | None = None, mdns: bool | None = None,
-                peer_rate: str | None = None, peer_max_requests: int | None = None) -> Config:
+                peer_rate: str | None = None, peer_max_requests: int | None = None,
+                cache_max: str | None = None, trust: list[str] | None = None) -> Config:
     home_path = Path(home or os.environ.get("P2PIMG_HOME") or default_home()).expanduser().absolute()
     file_values: dict[str, Any] = {}
     config_file = home_path / "config.toml"
@@ -104,10 +104,15 @@ def load_config(*, home: str | None = None, origin: str | None = None, listen: s
     max_requests = peer_max_requests or file_values.get("peer_max_requests") or 32
     if not isinstance(max_requests, int) or max_requests < 1:
         raise InvalidInput(f"invalid peer request limit {max_requests!r}")
+    chosen_cache_max = cache_max or file_values.get("cache_max")
+    max_bytes = parse_size(chosen_cache_max) if chosen_cache_max is not None else None
+    if max_bytes is not None and max_bytes < 0:
+        raise InvalidInput(f"invalid cache size limit {chosen_cache_max!r}")
     return Config(home=home_path, origin=chosen_origin, listen=chosen_listen, chunk_size=size,
                   upstreams=tuple(chosen_upstreams), upstream_tag_ttl=float(ttl),
                   policy=policy or file_values.get("policy") or "prefer-near",
                   peer_listen=chosen_peer_listen, peers=tuple(chosen_peers),
-                  mdns=mdns if mdns is not None else _env_flag("P2PIMG_MDNS", file_values.get("mdns", True)),
+                  mdns=_env_flag("P2PIMG_MDNS", file_values.get("mdns", True)) if mdns is None else mdns,
                   peer_rate=float(parse_size(peer_rate or file_values.get("peer_rate") or 0)),
-                  peer_max_requests=max_requests)
+                  peer_max_requests=max_requests, cache_max=max_bytes,
+                  trust=tuple(trust or file_values.get("trust") or ()))

@@ -4,7 +4,8 @@
     BlobMap    DAG-CBOR: one OCI blob as its digest, size, chunk size and chunk CIDs in order
     ImageRoot  DAG-CBOR: an image's top manifest or index and every manifest and blob below it;
                its CID is the image's identity (`ipfs/<root CID>`)
-    TagRecord  DAG-CBOR: `name:tag` -> root CID, with a sequence number (newest wins)
+    TagRecord  DAG-CBOR: `name:tag` -> root CID, with a sequence number (newest wins), optionally
+               signed by a publisher key (`key` id, `sig` over the record without `sig`)
 
 Manifests and indexes are small and are stored as raw blocks, byte for byte, so their CID and
 their OCI digest carry the same sha256. Every chunk size is a power of two that divides one
@@ -239,14 +240,25 @@ class ImageRoot:
             raise BlockInvalid(f"image root: {exc}") from None
 
 
+MAX_KEY_ID_LENGTH = 64
+MAX_SIGNATURE_LENGTH = 512
+
+
 @dataclass(frozen=True)
 class TagRecord:
-    """`name:tag` -> image root, newest `seq` wins."""
+    """`name:tag` -> image root, newest `seq` wins; `key` and `sig` when a publisher signed it.
+
+    The signature covers `signed_bytes()`: the record's DAG-CBOR without `sig` (type, name, tag,
+    root, seq and the key id), so it cannot be moved to another name, tag, root or seq. Checking it
+    is `signing.TrustStore`'s job; the model only checks the fields' shape.
+    """
 
     name: str
     tag: str
     root: Cid
     seq: int
+    key: str | None = None
+    sig: bytes | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -256,15 +268,41 @@ class TagRecord:
             raise BlockInvalid(f"tag record: {exc}") from None
         if self.root.codec != DAG_CBOR or self.seq < 0:
             raise BlockInvalid("tag record: invalid root or sequence number")
+        if (self.key is None) != (self.sig is None):
+            raise BlockInvalid("tag record: a key id needs a signature and a signature a key id")
+        if self.key is not None and not 0 < len(self.key) <= MAX_KEY_ID_LENGTH:
+            raise BlockInvalid("tag record: malformed key id")
+        if self.sig is not None and not 0 < len(self.sig) <= MAX_SIGNATURE_LENGTH:
+            raise BlockInvalid("tag record: malformed signature")
 
-    def to_node(self) -> dict[str, Any]:
-        return {
+    @property
+    def signed(self) -> bool:
+        return self.sig is not None
+
+    def _unsigned_node(self, key: str | None) -> dict[str, Any]:
+        node: dict[str, Any] = {
             "type": TAG_RECORD_TYPE,
             "name": self.name,
             "tag": self.tag,
             "root": self.root,
             "seq": self.seq,
         }
+        if key is not None:
+            node["key"] = key
+        return node
+
+    def to_node(self) -> dict[str, Any]:
+        node = self._unsigned_node(self.key)
+        if self.sig is not None:
+            node["sig"] = self.sig
+        return node
+
+    def signed_bytes(self, key: str | None = None) -> bytes:
+        """What a signature covers: the canonical DAG-CBOR of the record without `sig`.
+
+        `key` gives the key id to sign with (the record's own by default).
+        """
+        return dagcbor.encode(self._unsigned_node(key if key is not None else self.key))
 
     def encode(self) -> bytes:
         return dagcbor.encode(self.to_node())
@@ -274,11 +312,19 @@ class TagRecord:
         """Decode a record and check it is the record for `name:tag` (not another's)."""
         node = _node(dagcbor.decode(data, max_size=64 << 10), TAG_RECORD_TYPE)
         what = "tag record"
+        key = node.get("key")
+        sig = node.get("sig")
+        if key is not None and not isinstance(key, str):
+            raise BlockInvalid("tag record: field 'key' of the wrong type")
+        if sig is not None and not isinstance(sig, bytes):
+            raise BlockInvalid("tag record: field 'sig' of the wrong type")
         record = cls(
             name=_field(node, "name", str, what),
             tag=_field(node, "tag", str, what),
             root=_field(node, "root", Cid, what),
             seq=_field(node, "seq", int, what),
+            key=key,
+            sig=sig,
         )
         if (record.name, record.tag) != (name, tag):
             raise BlockInvalid(f"tag record is for {record.name}:{record.tag}, not {name}:{tag}")

@@ -11,6 +11,7 @@ import os
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import trio
@@ -24,6 +25,7 @@ from .origins import Origin, open_origin
 from .peer import PeerService, PeerSource
 from .policy import policy_named
 from .resolver import Resolver
+from .signing import TrustStore
 from .store import ChunkStore
 from .upstream import UpstreamClient
 from .warm import WarmJobs
@@ -160,6 +162,7 @@ async def open_node(config: Config, *, advertise: tuple[str, int] | None = None)
                                limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
                                trust_env=False)  # peers are on the LAN: never through a proxy
     own_id = await trio.to_thread.run_sync(node_id, config.home)
+    trust = TrustStore.load(config.home, [Path(p) for p in config.trust])  # a bad key file fails at start
     discovery = None
     if config.mdns:
         from .discovery import Discovery
@@ -172,7 +175,7 @@ async def open_node(config: Config, *, advertise: tuple[str, int] | None = None)
                               node_id=own_id)
             mirror = Mirror(store, upstreams, nursery, metrics, tag_ttl=config.upstream_tag_ttl,
                             chunk_size=config.chunk_size) if upstreams else None
-            resolver = Resolver(store, origin)
+            resolver = Resolver(store, origin, trust=trust)
             peer_service = PeerService(store, fetcher, own_id, rate=config.peer_rate,
                                        max_requests=config.peer_max_requests)
             swarm = Swarm(fetcher, own_id, list(config.peers), client, discovery)
@@ -181,6 +184,11 @@ async def open_node(config: Config, *, advertise: tuple[str, int] | None = None)
             resolver.on_blob_map = peer_service.index
             resolver.peer_block = swarm.block
             await nursery.start(swarm.run)
+            if config.cache_max is not None:
+                from .cache import enforce_limit
+
+                nursery.start_soon(enforce_limit, store, config.cache_max,
+                                   lambda digest: fetcher.fetch_of(digest) is not None)
             yield node
             nursery.cancel_scope.cancel()
     finally:

@@ -10,6 +10,7 @@ import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -26,6 +27,9 @@ from .model import (
 )
 from .origins import Origin, blob_key, block_key, tag_key
 from .sources import SourceBlob, SourceImage, read_source
+
+if TYPE_CHECKING:
+    from .signing import Signer
 
 _PARALLEL_UPLOADS = 4
 
@@ -78,7 +82,9 @@ async def _put_block_once(origin: Origin, cid: Cid, data: bytes) -> None:
 
 async def publish_image(image: SourceImage, name: str, tag: str, origin: Origin, *,
                         chunk_size: int = DEFAULT_CHUNK_SIZE,
-                        progress: Callable[[str], None] = lambda _msg: None) -> PublishReport:
+                        progress: Callable[[str], None] = lambda _msg: None,
+                        signer: Signer | None = None) -> PublishReport:
+    """Publish `image` as `name:tag`; with a `signer`, the tag record is signed by its key."""
     check_chunk_size(chunk_size)
     blob_entries: dict[str, BlobEntry] = {}
     uploaded = skipped = uploaded_bytes = 0
@@ -130,12 +136,16 @@ async def publish_image(image: SourceImage, name: str, tag: str, origin: Origin,
     except P2pimgError:
         pass  # an unreadable old record is replaced by the new one
     record = TagRecord(name=name, tag=tag, root=root_cid, seq=seq)
+    if signer is not None:
+        record = signer.sign(record)
     await origin.put_bytes(tag_key(name, tag), record.encode())
     return PublishReport(root_cid, record, uploaded, skipped, uploaded_bytes)
 
 
 async def publish(source: str, name: str, tag: str, origin: Origin, *,
                   chunk_size: int = DEFAULT_CHUNK_SIZE,
-                  progress: Callable[[str], None] = lambda _msg: None) -> PublishReport:
+                  progress: Callable[[str], None] = lambda _msg: None,
+                  signer: Signer | None = None) -> PublishReport:
     image = await trio.to_thread.run_sync(read_source, source)
-    return await publish_image(image, name, tag, origin, chunk_size=chunk_size, progress=progress)
+    return await publish_image(image, name, tag, origin, chunk_size=chunk_size, progress=progress,
+                               signer=signer)

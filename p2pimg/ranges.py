@@ -6,7 +6,7 @@ import re
 
 from .errors import RangeInvalid, RangeNotSatisfiable
 
-_RANGE_RE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.IGNORECASE)
+_RANGE_RE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.IGNORECASE | re.ASCII)
 _MAX_HEADER = 200
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import AsyncIterator
 
 from .cid import Cid, parse_digest
@@ -143,7 +144,7 @@ class Registry:
             tags = [t for t in tags if t > last]
         n_arg = (request.query.get("n") or [""])[0]
         headers = [API_HEADER, ("content-type", "application/json")]
-        if n_arg.isdigit():
+        if re.fullmatch(r"[0-9]{1,9}", n_arg):
             n = min(int(n_arg), _MAX_TAGS_PAGE)
             if len(tags) > n:
                 tags = tags[:n]
@@ -236,6 +237,7 @@ class Registry:
             self.metrics.cache_requests.labels("miss").inc()
             return None
         self.metrics.cache_requests.labels("hit").inc()
+        self.store.touch(digest)  # last use, for the cache's LRU eviction
         return fd
 
     async def _blob_body(self, entry: BlobEntry, digest: str, start: int,

@@ -27,6 +27,7 @@ from .errors import (
 )
 from .model import MAX_MANIFEST_SIZE, BlobEntry, BlobMap, ImageRoot, ManifestEntry, TagRecord
 from .origins import Origin, block_key, tag_key
+from .signing import TagSignatureError, TrustStore
 from .store import ChunkStore
 
 log = logging.getLogger(__name__)
@@ -48,10 +49,16 @@ class Manifest:
 
 
 class Resolver:
-    def __init__(self, store: ChunkStore, origin: Origin, *, tag_ttl: float = 5.0) -> None:
+    def __init__(self, store: ChunkStore, origin: Origin, *, tag_ttl: float = 5.0,
+                 trust: TrustStore | None = None) -> None:
         self.store = store
         self.origin = origin
         self.tag_ttl = tag_ttl
+        # Tag record policy: with trusted keys, only records signed by one of them; with none,
+        # records from our own origin as they are (with a warning once per tag).
+        self.trust = trust if trust is not None else TrustStore()
+        self._warned_unverified: set[tuple[str, str]] = set()
+        self._warned_downgrade: set[tuple[str, str, int]] = set()
         self._roots: OrderedDict[Cid, ImageRoot] = OrderedDict()
         self._maps: OrderedDict[Cid, BlobMap] = OrderedDict()
         self._tags: dict[tuple[str, str], tuple[float, Cid]] = {}
@@ -132,16 +139,62 @@ class Resolver:
             record = await trio.to_thread.run_sync(self.store.get_tag_record, name, tag)
             if record is None:
                 raise
+            self.check_record(record)  # cached under an older policy maybe: the current one decides
             log.warning("origin unreachable (%s); using the last verified record of %s:%s (seq %d)",
                         exc.message, name, tag, record.seq)
             self._tags[(name, tag)] = (now, record.root)
             self._name_roots.setdefault(name, set()).add(record.root)
             return record.root
         record = TagRecord.decode(data, name=name, tag=tag)
+        self.check_record(record)
+        record = await self._no_downgrade(record)
         await trio.to_thread.run_sync(self.store.put_tag_record, record)
         self._tags[(name, tag)] = (now, record.root)
         self._name_roots.setdefault(name, set()).add(record.root)
         return record.root
+
+    def check_record(self, record: TagRecord) -> None:
+        """Apply the trust policy to a tag record; TagSignatureError when it is refused.
+
+        Every tag record must pass here before it is used. Tag records learned from LAN peers do
+        not exist yet; when they do, they must go through `check_record` and `_no_downgrade` like
+        the origin's, and with no trusted key a peer's record must be refused outright (the
+        unsigned exception below is for our own origin only).
+        """
+        if len(self.trust):
+            kid = self.trust.check(record)
+            log.debug("tag record of %s:%s (seq %d) signed by trusted key %s",
+                      record.name, record.tag, record.seq, kid)
+            return
+        if (record.name, record.tag) not in self._warned_unverified:
+            self._warned_unverified.add((record.name, record.tag))
+            how = "unsigned" if record.key is None else f"signed by key {record.key}, not checked"
+            log.warning("no publisher key is trusted: accepting the %s tag record of %s:%s from the origin "
+                        "as it is (trust a key with --trust or $P2PIMG_HOME/trust/*.pub)",
+                        how, record.name, record.tag)
+
+    async def _no_downgrade(self, record: TagRecord) -> TagRecord:
+        """The record to use: `record`, unless the cache holds a newer accepted one for the tag.
+
+        A record with a lower seq than the cached one (or the same seq and another root) is a
+        replay or a rollback: it is refused with an error in the log, and the cached one serves.
+        A cached record that the current trust policy would refuse does not count.
+        """
+        cached = await trio.to_thread.run_sync(self.store.get_tag_record, record.name, record.tag)
+        if cached is None or not (cached.seq > record.seq or
+                                  (cached.seq == record.seq and cached.root != record.root)):
+            return record
+        try:
+            self.check_record(cached)
+        except VerificationError:
+            return record
+        key = (record.name, record.tag, record.seq)
+        if key not in self._warned_downgrade:
+            self._warned_downgrade.add(key)
+            log.error("refusing the origin's tag record of %s:%s: its seq %d (root %s) is not newer than "
+                      "the accepted seq %d (root %s), a rollback or a replay; still serving seq %d",
+                      record.name, record.tag, record.seq, record.root, cached.seq, cached.root, cached.seq)
+        return cached
 
     async def is_published(self, name: str) -> bool:
         """Whether `name` has tags in the origin (remembered for `tag_ttl` either way)."""
@@ -182,9 +235,16 @@ class Resolver:
             return [await self.root(Cid.parse(name[len(IPFS_PREFIX):]))]
         known = self._name_roots.get(name)
         if not known:
+            refused: list[TagSignatureError] = []
             for tag in await self.tags(name):
-                await self.resolve_tag(name, tag)
+                try:
+                    await self.resolve_tag(name, tag)
+                except TagSignatureError as exc:  # one refused tag does not hide the others
+                    log.error("%s", exc.message)
+                    refused.append(exc)
             known = self._name_roots.get(name, set())
+            if not known and refused:
+                raise refused[0]
         return [await self.root(cid) for cid in sorted(known, key=str)]
 
     async def _find(self, name: str, digest: str, kind: str) -> tuple[ImageRoot, object] | None:

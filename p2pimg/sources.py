@@ -68,8 +68,8 @@ def _descriptor(d: object, where: str) -> tuple[str, int, str]:
 def _parse_json(data: bytes, what: str) -> dict[str, Any]:
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise SourceInvalid(f"{what} is not valid JSON: {exc}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise SourceInvalid(f"{what} is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(doc, dict):
         raise SourceInvalid(f"{what} is not a JSON object")
     return doc
@@ -224,8 +224,11 @@ def read_docker_archive(spec: str) -> SourceImage:
             assert f is not None
             return f.read()
 
-        listing = json.loads(read_small("manifest.json", _MAX_ARCHIVE_MANIFEST) or b"null") \
-            if "manifest.json" in members else None
+        try:
+            listing = json.loads(read_small("manifest.json", _MAX_ARCHIVE_MANIFEST) or b"null") \
+                if "manifest.json" in members else None
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise SourceInvalid(f"{str(path)!r}: manifest.json is not valid JSON") from None
         if not isinstance(listing, list) or not listing:
             raise SourceInvalid(f"{str(path)!r} is not a docker save archive (no manifest.json)")
         if want:

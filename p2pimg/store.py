@@ -27,6 +27,7 @@ import errno
 import hashlib
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -99,6 +100,23 @@ class ChunkStore:
 
     def has_blob(self, digest: str) -> bool:
         return self.blob_path(digest).is_file()
+
+    def touch(self, digest: str, *, every: float = 60.0) -> None:
+        """Record that a complete blob was just used (its times drive LRU eviction). Cheap: one
+        stat, and a utime at most once per `every` seconds per blob; a missing blob is ignored."""
+        path = self.blob_path(digest)
+        with contextlib.suppress(OSError):
+            st = os.stat(path)
+            if time.time() - max(st.st_atime, st.st_mtime) >= every:
+                os.utime(path)
+
+    def remove_blob(self, digest: str) -> bool:
+        """Drop a complete blob (an open reader keeps its descriptor); False if it was not there."""
+        try:
+            os.unlink(self.blob_path(digest))
+        except FileNotFoundError:
+            return False
+        return True
 
     # -- blocks ----------------------------------------------------------------------------
 

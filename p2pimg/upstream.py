@@ -334,7 +334,7 @@ def load_credentials(host: str, docker_config: Path | None = None) -> Credential
         raise InvalidInput(f"docker config {source!r} is larger than {_MAX_DOCKER_CONFIG} bytes")
     try:
         doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         # The parser's message quotes the file, which holds passwords: say only where.
         raise InvalidInput(f"docker config {source!r} is not valid JSON") from None
     if not isinstance(doc, dict):
@@ -528,7 +528,7 @@ class _AuthState:
             raise UpstreamError(f"{where} answered HTTP {response.status_code}")
         try:
             doc = json.loads(body or b"")
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             doc = None
         token = (doc.get("token") or doc.get("access_token")) if isinstance(doc, dict) else None
         if not isinstance(token, str) or not _TOKEN_RE.fullmatch(token):
@@ -558,7 +558,8 @@ def _oci_error(body: bytes | None) -> tuple[str, str]:
         doc = json.loads(body or b"")
         first = doc["errors"][0]
         return str(first.get("code", ""))[:64], str(first.get("message", ""))[:200]
-    except (ValueError, UnicodeDecodeError, KeyError, IndexError, TypeError, AttributeError):
+    except (ValueError, UnicodeDecodeError, KeyError, IndexError, TypeError, AttributeError,
+            RecursionError):
         return "", ""
 
 
@@ -638,7 +639,7 @@ def _check_manifest(response: httpx.Response, data: bytes, reference: str, ctx: 
     declared = _media_type(response)
     try:
         schema = json.loads(data).get("schemaVersion")
-    except (ValueError, UnicodeDecodeError, AttributeError):
+    except (ValueError, UnicodeDecodeError, AttributeError, RecursionError):
         schema = None
     if declared in _SCHEMA1_TYPES or schema == 1:
         raise ManifestUnsupported(

@@ -151,7 +151,7 @@ class WarmJobs:
             if not isinstance(ref, str):
                 raise InvalidInput('expected a JSON body {"ref": "NAME:TAG" or "ipfs/<CID>"}')
             job_id = self.start(ref)
-        except ValueError:
+        except (ValueError, RecursionError):
             return error_response(InvalidInput("the warm request body is not JSON"))
         except P2pimgError as exc:
             return error_response(exc)
