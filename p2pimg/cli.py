@@ -37,6 +37,8 @@ def _trust(p: argparse.ArgumentParser) -> None:
 def _peers(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peer", action="append", metavar="URL",
                    help="a peer's address, e.g. http://10.0.0.5:5051 (repeatable)")
+    p.add_argument("--swarm-key-file", metavar="PATH",
+                   help="the LAN's shared key (default: $P2PIMG_SWARM_KEY, else $P2PIMG_HOME/swarm.key)")
     p.add_argument("--no-mdns", action="store_true", help="neither advertise nor browse with mDNS")
 
 
@@ -53,7 +55,8 @@ def _config(args: argparse.Namespace) -> Config:
                        peer_rate=getattr(args, "peer_rate", None),
                        peer_max_requests=getattr(args, "peer_max_requests", None),
                        cache_max=getattr(args, "cache_max", None),
-                       trust=getattr(args, "trust", None))
+                       trust=getattr(args, "trust", None),
+                       swarm_key_file=getattr(args, "swarm_key_file", None))
 
 
 def cmd_publish(args: argparse.Namespace) -> int:

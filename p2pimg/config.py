@@ -62,6 +62,7 @@ class Config:
     peer_max_requests: int = 32
     cache_max: int | None = None  # bytes; a running node evicts down to this
     trust: tuple[str, ...] = ()  # extra publisher public key files (--trust)
+    swarm_key_file: str | None = None  # else $P2PIMG_SWARM_KEY, else $P2PIMG_HOME/swarm.key
 
     @property
     def cache_dir(self) -> Path:
@@ -73,7 +74,8 @@ def load_config(*, home: str | None = None, origin: str | None = None, listen: s
                 upstream_tag_ttl: float | None = None, policy: str | None = None,
                 peer_listen: str | None = None, peers: list[str] | None = None, mdns: bool | None = None,
                 peer_rate: str | None = None, peer_max_requests: int | None = None,
-                cache_max: str | None = None, trust: list[str] | None = None) -> Config:
+                cache_max: str | None = None, trust: list[str] | None = None,
+                swarm_key_file: str | None = None) -> Config:
     home_path = Path(home or os.environ.get("P2PIMG_HOME") or default_home()).expanduser().absolute()
     file_values: dict[str, Any] = {}
     config_file = home_path / "config.toml"
@@ -115,4 +117,5 @@ def load_config(*, home: str | None = None, origin: str | None = None, listen: s
                   mdns=_env_flag("P2PIMG_MDNS", file_values.get("mdns", True)) if mdns is None else mdns,
                   peer_rate=float(parse_size(peer_rate or file_values.get("peer_rate") or 0)),
                   peer_max_requests=max_requests, cache_max=max_bytes,
-                  trust=tuple(trust or file_values.get("trust") or ()))
+                  trust=tuple(trust or file_values.get("trust") or ()),
+                  swarm_key_file=swarm_key_file or file_values.get("swarm_key_file"))

@@ -47,7 +47,7 @@ class Metrics:
             "p2pimg_peer_requests", "Peer requests served or refused as busy (429)", ["result"], registry=r)
         self.peer_served_bytes = Counter(
             "p2pimg_peer_served_bytes", "Bytes sent to peers from the peer listener", registry=r)
-        for result in ("served", "busy"):
+        for result in ("served", "busy", "refused"):
             self.peer_requests.labels(result)
         for kind in ("origin", "peer", "upstream"):
             self.source_bytes.labels(kind)

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import trio
 
+from . import swarmkey
 from .cid import Cid
 from .config import Config
 from .fetch import Fetcher, OriginSource
@@ -158,7 +159,9 @@ async def open_node(config: Config, *, advertise: tuple[str, int] | None = None)
     origin = open_origin(config.origin, config.home)
     policy = policy_named(config.policy)
     upstreams = [UpstreamClient(url) for url in config.upstreams]
+    key = swarmkey.load_swarm_key(config.home, config.swarm_key_file)
     client = httpx.AsyncClient(timeout=httpx.Timeout(30, connect=1.0),
+                               auth=swarmkey.SwarmAuth(key) if key is not None else None,
                                limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
                                trust_env=False)  # peers are on the LAN: never through a proxy
     own_id = await trio.to_thread.run_sync(node_id, config.home)
@@ -178,6 +181,7 @@ async def open_node(config: Config, *, advertise: tuple[str, int] | None = None)
             resolver = Resolver(store, origin, trust=trust)
             peer_service = PeerService(store, fetcher, own_id, rate=config.peer_rate,
                                        max_requests=config.peer_max_requests)
+            peer_service.swarm_key = key
             swarm = Swarm(fetcher, own_id, list(config.peers), client, discovery)
             node = Node(config, nursery, own_id, store, origin, metrics, fetcher, resolver, mirror,
                         peer_service, swarm)

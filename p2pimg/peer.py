@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import httpx
 import trio
 
+from . import swarmkey
 from .cid import Cid, parse_digest
 from .errors import BlobUnknown, NotFound, OriginError, P2pimgError, RangeNotSatisfiable
 from .fetch import ChunkSource, Fetcher
@@ -91,6 +92,7 @@ class PeerService:
         self._bucket: TokenBucket | None = None
         self.warm = warm
         self.chunk_index: dict[bytes, tuple[BlobMap, int]] = {}
+        self.swarm_key: bytes | None = None
 
     def index(self, bmap: BlobMap) -> None:
         """Make a blob's chunks findable by CID (for /ipfs/<chunk cid>)."""
@@ -105,6 +107,22 @@ class PeerService:
         return response
 
     async def handle(self, request: Request) -> Response:
+        """A request from the LAN: with a swarm key set, only nodes that prove it get anything."""
+        if self.swarm_key is not None:
+            status = swarmkey.check(self.swarm_key, request.headers.get("authorization"), request.method,
+                                    request.path)
+            if status != 200:
+                self.metrics.peer_requests.labels("refused").inc()
+                err = P2pimgError("this peer needs the swarm key" if status == 401 else "wrong swarm key")
+                err.oci_code, err.http_status = ("UNAUTHORIZED", 401) if status == 401 else ("DENIED", 403)
+                response = error_response(err)
+                if status == 401:
+                    response.headers.append(("www-authenticate", swarmkey.SCHEME))
+                return response
+        return await self.handle_local(request)
+
+    async def handle_local(self, request: Request) -> Response:
+        """A request from this machine (the node's own control endpoints), or one already let in."""
         if self.active >= self.max_requests:
             self.metrics.peer_requests.labels("busy").inc()
             return self._busy()

@@ -28,7 +28,7 @@ def local_control(node: Node, registry: Registry) -> Handler:
                 body = json.dumps(sorted(node.swarm.peers)).encode()
                 return Response(200, [("content-type", "application/json"),
                                       ("content-length", str(len(body)))], body)
-            return await node.peer_service.handle(request)
+            return await node.peer_service.handle_local(request)
         return await registry.handle(request)
 
     return handle

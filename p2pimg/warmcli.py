@@ -12,6 +12,7 @@ import trio
 
 from .config import Config
 from .node import open_node, read_serve_info
+from .swarmkey import SwarmAuth, load_swarm_key
 from .warm import WarmProgress, parse_ref
 
 _POLL = 0.25
@@ -93,7 +94,9 @@ async def _poll_quietly(poll: Callable[[], Awaitable[dict[str, object]]]) -> dic
 
 async def run_warm(config: Config, ref: str, *, lan: bool) -> int:
     parse_ref(ref)
-    client = httpx.AsyncClient(timeout=httpx.Timeout(30, connect=2), trust_env=False)
+    key = load_swarm_key(config.home, config.swarm_key_file)
+    client = httpx.AsyncClient(timeout=httpx.Timeout(30, connect=2), trust_env=False,
+                               auth=SwarmAuth(key) if key is not None else None)
     outcomes: list[Outcome] = []
     try:
         info = read_serve_info(config)

@@ -281,3 +281,37 @@ def test_origin_down_image_pulls_from_a_peer(
     pull(b_host, tmp_path / "out", image, name=f"ipfs/{root}:latest")
     assert metric(b_host, "p2pimg_source_bytes_total", source="peer") == blob_bytes(image)
     assert metric(b_host, "p2pimg_source_bytes_total", source="origin") == 0
+
+
+def test_swarm_key_keeps_strangers_out(moto: str, nodes: Nodes, tmp_path: Path) -> None:
+    """With a swarm key, a peer serves nothing (not even /info) to nodes that cannot prove it:
+    401 without credentials, 403 with a wrong key; nodes with the key pull from it."""
+    import secrets
+    import urllib.error
+    import urllib.request
+
+    image, bucket = published(tmp_path, moto, [LayerSpec(4 << 20, "none")], seed=7)
+    origin = f"s3://{bucket}?endpoint={moto}"
+    key, wrong = tmp_path / "swarm.key", tmp_path / "wrong.key"
+    key.write_text(secrets.token_hex(32))
+    wrong.write_text(secrets.token_hex(32))
+    _, a_host, a_peer = nodes.start("a", origin, "--swarm-key-file", str(key))
+    assert p2pimg("warm", "demo/app:1", home=tmp_path / "a").returncode == 0  # local: no key needed
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        opener.open(f"{a_peer}/p2pimg/v1/info", timeout=10)
+    assert refused.value.code == 401 and refused.value.headers["WWW-Authenticate"] == "P2pimg-Swarm"
+    forged = urllib.request.Request(f"{a_peer}/p2pimg/v1/info", headers={"Authorization": "P2pimg-Swarm 00"})
+    with pytest.raises(urllib.error.HTTPError) as denied:
+        opener.open(forged, timeout=10)
+    assert denied.value.code == 403
+
+    _, b_host, _ = nodes.start("b", origin, "--peer", a_peer, "--swarm-key-file", str(key))
+    pull(b_host, tmp_path / "b-out", image)
+    assert metric(b_host, "p2pimg_source_bytes_total", source="peer") == blob_bytes(image)
+    for name, extra in (("c", []), ("d", ["--swarm-key-file", str(wrong)])):
+        _, host, _ = nodes.start(name, origin, "--peer", a_peer, *extra)
+        pull(host, tmp_path / f"{name}-out", image)
+        assert metric(host, "p2pimg_source_bytes_total", source="peer") == 0
+        assert metric(host, "p2pimg_source_bytes_total", source="origin") == blob_bytes(image)
+    assert metric(a_host, "p2pimg_peer_requests_total", result="refused") >= 4

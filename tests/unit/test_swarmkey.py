@@ -1,0 +1,42 @@
+"""The swarm key's request proofs and its loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from p2pimg.errors import InvalidInput
+from p2pimg.swarmkey import SCHEME, check, load_swarm_key, token
+
+KEY = b"0123456789abcdef0123456789abcdef"
+
+
+def test_proof_binds_key_method_path_and_minute() -> None:
+    now = 1_800_000_000.0
+    minute = int(now // 60)
+    good = f"{SCHEME} {token(KEY, 'GET', '/p2pimg/v1/info', minute)}"
+    assert check(KEY, good, "GET", "/p2pimg/v1/info", now) == 200
+    assert check(KEY, good, "GET", "/p2pimg/v1/info", now + 60) == 200  # a minute of clock skew
+    assert check(KEY, good, "GET", "/p2pimg/v1/info", now + 120) == 403  # too old: a replay
+    assert check(KEY, good, "POST", "/p2pimg/v1/info", now) == 403
+    assert check(KEY, good, "GET", "/p2pimg/v1/have/x", now) == 403
+    assert check(b"another key of enough length!!", good, "GET", "/p2pimg/v1/info", now) == 403
+    assert check(KEY, None, "GET", "/", now) == 401
+    assert check(KEY, "Bearer abc", "GET", "/", now) == 401
+    assert check(KEY, f"{SCHEME} ", "GET", "/", now) == 401
+
+
+def test_loading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("P2PIMG_SWARM_KEY", raising=False)
+    assert load_swarm_key(tmp_path) is None  # no key anywhere: an open swarm
+    (tmp_path / "swarm.key").write_text("  " + KEY.decode() + "\n")
+    assert load_swarm_key(tmp_path) == KEY
+    short = tmp_path / "short.key"
+    short.write_text("abc")
+    with pytest.raises(InvalidInput, match="too short"):
+        load_swarm_key(tmp_path, str(short))
+    with pytest.raises(InvalidInput, match="cannot read"):
+        load_swarm_key(tmp_path, str(tmp_path / "missing.key"))
+    monkeypatch.setenv("P2PIMG_SWARM_KEY", "from-the-environment-1234")
+    assert load_swarm_key(tmp_path) == b"from-the-environment-1234"
