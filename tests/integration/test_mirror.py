@@ -16,24 +16,12 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from conftest import run_command
+from conftest import metric, run_command
 
 from p2pimg.sample import LayerSpec, write_oci_layout
 
 if TYPE_CHECKING:
     from conftest import Containerd, P2pimgServe, Podman, Registry, RunP2pimg, Skopeo
-
-
-def metric(host: str, name: str, **labels: str) -> float:
-    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
-        f"http://{host}/metrics", timeout=10
-    ) as r:
-        text = r.read().decode()
-    want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
-    for line in text.splitlines():
-        if line.startswith(want + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"{want} not in /metrics")
 
 
 def push(skopeo: Skopeo, layout: Path, tag: str, ref: str) -> None:
