@@ -7,6 +7,10 @@ cut. They become visible in the cache (and so to peers) only once the digest mat
 as a chunk-mapped blob like any other: chunk CIDs are computed while the bytes stream in, and the
 blob map is stored beside the blob.
 
+What an upstream gives only with the user's credentials (from the Docker config) may be private:
+its manifests, blobs and blob maps are marked so before they become visible, and the peer listener
+serves marked content only when a swarm key guards it (peer.py).
+
 Mutable upstream tags are re-checked after `tag_ttl` seconds; manifests by digest never change.
 """
 
@@ -46,6 +50,7 @@ class UpstreamFetch:
     size: int
     path: Path
     fd: int
+    private: bool = False  # fetched with the user's credentials: peers need the swarm key
     written: int = 0
     verified: bool = False
     error: P2pimgError | None = None
@@ -93,6 +98,8 @@ class Mirror:
 
     def _remember(self, upstream: UpstreamClient, repo: str, manifest: Manifest, tag: str | None) -> None:
         cid = Cid.from_digest(manifest.digest)
+        if upstream.credentialed:  # marked before it is visible, so no peer ever sees it unmarked
+            self.store.mark_private(manifest.digest[7:])
         self.store.put_block(cid, manifest.data)
         base = self._dir(upstream, repo)
         self.store.write_small(base / "manifests" / manifest.digest[7:], manifest.media_type.encode())
@@ -166,7 +173,7 @@ class Mirror:
         fetch = self._fetches.get(digest)
         if fetch is None:
             fd, tmp = tempfile.mkstemp(dir=self.store.root / "tmp", prefix="upstream-")
-            fetch = UpstreamFetch(digest, size, Path(tmp), fd)
+            fetch = UpstreamFetch(digest, size, Path(tmp), fd, private=upstream.credentialed)
             self._fetches[digest] = fetch
             self.nursery.start_soon(self._download, upstream, normalize_repo(upstream.host, name), fetch)
         fetch.readers += 1
@@ -240,6 +247,9 @@ class Mirror:
         """Make a verified upstream blob visible, with its blob map, as any other cached blob."""
         data = bmap.encode()
         map_cid = Cid.of_dag_cbor(data)
+        if fetch.private:
+            self.store.mark_private(map_cid.digest.hex())
+            self.store.mark_private(fetch.digest[7:])
         self.store.put_block(map_cid, data)
         os.fsync(fetch.fd)
         os.replace(fetch.path, self.store.blob_path(fetch.digest))

@@ -187,6 +187,7 @@ class PeerService:
         if path.startswith("/p2pimg/v1/have/"):
             digest = path.rpartition("/")[2]
             parse_digest(digest)
+            self._guard(digest[7:], digest)
             states = self.fetcher.availability(digest)
             if states is None:
                 raise BlobUnknown(f"this peer holds nothing of {digest}")
@@ -198,8 +199,15 @@ class PeerService:
             return await self._block(path[len("/ipfs/"):], request)
         raise NotFound(f"no such endpoint {path[:100]}")
 
+    def _guard(self, sha256_hex: str, what: object) -> None:
+        """Content fetched with the user's upstream credentials goes only to peers that proved the
+        swarm key; without one this node answers as if it had none of it."""
+        if self.swarm_key is None and self.store.is_private(sha256_hex):
+            raise BlobUnknown(f"this peer holds nothing of {what}")
+
     async def _blob(self, digest: str, request: Request) -> Response:
         parse_digest(digest)
+        self._guard(digest[7:], digest)
         path = self.store.blob_path(digest)
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -239,6 +247,7 @@ class PeerService:
 
     async def _block(self, text: str, request: Request) -> Response:
         cid = Cid.parse(text)
+        self._guard(cid.digest.hex(), cid)
         headers = [("content-type", RAW_BLOCK), ("x-content-type-options", "nosniff"),
                    ("etag", f'"{cid}.raw"')]
         data = await trio.to_thread.run_sync(self.store.get_block, cid)
@@ -254,6 +263,7 @@ class PeerService:
             found = self.chunk_index.get(cid.digest)
             if found is not None:
                 bmap, i = found
+                self._guard(bmap.digest[7:], cid)
                 lo, hi = bmap.bounds(i)
                 if self.store.has_blob(bmap.digest):
                     return self._raw(os.open(self.store.blob_path(bmap.digest), os.O_RDONLY), lo, hi,

@@ -57,6 +57,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _is_sha256_hex(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
 class ChunkStore:
     """Content-addressed cache of blobs, chunks of partial blobs, blocks and tag records."""
 
@@ -67,7 +71,8 @@ class ChunkStore:
         self._blocks = root / "blocks"
         self._tags = root / "tags"
         self._tmp = root / "tmp"
-        for d in (self._blobs, self._partial, self._blocks, self._tags, self._tmp):
+        self._private = root / "private"
+        for d in (self._blobs, self._partial, self._blocks, self._tags, self._tmp, self._private):
             d.mkdir(parents=True, exist_ok=True)
 
     # -- atomic writes -------------------------------------------------------------------
@@ -117,6 +122,20 @@ class ChunkStore:
         except FileNotFoundError:
             return False
         return True
+
+    # -- private content -------------------------------------------------------------------
+
+    def mark_private(self, sha256_hex: str) -> None:
+        """Remember that content (a blob, a manifest, a blob map: by the sha-256 of its bytes) came
+        with the user's upstream credentials: peers get it only when a swarm key guards them."""
+        if not _is_sha256_hex(sha256_hex):
+            raise ValueError(f"not a sha-256 hex digest: {sha256_hex[:80]!r}")
+        path = self._private / sha256_hex
+        if not path.exists():
+            self._write_atomic(path, b"", "private mark")
+
+    def is_private(self, sha256_hex: str) -> bool:
+        return _is_sha256_hex(sha256_hex) and (self._private / sha256_hex).exists()
 
     # -- blocks ----------------------------------------------------------------------------
 

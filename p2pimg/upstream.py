@@ -729,6 +729,11 @@ class UpstreamClient:
         self._auth = _AuthState(self.host, creds, secure=self.url.startswith("https:"))
         self._client = httpx.AsyncClient(**_client_options(timeout))
 
+    @property
+    def credentialed(self) -> bool:
+        """Whether requests carry the user's credentials (what they bring may be private)."""
+        return self._auth.creds is not None
+
     async def __aenter__(self) -> UpstreamClient:
         return self
 

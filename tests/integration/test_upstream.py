@@ -16,6 +16,7 @@ import base64
 import contextlib
 import datetime
 import json
+import secrets
 import shutil
 import sys
 import threading
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import bcrypt
+import httpx
 import pytest
 import trio
 from conftest import Daemon, free_port, http_status, run_command, start_or_fail
@@ -39,10 +41,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
-from p2pimg.cid import digest_of
+from p2pimg.cid import Cid, digest_of
 from p2pimg.errors import BlobUnknown, ManifestUnknown, NotFound, VerificationError
 from p2pimg.origins import FileOrigin
 from p2pimg.publish import publish_image
+from p2pimg.swarmkey import SwarmAuth
 from p2pimg.upstream import (
     ManifestUnsupported,
     UpstreamAuthError,
@@ -771,3 +774,52 @@ def test_mirror_with_basic_auth(basic_registry: AuthRegistry, samples: SampleCac
     error = json.loads(refused.value.read())["errors"][0]
     assert refused.value.code == 502 and error["code"] == "DENIED"
     assert basic_registry.host in error["message"] and "credentials" in error["message"].lower()
+
+
+def test_credentialed_content_reaches_peers_only_with_a_swarm_key(
+    basic_registry: AuthRegistry, plain: Registry, samples: SampleCache, skopeo: Skopeo,
+    p2pimg_serve: P2pimgServe, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What a mirror brought with the user's registry credentials is private: without a swarm key
+    the peer listener answers as if it had none of it (blob, inventory, manifest and blob blocks),
+    while anonymously mirrored content is shared as usual; with a swarm key, keyed peers get it."""
+    sample = samples.one_layer
+    top = sample.top_manifest()[1]
+    layer = json.loads(top)["layers"][0]["digest"]
+    config_dir = tmp_path / "docker"
+    config_dir.mkdir()
+    write_docker_config(config_dir / "config.json", basic_registry.host, auth_entry())
+    monkeypatch.setenv("DOCKER_CONFIG", str(config_dir))
+
+    def mirror(home: Path, upstream: str, repo: str, *extra: str) -> str:
+        peer = f"127.0.0.1:{free_port()}"
+        server = p2pimg_serve(home, extra_args=["--upstream", upstream, "--peer-listen", peer, *extra])
+        skopeo("copy", "--src-tls-verify=false", "--preserve-digests",
+               f"docker://{server.host}/{repo}:{sample.tag}", f"oci:{home.parent / (home.name + '-out')}:x")
+        return f"http://{peer}"
+
+    def peer_paths() -> dict[str, str]:
+        return {"blob": f"/p2pimg/v1/blobs/{layer}", "inventory": f"/p2pimg/v1/have/{layer}",
+                "manifest block": f"/ipfs/{Cid.from_digest(digest_of(top))}",
+                "whole-blob block": f"/ipfs/{Cid.from_digest(layer)}"}
+
+    private = mirror(tmp_path / "private", basic_registry.url, "private/one-layer")
+    public = mirror(tmp_path / "public", plain.url, sample.repo)
+    with httpx.Client(trust_env=False, timeout=30) as client:
+        for what, path in peer_paths().items():
+            assert client.get(private + path).status_code == 404, f"private {what} reached a keyless peer"
+            assert client.get(public + path).status_code == 200, f"public {what} was not shared"
+        got = client.get(public + peer_paths()["blob"]).content
+        assert digest_of(got) == layer
+
+        # The same home behind a swarm key: strangers get 401, keyed peers get the private bytes.
+        key = tmp_path / "swarm.key"
+        key.write_text(secrets.token_hex(32))
+        keyed = mirror(tmp_path / "private", basic_registry.url, "private/one-layer", "--swarm-key-file",
+                       str(key))
+        assert client.get(keyed + peer_paths()["blob"]).status_code == 401
+        auth = SwarmAuth(key.read_text().strip().encode())
+        for what, path in peer_paths().items():
+            r = client.get(keyed + path, auth=auth)
+            assert r.status_code == 200, f"{what}: {r.status_code} {r.text[:200]}"
+        assert digest_of(client.get(keyed + peer_paths()["blob"], auth=auth).content) == layer
