@@ -26,6 +26,7 @@ SEGMENT_SIZE = 64 << 20
 DEFAULT_CHUNK_SIZE = 1 << 20
 MIN_CHUNK_SIZE = 4 << 10
 MAX_MANIFEST_SIZE = 4 << 20
+MAX_TAG_RECORD_SIZE = 64 << 10
 
 BLOB_MAP_TYPE = "p2pimg/blob-map@1"
 IMAGE_ROOT_TYPE = "p2pimg/image@1"
@@ -310,7 +311,7 @@ class TagRecord:
     @classmethod
     def decode(cls, data: bytes, *, name: str, tag: str) -> TagRecord:
         """Decode a record and check it is the record for `name:tag` (not another's)."""
-        node = _node(dagcbor.decode(data, max_size=64 << 10), TAG_RECORD_TYPE)
+        node = _node(dagcbor.decode(data, max_size=MAX_TAG_RECORD_SIZE), TAG_RECORD_TYPE)
         what = "tag record"
         key = node.get("key")
         sig = node.get("sig")

@@ -22,6 +22,7 @@ from .config import Config
 from .fetch import Fetcher, OriginSource
 from .metrics import Metrics
 from .mirror import Mirror
+from .model import MAX_TAG_RECORD_SIZE
 from .origins import Origin, open_origin
 from .peer import PeerService, PeerSource
 from .policy import policy_named
@@ -32,6 +33,8 @@ from .upstream import UpstreamClient
 from .warm import WarmJobs
 
 log = logging.getLogger(__name__)
+
+_MAX_TAG_ASKS = 16  # peers asked for a tag record when the origin is unreachable
 
 
 def node_id(home: os.PathLike[str] | str) -> str:
@@ -88,6 +91,30 @@ class Swarm:
                     if len(data) <= max_size and cid.matches(data):
                         return bytes(data)
         return None
+
+    async def tag_records(self, name: str, tag: str) -> list[bytes]:
+        """Encoded tag records of `name:tag` that peers hold (unchecked: the resolver decides),
+        asked of every peer at once, each answer bounded in size and time."""
+        found: list[bytes] = []
+
+        async def ask(source: PeerSource) -> None:
+            with contextlib.suppress(httpx.HTTPError):
+                async with self.client.stream("GET", f"{source.url}/p2pimg/v1/tags/{name}/{tag}",
+                                              timeout=3) as r:
+                    if r.status_code != 200:
+                        return
+                    data = bytearray()
+                    async for piece in r.aiter_raw():
+                        data += piece
+                        if len(data) > MAX_TAG_RECORD_SIZE:
+                            return
+                    found.append(bytes(data))
+
+        with trio.move_on_after(5):
+            async with trio.open_nursery() as nursery:
+                for source in list(self.peers.values())[:_MAX_TAG_ASKS]:
+                    nursery.start_soon(ask, source)
+        return found
 
     def remove(self, url: str) -> None:
         if self.peers.pop(url, None) is not None:
@@ -187,6 +214,7 @@ async def open_node(config: Config, *, advertise: tuple[str, int] | None = None)
                         peer_service, swarm)
             resolver.on_blob_map = peer_service.index
             resolver.peer_block = swarm.block
+            resolver.peer_tags = swarm.tag_records
             await nursery.start(swarm.run)
             if config.cache_max is not None:
                 from .cache import enforce_limit

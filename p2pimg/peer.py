@@ -9,6 +9,8 @@ needs beyond it is versioned under /p2pimg/v1/:
     GET /p2pimg/v1/have/<digest>        {"digest", "complete", "node", "chunks": base64 of one
                                         byte per chunk: 1 verified, 2 being fetched, 0 missing}
     GET /p2pimg/v1/blobs/<digest>       verified bytes of a blob; Range: one span
+    GET /p2pimg/v1/tags/<name>/<tag>    the node's cached tag record (DAG-CBOR, as published; the
+                                        asker accepts it only when a key it trusts signed it)
     GET /p2pimg/v1/info                 {"version": 1, "node": "<node id>"}
     POST /p2pimg/v1/warm, GET /p2pimg/v1/warm/<id>   remote warm (see warm.py)
 
@@ -31,10 +33,10 @@ import trio
 
 from . import swarmkey
 from .cid import Cid, parse_digest
-from .errors import BlobUnknown, NotFound, OriginError, P2pimgError, RangeNotSatisfiable
+from .errors import BlobUnknown, ManifestUnknown, NotFound, OriginError, P2pimgError, RangeNotSatisfiable
 from .fetch import ChunkSource, Fetcher
 from .http import BodyPart, FileRegion, Request, Response
-from .model import BlobMap
+from .model import BlobMap, check_name, check_tag
 from .ranges import content_range, parse_range
 from .registry import error_response
 from .store import ChunkStore
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 RAW_BLOCK = "application/vnd.ipld.raw"
+TAG_RECORD = "application/vnd.p2pimg.tag-record.v1+cbor"
 _PIECE = 256 << 10
 _POLL = 0.3
 
@@ -193,11 +196,24 @@ class PeerService:
                 raise BlobUnknown(f"this peer holds nothing of {digest}")
             return _json({"digest": digest, "complete": states == b"", "node": self.node_id,
                           "chunks": base64.b64encode(states).decode() if states else None})
+        if path.startswith("/p2pimg/v1/tags/"):
+            return await self._tag_record(path[len("/p2pimg/v1/tags/"):])
         if path.startswith("/p2pimg/v1/blobs/"):
             return await self._blob(path.rpartition("/")[2], request)
         if path.startswith("/ipfs/"):
             return await self._block(path[len("/ipfs/"):], request)
         raise NotFound(f"no such endpoint {path[:100]}")
+
+    async def _tag_record(self, text: str) -> Response:
+        """This node's cached record of `name:tag`, as it was stored (the asker checks it)."""
+        name, _, tag = text.rpartition("/")
+        check_name(name)
+        check_tag(tag)
+        record = await trio.to_thread.run_sync(self.store.get_tag_record, name, tag)
+        if record is None:
+            raise ManifestUnknown(f"this peer holds no tag record of {name}:{tag}")
+        body = record.encode()
+        return Response(200, [("content-type", TAG_RECORD), ("content-length", str(len(body)))], body)
 
     def _guard(self, sha256_hex: str, what: object) -> None:
         """Content fetched with the user's upstream credentials goes only to peers that proved the

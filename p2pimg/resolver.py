@@ -23,9 +23,18 @@ from .errors import (
     NameUnknown,
     OriginError,
     OriginNotFound,
+    P2pimgError,
     VerificationError,
 )
-from .model import MAX_MANIFEST_SIZE, BlobEntry, BlobMap, ImageRoot, ManifestEntry, TagRecord
+from .model import (
+    MAX_MANIFEST_SIZE,
+    MAX_TAG_RECORD_SIZE,
+    BlobEntry,
+    BlobMap,
+    ImageRoot,
+    ManifestEntry,
+    TagRecord,
+)
 from .origins import Origin, block_key, tag_key
 from .signing import TagSignatureError, TrustStore
 from .store import ChunkStore
@@ -35,6 +44,11 @@ log = logging.getLogger(__name__)
 
 async def _no_peer_block(_cid: Cid, _max_size: int) -> bytes | None:
     return None
+
+
+async def _no_peer_tags(_name: str, _tag: str) -> list[bytes]:
+    return []
+
 
 IPFS_PREFIX = "ipfs/"
 _ROOT_CACHE = 256
@@ -67,6 +81,8 @@ class Resolver:
         self.on_blob_map: Callable[[BlobMap], None] = lambda _bmap: None  # the peer index
         # Blocks by CID from LAN peers when the origin cannot give them (the node wires it).
         self.peer_block: Callable[[Cid, int], Awaitable[bytes | None]] = _no_peer_block
+        # Encoded tag records LAN peers hold for a name and tag (the node wires it).
+        self.peer_tags: Callable[[str, str], Awaitable[list[bytes]]] = _no_peer_tags
 
     # -- blocks ----------------------------------------------------------------------------
 
@@ -131,17 +147,14 @@ class Resolver:
         if cached is not None and now - cached[0] < self.tag_ttl:
             return cached[1]
         try:
-            data = await self.origin.get(tag_key(name, tag), max_size=64 << 10)
+            data = await self.origin.get(tag_key(name, tag), max_size=MAX_TAG_RECORD_SIZE)
         except OriginNotFound:
             await self.tags(name)  # NAME_UNKNOWN when the repository itself is unknown
             raise ManifestUnknown(f"{name}:{tag} is not published") from None
         except OriginError as exc:
-            record = await trio.to_thread.run_sync(self.store.get_tag_record, name, tag)
-            if record is None:
-                raise
-            self.check_record(record)  # cached under an older policy maybe: the current one decides
-            log.warning("origin unreachable (%s); using the last verified record of %s:%s (seq %d)",
-                        exc.message, name, tag, record.seq)
+            record, where = await self._offline_record(name, tag, exc)
+            log.warning("origin unreachable (%s); using %s of %s:%s (seq %d)",
+                        exc.message, where, name, tag, record.seq)
             self._tags[(name, tag)] = (now, record.root)
             self._name_roots.setdefault(name, set()).add(record.root)
             return record.root
@@ -153,13 +166,54 @@ class Resolver:
         self._name_roots.setdefault(name, set()).add(record.root)
         return record.root
 
-    def check_record(self, record: TagRecord) -> None:
-        """Apply the trust policy to a tag record; TagSignatureError when it is refused.
+    async def _offline_record(self, name: str, tag: str, failure: OriginError) -> tuple[TagRecord, str]:
+        """With the origin unreachable: the newest acceptable record of `name:tag` this node can
+        find, its own cached one or one a LAN peer holds, and where it came from. A peer's record
+        counts only when a trusted key signed it; without any, `failure` (or the refusal) is raised.
+        """
+        best: TagRecord | None = None
+        where = "the last verified record"
+        refusal: TagSignatureError | None = None
+        cached = await trio.to_thread.run_sync(self.store.get_tag_record, name, tag)
+        if cached is not None:
+            try:
+                self.check_record(cached)  # cached under an older policy maybe: the current one decides
+                best = cached
+            except TagSignatureError as exc:
+                refusal = exc
+        for data in await self.peer_tags(name, tag):
+            try:
+                record = TagRecord.decode(data, name=name, tag=tag)
+                self.check_peer_record(record)
+            except (P2pimgError, ValueError) as exc:
+                log.warning("a LAN peer's tag record of %s:%s refused: %s", name, tag, exc)
+                if isinstance(exc, TagSignatureError):
+                    refusal = refusal or exc
+                continue
+            if best is None or record.seq > best.seq:
+                best, where = record, "a LAN peer's signed record"
+        if best is None:
+            if refusal is not None:
+                raise refusal
+            raise failure
+        if where != "the last verified record":
+            await trio.to_thread.run_sync(self.store.put_tag_record, best)
+        return best, where
 
-        Every tag record must pass here before it is used. Tag records learned from LAN peers do
-        not exist yet; when they do, they must go through `check_record` and `_no_downgrade` like
-        the origin's, and with no trusted key a peer's record must be refused outright (the
-        unsigned exception below is for our own origin only).
+    def check_peer_record(self, record: TagRecord) -> None:
+        """A tag record learned from a LAN peer: accepted only when signed by a trusted key. A node
+        that trusts no key takes unsigned records from its own origin, never from peers."""
+        if not len(self.trust):
+            raise TagSignatureError(
+                f"tag record of {record.name}:{record.tag} (seq {record.seq}) from a LAN peer refused: "
+                "records learned from peers must be signed by a trusted publisher key, and this node "
+                "trusts none (--trust PUBFILE or $P2PIMG_HOME/trust/*.pub)")
+        self.trust.check(record)
+
+    def check_record(self, record: TagRecord) -> None:
+        """Apply the trust policy to a tag record from the origin or this node's own cache;
+        TagSignatureError when it is refused. Records from LAN peers go through
+        `check_peer_record` instead (the unsigned exception below is for our own origin only).
         """
         if len(self.trust):
             kid = self.trust.check(record)

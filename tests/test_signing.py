@@ -5,15 +5,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+import socket
 import stat
 from pathlib import Path
 
 import pytest
 
 from p2pimg.cid import Cid
-from p2pimg.errors import BlockInvalid, InvalidInput
+from p2pimg.errors import BlockInvalid, InvalidInput, OriginError
 from p2pimg.model import TagRecord
-from p2pimg.origins import FileOrigin, tag_key
+from p2pimg.origins import FileOrigin, open_origin, tag_key
 from p2pimg.publish import publish
 from p2pimg.resolver import Resolver
 from p2pimg.sample import LayerSpec, SampleImage, write_oci_layout
@@ -338,3 +339,61 @@ def test_cli_keygen_publish_and_trust(tmp_path: Path) -> None:
     bad.write_text("not a key\n")
     broken = cli("resolve", "demo/app:1", "--home", str(consumer), "--origin", origin, "--trust", str(bad))
     assert broken.returncode == 2 and "bad.pub" in broken.stderr
+
+
+# --- tag records from LAN peers --------------------------------------------------------------------
+
+
+async def test_tag_records_from_peers_need_a_trusted_signature(
+    tmp_path: Path, images: tuple[SampleImage, SampleImage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the origin unreachable, a record a peer offers is used only when a trusted key signed
+    it for this very name and tag, and only when it is newer than what this node already has."""
+    for key, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                       ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(key, value)
+    publisher = tmp_path / "publisher"
+    signer = make_signer(publisher)
+    stranger = make_signer(tmp_path / "stranger")
+    origin = FileOrigin(tmp_path / "origin")
+    first = await publish_as(images[0], origin, signer=signer)
+    second = await publish_as(images[1], origin, signer=signer)
+    other_tag = signer.sign(TagRecord(NAME, "2", second.root, second.seq + 1))
+    by_stranger = stranger.sign(TagRecord(NAME, "1", first.root, second.seq + 5))
+    unsigned = TagRecord(NAME, "1", first.root, second.seq + 6)
+    # Nothing listens on this port: every origin request fails as with a dead network.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"s3://bucket?endpoint=http://127.0.0.1:{s.getsockname()[1]}"
+    offered: list[bytes] = []
+
+    async def offer(name: str, tag: str) -> list[bytes]:
+        assert (name, tag) == (NAME, "1")
+        return list(offered)
+
+    def node(cache: str, trust: TrustStore) -> Resolver:
+        res = Resolver(ChunkStore(tmp_path / cache), open_origin(dead, tmp_path), tag_ttl=0, trust=trust)
+        res.peer_tags = offer
+        return res
+
+    trusting = TrustStore.load(tmp_path / "consumer", [publisher / "keys" / "publisher.pub"])
+    # No peer has anything: the origin's failure is the answer.
+    with pytest.raises(OriginError):
+        await node("c0", trusting).resolve_tag(NAME, "1")
+    # A node that trusts no key refuses even a validly signed record from a peer.
+    offered[:] = [second.encode()]
+    with pytest.raises(TagSignatureError, match="from a LAN peer refused.*trusts none"):
+        await node("c1", TrustStore()).resolve_tag(NAME, "1")
+    # Garbage, another tag's record, a stranger's and an unsigned one are skipped; the good one wins.
+    offered[:] = [b"\xa1junk", other_tag.encode(), by_stranger.encode(), unsigned.encode(), first.encode(),
+                  second.encode()]
+    res = node("c2", trusting)
+    assert await res.resolve_tag(NAME, "1") == second.root
+    assert ChunkStore(tmp_path / "c2").get_tag_record(NAME, "1") == second  # kept for next time
+    # An older record from a peer does not roll back what this node holds.
+    offered[:] = [first.encode()]
+    assert await node("c2", trusting).resolve_tag(NAME, "1") == second.root
+    # Only records a trusted key did not sign: refused, with the reason.
+    offered[:] = [by_stranger.encode()]
+    with pytest.raises(TagSignatureError, match="not trusted"):
+        await node("c3", trusting).resolve_tag(NAME, "1")

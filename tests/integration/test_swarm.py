@@ -12,6 +12,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -283,12 +285,44 @@ def test_origin_down_image_pulls_from_a_peer(
     assert metric(b_host, "p2pimg_source_bytes_total", source="origin") == 0
 
 
+def test_origin_down_tag_comes_from_a_peer_only_signed_by_a_trusted_key(
+    moto: str, nodes: Nodes, fault_proxy: Callable[..., FaultProxy], tmp_path: Path
+) -> None:
+    """B never saw `demo/app:1` and its origin is unreachable: it takes the tag record from A only
+    because the publisher's key signed it and B trusts that key; nodes that trust no key, or only
+    another one, refuse the record with a clear error and serve nothing."""
+    made = p2pimg("keygen", home=tmp_path / "publisher")
+    assert made.returncode == 0, made.stderr
+    pub = made.stdout.strip().splitlines()[-1]
+    stranger = p2pimg("keygen", home=tmp_path / "stranger-keys")
+    assert stranger.returncode == 0, stranger.stderr
+    stranger_pub = stranger.stdout.strip().splitlines()[-1]
+    image, bucket = published(tmp_path, moto, [LayerSpec(3 << 20, "none")], seed=9)
+    _, _a_host, a_peer = nodes.start("a", f"s3://{bucket}?endpoint={moto}", "--trust", pub)
+    warmed = p2pimg("warm", "demo/app:1", "--trust", pub, home=tmp_path / "a")
+    assert warmed.returncode == 0, warmed.stderr
+    doomed = fault_proxy(moto)
+    dead = f"s3://{bucket}?endpoint={doomed.endpoint}"
+    _, b_host, _ = nodes.start("b", dead, "--peer", a_peer, "--trust", pub)
+    _, c_host, _ = nodes.start("c", dead, "--peer", a_peer)
+    _, d_host, _ = nodes.start("d", dead, "--peer", a_peer, "--trust", stranger_pub)
+    doomed.daemon.stop()  # their origin is gone before they asked it anything
+    pull(b_host, tmp_path / "out", image)
+    assert metric(b_host, "p2pimg_source_bytes_total", source="peer") == blob_bytes(image)
+    assert metric(b_host, "p2pimg_source_bytes_total", source="origin") == 0
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    for host, reason in ((c_host, "trusts none"), (d_host, "not trusted")):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            opener.open(f"http://{host}/v2/demo/app/manifests/1", timeout=60)
+        message = json.loads(refused.value.read())["errors"][0]["message"]
+        assert "demo/app:1" in message and reason in message, message
+        assert metric(host, "p2pimg_source_bytes_total", source="peer") == 0
+
+
 def test_swarm_key_keeps_strangers_out(moto: str, nodes: Nodes, tmp_path: Path) -> None:
     """With a swarm key, a peer serves nothing (not even /info) to nodes that cannot prove it:
     401 without credentials, 403 with a wrong key; nodes with the key pull from it."""
     import secrets
-    import urllib.error
-    import urllib.request
 
     image, bucket = published(tmp_path, moto, [LayerSpec(4 << 20, "none")], seed=7)
     origin = f"s3://{bucket}?endpoint={moto}"
