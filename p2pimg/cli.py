@@ -40,6 +40,13 @@ def _peers(p: argparse.ArgumentParser) -> None:
     p.add_argument("--swarm-key-file", metavar="PATH",
                    help="the LAN's shared key (default: $P2PIMG_SWARM_KEY, else $P2PIMG_HOME/swarm.key)")
     p.add_argument("--no-mdns", action="store_true", help="neither advertise nor browse with mDNS")
+    p.add_argument("--peer-tls-cert", metavar="PEM", help="this node's certificate for mutual TLS between "
+                   "peers (with --peer-tls-key and --peer-tls-ca; default: $P2PIMG_HOME/tls/peer.crt)")
+    p.add_argument("--peer-tls-key", metavar="PEM",
+                   help="its private key (default: $P2PIMG_HOME/tls/peer.key)")
+    p.add_argument("--peer-tls-ca", metavar="PEM",
+                   help="the swarm's CA: peers must present a certificate it signed (default: "
+                   "$P2PIMG_HOME/tls/ca.crt)")
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -56,7 +63,9 @@ def _config(args: argparse.Namespace) -> Config:
                        peer_max_requests=getattr(args, "peer_max_requests", None),
                        cache_max=getattr(args, "cache_max", None),
                        trust=getattr(args, "trust", None),
-                       swarm_key_file=getattr(args, "swarm_key_file", None))
+                       swarm_key_file=getattr(args, "swarm_key_file", None),
+                       peer_tls=(getattr(args, "peer_tls_cert", None), getattr(args, "peer_tls_key", None),
+                                 getattr(args, "peer_tls_ca", None)))
 
 
 def cmd_publish(args: argparse.Namespace) -> int:

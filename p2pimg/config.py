@@ -63,6 +63,7 @@ class Config:
     cache_max: int | None = None  # bytes; a running node evicts down to this
     trust: tuple[str, ...] = ()  # extra publisher public key files (--trust)
     swarm_key_file: str | None = None  # else $P2PIMG_SWARM_KEY, else $P2PIMG_HOME/swarm.key
+    peer_tls: tuple[str | None, str | None, str | None] = (None, None, None)  # cert, key, CA files
 
     @property
     def cache_dir(self) -> Path:
@@ -75,7 +76,8 @@ def load_config(*, home: str | None = None, origin: str | None = None, listen: s
                 peer_listen: str | None = None, peers: list[str] | None = None, mdns: bool | None = None,
                 peer_rate: str | None = None, peer_max_requests: int | None = None,
                 cache_max: str | None = None, trust: list[str] | None = None,
-                swarm_key_file: str | None = None) -> Config:
+                swarm_key_file: str | None = None,
+                peer_tls: tuple[str | None, str | None, str | None] | None = None) -> Config:
     home_path = Path(home or os.environ.get("P2PIMG_HOME") or default_home()).expanduser().absolute()
     file_values: dict[str, Any] = {}
     config_file = home_path / "config.toml"
@@ -118,4 +120,15 @@ def load_config(*, home: str | None = None, origin: str | None = None, listen: s
                   peer_rate=float(parse_size(peer_rate or file_values.get("peer_rate") or 0)),
                   peer_max_requests=max_requests, cache_max=max_bytes,
                   trust=tuple(trust or file_values.get("trust") or ()),
-                  swarm_key_file=swarm_key_file or file_values.get("swarm_key_file"))
+                  swarm_key_file=swarm_key_file or file_values.get("swarm_key_file"),
+                  peer_tls=_peer_tls(peer_tls, file_values))
+
+
+def _peer_tls(given: tuple[str | None, str | None, str | None] | None,
+              file_values: dict[str, Any]) -> tuple[str | None, str | None, str | None]:
+    if given is not None and any(given):
+        return given
+    values = tuple(file_values.get(f"peer_tls_{part}") for part in ("cert", "key", "ca"))
+    if not all(v is None or isinstance(v, str) for v in values):
+        raise InvalidInput("peer_tls_cert, peer_tls_key and peer_tls_ca must be file paths")
+    return values  # type: ignore[return-value]

@@ -48,7 +48,7 @@ _SAFE_LABEL = re.compile(r"[A-Za-z0-9-]{1,48}")
 class PeerAnnouncement:
     """One reachable address of a discovered peer."""
 
-    url: str  # "http://ADDR:PORT" of the peer server (IPv6 in brackets)
+    url: str  # "http://ADDR:PORT" of the peer server (https with mutual TLS; IPv6 in brackets)
     node_id: str  # stable random id of the node: to ignore ourselves and group a node's addresses
     name: str  # the DNS-SD instance name
 
@@ -60,16 +60,16 @@ class AnnouncementError(ValueError):
 # --- pure helpers ------------------------------------------------------------------------------
 
 
-def peer_url(address: str, port: int) -> str:
-    """`http://ADDR:PORT`, with IPv6 addresses in brackets (and a zone as `%25` per RFC 6874)."""
+def peer_url(address: str, port: int, scheme: str = "http") -> str:
+    """`http://ADDR:PORT` (or https), with IPv6 addresses in brackets (a zone as `%25`, RFC 6874)."""
     ip = ipaddress.ip_address(address)
     if not 0 < port < 65536:
         raise ValueError(f"port out of range: {port}")
     if isinstance(ip, ipaddress.IPv6Address):
         host = ip.compressed.partition("%")[0]
         zone = f"%25{ip.scope_id}" if ip.scope_id else ""
-        return f"http://[{host}{zone}]:{port}"
-    return f"http://{ip}:{port}"
+        return f"{scheme}://[{host}{zone}]:{port}"
+    return f"{scheme}://{ip}:{port}"
 
 
 def compatible(version: str) -> bool:
@@ -132,7 +132,9 @@ def announcements(
         raise AnnouncementError(f"bad port {port!r}")
     usable = {ip for ip in map(_usable, addresses) if ip is not None}
     ordered = sorted(usable, key=lambda ip: (ip.version, int(ip), str(ip)))
-    urls = list(dict.fromkeys(peer_url(str(ip), port) for ip in ordered))
+    # A node whose peer listener speaks mutual TLS says so with `tls=1`.
+    scheme = "https" if properties.get(b"tls") == b"1" else "http"
+    urls = list(dict.fromkeys(peer_url(str(ip), port, scheme) for ip in ordered))
     if not urls:
         raise AnnouncementError("no usable address")
     return tuple(PeerAnnouncement(url, node_id, name) for url in urls)
@@ -238,7 +240,8 @@ class Discovery:
     """Advertise our peer server and browse for others on the LAN."""
 
     def __init__(
-        self, *, node_id: str, advertise: tuple[str, int] | None, interfaces: list[str] | None = None
+        self, *, node_id: str, advertise: tuple[str, int] | None, interfaces: list[str] | None = None,
+        tls: bool = False,
     ) -> None:
         if not node_id:
             raise ValueError("node_id must not be empty")
@@ -251,6 +254,7 @@ class Discovery:
         self.node_id = node_id
         self.advertise = advertise
         self.interfaces = interfaces
+        self.tls = tls
         self._by_name: dict[str, tuple[PeerAnnouncement, ...]] = {}
         self._changed = trio.Event()
 
@@ -355,7 +359,7 @@ class Discovery:
             SERVICE_TYPE,
             f"{label}.{SERVICE_TYPE}",
             port=port,
-            properties={"node": self.node_id, "v": PROTOCOL_VERSION},
+            properties={"node": self.node_id, "v": PROTOCOL_VERSION, **({"tls": "1"} if self.tls else {})},
             server=f"{label}.local.",
             parsed_addresses=addresses,
         )

@@ -2,7 +2,8 @@
 
 Blob bytes never enter Python on the way out: a `FileRegion` body part travels through h11 as a
 placeholder (`send_with_data_passthrough`), and its bytes go from the page cache to the socket
-with `os.sendfile`, waiting for writability only after EAGAIN.
+with `os.sendfile`, waiting for writability only after EAGAIN. Over TLS (the optional peer mTLS)
+the bytes must pass through the TLS layer, so a region is read and sent in 256 KiB pieces.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import os
 import select
 import socket
+import ssl
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -36,6 +38,7 @@ _SENDERS = trio.CapacityLimiter(512)
 # A larger send buffer means fewer sendfile/epoll round trips per blob (the kernel's autotuned
 # default keeps it small until a connection has proven itself).
 _SEND_BUFFER = 4 << 20
+_TLS_PIECE = 256 << 10
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,18 @@ def _sendfile_blocking(sockfd: int, region: FileRegion, cancelled: threading.Eve
         remaining -= sent
 
 
+async def _send_region_tls(stream: trio.abc.Stream, region: FileRegion) -> None:
+    """A file region through TLS: read and encrypted in pieces (one piece in memory at a time)."""
+    offset, end = region.offset, region.offset + region.length
+    while offset < end:
+        piece = await trio.to_thread.run_sync(os.pread, region.fd, min(_TLS_PIECE, end - offset), offset)
+        if not piece:
+            raise AbortResponse("file shorter than the response promised")
+        with trio.fail_after(SEND_TIMEOUT):
+            await stream.send_all(piece)
+        offset += len(piece)
+
+
 async def _sendfile(stream: trio.SocketStream, region: FileRegion) -> None:
     cancelled = threading.Event()
 
@@ -133,13 +148,15 @@ async def _sendfile(stream: trio.SocketStream, region: FileRegion) -> None:
 
 
 class _Connection:
-    def __init__(self, stream: trio.SocketStream, handler: Handler) -> None:
+    def __init__(self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream],
+                 handler: Handler) -> None:
         self.stream = stream
         self.handler = handler
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        sock = stream.transport_stream.socket if isinstance(stream, trio.SSLStream) else stream.socket
         try:
-            self.client = str(stream.socket.getpeername()[0])
-            self.local = str(stream.socket.getsockname()[0])
+            self.client = str(sock.getpeername()[0])
+            self.local = str(sock.getsockname()[0])
         except OSError:
             self.client = self.local = ""
 
@@ -156,7 +173,7 @@ class _Connection:
                 return event
             with trio.fail_after(timeout):
                 data = await self.stream.receive_some(_RECV)
-            self.conn.receive_data(data)
+            self.conn.receive_data(data if isinstance(data, bytes) else bytes(data))
 
     async def _read_body(self) -> tuple[bool, bytes]:
         """Read a request body of at most MAX_REQUEST_BODY bytes; (False, b"") if it was larger."""
@@ -190,7 +207,10 @@ class _Connection:
                     pieces = self.conn.send_with_data_passthrough(h11.Data(data=part))  # type: ignore[arg-type]
                     for piece in pieces or ():
                         if isinstance(piece, FileRegion):
-                            await _sendfile(self.stream, piece)
+                            if isinstance(self.stream, trio.SSLStream):
+                                await _send_region_tls(self.stream, piece)
+                            else:
+                                await _sendfile(self.stream, piece)
                         else:
                             with trio.fail_after(SEND_TIMEOUT):
                                 await self.stream.send_all(piece)
@@ -279,11 +299,26 @@ async def serve_http(
     await trio.serve_listeners(serve_connection(handler), listeners, task_status=task_status)
 
 
-def serve_connection(handler: Handler) -> Callable[[trio.SocketStream], Awaitable[None]]:
-    """The per-connection task for `trio.serve_listeners`."""
+def serve_connection(handler: Handler, tls: ssl.SSLContext | None = None
+                     ) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    """The per-connection task for `trio.serve_listeners`; with `tls`, HTTPS (the handshake must
+    finish within HEADER_TIMEOUT, and a client the context refuses is dropped)."""
 
     async def on_connection(stream: trio.SocketStream) -> None:
         stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
-        await _Connection(stream, handler).run()
+        if tls is None:
+            await _Connection(stream, handler).run()
+            return
+        secure = trio.SSLStream(stream, tls, server_side=True, https_compatible=True)
+        try:
+            with trio.fail_after(HEADER_TIMEOUT):
+                await secure.do_handshake()
+        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.info("TLS handshake with a peer failed: %s", exc.__cause__ or exc)
+            with trio.move_on_after(1) as scope:
+                scope.shield = True
+                await stream.aclose()
+            return
+        await _Connection(secure, handler).run()
 
     return on_connection

@@ -12,6 +12,7 @@ import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import trio
@@ -25,6 +26,7 @@ from .mirror import Mirror
 from .model import MAX_TAG_RECORD_SIZE
 from .origins import Origin, open_origin
 from .peer import PeerService, PeerSource
+from .peertls import PeerTls, load_peer_tls
 from .policy import policy_named
 from .resolver import Resolver
 from .signing import TrustStore
@@ -66,9 +68,13 @@ class Swarm:
     client: httpx.AsyncClient
     discovery: object | None = None
     peers: dict[str, PeerSource] = field(default_factory=dict)
+    tls: bool = False  # peers must speak mutual TLS (https) with the swarm CA's certificates
 
     def add(self, url: str, peer_node: str | None = None) -> None:
         if peer_node == self.own_id or url in self.peers:
+            return
+        if self.tls and not url.startswith("https://"):
+            log.warning("peer %s ignored: this node talks to peers only over mutual TLS (https://)", url)
             return
         source = PeerSource(url, self.client, node_id=peer_node)
         self.peers[url] = source
@@ -172,11 +178,20 @@ class Node:
     mirror: Mirror | None
     peer_service: PeerService
     swarm: Swarm
+    tls: PeerTls | None
     warm: WarmJobs = field(init=False)  # needs the node itself
 
     def __post_init__(self) -> None:
         self.warm = WarmJobs(self, self.nursery)
         self.peer_service.warm = self.warm
+
+
+def peer_client(key: bytes | None, tls: PeerTls | None, **options: Any) -> httpx.AsyncClient:
+    """The HTTP client for talking to peers: signed with the swarm key, presenting our certificate
+    when peers speak mutual TLS, and never through a proxy (peers are on the LAN)."""
+    return httpx.AsyncClient(auth=swarmkey.SwarmAuth(key) if key is not None else None,
+                             verify=tls.client_context() if tls is not None else True,
+                             trust_env=False, **options)
 
 
 @contextlib.asynccontextmanager
@@ -187,17 +202,16 @@ async def open_node(config: Config, *, advertise: tuple[str, int] | None = None)
     policy = policy_named(config.policy)
     upstreams = [UpstreamClient(url) for url in config.upstreams]
     key = swarmkey.load_swarm_key(config.home, config.swarm_key_file)
-    client = httpx.AsyncClient(timeout=httpx.Timeout(30, connect=1.0),
-                               auth=swarmkey.SwarmAuth(key) if key is not None else None,
-                               limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
-                               trust_env=False)  # peers are on the LAN: never through a proxy
+    tls = load_peer_tls(config.home, *config.peer_tls)
+    client = peer_client(key, tls, timeout=httpx.Timeout(30, connect=1.0),
+                         limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
     own_id = await trio.to_thread.run_sync(node_id, config.home)
     trust = TrustStore.load(config.home, [Path(p) for p in config.trust])  # a bad key file fails at start
     discovery = None
     if config.mdns:
         from .discovery import Discovery
 
-        discovery = Discovery(node_id=own_id, advertise=advertise)
+        discovery = Discovery(node_id=own_id, advertise=advertise, tls=tls is not None)
     try:
         async with trio.open_nursery() as nursery:
             metrics = Metrics()
@@ -209,9 +223,9 @@ async def open_node(config: Config, *, advertise: tuple[str, int] | None = None)
             peer_service = PeerService(store, fetcher, own_id, rate=config.peer_rate,
                                        max_requests=config.peer_max_requests)
             peer_service.swarm_key = key
-            swarm = Swarm(fetcher, own_id, list(config.peers), client, discovery)
+            swarm = Swarm(fetcher, own_id, list(config.peers), client, discovery, tls=tls is not None)
             node = Node(config, nursery, own_id, store, origin, metrics, fetcher, resolver, mirror,
-                        peer_service, swarm)
+                        peer_service, swarm, tls)
             resolver.on_blob_map = peer_service.index
             resolver.peer_block = swarm.block
             resolver.peer_tags = swarm.tag_records

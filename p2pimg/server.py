@@ -58,14 +58,16 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[str] = trio.TASK
             address = _address(listeners)
             peer_address = None
             if peer_listeners:
-                node.nursery.start_soon(partial(trio.serve_listeners,
-                                                serve_connection(node.peer_service.handle), peer_listeners))
+                tls = node.tls.server_context() if node.tls is not None else None
+                node.nursery.start_soon(partial(trio.serve_listeners, serve_connection(
+                    node.peer_service.handle, tls), peer_listeners))
                 peer_address = _address(peer_listeners)
             write_serve_info(config, address, peer_address)
             try:
                 extra = "".join(f", mirroring {u}" for u in config.upstreams)
                 if peer_address:
-                    extra += f", peers on http://{peer_address}"
+                    extra += f", peers on {'https' if node.tls else 'http'}://{peer_address}"
+                    extra += " (mutual TLS)" if node.tls else ""
                 print(f"p2pimg: serving registry on http://{address} (origin {node.origin.url}{extra})",
                       file=sys.stderr, flush=True)
                 task_status.started(address)

@@ -11,8 +11,9 @@ import httpx
 import trio
 
 from .config import Config
-from .node import open_node, read_serve_info
-from .swarmkey import SwarmAuth, load_swarm_key
+from .node import open_node, peer_client, read_serve_info
+from .peertls import load_peer_tls
+from .swarmkey import load_swarm_key
 from .warm import WarmProgress, parse_ref
 
 _POLL = 0.25
@@ -94,9 +95,8 @@ async def _poll_quietly(poll: Callable[[], Awaitable[dict[str, object]]]) -> dic
 
 async def run_warm(config: Config, ref: str, *, lan: bool) -> int:
     parse_ref(ref)
-    key = load_swarm_key(config.home, config.swarm_key_file)
-    client = httpx.AsyncClient(timeout=httpx.Timeout(30, connect=2), trust_env=False,
-                               auth=SwarmAuth(key) if key is not None else None)
+    client = peer_client(load_swarm_key(config.home, config.swarm_key_file),
+                         load_peer_tls(config.home, *config.peer_tls), timeout=httpx.Timeout(30, connect=2))
     outcomes: list[Outcome] = []
     try:
         info = read_serve_info(config)

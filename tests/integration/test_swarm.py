@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -317,6 +318,63 @@ def test_origin_down_tag_comes_from_a_peer_only_signed_by_a_trusted_key(
         message = json.loads(refused.value.read())["errors"][0]["message"]
         assert "demo/app:1" in message and reason in message, message
         assert metric(host, "p2pimg_source_bytes_total", source="peer") == 0
+
+
+def test_mutual_tls_between_peers(moto: str, nodes: Nodes, tmp_path: Path) -> None:
+    """Peers with certificates from the swarm's CA talk HTTPS and share chunks; a client with no
+    certificate, or one from another CA, gets no byte (the handshake fails) and the serving node
+    carries on; a node without TLS refuses to take an https peer it cannot verify."""
+    import httpx
+    import trustme
+
+    ca, rogue = trustme.CA(), trustme.CA()
+
+    def credentials(issuer: trustme.CA, where: Path) -> list[str]:
+        where.mkdir(parents=True, exist_ok=True)
+        leaf = issuer.issue_cert("127.0.0.1")
+        leaf.cert_chain_pems[0].write_to_path(str(where / "peer.crt"))
+        leaf.private_key_pem.write_to_path(str(where / "peer.key"))
+        ca.cert_pem.write_to_path(str(where / "ca.crt"))
+        return [str(where / "peer.crt"), str(where / "peer.key"), str(where / "ca.crt")]
+
+    a_files = credentials(ca, tmp_path / "a-tls")
+    image, bucket = published(tmp_path, moto, [LayerSpec(5 << 20, "none"), LayerSpec(1 << 20)], seed=10)
+    origin = f"s3://{bucket}?endpoint={moto}"
+    _, _a_host, a_peer = nodes.start("a", origin, "--peer-tls-cert", a_files[0], "--peer-tls-key", a_files[1],
+                                     "--peer-tls-ca", a_files[2])
+    a_peer = a_peer.replace("http://", "https://")
+    warmed = p2pimg("warm", "demo/app:1", home=tmp_path / "a")
+    assert warmed.returncode == 0, warmed.stderr
+
+    # B keeps its certificate in the home's tls/ directory (the default place).
+    credentials(ca, tmp_path / "b" / "tls")
+    _, b_host, _ = nodes.start("b", origin, "--peer", a_peer)
+    pull(b_host, tmp_path / "b-out", image)
+    assert metric(b_host, "p2pimg_source_bytes_total", source="peer") == blob_bytes(image)
+    assert metric(b_host, "p2pimg_source_bytes_total", source="origin") == 0
+
+    # Strangers: no certificate, a certificate from another CA, or no TLS at all.
+    manifest = json.loads((image.path / "blobs" / "sha256" / image.top_digest[7:]).read_bytes())
+    layer = f"{a_peer}/p2pimg/v1/blobs/{manifest['layers'][0]['digest']}"
+    rogue_files = credentials(rogue, tmp_path / "rogue")
+
+    def client(cert: list[str] | None) -> httpx.Client:
+        context = ssl.create_default_context(cafile=a_files[2])
+        if cert is not None:
+            context.load_cert_chain(cert[0], cert[1])
+        return httpx.Client(verify=context, trust_env=False, timeout=10)
+
+    for stranger in (client(None), client(rogue_files)):
+        with stranger, pytest.raises(httpx.TransportError):
+            stranger.get(layer)
+    with httpx.Client(trust_env=False, timeout=10) as plain, pytest.raises(httpx.TransportError):
+        plain.get(layer.replace("https://", "http://"))
+    _, c_host, _ = nodes.start("c", origin, "--peer", a_peer)
+    pull(c_host, tmp_path / "c-out", image)
+    assert metric(c_host, "p2pimg_source_bytes_total", source="peer") == 0
+    with client(a_files) as member:
+        got = member.get(layer).content  # A is still serving, to members
+    assert "sha256:" + hashlib.sha256(got).hexdigest() == layer.rpartition("/")[2]
 
 
 def test_swarm_key_keeps_strangers_out(moto: str, nodes: Nodes, tmp_path: Path) -> None:
