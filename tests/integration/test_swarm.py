@@ -246,6 +246,26 @@ def test_lying_peer_never_reaches_the_client(
     ) == blob_bytes(image)
 
 
+@pytest.mark.parametrize("fault", ["fail", "reset", "stall", "slow"])
+def test_faulty_peer_still_yields_a_correct_pull(
+    fault: str, moto: str, nodes: Nodes, fault_proxy: Callable[..., FaultProxy], tmp_path: Path
+) -> None:
+    """A peer answering 503, cutting its spans short (truncated), going silent mid-span, or
+    trickling at 64 KiB/s: the pull ends correct, the origin supplies what the peer did not."""
+    image, bucket = published(tmp_path, moto, [LayerSpec(8 << 20, "none")], seed=11)
+    origin = f"s3://{bucket}?endpoint={moto}"
+    _, _a_host, a_peer = nodes.start("a", origin)
+    assert p2pimg("warm", "demo/app:1", home=tmp_path / "a").returncode == 0
+    args = ["--rate", str(64 << 10)] if fault == "slow" else ["--faults", fault, "--every", "1"]
+    bad = fault_proxy(a_peer, *args)
+    _, b_host, _ = nodes.start("b", origin, "--peer", bad.endpoint)
+    pull(b_host, tmp_path / "out", image)
+    if fault != "slow":
+        assert bad.stats()["faults"] >= 1, "the peer was never asked: nothing was tested"
+    assert metric(b_host, "p2pimg_source_bytes_total", source="origin") > 0
+    assert metric(b_host, "p2pimg_source_bytes_total", source="peer") < blob_bytes(image)
+
+
 def test_busy_peer_answers_429_and_the_pull_goes_on(moto: str, nodes: Nodes, tmp_path: Path) -> None:
     image, bucket = published(tmp_path, moto, [LayerSpec(16 << 20, "none"), LayerSpec(4 << 20)], seed=5)
     origin = f"s3://{bucket}?endpoint={moto}"
