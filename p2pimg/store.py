@@ -219,6 +219,24 @@ class PartialBlob:
             if os.fstat(self._have_fd).st_size != blob_map.count:
                 os.ftruncate(self._have_fd, blob_map.count)
         self._recover()
+        try:
+            self._check_room()
+        except CacheError:
+            self.close()
+            raise
+
+    def _check_room(self) -> None:
+        """Refuse a blob the cache's file system cannot hold: the client gets a clear error
+        before any byte is sent, instead of a body cut when the disk fills up. (Several fetches
+        at once can still fill it mid-blob: write_chunk reports that as a CacheError too.)"""
+        with _cache_io(f"partial blob {self.map.digest}"):
+            # What the (sparse) data file holds already needs no more room.
+            needed = self.map.size - os.fstat(self._data_fd).st_blocks * 512
+            vfs = os.fstatvfs(self._data_fd)
+        free = vfs.f_frsize * (vfs.f_bfree if os.geteuid() == 0 else vfs.f_bavail)
+        if needed > free:
+            raise CacheError(f"cache disk is full: blob {self.map.digest} needs {needed / 2**20:.1f} MiB "
+                             f"more, {free / 2**20:.1f} MiB free in {self.store.root}")
 
     def _recover(self) -> None:
         """Trust a `.have` claim only after re-hashing the chunk it vouches for."""
@@ -258,7 +276,14 @@ class PartialBlob:
         if self.have[index]:
             return
         with _cache_io(f"chunk {index} of {self.map.digest}"):
-            os.pwrite(self._data_fd, data, start)
+            # A write to a nearly full disk can be short, and only the next one fails (ENOSPC):
+            # a chunk is claimed only once all of it is written.
+            view, done = memoryview(data), 0
+            while done < len(view):
+                written = os.pwrite(self._data_fd, view[done:], start + done)
+                if written <= 0:
+                    raise OSError(errno.EIO, "the cache file system took no bytes of a write")
+                done += written
             if self._have_fd >= 0:
                 os.pwrite(self._have_fd, b"\x01", index)
         self.have[index] = 1
