@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .errors import OriginError, P2pimgError, VerificationError
+from .errors import CacheError, OriginError, P2pimgError, VerificationError
 from .metrics import Metrics
 from .model import BlobMap
 from .origins import Origin, blob_key
@@ -449,11 +449,13 @@ class Fetcher:
         for request in list(fetch.requests):
             if request.hedged or request.next_index >= request.span.end:
                 continue
-            rate = request.stats.throughput
+            holders = [s for s in self.sources if s.has(bmap, request.next_index)]
+            # What a chunk takes from the fastest source that has it: a source that trickles is a
+            # straggler next to it, even though it is "keeping its own pace".
+            rate = max([request.stats.throughput, *(self.stats[s.name].throughput for s in holders)])
             typical = bmap.chunk_size / rate if rate else 1.0
             if not self.policy.should_hedge(request.stats, now - request.last_progress, typical):
                 continue
-            holders = [s for s in self.sources if s.has(bmap, request.next_index)]
             others = [self.stats[s.name] for s in holders if s is not request.source]
             stats = self.policy.choose_hedge(others, now)
             if stats is None and now - request.last_progress > self.config.same_source_hedge:
@@ -538,6 +540,10 @@ class Fetcher:
             fetch.failures[index] += 1
             self.metrics.verify_failures.labels(kind).inc()
             log.warning("%s sent a bad chunk %d of %s: %s", source.name, index, bmap.digest, exc)
+        except CacheError as exc:
+            # The cache cannot take the chunk (a full disk): no source is to blame and asking
+            # again cannot help, so the fetch fails now with that error.
+            fetch.error = fetch.error or exc
         except (P2pimgError, OSError, trio.TooSlowError) as exc:
             outcome = "error"
             fetch.last_failure = exc if isinstance(exc, P2pimgError) else OriginError(

@@ -169,6 +169,23 @@ async def test_straggler_is_hedged(tmp_path: Path, nursery: trio.Nursery) -> Non
     assert stuck.in_flight == 0 and fetcher.stats["stuck"].errors == 1
 
 
+async def test_trickling_source_is_hedged_against_a_faster_one(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """A peer that keeps sending, but 100x slower than the origin, is a straggler all the same:
+    compared with the fastest source that has the chunks, not with its own pace."""
+    data, bmap = make_blob(8 * CHUNK)
+    # 16 KiB every 0.6 s: a chunk every 2.4 s, so it never goes 4 s without progress.
+    slow = MemorySource("slow", "peer", data, delay=0.6, max_span=8 * CHUNK, segment=64 * CHUNK, limit=1)
+    origin = MemorySource("origin", "origin", data)
+    fetcher, store, metrics = engine(tmp_path, nursery, [origin, slow], stall_timeout=60)
+    fetcher.stats["origin"].throughput = 50e6  # learnt from earlier fetches
+    started = trio.current_time()
+    await fetch_all(fetcher, bmap)
+    assert trio.current_time() - started < 8, "the trickling span was waited for"  # 8 chunks: 19 s
+    assert store.blob_path(bmap.digest).read_bytes() == data
+    assert metrics.registry.get_sample_value("p2pimg_fetch_hedges_total") == 1
+    assert counter(metrics, "source_bytes", "origin") >= 6 * CHUNK
+
+
 async def test_stall_timeout_fails_over(tmp_path: Path, nursery: trio.Nursery) -> None:
     data, bmap = make_blob(4 * CHUNK)
     stuck = MemorySource("stuck", "origin", data, stall_after=0)
