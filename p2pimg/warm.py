@@ -27,7 +27,14 @@ if TYPE_CHECKING:
     from .node import Node
 
 _PARALLEL_BLOBS = 4
-_MAX_JOBS = 256
+_MAX_JOBS = 256  # kept (running or finished) per node; a request beyond that many running is refused
+
+
+class WarmBusy(P2pimgError):
+    """As many warm jobs as a node keeps are running: refuse another until some end."""
+
+    oci_code = "TOOMANYREQUESTS"
+    http_status = 429
 
 
 @dataclass
@@ -139,6 +146,8 @@ class WarmJobs:
         if len(self.jobs) >= _MAX_JOBS:
             for job_id in [j for j, p in self.jobs.items() if p.state != "running"][: _MAX_JOBS // 2]:
                 del self.jobs[job_id]
+            if len(self.jobs) >= _MAX_JOBS:  # all running: the table and its tasks stay bounded
+                raise WarmBusy(f"{len(self.jobs)} warm jobs are running; try again when some end")
         job_id = uuid.uuid4().hex
         progress = self.jobs[job_id] = WarmProgress(ref)
         self.nursery.start_soon(warm_image, self.node, ref, progress)
@@ -154,7 +163,10 @@ class WarmJobs:
         except (ValueError, RecursionError):
             return error_response(InvalidInput("the warm request body is not JSON"))
         except P2pimgError as exc:
-            return error_response(exc)
+            response = error_response(exc)
+            if isinstance(exc, WarmBusy):
+                response.headers.append(("retry-after", "1"))
+            return response
         body = json.dumps({"id": job_id}).encode()
         return Response(202, [("content-type", "application/json"), ("content-length", str(len(body))),
                               ("location", f"/p2pimg/v1/warm/{job_id}")], body)

@@ -54,6 +54,10 @@ class FileOrigin(Origin):
 
         def read() -> bytes:
             with open(path, "rb") as f:
+                # Refuse on the size the file system reports, before reading a byte; the bounded
+                # read below still holds for files that grow, or report no size (a FIFO).
+                if os.fstat(f.fileno()).st_size > max_size:
+                    raise OriginError(f"{key} in {self.url} exceeds {max_size} bytes")
                 data = f.read(max_size + 1)
             if len(data) > max_size:
                 raise OriginError(f"{key} in {self.url} exceeds {max_size} bytes")
