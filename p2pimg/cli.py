@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -368,10 +369,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class OneLineFormatter(logging.Formatter):
+    """Log lines carry names, paths and messages that came from the network: control characters
+    in them are escaped, so no request can forge a line of the log (tracebacks stay as they are)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        line = super().formatMessage(record)
+        return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), line)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="p2pimg: %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(OneLineFormatter("p2pimg: %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

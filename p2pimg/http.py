@@ -35,6 +35,8 @@ _RECV = 64 << 10
 _POLL_MS = 200
 # One thread per blob body being sent; a slow client holds one for as long as it reads.
 _SENDERS = trio.CapacityLimiter(512)
+# Open connections per listener: one more is closed as soon as it is accepted.
+MAX_CONNECTIONS = 1024
 # A larger send buffer means fewer sendfile/epoll round trips per blob (the kernel's autotuned
 # default keeps it small until a connection has proven itself).
 _SEND_BUFFER = 4 << 20
@@ -167,13 +169,15 @@ class _Connection:
                 await self.stream.send_all(data)
 
     async def _next_event(self, timeout: float) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
-        while True:
-            event = self.conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            with trio.fail_after(timeout):
+        """The next event, within `timeout` for all of it (not per read: a client trickling one
+        byte at a time cannot hold a connection longer)."""
+        with trio.fail_after(timeout):
+            while True:
+                event = self.conn.next_event()
+                if event is not h11.NEED_DATA:
+                    return event
                 data = await self.stream.receive_some(_RECV)
-            self.conn.receive_data(data if isinstance(data, bytes) else bytes(data))
+                self.conn.receive_data(data if isinstance(data, bytes) else bytes(data))
 
     async def _read_body(self) -> tuple[bool, bytes]:
         """Read a request body of at most MAX_REQUEST_BODY bytes; (False, b"") if it was larger."""
@@ -231,17 +235,22 @@ class _Connection:
                     return
                 if not isinstance(event, h11.Request):
                     return
+                refusal = _refuse_head(event)
+                if refusal is not None:
+                    await self._respond(refusal)
+                    return
                 request = _to_request(event)
                 if request is None:
                     await self._respond(_plain(400, b"bad request target\n"))
                     return
                 request.client, request.local = self.client, self.local
                 body_ok, request.body = await self._read_body()
-                response = await self.handler(request)
                 if not body_ok:
-                    response.headers.append(("connection", "close"))
+                    await self._respond(_plain(413, b"request body too large\n"))
+                    return
+                response = await self.handler(request)
                 await self._respond(response)
-                if self.conn.our_state is h11.MUST_CLOSE or not body_ok:
+                if self.conn.our_state is h11.MUST_CLOSE:
                     return
                 self.conn.start_next_cycle()
         except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
@@ -260,6 +269,19 @@ class _Connection:
             status = exc.error_status_hint
             with trio.move_on_after(5):
                 await self._respond(_plain(status, f"{exc}\n".encode()))
+
+
+def _refuse_head(event: h11.Request) -> Response | None:
+    """431 for a head over MAX_HEADER_BYTES (h11's own bound only covers heads still arriving:
+    one that came whole in a single read can be larger), 413 for a declared body over
+    MAX_REQUEST_BODY (refused before any of it is read)."""
+    size = len(event.method) + len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+    if size > MAX_HEADER_BYTES:
+        return _plain(431, b"request header fields too large\n")
+    for name, value in event.headers:
+        if name == b"content-length" and int(value) > MAX_REQUEST_BODY:
+            return _plain(413, b"request body too large\n")
+    return None
 
 
 def _plain(status: int, body: bytes) -> Response:
@@ -304,7 +326,21 @@ def serve_connection(handler: Handler, tls: ssl.SSLContext | None = None
     """The per-connection task for `trio.serve_listeners`; with `tls`, HTTPS (the handshake must
     finish within HEADER_TIMEOUT, and a client the context refuses is dropped)."""
 
+    connections = trio.CapacityLimiter(MAX_CONNECTIONS)
+
     async def on_connection(stream: trio.SocketStream) -> None:
+        try:
+            connections.acquire_nowait()
+        except trio.WouldBlock:
+            log.warning("%d connections open: closing a new one", MAX_CONNECTIONS)
+            await stream.aclose()
+            return
+        try:
+            await serve_one(stream)
+        finally:
+            connections.release()
+
+    async def serve_one(stream: trio.SocketStream) -> None:
         stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
         if tls is None:
             await _Connection(stream, handler).run()

@@ -25,7 +25,7 @@ from .metrics import Metrics
 from .mirror import Mirror
 from .model import MAX_TAG_RECORD_SIZE
 from .origins import Origin, open_origin
-from .peer import PeerService, PeerSource
+from .peer import PeerService, PeerSource, get_json
 from .peertls import PeerTls, load_peer_tls
 from .policy import policy_named
 from .resolver import Resolver
@@ -131,9 +131,9 @@ class Swarm:
         """Learn a static peer's node id (dropping it if it is this very node); it may start
         after us, so ask a few times."""
         for attempt in range(30):
-            with contextlib.suppress(httpx.HTTPError, ValueError, AttributeError):
-                r = await self.client.get(f"{url.rstrip('/')}/p2pimg/v1/info", timeout=2)
-                peer_node = r.json().get("node") if r.status_code == 200 else None
+            with contextlib.suppress(httpx.HTTPError):
+                info = await get_json(self.client, f"{url.rstrip('/')}/p2pimg/v1/info", limit=4096, timeout=2)
+                peer_node = info.get("node") if isinstance(info, dict) else None
                 if peer_node == self.own_id:
                     self.remove(url)
                     return

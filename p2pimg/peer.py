@@ -306,6 +306,39 @@ async def _file_body(fd: int, start: int, end: int) -> AsyncIterator[BodyPart]:
         os.close(fd)
 
 
+async def request_json(client: httpx.AsyncClient, method: str, url: str, *, limit: int, timeout: float,
+                       body: object = None) -> tuple[int, object]:
+    """A small JSON exchange with another node: (status, the answer's JSON or None if it is not
+    JSON), reading at most `limit` bytes and taking at most `timeout` s in all — a node that
+    keeps sending is cut, never buffered. OriginError when it breaks either bound; httpx errors
+    as they come."""
+    what = f"{method} {url[:200]}"
+    with trio.move_on_after(timeout):
+        async with client.stream(method, url, json=body, timeout=timeout) as r:
+            declared = r.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise OriginError(f"{what}: an answer of {declared} bytes, more than the {limit} expected")
+            data = bytearray()
+            async for piece in r.aiter_raw():
+                data += piece
+                if len(data) > limit:
+                    raise OriginError(f"{what}: an answer longer than the {limit} bytes expected")
+        try:
+            return r.status_code, json.loads(data)
+        except (ValueError, RecursionError):
+            return r.status_code, None
+    raise OriginError(f"{what}: no whole answer within {timeout:g} s")
+
+
+async def get_json(client: httpx.AsyncClient, url: str, *, limit: int, timeout: float) -> object:
+    """The JSON a node answers 200 to a GET with, within `request_json`'s bounds; else None."""
+    try:
+        status, doc = await request_json(client, "GET", url, limit=limit, timeout=timeout)
+    except OriginError:
+        return None
+    return doc if status == 200 else None
+
+
 def _json(value: object) -> Response:
     body = json.dumps(value).encode()
     return Response(200, [("content-type", "application/json"), ("content-length", str(len(body)))], body)
@@ -342,8 +375,11 @@ class PeerSource(ChunkSource):
 
     async def _poll(self, blob_map: BlobMap) -> bool:
         """Refresh what this peer holds of a blob; True when it changed."""
+        # base64 of one byte per chunk, plus the other fields.
+        limit = 4 * blob_map.count // 3 + 4096
         try:
-            r = await self.client.get(f"{self.url}/p2pimg/v1/have/{blob_map.digest}", timeout=2.0)
+            doc = await get_json(self.client, f"{self.url}/p2pimg/v1/have/{blob_map.digest}", limit=limit,
+                                 timeout=2.0)
         except httpx.HTTPError:
             # A busy machine answers late now and then; three misses in a row mean it is gone,
             # and whatever it claimed to be bringing is not coming.
@@ -355,16 +391,18 @@ class PeerSource(ChunkSource):
             return changed
         self._misses.pop(blob_map.digest, None)
         states: bytes | None = None
-        if r.status_code == 200:
-            try:
-                doc = r.json()
-                if isinstance(doc.get("node"), str) and len(doc["node"]) <= 64:
-                    self.node_id = doc["node"]
-                states = b"" if doc.get("complete") else base64.b64decode(doc.get("chunks") or "")
-                if states and len(states) != blob_map.count:
-                    states = None  # describes another chunking of the blob: useless to us
-            except (ValueError, AttributeError):
-                states = None
+        if isinstance(doc, dict):
+            if isinstance(doc.get("node"), str) and len(doc["node"]) <= 64:
+                self.node_id = doc["node"]
+            if doc.get("complete") is True:
+                states = b""
+            elif isinstance(doc.get("chunks"), str):
+                try:
+                    states = base64.b64decode(doc["chunks"], validate=True)
+                except ValueError:
+                    states = None
+                if states is not None and len(states) != blob_map.count:
+                    states = None  # empty, or another chunking of the blob: useless to us
         changed = self._have.get(blob_map.digest) != states
         self._have[blob_map.digest] = states
         return changed

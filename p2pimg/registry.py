@@ -82,10 +82,10 @@ class Registry:
             return await self._route(request)
         except P2pimgError as exc:
             if exc.http_status >= 500:
-                log.warning("%s %s: %s", request.method, request.path, exc)
+                log.warning("%s %s: %s", request.method, request.path[:300], exc)
             return error_response(exc, head=head)
         except Exception:
-            log.exception("%s %s failed", request.method, request.path)
+            log.exception("%s %s failed", request.method, request.path[:300])
             return error_response(P2pimgError("internal error"), head=head)
 
     async def _route(self, request: Request) -> Response:

@@ -86,8 +86,11 @@ class Resolver:
 
     # -- blocks ----------------------------------------------------------------------------
 
-    async def block(self, cid: Cid, *, max_size: int = dagcbor.MAX_BLOCK_SIZE) -> bytes:
-        """A block by CID: from the cache, else from the origin, verified before it is kept."""
+    async def block(self, cid: Cid, *, max_size: int = dagcbor.MAX_BLOCK_SIZE,
+                    check: Callable[[bytes], object] | None = None) -> bytes:
+        """A block by CID: from the cache, else from the origin, verified before it is kept —
+        against its CID, and by `check` (which raises) when the block must also parse: a block
+        that matches its CID but is not a valid node is never cached, nor so served to peers."""
         data = await trio.to_thread.run_sync(self.store.get_block, cid)
         if data is not None:
             return data
@@ -102,6 +105,8 @@ class Resolver:
             log.warning("origin failed (%s); got block %s from a peer", exc.message, cid)
         if not cid.matches(data):
             raise VerificationError(f"a block that does not match {cid} was returned for it")
+        if check is not None:
+            check(data)
         await trio.to_thread.run_sync(self.store.put_block, cid, data)
         return data
 
@@ -117,8 +122,11 @@ class Resolver:
             return hit
         if cid.codec_name != "dag-cbor":
             raise ManifestUnknown(f"{cid} is not an image root CID (not dag-cbor)")
+        def parse(data: bytes) -> ImageRoot:
+            return ImageRoot.from_node(dagcbor.decode_verified(data, cid))
+
         try:
-            root = ImageRoot.from_node(dagcbor.decode_verified(await self.block(cid), cid))
+            root = parse(await self.block(cid, check=parse))
         except OriginNotFound:
             raise NameUnknown(f"no image with root {cid}") from None
         self._remember(self._roots, cid, root, _ROOT_CACHE)  # type: ignore[arg-type]
@@ -127,7 +135,10 @@ class Resolver:
     async def blob_map(self, entry: BlobEntry, digest: str) -> BlobMap:
         if (hit := self._maps.get(entry.map)) is not None:
             return hit
-        bmap = BlobMap.from_node(dagcbor.decode_verified(await self.block(entry.map), entry.map))
+        def parse(data: bytes) -> BlobMap:
+            return BlobMap.from_node(dagcbor.decode_verified(data, entry.map))
+
+        bmap = parse(await self.block(entry.map, check=parse))
         if bmap.digest != digest or bmap.size != entry.size:
             raise BlockInvalid(f"blob map {entry.map} does not describe {digest}")
         self._remember(self._maps, entry.map, bmap, _MAP_CACHE)  # type: ignore[arg-type]

@@ -94,7 +94,11 @@ class ChunkStore:
 
     def write_small(self, dest: Path, data: bytes) -> None:
         """An atomic write of a small file under the cache (caller builds `dest` from checked parts)."""
-        if self.root not in dest.parents:
+        try:
+            inside = dest.relative_to(self.root).parts
+        except ValueError:
+            inside = ("..",)
+        if not inside or ".." in inside:  # lexically below the root, and no step back up
             raise CacheError(f"refusing to write outside the cache: {dest}")
         self._write_atomic(dest, data, dest.name)
 

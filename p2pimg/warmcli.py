@@ -11,7 +11,9 @@ import httpx
 import trio
 
 from .config import Config
+from .errors import OriginError
 from .node import open_node, peer_client, read_serve_info
+from .peer import get_json, request_json
 from .peertls import load_peer_tls
 from .swarmkey import load_swarm_key
 from .warm import WarmProgress, parse_ref
@@ -19,6 +21,7 @@ from .warm import WarmProgress, parse_ref
 _POLL = 0.25
 _DISCOVERY_WAIT = 2.0
 _REMOTE_TIMEOUT = 3600.0
+_ANSWER_LIMIT = 64 << 10  # a warm job's JSON, or the peer list of the local server
 
 
 @dataclass
@@ -65,24 +68,29 @@ async def _follow(poll: Callable[[], Awaitable[dict[str, object]]], label: str) 
 async def _remote_warm(client: httpx.AsyncClient, base: str, ref: str) -> dict[str, object]:
     """Ask a node (the local server, or a LAN peer) to warm, and wait for it."""
     try:
-        r = await client.post(f"{base}/p2pimg/v1/warm", json={"ref": ref})
-        if r.status_code != 202:
-            message = r.json().get("errors", [{}])[0].get("message") if r.headers.get(
-                "content-type", "").startswith("application/json") else r.text[:200]
-            return {"state": "failed", "error": f"{r.status_code}: {message}"}
-        job = r.json()["id"]
+        status, doc = await request_json(client, "POST", f"{base}/p2pimg/v1/warm", body={"ref": ref},
+                                         limit=_ANSWER_LIMIT, timeout=30)
+        if status != 202 or not isinstance(doc, dict) or not isinstance(doc.get("id"), str):
+            errors = doc.get("errors") if isinstance(doc, dict) else None
+            message = errors[0].get("message") if isinstance(errors, list) and errors and \
+                isinstance(errors[0], dict) else "no usable answer"
+            return {"state": "failed", "error": f"{status}: {message}"}
+        job = doc["id"]
 
         async def poll() -> dict[str, object]:
-            answer = await client.get(f"{base}/p2pimg/v1/warm/{job}")
-            answer.raise_for_status()
-            doc: dict[str, object] = answer.json()
-            return doc
+            status, answer = await request_json(client, "GET", f"{base}/p2pimg/v1/warm/{job}",
+                                                limit=_ANSWER_LIMIT, timeout=30)
+            if status != 200 or not isinstance(answer, dict):
+                raise ValueError(f"{status} from {base} for warm job {job}")
+            return answer
 
         with trio.fail_after(_REMOTE_TIMEOUT):
             return await _follow(poll, f"warming on {base}") if base.startswith("http://127.") else \
                 await _poll_quietly(poll)
     except (httpx.HTTPError, ValueError, KeyError, trio.TooSlowError) as exc:
         return {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}
+    except OriginError as exc:
+        return {"state": "failed", "error": exc.message}
 
 
 async def _poll_quietly(poll: Callable[[], Awaitable[dict[str, object]]]) -> dict[str, object]:
@@ -106,9 +114,10 @@ async def run_warm(config: Config, ref: str, *, lan: bool) -> int:
             peers: list[str] = []
             if lan:
                 try:
-                    peers = list((await client.get(f"{base}/p2pimg/v1/peers")).json())
-                except (httpx.HTTPError, ValueError):
-                    peers = []
+                    found = await get_json(client, f"{base}/p2pimg/v1/peers", limit=_ANSWER_LIMIT, timeout=10)
+                except httpx.HTTPError:
+                    found = None
+                peers = [url for url in found if isinstance(url, str)] if isinstance(found, list) else []
             async with trio.open_nursery() as nursery:
                 for url in peers:
                     nursery.start_soon(_warm_peer, client, url, ref, outcomes)

@@ -31,10 +31,10 @@ import pytest
 import trio
 from _support import published_home
 
-from p2pimg import cli, dagcbor, warm
+from p2pimg import cli, dagcbor, http, warm
 from p2pimg.cid import Cid
 from p2pimg.config import Config, load_config, parse_listen
-from p2pimg.errors import InvalidInput, OriginError
+from p2pimg.errors import CacheError, InvalidInput, OriginError
 from p2pimg.http import MAX_HEADER_BYTES, MAX_REQUEST_BODY, BodyPart, Request, Response, serve_http
 from p2pimg.model import MAX_MANIFEST_SIZE, BlobMap, ImageRoot, ManifestEntry, TagRecord
 from p2pimg.node import Node, open_node
@@ -169,17 +169,47 @@ async def test_head_over_the_limit_is_refused_before_it_ends(served: Served, lis
         await get_ok(port, b"/p2pimg/v1/info")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "GAP (http.py): MAX_HEADER_BYTES is h11's max_incomplete_event_size, which only limits data "
-    "that does not yet hold a whole head; a head that arrives complete within one 64 KiB read is "
-    "taken whatever its size (the real cap is MAX_HEADER_BYTES + _RECV). Fix: in _Connection.run, "
-    "refuse an h11.Request whose target + header lines exceed MAX_HEADER_BYTES with 431."))
 async def test_head_over_the_limit_is_refused_even_when_it_arrives_whole(served: Served) -> None:
     head = (b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Filler: " + b"f" * (40 << 10)
             + b"\r\nConnection: close\r\n\r\n")
     assert MAX_HEADER_BYTES < len(head) < 64 << 10
     done = await exchange(served.registry_port, [head])
     assert done.status == 431, done.response[:200]
+
+
+async def test_a_head_trickled_byte_by_byte_is_cut_at_the_timeout(
+        served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The head timeout covers the whole head, not each read: one byte every 0.2 s cannot hold a
+    connection past it."""
+    monkeypatch.setattr(http, "IDLE_TIMEOUT", 1.0)
+    monkeypatch.setattr(http, "HEADER_TIMEOUT", 1.0)
+    head = b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"s" * 40 + b"\r\n\r\n"
+    started = trio.current_time()
+    done = await exchange(served.registry_port, [head[i:i + 1] for i in range(len(head))], pause=0.2,
+                          wait=3)
+    assert done.closed and done.status is None, done.response[:200]
+    assert trio.current_time() - started < 0.2 * len(head), "the trickling client held on"
+    await get_ok(served.registry_port)
+
+
+async def test_connections_beyond_the_cap_are_closed_at_once(
+        nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(http, "MAX_CONNECTIONS", 3)
+
+    async def hello(_request: Request) -> Response:
+        return Response(200, [("content-length", "2")], b"ok")
+
+    listeners = await nursery.start(serve_http, hello, "127.0.0.1", 0)
+    port = listeners[0].socket.getsockname()[1]
+    held = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(3)]
+    refused = await exchange(port, [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"], wait=3)
+    assert refused.closed and refused.status is None
+    await held.pop().aclose()
+    await trio.sleep(0.1)
+    answered = await exchange(port, [b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"])
+    assert answered.status == 200
+    for stream in held:
+        await stream.aclose()
 
 
 # -- request bodies ---------------------------------------------------------------------------------
@@ -202,17 +232,11 @@ async def test_write_with_a_huge_content_length_is_refused_without_reading_it(
     assert r.status == 200 and f"docker-content-digest: {sample.top_digest}".encode() in r.response
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "GAP (http.py): the body is read before routing and Content-Length is never compared with "
-    "MAX_REQUEST_BODY, so a head declaring 1 TiB and sending nothing holds the connection until "
-    "HEADER_TIMEOUT (20 s) and gets no answer. Fix: in _Connection.run, after the h11.Request, if "
-    "its content-length exceeds MAX_REQUEST_BODY, answer 413 with connection: close at once "
-    "(and do not call the handler when _read_body overflows: answer 413 instead)."))
 async def test_a_declared_oversize_body_is_refused_before_any_of_it_comes(served: Served) -> None:
     head = (b"PUT /v2/demo/app/manifests/1 HTTP/1.1\r\nHost: x\r\nContent-Length: "
             + str(1 << 40).encode() + b"\r\n\r\n")
     done = await exchange(served.registry_port, [head], wait=3)
-    assert done.status in (405, 413), done.response[:200]
+    assert done.status == 413 and done.closed, done.response[:200]
 
 
 def _chunk(data: bytes) -> bytes:
@@ -326,6 +350,13 @@ async def _hostile_image(origin: FileOrigin, case: str) -> tuple[bytes, str]:
         await origin.put_bytes(block_key(rcid), data)
         await origin.put_bytes(tag_key("evil/app", "1"), TagRecord("evil/app", "1", rcid, 1).encode())
         return b"/v2/evil/app/manifests/1", f"blocks/{mcid}"
+    if case == "root block nested too deep":
+        # It matches its CID, so only parsing it shows it is no node: it must not be cached (and
+        # so served to peers by CID) all the same.
+        deep = b"\x81" * (dagcbor.MAX_DEPTH + 1) + b"\x01"
+        cid = Cid.of_dag_cbor(deep)
+        await origin.put_bytes(block_key(cid), deep)
+        return f"/v2/ipfs/{cid}/manifests/latest".encode(), f"blocks/{cid}"
     if case == "oversize tag record":
         _sparse(origin.root / tag_key("evil/app", "big"), 1 << 20)
         return b"/v2/evil/app/manifests/big", "tags/evil/app/big"
@@ -335,12 +366,12 @@ async def _hostile_image(origin: FileOrigin, case: str) -> tuple[bytes, str]:
     return b"/v2/evil/app/manifests/deep", "tags/evil/app/deep"
 
 
-@pytest.mark.parametrize("case", ["oversize root block", "oversize manifest", "oversize tag record",
-                                  "tag record nested too deep"])
+@pytest.mark.parametrize("case", ["oversize root block", "root block nested too deep", "oversize manifest",
+                                  "oversize tag record", "tag record nested too deep"])
 async def test_hostile_origin_objects_are_refused_end_to_end(served: Served, case: str) -> None:
     """What the origin holds is input too: an over-size block, manifest or tag record, or an
     over-deep tag record, is refused (502) through the registry, is not cached, and the node keeps
-    serving. (A root block nested too deep is refused by the same decoder: test_dagcbor.py.)"""
+    serving."""
     path, kept_at = await _hostile_image(served.origin, case)
     with traced_peak() as peak:
         request = b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
@@ -386,12 +417,6 @@ async def test_block_from_a_peer_is_read_only_up_to_its_limit(tmp_path: Path, sa
     assert peak[0] < 8 << 20, f"{peak[0] >> 20} MiB read for a block of at most 1 MiB"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "GAP (peer.py): PeerSource._poll reads /p2pimg/v1/have with client.get(), which buffers the "
-    "whole answer (the 2 s timeout is per read, so a peer that keeps sending is never cut). Fix: "
-    "client.stream(...) and read at most 4/3 * blob_map.count + 4 KiB bytes (refusing a larger "
-    "Content-Length first), then json.loads. Same for Swarm._check_static's /info (node.py) and "
-    "warmcli._remote_warm's answers (cap both at a few KiB)."))
 async def test_have_answer_from_a_peer_is_bounded(nursery: trio.Nursery) -> None:
     piece = b" " * (1 << 20)
 
@@ -411,6 +436,25 @@ async def test_have_answer_from_a_peer_is_bounded(nursery: trio.Nursery) -> None
         with traced_peak() as peak:
             await source.prime(bmap)
     assert peak[0] < 8 << 20, f"{peak[0] >> 20} MiB buffered for a one-chunk have-map"
+
+
+@pytest.mark.parametrize("answer", [{"complete": False, "chunks": None}, {"complete": False, "chunks": ""},
+                                    {"complete": "yes"}, {"chunks": "AQ"}, {"chunks": "not base64!"}, [1]])
+async def test_have_answers_that_say_nothing_claim_nothing(nursery: trio.Nursery, answer: object) -> None:
+    """An inventory without a usable chunk list (empty, null, malformed, the wrong length, a
+    "complete" that is not true) must not read as "has everything"."""
+    body = json.dumps(answer).encode()
+
+    async def inventory(_: Request) -> Response:
+        return Response(200, [("content-type", "application/json"), ("content-length", str(len(body)))], body)
+
+    listeners = await nursery.start(serve_http, inventory, "127.0.0.1", 0)
+    bmap = BlobMap("sha256:" + "ab" * 32, 8 << 10, 4 << 10, (Cid.of_raw(b"c"), Cid.of_raw(b"d")))
+    async with httpx.AsyncClient() as client:
+        source = PeerSource(f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}", client)
+        await source.prime(bmap)
+    assert not source.participates(bmap)
+    assert not any(source.has(bmap, i) for i in range(bmap.count))
 
 
 # -- paths built from input ----------------------------------------------------------------------
@@ -494,17 +538,14 @@ async def test_file_origin_keys_cannot_leave_its_directory(tmp_path: Path) -> No
     assert _files(tmp_path) == before
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "GAP (store.py): ChunkStore.write_small guards with `self.root not in dest.parents`, which is "
-    "lexical: root/a/../../x has root among its parents and is written outside the cache. Callers "
-    "pass checked names today, so this is the last line only. Fix: refuse any `..` component "
-    "(`'..' in dest.relative_to(self.root).parts`, with ValueError from relative_to also refused), "
-    "or compare dest.resolve() with self.root.resolve()."))
 def test_cache_small_writes_cannot_leave_the_cache(tmp_path: Path) -> None:
     store = ChunkStore(tmp_path / "cache")
-    with contextlib.suppress(Exception):
-        store.write_small(store.root / "upstream" / ".." / ".." / "escaped", b"x")
+    for dest in (store.root / "upstream" / ".." / ".." / "escaped", tmp_path / "escaped", store.root):
+        with pytest.raises(CacheError, match="outside the cache"):
+            store.write_small(dest, b"x")
     assert not (tmp_path / "escaped").exists()
+    store.write_small(store.root / "upstream" / "ok", b"x")  # inside is fine
+    assert (store.root / "upstream" / "ok").read_bytes() == b"x"
 
 
 # -- where it listens ----------------------------------------------------------------------------
