@@ -378,7 +378,7 @@ class OneLineFormatter(logging.Formatter):
         return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), line)
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

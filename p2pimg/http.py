@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http
 import logging
+import math
 import os
 import select
 import socket
@@ -87,6 +88,8 @@ class AbortResponse(Exception):
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+# Looks at a request's head before its body is read: a response refuses it, None lets it in.
+Gate = Callable[[Request], "Response | None"]
 
 
 def _sendfile_blocking(sockfd: int, region: FileRegion, cancelled: threading.Event) -> None:
@@ -151,9 +154,10 @@ async def _sendfile(stream: trio.SocketStream, region: FileRegion) -> None:
 
 class _Connection:
     def __init__(self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream],
-                 handler: Handler) -> None:
+                 handler: Handler, gate: Gate | None = None) -> None:
         self.stream = stream
         self.handler = handler
+        self.gate = gate
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         sock = stream.transport_stream.socket if isinstance(stream, trio.SSLStream) else stream.socket
         try:
@@ -168,30 +172,50 @@ class _Connection:
             with trio.fail_after(SEND_TIMEOUT):
                 await self.stream.send_all(data)
 
-    async def _next_event(self, timeout: float) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
-        """The next event, within `timeout` for all of it (not per read: a client trickling one
-        byte at a time cannot hold a connection longer)."""
-        with trio.fail_after(timeout):
-            while True:
-                event = self.conn.next_event()
-                if event is not h11.NEED_DATA:
-                    return event
-                data = await self.stream.receive_some(_RECV)
-                self.conn.receive_data(data if isinstance(data, bytes) else bytes(data))
+    async def _receive(self) -> None:
+        data = await self.stream.receive_some(_RECV)
+        self.conn.receive_data(data if isinstance(data, bytes) else bytes(data))
 
-    async def _read_body(self) -> tuple[bool, bytes]:
-        """Read a request body of at most MAX_REQUEST_BODY bytes; (False, b"") if it was larger."""
-        body = bytearray()
+    async def _next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        """The next event: callers bound the time it may take (a deadline for a whole head or
+        body, not per read, so a client trickling a byte at a time cannot hold a connection)."""
         while True:
-            event = await self._next_event(HEADER_TIMEOUT)
-            if isinstance(event, h11.Data):
-                body += event.data
-                if len(body) > MAX_REQUEST_BODY:
-                    return False, b""
-            else:
-                return isinstance(event, h11.EndOfMessage), bytes(body)
+            event = self.conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            await self._receive()
 
-    async def _respond(self, response: Response) -> None:
+    async def _next_request(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        """Wait up to IDLE_TIMEOUT for a request to begin, then HEADER_TIMEOUT for all its head."""
+        buffered, closed = self.conn.trailing_data
+        if not buffered and not closed:
+            with trio.fail_after(IDLE_TIMEOUT):
+                await self._receive()
+        with trio.fail_after(HEADER_TIMEOUT):
+            return await self._next_event()
+
+    async def _read_body(self) -> tuple[int, bytes]:
+        """The request body, all of it within HEADER_TIMEOUT: (200, body), (413, b"") when it is
+        over MAX_REQUEST_BODY, (400, b"") when the client ended it early."""
+        body = bytearray()
+        with trio.fail_after(HEADER_TIMEOUT):
+            while True:
+                event = await self._next_event()
+                if isinstance(event, h11.Data):
+                    body += event.data
+                    if len(body) > MAX_REQUEST_BODY:
+                        return 413, b""
+                elif isinstance(event, h11.EndOfMessage):
+                    return 200, bytes(body)
+                else:
+                    return 400, b""
+
+    async def _respond(self, response: Response, *, head: bool = False) -> None:
+        """Send a response; for a HEAD request, its headers only (whatever body it carries)."""
+        if head and not isinstance(response.body, bytes):
+            await response.body.aclose()  # type: ignore[attr-defined]
+        if head:
+            response.body = b""
         headers = [(k.encode(), v.encode()) for k, v in response.headers]
         headers.append((b"server", b"p2pimg"))
         try:
@@ -225,9 +249,8 @@ class _Connection:
     async def run(self) -> None:
         try:
             while True:
-                timeout = IDLE_TIMEOUT if self.conn.our_state is h11.IDLE else HEADER_TIMEOUT
                 try:
-                    event = await self._next_event(timeout)
+                    event = await self._next_request()
                 except h11.RemoteProtocolError as exc:
                     await self._protocol_error(exc)
                     return
@@ -235,21 +258,25 @@ class _Connection:
                     return
                 if not isinstance(event, h11.Request):
                     return
+                head = event.method == b"HEAD"
                 refusal = _refuse_head(event)
-                if refusal is not None:
-                    await self._respond(refusal)
-                    return
-                request = _to_request(event)
+                request = _to_request(event) if refusal is None else None
                 if request is None:
-                    await self._respond(_plain(400, b"bad request target\n"))
+                    await self._respond(refusal or _plain(400, b"bad request target\n"), head=head)
                     return
                 request.client, request.local = self.client, self.local
-                body_ok, request.body = await self._read_body()
-                if not body_ok:
-                    await self._respond(_plain(413, b"request body too large\n"))
+                refusal = self.gate(request) if self.gate is not None else None
+                if refusal is not None:  # refused on its head: its body is never read
+                    refusal.headers.append(("connection", "close"))
+                    await self._respond(refusal, head=head)
+                    return
+                status, request.body = await self._read_body()
+                if status != 200:
+                    await self._respond(_plain(status, b"request body too large\n" if status == 413
+                                               else b"incomplete request body\n"), head=head)
                     return
                 response = await self.handler(request)
-                await self._respond(response)
+                await self._respond(response, head=head)
                 if self.conn.our_state is h11.MUST_CLOSE:
                     return
                 self.conn.start_next_cycle()
@@ -321,29 +348,45 @@ async def serve_http(
     await trio.serve_listeners(serve_connection(handler), listeners, task_status=task_status)
 
 
-def serve_connection(handler: Handler, tls: ssl.SSLContext | None = None
-                     ) -> Callable[[trio.SocketStream], Awaitable[None]]:
+def serve_connection(handler: Handler, tls: ssl.SSLContext | None = None, *, gate: Gate | None = None,
+                     per_client: int | None = None) -> Callable[[trio.SocketStream], Awaitable[None]]:
     """The per-connection task for `trio.serve_listeners`; with `tls`, HTTPS (the handshake must
-    finish within HEADER_TIMEOUT, and a client the context refuses is dropped)."""
+    finish within HEADER_TIMEOUT, and a client the context refuses is dropped). `gate` sees each
+    request's head before its body is read; `per_client` caps the connections of one address."""
 
     connections = trio.CapacityLimiter(MAX_CONNECTIONS)
+    by_client: dict[str, int] = {}
+    last_warning = -math.inf
 
     async def on_connection(stream: trio.SocketStream) -> None:
+        nonlocal last_warning
         try:
-            connections.acquire_nowait()
-        except trio.WouldBlock:
-            log.warning("%d connections open: closing a new one", MAX_CONNECTIONS)
+            client = str(stream.socket.getpeername()[0])
+        except OSError:
+            client = ""
+        over_client = per_client is not None and by_client.get(client, 0) >= per_client
+        if over_client or connections.available_tokens < 1:
+            if trio.current_time() - last_warning > 60:  # an attack must not flood the log too
+                last_warning = trio.current_time()
+                log.warning("closing a new connection from %s: %s", client or "?",
+                            f"it has {per_client} open already" if over_client
+                            else f"{MAX_CONNECTIONS} connections are open")
             await stream.aclose()
             return
+        connections.acquire_on_behalf_of_nowait(stream)
+        by_client[client] = by_client.get(client, 0) + 1
         try:
             await serve_one(stream)
         finally:
-            connections.release()
+            connections.release_on_behalf_of(stream)
+            by_client[client] -= 1
+            if not by_client[client]:
+                del by_client[client]
 
     async def serve_one(stream: trio.SocketStream) -> None:
         stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
         if tls is None:
-            await _Connection(stream, handler).run()
+            await _Connection(stream, handler, gate).run()
             return
         secure = trio.SSLStream(stream, tls, server_side=True, https_compatible=True)
         try:
@@ -355,6 +398,6 @@ def serve_connection(handler: Handler, tls: ssl.SSLContext | None = None
                 scope.shield = True
                 await stream.aclose()
             return
-        await _Connection(secure, handler).run()
+        await _Connection(secure, handler, gate).run()
 
     return on_connection

@@ -25,7 +25,7 @@ from .metrics import Metrics
 from .mirror import Mirror
 from .model import MAX_TAG_RECORD_SIZE
 from .origins import Origin, open_origin
-from .peer import PeerService, PeerSource, get_json
+from .peer import PeerService, PeerSource, get_json, read_capped
 from .peertls import PeerTls, load_peer_tls
 from .policy import policy_named
 from .resolver import Resolver
@@ -37,6 +37,7 @@ from .warm import WarmJobs
 log = logging.getLogger(__name__)
 
 _MAX_TAG_ASKS = 16  # peers asked for a tag record when the origin is unreachable
+_ASK_TIMEOUT = httpx.Timeout(3.0, connect=1.0)  # a block or a tag record from a peer
 
 
 def node_id(home: os.PathLike[str] | str) -> str:
@@ -69,33 +70,34 @@ class Swarm:
     discovery: object | None = None
     peers: dict[str, PeerSource] = field(default_factory=dict)
     tls: bool = False  # peers must speak mutual TLS (https) with the swarm CA's certificates
+    _refused: set[str] = field(default_factory=set)
 
-    def add(self, url: str, peer_node: str | None = None) -> None:
-        if peer_node == self.own_id or url in self.peers:
-            return
+    def add(self, url: str, peer_node: str | None = None) -> bool:
+        """Take a peer as a source; False when it is this node or cannot be used."""
+        if peer_node == self.own_id:
+            return False
+        if url in self.peers:
+            return True
         if self.tls and not url.startswith("https://"):
-            log.warning("peer %s ignored: this node talks to peers only over mutual TLS (https://)", url)
-            return
+            if url not in self._refused:
+                self._refused.add(url)
+                log.warning("peer %s ignored: this node talks to peers only over mutual TLS (https://)", url)
+            return False
         source = PeerSource(url, self.client, node_id=peer_node)
         self.peers[url] = source
         self.fetcher.add_source(source)
         log.info("peer %s joined", url)
+        return True
 
     async def block(self, cid: Cid, max_size: int) -> bytes | None:
         """A block by CID from the first peer that has it (checked against the CID here too)."""
         for source in list(self.peers.values()):
             with contextlib.suppress(httpx.HTTPError):
-                async with self.client.stream("GET", f"{source.url}/ipfs/{cid}", timeout=3,
+                async with self.client.stream("GET", f"{source.url}/ipfs/{cid}", timeout=_ASK_TIMEOUT,
                                               headers={"accept": "application/vnd.ipld.raw"}) as r:
-                    if r.status_code != 200:
-                        continue
-                    data = bytearray()
-                    async for piece in r.aiter_raw():
-                        data += piece
-                        if len(data) > max_size:
-                            break
-                    if len(data) <= max_size and cid.matches(data):
-                        return bytes(data)
+                    data = await read_capped(r, max_size) if r.status_code == 200 else None
+                    if data is not None and cid.matches(data):
+                        return data
         return None
 
     async def tag_records(self, name: str, tag: str) -> list[bytes]:
@@ -106,15 +108,10 @@ class Swarm:
         async def ask(source: PeerSource) -> None:
             with contextlib.suppress(httpx.HTTPError):
                 async with self.client.stream("GET", f"{source.url}/p2pimg/v1/tags/{name}/{tag}",
-                                              timeout=3) as r:
-                    if r.status_code != 200:
-                        return
-                    data = bytearray()
-                    async for piece in r.aiter_raw():
-                        data += piece
-                        if len(data) > MAX_TAG_RECORD_SIZE:
-                            return
-                    found.append(bytes(data))
+                                              timeout=_ASK_TIMEOUT) as r:
+                    data = await read_capped(r, MAX_TAG_RECORD_SIZE) if r.status_code == 200 else None
+                    if data is not None:
+                        found.append(data)
 
         with trio.move_on_after(5):
             async with trio.open_nursery() as nursery:
@@ -145,8 +142,8 @@ class Swarm:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             for url in self.static:
-                self.add(url)
-                nursery.start_soon(self._check_static, url)
+                if self.add(url):
+                    nursery.start_soon(self._check_static, url)
             if self.discovery is not None:
                 # Not nursery.start: announcing first probes the LAN for name clashes (~2 s), and
                 # serving must not wait for that.

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import httpx
@@ -109,20 +110,27 @@ class PeerService:
         response.headers.append(("retry-after", "1"))
         return response
 
+    def gate(self, request: Request) -> Response | None:
+        """With a swarm key set, a request that does not prove it is refused (401/403) — on its
+        head, before any body is read (the listener calls this first, then `handle`)."""
+        if self.swarm_key is None:
+            return None
+        status = swarmkey.check(self.swarm_key, request.headers.get("authorization"), request.method,
+                                request.path)
+        if status == 200:
+            return None
+        self.metrics.peer_requests.labels("refused").inc()
+        err = P2pimgError("this peer needs the swarm key" if status == 401 else "wrong swarm key")
+        err.oci_code, err.http_status = ("UNAUTHORIZED", 401) if status == 401 else ("DENIED", 403)
+        response = error_response(err)
+        if status == 401:
+            response.headers.append(("www-authenticate", swarmkey.SCHEME))
+        return response
+
     async def handle(self, request: Request) -> Response:
         """A request from the LAN: with a swarm key set, only nodes that prove it get anything."""
-        if self.swarm_key is not None:
-            status = swarmkey.check(self.swarm_key, request.headers.get("authorization"), request.method,
-                                    request.path)
-            if status != 200:
-                self.metrics.peer_requests.labels("refused").inc()
-                err = P2pimgError("this peer needs the swarm key" if status == 401 else "wrong swarm key")
-                err.oci_code, err.http_status = ("UNAUTHORIZED", 401) if status == 401 else ("DENIED", 403)
-                response = error_response(err)
-                if status == 401:
-                    response.headers.append(("www-authenticate", swarmkey.SCHEME))
-                return response
-        return await self.handle_local(request)
+        refusal = self.gate(request)
+        return refusal if refusal is not None else await self.handle_local(request)
 
     async def handle_local(self, request: Request) -> Response:
         """A request from this machine (the node's own control endpoints), or one already let in."""
@@ -190,21 +198,22 @@ class PeerService:
         if path.startswith("/p2pimg/v1/have/"):
             digest = path.rpartition("/")[2]
             parse_digest(digest)
-            self._guard(digest[7:], digest)
+            absent = BlobUnknown(f"this peer holds nothing of {digest}")
+            self._guard(digest[7:], absent)
             states = self.fetcher.availability(digest)
             if states is None:
-                raise BlobUnknown(f"this peer holds nothing of {digest}")
+                raise absent
             return _json({"digest": digest, "complete": states == b"", "node": self.node_id,
                           "chunks": base64.b64encode(states).decode() if states else None})
         if path.startswith("/p2pimg/v1/tags/"):
-            return await self._tag_record(path[len("/p2pimg/v1/tags/"):])
+            return await self._tag_record(path[len("/p2pimg/v1/tags/"):], request)
         if path.startswith("/p2pimg/v1/blobs/"):
             return await self._blob(path.rpartition("/")[2], request)
         if path.startswith("/ipfs/"):
             return await self._block(path[len("/ipfs/"):], request)
         raise NotFound(f"no such endpoint {path[:100]}")
 
-    async def _tag_record(self, text: str) -> Response:
+    async def _tag_record(self, text: str, request: Request) -> Response:
         """This node's cached record of `name:tag`, as it was stored (the asker checks it)."""
         name, _, tag = text.rpartition("/")
         check_name(name)
@@ -213,17 +222,19 @@ class PeerService:
         if record is None:
             raise ManifestUnknown(f"this peer holds no tag record of {name}:{tag}")
         body = record.encode()
-        return Response(200, [("content-type", TAG_RECORD), ("content-length", str(len(body)))], body)
+        return Response(200, [("content-type", TAG_RECORD), ("content-length", str(len(body)))],
+                        b"" if request.method == "HEAD" else body)
 
-    def _guard(self, sha256_hex: str, what: object) -> None:
+    def _guard(self, sha256_hex: str, absent: P2pimgError) -> None:
         """Content fetched with the user's upstream credentials goes only to peers that proved the
-        swarm key; without one this node answers as if it had none of it."""
+        swarm key; without one this node raises `absent`, the very answer it gives for content it
+        does not have, so a stranger cannot even learn that it is here."""
         if self.swarm_key is None and self.store.is_private(sha256_hex):
-            raise BlobUnknown(f"this peer holds nothing of {what}")
+            raise absent
 
     async def _blob(self, digest: str, request: Request) -> Response:
         parse_digest(digest)
-        self._guard(digest[7:], digest)
+        self._guard(digest[7:], BlobUnknown(f"this peer holds nothing of {digest}"))
         path = self.store.blob_path(digest)
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -263,7 +274,8 @@ class PeerService:
 
     async def _block(self, text: str, request: Request) -> Response:
         cid = Cid.parse(text)
-        self._guard(cid.digest.hex(), cid)
+        absent = NotFound(f"this peer does not have {cid}")
+        self._guard(cid.digest.hex(), absent)
         headers = [("content-type", RAW_BLOCK), ("x-content-type-options", "nosniff"),
                    ("etag", f'"{cid}.raw"')]
         data = await trio.to_thread.run_sync(self.store.get_block, cid)
@@ -279,7 +291,7 @@ class PeerService:
             found = self.chunk_index.get(cid.digest)
             if found is not None:
                 bmap, i = found
-                self._guard(bmap.digest[7:], cid)
+                self._guard(bmap.digest[7:], absent)
                 lo, hi = bmap.bounds(i)
                 if self.store.has_blob(bmap.digest):
                     return self._raw(os.open(self.store.blob_path(bmap.digest), os.O_RDONLY), lo, hi,
@@ -287,7 +299,7 @@ class PeerService:
                 fetch = self.fetcher.fetch_of(bmap.digest)
                 if fetch is not None and fetch.partial.have[i]:
                     return self._raw(os.dup(fetch.partial.fd), lo, hi, headers, request)
-        raise NotFound(f"this peer does not have {cid}")
+        raise absent
 
     @staticmethod
     def _raw(fd: int, lo: int, hi: int, headers: list[tuple[str, str]], request: Request) -> Response:
@@ -306,37 +318,53 @@ async def _file_body(fd: int, start: int, end: int) -> AsyncIterator[BodyPart]:
         os.close(fd)
 
 
+async def read_capped(response: httpx.Response, limit: int) -> bytes | None:
+    """The body of a streamed response from another node, or None as soon as it is (or says it
+    will be) over `limit` bytes: a node that keeps sending is cut, never buffered."""
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    data = bytearray()
+    async for piece in response.aiter_raw():
+        data += piece
+        if len(data) > limit:
+            return None
+    return bytes(data)
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    doc: object  # the body's JSON, or None when it is not JSON
+    text: str  # the start of the body, for messages
+
+
 async def request_json(client: httpx.AsyncClient, method: str, url: str, *, limit: int, timeout: float,
-                       body: object = None) -> tuple[int, object]:
-    """A small JSON exchange with another node: (status, the answer's JSON or None if it is not
-    JSON), reading at most `limit` bytes and taking at most `timeout` s in all — a node that
-    keeps sending is cut, never buffered. OriginError when it breaks either bound; httpx errors
-    as they come."""
+                       body: object = None) -> Answer:
+    """A small JSON exchange with another node, reading at most `limit` bytes and taking at most
+    `timeout` s in all. OriginError when it breaks either bound; httpx errors as they come."""
     what = f"{method} {url[:200]}"
     with trio.move_on_after(timeout):
-        async with client.stream(method, url, json=body, timeout=timeout) as r:
-            declared = r.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > limit:
-                raise OriginError(f"{what}: an answer of {declared} bytes, more than the {limit} expected")
-            data = bytearray()
-            async for piece in r.aiter_raw():
-                data += piece
-                if len(data) > limit:
-                    raise OriginError(f"{what}: an answer longer than the {limit} bytes expected")
+        async with client.stream(method, url, json=body,
+                                 timeout=httpx.Timeout(timeout, connect=min(timeout, 1.0))) as r:
+            data = await read_capped(r, limit)
+        if data is None:
+            raise OriginError(f"{what}: an answer longer than the {limit} bytes expected")
+        text = data[:200].decode("utf-8", "replace")
         try:
-            return r.status_code, json.loads(data)
+            return Answer(r.status_code, json.loads(data), text)
         except (ValueError, RecursionError):
-            return r.status_code, None
+            return Answer(r.status_code, None, text)
     raise OriginError(f"{what}: no whole answer within {timeout:g} s")
 
 
 async def get_json(client: httpx.AsyncClient, url: str, *, limit: int, timeout: float) -> object:
     """The JSON a node answers 200 to a GET with, within `request_json`'s bounds; else None."""
     try:
-        status, doc = await request_json(client, "GET", url, limit=limit, timeout=timeout)
+        answer = await request_json(client, "GET", url, limit=limit, timeout=timeout)
     except OriginError:
         return None
-    return doc if status == 200 else None
+    return answer.doc if answer.status == 200 else None
 
 
 def _json(value: object) -> Response:
@@ -378,9 +406,9 @@ class PeerSource(ChunkSource):
         # base64 of one byte per chunk, plus the other fields.
         limit = 4 * blob_map.count // 3 + 4096
         try:
-            doc = await get_json(self.client, f"{self.url}/p2pimg/v1/have/{blob_map.digest}", limit=limit,
-                                 timeout=2.0)
-        except httpx.HTTPError:
+            answer = await request_json(self.client, "GET", f"{self.url}/p2pimg/v1/have/{blob_map.digest}",
+                                        limit=limit, timeout=2.0)
+        except (httpx.HTTPError, OriginError):
             # A busy machine answers late now and then; three misses in a row mean it is gone,
             # and whatever it claimed to be bringing is not coming.
             self._misses[blob_map.digest] = misses = self._misses.get(blob_map.digest, 0) + 1
@@ -391,6 +419,7 @@ class PeerSource(ChunkSource):
             return changed
         self._misses.pop(blob_map.digest, None)
         states: bytes | None = None
+        doc = answer.doc if answer.status == 200 else None
         if isinstance(doc, dict):
             if isinstance(doc.get("node"), str) and len(doc["node"]) <= 64:
                 self.node_id = doc["node"]

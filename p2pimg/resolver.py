@@ -178,20 +178,26 @@ class Resolver:
         return record.root
 
     async def _offline_record(self, name: str, tag: str, failure: OriginError) -> tuple[TagRecord, str]:
-        """With the origin unreachable: the newest acceptable record of `name:tag` this node can
-        find, its own cached one or one a LAN peer holds, and where it came from. A peer's record
-        counts only when a trusted key signed it; without any, `failure` (or the refusal) is raised.
-        """
-        best: TagRecord | None = None
-        where = "the last verified record"
+        """With the origin unreachable: the record of `name:tag` to use, and where it came from —
+        the last one this node accepted, else the newest one LAN peers hold that a trusted key
+        signed. Peers are not asked when the node has a record (no waiting on them in an outage)
+        nor when it trusts no key (it could take none of their answers)."""
         refusal: TagSignatureError | None = None
         cached = await trio.to_thread.run_sync(self.store.get_tag_record, name, tag)
         if cached is not None:
             try:
                 self.check_record(cached)  # cached under an older policy maybe: the current one decides
-                best = cached
+                return cached, "the last verified record"
             except TagSignatureError as exc:
                 refusal = exc
+        if not len(self.trust):
+            if refusal is not None:
+                raise refusal
+            raise OriginError(f"{name}:{tag}: {failure.message}; this node has no record of the tag, and it "
+                              "takes none from LAN peers because it trusts no publisher key "
+                              "(--trust PUBFILE or $P2PIMG_HOME/trust/*.pub)")
+        best: TagRecord | None = None
+        where = "a LAN peer's signed record"
         for data in await self.peer_tags(name, tag):
             try:
                 record = TagRecord.decode(data, name=name, tag=tag)
@@ -202,13 +208,12 @@ class Resolver:
                     refusal = refusal or exc
                 continue
             if best is None or record.seq > best.seq:
-                best, where = record, "a LAN peer's signed record"
+                best = record
         if best is None:
             if refusal is not None:
                 raise refusal
             raise failure
-        if where != "the last verified record":
-            await trio.to_thread.run_sync(self.store.put_tag_record, best)
+        await trio.to_thread.run_sync(self.store.put_tag_record, best)
         return best, where
 
     def check_peer_record(self, record: TagRecord) -> None:

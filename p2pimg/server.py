@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import signal
 import sys
 from functools import partial
@@ -16,6 +17,10 @@ from .node import Node, clear_serve_info, open_node, write_serve_info
 from .registry import Registry
 
 log = logging.getLogger(__name__)
+
+# Connections one LAN address may hold open to the peer listener (a node's own client uses up
+# to 64): no single host can take all of them.
+PEER_CONNECTIONS = 128
 
 
 def local_control(node: Node, registry: Registry) -> Handler:
@@ -34,6 +39,15 @@ def local_control(node: Node, registry: Registry) -> Handler:
     return handle
 
 
+def _raise_open_file_limit(wanted: int = 8192) -> None:
+    """Every connection and open blob holds a descriptor: lift the soft limit (often 1024) toward
+    the hard one, so the listeners' connection caps are reached before the descriptors run out."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def _address(listeners: list[trio.SocketListener]) -> str:
     host, port = listeners[0].socket.getsockname()[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -41,6 +55,7 @@ def _address(listeners: list[trio.SocketListener]) -> str:
 
 async def serve(config: Config, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until SIGINT/SIGTERM (or cancellation); `task_status` gets the bound HOST:PORT."""
+    _raise_open_file_limit()
     host, port = parse_listen(config.listen)
     listeners = await listen(host, port)  # before anything else: a busy port is a clear error
     peer_listeners = await listen(*parse_listen(config.peer_listen)) if config.peer_listen else []
@@ -60,7 +75,8 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[str] = trio.TASK
             if peer_listeners:
                 tls = node.tls.server_context() if node.tls is not None else None
                 node.nursery.start_soon(partial(trio.serve_listeners, serve_connection(
-                    node.peer_service.handle, tls), peer_listeners))
+                    node.peer_service.handle, tls, gate=node.peer_service.gate, per_client=PEER_CONNECTIONS),
+                    peer_listeners))
                 peer_address = _address(peer_listeners)
             write_serve_info(config, address, peer_address)
             try:

@@ -222,12 +222,12 @@ class PartialBlob:
                 os.ftruncate(self._data_fd, blob_map.size)
             if os.fstat(self._have_fd).st_size != blob_map.count:
                 os.ftruncate(self._have_fd, blob_map.count)
-        self._recover()
         try:
-            self._check_room()
+            self._check_room()  # before re-hashing the claims of a blob that cannot fit anyway
         except CacheError:
             self.close()
             raise
+        self._recover()
 
     def _check_room(self) -> None:
         """Refuse a blob the cache's file system cannot hold: the client gets a clear error

@@ -68,21 +68,22 @@ async def _follow(poll: Callable[[], Awaitable[dict[str, object]]], label: str) 
 async def _remote_warm(client: httpx.AsyncClient, base: str, ref: str) -> dict[str, object]:
     """Ask a node (the local server, or a LAN peer) to warm, and wait for it."""
     try:
-        status, doc = await request_json(client, "POST", f"{base}/p2pimg/v1/warm", body={"ref": ref},
-                                         limit=_ANSWER_LIMIT, timeout=30)
-        if status != 202 or not isinstance(doc, dict) or not isinstance(doc.get("id"), str):
+        started = await request_json(client, "POST", f"{base}/p2pimg/v1/warm", body={"ref": ref},
+                                     limit=_ANSWER_LIMIT, timeout=30)
+        doc = started.doc
+        if started.status != 202 or not isinstance(doc, dict) or not isinstance(doc.get("id"), str):
             errors = doc.get("errors") if isinstance(doc, dict) else None
             message = errors[0].get("message") if isinstance(errors, list) and errors and \
-                isinstance(errors[0], dict) else "no usable answer"
-            return {"state": "failed", "error": f"{status}: {message}"}
+                isinstance(errors[0], dict) else started.text.strip()
+            return {"state": "failed", "error": f"{started.status}: {message}"}
         job = doc["id"]
 
         async def poll() -> dict[str, object]:
-            status, answer = await request_json(client, "GET", f"{base}/p2pimg/v1/warm/{job}",
-                                                limit=_ANSWER_LIMIT, timeout=30)
-            if status != 200 or not isinstance(answer, dict):
-                raise ValueError(f"{status} from {base} for warm job {job}")
-            return answer
+            answer = await request_json(client, "GET", f"{base}/p2pimg/v1/warm/{job}",
+                                        limit=_ANSWER_LIMIT, timeout=30)
+            if answer.status != 200 or not isinstance(answer.doc, dict):
+                raise ValueError(f"{answer.status} from {base} for warm job {job}: {answer.text.strip()}")
+            return answer.doc
 
         with trio.fail_after(_REMOTE_TIMEOUT):
             return await _follow(poll, f"warming on {base}") if base.startswith("http://127.") else \

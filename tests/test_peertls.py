@@ -4,16 +4,23 @@ tests/integration/test_swarm.py::test_mutual_tls_between_peers.)"""
 
 from __future__ import annotations
 
+import logging
 import ssl
 from pathlib import Path
 
+import httpx
 import pytest
+import trio
 import trustme
 
 from p2pimg.config import load_config
 from p2pimg.discovery import announcements
 from p2pimg.errors import InvalidInput
+from p2pimg.fetch import Fetcher
+from p2pimg.metrics import Metrics
+from p2pimg.node import Swarm
 from p2pimg.peertls import PeerTls, load_peer_tls
+from p2pimg.store import ChunkStore
 
 
 def write_files(where: Path, ca: trustme.CA) -> list[Path]:
@@ -88,3 +95,16 @@ def test_tls_flag_in_txt_makes_https_urls() -> None:
                            5051, own_node_id="me")
     assert [a.url for a in plain] == ["http://10.0.0.9:5051"]
     assert [a.url for a in secure] == ["https://10.0.0.9:5051", "https://[fd00::2]:5051"]
+
+
+async def test_a_tls_node_takes_only_https_peers(tmp_path: Path, nursery: trio.Nursery,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    fetcher = Fetcher(ChunkStore(tmp_path / "cache"), [], nursery, metrics=Metrics())
+    async with httpx.AsyncClient() as client:
+        swarm = Swarm(fetcher, "me", [], client, tls=True)
+        with caplog.at_level(logging.WARNING, logger="p2pimg.node"):
+            for _ in range(3):  # as mDNS would report it again and again
+                assert not swarm.add("http://10.0.0.9:5051", "b")
+        assert caplog.text.count("only over mutual TLS") == 1  # said once, not on every report
+        assert swarm.add("https://10.0.0.9:5051", "b") and list(swarm.peers) == ["https://10.0.0.9:5051"]
+        assert not swarm.add("https://10.0.0.1:5051", "me")  # this very node

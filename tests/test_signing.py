@@ -366,9 +366,11 @@ async def test_tag_records_from_peers_need_a_trusted_signature(
         s.bind(("127.0.0.1", 0))
         dead = f"s3://bucket?endpoint=http://127.0.0.1:{s.getsockname()[1]}"
     offered: list[bytes] = []
+    asked: list[str] = []
 
     async def offer(name: str, tag: str) -> list[bytes]:
         assert (name, tag) == (NAME, "1")
+        asked.append(tag)
         return list(offered)
 
     def node(cache: str, trust: TrustStore) -> Resolver:
@@ -380,19 +382,26 @@ async def test_tag_records_from_peers_need_a_trusted_signature(
     # No peer has anything: the origin's failure is the answer.
     with pytest.raises(OriginError):
         await node("c0", trusting).resolve_tag(NAME, "1")
-    # A node that trusts no key refuses even a validly signed record from a peer.
+    # A node that trusts no key takes no record from peers, not even a validly signed one: it does
+    # not even ask, and says why.
     offered[:] = [second.encode()]
-    with pytest.raises(TagSignatureError, match="from a LAN peer refused.*trusts none"):
+    asked.clear()
+    with pytest.raises(OriginError, match="demo/app:1.*takes none from LAN peers because it trusts no"):
         await node("c1", TrustStore()).resolve_tag(NAME, "1")
+    assert not asked
     # Garbage, another tag's record, a stranger's and an unsigned one are skipped; the good one wins.
     offered[:] = [b"\xa1junk", other_tag.encode(), by_stranger.encode(), unsigned.encode(), first.encode(),
                   second.encode()]
     res = node("c2", trusting)
     assert await res.resolve_tag(NAME, "1") == second.root
     assert ChunkStore(tmp_path / "c2").get_tag_record(NAME, "1") == second  # kept for next time
-    # An older record from a peer does not roll back what this node holds.
+    # A node with a record of its own uses it and does not wait on peers in an outage; an older
+    # peer record never replaces it.
     offered[:] = [first.encode()]
+    asked.clear()
     assert await node("c2", trusting).resolve_tag(NAME, "1") == second.root
+    assert not asked
+    assert ChunkStore(tmp_path / "c2").get_tag_record(NAME, "1") == second
     # Only records a trusted key did not sign: refused, with the reason.
     offered[:] = [by_stranger.encode()]
     with pytest.raises(TagSignatureError, match="not trusted"):

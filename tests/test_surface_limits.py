@@ -35,7 +35,15 @@ from p2pimg import cli, dagcbor, http, warm
 from p2pimg.cid import Cid
 from p2pimg.config import Config, load_config, parse_listen
 from p2pimg.errors import CacheError, InvalidInput, OriginError
-from p2pimg.http import MAX_HEADER_BYTES, MAX_REQUEST_BODY, BodyPart, Request, Response, serve_http
+from p2pimg.http import (
+    MAX_HEADER_BYTES,
+    MAX_REQUEST_BODY,
+    BodyPart,
+    Request,
+    Response,
+    serve_connection,
+    serve_http,
+)
 from p2pimg.model import MAX_MANIFEST_SIZE, BlobMap, ImageRoot, ManifestEntry, TagRecord
 from p2pimg.node import Node, open_node
 from p2pimg.origins import FileOrigin, block_key, tag_key
@@ -180,8 +188,8 @@ async def test_head_over_the_limit_is_refused_even_when_it_arrives_whole(served:
 async def test_a_head_trickled_byte_by_byte_is_cut_at_the_timeout(
         served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
     """The head timeout covers the whole head, not each read: one byte every 0.2 s cannot hold a
-    connection past it."""
-    monkeypatch.setattr(http, "IDLE_TIMEOUT", 1.0)
+    connection past it. The idle timeout (before a request begins) is separate and longer."""
+    monkeypatch.setattr(http, "IDLE_TIMEOUT", 30.0)
     monkeypatch.setattr(http, "HEADER_TIMEOUT", 1.0)
     head = b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"s" * 40 + b"\r\n\r\n"
     started = trio.current_time()
@@ -189,7 +197,48 @@ async def test_a_head_trickled_byte_by_byte_is_cut_at_the_timeout(
                           wait=3)
     assert done.closed and done.status is None, done.response[:200]
     assert trio.current_time() - started < 0.2 * len(head), "the trickling client held on"
-    await get_ok(served.registry_port)
+    # A client quiet for longer than the head timeout before it starts a request is still served.
+    patient = await trio.open_tcp_stream("127.0.0.1", served.registry_port)
+    async with patient:
+        await trio.sleep(1.5)
+        await patient.send_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        reply = b""
+        with trio.fail_after(5):
+            while chunk := await patient.receive_some(65536):
+                reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200 "), reply[:200]
+
+
+async def test_refusals_to_head_requests_carry_no_body(served: Served) -> None:
+    head = b"HEAD /v2/ HTTP/1.1\r\nHost: x\r\nX-Filler: " + b"f" * (40 << 10) + b"\r\n\r\n"
+    done = await exchange(served.registry_port, [head])
+    assert done.status == 431 and done.closed
+    assert done.response.endswith(b"\r\n\r\n"), "a body followed the headers of a HEAD answer"
+
+
+async def test_keyed_peer_listener_refuses_on_the_head_before_the_body(
+        tmp_path: Path, sample: SampleImage, monkeypatch: pytest.MonkeyPatch, nursery: trio.Nursery) -> None:
+    """With a swarm key, a stranger's request is refused as soon as its head is in: a body it
+    declares but trickles (or never sends) holds nothing; and one address cannot take every slot."""
+    home = tmp_path / "home"
+    await published_home(home, sample)
+    monkeypatch.setenv("P2PIMG_SWARM_KEY", "k" * 32)
+    async with open_node(_config(home)) as node:
+        serve = serve_connection(node.peer_service.handle, gate=node.peer_service.gate, per_client=2)
+        listeners = await nursery.start(trio.serve_listeners, serve,
+                                        await trio.open_tcp_listeners(0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        head = b"POST /p2pimg/v1/warm HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\n"
+        started = trio.current_time()
+        done = await exchange(port, [head], wait=5)
+        assert done.status == 401 and done.closed, done.response[:200]
+        assert trio.current_time() - started < 2, "the refusal waited for a body"
+        held = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
+        third = await exchange(port, [b"GET /p2pimg/v1/info HTTP/1.1\r\nHost: x\r\n\r\n"], wait=3)
+        assert third.closed and third.status is None, "a third connection from one address was served"
+        for stream in held:
+            await stream.aclose()
+        node.nursery.cancel_scope.cancel()
 
 
 async def test_connections_beyond_the_cap_are_closed_at_once(
@@ -455,6 +504,31 @@ async def test_have_answers_that_say_nothing_claim_nothing(nursery: trio.Nursery
         await source.prime(bmap)
     assert not source.participates(bmap)
     assert not any(source.has(bmap, i) for i in range(bmap.count))
+
+
+async def test_one_late_inventory_is_a_miss_not_a_loss(nursery: trio.Nursery) -> None:
+    """A busy peer answering one poll late (past the 2 s bound) keeps what it said it has: it
+    takes three misses in a row before its inventory is forgotten."""
+    body = json.dumps({"complete": True, "node": "n"}).encode()
+    late = trio.Event()
+
+    async def inventory(_: Request) -> Response:
+        if late.is_set():
+            await trio.sleep(3)
+        return Response(200, [("content-type", "application/json"), ("content-length", str(len(body)))], body)
+
+    listeners = await nursery.start(serve_http, inventory, "127.0.0.1", 0)
+    bmap = BlobMap("sha256:" + "ab" * 32, 8 << 10, 4 << 10, (Cid.of_raw(b"c"), Cid.of_raw(b"d")))
+    async with httpx.AsyncClient() as client:
+        source = PeerSource(f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}", client)
+        await source.prime(bmap)
+        assert source.has(bmap, 1)
+        late.set()
+        for misses in (1, 2):
+            await source.prime(bmap)
+            assert source.has(bmap, 1), f"forgotten after {misses} late answer(s)"
+        await source.prime(bmap)
+        assert not source.participates(bmap), "a peer that stopped answering is still counted on"
 
 
 # -- paths built from input ----------------------------------------------------------------------

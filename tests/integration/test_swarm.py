@@ -332,7 +332,7 @@ def test_origin_down_tag_comes_from_a_peer_only_signed_by_a_trusted_key(
     assert metric(b_host, "p2pimg_source_bytes_total", source="peer") == blob_bytes(image)
     assert metric(b_host, "p2pimg_source_bytes_total", source="origin") == 0
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    for host, reason in ((c_host, "trusts none"), (d_host, "not trusted")):
+    for host, reason in ((c_host, "trusts no publisher key"), (d_host, "not trusted")):
         with pytest.raises(urllib.error.HTTPError) as refused:
             opener.open(f"http://{host}/v2/demo/app/manifests/1", timeout=60)
         message = json.loads(refused.value.read())["errors"][0]["message"]
