@@ -487,20 +487,30 @@ async def test_have_answer_from_a_peer_is_bounded(nursery: trio.Nursery) -> None
     assert peak[0] < 8 << 20, f"{peak[0] >> 20} MiB buffered for a one-chunk have-map"
 
 
+TWO_CHUNKS = BlobMap("sha256:" + "ab" * 32, 8 << 10, 4 << 10, (Cid.of_raw(b"c"), Cid.of_raw(b"d")))
+
+
+async def inventory_peer(nursery: trio.Nursery, answer: object, late: trio.Event | None = None) -> str:
+    """A peer answering every /have with `answer` (after 3 s once `late` is set); its URL."""
+    body = json.dumps(answer).encode()
+
+    async def inventory(_: Request) -> Response:
+        if late is not None and late.is_set():
+            await trio.sleep(3)
+        return Response(200, [("content-type", "application/json"), ("content-length", str(len(body)))], body)
+
+    listeners = await nursery.start(serve_http, inventory, "127.0.0.1", 0)
+    return f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+
+
 @pytest.mark.parametrize("answer", [{"complete": False, "chunks": None}, {"complete": False, "chunks": ""},
                                     {"complete": "yes"}, {"chunks": "AQ"}, {"chunks": "not base64!"}, [1]])
 async def test_have_answers_that_say_nothing_claim_nothing(nursery: trio.Nursery, answer: object) -> None:
     """An inventory without a usable chunk list (empty, null, malformed, the wrong length, a
     "complete" that is not true) must not read as "has everything"."""
-    body = json.dumps(answer).encode()
-
-    async def inventory(_: Request) -> Response:
-        return Response(200, [("content-type", "application/json"), ("content-length", str(len(body)))], body)
-
-    listeners = await nursery.start(serve_http, inventory, "127.0.0.1", 0)
-    bmap = BlobMap("sha256:" + "ab" * 32, 8 << 10, 4 << 10, (Cid.of_raw(b"c"), Cid.of_raw(b"d")))
+    bmap = TWO_CHUNKS
     async with httpx.AsyncClient() as client:
-        source = PeerSource(f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}", client)
+        source = PeerSource(await inventory_peer(nursery, answer), client)
         await source.prime(bmap)
     assert not source.participates(bmap)
     assert not any(source.has(bmap, i) for i in range(bmap.count))
@@ -509,18 +519,9 @@ async def test_have_answers_that_say_nothing_claim_nothing(nursery: trio.Nursery
 async def test_one_late_inventory_is_a_miss_not_a_loss(nursery: trio.Nursery) -> None:
     """A busy peer answering one poll late (past the 2 s bound) keeps what it said it has: it
     takes three misses in a row before its inventory is forgotten."""
-    body = json.dumps({"complete": True, "node": "n"}).encode()
-    late = trio.Event()
-
-    async def inventory(_: Request) -> Response:
-        if late.is_set():
-            await trio.sleep(3)
-        return Response(200, [("content-type", "application/json"), ("content-length", str(len(body)))], body)
-
-    listeners = await nursery.start(serve_http, inventory, "127.0.0.1", 0)
-    bmap = BlobMap("sha256:" + "ab" * 32, 8 << 10, 4 << 10, (Cid.of_raw(b"c"), Cid.of_raw(b"d")))
+    bmap, late = TWO_CHUNKS, trio.Event()
     async with httpx.AsyncClient() as client:
-        source = PeerSource(f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}", client)
+        source = PeerSource(await inventory_peer(nursery, {"complete": True, "node": "n"}, late), client)
         await source.prime(bmap)
         assert source.has(bmap, 1)
         late.set()
