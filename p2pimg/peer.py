@@ -103,6 +103,14 @@ class PeerService:
         for i, cid in enumerate(bmap.chunks):
             self.chunk_index[cid.digest] = (bmap, i)
 
+    async def index_cache(self) -> None:
+        """At start: index the chunks of the blobs already complete in the cache (otherwise they
+        would be findable by CID only once something read their blob maps again)."""
+        maps = await trio.to_thread.run_sync(lambda: list(self.store.complete_blob_maps()))
+        for bmap in maps:
+            self.index(bmap)
+        log.debug("indexed the chunks of %d cached blobs", len(maps))
+
     def _busy(self) -> Response:
         err = P2pimgError("busy: too many requests")
         err.oci_code, err.http_status = "TOOMANYREQUESTS", 429

@@ -31,8 +31,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .cid import Cid, parse_digest
-from .errors import CacheError, VerificationError
+from . import dagcbor
+from .cid import DAG_CBOR, Cid, parse_digest
+from .errors import CacheError, P2pimgError, VerificationError
 from .model import BlobMap, TagRecord, check_name, check_tag
 
 _READ_PIECE = 1 << 20
@@ -155,6 +156,22 @@ class ChunkStore:
                 path.unlink()
             return None
         return data
+
+    def complete_blob_maps(self) -> Iterator[BlobMap]:
+        """The blob maps among the cached blocks whose blobs are complete here (what a restarted
+        node can serve chunk by chunk); blocks that do not parse as blob maps are skipped."""
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self._blocks):
+                try:
+                    cid = Cid.parse(entry.name)
+                    if cid.codec != DAG_CBOR:
+                        continue
+                    data = self.get_block(cid)
+                    bmap = BlobMap.from_node(dagcbor.decode_verified(data, cid)) if data else None
+                except P2pimgError:
+                    continue
+                if bmap is not None and self.has_blob(bmap.digest):
+                    yield bmap
 
     def put_block(self, cid: Cid, data: bytes) -> None:
         if not cid.matches(data):
