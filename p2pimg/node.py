@@ -18,6 +18,7 @@ import httpx
 import trio
 
 from . import swarmkey
+from .bodies import read_capped
 from .cid import Cid
 from .config import Config
 from .fetch import Fetcher, OriginSource
@@ -25,7 +26,7 @@ from .metrics import Metrics
 from .mirror import Mirror
 from .model import MAX_TAG_RECORD_SIZE
 from .origins import Origin, open_origin
-from .peer import PeerService, PeerSource, get_json, read_capped
+from .peer import PeerService, PeerSource, get_json
 from .peertls import PeerTls, load_peer_tls
 from .policy import policy_named
 from .resolver import Resolver

@@ -33,6 +33,7 @@ import httpx
 import trio
 
 from . import swarmkey
+from .bodies import read_capped
 from .cid import Cid, parse_digest
 from .errors import BlobUnknown, ManifestUnknown, NotFound, OriginError, P2pimgError, RangeNotSatisfiable
 from .fetch import ChunkSource, Fetcher
@@ -324,20 +325,6 @@ async def _file_body(fd: int, start: int, end: int) -> AsyncIterator[BodyPart]:
             yield FileRegion(fd, start, end - start)
     finally:
         os.close(fd)
-
-
-async def read_capped(response: httpx.Response, limit: int) -> bytes | None:
-    """The body of a streamed response from another node, or None as soon as it is (or says it
-    will be) over `limit` bytes: a node that keeps sending is cut, never buffered."""
-    declared = response.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        return None
-    data = bytearray()
-    async for piece in response.aiter_raw():
-        data += piece
-        if len(data) > limit:
-            return None
-    return bytes(data)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from urllib.parse import urlsplit
 import httpx
 import trio
 
+from .bodies import read_capped
 from .cid import digest_of, parse_digest
 from .errors import (
     BlobUnknown,
@@ -781,21 +782,28 @@ class UpstreamClient:
             body = await _aread(response, _MAX_ERROR_BODY, ctx, truncate=True)
         return _error_for(response, body, ctx)
 
-    async def get_manifest(self, repo: str, reference: str) -> UpstreamManifest:
-        """A manifest or index by tag or digest, byte for byte, its digest checked."""
-        repo = normalize_repo(self.host, repo)
-        _is_digest_reference(reference)
+    async def _manifest_reply(self, method: str, repo: str,
+                              reference: str) -> tuple[httpx.Response, bytes, _Context]:
+        """GET or HEAD a manifest: the (closed) 200 response, its body (b"" for HEAD) and the
+        request's context; the mapped error for any other status."""
         ctx = self._ctx(repo, _manifest_what(repo, reference), "manifest")
         with self._bounded(ctx):
-            reply = await self._send("GET", f"/v2/{repo}/manifests/{reference}", repo,
+            reply = await self._send(method, f"/v2/{repo}/manifests/{reference}", repo,
                                      {"Accept": ACCEPT_MANIFESTS})
             response = reply[0]
             try:
                 if response.status_code != 200:
                     raise await self._fail(reply, ctx)
-                data = await _aread(response, MAX_MANIFEST_SIZE, ctx)
+                data = await _aread(response, MAX_MANIFEST_SIZE, ctx) if method == "GET" else b""
             finally:
                 await response.aclose()
+        return response, data, ctx
+
+    async def get_manifest(self, repo: str, reference: str) -> UpstreamManifest:
+        """A manifest or index by tag or digest, byte for byte, its digest checked."""
+        repo = normalize_repo(self.host, repo)
+        _is_digest_reference(reference)
+        response, data, ctx = await self._manifest_reply("GET", repo, reference)
         return _check_manifest(response, data, reference, ctx)
 
     async def head_manifest(self, repo: str, reference: str) -> tuple[str, str, int]:
@@ -805,16 +813,7 @@ class UpstreamClient:
         """
         repo = normalize_repo(self.host, repo)
         is_digest = _is_digest_reference(reference)
-        ctx = self._ctx(repo, _manifest_what(repo, reference), "manifest")
-        with self._bounded(ctx):
-            reply = await self._send("HEAD", f"/v2/{repo}/manifests/{reference}", repo,
-                                     {"Accept": ACCEPT_MANIFESTS})
-            response = reply[0]
-            try:
-                if response.status_code != 200:
-                    raise await self._fail(reply, ctx)
-            finally:
-                await response.aclose()
+        response, _, ctx = await self._manifest_reply("HEAD", repo, reference)
         digest = response.headers.get("docker-content-digest", "").strip()
         media, size = _media_type(response), _content_length(response)
         if media in _SCHEMA1_TYPES:
@@ -910,17 +909,10 @@ def _manifest_what(repo: str, reference: str) -> str:
 
 async def _aread(response: httpx.Response, limit: int, ctx: _Context, *, truncate: bool = False) -> bytes:
     """At most `limit` bytes of a body: cut there (`truncate`) or refuse a larger one."""
-    size = _content_length(response)
-    if not truncate and size is not None and size > limit:
+    data = await read_capped(response, limit, truncate=truncate)
+    if data is None:
         raise _too_large(ctx, limit)
-    buf = bytearray()
-    async for piece in response.aiter_raw():
-        buf += piece
-        if len(buf) > limit:
-            if truncate:
-                return bytes(buf[:limit])
-            raise _too_large(ctx, limit)
-    return bytes(buf)
+    return data
 
 
 # -- synchronous reads for publish -----------------------------------------------------------

@@ -26,6 +26,7 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
+from ..bodies import read_capped
 from ..errors import InvalidInput, OriginError, OriginNotFound, P2pimgError, first_error
 from .base import BlobReader, Origin
 
@@ -281,15 +282,11 @@ class S3Origin(Origin):
             raise OriginError(f"{where} failed: {type(exc).__name__}: {exc}") from None
 
     async def _read_capped(self, response: httpx.Response, cap: int, what: str) -> bytes:
-        declared = response.headers.get("Content-Length")
-        if declared is not None and declared.isdigit() and int(declared) > cap:
-            raise OriginError(f"{what}: response of {declared} bytes exceeds {cap}")
-        data = bytearray()
-        async for piece in response.aiter_bytes():
-            data += piece
-            if len(data) > cap:
-                raise OriginError(f"{what}: response exceeds {cap} bytes")
-        return bytes(data)
+        """An XML document from the store (decoded, should it come compressed), within `cap`."""
+        data = await read_capped(response, cap, decoded=True)
+        if data is None:
+            raise OriginError(f"{what}: response exceeds {cap} bytes")
+        return data
 
     async def _fail(self, response: httpx.Response, what: str, key: str | None = None) -> NoReturn:
         """Raise the error an unexpected response stands for: OriginNotFound for a missing key."""
@@ -348,15 +345,10 @@ class S3Origin(Origin):
         async with self._request("GET", self._key(key)) as response:
             if response.status_code != 200:
                 await self._fail(response, what, key)
-            declared = response.headers.get("Content-Length")
-            if declared is not None and declared.isdigit() and int(declared) > max_size:
+            data = await read_capped(response, max_size)
+            if data is None:
                 raise OriginError(f"{key} in {self.url} exceeds {max_size} bytes")
-            data = bytearray()
-            async for piece in response.aiter_raw():
-                data += piece
-                if len(data) > max_size:
-                    raise OriginError(f"{key} in {self.url} exceeds {max_size} bytes")
-            return bytes(data)
+            return data
 
     async def exists(self, key: str) -> bool:
         async with self._request("HEAD", self._key(key)) as response:
