@@ -15,11 +15,9 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +27,8 @@ from p2pimg.origins import blob_key
 from p2pimg.origins.s3 import S3Origin
 from p2pimg.sample import LayerSpec, write_oci_layout
 
-from .procs import fault_proxy, moto_with_image, p2pimg_serve, peak_rss_kib, require
+from .procs import fault_proxy, moto_with_image, p2pimg_serve, peak_rss_kib, require, scratch_dir
+from .report import emit
 
 
 async def sequential_stream(url: str, digest: str, size: int) -> float:
@@ -58,8 +57,7 @@ def main() -> int:
     if missing := require("curl"):
         print(f"missing tools: {', '.join(missing)}", file=sys.stderr)
         return 2
-    work = Path(tempfile.mkdtemp(prefix="p2pimg-bench-"))
-    try:
+    with scratch_dir() as work:
         image = write_oci_layout(work / "img", [LayerSpec(args.size_mib << 20, "none")], tag="1")
         manifest = json.loads((image.path / "blobs" / "sha256" / image.top_digest[7:]).read_bytes())
         layer = manifest["layers"][0]
@@ -101,17 +99,13 @@ def main() -> int:
             "peak_rss_kib": max(rss),
             "bound": None,  # a per-connection cap, no link limit: no physical bound to state
         }
-        print(
+        summary = (
             f"cold pull of a {size_mb:.0f} MB layer from S3 (moto, {args.latency * 1000:.0f} ms, "
             f"{args.rate_mib or 'unlimited'} MiB/s per connection), median of {args.runs}: "
             f"p2pimg {result['p2pimg']:.0f} MB/s, single stream {result['baseline']:.0f} MB/s, "
             f"speed-up {result['ratio']:.2f}x; p2pimg peak RSS {max(rss) / 1024:.0f} MiB"
         )
-        if args.out:
-            args.out.write_text(json.dumps(result, indent=2))
-        return 0
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        return emit(result, summary, args.out)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,16 @@ COMMAND_TIMEOUT = 1800.0
 TAIL_CHARS = 2000
 
 
+@contextmanager
+def scratch_dir() -> Iterator[Path]:
+    """A work directory for one benchmark run, removed afterwards whatever happens."""
+    work = Path(tempfile.mkdtemp(prefix="p2pimg-bench-"))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -236,6 +236,14 @@ def write_all(document: dict[str, Any], out: Path) -> dict[str, Any]:
     return document
 
 
+def emit(result: dict[str, Any], summary: str, out: Path | None) -> int:
+    """The end of a focused benchmark: its summary line on stdout, its figures as JSON in `out`."""
+    print(summary)
+    if out:
+        out.write_text(json.dumps(result, indent=2))
+    return 0
+
+
 def _finite(value: Any) -> Any:
     """The document with NaN and infinities as null: JSON has no spelling for them, and a
     scenario's odd figure must not cost the whole report."""

@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from contextlib import ExitStack
@@ -25,7 +23,16 @@ from pathlib import Path
 
 from p2pimg.sample import LayerSpec, write_oci_layout
 
-from .procs import S3_TEST_CREDENTIALS, fault_proxy, free_port, moto_with_image, stopping, wait_http
+from .procs import (
+    S3_TEST_CREDENTIALS,
+    fault_proxy,
+    free_port,
+    moto_with_image,
+    scratch_dir,
+    stopping,
+    wait_http,
+)
+from .report import emit
 
 ROOT = Path(__file__).resolve().parents[1]
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -67,8 +74,7 @@ def main() -> int:
     parser.add_argument("--latency", type=float, default=0.01)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="p2pimg-bench-"))
-    try:
+    with scratch_dir() as work:
         half = (args.size_mib << 20) // 2
         image = write_oci_layout(work / "img", [LayerSpec(half, "none"), LayerSpec(half, "none")], tag="1")
         with ExitStack() as stack:
@@ -132,17 +138,13 @@ def main() -> int:
             "bound": size / (args.uplink_mib * (1 << 20)),
         }
         r = result
-        print(
+        summary = (
             f"{args.nodes} nodes warming {size / 1e6:.0f} MB at once through a {args.uplink_mib:.0f} MiB/s "
             f"origin uplink: all done in {together:.1f} s, one node alone {alone:.1f} s "
             f"(ratio {r['ratio']:.2f}); origin sent {r['origin_egress_ratio']:.2f}x the image "
             f"(alone: {r['alone_egress_ratio']:.2f}x); uplink bound for one copy {r['bound']:.1f} s"
         )
-        if args.out:
-            args.out.write_text(json.dumps(result, indent=2))
-        return 0
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        return emit(result, summary, args.out)
 
 
 if __name__ == "__main__":
