@@ -228,7 +228,8 @@ async def open_node(config: Config, *, advertise: tuple[str, int] | None = None)
             resolver.peer_block = swarm.block
             resolver.peer_tags = swarm.tag_records
             await nursery.start(swarm.run)
-            nursery.start_soon(peer_service.index_cache)
+            if config.peer_listen:  # only the peer listener serves chunks by CID
+                nursery.start_soon(peer_service.index_cache)
             if config.cache_max is not None:
                 from .cache import enforce_limit
 

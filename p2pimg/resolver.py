@@ -11,6 +11,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import trio
 
@@ -40,6 +41,7 @@ from .signing import TagSignatureError, TrustStore
 from .store import ChunkStore
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 async def _no_peer_block(_cid: Cid, _max_size: int) -> bytes | None:
@@ -110,6 +112,12 @@ class Resolver:
         await trio.to_thread.run_sync(self.store.put_block, cid, data)
         return data
 
+    async def node(self, cid: Cid, parse: Callable[[bytes], _T]) -> _T:
+        """A DAG node by CID, parsed once: a block that does not parse is never cached."""
+        parsed: list[_T] = []
+        data = await self.block(cid, check=lambda block: parsed.append(parse(block)))
+        return parsed[0] if parsed else parse(data)  # fetched and parsed, or from the cache
+
     @staticmethod
     def _remember(cache: OrderedDict[Cid, object], cid: Cid, value: object, size: int) -> None:
         cache[cid] = value
@@ -126,7 +134,7 @@ class Resolver:
             return ImageRoot.from_node(dagcbor.decode_verified(data, cid))
 
         try:
-            root = parse(await self.block(cid, check=parse))
+            root = await self.node(cid, parse)
         except OriginNotFound:
             raise NameUnknown(f"no image with root {cid}") from None
         self._remember(self._roots, cid, root, _ROOT_CACHE)  # type: ignore[arg-type]
@@ -138,7 +146,7 @@ class Resolver:
         def parse(data: bytes) -> BlobMap:
             return BlobMap.from_node(dagcbor.decode_verified(data, entry.map))
 
-        bmap = parse(await self.block(entry.map, check=parse))
+        bmap = await self.node(entry.map, parse)
         if bmap.digest != digest or bmap.size != entry.size:
             raise BlockInvalid(f"blob map {entry.map} does not describe {digest}")
         self._remember(self._maps, entry.map, bmap, _MAP_CACHE)  # type: ignore[arg-type]
