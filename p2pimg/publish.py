@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from .cid import Cid
-from .errors import OriginNotFound, P2pimgError, SourceInvalid, first_error
+from .errors import OriginNotFound, P2pimgError, SourceInvalid
 from .model import (
     DEFAULT_CHUNK_SIZE,
     BlobEntry,
@@ -27,6 +27,7 @@ from .model import (
 )
 from .origins import Origin, blob_key, block_key, tag_key
 from .sources import SourceBlob, SourceImage, read_source
+from .tasks import first_failure_nursery
 
 if TYPE_CHECKING:
     from .signing import Signer
@@ -108,12 +109,9 @@ async def publish_image(image: SourceImage, name: str, tag: str, origin: Origin,
             await _put_block_once(origin, map_cid, data)
             blob_entries[blob.digest] = BlobEntry(size=blob.size, map=map_cid)
 
-    try:
-        async with trio.open_nursery() as nursery:
-            for blob in image.blobs.values():
-                nursery.start_soon(one, blob)
-    except* P2pimgError as group:
-        raise first_error(group) from None
+    async with first_failure_nursery() as nursery:
+        for blob in image.blobs.values():
+            nursery.start_soon(one, blob)
 
     manifests: dict[str, ManifestEntry] = {}
     for digest, (data, media) in image.manifests.items():

@@ -27,7 +27,8 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
 from ..bodies import read_capped
-from ..errors import InvalidInput, OriginError, OriginNotFound, P2pimgError, first_error
+from ..errors import InvalidInput, OriginError, OriginNotFound
+from ..tasks import first_failure_nursery
 from .base import BlobReader, Origin
 
 __all__ = ["S3Location", "S3Origin", "UploadStats", "credentials_from_env", "parse_s3_url"]
@@ -483,7 +484,7 @@ class S3Origin(Origin):
         # Nothing is aborted on failure or cancellation: the parts sent stay for the next attempt.
         src = await trio.to_thread.run_sync(_open_source, open_reader, key)
         try:
-            async with trio.open_nursery() as nursery:
+            async with first_failure_nursery() as nursery:
                 for number in range(1, count + 1):
                     length = min(part_size, size - (number - 1) * part_size)
                     # A slot is taken before reading, so at most `parallel_parts` parts are in memory.
@@ -497,8 +498,6 @@ class S3Origin(Origin):
                         continue
                     nursery.start_soon(send, number, data, digest)
                     del data  # the part's memory now belongs to its upload task alone
-        except* P2pimgError as group:
-            raise first_error(group) from None
         finally:
             await trio.to_thread.run_sync(src.close)
         await self._complete_upload(key, bucket_key, upload.upload_id, etags)

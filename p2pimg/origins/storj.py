@@ -57,7 +57,8 @@ from urllib.parse import urlsplit
 
 import trio
 
-from ..errors import InvalidInput, OriginError, OriginNotFound, P2pimgError, first_error
+from ..errors import InvalidInput, OriginError, OriginNotFound
+from ..tasks import first_failure_nursery
 from .base import BlobReader, Origin
 
 log = logging.getLogger(__name__)
@@ -666,7 +667,7 @@ class StorjOrigin(Origin):
 
         src = await self._open_source(key, open_reader)
         try:
-            async with trio.open_nursery() as nursery:
+            async with first_failure_nursery() as nursery:
                 for number in range(1, count + 1):
                     length = min(part_size, size - (number - 1) * part_size)
                     # A slot is taken before reading, so at most `_PARALLEL_PARTS` parts are in memory.
@@ -684,8 +685,6 @@ class StorjOrigin(Origin):
                         continue
                     nursery.start_soon(send, number, data, digest)
                     del data  # the part's memory now belongs to its upload task alone
-        except* P2pimgError as group:
-            raise first_error(group) from None
         finally:
             src.close()  # not in a thread: a cancelled task could not start one, and this is quick
         if source_error is not None:
