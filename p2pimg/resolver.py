@@ -39,6 +39,7 @@ from .model import (
 from .origins import Origin, block_key, tag_key
 from .signing import TagSignatureError, TrustStore
 from .store import ChunkStore
+from .tasks import SingleFlight
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -80,6 +81,8 @@ class Resolver:
         self._tags: dict[tuple[str, str], tuple[float, Cid]] = {}
         self._name_roots: dict[str, set[Cid]] = {}
         self._published: dict[str, tuple[float, bool]] = {}
+        self._block_flights: SingleFlight[Cid, bytes] = SingleFlight()
+        self._tag_flights: SingleFlight[tuple[str, str], Cid] = SingleFlight()
         self.on_blob_map: Callable[[BlobMap], None] = lambda _bmap: None  # the peer index
         # Blocks by CID from LAN peers when the origin cannot give them (the node wires it).
         self.peer_block: Callable[[Cid, int], Awaitable[bytes | None]] = _no_peer_block
@@ -92,7 +95,25 @@ class Resolver:
                     check: Callable[[bytes], object] | None = None) -> bytes:
         """A block by CID: from the cache, else from the origin, verified before it is kept —
         against its CID, and by `check` (which raises) when the block must also parse: a block
-        that matches its CID but is not a valid node is never cached, nor so served to peers."""
+        that matches its CID but is not a valid node is never cached, nor so served to peers.
+
+        Concurrent misses for one block are merged: one task fetches it, the others wait for
+        that fetch and share its outcome (100 clients asking at once cost the origin one request).
+        When the fetching task is cancelled, a waiting one takes its place."""
+        data = await trio.to_thread.run_sync(self.store.get_block, cid)
+        if data is not None:
+            return data
+        data, fetched = await self._block_flights.run(cid, lambda: self._fetch_block(cid, max_size, check))
+        if not fetched:  # shared another caller's fetch: apply this caller's own limits to it
+            if len(data) > max_size:
+                raise BlockInvalid(f"block {cid} is {len(data)} bytes, over the limit of {max_size} "
+                                   "for what it was asked as")
+            if check is not None:
+                check(data)
+        return data
+
+    async def _fetch_block(self, cid: Cid, max_size: int, check: Callable[[bytes], object] | None) -> bytes:
+        # A fetch that landed between this caller's cache miss and its flight: no second request.
         data = await trio.to_thread.run_sync(self.store.get_block, cid)
         if data is not None:
             return data
@@ -161,10 +182,14 @@ class Resolver:
 
     async def resolve_tag(self, name: str, tag: str) -> Cid:
         """The root CID `name:tag` points at, re-read from the origin after `tag_ttl` seconds."""
-        now = time.monotonic()
         cached = self._tags.get((name, tag))
-        if cached is not None and now - cached[0] < self.tag_ttl:
+        if cached is not None and time.monotonic() - cached[0] < self.tag_ttl:
             return cached[1]
+        root, _fetched = await self._tag_flights.run((name, tag), lambda: self._read_tag(name, tag))
+        return root
+
+    async def _read_tag(self, name: str, tag: str) -> Cid:
+        now = time.monotonic()
         try:
             data = await self.origin.get(tag_key(name, tag), max_size=MAX_TAG_RECORD_SIZE)
         except OriginNotFound:

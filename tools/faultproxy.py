@@ -15,12 +15,13 @@ listed kinds, at most `--max-faults` times; everything else is passed through un
 `--total-rate` all of them together (the origin's uplink). It
 prints `listening on HOST:PORT` on stdout when ready, and a line per fault on stderr.
 `GET /__faultproxy/stats` answers how many ranged GETs and body bytes went through (the origin's
-egress as its clients see it).
+egress as its clients see it), and how many requests each path got (`paths`, query left off).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import itertools
 import json
@@ -58,6 +59,7 @@ class Proxy:
         self.faults = 0
         self.body_bytes = 0
         self.requests = 0
+        self.paths: collections.Counter[str] = collections.Counter()
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(120, connect=10), limits=httpx.Limits(max_connections=64)
         )
@@ -134,6 +136,7 @@ class Proxy:
                     "requests": self.requests,
                     "body_bytes": self.body_bytes,
                     "faults": self.faults,
+                    "paths": dict(self.paths),
                 }
             ).encode()
             await stream.send_all(
@@ -150,6 +153,7 @@ class Proxy:
             await stream.send_all(conn.send(h11.Data(data=stats)) + conn.send(h11.EndOfMessage()))
             return True
         self.requests += 1
+        self.paths[request.target.decode("latin-1").partition("?")[0]] += 1
         fault = self.next_fault(request.method, headers)
         if self.latency:
             await trio.sleep(self.latency)

@@ -310,7 +310,16 @@ def test_hundred_clients_one_cold_proxy(
         assert {r["bytes"] for r in results} == {blob_bytes(image)}
         # The origin sent each blob's bytes once, for 103 pulls.
         assert metric(host, "p2pimg_source_bytes_total", source="origin") == blob_bytes(image)
-        assert proxy.stats()["body_bytes"] - blob_bytes(image) < 64 << 10  # + blocks and tag record
+        stats = proxy.stats()
+        assert stats["body_bytes"] - blob_bytes(image) < 64 << 10  # + blocks and tag record
+        # Metadata too is fetched once however many clients ask at once: the root, each manifest
+        # and each blob map block once (Resolver.block merges concurrent misses), the tag record
+        # once per tag TTL (5 s; this run lasts a few TTLs at most).
+        blocks = {p: n for p, n in stats["paths"].items() if "/p2pimg/blocks/" in p}
+        tag_reads = sum(n for p, n in stats["paths"].items() if "/p2pimg/tags/" in p)
+        assert len(blocks) == 2 + len(layers) + 1, blocks  # root, manifest, config + layer maps
+        assert set(blocks.values()) == {1}, f"blocks fetched more than once: {blocks}"
+        assert tag_reads <= 2 + (time.monotonic() - began) / 5, stats["paths"]
         assert metric(host, "p2pimg_served_bytes_total") >= (CLIENTS + SKOPEO_PULLS) * blob_bytes(image)
         rss = peak_rss(daemon.proc.pid)
         seconds = sorted(float(r["seconds"]) for r in results)
