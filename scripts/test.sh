@@ -26,6 +26,11 @@ if command -v dpkg-query >/dev/null 2>&1; then
 else
     log "dpkg-query not found: not a Debian system, assuming the clients are installed"
 fi
+# The tests start their own docker-registry and containerd on loopback. Debian's packages would
+# also start (and enable at boot) system services: the registry on :5000 on every interface with
+# no authentication. Keep apt from starting any service while it installs, then disable the
+# units of the daemons installed here, so the test command leaves no server running behind it.
+services=(docker-registry containerd)
 if ((${#missing[@]} > 0)); then
     if [[ $(id -u) -ne 0 ]]; then
         log "missing packages (${missing[*]}) and not root: cannot apt-get install them"
@@ -33,17 +38,49 @@ if ((${#missing[@]} > 0)); then
     fi
     log "installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update
-    apt-get install -y --no-install-recommends "${missing[@]}"
+    policy=/usr/sbin/policy-rc.d
+    own_policy=0
+    if [[ ! -e $policy ]]; then
+        # invoke-rc.d and deb-systemd-invoke skip starting services while this answers 101.
+        printf '#!/bin/sh\nexit 101\n' >"$policy"
+        chmod 755 "$policy"
+        own_policy=1
+    fi
+    install_rc=0
+    { apt-get update && apt-get install -y --no-install-recommends "${missing[@]}"; } || install_rc=$?
+    ((own_policy)) && rm -f "$policy"
+    ((install_rc == 0)) || exit "$install_rc"
+    for pkg in "${missing[@]}"; do
+        for svc in "${services[@]}"; do
+            if [[ $pkg == "$svc" ]] && command -v systemctl >/dev/null 2>&1 && [[ -d /run/systemd/system ]]; then
+                log "disabling the $svc system service (the tests run their own on loopback)"
+                systemctl disable --now "$svc" >/dev/null 2>&1 || true
+            fi
+        done
+    done
 fi
 for tool in skopeo podman containerd ctr docker-registry umoci; do
     command -v "$tool" >/dev/null 2>&1 || { log "required tool '$tool' is not on PATH"; exit 1; }
 done
 
 # --- Python environment. ----------------------------------------------------------------------
+# Test on the interpreter users get: Debian's own /usr/bin/python3 (3.11.2 on Debian 12), not
+# whichever python3 comes first on PATH. P2PIMG_PYTHON picks another one on purpose.
+python=${P2PIMG_PYTHON:-}
+if [[ -z $python ]]; then
+    if [[ -x /usr/bin/python3 ]]; then python=/usr/bin/python3; else python=$(command -v python3); fi
+fi
+want_version=$("$python" -c 'import sys; print(sys.version.split()[0], sys.base_prefix)')
+if [[ -x .venv/bin/python ]]; then
+    have_version=$(.venv/bin/python -c 'import sys; print(sys.version.split()[0], sys.base_prefix)' 2>/dev/null || true)
+    if [[ $have_version != "$want_version" ]]; then
+        log "recreating .venv: it was made with ${have_version:-a missing interpreter}, want $want_version"
+        rm -rf .venv
+    fi
+fi
 if [[ ! -x .venv/bin/python ]]; then
-    log "creating .venv"
-    python3 -m venv .venv
+    log "creating .venv with $python ($want_version)"
+    "$python" -m venv .venv
 fi
 # Reinstall only when the declared dependencies changed: the install is editable, so source
 # edits never need it, and skipping pip keeps repeated runs fast (and offline).
