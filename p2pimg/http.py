@@ -2,22 +2,36 @@
 
 Blob bytes never enter Python on the way out: a `FileRegion` body part travels through h11 as a
 placeholder (`send_with_data_passthrough`), and its bytes go from the page cache to the socket
-with `os.sendfile`, waiting for writability only after EAGAIN. Over TLS (the optional peer mTLS)
-the bytes must pass through the TLS layer, so a region is read and sent in 256 KiB pieces.
+with `os.sendfile`. A worker thread copies while the socket takes bytes (a page-cache miss then
+blocks that thread, not the event loop) and returns at EAGAIN; the wait for writability is
+trio's, so a client that reads slowly holds a descriptor and never a thread. Over TLS (the
+optional peer mTLS) the bytes must pass through the TLS layer, so a region is read and sent in
+256 KiB pieces.
+
+Every exchange owns what its handler takes for it (`Request.hold`): descriptors, a reader of an
+in-flight fetch, a request slot. The connection releases them when the exchange ends, however it
+ends: response sent, client gone before the head or mid-body, a timeout, cancellation, an error.
+Body iterators only produce parts; they own nothing, because one that never started (the head
+could not be sent) never runs its `finally`.
+
+A response body must keep moving: every `SEND_WINDOW` seconds the client must take at least
+`MIN_SEND_RATE` × `SEND_WINDOW` bytes (or the rest of the body), else the connection is cut. A
+fast client never meets the rule; a stalled one is cut within two windows whatever it took before,
+and one that reads a byte now and then cannot hold its connection for long.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http
 import logging
 import math
 import os
-import select
 import socket
 import ssl
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import h11
@@ -31,11 +45,14 @@ MAX_HEADER_BYTES = 16 << 10
 MAX_REQUEST_BODY = 64 << 10
 IDLE_TIMEOUT = 60.0
 HEADER_TIMEOUT = 20.0
-SEND_TIMEOUT = 120.0  # a client that accepts nothing for this long is gone
+# A response must move at least MIN_SEND_RATE × SEND_WINDOW bytes (or what is left of it) in
+# every window: 1 MiB per 32 s. A 256 kbit/s link passes; a client at 1 KiB/s does not.
+SEND_WINDOW = 32.0
+MIN_SEND_RATE = 32 << 10
+_WINDOW_BYTES = int(MIN_SEND_RATE * SEND_WINDOW)
 _RECV = 64 << 10
-_POLL_MS = 200
-# One thread per blob body being sent; a slow client holds one for as long as it reads.
-_SENDERS = trio.CapacityLimiter(512)
+# Threads copying file pages to sockets at once (each only while its socket takes bytes).
+_SENDERS = trio.CapacityLimiter(64)
 # Open connections per listener: one more is closed as soon as it is accepted.
 MAX_CONNECTIONS = 1024
 # A larger send buffer means fewer sendfile/epoll round trips per blob (the kernel's autotuned
@@ -68,12 +85,45 @@ class Request:
     client: str = ""  # the peer's IP address
     local: str = ""  # the address it connected to
     body: bytes = b""
+    _releases: list[Callable[[], object]] = field(default_factory=list, repr=False)
 
     @property
     def from_this_machine(self) -> bool:
         """Loopback, or a connection from our own address to itself."""
         return (self.client.startswith("127.") or self.client in ("::1", "::ffff:127.0.0.1")
                 or (bool(self.client) and self.client == self.local))
+
+    def hold(self, release: Callable[[], object]) -> None:
+        """Make this exchange own a resource: `release` runs once when it ends, however it ends
+        (see the module docstring). Call it right where the resource is taken, with no await
+        between the two."""
+        self._releases.append(release)
+
+    def open_file(self, path: str | os.PathLike[str]) -> int:
+        """A read-only descriptor of `path`, owned by this exchange."""
+        fd = os.open(path, os.O_RDONLY)
+        self.hold(partial(os.close, fd))
+        return fd
+
+    def dup(self, fd: int) -> int:
+        """A copy of descriptor `fd`, owned by this exchange."""
+        copy = os.dup(fd)
+        self.hold(partial(os.close, copy))
+        return copy
+
+    def release(self) -> None:
+        """Release what the exchange holds, last taken first; a failing release is logged and
+        does not stop the others."""
+        while self._releases:
+            release = self._releases.pop()
+            try:
+                release()
+            except Exception:
+                log.exception("releasing a resource of %s %s failed", self.method, self.path[:100])
+
+    @property
+    def held(self) -> int:
+        return len(self._releases)
 
 
 @dataclass
@@ -92,64 +142,67 @@ Handler = Callable[[Request], Awaitable[Response]]
 Gate = Callable[[Request], "Response | None"]
 
 
-def _sendfile_blocking(sockfd: int, region: FileRegion, cancelled: threading.Event) -> None:
-    """Send a file region from a worker thread, polling the non-blocking socket itself.
+class _Pace:
+    """The send rule of one response body (see the module docstring): `deadline` is when the
+    current window ends; each MIN_SEND_RATE × SEND_WINDOW bytes sent (or the body's end) starts a
+    new one."""
 
-    Doing the EAGAIN waits here instead of in trio's event loop saves a scheduler round trip per
-    wake-up; a client that reads slowly wakes the sender hundreds of times per blob.
-    """
-    poller = select.poll()
-    poller.register(sockfd, select.POLLOUT)
-    offset, remaining = region.offset, region.length
-    stalled = 0.0
-    while remaining:
-        if cancelled.is_set():
-            raise AbortResponse("cancelled")
+    def __init__(self, remaining: int) -> None:
+        self.deadline = trio.current_time() + SEND_WINDOW
+        self.quota = min(_WINDOW_BYTES, remaining)
+        self.remaining = remaining
+
+    def sent(self, n: int) -> None:
+        self.remaining -= n
+        self.quota -= n
+        if self.quota <= 0:
+            self.deadline = trio.current_time() + SEND_WINDOW
+            self.quota = min(_WINDOW_BYTES, max(self.remaining, 1))
+
+
+def _sendfile_some(sockfd: int, fd: int, offset: int, count: int) -> int:
+    """Copy file bytes to a non-blocking socket until it is full or `count` are sent: the bytes
+    sent (0 when it took none). Runs in a worker thread, which never waits for the socket."""
+    done = 0
+    while done < count:
         try:
-            sent = os.sendfile(sockfd, region.fd, offset, remaining)
+            sent = os.sendfile(sockfd, fd, offset + done, count - done)
         except BlockingIOError:
-            if not poller.poll(_POLL_MS):
-                stalled += _POLL_MS / 1000
-                if stalled >= SEND_TIMEOUT:
-                    raise AbortResponse("client stopped reading") from None
-            else:
-                stalled = 0.0
-            continue
+            break
         if sent == 0:
             raise AbortResponse("file shorter than the response promised")
+        done += sent
+    return done
+
+
+async def _sendfile(stream: trio.SocketStream, region: FileRegion, pace: _Pace) -> None:
+    sock = stream.socket
+    offset, end = region.offset, region.offset + region.length
+    while offset < end:
+        sent = await trio.to_thread.run_sync(_sendfile_some, sock.fileno(), region.fd, offset,
+                                             end - offset, limiter=_SENDERS)
         offset += sent
-        remaining -= sent
+        pace.sent(sent)
+        if offset < end:
+            with trio.fail_at(pace.deadline):
+                await trio.lowlevel.wait_writable(sock)
 
 
-async def _send_region_tls(stream: trio.abc.Stream, region: FileRegion) -> None:
+async def _send_region_tls(stream: trio.abc.Stream, region: FileRegion, pace: _Pace) -> None:
     """A file region through TLS: read and encrypted in pieces (one piece in memory at a time)."""
     offset, end = region.offset, region.offset + region.length
     while offset < end:
         piece = await trio.to_thread.run_sync(os.pread, region.fd, min(_TLS_PIECE, end - offset), offset)
         if not piece:
             raise AbortResponse("file shorter than the response promised")
-        with trio.fail_after(SEND_TIMEOUT):
-            await stream.send_all(piece)
+        await _send_paced(stream, piece, pace)
         offset += len(piece)
 
 
-async def _sendfile(stream: trio.SocketStream, region: FileRegion) -> None:
-    cancelled = threading.Event()
-
-    async def relay_cancellation() -> None:
-        # The thread cannot be abandoned (it holds the socket's fd); tell it to stop instead.
-        try:
-            await trio.sleep_forever()
-        finally:
-            cancelled.set()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(relay_cancellation)
-        try:
-            await trio.to_thread.run_sync(_sendfile_blocking, stream.socket.fileno(), region,
-                                          cancelled, limiter=_SENDERS)
-        finally:
-            nursery.cancel_scope.cancel()
+async def _send_paced(stream: trio.abc.Stream, data: bytes, pace: _Pace) -> None:
+    with trio.fail_at(pace.deadline):
+        await stream.send_all(data)
+    pace.sent(len(data))
 
 
 class _Connection:
@@ -166,11 +219,10 @@ class _Connection:
         except OSError:
             self.client = self.local = ""
 
-    async def _send(self, event: h11.Event) -> None:
+    async def _send(self, event: h11.Event, pace: _Pace | None = None) -> None:
         data = self.conn.send(event)
         if data:
-            with trio.fail_after(SEND_TIMEOUT):
-                await self.stream.send_all(data)
+            await _send_paced(self.stream, data, pace or _Pace(len(data)))
 
     async def _receive(self) -> None:
         data = await self.stream.receive_some(_RECV)
@@ -212,10 +264,7 @@ class _Connection:
 
     async def _respond(self, response: Response, *, head: bool = False) -> None:
         """Send a response; for a HEAD request, its headers only (whatever body it carries)."""
-        if head and not isinstance(response.body, bytes):
-            await response.body.aclose()  # type: ignore[attr-defined]
-        if head:
-            response.body = b""
+        body = b"" if head else response.body
         headers = [(k.encode(), v.encode()) for k, v in response.headers]
         headers.append((b"server", b"p2pimg"))
         try:
@@ -223,11 +272,12 @@ class _Connection:
         except ValueError:
             reason = b""
         await self._send(h11.Response(status_code=response.status, headers=headers, reason=reason))
-        if isinstance(response.body, bytes):
-            if response.body:
-                await self._send(h11.Data(data=response.body))
+        pace = _Pace(_declared_length(response.headers))
+        if isinstance(body, bytes):
+            if body:
+                await self._send(h11.Data(data=body), pace)
         else:
-            async for part in response.body:
+            async for part in body:
                 if isinstance(part, FileRegion):
                     if not part.length:
                         continue
@@ -236,15 +286,30 @@ class _Connection:
                     for piece in pieces or ():
                         if isinstance(piece, FileRegion):
                             if isinstance(self.stream, trio.SSLStream):
-                                await _send_region_tls(self.stream, piece)
+                                await _send_region_tls(self.stream, piece, pace)
                             else:
-                                await _sendfile(self.stream, piece)
+                                await _sendfile(self.stream, piece, pace)
                         else:
-                            with trio.fail_after(SEND_TIMEOUT):
-                                await self.stream.send_all(piece)
+                            await _send_paced(self.stream, piece, pace)
                 elif part:
-                    await self._send(h11.Data(data=part))
-        await self._send(h11.EndOfMessage())
+                    await self._send(h11.Data(data=part), pace)
+        await self._send(h11.EndOfMessage(), pace)
+
+    async def _exchange(self, request: Request, head: bool) -> None:
+        """Handle one request and send its response; whatever happens, close the body iterator
+        and release everything the exchange holds."""
+        response: Response | None = None
+        try:
+            response = await self.handler(request)
+            await self._respond(response, head=head)
+        finally:
+            try:
+                if response is not None and not isinstance(response.body, bytes):
+                    with trio.move_on_after(1) as scope:
+                        scope.shield = True
+                        await response.body.aclose()  # type: ignore[attr-defined]
+            finally:
+                request.release()
 
     async def run(self) -> None:
         try:
@@ -275,8 +340,7 @@ class _Connection:
                     await self._respond(_plain(status, b"request body too large\n" if status == 413
                                                else b"incomplete request body\n"), head=head)
                     return
-                response = await self.handler(request)
-                await self._respond(response, head=head)
+                await self._exchange(request, head)
                 if self.conn.our_state is h11.MUST_CLOSE:
                     return
                 self.conn.start_next_cycle()
@@ -309,6 +373,15 @@ def _refuse_head(event: h11.Request) -> Response | None:
         if name == b"content-length" and int(value) > MAX_REQUEST_BODY:
             return _plain(413, b"request body too large\n")
     return None
+
+
+def _declared_length(headers: list[tuple[str, str]]) -> int:
+    """A response's content-length (what its body must send), or a window's worth when unknown."""
+    for name, value in headers:
+        if name == "content-length":
+            with contextlib.suppress(ValueError):
+                return int(value)
+    return _WINDOW_BYTES
 
 
 def _plain(status: int, body: bytes) -> Response:

@@ -35,6 +35,7 @@ from .metrics import Metrics
 from .model import DEFAULT_CHUNK_SIZE, MAX_MANIFEST_SIZE, BlobMap, check_name, check_tag
 from .resolver import Manifest
 from .store import ChunkStore
+from .tasks import guarded
 from .upstream import UpstreamClient, normalize_repo
 
 log = logging.getLogger(__name__)
@@ -169,13 +170,15 @@ class Mirror:
     def open(self, upstream: UpstreamClient, name: str, digest: str,
              size: int) -> tuple[UpstreamFetch, int]:
         """Join (or start) the download of a blob: the fetch and a descriptor of its file for this
-        reader, who must hand both to `body()` (or `release()` the fetch and close the fd)."""
+        reader, who must `release()` the fetch and close the fd when done (a request makes both
+        its own with `Request.hold` before any await)."""
         fetch = self._fetches.get(digest)
         if fetch is None:
             fd, tmp = tempfile.mkstemp(dir=self.store.root / "tmp", prefix="upstream-")
             fetch = UpstreamFetch(digest, size, Path(tmp), fd, private=upstream.credentialed)
             self._fetches[digest] = fetch
-            self.nursery.start_soon(self._download, upstream, normalize_repo(upstream.host, name), fetch)
+            self.nursery.start_soon(guarded, f"upstream download of {digest}", self._download, upstream,
+                                    normalize_repo(upstream.host, name), fetch)
         fetch.readers += 1
         return fetch, os.dup(fetch.fd)
 
@@ -230,6 +233,9 @@ class Mirror:
             fetch.error = exc
         except OSError as exc:
             fetch.error = CacheError(f"cannot cache upstream blob {fetch.digest}: {exc}")
+        except Exception as exc:  # a bug: this download fails, its readers are cut, the node serves on
+            log.exception("upstream download of %s crashed", fetch.digest)
+            fetch.error = OriginError(f"upstream download of {fetch.digest} failed: {exc!r}")
         finally:
             if self._fetches.get(fetch.digest) is fetch:
                 del self._fetches[fetch.digest]
@@ -256,19 +262,16 @@ class Mirror:
         self.store.write_small(self._root / "maps" / fetch.digest[7:], str(map_cid).encode())
 
     async def body(self, fetch: UpstreamFetch, fd: int, start: int, end: int) -> AsyncIterator[BodyPart]:
-        """Bytes [start, end) as they arrive; cut the connection if the blob turns out wrong."""
-        try:
-            offset = start
-            while offset < end:
-                available = min(fetch.readable(), end)
-                if available > offset:
-                    yield FileRegion(fd, offset, available - offset)
-                    self.metrics.served_bytes.inc(available - offset)
-                    offset = available
-                    continue
-                if fetch.error is not None:
-                    raise AbortResponse(str(fetch.error))
-                await fetch.progress.wait()
-        finally:
-            os.close(fd)
-            self.release(fetch)
+        """Bytes [start, end) as they arrive; cut the connection if the blob turns out wrong. The
+        caller's request owns `fd` and the reader `open()` counted (see `Request.hold`)."""
+        offset = start
+        while offset < end:
+            available = min(fetch.readable(), end)
+            if available > offset:
+                yield FileRegion(fd, offset, available - offset)
+                self.metrics.served_bytes.inc(available - offset)
+                offset = available
+                continue
+            if fetch.error is not None:
+                raise AbortResponse(str(fetch.error))
+            await fetch.progress.wait()

@@ -32,6 +32,7 @@ from .policy import policy_named
 from .resolver import Resolver
 from .signing import TrustStore
 from .store import ChunkStore
+from .tasks import guarded
 from .upstream import UpstreamClient
 from .warm import WarmJobs
 
@@ -144,12 +145,12 @@ class Swarm:
         async with trio.open_nursery() as nursery:
             for url in self.static:
                 if self.add(url):
-                    nursery.start_soon(self._check_static, url)
+                    nursery.start_soon(guarded, f"static peer {url}", self._check_static, url)
             if self.discovery is not None:
                 # Not nursery.start: announcing first probes the LAN for name clashes (~2 s), and
                 # serving must not wait for that.
-                nursery.start_soon(self.discovery.run)  # type: ignore[attr-defined]
-                nursery.start_soon(self._follow_discovery)
+                nursery.start_soon(guarded, "mDNS discovery", self.discovery.run)  # type: ignore[attr-defined]
+                nursery.start_soon(guarded, "following mDNS discovery", self._follow_discovery)
             task_status.started()
 
     async def _follow_discovery(self) -> None:
@@ -229,11 +230,11 @@ async def open_node(config: Config, *, advertise: tuple[str, int] | None = None)
             resolver.peer_tags = swarm.tag_records
             await nursery.start(swarm.run)
             if config.peer_listen:  # only the peer listener serves chunks by CID
-                nursery.start_soon(peer_service.index_cache)
+                nursery.start_soon(guarded, "indexing cached chunks", peer_service.index_cache)
             if config.cache_max is not None:
                 from .cache import enforce_limit
 
-                nursery.start_soon(enforce_limit, store, config.cache_max,
+                nursery.start_soon(guarded, "cache size limit", enforce_limit, store, config.cache_max,
                                    lambda digest: fetcher.fetch_of(digest) is not None)
             yield node
             nursery.cancel_scope.cancel()

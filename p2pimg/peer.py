@@ -22,6 +22,7 @@ verified by the receiver, and a peer that lies is penalised, then banned (policy
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -148,34 +149,23 @@ class PeerService:
             return self._busy()
         self.metrics.peer_requests.labels("served").inc()
         self.active += 1
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                self.active -= 1
-
+        request.hold(self._release_slot)  # the slot is the exchange's until it ends, however
         try:
             response = await self._route(request)
         except P2pimgError as exc:
-            release()
             return error_response(exc, head=request.method == "HEAD")
-        except BaseException:
-            release()
-            raise
-        if isinstance(response.body, bytes):
-            release()
-        else:
-            response.body = self._limited(response.body, release)
+        if not isinstance(response.body, bytes):
+            response.body = self._paced(response.body)
         return response
 
-    async def _limited(self, body: AsyncIterator[BodyPart],
-                       release: Callable[[], None]) -> AsyncIterator[BodyPart]:
-        """Pace a body to the upload rate (in 256 KiB pieces) and hold a request slot until done."""
+    def _release_slot(self) -> None:
+        self.active -= 1
+
+    async def _paced(self, body: AsyncIterator[BodyPart]) -> AsyncIterator[BodyPart]:
+        """Pace a body to the upload rate (in 256 KiB pieces)."""
         if self._bucket is None:
             self._bucket = TokenBucket(self.rate)
-        try:
+        async with contextlib.aclosing(body):  # type: ignore[type-var]
             async for part in body:
                 if isinstance(part, FileRegion) and self.rate:
                     for off in range(0, part.length, _PIECE):
@@ -188,9 +178,6 @@ class PeerService:
                         await self._bucket.take(len(part))
                     yield part
                     self.metrics.peer_served_bytes.inc(len(part))
-        finally:
-            release()
-            await body.aclose()  # type: ignore[attr-defined]
 
     async def _route(self, request: Request) -> Response:
         path = request.path
@@ -246,15 +233,11 @@ class PeerService:
         self._guard(digest[7:], BlobUnknown(f"this peer holds nothing of {digest}"))
         path = self.store.blob_path(digest)
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = request.open_file(path)
         except FileNotFoundError:
             return self._partial_blob(digest, request)
         size = os.fstat(fd).st_size
-        try:
-            whole = parse_range(request.headers.get("range"), size)
-        except BaseException:
-            os.close(fd)
-            raise
+        whole = parse_range(request.headers.get("range"), size)
         return self._region(fd, whole or (0, size), size, request, ranged=whole is not None)
 
     def _partial_blob(self, digest: str, request: Request) -> Response:
@@ -268,16 +251,18 @@ class PeerService:
         first, last = rng[0] // bmap.chunk_size, (rng[1] - 1) // bmap.chunk_size
         if rng[1] <= rng[0] or not all(fetch.partial.have[i] for i in range(first, last + 1)):
             raise RangeNotSatisfiable(f"this peer has not verified all of {rng} yet", size=bmap.size)
-        return self._region(os.dup(fetch.partial.fd), rng, bmap.size, request, ranged=asked is not None)
+        return self._region(request.dup(fetch.partial.fd), rng, bmap.size, request,
+                            ranged=asked is not None)
 
-    def _region(self, fd: int, rng: tuple[int, int], size: int, request: Request, *,
+    @staticmethod
+    def _region(fd: int, rng: tuple[int, int], size: int, request: Request, *,
                 ranged: bool) -> Response:
+        """Bytes [start, end) of `fd`, a descriptor the request owns."""
         start, end = rng
         headers = [("content-type", "application/octet-stream"), ("content-length", str(end - start))]
         if ranged:
             headers.append(("content-range", content_range(start, end, size)))
         if request.method == "HEAD":
-            os.close(fd)
             return Response(206 if ranged else 200, headers)
         return Response(206 if ranged else 200, headers, _file_body(fd, start, end))
 
@@ -294,7 +279,7 @@ class PeerService:
         if cid.codec_name == "raw":
             digest = cid.to_digest()
             if self.store.has_blob(digest):  # a whole blob, named by the CID of all its bytes
-                fd = os.open(self.store.blob_path(digest), os.O_RDONLY)
+                fd = request.open_file(self.store.blob_path(digest))
                 size = os.fstat(fd).st_size
                 return self._raw(fd, 0, size, headers, request)
             found = self.chunk_index.get(cid.digest)
@@ -303,28 +288,26 @@ class PeerService:
                 self._guard(bmap.digest[7:], absent)
                 lo, hi = bmap.bounds(i)
                 if self.store.has_blob(bmap.digest):
-                    return self._raw(os.open(self.store.blob_path(bmap.digest), os.O_RDONLY), lo, hi,
+                    return self._raw(request.open_file(self.store.blob_path(bmap.digest)), lo, hi,
                                      headers, request)
                 fetch = self.fetcher.fetch_of(bmap.digest)
                 if fetch is not None and fetch.partial.have[i]:
-                    return self._raw(os.dup(fetch.partial.fd), lo, hi, headers, request)
+                    return self._raw(request.dup(fetch.partial.fd), lo, hi, headers, request)
         raise absent
 
     @staticmethod
     def _raw(fd: int, lo: int, hi: int, headers: list[tuple[str, str]], request: Request) -> Response:
+        """Bytes [lo, hi) of `fd`, a descriptor the request owns."""
         headers = [*headers, ("content-length", str(hi - lo))]
         if request.method == "HEAD":
-            os.close(fd)
             return Response(200, headers)
         return Response(200, headers, _file_body(fd, lo, hi))
 
 
 async def _file_body(fd: int, start: int, end: int) -> AsyncIterator[BodyPart]:
-    try:
-        if end > start:
-            yield FileRegion(fd, start, end - start)
-    finally:
-        os.close(fd)
+    """The body of a file region; the descriptor belongs to the request (`Request.hold`)."""
+    if end > start:
+        yield FileRegion(fd, start, end - start)
 
 
 @dataclass(frozen=True)

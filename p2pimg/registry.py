@@ -18,6 +18,7 @@ import logging
 import os
 import re
 from collections.abc import AsyncIterator
+from functools import partial
 
 from .cid import Cid, parse_digest
 from .errors import DigestInvalid, NameInvalid, NameUnknown, NotFound, P2pimgError, RangeNotSatisfiable
@@ -183,7 +184,7 @@ class Registry:
         status, start, end, headers = self._blob_headers(digest, entry.size, request)
         if request.method == "HEAD":
             return Response(status, headers)
-        body = await self._blob_body(entry, digest, start, end)
+        body = await self._blob_body(entry, digest, start, end, request)
         return Response(status, headers, body)
 
     @staticmethod
@@ -203,11 +204,10 @@ class Registry:
                              request: Request) -> Response:
         assert self.mirror is not None
         path = self.store.blob_path(digest)
-        fd = self._open_cached(digest)
+        fd = self._open_cached(digest, request)
         if fd is not None:
             status, start, end, headers = self._blob_headers(digest, os.fstat(fd).st_size, request)
             if request.method == "HEAD":
-                os.close(fd)
                 return Response(status, headers)
             return Response(status, headers, self._file_body(fd, start, end))
         size = await self.mirror.blob_size(upstream, name, digest)
@@ -215,24 +215,22 @@ class Registry:
         if request.method == "HEAD":
             return Response(status, headers)
         if self.store.has_blob(digest):  # finished while we asked for its size
-            return Response(status, headers, self._file_body(os.open(path, os.O_RDONLY), start, end))
+            return Response(status, headers, self._file_body(request.open_file(path), start, end))
         fetch, fd = self.mirror.open(upstream, name, digest, size)
-        try:
-            # As for origin blobs: an upstream that fails at once gets an error status.
-            while fetch.readable() <= start < end and fetch.error is None:
-                await fetch.progress.wait()
-            if fetch.error is not None and fetch.readable() <= start:
-                raise fetch.error
-        except BaseException:
-            os.close(fd)
-            self.mirror.release(fetch)
-            raise
+        request.hold(partial(self.mirror.release, fetch))
+        request.hold(partial(os.close, fd))
+        # As for origin blobs: an upstream that fails at once gets an error status.
+        while fetch.readable() <= start < end and fetch.error is None:
+            await fetch.progress.wait()
+        if fetch.error is not None and fetch.readable() <= start:
+            raise fetch.error
         return Response(status, headers, self.mirror.body(fetch, fd, start, end))
 
-    def _open_cached(self, digest: str) -> int | None:
-        """A descriptor of the complete cached blob (a cache hit), or None (a miss)."""
+    def _open_cached(self, digest: str, request: Request) -> int | None:
+        """A descriptor of the complete cached blob, owned by `request` (a cache hit), or None (a
+        miss)."""
         try:
-            fd = os.open(self.store.blob_path(digest), os.O_RDONLY)
+            fd = request.open_file(self.store.blob_path(digest))
         except FileNotFoundError:
             self.metrics.cache_requests.labels("miss").inc()
             return None
@@ -240,58 +238,45 @@ class Registry:
         self.store.touch(digest)  # last use, for the cache's LRU eviction
         return fd
 
-    async def _blob_body(self, entry: BlobEntry, digest: str, start: int,
-                         end: int) -> AsyncIterator[BodyPart]:
+    async def _blob_body(self, entry: BlobEntry, digest: str, start: int, end: int,
+                         request: Request) -> AsyncIterator[BodyPart]:
         path = self.store.blob_path(digest)
-        fd = self._open_cached(digest)
+        fd = self._open_cached(digest, request)
         if fd is not None:
             return self._file_body(fd, start, end)
         bmap = await self.resolver.blob_map(entry, digest)
         fetch = await self.fetcher.open(bmap)
         if fetch is None:  # completed while we looked
-            return self._file_body(os.open(path, os.O_RDONLY), start, end)
-        try:
-            fd = os.dup(fetch.partial.fd)
-        except BaseException:
-            self.fetcher.release(fetch)
-            raise
-        try:
-            if start < end:
-                # Wait for the first chunk before answering: a blob that cannot be fetched at all
-                # gets an error status, not a truncated 200.
-                await fetch.wait_chunk(start // bmap.chunk_size)
-        except BaseException:
-            os.close(fd)
-            self.fetcher.release(fetch)
-            raise
+            return self._file_body(request.open_file(path), start, end)
+        request.hold(partial(self.fetcher.release, fetch))
+        fd = request.dup(fetch.partial.fd)
+        if start < end:
+            # Wait for the first chunk before answering: a blob that cannot be fetched at all
+            # gets an error status, not a truncated 200.
+            await fetch.wait_chunk(start // bmap.chunk_size)
         return self._chunked_body(fetch, fd, start, end)
 
     async def _file_body(self, fd: int, start: int, end: int) -> AsyncIterator[BodyPart]:
-        try:
-            yield FileRegion(fd, start, end - start)
-            self.metrics.served_bytes.inc(end - start)
-        finally:
-            os.close(fd)
+        """A cached blob's bytes; `fd` belongs to the request (see `Request.hold`)."""
+        yield FileRegion(fd, start, end - start)
+        self.metrics.served_bytes.inc(end - start)
 
     async def _chunked_body(self, fetch: BlobFetch, fd: int, start: int,
                             end: int) -> AsyncIterator[BodyPart]:
-        """Blob bytes in order, each chunk sent as soon as it is verified on disk."""
+        """Blob bytes in order, each chunk sent as soon as it is verified on disk (the fetch's
+        reader and `fd` belong to the request)."""
         bmap = fetch.map
-        try:
-            offset = start
-            index = start // bmap.chunk_size if bmap.count else 0
-            while offset < end:
-                try:
-                    await fetch.wait_chunk(index)
-                except P2pimgError as exc:
-                    log.warning("aborting blob %s at byte %d: %s", bmap.digest, offset, exc)
-                    raise AbortResponse(str(exc)) from None
-                _, hi = bmap.bounds(index)
-                stop = min(hi, end)
-                yield FileRegion(fd, offset, stop - offset)
-                self.metrics.served_bytes.inc(stop - offset)
-                offset = stop
-                index += 1
-        finally:
-            os.close(fd)
-            self.fetcher.release(fetch)
+        offset = start
+        index = start // bmap.chunk_size if bmap.count else 0
+        while offset < end:
+            try:
+                await fetch.wait_chunk(index)
+            except P2pimgError as exc:
+                log.warning("aborting blob %s at byte %d: %s", bmap.digest, offset, exc)
+                raise AbortResponse(str(exc)) from None
+            _, hi = bmap.bounds(index)
+            stop = min(hi, end)
+            yield FileRegion(fd, offset, stop - offset)
+            self.metrics.served_bytes.inc(stop - offset)
+            offset = stop
+            index += 1

@@ -6,6 +6,9 @@
   Python 3.11.0-3.11.3 (Debian 12 ships 3.11.2) wraps any exception raised inside `except*` in
   a new ExceptionGroup, `from None` or not.
 - `SingleFlight`: concurrent callers asking for the same thing share one fetch of it.
+- `guarded`: a background task of a long-running node (a mirror download, a warm job, discovery).
+  Whatever it raises is logged and ends that task alone; the node's nursery, and so the node,
+  keeps serving. Cancellation still passes through.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import trio
 
@@ -37,6 +40,23 @@ async def first_failure_nursery() -> AsyncIterator[trio.Nursery]:
         failure = first_error(group)
     if failure is not None:
         raise failure
+
+
+async def guarded(what: str, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+    """Run one background task; an error ends it with a log line instead of ending the node."""
+    try:
+        await fn(*args)
+    except P2pimgError as exc:
+        log.warning("%s failed: %s", what, exc.message)
+    except Exception:  # a bug: logged with its traceback, contained to this task
+        log.exception("%s failed with an unexpected error; the node keeps serving", what)
+    except BaseExceptionGroup as group:  # noqa: B036 — split: Cancelled must still pass
+        cancelled, rest = group.split(trio.Cancelled)
+        if rest is not None:
+            log.error("%s failed with an unexpected error; the node keeps serving", what,
+                      exc_info=rest)
+        if cancelled is not None:
+            raise cancelled from None
 
 
 @dataclass

@@ -9,6 +9,7 @@ runs a node of its own for the duration.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -22,6 +23,9 @@ from .http import Request, Response
 from .model import ImageRoot, parse_name_tag
 from .registry import error_response
 from .resolver import IPFS_PREFIX
+from .tasks import guarded
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .node import Node
@@ -127,6 +131,10 @@ async def warm_image(node: Node, ref: str, progress: WarmProgress) -> None:
         progress.state = "failed"
         messages = {e.message for e in group.exceptions if isinstance(e, P2pimgError)}
         progress.error = "; ".join(sorted(messages))
+    except* Exception as group:  # a bug: this job fails with it, the node serves on
+        log.error("warm job %s crashed", ref, exc_info=group)
+        progress.state = "failed"
+        progress.error = "internal error: " + "; ".join(sorted({repr(e) for e in group.exceptions}))
     finally:
         progress.finished = time.monotonic()
         if progress.state == "running":
@@ -150,7 +158,7 @@ class WarmJobs:
                 raise WarmBusy(f"{len(self.jobs)} warm jobs are running; try again when some end")
         job_id = uuid.uuid4().hex
         progress = self.jobs[job_id] = WarmProgress(ref)
-        self.nursery.start_soon(warm_image, self.node, ref, progress)
+        self.nursery.start_soon(guarded, f"warm job {ref}", warm_image, self.node, ref, progress)
         return job_id
 
     async def http_start(self, request: Request) -> Response:
