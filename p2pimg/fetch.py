@@ -16,8 +16,14 @@ A chunk's life:
                                             |--(error, stall)--> missing; source backs off
     requested --(no progress for a while, nothing else to do)--> also requested from a 2nd source
 
-A chunk that failed `attempts` times fails the fetch. A fetch whose last reader leaves is
-cancelled (its verified chunks stay on disk for the next one), unless it is a warm.
+Who may fail a pull. A peer is one of many and may be a stranger on the LAN: a peer that fails a
+chunk (an error, a stall, wrong bytes, a claim it cannot keep) is not asked for that chunk again
+in this fetch, and backs off (see `policy.py`: longer each time, then dropped). Those failures do
+not count toward the chunk's attempt limit: only the origin's (or upstream's) do, so however many
+peers fail, a chunk gives up only after the authoritative source failed it `attempts` times, or
+when no source that holds it is left. A peer request that stalls is stopped at once when it is
+hedged. A fetch whose last reader leaves is cancelled (its verified chunks stay on disk for the
+next one), unless it is a warm.
 Memory is bounded by the number of requests in flight (each source's limit) times one chunk.
 """
 
@@ -132,7 +138,8 @@ class BlobFetch:
     done: trio.Event = field(default_factory=trio.Event)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     requested: list[int] = field(default_factory=list)  # requests in flight covering each chunk
-    failures: list[int] = field(default_factory=list)
+    failures: list[int] = field(default_factory=list)  # per chunk, by the origin or upstream
+    peer_failed: dict[int, set[str]] = field(default_factory=dict)  # chunk -> peers that failed it
     requests: set[_Request] = field(default_factory=set)
     last_failure: P2pimgError | None = None
     order: list[int] = field(default_factory=list)  # the order chunks are dispatched in
@@ -376,14 +383,16 @@ class Fetcher:
                     f"chunk {i} of {bmap.digest} failed {fetch.failures[i]} times, giving up; "
                     f"last: {last.message}")
                 return started
-            holders = [s for s in self.sources if s.has(bmap, i) and not self.stats[s.name].banned]
+            holders = self._holders(fetch, i)
             if not holders:
-                fetch.error = OriginError(f"no usable source has chunk {i} of {bmap.digest}")
+                why = f"; last: {fetch.last_failure.message}" if fetch.last_failure else ""
+                fetch.error = fetch.error or OriginError(
+                    f"no usable source has chunk {i} of {bmap.digest}{why}")
                 return started
             if self._waiting_for_peer(fetch, holders, i, now):
                 continue
-            if fetch.swarm and not any(s.kind == "peer" for s in holders) and self._left_to_owner(
-                    fetch, i, now):
+            if (self._sharing(fetch, now) and not any(s.kind == "peer" for s in holders)
+                    and self._left_to_owner(fetch, i, now)):
                 continue
             stats = self.policy.choose([self.stats[s.name] for s in holders], now)
             if stats is None:
@@ -393,12 +402,19 @@ class Fetcher:
             source = next(s for s in holders if s.name == stats.name)
             if source.kind != "peer" and self._slow_start(fetch, now):
                 continue  # peers may be starting on this blob too: let them say what they take
-            span = self._grow_span(fetch, source, i)
+            span = self._grow_span(fetch, source, i, now)
             self._start(fetch, nursery, source, span)
             if source.kind != "peer":
                 fetch.last_own_dispatch = now
             started = True
         return started
+
+    def _holders(self, fetch: BlobFetch, i: int) -> list[ChunkSource]:
+        """The sources that may be asked for chunk `i`: they hold it, are not banned, and (peers)
+        have not failed it in this fetch."""
+        failed = fetch.peer_failed.get(i, ())
+        return [s for s in self.sources if s.has(fetch.map, i) and not self.stats[s.name].banned
+                and s.name not in failed]
 
     def _slow_start(self, fetch: BlobFetch, now: float) -> bool:
         """In a swarm, keep few origin requests in flight per blob: one right after the start,
@@ -409,7 +425,7 @@ class Fetcher:
         blind small, and the random block order keeps those claims mostly disjoint; with several
         blobs and nodes, the sum still fills the origin's uplink.
         """
-        if not fetch.swarm:
+        if not self._sharing(fetch, now):
             return False
         far = sum(1 for r in fetch.requests if r.source.kind != "peer")
         if now - fetch.started < self.config.slow_start:
@@ -417,10 +433,25 @@ class Fetcher:
         # Claim the origin's share a little at a time, so peers see each claim before the next.
         return far >= self.config.swarm_origin_requests
 
-    def _grow_span(self, fetch: BlobFetch, source: ChunkSource, first: int) -> Span:
+    def _live_peers(self, now: float) -> list[ChunkSource]:
+        """Peers that are neither banned nor backing off (nor dropped)."""
+        return [s for s in self.sources if s.kind == "peer" and not self.stats[s.name].banned
+                and now >= self.stats[s.name].unavailable_until]
+
+    def _sharing(self, fetch: BlobFetch, now: float) -> bool:
+        """Whether this blob's origin work is shared with peers now: during the slow start of a
+        fetch that began with peers known, then while a live peer holds or fetches some of it.
+        Peers that failed their way out (fake ones included) do not slow the origin down."""
+        if not fetch.swarm:
+            return False
+        if now - fetch.started < self.config.slow_start:
+            return True
+        return any(p.participates(fetch.map) for p in self._live_peers(now))
+
+    def _grow_span(self, fetch: BlobFetch, source: ChunkSource, first: int, now: float) -> Span:
         bmap, have = fetch.map, fetch.partial.have
-        peers = [s for s in self.sources if s.kind == "peer"] if source.kind != "peer" else []
-        span_bytes = source.max_span if source.kind == "peer" or not fetch.swarm else min(
+        peers = self._live_peers(now) if source.kind != "peer" else []
+        span_bytes = source.max_span if source.kind == "peer" or not self._sharing(fetch, now) else min(
             source.max_span, self.config.swarm_span)
         per_span = max(1, span_bytes // bmap.chunk_size)
         per_segment = max(1, source.segment_size // bmap.chunk_size)
@@ -449,11 +480,12 @@ class Fetcher:
         for request in list(fetch.requests):
             if request.hedged or request.next_index >= request.span.end:
                 continue
-            holders = [s for s in self.sources if s.has(bmap, request.next_index)]
+            holders = self._holders(fetch, request.next_index)
             # What a chunk takes from the fastest source that has it: a source that trickles is a
             # straggler next to it, even though it is "keeping its own pace".
             rate = max([request.stats.throughput, *(self.stats[s.name].throughput for s in holders)])
-            typical = bmap.chunk_size / rate if rate else 1.0
+            # Nothing measured yet: a LAN peer should bring a chunk in well under a second.
+            typical = bmap.chunk_size / rate if rate else 0.25 if request.source.kind == "peer" else 1.0
             if not self.policy.should_hedge(request.stats, now - request.last_progress, typical):
                 continue
             others = [self.stats[s.name] for s in holders if s is not request.source]
@@ -467,6 +499,11 @@ class Fetcher:
                 continue
             source = next(s for s in holders if s.name == stats.name)
             request.hedged = True
+            if request.source.kind == "peer" and source is not request.source:
+                # A LAN peer that stalls has failed: stop it now (it may be a stranger that holds
+                # a slot open on purpose); the hedge takes its chunks.
+                request.overtaken = True
+                request.scope.cancel()
             self.metrics.hedges.inc()
             log.info("hedging chunks %d-%d of %s on %s", request.next_index, request.span.end - 1,
                      bmap.digest, source.name)
@@ -537,7 +574,7 @@ class Fetcher:
         except VerificationError as exc:
             outcome = "bad"
             fetch.last_failure = exc
-            fetch.failures[index] += 1
+            self._count_failure(fetch, source, index)
             self.metrics.verify_failures.labels(kind).inc()
             log.warning("%s sent a bad chunk %d of %s: %s", source.name, index, bmap.digest, exc)
         except CacheError as exc:
@@ -548,8 +585,7 @@ class Fetcher:
             outcome = "error"
             fetch.last_failure = exc if isinstance(exc, P2pimgError) else OriginError(
                 f"{source.name}: {exc or type(exc).__name__}")
-            if index < span.end:
-                fetch.failures[index] += 1
+            self._count_failure(fetch, source, index)
             log.info("%s failed on chunks %d-%d of %s: %s", source.name, index, span.end - 1,
                      bmap.digest, exc or type(exc).__name__)
         finally:
@@ -561,6 +597,8 @@ class Fetcher:
                 stats.sent_bad_chunk(now, received)
             elif outcome == "error" or request.overtaken:
                 stats.failed(now, received)  # an error, or a stall that a hedge had to make up for
+                if request.overtaken:
+                    self._count_failure(fetch, source, index)
             else:
                 stats.in_flight -= 1  # cancelled: says nothing about the source
             for j in range(span.first, span.end):
@@ -569,3 +607,14 @@ class Fetcher:
                 fetch.cursor = min(fetch.cursor, *(fetch.position[j] for j in range(index, span.end)))
             fetch.requests.discard(request)
             self._changed.fire()
+
+    @staticmethod
+    def _count_failure(fetch: BlobFetch, source: ChunkSource, index: int) -> None:
+        """Chunk `index` failed on `source`: a peer is not asked for it again in this fetch; the
+        origin's (or upstream's) failures count toward the chunk's attempt limit."""
+        if index >= fetch.map.count:
+            return
+        if source.kind == "peer":
+            fetch.peer_failed.setdefault(index, set()).add(source.name)
+        else:
+            fetch.failures[index] += 1

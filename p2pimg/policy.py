@@ -12,7 +12,13 @@ origin's bandwidth; only a kind whose holders are all failing (backing off) is p
 Within a kind, faster and less busy first. Hedging a straggler is the exception: it takes the
 best free source other than the straggler, whatever its kind. A peer that sends a wrong byte is
 penalised for a while and banned after repeated offences; any source that errs or stalls backs
-off exponentially.
+off exponentially. A peer that fails `DROP_AFTER_ERRORS` times in a row (resets, stalls, claims
+it cannot keep) is dropped: unused for `DROP_BASE` seconds, twice as long at each later drop (up
+to `DROP_MAX`), until a success clears its record. Any host on the LAN can announce itself, so
+a peer must earn its place: until it has delivered one span it is on probation, with one request
+in flight (so a host that claims everything cannot take every chunk at once while the origin
+waits), and a hedge goes to a source that has delivered, or to the origin, before an unproven
+peer. The origin is never dropped (it is the authority of what it holds).
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ KIND_RANK = {"peer": 0, "origin": 1, "upstream": 2}
 BAN_AFTER_BAD_CHUNKS = 3
 BACKOFF_BASE = 0.25
 BACKOFF_MAX = 8.0
+DROP_AFTER_ERRORS = 3
+DROP_BASE = 30.0
+DROP_MAX = 600.0
 _EWMA = 0.3
 
 
@@ -44,9 +53,21 @@ class SourceStats:
     bad_chunks: int = 0
     unavailable_until: float = 0.0
     banned: bool = False
+    drops: int = 0  # times a peer was dropped for failing again and again
+    delivered: int = 0  # requests finished whole
+
+    @property
+    def proven(self) -> bool:
+        """An origin always is; a peer once it has delivered a span and is not failing now."""
+        return self.kind != "peer" or (self.delivered > 0 and self.errors == 0)
+
+    @property
+    def slots(self) -> int:
+        """Requests it may have in flight: one while a peer is on probation."""
+        return self.limit if self.proven else min(self.limit, 1)
 
     def usable(self, now: float) -> bool:
-        return not self.banned and now >= self.unavailable_until and self.in_flight < self.limit
+        return not self.banned and now >= self.unavailable_until and self.in_flight < self.slots
 
     # -- the engine's reports ---------------------------------------------------------------
 
@@ -58,6 +79,7 @@ class SourceStats:
         self.in_flight -= 1
         self.bytes += nbytes
         self.errors = 0
+        self.delivered += 1
         if nbytes and seconds > 0:
             rate = nbytes / seconds
             self.throughput = rate if not self.throughput else (1 - _EWMA) * self.throughput + _EWMA * rate
@@ -65,11 +87,15 @@ class SourceStats:
             self.latency = first_byte if not self.latency else (1 - _EWMA) * self.latency + _EWMA * first_byte
 
     def failed(self, now: float, nbytes: int = 0) -> None:
-        """An error or a stall: back off exponentially."""
+        """An error or a stall: back off exponentially; a peer failing again and again is dropped."""
         self.in_flight -= 1
         self.bytes += nbytes
         self.errors += 1
-        self.unavailable_until = now + min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (self.errors - 1))
+        backoff = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (self.errors - 1))
+        if self.kind == "peer" and self.errors >= DROP_AFTER_ERRORS:
+            self.drops += 1
+            backoff = min(DROP_MAX, DROP_BASE * 2 ** (self.drops - 1))
+        self.unavailable_until = max(self.unavailable_until, now + backoff)
 
     def sent_bad_chunk(self, now: float, nbytes: int = 0) -> None:
         """A chunk that did not match its CID.
@@ -99,9 +125,10 @@ class SourcePolicy(abc.ABC):
         """The source for the next span, or None to wait for a slot or a backoff to end."""
 
     def choose_hedge(self, candidates: list[SourceStats], now: float) -> SourceStats | None:
-        """A free source to race a straggler with (the straggler is not among the candidates)."""
+        """A free source to race a straggler with (the straggler is not among the candidates):
+        one that has delivered (or the origin) before a peer on probation, then by rank."""
         usable = [s for s in candidates if s.usable(now)]
-        return min(usable, key=_rank) if usable else None
+        return min(usable, key=lambda s: (not s.proven, *_rank(s))) if usable else None
 
     def should_hedge(self, current: SourceStats, idle: float, typical: float) -> bool:
         """Race a request that has made no progress for `idle` s against another source?"""
@@ -118,7 +145,7 @@ class PreferNear(SourcePolicy):
         if not healthy:
             return None
         nearest = min(KIND_RANK.get(s.kind, 9) for s in healthy)
-        free = [s for s in healthy if KIND_RANK.get(s.kind, 9) == nearest and s.in_flight < s.limit]
+        free = [s for s in healthy if KIND_RANK.get(s.kind, 9) == nearest and s.in_flight < s.slots]
         return min(free, key=_rank) if free else None
 
 

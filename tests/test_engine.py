@@ -243,3 +243,80 @@ async def test_many_readers_one_fetch(tmp_path: Path, nursery: trio.Nursery) -> 
         for _ in range(8):
             readers.start_soon(fetch_all, fetcher, bmap)
     assert origin.sent == len(data)
+
+
+FAKE_PEERS = 8
+
+
+def fake_peers(data: bytes, misbehaviour: str) -> list[MemorySource]:
+    """LAN hosts that claim every chunk and then reset, stall after a few bytes, or send garbage."""
+    return [MemorySource(f"fake{k}", "peer", data, fail_first=10**6 if misbehaviour == "reset" else 0,
+                         stall_after=100 if misbehaviour == "stall" else None,
+                         lie=misbehaviour == "garbage")
+            for k in range(FAKE_PEERS)]
+
+
+@pytest.mark.parametrize("misbehaviour", ["reset", "stall", "garbage"])
+async def test_any_number_of_failing_peers_cannot_fail_a_pull(
+        tmp_path: Path, nursery: trio.Nursery, misbehaviour: str) -> None:
+    """Eight peers that claim everything and never deliver: the pull completes from the origin,
+    every byte verified; each fake peer, on probation (one request at a time until it delivers),
+    is asked a few times at most and left holding no request."""
+    data, bmap = make_blob(48 * CHUNK)
+    origin = MemorySource("origin", "origin", data, delay=0.002)
+    fakes = fake_peers(data, misbehaviour)
+    fetcher, store, metrics = engine(tmp_path, nursery, [origin, *fakes], stall_timeout=60)
+    await fetch_all(fetcher, bmap)
+    assert store.blob_path(bmap.digest).read_bytes() == data
+    assert counter(metrics, "source_bytes", "origin") == len(data)
+    tried = [f for f in fakes if f.requests]
+    assert tried, "no fake peer was asked: nothing was tested"
+    for fake in fakes:
+        stats = fetcher.stats[fake.name]
+        assert fake.in_flight == 0 and stats.in_flight == 0  # stalled requests were stopped
+        assert stats.delivered == 0 and not stats.proven
+    # Not one request per chunk: a failed peer is not asked for that chunk again, and backs off.
+    assert all(len(f.requests) <= 3 for f in fakes), [len(f.requests) for f in fakes]
+
+
+async def test_peer_failures_do_not_use_up_the_origins_attempts(
+        tmp_path: Path, nursery: trio.Nursery) -> None:
+    """The attempt limit counts the origin's failures only: an origin that fails twice (with
+    attempts=3) still delivers, however many peers failed the same chunks before it."""
+    data, bmap = make_blob(8 * CHUNK)
+    origin = MemorySource("origin", "origin", data, fail_first=2)
+    fetcher, store, _ = engine(tmp_path, nursery, [origin, *fake_peers(data, "reset")], attempts=3)
+    await fetch_all(fetcher, bmap)
+    assert store.blob_path(bmap.digest).read_bytes() == data
+
+
+async def test_without_the_origin_failing_peers_end_the_fetch_with_a_reason(
+        tmp_path: Path, nursery: trio.Nursery) -> None:
+    """No origin to fall back on: once every peer holding a chunk has failed it, the fetch fails,
+    saying so and quoting the last failure."""
+    data, bmap = make_blob(4 * CHUNK)
+    fetcher, store, _ = engine(tmp_path, nursery, list(fake_peers(data, "reset")))
+    fetch = await fetcher.open(bmap)
+    assert fetch is not None
+    with trio.fail_after(20), pytest.raises(Exception, match="no usable source has chunk .*reset by test"):
+        await fetch.wait_chunk(0)
+    fetcher.release(fetch)
+    assert not store.has_blob(bmap.digest)
+
+
+def test_a_peer_failing_again_and_again_is_dropped_for_longer_each_time() -> None:
+    from p2pimg.policy import DROP_AFTER_ERRORS, DROP_BASE, SourceStats
+
+    peer, origin = SourceStats("peer", "peer", 4), SourceStats("origin", "origin", 8)
+    until = []
+    for _ in range(DROP_AFTER_ERRORS + 2):
+        for s in (peer, origin):
+            s.started()
+            s.failed(100.0)
+        until.append(peer.unavailable_until - 100.0)
+    assert until[:DROP_AFTER_ERRORS - 1] == sorted(until[:DROP_AFTER_ERRORS - 1]) and until[0] < 1
+    assert until[DROP_AFTER_ERRORS - 1:] == [DROP_BASE, 2 * DROP_BASE, 4 * DROP_BASE]
+    assert origin.unavailable_until - 100.0 <= 8.0  # the origin backs off, is never dropped
+    peer.started()
+    peer.finished(CHUNK, 0.1, 0.01)
+    assert peer.errors == 0  # a success clears the record

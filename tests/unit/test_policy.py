@@ -32,7 +32,7 @@ def test_choices_are_usable_and_nearest_healthy_kind(candidates: list[SourceStat
             # Waiting is right only when no healthy source of the nearest healthy kind is free.
             if healthy:
                 nearest = min(ORDER[s.kind] for s in healthy)
-                assert all(s.in_flight >= s.limit for s in healthy if ORDER[s.kind] == nearest)
+                assert all(s.in_flight >= s.slots for s in healthy if ORDER[s.kind] == nearest)
             continue
         assert chosen in pool and chosen.usable(now)
         assert ORDER[chosen.kind] == min(ORDER[s.kind] for s in healthy), "a nearer kind was passed over"
@@ -51,8 +51,8 @@ def test_waits_for_a_busy_peer_instead_of_using_the_origin() -> None:
 
 def test_prefers_peers_then_fast_then_idle() -> None:
     origin = SourceStats("origin", "origin", 8, throughput=1e9)
-    slow = SourceStats("peer-slow", "peer", 4, throughput=1e6)
-    fast = SourceStats("peer-fast", "peer", 4, throughput=1e8)
+    slow = SourceStats("peer-slow", "peer", 4, throughput=1e6, delivered=1)
+    fast = SourceStats("peer-fast", "peer", 4, throughput=1e8, delivered=1)
     policy = PreferNear()
     assert policy.choose([origin, slow, fast], 0) is fast
     fast.in_flight = 3  # 1e8 / 4 is still better than 1e6
@@ -106,3 +106,22 @@ def test_policies_by_name() -> None:
 
     with pytest.raises(InvalidInput, match="unknown source policy"):
         policy_named("fastest-ever")
+
+
+def test_a_peer_is_on_probation_until_it_delivers() -> None:
+    """One request at a time until a peer has delivered a span (a host claiming everything cannot
+    take every chunk at once); a hedge prefers a proven source or the origin to such a peer."""
+    new = SourceStats("new", "peer", 4)
+    origin = SourceStats("origin", "origin", 8)
+    assert new.slots == 1 and not new.proven
+    new.started()
+    assert PreferNear().choose([new, origin], 0) is None  # waits for the nearer kind, as ever
+    assert not new.usable(0)
+    new.finished(1 << 20, 0.01, 0.001)
+    assert new.proven and new.slots == 4 and new.usable(0)
+    stranger = SourceStats("stranger", "peer", 4)
+    assert PreferNear().choose_hedge([stranger, origin], 0) is origin
+    assert PreferNear().choose_hedge([stranger, origin, new], 0) is new
+    new.started()
+    new.failed(1.0)  # failing now: on probation again
+    assert not new.proven and new.slots == 1
