@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,11 +39,14 @@ def publish(run_p2pimg: RunP2pimg, image: SampleImage, origin: str, home: Path, 
     run_p2pimg("publish", f"oci:{image.path}:1", "demo/app:1", "--origin", origin, *extra, home=home)
 
 
-def serve(home: Path, origin: str, logdir: Path, name: str = "p2pimg") -> tuple[Daemon, str]:
+def serve(
+    home: Path, origin: str, logdir: Path, name: str = "p2pimg", extra: Sequence[str] = ()
+) -> tuple[Daemon, str]:
     def launch(port: int) -> Daemon:
         return Daemon(
             name,
-            [sys.executable, "-m", "p2pimg", "serve", "--listen", f"127.0.0.1:{port}", "--origin", origin],
+            [sys.executable, "-m", "p2pimg", "serve", "--listen", f"127.0.0.1:{port}", "--origin", origin,
+             *extra],
             logdir=logdir,
             env=client_env(P2PIMG_HOME=str(home)),
         )
