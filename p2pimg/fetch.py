@@ -50,6 +50,13 @@ from .store import ChunkStore, PartialBlob
 log = logging.getLogger(__name__)
 
 
+class SourceBusy(OriginError):
+    """A source declined a request for now (a peer's 429): not a failure, come back later."""
+
+    http_status = 429
+    retry_after = 0.5  # seconds the source is left alone
+
+
 class ChunkSource(abc.ABC):
     """Anything that can send byte ranges of a blob: an origin, a peer, an upstream registry."""
 
@@ -577,6 +584,9 @@ class Fetcher:
             self._count_failure(fetch, source, index)
             self.metrics.verify_failures.labels(kind).inc()
             log.warning("%s sent a bad chunk %d of %s: %s", source.name, index, bmap.digest, exc)
+        except SourceBusy as exc:
+            outcome = "busy"  # a polite no: not the source's failure, nor the chunk's
+            log.debug("%s: %s", source.name, exc.message)
         except CacheError as exc:
             # The cache cannot take the chunk (a full disk): no source is to blame and asking
             # again cannot help, so the fetch fails now with that error.
@@ -595,6 +605,8 @@ class Fetcher:
                 self.metrics.span_seconds.labels(kind).observe(now - request.started)
             elif outcome == "bad":
                 stats.sent_bad_chunk(now, received)
+            elif outcome == "busy":
+                stats.busy(now, SourceBusy.retry_after)
             elif outcome == "error" or request.overtaken:
                 stats.failed(now, received)  # an error, or a stall that a hedge had to make up for
                 if request.overtaken:

@@ -37,7 +37,7 @@ from . import swarmkey
 from .bodies import read_capped
 from .cid import Cid, parse_digest
 from .errors import BlobUnknown, ManifestUnknown, NotFound, OriginError, P2pimgError, RangeNotSatisfiable
-from .fetch import ChunkSource, Fetcher
+from .fetch import ChunkSource, Fetcher, SourceBusy
 from .http import BodyPart, FileRegion, Request, Response
 from .model import BlobMap, check_name, check_tag
 from .ranges import content_range, parse_range
@@ -56,10 +56,8 @@ _PIECE = 256 << 10
 _POLL = 0.3
 
 
-class PeerBusy(OriginError):
+class PeerBusy(SourceBusy):
     """A peer answered 429: try elsewhere, come back later."""
-
-    http_status = 429
 
 
 class TokenBucket:

@@ -97,6 +97,11 @@ class SourceStats:
             backoff = min(DROP_MAX, DROP_BASE * 2 ** (self.drops - 1))
         self.unavailable_until = max(self.unavailable_until, now + backoff)
 
+    def busy(self, now: float, seconds: float) -> None:
+        """It declined a request for now (a peer's 429): leave it alone for `seconds`; no error."""
+        self.in_flight -= 1
+        self.unavailable_until = max(self.unavailable_until, now + seconds)
+
     def sent_bad_chunk(self, now: float, nbytes: int = 0) -> None:
         """A chunk that did not match its CID.
 

@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from p2pimg.cid import Cid, digest_of
-from p2pimg.fetch import BlobFetch, ChunkSource, FetchConfig, Fetcher
+from p2pimg.fetch import BlobFetch, ChunkSource, FetchConfig, Fetcher, SourceBusy
 from p2pimg.metrics import Metrics
 from p2pimg.model import BlobMap
 from p2pimg.store import ChunkStore
@@ -30,11 +30,13 @@ class MemorySource(ChunkSource):
 
     def __init__(self, name: str, kind: str, data: bytes, *, limit: int = 4, max_span: int = 4 * CHUNK,
                  segment: int = 8 * CHUNK, lie: bool = False, stall_after: int | None = None,
-                 fail_first: int = 0, delay: float = 0.0, holds: set[int] | None = None) -> None:
+                 fail_first: int = 0, delay: float = 0.0, holds: set[int] | None = None,
+                 busy_first: int = 0) -> None:
         self.name, self.kind, self.data = name, kind, data
         self.limit, self.max_span, self.segment_size = limit, max_span, segment
         self.lie, self.stall_after, self.fail_first, self.delay = lie, stall_after, fail_first, delay
         self.holds = holds
+        self.busy_first = busy_first
         self.requests: list[tuple[int, int]] = []
         self.in_flight = self.peak = 0
         self.sent = 0
@@ -50,6 +52,9 @@ class MemorySource(ChunkSource):
             if self.fail_first:
                 self.fail_first -= 1
                 raise OSError("connection reset by test")
+            if self.busy_first:
+                self.busy_first -= 1
+                raise SourceBusy(f"{self.name} is busy")
             pos = start
             while pos < start + length:
                 if self.stall_after is not None and pos - start >= self.stall_after:
@@ -320,3 +325,17 @@ def test_a_peer_failing_again_and_again_is_dropped_for_longer_each_time() -> Non
     peer.started()
     peer.finished(CHUNK, 0.1, 0.01)
     assert peer.errors == 0  # a success clears the record
+
+
+async def test_a_busy_peer_is_asked_again_later_not_dropped(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """429 is a polite "not now": the peer is left alone for a moment, its record stays clean,
+    and it serves once it has room (here after five refusals, more than the drop threshold)."""
+    data, bmap = make_blob(64 * CHUNK)
+    peer = MemorySource("peer", "peer", data, busy_first=5, delay=0.001)
+    origin = MemorySource("origin", "origin", data, delay=0.05)
+    fetcher, store, metrics = engine(tmp_path, nursery, [origin, peer])
+    await fetch_all(fetcher, bmap)
+    assert store.blob_path(bmap.digest).read_bytes() == data
+    assert counter(metrics, "source_bytes", "peer") > 0
+    stats = fetcher.stats["peer"]
+    assert stats.drops == 0 and stats.delivered > 0 and stats.in_flight == 0
