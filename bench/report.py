@@ -168,7 +168,31 @@ def write_plots(document: dict[str, Any], out: Path) -> list[Path]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
+        series = next((r["details"]["series"] for r in records if "series" in r.get("details", {})), None)
+        if series:
+            written.append(_write_series(plt, scenario, series, out))
     return written
+
+
+SERIES = (("fds", "open descriptors"), ("threads", "threads"), ("rss_mib", "resident memory (MiB)"))
+
+
+def _write_series(plt: Any, scenario: str, series: dict[str, dict[str, list[float]]], out: Path) -> Path:
+    """Samples over time (a soak): one subplot per quantity, a line per side."""
+    fig, axes = plt.subplots(1, len(SERIES), figsize=(5.2 * len(SERIES), 3.8), squeeze=False)
+    for ax, (key, label) in zip(axes[0], SERIES, strict=True):
+        for side, samples in series.items():
+            ax.plot(samples["t"], samples[key], label=side, linewidth=1.2)
+        ax.set_xlabel("seconds")
+        ax.set_title(label, fontsize=9)
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{scenario}: the server over time")
+    fig.tight_layout()
+    path = out / f"{scenario}-over-time.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _bars(ax: Any, group: Sequence[dict[str, Any]]) -> None:

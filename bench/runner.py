@@ -2,7 +2,8 @@
 
     python -m bench [--quick | --full] [--runs N] [--only NAME[,NAME]] [--out DIR]
 
-Scenarios run one after another, in this order: warm pull, cold pull, LAN swarm, overheads. A
+Scenarios run one after another, in this order: warm pull, cold pull, LAN swarm, overheads,
+soak. A
 scenario module missing from this build, a tool it needs that is not installed, or an exception
 it raises is recorded as a skipped scenario with the reason; the run goes on. Each figure is
 reduced to median, p10 and p90 over the repetitions, and the ratio p2pimg median / baseline
@@ -56,6 +57,7 @@ SCENARIOS = [
     Entry("cold-pull", "bench.scenarios.cold", "cold_pull"),
     Entry("lan-swarm", "bench.scenarios.swarm", "lan_swarm"),
     Entry("overheads", "bench.scenarios.overheads", "overheads"),
+    Entry("soak", "bench.scenarios.soak", "soak"),
 ]
 
 

@@ -136,3 +136,28 @@ def test_warm_pull_tiny_then_report(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     out = tmp_path / "out"
     document = write_results(measures, [Skipped("cold-pull", runner.NOT_AVAILABLE)], out, dict(META))
     check_report(out, document, {"warm-pull"})
+
+
+def test_soak_tiny_then_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The soak scenario at toy size: both servers watched under the mixed load, every ordinary
+    GET correct, and the over-time plot drawn."""
+    if missing := [t for t in ("skopeo", "docker-registry") if shutil.which(t) is None]:
+        pytest.skip(f"{' and '.join(missing)} not installed (apt-get install skopeo docker-registry)")
+    from bench.scenarios.soak import soak
+
+    monkeypatch.setenv(TINY_ENV, "1")
+    work = tmp_path / "work"
+    work.mkdir()
+    rows = soak(ctx(work))
+    measures = [r for r in rows if isinstance(r, Measure)]
+    assert len(measures) == 6, rows
+    details = measures[0].details
+    for side in ("p2pimg", "baseline"):
+        clients = details["clients"][side]  # type: ignore[index]
+        assert clients["normal_ok"] >= 1 and clients["normal_failed"] == 0, clients
+        assert clients["vanished"] >= 1 and clients["slow_ready"] == clients["slow"], clients
+        assert len(details["series"][side]["fds"]) >= 3  # type: ignore[index]
+    out = tmp_path / "out"
+    document = write_results(measures, [], out, dict(META))
+    check_report(out, document, {"soak"})
+    assert (out / "soak-over-time.png").read_bytes()[:8] == PNG_MAGIC
