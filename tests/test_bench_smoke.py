@@ -158,6 +158,6 @@ def test_soak_tiny_then_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         assert clients["vanished"] >= 1 and clients["slow_ready"] == clients["slow"], clients
         assert len(details["series"][side]["fds"]) >= 3  # type: ignore[index]
     out = tmp_path / "out"
-    document = write_results(measures, [], out, dict(META))
+    document = write_results(measures, [Skipped("cold-pull", runner.NOT_AVAILABLE)], out, dict(META))
     check_report(out, document, {"soak"})
     assert (out / "soak-over-time.png").read_bytes()[:8] == PNG_MAGIC
