@@ -3,8 +3,9 @@
 Blob bytes never enter Python on the way out: a `FileRegion` body part travels through h11 as a
 placeholder (`send_with_data_passthrough`), and its bytes go from the page cache to the socket
 with `os.sendfile`. A worker thread copies while the socket takes bytes (a page-cache miss then
-blocks that thread, not the event loop) and returns at EAGAIN; the wait for writability is
-trio's, so a client that reads slowly holds a descriptor and never a thread. Over TLS (the
+blocks that thread, not the event loop) and returns once the socket stays full for a few
+milliseconds; the longer wait for writability is trio's, so a client that reads slowly holds a
+descriptor and never a thread. Over TLS (the
 optional peer mTLS) the bytes must pass through the TLS layer, so a region is read and sent in
 256 KiB pieces.
 
@@ -27,6 +28,7 @@ import http
 import logging
 import math
 import os
+import select
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -51,8 +53,10 @@ SEND_WINDOW = 32.0
 MIN_SEND_RATE = 32 << 10
 _WINDOW_BYTES = int(MIN_SEND_RATE * SEND_WINDOW)
 _RECV = 64 << 10
-# Threads copying file pages to sockets at once (each only while its socket takes bytes).
+# Threads copying file pages to sockets at once (each only while its socket takes bytes, or
+# for _LINGER_MS after it filled up).
 _SENDERS = trio.CapacityLimiter(64)
+_LINGER_MS = 5
 # Open connections per listener: one more is closed as soon as it is accepted.
 MAX_CONNECTIONS = 1024
 # A larger send buffer means fewer sendfile/epoll round trips per blob (the kernel's autotuned
@@ -161,14 +165,20 @@ class _Pace:
 
 
 def _sendfile_some(sockfd: int, fd: int, offset: int, count: int) -> int:
-    """Copy file bytes to a non-blocking socket until it is full or `count` are sent: the bytes
-    sent (0 when it took none). Runs in a worker thread, which never waits for the socket."""
+    """Copy file bytes to a non-blocking socket until `count` are sent or it stays full for
+    `_LINGER_MS`: the bytes sent (0 when it took none). Runs in a worker thread. A client that
+    reads fast frees room within the linger, so its body goes out in one thread hop; one that
+    does not costs the thread at most the linger, and trio waits for it instead."""
+    poller = select.poll()
+    poller.register(sockfd, select.POLLOUT)
     done = 0
     while done < count:
         try:
             sent = os.sendfile(sockfd, fd, offset + done, count - done)
         except BlockingIOError:
-            break
+            if not poller.poll(_LINGER_MS):
+                break
+            continue
         if sent == 0:
             raise AbortResponse("file shorter than the response promised")
         done += sent
