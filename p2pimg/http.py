@@ -15,10 +15,11 @@ ends: response sent, client gone before the head or mid-body, a timeout, cancell
 Body iterators only produce parts; they own nothing, because one that never started (the head
 could not be sent) never runs its `finally`.
 
-A response body must keep moving: every `SEND_WINDOW` seconds the client must take at least
-`MIN_SEND_RATE` × `SEND_WINDOW` bytes (or the rest of the body), else the connection is cut. A
-fast client never meets the rule; a stalled one is cut within two windows whatever it took before,
-and one that reads a byte now and then cannot hold its connection for long.
+A response body must keep moving: within every `SEND_WINDOW` seconds spent waiting for it, the
+client must take at least `MIN_SEND_RATE` × `SEND_WINDOW` bytes (or the rest of the body), else
+the connection is cut. Time the body waits on its own source does not count. A fast client never
+meets the rule; a stalled one is cut within two windows whatever it took before, and one that
+reads a byte now and then cannot hold its connection for long.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import os
 import select
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -147,12 +148,13 @@ Gate = Callable[[Request], "Response | None"]
 
 
 class _Pace:
-    """The send rule of one response body (see the module docstring): `deadline` is when the
-    current window ends; each MIN_SEND_RATE × SEND_WINDOW bytes sent (or the body's end) starts a
-    new one."""
+    """The send rule of one response body (see the module docstring). Only time spent waiting
+    for the client counts: a body that waits on its source (a slow origin, a fetch in progress)
+    is not the client's fault. Each MIN_SEND_RATE × SEND_WINDOW bytes sent (or the body's end)
+    starts a new window."""
 
     def __init__(self, remaining: int) -> None:
-        self.deadline = trio.current_time() + SEND_WINDOW
+        self.waited = 0.0  # seconds spent waiting for the client in this window
         self.quota = min(_WINDOW_BYTES, remaining)
         self.remaining = remaining
 
@@ -160,8 +162,18 @@ class _Pace:
         self.remaining -= n
         self.quota -= n
         if self.quota <= 0:
-            self.deadline = trio.current_time() + SEND_WINDOW
+            self.waited = 0.0
             self.quota = min(_WINDOW_BYTES, max(self.remaining, 1))
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Wait for the client within what is left of the window; TooSlowError past it."""
+        began = trio.current_time()
+        try:
+            with trio.fail_after(max(0.0, SEND_WINDOW - self.waited)):
+                yield
+        finally:
+            self.waited += trio.current_time() - began
 
 
 def _sendfile_some(sockfd: int, fd: int, offset: int, count: int) -> int:
@@ -194,7 +206,7 @@ async def _sendfile(stream: trio.SocketStream, region: FileRegion, pace: _Pace) 
         offset += sent
         pace.sent(sent)
         if offset < end:
-            with trio.fail_at(pace.deadline):
+            with pace.waiting():
                 await trio.lowlevel.wait_writable(sock)
 
 
@@ -210,7 +222,7 @@ async def _send_region_tls(stream: trio.abc.Stream, region: FileRegion, pace: _P
 
 
 async def _send_paced(stream: trio.abc.Stream, data: bytes, pace: _Pace) -> None:
-    with trio.fail_at(pace.deadline):
+    with pace.waiting():
         await stream.send_all(data)
     pace.sent(len(data))
 

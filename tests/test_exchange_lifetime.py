@@ -273,3 +273,25 @@ async def test_a_bug_in_a_background_task_ends_that_task_only(
                 await trio.sleep(0.01)
         assert "KeyError" in caplog.text
         await get_ok(s.registry_port)
+
+
+async def test_a_body_waiting_on_its_source_is_not_cut(
+        nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only time spent waiting for the client counts toward the send rule: a body whose source
+    pauses for two windows between parts (a slow origin mid-fetch) reaches a fast client whole."""
+    monkeypatch.setattr(http, "SEND_WINDOW", 0.5)
+    monkeypatch.setattr(http, "MIN_SEND_RATE", 1 << 20)
+    monkeypatch.setattr(http, "_WINDOW_BYTES", 1 << 19)
+    part = os.urandom(64 << 10)
+
+    async def handler(request: Request) -> Response:
+        async def body() -> AsyncIterator[BodyPart]:
+            for _ in range(3):
+                yield part
+                await trio.sleep(1.0)
+        return Response(200, [("content-length", str(3 * len(part)))], body())
+
+    port = await start(nursery, handler)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+        r = await client.get("/x")
+    assert r.status_code == 200 and r.content == part * 3
