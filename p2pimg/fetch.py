@@ -581,7 +581,7 @@ class Fetcher:
         except VerificationError as exc:
             outcome = "bad"
             fetch.last_failure = exc
-            self._count_failure(fetch, source, index)
+            self._count_failure(fetch, source, index, span)
             self.metrics.verify_failures.labels(kind).inc()
             log.warning("%s sent a bad chunk %d of %s: %s", source.name, index, bmap.digest, exc)
         except SourceBusy as exc:
@@ -595,7 +595,7 @@ class Fetcher:
             outcome = "error"
             fetch.last_failure = exc if isinstance(exc, P2pimgError) else OriginError(
                 f"{source.name}: {exc or type(exc).__name__}")
-            self._count_failure(fetch, source, index)
+            self._count_failure(fetch, source, index, span)
             log.info("%s failed on chunks %d-%d of %s: %s", source.name, index, span.end - 1,
                      bmap.digest, exc or type(exc).__name__)
         finally:
@@ -610,7 +610,7 @@ class Fetcher:
             elif outcome == "error" or request.overtaken:
                 stats.failed(now, received)  # an error, or a stall that a hedge had to make up for
                 if request.overtaken:
-                    self._count_failure(fetch, source, index)
+                    self._count_failure(fetch, source, index, span)
             else:
                 stats.in_flight -= 1  # cancelled: says nothing about the source
             for j in range(span.first, span.end):
@@ -621,10 +621,11 @@ class Fetcher:
             self._changed.fire()
 
     @staticmethod
-    def _count_failure(fetch: BlobFetch, source: ChunkSource, index: int) -> None:
-        """Chunk `index` failed on `source`: a peer is not asked for it again in this fetch; the
-        origin's (or upstream's) failures count toward the chunk's attempt limit."""
-        if index >= fetch.map.count:
+    def _count_failure(fetch: BlobFetch, source: ChunkSource, index: int, span: Span) -> None:
+        """Chunk `index` of `span` failed on `source` (nothing to count once the span is done): a
+        peer is not asked for it again in this fetch; the origin's (or upstream's) failures count
+        toward the chunk's attempt limit."""
+        if index >= span.end:
             return
         if source.kind == "peer":
             fetch.peer_failed.setdefault(index, set()).add(source.name)
