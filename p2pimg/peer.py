@@ -147,7 +147,7 @@ class PeerService:
             return self._busy()
         self.metrics.peer_requests.labels("served").inc()
         self.active += 1
-        request.hold(self._release_slot)  # the slot is the exchange's until it ends, however
+        request.hold(self._release_slot)  # the slot is the exchange's until it ends, however it ends
         try:
             response = await self._route(request)
         except P2pimgError as exc:
