@@ -59,9 +59,9 @@ def soak(ctx: Context) -> list[Measure | Skipped]:
         proxy, proxy_proc = stack.enter_context(
             p2pimg_serve(home, origin=file_origin(home), log=ctx.workdir / "p2pimg.log"))
         for side, host, pid in (("p2pimg", proxy, proxy_proc.pid), ("baseline", registry, registry_proc.pid)):
-            ctx.progress(f"soak: {side}: warming up")
+            ctx.progress(f"{side}: warming up")
             skopeo_pull(f"{host}/{ref}", ctx.workdir / "pull")  # p2pimg: into its cache
-            ctx.progress(f"soak: {side}: {slow} slow readers, {vanish_rate:g} vanishing and "
+            ctx.progress(f"{side}: {slow} slow readers, {vanish_rate:g} vanishing and "
                          f"{normal_rate:g} ordinary clients a second for {seconds:.0f} s")
             sides[side] = load(host, pid, f"/v2/{REPO}/blobs/{layer}", layer, seconds, slow, vanish_rate,
                                normal_rate)
