@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share this cache with LAN peers on this address (off by default)")
     p.add_argument("--peer-rate", metavar="BYTES/S", help="upload limit to peers, e.g. 50M (default: none)")
     p.add_argument("--peer-max-requests", type=int, metavar="N",
-                   help="concurrent peer requests served before answering 429 (default 32)")
+                   help="concurrent uploads to peers (blob spans, blocks) before answering 429 (default 32)")
     p.add_argument("--cache-max", metavar="SIZE",
                    help="evict least recently used unpinned blobs to keep the cache under this, e.g. 20G")
     _peers(p)

@@ -54,6 +54,7 @@ RAW_BLOCK = "application/vnd.ipld.raw"
 TAG_RECORD = "application/vnd.p2pimg.tag-record.v1+cbor"
 _PIECE = 256 << 10
 _POLL = 0.3
+STALE_CLAIMS = 2.0  # a peer that verified nothing new for this long is not bringing anything
 
 
 class PeerBusy(SourceBusy):
@@ -141,13 +142,19 @@ class PeerService:
         return refusal if refusal is not None else await self.handle_local(request)
 
     async def handle_local(self, request: Request) -> Response:
-        """A request from this machine (the node's own control endpoints), or one already let in."""
-        if self.active >= self.max_requests:
-            self.metrics.peer_requests.labels("busy").inc()
-            return self._busy()
+        """A request from this machine (the node's own control endpoints), or one already let in.
+
+        Uploads (blob spans and blocks: `/p2pimg/v1/blobs/`, `/ipfs/`) take one of
+        `max_requests` slots, and get 429 when none is free. Inventories, `/info`, tag records
+        and warm requests are small answers from memory: they take none, so a node busy
+        uploading still tells others what it holds."""
+        if request.path.startswith(("/p2pimg/v1/blobs/", "/ipfs/")):
+            if self.active >= self.max_requests:
+                self.metrics.peer_requests.labels("busy").inc()
+                return self._busy()
+            self.active += 1
+            request.hold(self._release_slot)  # the slot is the exchange's until it ends, however it ends
         self.metrics.peer_requests.labels("served").inc()
-        self.active += 1
-        request.hold(self._release_slot)  # the slot is the exchange's until it ends, however it ends
         try:
             response = await self._route(request)
         except P2pimgError as exc:
@@ -363,6 +370,9 @@ class PeerSource(ChunkSource):
         self.node_id = node_id
         self._have: dict[str, bytes | None] = {}  # digest -> states (b"" = complete, None = nothing)
         self._misses: dict[str, int] = {}  # digest -> failed polls in a row
+        # digest -> (chunks it has verified, when that count last grew): a claim to be bringing
+        # chunks is believed only while the peer shows progress (see `_progressing`).
+        self._progress: dict[str, tuple[int, float]] = {}
 
     def has(self, blob_map: BlobMap, index: int) -> bool:
         states = self._have.get(blob_map.digest)
@@ -371,11 +381,21 @@ class PeerSource(ChunkSource):
         return states == b"" or (len(states) > index and states[index] == 1)
 
     def participates(self, blob_map: BlobMap) -> bool:
-        return self._have.get(blob_map.digest) is not None
+        states = self._have.get(blob_map.digest)
+        return states is not None and (states == b"" or self._progressing(blob_map.digest))
 
     def coming(self, blob_map: BlobMap, index: int) -> bool:
         states = self._have.get(blob_map.digest)
-        return states is not None and len(states) > index and states[index] == 2
+        return (states is not None and len(states) > index and states[index] == 2
+                and self._progressing(blob_map.digest))
+
+    def _progressing(self, digest: str) -> bool:
+        """Whether the peer verified a new chunk of the blob within `STALE_CLAIMS` seconds (or
+        was first heard of that recently). Others wait for chunks a peer says it is bringing, and
+        leave it the blocks it owns: a host that claims to fetch everything and never does would
+        hold every pull up for as long as they believe it."""
+        seen = self._progress.get(digest)
+        return seen is not None and trio.current_time() - seen[1] < STALE_CLAIMS
 
     async def _poll(self, blob_map: BlobMap) -> bool:
         """Refresh what this peer holds of a blob; True when it changed."""
@@ -408,6 +428,10 @@ class PeerSource(ChunkSource):
                     states = None
                 if states is not None and len(states) != blob_map.count:
                     states = None  # empty, or another chunking of the blob: useless to us
+        verified = blob_map.count if states == b"" else states.count(1) if states else 0
+        seen = self._progress.get(blob_map.digest)
+        if seen is None or verified > seen[0]:
+            self._progress[blob_map.digest] = (verified, trio.current_time())
         changed = self._have.get(blob_map.digest) != states
         self._have[blob_map.digest] = states
         return changed
@@ -427,6 +451,7 @@ class PeerSource(ChunkSource):
         finally:
             self._have.pop(blob_map.digest, None)
             self._misses.pop(blob_map.digest, None)
+            self._progress.pop(blob_map.digest, None)
 
     async def read_span(self, blob_map: BlobMap, start: int, length: int) -> AsyncIterator[bytes]:
         headers = {"range": f"bytes={start}-{start + length - 1}"}

@@ -128,10 +128,10 @@ if (($# == 0)) && [[ -z ${P2PIMG_ONE_PYTHON:-} && -n $other ]]; then
             log "creating .venv-alt with $other ($other_version)"
             "$other" -m venv .venv-alt || alt_ok=0
         fi
-        alt_stamp=.venv-alt/.p2pimg-test-deps.sha256
+        alt_stamp=.venv-alt/.p2pimg-test-bench-deps.sha256
         if ((alt_ok)) && [[ ! -f $alt_stamp || $(cat "$alt_stamp") != "$want" ]]; then
-            log "installing p2pimg[test] into .venv-alt"
-            if .venv-alt/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'; then
+            log "installing p2pimg[test,bench] into .venv-alt"
+            if .venv-alt/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'; then
                 printf '%s\n' "$want" >"$alt_stamp"
             else
                 alt_ok=0

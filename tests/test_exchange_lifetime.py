@@ -295,3 +295,35 @@ async def test_a_body_waiting_on_its_source_is_not_cut(
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
         r = await client.get("/x")
     assert r.status_code == 200 and r.content == part * 3
+
+
+async def test_a_peer_busy_uploading_still_says_what_it_holds(tmp_path: Path, sample: SampleImage) -> None:
+    """With one upload slot taken by a transfer, another span gets 429, but the inventory and
+    /info still answer (they take no slot); once the transfer ends, its slot serves again."""
+    home = tmp_path / "home"
+    await published_home(home, sample)
+    async with (serving(_config(home, peer_max_requests=1, peer_rate=64 << 10)) as s,
+                httpx.AsyncClient(timeout=10) as client):
+        registry, peer = f"http://127.0.0.1:{s.registry_port}", f"http://127.0.0.1:{s.peer_port}"
+        root = await s.node.resolver.root(await s.node.resolver.resolve_tag("demo/app", "1"))
+        digest = max(root.blobs, key=lambda d: root.blobs[d].size)
+        r = await client.get(f"{registry}/v2/demo/app/blobs/{digest}")
+        assert r.status_code == 200  # now cached
+        span = f"GET /p2pimg/v1/blobs/{digest} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-999999\r\n\r\n"
+        holder = trio.socket.socket()
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await holder.connect(("127.0.0.1", s.peer_port))
+        await holder.send(span.encode())
+        await holder.recv(1024)  # under way, paced at 64 KiB/s: the one slot is taken
+        busy = await client.get(f"{peer}/p2pimg/v1/blobs/{digest}", headers={"Range": "bytes=0-99"})
+        assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
+        have = await client.get(f"{peer}/p2pimg/v1/have/{digest}")
+        assert have.status_code == 200 and have.json()["complete"] is True
+        assert (await client.get(f"{peer}/p2pimg/v1/info")).status_code == 200
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        holder.close()
+        with trio.fail_after(10):
+            while s.node.peer_service.active:
+                await trio.sleep(0.01)
+        again = await client.get(f"{peer}/p2pimg/v1/blobs/{digest}", headers={"Range": "bytes=0-99"})
+        assert again.status_code == 206 and len(again.content) == 100

@@ -1,6 +1,7 @@
 """A fake LAN peer: claims to hold every blob, then never delivers. For tests and benchmarks.
 
     python -m tools.fakepeer --mode reset|garbage|stall [--listen 127.0.0.1:0]
+    python -m tools.fakepeer --mode coming --blob sha256:...=SIZE [--blob ...] [--chunk-size N]
 
 It speaks just enough of the peer protocol to be believed: `/p2pimg/v1/info` names a node,
 `/p2pimg/v1/have/<digest>` says `complete` for any digest. Span requests to
@@ -10,6 +11,9 @@ It speaks just enough of the peer protocol to be believed: `/p2pimg/v1/info` nam
     garbage  a 206 of the asked length, all zeros
     stall    a 206 head and 100 bytes, then nothing, for as long as the asker waits
 
+In mode `coming` it says instead, for each `--blob`, that it is fetching every chunk itself (and
+never finishes one), so that others wait for it; it holds no chunk, so nobody asks it for spans.
+
 Everything else is 404. It prints `listening on HOST:PORT` on stdout when ready, and
 `GET /__fakepeer/stats` answers how many span requests it got.
 """
@@ -17,6 +21,7 @@ Everything else is 404. It prints `listening on HOST:PORT` on stdout when ready,
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import socket
 import struct
@@ -29,9 +34,11 @@ _ZEROS = bytes(256 << 10)
 
 
 class FakePeer:
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, blobs: dict[str, int]) -> None:
         self.mode = mode
+        self.blobs = blobs  # digest -> chunks, for mode "coming"
         self.spans = 0
+        self.haves = 0
         self.node = f"fake-{mode}"
 
     async def handle(self, stream: trio.SocketStream) -> None:
@@ -60,12 +67,18 @@ class FakePeer:
     async def respond(self, conn: h11.Connection, stream: trio.SocketStream, request: h11.Request) -> bool:
         path = request.target.decode("latin-1").partition("?")[0]
         if path == "/__fakepeer/stats":
-            return await self.json(conn, stream, {"spans": self.spans})
+            return await self.json(conn, stream, {"spans": self.spans, "haves": self.haves})
         if path == "/p2pimg/v1/info":
             return await self.json(conn, stream, {"version": 1, "node": self.node})
         if path.startswith("/p2pimg/v1/have/"):
             digest = path.rpartition("/")[2]
-            return await self.json(conn, stream, {"digest": digest, "complete": True, "node": self.node})
+            self.haves += 1
+            if self.mode != "coming":
+                return await self.json(conn, stream, {"digest": digest, "complete": True, "node": self.node})
+            if digest in self.blobs:
+                chunks = base64.b64encode(b"\x02" * self.blobs[digest]).decode()
+                return await self.json(conn, stream, {"digest": digest, "complete": False, "node": self.node,
+                                                      "chunks": chunks})
         if not path.startswith("/p2pimg/v1/blobs/"):
             await stream.send_all(conn.send(h11.Response(status_code=404, headers=[("content-length", "0")]))
                                   + conn.send(h11.EndOfMessage()))
@@ -109,7 +122,11 @@ def _range_length(value: bytes) -> int | None:
 
 async def main(args: argparse.Namespace) -> None:
     host, _, port = args.listen.rpartition(":")
-    peer = FakePeer(args.mode)
+    blobs = {}
+    for spec in args.blob:
+        digest, _, size = spec.partition("=")
+        blobs[digest] = max(1, -(-int(size) // args.chunk_size))
+    peer = FakePeer(args.mode, blobs)
     listeners = await trio.open_tcp_listeners(int(port), host=host)
     bound = listeners[0].socket.getsockname()
     print(f"listening on {bound[0]}:{bound[1]}", flush=True)
@@ -118,7 +135,10 @@ async def main(args: argparse.Namespace) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--mode", choices=("reset", "garbage", "stall"), required=True)
+    p.add_argument("--mode", choices=("reset", "garbage", "stall", "coming"), required=True)
+    p.add_argument("--blob", action="append", default=[], metavar="DIGEST=SIZE",
+                   help="mode coming: a blob to claim to be fetching")
+    p.add_argument("--chunk-size", type=int, default=1 << 20)
     p.add_argument("--listen", default="127.0.0.1:0")
     return p.parse_args(argv)
 

@@ -257,9 +257,10 @@ def test_slow_readers_do_not_hold_up_a_normal_pull(run_p2pimg: RunP2pimg, tmp_pa
         stop_clean(daemon)
 
 
-def fake_peer(mode: str, logdir: Path) -> tuple[Daemon, str]:
+def fake_peer(mode: str, logdir: Path, extra: list[str]) -> tuple[Daemon, str]:
     def launch(port: int) -> Daemon:
-        argv = [sys.executable, "-m", "tools.fakepeer", "--mode", mode, "--listen", f"127.0.0.1:{port}"]
+        argv = [sys.executable, "-m", "tools.fakepeer", "--mode", mode, "--listen", f"127.0.0.1:{port}",
+                *extra]
         env = client_env(PYTHONPATH=str(REPO_ROOT))
         return Daemon(f"fakepeer-{mode}-{port}", argv, logdir=logdir, env=env)
 
@@ -269,13 +270,13 @@ def fake_peer(mode: str, logdir: Path) -> tuple[Daemon, str]:
 
 
 @pytest.fixture
-def fake_peers(tmp_path: Path) -> Iterator[Callable[[str, int], list[str]]]:
+def fake_peers(tmp_path: Path) -> Iterator[Callable[[str, int, list[str]], list[str]]]:
     started: list[Daemon] = []
 
-    def start(mode: str, count: int) -> list[str]:
+    def start(mode: str, count: int, extra: list[str]) -> list[str]:
         urls = []
         for _ in range(count):
-            daemon, url = fake_peer(mode, tmp_path / "fake-logs")
+            daemon, url = fake_peer(mode, tmp_path / "fake-logs", extra)
             started.append(daemon)
             urls.append(url)
         return urls
@@ -291,11 +292,12 @@ FAKES = 8
 
 
 def test_fake_peers_cannot_fail_or_stall_a_pull(
-    moto: str, fault_proxy: Callable[..., FaultProxy], fake_peers: Callable[[str, int], list[str]],
-    run_p2pimg: RunP2pimg, tmp_path: Path
+    moto: str, fault_proxy: Callable[..., FaultProxy],
+    fake_peers: Callable[[str, int, list[str]], list[str]], run_p2pimg: RunP2pimg, tmp_path: Path
 ) -> None:
     """A slow S3 origin (4 MB/s per connection, 50 ms per response); then the same pull with
-    eight static peers that claim every blob and reset, send zeros, or stall after 100 bytes."""
+    eight static peers that claim every blob and reset, send zeros, or stall after 100 bytes, or
+    that claim to be fetching every chunk themselves and never bring one."""
     image = write_oci_layout(tmp_path / "img", [LayerSpec(16 << 20, "none"), LayerSpec(8 << 20, "none")],
                              tag="1", seed=24)
     bucket = make_bucket(moto)
@@ -303,23 +305,29 @@ def test_fake_peers_cannot_fail_or_stall_a_pull(
     proxy = fault_proxy(moto, "--latency", "0.05", "--rate", str(4_000_000))
     origin = s3_url(bucket, proxy.endpoint)
     times: dict[str, float] = {}
-    for mode in ("none", "reset", "garbage", "stall"):
-        peers = fake_peers(mode, FAKES) if mode != "none" else []
+    manifest = json.loads((image.path / "blobs" / "sha256" / image.top_digest[7:]).read_bytes())
+    blobs = [f"--blob={d['digest']}={d['size']}" for d in [manifest["config"], *manifest["layers"]]]
+    for mode in ("none", "reset", "garbage", "stall", "coming"):
+        peers = fake_peers(mode, FAKES, blobs if mode == "coming" else []) if mode != "none" else []
         extra = [arg for url in peers for arg in ("--peer", url)] + ["--no-mdns"]
         daemon, host = serve(tmp_path / f"home-{mode}", origin, tmp_path / "logs", f"p2pimg-{mode}", extra)
         try:
             times[mode] = timed_pull(host, tmp_path / f"out-{mode}", image)
             assert metric(host, "p2pimg_source_bytes_total", source="origin") == blob_bytes(image)
             if peers:
-                asked = [json.loads(urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
-                    f"{url}/__fakepeer/stats", timeout=10).read())["spans"] for url in peers]
-                assert sum(asked) > 0, "no fake peer was asked for a span: nothing was tested"
-                # Each one failed a few times at most, then was dropped or banned.
-                assert max(asked) <= 8, asked
+                stats = [json.loads(urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+                    f"{url}/__fakepeer/stats", timeout=10).read()) for url in peers]
+                asked = [s["spans"] for s in stats]
+                if mode == "coming":  # believed, then not: it holds nothing to ask for
+                    assert min(s["haves"] for s in stats) > 0 and sum(asked) == 0, stats
+                else:
+                    assert sum(asked) > 0, "no fake peer was asked for a span: nothing was tested"
+                    # Each one failed a few times at most, then was dropped or banned.
+                    assert max(asked) <= 8, asked
         finally:
             stop_clean(daemon)
     print("pull times: " + ", ".join(f"{mode} {t:.2f} s" for mode, t in times.items()))
-    for mode in ("reset", "garbage", "stall"):
+    for mode in ("reset", "garbage", "stall", "coming"):
         assert times[mode] <= 2 * times["none"], times
 
 
