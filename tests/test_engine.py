@@ -83,6 +83,16 @@ async def fetch_all(fetcher: Fetcher, bmap: BlobMap, *, warm: bool = False) -> B
     return fetch
 
 
+async def fetch_fails(fetcher: Fetcher, store: ChunkStore, bmap: BlobMap, match: str) -> None:
+    """The blob's fetch fails with an error matching `match`, and nothing becomes visible."""
+    fetch = await fetcher.open(bmap)
+    assert fetch is not None
+    with trio.fail_after(20), pytest.raises(Exception, match=match):
+        await fetch.wait_chunk(0)
+    fetcher.release(fetch)
+    assert not store.has_blob(bmap.digest)
+
+
 def engine(tmp_path: Path, nursery: trio.Nursery, sources: list[ChunkSource],
            **config: float) -> tuple[Fetcher, ChunkStore, Metrics]:
     store, metrics = ChunkStore(tmp_path / "cache"), Metrics()
@@ -150,12 +160,7 @@ async def test_gives_up_with_the_last_error(tmp_path: Path, nursery: trio.Nurser
     data, bmap = make_blob(4 * CHUNK)
     broken = MemorySource("broken", "origin", data, lie=True)
     fetcher, store, _ = engine(tmp_path, nursery, [broken], attempts=2)
-    fetch = await fetcher.open(bmap)
-    assert fetch is not None
-    with trio.fail_after(20), pytest.raises(Exception, match="giving up; last: chunk 0"):
-        await fetch.wait_chunk(0)
-    fetcher.release(fetch)
-    assert not store.has_blob(bmap.digest)
+    await fetch_fails(fetcher, store, bmap, "giving up; last: chunk 0")
 
 
 async def test_straggler_is_hedged(tmp_path: Path, nursery: trio.Nursery) -> None:
@@ -195,11 +200,7 @@ async def test_stall_timeout_fails_over(tmp_path: Path, nursery: trio.Nursery) -
     data, bmap = make_blob(4 * CHUNK)
     stuck = MemorySource("stuck", "origin", data, stall_after=0)
     fetcher, store, _ = engine(tmp_path, nursery, [stuck], stall_timeout=0.2, attempts=2)
-    fetch = await fetcher.open(bmap)
-    assert fetch is not None
-    with trio.fail_after(10), pytest.raises(Exception, match="giving up"):
-        await fetch.wait_chunk(0)
-    fetcher.release(fetch)
+    await fetch_fails(fetcher, store, bmap, "giving up")
 
 
 async def test_last_reader_leaving_cancels_but_keeps_verified_chunks(
@@ -301,12 +302,7 @@ async def test_without_the_origin_failing_peers_end_the_fetch_with_a_reason(
     saying so and quoting the last failure."""
     data, bmap = make_blob(4 * CHUNK)
     fetcher, store, _ = engine(tmp_path, nursery, list(fake_peers(data, "reset")))
-    fetch = await fetcher.open(bmap)
-    assert fetch is not None
-    with trio.fail_after(20), pytest.raises(Exception, match="no usable source has chunk .*reset by test"):
-        await fetch.wait_chunk(0)
-    fetcher.release(fetch)
-    assert not store.has_blob(bmap.digest)
+    await fetch_fails(fetcher, store, bmap, "no usable source has chunk .*reset by test")
 
 
 def test_a_peer_failing_again_and_again_is_dropped_for_longer_each_time() -> None:
