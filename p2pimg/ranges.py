@@ -14,8 +14,9 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """The byte range [start, end) a Range header asks of a `size`-byte blob, or None for all.
 
     Malformed byte ranges raise RangeInvalid; well-formed ones that select nothing in the blob
-    (or several ranges, which p2pimg does not serve) raise RangeNotSatisfiable. A range in a unit
-    other than bytes is ignored, as RFC 9110 requires.
+    raise RangeNotSatisfiable. A range in a unit other than bytes is ignored, as RFC 9110
+    requires, and so is a request for several ranges (None: the whole body, with 200), which
+    RFC 9110 allows a server that does not send multipart responses.
     """
     if header is None:
         return None
@@ -26,7 +27,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if unit != "bytes" and re.fullmatch(r"[a-z0-9!#$%&'*+.^_`|~-]+", unit):
         return None
     if "," in text:
-        raise RangeNotSatisfiable("only a single byte range is supported", size=size)
+        return None
     m = _RANGE_RE.fullmatch(text)
     if m is None:
         raise RangeInvalid(f"malformed Range header {text[:60]!r}: expected bytes=START-[END]")

@@ -7,7 +7,8 @@ Routes (distribution-spec "pull" category only):
     GET/HEAD /v2/<name>/blobs/<digest>            blob bytes, single byte ranges
     GET      /v2/<name>/tags/list                 tag names (`n` and `last` paginate)
 
-`<name>` is a published repository name, or `ipfs/<root CID>` (any tag = the image's top).
+`<name>` is a published repository name, or `ipfs/<root CID>`, whose one tag is `latest` (the
+image's top manifest).
 Everything else that would write answers 405 UNSUPPORTED.
 """
 
@@ -28,7 +29,7 @@ from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .mirror import Mirror
 from .model import BlobEntry, check_name, check_tag
 from .ranges import content_range, parse_range
-from .resolver import IPFS_PREFIX, Resolver
+from .resolver import IPFS_PREFIX, IPFS_TAG, Resolver
 from .store import ChunkStore
 from .upstream import UpstreamClient
 
@@ -136,8 +137,8 @@ class Registry:
 
     async def _tags(self, name: str, request: Request) -> Response:
         if name.startswith(IPFS_PREFIX):
-            await self.resolver.manifest_for(name, "latest")  # 404 if the root does not exist
-            tags = ["latest"]
+            await self.resolver.manifest_for(name, IPFS_TAG)  # 404 if the root does not exist
+            tags = [IPFS_TAG]
         else:
             tags = await self.resolver.tags(name)
         last = (request.query.get("last") or [""])[0]
@@ -147,7 +148,10 @@ class Registry:
         headers = [API_HEADER, ("content-type", "application/json")]
         if re.fullmatch(r"[0-9]{1,9}", n_arg):
             n = min(int(n_arg), _MAX_TAGS_PAGE)
-            if len(tags) > n:
+            # n=0 asks for no tags and gets no Link: a client following one would loop.
+            if n == 0:
+                tags = []
+            elif len(tags) > n:
                 tags = tags[:n]
                 after = tags[-1] if tags else ""
                 headers.append(("link", f'</v2/{name}/tags/list?n={n}&last={after}>; rel="next"'))

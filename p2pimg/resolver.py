@@ -54,6 +54,7 @@ async def _no_peer_tags(_name: str, _tag: str) -> list[bytes]:
 
 
 IPFS_PREFIX = "ipfs/"
+IPFS_TAG = "latest"  # the one tag of an image named by its root CID
 _ROOT_CACHE = 256
 _MAP_CACHE = 4096
 
@@ -366,7 +367,8 @@ class Resolver:
         return None
 
     async def manifest_for(self, name: str, reference: str) -> Manifest:
-        """GET /v2/<name>/manifests/<reference>: by digest, or a tag (any tag for ipfs/<CID>)."""
+        """GET /v2/<name>/manifests/<reference>: by digest, or a tag (`ipfs/<CID>` has one tag,
+        `latest`, as its tags list says)."""
         if reference.startswith("sha256:") or ":" in reference:
             found = await self._find(name, reference, "manifest")
             if found is None:
@@ -376,6 +378,8 @@ class Resolver:
             return await self.manifest(entry, reference)
         if name.startswith(IPFS_PREFIX):
             root = (await self._roots_of(name))[0]
+            if reference != IPFS_TAG:
+                raise ManifestUnknown(f"{name} has one tag, {IPFS_TAG}, not {reference}")
         else:
             root = await self.root(await self.resolve_tag(name, reference))
         return await self.manifest(root.top_entry, root.top)
