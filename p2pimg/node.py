@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 _MAX_TAG_ASKS = 16  # peers asked for a tag record when the origin is unreachable
 _ASK_TIMEOUT = httpx.Timeout(3.0, connect=1.0)  # a block or a tag record from a peer
+_BLOCK_ASKS = 4  # peers read from at once for one block (each answer up to the block's limit)
+_BLOCK_WAIT = 5.0  # seconds all the peers together have to send a block
 
 
 def node_id(home: os.PathLike[str] | str) -> str:
@@ -92,15 +94,27 @@ class Swarm:
         return True
 
     async def block(self, cid: Cid, max_size: int) -> bytes | None:
-        """A block by CID from the first peer that has it (checked against the CID here too)."""
-        for source in list(self.peers.values()):
-            with contextlib.suppress(httpx.HTTPError):
-                async with self.client.stream("GET", f"{source.url}/ipfs/{cid}", timeout=_ASK_TIMEOUT,
-                                              headers={"accept": "application/vnd.ipld.raw"}) as r:
-                    data = await read_capped(r, max_size) if r.status_code == 200 else None
-                    if data is not None and cid.matches(data):
-                        return data
-        return None
+        """A block by CID from the first peer that sends it whole (checked against the CID here
+        too). Peers are asked at once, `_BLOCK_ASKS` at a time (so at most that many answers of
+        up to `max_size` are read at once), and the first good answer stops the others."""
+        found: list[bytes] = []
+        limit = trio.CapacityLimiter(_BLOCK_ASKS)
+
+        async def ask(source: PeerSource, done: trio.CancelScope) -> None:
+            async with limit:
+                with contextlib.suppress(httpx.HTTPError):
+                    async with self.client.stream("GET", f"{source.url}/ipfs/{cid}", timeout=_ASK_TIMEOUT,
+                                                  headers={"accept": "application/vnd.ipld.raw"}) as r:
+                        data = await read_capped(r, max_size) if r.status_code == 200 else None
+                        if data is not None and cid.matches(data):
+                            found.append(data)
+                            done.cancel()
+
+        with trio.move_on_after(_BLOCK_WAIT):
+            async with trio.open_nursery() as nursery:
+                for source in list(self.peers.values())[:_MAX_TAG_ASKS]:
+                    nursery.start_soon(ask, source, nursery.cancel_scope)
+        return found[0] if found else None
 
     async def tag_records(self, name: str, tag: str) -> list[bytes]:
         """Encoded tag records of `name:tag` that peers hold (unchecked: the resolver decides),

@@ -466,6 +466,38 @@ async def test_block_from_a_peer_is_read_only_up_to_its_limit(tmp_path: Path, sa
     assert peak[0] < 8 << 20, f"{peak[0] >> 20} MiB read for a block of at most 1 MiB"
 
 
+async def test_a_block_is_asked_of_peers_at_once(tmp_path: Path, sample: SampleImage,
+                                                nursery: trio.Nursery) -> None:
+    """Peers that never answer do not hold up a block another peer has: they are asked at the
+    same time (one after another, three silent peers cost 3 s each before the good one)."""
+    wanted = b"a block only one peer has"
+    cid = Cid.of_dag_cbor(wanted)
+
+    async def silent(request: Request) -> Response:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def good(request: Request) -> Response:
+        if request.path != f"/ipfs/{cid}":
+            return Response(404, [("content-length", "0")])
+        return Response(200, [("content-type", "application/vnd.ipld.raw"),
+                              ("content-length", str(len(wanted)))], wanted)
+
+    urls = []
+    for handler in (silent, silent, silent, good):
+        listeners = await nursery.start(serve_http, handler, "127.0.0.1", 0)
+        urls.append(f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}")
+    home = tmp_path / "home"
+    await published_home(home, sample)
+    async with serving(_config(home, peers=tuple(urls))) as s:
+        assert list(s.node.swarm.peers) == urls  # the silent ones come first
+        began = trio.current_time()
+        got = await s.node.swarm.block(cid, 1 << 20)
+        took = trio.current_time() - began
+    assert got == wanted
+    assert took < 2.5, f"{took:.1f} s: the silent peers were waited for one by one"
+
+
 async def test_have_answer_from_a_peer_is_bounded(nursery: trio.Nursery) -> None:
     piece = b" " * (1 << 20)
 
