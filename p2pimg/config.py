@@ -62,7 +62,8 @@ class Config:
     peer_max_requests: int = 32
     cache_max: int | None = None  # bytes; a running node evicts down to this
     trust: tuple[str, ...] = ()  # extra publisher public key files (--trust)
-    swarm_key_file: str | None = None  # else $P2PIMG_SWARM_KEY, else $P2PIMG_HOME/swarm.key
+    swarm_key_file: str | None = None  # see swarmkey.load_swarm_key for the order of sources
+    swarm_key_file_given: bool = False  # named on the command line: it wins over the environment
     peer_tls: tuple[str | None, str | None, str | None] = (None, None, None)  # cert, key, CA files
 
     @property
@@ -121,6 +122,7 @@ def load_config(*, home: str | None = None, origin: str | None = None, listen: s
                   peer_max_requests=max_requests, cache_max=max_bytes,
                   trust=tuple(trust or file_values.get("trust") or ()),
                   swarm_key_file=swarm_key_file or file_values.get("swarm_key_file"),
+                  swarm_key_file_given=bool(swarm_key_file),
                   peer_tls=_peer_tls(peer_tls, file_values))
 
 

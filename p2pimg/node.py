@@ -214,7 +214,7 @@ async def open_node(config: Config, *, advertise: tuple[str, int] | None = None)
     origin = open_origin(config.origin, config.home)
     policy = policy_named(config.policy)
     upstreams = [UpstreamClient(url) for url in config.upstreams]
-    key = swarmkey.load_swarm_key(config.home, config.swarm_key_file)
+    key = swarmkey.load_swarm_key(config.home, config.swarm_key_file, given=config.swarm_key_file_given)
     tls = load_peer_tls(config.home, *config.peer_tls)
     client = peer_client(key, tls, timeout=httpx.Timeout(30, connect=1.0),
                          limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))

@@ -24,9 +24,12 @@ SCHEME = "P2pimg-Swarm"
 _MIN_KEY = 16
 
 
-def load_swarm_key(home: Path, key_file: str | None = None) -> bytes | None:
-    """`$P2PIMG_SWARM_KEY`, else `--swarm-key-file`, else `$P2PIMG_HOME/swarm.key`, else None."""
-    text = os.environ.get("P2PIMG_SWARM_KEY")
+def load_swarm_key(home: Path, key_file: str | None = None, *, given: bool = False) -> bytes | None:
+    """The LAN's swarm key, or None. As for every setting, the command line wins, then the
+    environment, then the config file: `key_file` when `given` (--swarm-key-file), else
+    `$P2PIMG_SWARM_KEY`, else `key_file` (config.toml's swarm_key_file), else
+    `$P2PIMG_HOME/swarm.key` when it exists."""
+    text = None if given and key_file else os.environ.get("P2PIMG_SWARM_KEY")
     source = "P2PIMG_SWARM_KEY"
     if text is None:
         path = Path(key_file) if key_file else home / "swarm.key"

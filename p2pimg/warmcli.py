@@ -104,8 +104,9 @@ async def _poll_quietly(poll: Callable[[], Awaitable[dict[str, object]]]) -> dic
 
 async def run_warm(config: Config, ref: str, *, lan: bool) -> int:
     parse_ref(ref)
-    client = peer_client(load_swarm_key(config.home, config.swarm_key_file),
-                         load_peer_tls(config.home, *config.peer_tls), timeout=httpx.Timeout(30, connect=2))
+    key = load_swarm_key(config.home, config.swarm_key_file, given=config.swarm_key_file_given)
+    client = peer_client(key, load_peer_tls(config.home, *config.peer_tls),
+                         timeout=httpx.Timeout(30, connect=2))
     outcomes: list[Outcome] = []
     try:
         info = read_serve_info(config)

@@ -40,3 +40,30 @@ def test_loading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         load_swarm_key(tmp_path, str(tmp_path / "missing.key"))
     monkeypatch.setenv("P2PIMG_SWARM_KEY", "from-the-environment-1234")
     assert load_swarm_key(tmp_path) == b"from-the-environment-1234"
+    # The command line wins over the environment, which wins over the config file.
+    flag = tmp_path / "flag.key"
+    flag.write_text("from-the-command-line-5678\n")
+    assert load_swarm_key(tmp_path, str(flag), given=True) == b"from-the-command-line-5678"
+    assert load_swarm_key(tmp_path, str(flag), given=False) == b"from-the-environment-1234"
+
+
+def test_the_flag_wins_through_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from p2pimg.config import load_config
+
+    monkeypatch.setenv("P2PIMG_SWARM_KEY", "from-the-environment-1234")
+    home = tmp_path / "home"
+    home.mkdir()
+    configured = tmp_path / "configured.key"
+    configured.write_text("from-the-config-file-9012")
+    (home / "config.toml").write_text(f'swarm_key_file = "{configured}"\n')
+    flag = tmp_path / "flag.key"
+    flag.write_text("from-the-command-line-5678")
+    by_flag = load_config(home=str(home), swarm_key_file=str(flag))
+    assert load_swarm_key(by_flag.home, by_flag.swarm_key_file,
+                          given=by_flag.swarm_key_file_given) == b"from-the-command-line-5678"
+    by_file = load_config(home=str(home))
+    assert load_swarm_key(by_file.home, by_file.swarm_key_file,
+                          given=by_file.swarm_key_file_given) == b"from-the-environment-1234"
+    monkeypatch.delenv("P2PIMG_SWARM_KEY")
+    assert load_swarm_key(by_file.home, by_file.swarm_key_file,
+                          given=by_file.swarm_key_file_given) == b"from-the-config-file-9012"
