@@ -7,6 +7,7 @@ name and tag it was asked for (tag records) before it is cached or handed on.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -57,6 +58,7 @@ IPFS_PREFIX = "ipfs/"
 IPFS_TAG = "latest"  # the one tag of an image named by its root CID
 _ROOT_CACHE = 256
 _MAP_CACHE = 4096
+_RELISTED_NAMES = 4096
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class Resolver:
         self._name_roots: dict[str, set[Cid]] = {}
         self._published: dict[str, tuple[float, bool]] = {}
         self._block_flights: SingleFlight[Cid, bytes] = SingleFlight()
+        self._relisted: dict[str, float] = {}  # name -> when a miss last made us re-list its tags
         self._tag_flights: SingleFlight[tuple[str, str], Cid] = SingleFlight()
         self.on_blob_map: Callable[[BlobMap], None] = lambda _bmap: None  # the peer index
         # Blocks by CID from LAN peers when the origin cannot give them (the node wires it).
@@ -358,8 +361,15 @@ class Resolver:
                 table: dict[str, object] = root.manifests if kind == "manifest" else root.blobs  # type: ignore[assignment]
                 if digest in table:
                     return root, table[digest]
-            if attempt == 0 and not name.startswith(IPFS_PREFIX):
-                # Maybe a tag moved since we last looked: forget what we knew and re-list.
+            now = time.monotonic()
+            if (attempt == 0 and not name.startswith(IPFS_PREFIX)
+                    and now - self._relisted.get(name, -math.inf) >= self.tag_ttl):
+                # Maybe a tag moved since we last looked: forget what we knew and re-list, once
+                # per tag TTL and name (a client asking again and again for a digest that is not
+                # there, or for many such digests, must not make every request list the origin).
+                self._relisted[name] = now
+                if len(self._relisted) > _RELISTED_NAMES:
+                    self._relisted = {n: t for n, t in self._relisted.items() if now - t < self.tag_ttl}
                 self._name_roots.pop(name, None)
                 self._tags = {k: v for k, v in self._tags.items() if k[0] != name}
                 continue

@@ -219,3 +219,25 @@ async def test_raw_path_traversal(node: Node) -> None:
         status = int(response.split(b" ", 2)[1])
         assert status in (400, 404), (target, response[:200])
         assert b"root:" not in response
+
+
+async def test_unknown_digests_do_not_list_the_origin_every_time(
+        node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A miss re-lists the name's tags (a tag may have moved), but at most once per tag TTL:
+    a client asking again and again for digests that are not there costs no origin listings."""
+    listings = 0
+    real_list = node.origin.list
+
+    async def counting_list(prefix: str) -> list[str]:
+        nonlocal listings
+        listings += 1
+        return await real_list(prefix)
+
+    monkeypatch.setattr(node.origin, "list", counting_list)
+    for i in range(20):
+        missing = "sha256:" + hashlib.sha256(b"not here %d" % i).hexdigest()
+        r = await node.client.get(f"/v2/demo/app/blobs/{missing}")
+        assert r.status_code == 404 and error_code(r) == "BLOB_UNKNOWN"
+    assert listings <= 2, f"{listings} origin listings for 20 misses"  # the first look + one re-list
+    r = await node.client.get("/v2/demo/app/manifests/1")
+    assert r.status_code == 200  # what is there is still found
