@@ -95,11 +95,11 @@ fi
 # --- Checks. Run all of them so one report shows every problem; fail if any failed. ---------
 failed=()
 
-log "ruff check p2pimg tests"
-.venv/bin/ruff check p2pimg tests || failed+=(ruff)
+log "ruff check p2pimg tests bench tools fuzz"
+.venv/bin/ruff check p2pimg tests bench tools fuzz || failed+=(ruff)
 
-log "mypy --strict p2pimg"
-.venv/bin/mypy --strict p2pimg || failed+=(mypy)
+log "mypy --strict p2pimg bench tools"
+.venv/bin/mypy --strict p2pimg bench tools || failed+=(mypy)
 
 log "pytest $*"
 rc=0

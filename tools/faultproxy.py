@@ -28,6 +28,7 @@ import json
 import socket
 import struct
 import sys
+from collections.abc import Iterator
 
 import h11
 import httpx
@@ -52,7 +53,7 @@ class Proxy:
         self.rate = args.rate
         self.total_rate = args.total_rate
         self.uplink_free_at = 0.0  # when the shared uplink can take the next piece
-        self.kinds = itertools.cycle([k for k in args.faults.split(",") if k] or ["none"])
+        self.kinds: Iterator[str] = itertools.cycle([k for k in args.faults.split(",") if k] or ["none"])
         self.every = max(1, args.every)
         self.max_faults = args.max_faults
         self.ranged = 0

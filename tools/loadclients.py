@@ -28,6 +28,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -46,6 +47,7 @@ class Load:
                        "vanish_errors": 0, "normal_ok": 0, "normal_failed": 0}
         self.normal_seconds: list[float] = []
         self.all_ready = trio.Event()
+        self.moment = 0
 
     async def connect(self, rcvbuf: int | None = None) -> trio.SocketStream:
         sock = trio.socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
@@ -158,8 +160,8 @@ class Load:
             nursery.start_soon(self._announce)
             if self.args.until_eof:
                 nursery.start_soon(self._stop_on_eof, nursery.cancel_scope)
-            nursery.start_soon(self._every, self.args.vanish_rate, self._vanisher())
-            nursery.start_soon(self._every, self.args.normal_rate, self._normals())
+            nursery.start_soon(self._every, self.args.vanish_rate, self._next_vanish)
+            nursery.start_soon(self._every, self.args.normal_rate, self.normal)
 
     async def _announce(self) -> None:
         await self.all_ready.wait()
@@ -169,24 +171,18 @@ class Load:
         await trio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
         scope.cancel()
 
-    def _vanisher(self):  # type: ignore[no-untyped-def]
-        moment = 0
-        while True:
-            yield self.vanish(moment)
-            moment = (moment + 1) % 3
+    async def _next_vanish(self) -> None:
+        """The next vanishing client, cycling through the three moments it leaves at."""
+        moment, self.moment = self.moment, (self.moment + 1) % 3
+        await self.vanish(moment)
 
-    def _normals(self):  # type: ignore[no-untyped-def]
-        while True:
-            yield self.normal()
-
-    async def _every(self, rate: float, jobs) -> None:  # type: ignore[no-untyped-def]
+    async def _every(self, rate: float, client: Callable[[], Awaitable[None]]) -> None:
         if rate <= 0:
             return
         await self.all_ready.wait()
         async with trio.open_nursery() as nursery:
             while True:
-                job = next(jobs)
-                nursery.start_soon(lambda j=job: j)
+                nursery.start_soon(client)
                 await trio.sleep(1 / rate)
 
 
