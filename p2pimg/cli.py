@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 import time
@@ -14,9 +15,9 @@ import trio
 
 from . import __version__, admin, signing
 from .config import Config, load_config
-from .errors import P2pimgError
+from .errors import OriginNotFound, P2pimgError
 from .model import parse_name_tag
-from .origins import open_origin
+from .origins import FileOrigin, open_origin
 from .policy import POLICIES
 from .publish import publish
 from .resolver import Resolver
@@ -110,6 +111,10 @@ def cmd_resolve(args: argparse.Namespace) -> int:
 def cmd_ls(args: argparse.Namespace) -> int:
     config = _config(args)
     origin = open_origin(config.origin, config.home)
+    named = config.origin or os.environ.get("P2PIMG_ORIGIN")
+    if named and isinstance(origin, FileOrigin) and not origin.root.is_dir():
+        # A home's own origin is made by its first publish; one named by hand must be there.
+        raise OriginNotFound(f"origin {origin.url} does not exist (no directory {origin.root})")
     names = trio.run(admin.list_tags, origin)
     for name, tags in names.items():
         for tag in tags:

@@ -206,7 +206,9 @@ def read_docker_archive(spec: str) -> SourceImage:
     try:
         tar = tarfile.open(path)  # noqa: SIM115 - closed by the `with tar:` below
     except (tarfile.TarError, OSError) as exc:
-        raise SourceInvalid(f"{str(path)!r} is not a tar archive: {exc}") from None
+        # tarfile's own message lists every compression it tried, one line each: keep the gist.
+        why = str(exc).splitlines()[0].rstrip(":") if str(exc) else type(exc).__name__
+        raise SourceInvalid(f"{str(path)!r} is not a tar archive ({why})") from None
     with tar:
         members = {m.name.removeprefix("./"): m for m in tar.getmembers()}
 

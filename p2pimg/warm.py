@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from .cid import Cid
-from .errors import InvalidInput, P2pimgError
+from .errors import InvalidInput, P2pimgError, first_error
 from .http import Request, Response
 from .model import ImageRoot, parse_name_tag
 from .registry import error_response
@@ -51,6 +51,7 @@ class WarmProgress:
     done_bytes: int = 0  # of blobs finished
     by_source: dict[str, int] = field(default_factory=dict)
     error: str | None = None
+    exit_code: int = 0  # a failed job: its first error's process exit code (3 not found, ...)
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
     _running: list[object] = field(default_factory=list)
@@ -69,7 +70,8 @@ class WarmProgress:
     def to_json(self) -> dict[str, object]:
         return {"ref": self.ref, "root": self.root, "state": self.state, "blobs": self.blobs,
                 "bytes_total": self.bytes_total, "bytes_done": self.bytes_done,
-                "by_source": self.by_source, "error": self.error, "seconds": round(self.seconds, 3)}
+                "by_source": self.by_source, "error": self.error, "seconds": round(self.seconds, 3),
+                **({"exit_code": self.exit_code} if self.state == "failed" else {})}
 
 
 def parse_ref(ref: str) -> tuple[str, str] | Cid:
@@ -131,10 +133,12 @@ async def warm_image(node: Node, ref: str, progress: WarmProgress) -> None:
         progress.state = "failed"
         messages = {e.message for e in group.exceptions if isinstance(e, P2pimgError)}
         progress.error = "; ".join(sorted(messages))
+        progress.exit_code = first_error(group).exit_code
     except* Exception as group:  # a bug: this job fails with it, the node serves on
         log.error("warm job %s crashed", ref, exc_info=group)
         progress.state = "failed"
         progress.error = "internal error: " + "; ".join(sorted({repr(e) for e in group.exceptions}))
+        progress.exit_code = 1
     finally:
         progress.finished = time.monotonic()
         if progress.state == "running":

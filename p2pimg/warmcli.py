@@ -141,17 +141,20 @@ async def run_warm(config: Config, ref: str, *, lan: bool) -> int:
                     outcomes.insert(0, Outcome("this machine", await _follow(poll, f"warming {ref}")))
     finally:
         await client.aclose()
-    ok = True
+    status = 0
     for outcome in outcomes:
         state = outcome.status.get("state")
         if state == "done":
             print(f"{outcome.where}: warmed {summary(ref, outcome.status)}")
         else:
-            ok = False
+            # This machine's failure says what went wrong (3: not found, 5: origin, ...); a peer's
+            # failure alone is 1.
+            code = outcome.status.get("exit_code") if outcome.where == "this machine" else None
+            status = status or (code if isinstance(code, int) and 0 < code < 128 else 1)
             print(f"{outcome.where}: FAILED: {outcome.status.get('error')}", file=sys.stderr)
     if lan and len(outcomes) == 1:
         print("p2pimg: no LAN peers were found to warm (use --peer URL, or check mDNS)", file=sys.stderr)
-    return 0 if ok else 1
+    return status
 
 
 async def _warm_peer(client: httpx.AsyncClient, url: str, ref: str, outcomes: list[Outcome]) -> None:
