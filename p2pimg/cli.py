@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import sys
 import time
@@ -111,8 +110,7 @@ def cmd_resolve(args: argparse.Namespace) -> int:
 def cmd_ls(args: argparse.Namespace) -> int:
     config = _config(args)
     origin = open_origin(config.origin, config.home)
-    named = config.origin or os.environ.get("P2PIMG_ORIGIN")
-    if named and isinstance(origin, FileOrigin) and not origin.root.is_dir():
+    if config.origin and isinstance(origin, FileOrigin) and not origin.root.is_dir():
         # A home's own origin is made by its first publish; one named by hand must be there.
         raise OriginNotFound(f"origin {origin.url} does not exist (no directory {origin.root})")
     names = trio.run(admin.list_tags, origin)

@@ -375,6 +375,9 @@ class Fetcher:
         bmap, have, order = fetch.map, fetch.partial.have, fetch.order
         started = False
         now = trio.current_time()
+        # Constant for this pass (`now` is): worked out once, not per chunk.
+        live_peers = self._live_peers(now)
+        sharing = self._sharing(fetch, now, live_peers)
         while fetch.cursor < bmap.count and (have[order[fetch.cursor]]
                                              or fetch.requested[order[fetch.cursor]]):
             fetch.cursor += 1
@@ -398,7 +401,7 @@ class Fetcher:
                 return started
             if self._waiting_for_peer(fetch, holders, i, now):
                 continue
-            if (self._sharing(fetch, now) and not any(s.kind == "peer" for s in holders)
+            if (sharing and not any(s.kind == "peer" for s in holders)
                     and self._left_to_owner(fetch, i, now)):
                 continue
             stats = self.policy.choose([self.stats[s.name] for s in holders], now)
@@ -407,9 +410,9 @@ class Fetcher:
                     break  # every source is busy or backing off: nothing later can start either
                 continue  # its holders are busy; later chunks may have others
             source = next(s for s in holders if s.name == stats.name)
-            if source.kind != "peer" and self._slow_start(fetch, now):
+            if source.kind != "peer" and self._slow_start(fetch, now, sharing):
                 continue  # peers may be starting on this blob too: let them say what they take
-            span = self._grow_span(fetch, source, i, now)
+            span = self._grow_span(fetch, source, i, live_peers, sharing)
             self._start(fetch, nursery, source, span)
             if source.kind != "peer":
                 fetch.last_own_dispatch = now
@@ -423,7 +426,7 @@ class Fetcher:
         return [s for s in self.sources if s.has(fetch.map, i) and not self.stats[s.name].banned
                 and s.name not in failed]
 
-    def _slow_start(self, fetch: BlobFetch, now: float) -> bool:
+    def _slow_start(self, fetch: BlobFetch, now: float, sharing: bool) -> bool:
         """In a swarm, keep few origin requests in flight per blob: one right after the start,
         `swarm_origin_requests` after that.
 
@@ -432,7 +435,7 @@ class Fetcher:
         blind small, and the random block order keeps those claims mostly disjoint; with several
         blobs and nodes, the sum still fills the origin's uplink.
         """
-        if not self._sharing(fetch, now):
+        if not sharing:
             return False
         far = sum(1 for r in fetch.requests if r.source.kind != "peer")
         if now - fetch.started < self.config.slow_start:
@@ -445,7 +448,7 @@ class Fetcher:
         return [s for s in self.sources if s.kind == "peer" and not self.stats[s.name].banned
                 and now >= self.stats[s.name].unavailable_until]
 
-    def _sharing(self, fetch: BlobFetch, now: float) -> bool:
+    def _sharing(self, fetch: BlobFetch, now: float, live_peers: list[ChunkSource]) -> bool:
         """Whether this blob's origin work is shared with peers now: during the slow start of a
         fetch that began with peers known, then while a live peer holds or fetches some of it.
         Peers that failed their way out (fake ones included) do not slow the origin down."""
@@ -453,12 +456,13 @@ class Fetcher:
             return False
         if now - fetch.started < self.config.slow_start:
             return True
-        return any(p.participates(fetch.map) for p in self._live_peers(now))
+        return any(p.participates(fetch.map) for p in live_peers)
 
-    def _grow_span(self, fetch: BlobFetch, source: ChunkSource, first: int, now: float) -> Span:
+    def _grow_span(self, fetch: BlobFetch, source: ChunkSource, first: int, live_peers: list[ChunkSource],
+                   sharing: bool) -> Span:
         bmap, have = fetch.map, fetch.partial.have
-        peers = self._live_peers(now) if source.kind != "peer" else []
-        span_bytes = source.max_span if source.kind == "peer" or not self._sharing(fetch, now) else min(
+        peers = live_peers if source.kind != "peer" else []
+        span_bytes = source.max_span if source.kind == "peer" or not sharing else min(
             source.max_span, self.config.swarm_span)
         per_span = max(1, span_bytes // bmap.chunk_size)
         per_segment = max(1, source.segment_size // bmap.chunk_size)

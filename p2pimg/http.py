@@ -5,9 +5,8 @@ placeholder (`send_with_data_passthrough`), and its bytes go from the page cache
 with `os.sendfile`. A worker thread copies while the socket takes bytes (a page-cache miss then
 blocks that thread, not the event loop) and returns once the socket stays full for a few
 milliseconds; the longer wait for writability is trio's, so a client that reads slowly holds a
-descriptor and never a thread. Over TLS (the
-optional peer mTLS) the bytes must pass through the TLS layer, so a region is read and sent in
-256 KiB pieces.
+descriptor and never a thread. Over TLS (the optional peer mTLS) the bytes must pass through
+the TLS layer, so a region is read and sent in 256 KiB pieces.
 
 Every exchange owns what its handler takes for it (`Request.hold`): descriptors, a reader of an
 in-flight fetch, a request slot. The connection releases them when the exchange ends, however it
@@ -125,10 +124,6 @@ class Request:
                 release()
             except Exception:
                 log.exception("releasing a resource of %s %s failed", self.method, self.path[:100])
-
-    @property
-    def held(self) -> int:
-        return len(self._releases)
 
 
 @dataclass

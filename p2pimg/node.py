@@ -38,7 +38,7 @@ from .warm import WarmJobs
 
 log = logging.getLogger(__name__)
 
-_MAX_TAG_ASKS = 16  # peers asked for a tag record when the origin is unreachable
+_MAX_ASKED_PEERS = 16  # peers asked for a block or a tag record when the origin cannot give it
 _ASK_TIMEOUT = httpx.Timeout(3.0, connect=1.0)  # a block or a tag record from a peer
 _BLOCK_ASKS = 4  # peers read from at once for one block (each answer up to the block's limit)
 _BLOCK_WAIT = 5.0  # seconds all the peers together have to send a block
@@ -112,7 +112,7 @@ class Swarm:
 
         with trio.move_on_after(_BLOCK_WAIT):
             async with trio.open_nursery() as nursery:
-                for source in list(self.peers.values())[:_MAX_TAG_ASKS]:
+                for source in list(self.peers.values())[:_MAX_ASKED_PEERS]:
                     nursery.start_soon(ask, source, nursery.cancel_scope)
         return found[0] if found else None
 
@@ -131,7 +131,7 @@ class Swarm:
 
         with trio.move_on_after(5):
             async with trio.open_nursery() as nursery:
-                for source in list(self.peers.values())[:_MAX_TAG_ASKS]:
+                for source in list(self.peers.values())[:_MAX_ASKED_PEERS]:
                     nursery.start_soon(ask, source)
         return found
 

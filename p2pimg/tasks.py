@@ -76,9 +76,6 @@ class SingleFlight(Generic[_K, _V]):
     def __init__(self) -> None:
         self._flights: dict[_K, _Flight[_V]] = {}
 
-    def __len__(self) -> int:
-        return len(self._flights)
-
     async def run(self, key: _K, fetch: Callable[[], Awaitable[_V]]) -> tuple[_V, bool]:
         """The value for `key`, and whether this caller fetched it (False: it shared a fetch)."""
         while (flight := self._flights.get(key)) is not None:
