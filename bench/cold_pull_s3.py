@@ -23,9 +23,9 @@ from pathlib import Path
 
 import trio
 
-from p2pimg.origins import blob_key
-from p2pimg.origins.s3 import S3Origin
-from p2pimg.sample import LayerSpec, write_oci_layout
+from p2pimg.ops.sample import LayerSpec, write_oci_layout
+from p2pimg.sources.origins import blob_key
+from p2pimg.sources.origins.s3 import S3Origin
 
 from .procs import fault_proxy, moto_with_image, p2pimg_serve, peak_rss_kib, require, scratch_dir
 from .report import emit

@@ -35,7 +35,7 @@ from typing import Any
 
 from bench.scenario import Measure, Skipped
 from bench.scenarios import ImageSpec
-from p2pimg.sample import SampleImage
+from p2pimg.ops.sample import SampleImage
 from tools.netns import IP, Host, support
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -421,7 +421,7 @@ def peer_url(host: Host) -> str:
 
 
 async def _stream(url: str, key: str, size: int, digest: str) -> dict[str, Any]:
-    from p2pimg.origins.s3 import S3Origin
+    from p2pimg.sources.origins.s3 import S3Origin
 
     origin = S3Origin(url)
     try:
@@ -464,7 +464,7 @@ def _mkbucket(endpoint: str, bucket: str) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     import trio
 
-    from p2pimg.origins import blob_key
+    from p2pimg.sources.origins import blob_key
 
     match argv:
         case ["stream", url, digest, size]:

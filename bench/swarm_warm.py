@@ -21,7 +21,7 @@ import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 
-from p2pimg.sample import LayerSpec, write_oci_layout
+from p2pimg.ops.sample import LayerSpec, write_oci_layout
 
 from .procs import (
     S3_TEST_CREDENTIALS,

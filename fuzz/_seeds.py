@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 
-from p2pimg.cid import Cid
-from p2pimg.model import BlobEntry, BlobMap, ImageRoot, ManifestEntry, TagRecord
+from p2pimg.content.cid import Cid
+from p2pimg.content.model import BlobEntry, BlobMap, ImageRoot, ManifestEntry, TagRecord
 
 
 def _sha(i: int) -> bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import _harness  # first: puts the project on sys.path
 import _seeds
 
-from p2pimg import dagcbor, model
+from p2pimg.content import dagcbor, model
 
 SEEDS = _seeds.BLOCKS
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import _harness  # first: puts the project on sys.path
 
-from p2pimg import cid
+from p2pimg.content import cid
 
 _DIGEST = b"sha256:" + b"0123456789abcdef" * 4
 _BIN = bytes([0x01, 0x71, 0x12, 0x20]) + bytes(range(32))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import _harness  # first: puts the project on sys.path
 import _seeds
 
-from p2pimg import model, sources
+from p2pimg.content import graph as sources
+from p2pimg.content import model
 
 SEEDS = _seeds.MANIFESTS
 DECLARED = ["", sources.OCI_MANIFEST, sources.OCI_INDEX, "text/plain"]

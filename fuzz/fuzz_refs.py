@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import _harness  # first: puts the project on sys.path
 
-from p2pimg import config, model, registry, warm
+from p2pimg.content import model
+from p2pimg.node import config, warm
+from p2pimg.web import registry
 
 SEEDS = [b"demo/app:1", b"library/alpine:3.20",
          b"ipfs/bafyreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import _harness  # first: puts the project on sys.path
 import _seeds
 
-from p2pimg import model
+from p2pimg.content import model
 
 SEEDS = [_seeds.tag_record().encode(), _seeds.tag_record("a/b", "x").encode()] + _seeds.BLOCKS
 

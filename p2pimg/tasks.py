@@ -22,7 +22,7 @@ from typing import Any, Generic, TypeVar
 
 import trio
 
-from .errors import P2pimgError, first_error
+from p2pimg.errors import P2pimgError, first_error
 
 log = logging.getLogger(__name__)
 _K = TypeVar("_K", bound=Hashable)

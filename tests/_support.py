@@ -8,16 +8,17 @@ from pathlib import Path
 import httpx
 import trio
 
-from p2pimg.cid import Cid
-from p2pimg.fetch import FetchConfig, Fetcher, OriginSource
-from p2pimg.http import serve_http
+from p2pimg.content.cid import Cid
+from p2pimg.fetch.engine import FetchConfig, Fetcher
+from p2pimg.fetch.resolver import Resolver
 from p2pimg.metrics import Metrics
-from p2pimg.origins import FileOrigin, Origin
-from p2pimg.publish import publish
-from p2pimg.registry import Registry
-from p2pimg.resolver import Resolver
-from p2pimg.sample import SampleImage
-from p2pimg.store import ChunkStore
+from p2pimg.ops.publish import publish
+from p2pimg.ops.sample import SampleImage
+from p2pimg.sources.base import OriginSource
+from p2pimg.sources.origins import FileOrigin, Origin
+from p2pimg.store.chunks import ChunkStore
+from p2pimg.web.registry import Registry
+from p2pimg.web.server import serve_http
 
 CHUNK = 64 << 10  # small chunks so small test blobs span many chunks
 

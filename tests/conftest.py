@@ -11,12 +11,12 @@ import pytest
 import trio
 from _support import Node, published_home, start_registry
 
-from p2pimg.sample import LayerSpec, SampleImage, write_oci_layout
+from p2pimg.ops.sample import LayerSpec, SampleImage, write_oci_layout
 
 # Every p2pimg process a test starts inherits this: mDNS would send multicast on the machine's
 # real interfaces. Tests that create network namespaces turn it on inside them.
 os.environ["P2PIMG_MDNS"] = "0"
-from p2pimg.store import ChunkStore
+from p2pimg.store.chunks import ChunkStore
 
 
 @pytest.fixture(scope="session")

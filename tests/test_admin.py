@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from p2pimg.sample import LayerSpec, write_oci_layout
+from p2pimg.ops.sample import LayerSpec, write_oci_layout
 
 
 def cli(*args: str, home: Path) -> subprocess.CompletedProcess[str]:

@@ -13,14 +13,14 @@ import pytest
 import trio
 from _support import CHUNK, Node, wait_cached
 
-from p2pimg import cache
-from p2pimg.cid import Cid
-from p2pimg.config import load_config
+from p2pimg.content.cid import Cid
+from p2pimg.content.model import ImageRoot
 from p2pimg.errors import InvalidInput
-from p2pimg.model import ImageRoot
-from p2pimg.node import open_node
-from p2pimg.resolver import Resolver
-from p2pimg.store import ChunkStore
+from p2pimg.fetch.resolver import Resolver
+from p2pimg.node.config import load_config
+from p2pimg.node.node import open_node
+from p2pimg.store import cache
+from p2pimg.store.chunks import ChunkStore
 
 HOUR = 3600.0
 

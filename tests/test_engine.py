@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from p2pimg.cid import Cid, digest_of
-from p2pimg.fetch import BlobFetch, ChunkSource, FetchConfig, Fetcher, SourceBusy
+from p2pimg.content.cid import Cid, digest_of
+from p2pimg.content.model import BlobMap
+from p2pimg.fetch.engine import BlobFetch, FetchConfig, Fetcher
 from p2pimg.metrics import Metrics
-from p2pimg.model import BlobMap
-from p2pimg.store import ChunkStore
+from p2pimg.sources.base import ChunkSource, SourceBusy
+from p2pimg.store.chunks import ChunkStore
 
 CHUNK = 64 << 10
 
@@ -306,7 +307,7 @@ async def test_without_the_origin_failing_peers_end_the_fetch_with_a_reason(
 
 
 def test_a_peer_failing_again_and_again_is_dropped_for_longer_each_time() -> None:
-    from p2pimg.policy import DROP_AFTER_ERRORS, DROP_BASE, SourceStats
+    from p2pimg.fetch.policy import DROP_AFTER_ERRORS, DROP_BASE, SourceStats
 
     peer, origin = SourceStats("peer", "peer", 4), SourceStats("origin", "origin", 8)
     until = []

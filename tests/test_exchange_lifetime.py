@@ -18,9 +18,9 @@ import trio
 from _support import published_home, wait_cached
 from test_surface_limits import _config, get_ok, serving
 
-from p2pimg import http
-from p2pimg.http import AbortResponse, BodyPart, FileRegion, Request, Response, serve_http
-from p2pimg.sample import SampleImage
+from p2pimg.ops.sample import SampleImage
+from p2pimg.web import server as http
+from p2pimg.web.server import AbortResponse, BodyPart, FileRegion, Request, Response, serve_http
 
 BODY = 8 << 20
 

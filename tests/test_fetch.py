@@ -13,11 +13,11 @@ import trio
 from _support import CHUNK, published_home, start_registry, wait_cached
 
 from p2pimg.errors import OriginError
-from p2pimg.origins import FileOrigin, blob_key
-from p2pimg.origins.base import BlobReader, Origin
-from p2pimg.resolver import Resolver
-from p2pimg.sample import SampleImage
-from p2pimg.store import ChunkStore
+from p2pimg.fetch.resolver import Resolver
+from p2pimg.ops.sample import SampleImage
+from p2pimg.sources.origins import FileOrigin, blob_key
+from p2pimg.sources.origins.base import BlobReader, Origin
+from p2pimg.store.chunks import ChunkStore
 
 
 class ProbeOrigin(Origin):

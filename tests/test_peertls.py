@@ -13,14 +13,14 @@ import pytest
 import trio
 import trustme
 
-from p2pimg.config import load_config
-from p2pimg.discovery import announcements
 from p2pimg.errors import InvalidInput
-from p2pimg.fetch import Fetcher
+from p2pimg.fetch.engine import Fetcher
 from p2pimg.metrics import Metrics
-from p2pimg.node import Swarm
-from p2pimg.peertls import PeerTls, load_peer_tls
-from p2pimg.store import ChunkStore
+from p2pimg.node.config import load_config
+from p2pimg.node.discovery import announcements
+from p2pimg.node.node import Swarm
+from p2pimg.node.peertls import PeerTls, load_peer_tls
+from p2pimg.store.chunks import ChunkStore
 
 
 def write_files(where: Path, ca: trustme.CA) -> list[Path]:
@@ -102,7 +102,7 @@ async def test_a_tls_node_takes_only_https_peers(tmp_path: Path, nursery: trio.N
     fetcher = Fetcher(ChunkStore(tmp_path / "cache"), [], nursery, metrics=Metrics())
     async with httpx.AsyncClient() as client:
         swarm = Swarm(fetcher, "me", [], client, tls=True)
-        with caplog.at_level(logging.WARNING, logger="p2pimg.node"):
+        with caplog.at_level(logging.WARNING, logger="p2pimg.node.node"):
             for _ in range(3):  # as mDNS would report it again and again
                 assert not swarm.add("http://10.0.0.9:5051", "b")
         assert caplog.text.count("only over mutual TLS") == 1  # said once, not on every report

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from p2pimg import dagcbor
-from p2pimg.cid import Cid
+from p2pimg.content import dagcbor
+from p2pimg.content.cid import Cid
+from p2pimg.content.graph import DOCKER_MANIFEST
+from p2pimg.content.model import BlobMap, ImageRoot, TagRecord
 from p2pimg.errors import SourceInvalid
-from p2pimg.model import BlobMap, ImageRoot, TagRecord
-from p2pimg.origins import FileOrigin, blob_key, block_key, tag_key
-from p2pimg.publish import publish
-from p2pimg.sample import LayerSpec, SampleImage, write_docker_archive, write_oci_layout
-from p2pimg.sources import DOCKER_MANIFEST
+from p2pimg.ops.publish import publish
+from p2pimg.ops.sample import LayerSpec, SampleImage, write_docker_archive, write_oci_layout
+from p2pimg.sources.origins import FileOrigin, blob_key, block_key, tag_key
 
 CHUNK = 64 << 10
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from _support import Node, wait_cached
 
-from p2pimg.sample import SampleImage
+from p2pimg.ops.sample import SampleImage
 
 API = "registry/2.0"
 
@@ -109,8 +109,9 @@ async def test_ranges(node: Node, sample: SampleImage, cached: bool) -> None:
 
 async def test_empty_blob(node: Node, sample: SampleImage, tmp_path: Path) -> None:
     # LayerSpec(0) is a tiny tar, not empty: publish a layout holding a true zero-length blob.
-    from p2pimg.publish import publish_image
-    from p2pimg.sources import SourceBlob, read_source
+    from p2pimg.content.graph import SourceBlob
+    from p2pimg.ops.inputs import read_source
+    from p2pimg.ops.publish import publish_image
 
     image = read_source(f"oci:{sample.path}:1")
     empty = "sha256:" + hashlib.sha256(b"").hexdigest()

@@ -25,9 +25,9 @@ import trio
 from botocore.credentials import Credentials
 
 from p2pimg.errors import InvalidInput, OriginError, OriginNotFound
-from p2pimg.origins import open_origin
-from p2pimg.origins.s3 import S3Location, S3Origin, parse_s3_url
-from p2pimg.sample import SampleImage
+from p2pimg.ops.sample import SampleImage
+from p2pimg.sources.origins import open_origin
+from p2pimg.sources.origins.s3 import S3Location, S3Origin, parse_s3_url
 
 MiB = 1 << 20
 PART = 64 * MiB

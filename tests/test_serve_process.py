@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from p2pimg.sample import LayerSpec, write_oci_layout
+from p2pimg.ops.sample import LayerSpec, write_oci_layout
 
 
 def start(home: Path) -> tuple[subprocess.Popen[str], str]:

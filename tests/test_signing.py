@@ -11,14 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from p2pimg.cid import Cid
-from p2pimg.errors import BlockInvalid, InvalidInput, OriginError
-from p2pimg.model import TagRecord
-from p2pimg.origins import FileOrigin, open_origin, tag_key
-from p2pimg.publish import publish
-from p2pimg.resolver import Resolver
-from p2pimg.sample import LayerSpec, SampleImage, write_oci_layout
-from p2pimg.signing import (
+from p2pimg.content.cid import Cid
+from p2pimg.content.model import TagRecord
+from p2pimg.content.signing import (
     KeyFileError,
     Signer,
     TagSignatureError,
@@ -29,7 +24,12 @@ from p2pimg.signing import (
     parse_public_key,
     private_key_path,
 )
-from p2pimg.store import ChunkStore
+from p2pimg.errors import BlockInvalid, InvalidInput, OriginError
+from p2pimg.fetch.resolver import Resolver
+from p2pimg.ops.publish import publish
+from p2pimg.ops.sample import LayerSpec, SampleImage, write_oci_layout
+from p2pimg.sources.origins import FileOrigin, open_origin, tag_key
+from p2pimg.store.chunks import ChunkStore
 
 CHUNK = 4 << 10
 NAME = "demo/app"
@@ -172,7 +172,7 @@ async def test_downgrade_refused_and_the_newer_record_keeps_serving(
     res = resolver(tmp_path, origin, TrustStore.load(home))
     assert await res.resolve_tag(NAME, "1") == new.root
     await origin.put_bytes(tag_key(NAME, "1"), old_bytes)  # a validly signed replay of seq `old`
-    with caplog.at_level(logging.ERROR, logger="p2pimg.resolver"):
+    with caplog.at_level(logging.ERROR, logger="p2pimg.fetch.resolver"):
         assert await res.resolve_tag(NAME, "1") == new.root
         # A fresh resolver on the same cache (a restart) refuses it too.
         assert await resolver(tmp_path, origin, TrustStore.load(home)).resolve_tag(NAME, "1") == new.root
@@ -274,7 +274,7 @@ async def test_unsigned_accepted_with_a_warning_when_nothing_is_trusted(
     record = await publish_as(images[0], origin)
     assert record.key is None and record.sig is None
     res = resolver(tmp_path, origin, TrustStore.load(tmp_path / "home"))
-    with caplog.at_level(logging.WARNING, logger="p2pimg.resolver"):
+    with caplog.at_level(logging.WARNING, logger="p2pimg.fetch.resolver"):
         assert await res.resolve_tag(NAME, "1") == record.root
         assert await res.resolve_tag(NAME, "1") == record.root  # tag_ttl=0: read again
     warnings = [r for r in caplog.records if "no publisher key is trusted" in r.getMessage()]
@@ -309,7 +309,7 @@ def test_cli_keygen_publish_and_trust(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from p2pimg.sample import LayerSpec, write_oci_layout
+    from p2pimg.ops.sample import LayerSpec, write_oci_layout
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

@@ -30,9 +30,9 @@ import pytest
 import trio
 
 from p2pimg.errors import InvalidInput, OriginError, OriginNotFound
-from p2pimg.origins import open_origin
-from p2pimg.origins import storj as storj_module
-from p2pimg.origins.storj import StorjOrigin, parse_storj_url
+from p2pimg.sources.origins import open_origin
+from p2pimg.sources.origins import storj as storj_module
+from p2pimg.sources.origins.storj import StorjOrigin, parse_storj_url
 
 BUCKET = "bkt"
 LIVE_SKIP = ("live Storj test: set STORJ_ACCESS and P2PIMG_STORJ_BUCKET (an access grant and an "
@@ -1601,7 +1601,7 @@ def test_importing_p2pimg_does_not_import_storj_uplink() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, p2pimg.cli, p2pimg.origins, p2pimg.origins.storj; "
+    code = ("import sys, p2pimg.cli.main, p2pimg.sources.origins, p2pimg.sources.origins.storj; "
             "assert not [m for m in sys.modules if m.startswith('storj_uplink')]")
     subprocess.run([sys.executable, "-c", code], check=True)
 

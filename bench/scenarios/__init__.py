@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from p2pimg.sample import LayerSpec, SampleImage, write_oci_layout
+from p2pimg.ops.sample import LayerSpec, SampleImage, write_oci_layout
 
 from ..procs import client_env, run
 from ..scenario import Context

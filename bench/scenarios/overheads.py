@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 
-from p2pimg.cid import Cid
+from p2pimg.content.cid import Cid
 
 from ..procs import docker_registry, p2pimg_serve, peak_rss_kib, registry_process, require, rss_kib
 from ..runner import percentile

@@ -50,7 +50,7 @@ from bench.shaped import (
     transfer_timeout,
     unavailable,
 )
-from p2pimg.sample import SampleImage
+from p2pimg.ops.sample import SampleImage
 from tools.netns import Host, lans
 
 SCENARIO = "lan-swarm"

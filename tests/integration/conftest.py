@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import pytest
 
-from p2pimg.sample import LayerSpec, SampleImage, write_docker_archive, write_oci_layout
+from p2pimg.ops.sample import LayerSpec, SampleImage, write_docker_archive, write_oci_layout
 
 STARTUP_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import pytest
 from conftest import Daemon, client_env, http_status, start_or_fail
 
-from p2pimg.cid import Cid
+from p2pimg.content.cid import Cid
 
 if TYPE_CHECKING:
     from conftest import RunP2pimg, SampleCache, Skopeo
@@ -48,8 +48,8 @@ def check_cache(home: Path) -> tuple[int, int]:
                 h.update(piece)
         assert h.hexdigest() == blob.name, f"visible blob {blob.name} does not match its digest"
     claimed = 0
-    from p2pimg import dagcbor
-    from p2pimg.model import BlobMap
+    from p2pimg.content import dagcbor
+    from p2pimg.content.model import BlobMap
 
     maps = {}
     for block in (home / "origin" / "p2pimg" / "blocks").iterdir():

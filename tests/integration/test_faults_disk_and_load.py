@@ -36,7 +36,7 @@ from conftest import FaultProxy, http_status, make_bucket, metric
 from test_crash import check_cache
 from test_s3_pull import blob_bytes, check_pulled, publish, s3_url, serve, skopeo_pull, stop_clean
 
-from p2pimg.sample import LayerSpec, write_oci_layout
+from p2pimg.ops.sample import LayerSpec, write_oci_layout
 
 if TYPE_CHECKING:
     from conftest import RunP2pimg, Skopeo

@@ -276,7 +276,7 @@ def test_a_stopped_peer_disappears(link: Link, start_peer: Callable[..., Peer]) 
 async def _peer_main(node: str, advertise: str, interfaces: list[str] | None) -> None:
     import trio
 
-    from p2pimg.discovery import Discovery
+    from p2pimg.node.discovery import Discovery
 
     host, _, port = advertise.rpartition(":")
     discovery = Discovery(node_id=node, advertise=(host, int(port)), interfaces=interfaces)

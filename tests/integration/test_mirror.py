@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from conftest import metric, run_command
 
-from p2pimg.sample import LayerSpec, write_oci_layout
+from p2pimg.ops.sample import LayerSpec, write_oci_layout
 
 if TYPE_CHECKING:
     from conftest import Containerd, P2pimgServe, Podman, Registry, RunP2pimg, Skopeo

@@ -32,7 +32,7 @@ from conftest import REPO_ROOT, Daemon, FaultProxy, client_env, free_port, http_
 from conftest import start_or_fail as start_daemon
 from test_s3_pull import blob_bytes, check_pulled, publish, s3_url, serve, skopeo_pull, stop_clean
 
-from p2pimg.sample import LayerSpec, SampleImage, write_oci_layout
+from p2pimg.ops.sample import LayerSpec, SampleImage, write_oci_layout
 
 if TYPE_CHECKING:
     from conftest import Registry, RunP2pimg, Skopeo
@@ -347,9 +347,9 @@ async def test_a_bug_in_a_mirror_download_fails_that_download_only(
     import trio
     from test_mirror import push
 
-    from p2pimg.config import load_config
-    from p2pimg.mirror import Mirror
-    from p2pimg.server import serve as serve_node
+    from p2pimg.fetch.mirror import Mirror
+    from p2pimg.node.config import load_config
+    from p2pimg.web.serve import serve as serve_node
 
     image = write_oci_layout(tmp_path / "img", [LayerSpec(2 << 20, "none")], tag="1", seed=25)
     repo = f"mirror/{uuid.uuid4().hex[:8]}"

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import pytest
 from conftest import Daemon, FaultProxy, client_env, http_status, make_bucket, metric, start_or_fail
 
-from p2pimg.sample import LayerSpec, SampleImage, write_oci_layout
+from p2pimg.ops.sample import LayerSpec, SampleImage, write_oci_layout
 
 if TYPE_CHECKING:
     from conftest import RunP2pimg

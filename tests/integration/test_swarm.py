@@ -32,7 +32,7 @@ from conftest import (
     start_or_fail,
 )
 
-from p2pimg.sample import LayerSpec, SampleImage, write_oci_layout
+from p2pimg.ops.sample import LayerSpec, SampleImage, write_oci_layout
 
 
 class Nodes:

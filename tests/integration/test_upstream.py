@@ -41,12 +41,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
-from p2pimg.cid import Cid, digest_of
+from p2pimg.content.cid import Cid, digest_of
 from p2pimg.errors import BlobUnknown, ManifestUnknown, NotFound, VerificationError
-from p2pimg.origins import FileOrigin
-from p2pimg.publish import publish_image
-from p2pimg.swarmkey import SwarmAuth
-from p2pimg.upstream import (
+from p2pimg.node.swarmkey import SwarmAuth
+from p2pimg.ops.publish import publish_image
+from p2pimg.sources.origins import FileOrigin
+from p2pimg.sources.upstream import (
     ManifestUnsupported,
     UpstreamAuthError,
     UpstreamClient,

@@ -1,4 +1,4 @@
-"""Unit tests for p2pimg.cid: CIDv1(sha2-256) over raw / dag-cbor, and OCI sha256 digests."""
+"""Unit tests for p2pimg.content.cid: CIDv1(sha2-256) over raw / dag-cbor, and OCI sha256 digests."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multiformats import multihash
 
-from p2pimg.cid import DAG_CBOR, RAW, SHA2_256, Cid, digest_of, parse_digest
+from p2pimg.content.cid import DAG_CBOR, RAW, SHA2_256, Cid, digest_of, parse_digest
 from p2pimg.errors import DigestInvalid, InvalidInput
 
 digests = st.binary(min_size=32, max_size=32)

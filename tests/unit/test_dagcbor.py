@@ -1,4 +1,4 @@
-"""Unit tests for p2pimg.dagcbor: strict DAG-CBOR encoding and decoding."""
+"""Unit tests for p2pimg.content.dagcbor: strict DAG-CBOR encoding and decoding."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from p2pimg.cid import DAG_CBOR, RAW, Cid
-from p2pimg.dagcbor import MAX_BLOCK_SIZE, MAX_DEPTH, decode, decode_verified, encode
+from p2pimg.content.cid import DAG_CBOR, RAW, Cid
+from p2pimg.content.dagcbor import MAX_BLOCK_SIZE, MAX_DEPTH, decode, decode_verified, encode
 from p2pimg.errors import BlockInvalid
 
 INT_MIN = -(2**64)  # CBOR major type 1 with a uint64 argument

@@ -1,4 +1,4 @@
-"""Unit tests for p2pimg.model: chunking, names and tags, and the DAG node types."""
+"""Unit tests for p2pimg.content.model: chunking, names and tags, and the DAG node types."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pimg import dagcbor
-from p2pimg.cid import DAG_CBOR, Cid
-from p2pimg.errors import BlockInvalid, InvalidInput, NameInvalid, TagInvalid
-from p2pimg.model import (
+from p2pimg.content import dagcbor
+from p2pimg.content.cid import DAG_CBOR, Cid
+from p2pimg.content.model import (
     BLOB_MAP_TYPE,
     IMAGE_ROOT_TYPE,
     MAX_MANIFEST_SIZE,
@@ -32,6 +31,7 @@ from p2pimg.model import (
     chunk_count,
     parse_name_tag,
 )
+from p2pimg.errors import BlockInvalid, InvalidInput, NameInvalid, TagInvalid
 
 CHUNK_SIZES = [1 << k for k in range(12, 27)]  # 4 KiB .. 64 MiB
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

@@ -21,19 +21,10 @@ import trio
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from p2pimg import config, dagcbor, ranges, registry, sources, warm
-from p2pimg.cid import DAG_CBOR, RAW, Cid, parse_digest
-from p2pimg.errors import (
-    BlockInvalid,
-    DigestInvalid,
-    InvalidInput,
-    NameInvalid,
-    RangeInvalid,
-    RangeNotSatisfiable,
-    SourceInvalid,
-    TagInvalid,
-)
-from p2pimg.model import (
+from p2pimg.content import dagcbor
+from p2pimg.content import graph as sources
+from p2pimg.content.cid import DAG_CBOR, RAW, Cid, parse_digest
+from p2pimg.content.model import (
     BLOB_MAP_TYPE,
     IMAGE_ROOT_TYPE,
     MANIFEST_MEDIA_TYPES,
@@ -45,6 +36,18 @@ from p2pimg.model import (
     check_tag,
     parse_name_tag,
 )
+from p2pimg.errors import (
+    BlockInvalid,
+    DigestInvalid,
+    InvalidInput,
+    NameInvalid,
+    RangeInvalid,
+    RangeNotSatisfiable,
+    SourceInvalid,
+    TagInvalid,
+)
+from p2pimg.node import config, warm
+from p2pimg.web import ranges, registry
 
 FUZZ_DIR = Path(__file__).resolve().parents[2] / "fuzz"
 FAST = settings(max_examples=200, deadline=timedelta(seconds=1), suppress_health_check=[HealthCheck.too_slow])

@@ -1,4 +1,4 @@
-"""Unit tests for p2pimg.plan: grouping missing chunks into spans."""
+"""Unit tests for p2pimg.fetch.plan: grouping missing chunks into spans."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pimg.model import SEGMENT_SIZE
-from p2pimg.plan import Span, plan_spans
+from p2pimg.content.model import SEGMENT_SIZE
+from p2pimg.fetch.plan import Span, plan_spans
 
 MIB = 1 << 20
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pimg.policy import BAN_AFTER_BAD_CHUNKS, OriginOnly, PreferNear, SourceStats, policy_named
+from p2pimg.fetch.policy import BAN_AFTER_BAD_CHUNKS, OriginOnly, PreferNear, SourceStats, policy_named
 
 KINDS = ["peer", "origin", "upstream"]
 

@@ -1,4 +1,4 @@
-"""Unit tests for p2pimg.ranges: single byte ranges (RFC 9110 §14.1.2) and Content-Range."""
+"""Unit tests for p2pimg.web.ranges: single byte ranges (RFC 9110 §14.1.2) and Content-Range."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from p2pimg.errors import RangeInvalid, RangeNotSatisfiable
-from p2pimg.ranges import content_range, parse_range
+from p2pimg.web.ranges import content_range, parse_range
 
 MAX_POS = 10**19 - 1  # positions the hypothesis tests use; larger numerals are tested explicitly
 

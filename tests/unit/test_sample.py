@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from p2pimg.sample import LayerSpec, SampleImage, write_docker_archive, write_oci_layout
+from p2pimg.ops.sample import LayerSpec, SampleImage, write_docker_archive, write_oci_layout
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from p2pimg.cid import Cid, digest_of
+from p2pimg.content.cid import Cid, digest_of
+from p2pimg.content.model import BlobMap
 from p2pimg.errors import VerificationError
-from p2pimg.model import BlobMap
-from p2pimg.store import ChunkStore
+from p2pimg.store.chunks import ChunkStore
 
 CHUNK = 4096
 

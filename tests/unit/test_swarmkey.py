@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from p2pimg.errors import InvalidInput
-from p2pimg.swarmkey import SCHEME, check, load_swarm_key, token
+from p2pimg.node.swarmkey import SCHEME, check, load_swarm_key, token
 
 KEY = b"0123456789abcdef0123456789abcdef"
 
@@ -48,7 +48,7 @@ def test_loading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_the_flag_wins_through_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from p2pimg.config import load_config
+    from p2pimg.node.config import load_config
 
     monkeypatch.setenv("P2PIMG_SWARM_KEY", "from-the-environment-1234")
     home = tmp_path / "home"

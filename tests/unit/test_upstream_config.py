@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from p2pimg.errors import DigestInvalid, InvalidInput, NameInvalid, TagInvalid
-from p2pimg.upstream import (
+from p2pimg.sources.upstream import (
     DOCKER_HUB_URL,
     Credentials,
     UpstreamAuthError,
@@ -96,7 +96,7 @@ def test_cred_helper_warns_and_falls_back_to_anonymous(tmp_path: Path,
                                                        caplog: pytest.LogCaptureFixture) -> None:
     path = config(tmp_path, {"auths": {"r.example": {"auth": b64("u:p")}},
                              "credHelpers": {"r.example": "ecr-login"}})
-    with caplog.at_level(logging.WARNING, logger="p2pimg.upstream"):
+    with caplog.at_level(logging.WARNING, logger="p2pimg.sources.upstream"):
         assert load_credentials("r.example", path) is None
     assert "ecr-login" in caplog.text and "not supported" in caplog.text and "anonymous" in caplog.text
 
@@ -105,7 +105,7 @@ def test_creds_store_warns_when_there_is_no_inline_auth(tmp_path: Path,
                                                         caplog: pytest.LogCaptureFixture) -> None:
     path = config(tmp_path, {"auths": {"r.example": {}, "other.example": {"auth": b64("u:p")}},
                              "credsStore": "desktop"})
-    with caplog.at_level(logging.WARNING, logger="p2pimg.upstream"):
+    with caplog.at_level(logging.WARNING, logger="p2pimg.sources.upstream"):
         assert load_credentials("r.example", path) is None
         assert "desktop" in caplog.text and "not supported" in caplog.text
         caplog.clear()
@@ -115,7 +115,7 @@ def test_creds_store_warns_when_there_is_no_inline_auth(tmp_path: Path,
 
 def test_identity_token_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = config(tmp_path, {"auths": {"r.example": {"identitytoken": "xyz"}}})
-    with caplog.at_level(logging.WARNING, logger="p2pimg.upstream"):
+    with caplog.at_level(logging.WARNING, logger="p2pimg.sources.upstream"):
         assert load_credentials("r.example", path) is None
     assert "token" in caplog.text and "xyz" not in caplog.text
 
@@ -291,7 +291,7 @@ def test_expired_token_is_not_reused() -> None:
 def test_no_credentials_to_a_plain_http_realm_of_an_https_registry(caplog: pytest.LogCaptureFixture) -> None:
     state = _AuthState("reg.example", Credentials("u", "pw"), secure=True)
     challenge = 'Bearer realm="http://auth.example/token",service="reg"'
-    with caplog.at_level(logging.WARNING, logger="p2pimg.upstream"):
+    with caplog.at_level(logging.WARNING, logger="p2pimg.sources.upstream"):
         sent, _ = drive(state, [(401, {"WWW-Authenticate": challenge}, b""), (200, {}, token_body("t")),
                                 (200, {}, b"")])
     assert "Authorization" not in sent[1].headers and "not sending credentials" in caplog.text

@@ -1,0 +1,403 @@
+"""Tags -> image roots -> manifests and blob maps, verified, cached, transport-agnostic.
+
+Everything the resolver returns was checked against the CID it was asked under (blocks) or the
+name and tag it was asked for (tag records) before it is cached or handed on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import trio
+
+from p2pimg.content import dagcbor
+from p2pimg.content.cid import Cid, parse_digest
+from p2pimg.content.model import (
+    MAX_MANIFEST_SIZE,
+    MAX_TAG_RECORD_SIZE,
+    BlobEntry,
+    BlobMap,
+    ImageRoot,
+    ManifestEntry,
+    TagRecord,
+)
+from p2pimg.content.signing import TagSignatureError, TrustStore
+from p2pimg.errors import (
+    BlobUnknown,
+    BlockInvalid,
+    ManifestUnknown,
+    NameUnknown,
+    OriginError,
+    OriginNotFound,
+    P2pimgError,
+    VerificationError,
+)
+from p2pimg.sources.origins import Origin, block_key, tag_key
+from p2pimg.store.chunks import ChunkStore
+from p2pimg.tasks import SingleFlight
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+
+async def _no_peer_block(_cid: Cid, _max_size: int) -> bytes | None:
+    return None
+
+
+async def _no_peer_tags(_name: str, _tag: str) -> list[bytes]:
+    return []
+
+
+IPFS_PREFIX = "ipfs/"
+IPFS_TAG = "latest"  # the one tag of an image named by its root CID
+_ROOT_CACHE = 256
+_MAP_CACHE = 4096
+_RELISTED_NAMES = 4096
+
+
+@dataclass(frozen=True)
+class Manifest:
+    digest: str
+    media_type: str
+    data: bytes
+
+
+class Resolver:
+    def __init__(self, store: ChunkStore, origin: Origin, *, tag_ttl: float = 5.0,
+                 trust: TrustStore | None = None) -> None:
+        self.store = store
+        self.origin = origin
+        self.tag_ttl = tag_ttl
+        # Tag record policy: with trusted keys, only records signed by one of them; with none,
+        # records from our own origin as they are (with a warning once per tag).
+        self.trust = trust if trust is not None else TrustStore()
+        self._warned_unverified: set[tuple[str, str]] = set()
+        self._warned_downgrade: set[tuple[str, str, int]] = set()
+        self._roots: OrderedDict[Cid, ImageRoot] = OrderedDict()
+        self._maps: OrderedDict[Cid, BlobMap] = OrderedDict()
+        self._tags: dict[tuple[str, str], tuple[float, Cid]] = {}
+        self._name_roots: dict[str, set[Cid]] = {}
+        self._published: dict[str, tuple[float, bool]] = {}
+        self._block_flights: SingleFlight[Cid, bytes] = SingleFlight()
+        self._relisted: dict[str, float] = {}  # name -> when a miss last made us re-list its tags
+        self._tag_flights: SingleFlight[tuple[str, str], Cid] = SingleFlight()
+        self.on_blob_map: Callable[[BlobMap], None] = lambda _bmap: None  # the peer index
+        # Blocks by CID from LAN peers when the origin cannot give them (the node wires it).
+        self.peer_block: Callable[[Cid, int], Awaitable[bytes | None]] = _no_peer_block
+        # Encoded tag records LAN peers hold for a name and tag (the node wires it).
+        self.peer_tags: Callable[[str, str], Awaitable[list[bytes]]] = _no_peer_tags
+
+    # -- blocks ----------------------------------------------------------------------------
+
+    async def block(self, cid: Cid, *, max_size: int = dagcbor.MAX_BLOCK_SIZE,
+                    check: Callable[[bytes], object] | None = None) -> bytes:
+        """A block by CID: from the cache, else from the origin, verified before it is kept —
+        against its CID, and by `check` (which raises) when the block must also parse: a block
+        that matches its CID but is not a valid node is never cached, nor so served to peers.
+
+        Concurrent misses for one block are merged: one task fetches it, the others wait for
+        that fetch and share its outcome (100 clients asking at once cost the origin one request).
+        When the fetching task is cancelled, a waiting one takes its place."""
+        data = await trio.to_thread.run_sync(self.store.get_block, cid)
+        if data is not None:
+            return data
+        data, fetched = await self._block_flights.run(cid, lambda: self._fetch_block(cid, max_size, check))
+        if not fetched:  # shared another caller's fetch: apply this caller's own limits to it
+            if len(data) > max_size:
+                raise BlockInvalid(f"block {cid} is {len(data)} bytes, over the limit of {max_size} "
+                                   "for what it was asked as")
+            if check is not None:
+                check(data)
+        return data
+
+    async def _fetch_block(self, cid: Cid, max_size: int, check: Callable[[bytes], object] | None) -> bytes:
+        # A fetch that landed between this caller's cache miss and its flight: no second request.
+        data = await trio.to_thread.run_sync(self.store.get_block, cid)
+        if data is not None:
+            return data
+        try:
+            data = await self.origin.get(block_key(cid), max_size=max_size)
+        except OriginError as exc:
+            # The origin is unreachable (or does not have it): a peer may have the block, and a
+            # block named by its CID can come from anyone, since it is checked against the CID.
+            data = await self.peer_block(cid, max_size)
+            if data is None:
+                raise
+            log.warning("origin failed (%s); got block %s from a peer", exc.message, cid)
+        if not cid.matches(data):
+            raise VerificationError(f"a block that does not match {cid} was returned for it")
+        if check is not None:
+            check(data)
+        await trio.to_thread.run_sync(self.store.put_block, cid, data)
+        return data
+
+    async def node(self, cid: Cid, parse: Callable[[bytes], _T]) -> _T:
+        """A DAG node by CID, parsed once: a block that does not parse is never cached."""
+        parsed: list[_T] = []
+        data = await self.block(cid, check=lambda block: parsed.append(parse(block)))
+        return parsed[0] if parsed else parse(data)  # fetched and parsed, or from the cache
+
+    @staticmethod
+    def _remember(cache: OrderedDict[Cid, object], cid: Cid, value: object, size: int) -> None:
+        cache[cid] = value
+        cache.move_to_end(cid)
+        while len(cache) > size:
+            cache.popitem(last=False)
+
+    async def root(self, cid: Cid) -> ImageRoot:
+        if (hit := self._roots.get(cid)) is not None:
+            return hit
+        if cid.codec_name != "dag-cbor":
+            raise ManifestUnknown(f"{cid} is not an image root CID (not dag-cbor)")
+        def parse(data: bytes) -> ImageRoot:
+            return ImageRoot.from_node(dagcbor.decode_verified(data, cid))
+
+        try:
+            root = await self.node(cid, parse)
+        except OriginNotFound:
+            raise NameUnknown(f"no image with root {cid}") from None
+        self._remember(self._roots, cid, root, _ROOT_CACHE)  # type: ignore[arg-type]
+        return root
+
+    async def blob_map(self, entry: BlobEntry, digest: str) -> BlobMap:
+        if (hit := self._maps.get(entry.map)) is not None:
+            return hit
+        def parse(data: bytes) -> BlobMap:
+            return BlobMap.from_node(dagcbor.decode_verified(data, entry.map))
+
+        bmap = await self.node(entry.map, parse)
+        if bmap.digest != digest or bmap.size != entry.size:
+            raise BlockInvalid(f"blob map {entry.map} does not describe {digest}")
+        self._remember(self._maps, entry.map, bmap, _MAP_CACHE)  # type: ignore[arg-type]
+        self.on_blob_map(bmap)
+        return bmap
+
+    async def manifest(self, entry: ManifestEntry, digest: str) -> Manifest:
+        data = await self.block(entry.cid, max_size=MAX_MANIFEST_SIZE)
+        return Manifest(digest=digest, media_type=entry.media_type, data=data)
+
+    # -- tags ------------------------------------------------------------------------------
+
+    async def resolve_tag(self, name: str, tag: str) -> Cid:
+        """The root CID `name:tag` points at, re-read from the origin after `tag_ttl` seconds."""
+        cached = self._tags.get((name, tag))
+        if cached is not None and time.monotonic() - cached[0] < self.tag_ttl:
+            return cached[1]
+        root, _fetched = await self._tag_flights.run((name, tag), lambda: self._read_tag(name, tag))
+        return root
+
+    async def _read_tag(self, name: str, tag: str) -> Cid:
+        now = time.monotonic()
+        try:
+            data = await self.origin.get(tag_key(name, tag), max_size=MAX_TAG_RECORD_SIZE)
+        except OriginNotFound:
+            await self.tags(name)  # NAME_UNKNOWN when the repository itself is unknown
+            raise ManifestUnknown(f"{name}:{tag} is not published") from None
+        except OriginError as exc:
+            record, where = await self._offline_record(name, tag, exc)
+            log.warning("origin unreachable (%s); using %s of %s:%s (seq %d)",
+                        exc.message, where, name, tag, record.seq)
+            self._tags[(name, tag)] = (now, record.root)
+            self._name_roots.setdefault(name, set()).add(record.root)
+            return record.root
+        record = TagRecord.decode(data, name=name, tag=tag)
+        self.check_record(record)
+        record = await self._no_downgrade(record)
+        await trio.to_thread.run_sync(self.store.put_tag_record, record)
+        self._tags[(name, tag)] = (now, record.root)
+        self._name_roots.setdefault(name, set()).add(record.root)
+        return record.root
+
+    async def _offline_record(self, name: str, tag: str, failure: OriginError) -> tuple[TagRecord, str]:
+        """With the origin unreachable: the record of `name:tag` to use, and where it came from —
+        the last one this node accepted, else the newest one LAN peers hold that a trusted key
+        signed. Peers are not asked when the node has a record (no waiting on them in an outage)
+        nor when it trusts no key (it could take none of their answers)."""
+        refusal: TagSignatureError | None = None
+        cached = await trio.to_thread.run_sync(self.store.get_tag_record, name, tag)
+        if cached is not None:
+            try:
+                self.check_record(cached)  # cached under an older policy maybe: the current one decides
+                return cached, "the last verified record"
+            except TagSignatureError as exc:
+                refusal = exc
+        if not len(self.trust):
+            if refusal is not None:
+                raise refusal
+            raise OriginError(f"{name}:{tag}: {failure.message}; this node has no record of the tag, and it "
+                              "takes none from LAN peers because it trusts no publisher key "
+                              "(--trust PUBFILE or $P2PIMG_HOME/trust/*.pub)")
+        best: TagRecord | None = None
+        where = "a LAN peer's signed record"
+        for data in await self.peer_tags(name, tag):
+            try:
+                record = TagRecord.decode(data, name=name, tag=tag)
+                self.check_peer_record(record)
+            except (P2pimgError, ValueError) as exc:
+                log.warning("a LAN peer's tag record of %s:%s refused: %s", name, tag, exc)
+                if isinstance(exc, TagSignatureError):
+                    refusal = refusal or exc
+                continue
+            if best is None or record.seq > best.seq:
+                best = record
+        if best is None:
+            if refusal is not None:
+                raise refusal
+            raise failure
+        await trio.to_thread.run_sync(self.store.put_tag_record, best)
+        return best, where
+
+    def check_peer_record(self, record: TagRecord) -> None:
+        """A tag record learned from a LAN peer: accepted only when signed by a trusted key. A node
+        that trusts no key takes unsigned records from its own origin, never from peers."""
+        if not len(self.trust):
+            raise TagSignatureError(
+                f"tag record of {record.name}:{record.tag} (seq {record.seq}) from a LAN peer refused: "
+                "records learned from peers must be signed by a trusted publisher key, and this node "
+                "trusts none (--trust PUBFILE or $P2PIMG_HOME/trust/*.pub)")
+        self.trust.check(record)
+
+    def check_record(self, record: TagRecord) -> None:
+        """Apply the trust policy to a tag record from the origin or this node's own cache;
+        TagSignatureError when it is refused. Records from LAN peers go through
+        `check_peer_record` instead (the unsigned exception below is for our own origin only).
+        """
+        if len(self.trust):
+            kid = self.trust.check(record)
+            log.debug("tag record of %s:%s (seq %d) signed by trusted key %s",
+                      record.name, record.tag, record.seq, kid)
+            return
+        if (record.name, record.tag) not in self._warned_unverified:
+            self._warned_unverified.add((record.name, record.tag))
+            how = "unsigned" if record.key is None else f"signed by key {record.key}, not checked"
+            log.warning("no publisher key is trusted: accepting the %s tag record of %s:%s from the origin "
+                        "as it is (trust a key with --trust or $P2PIMG_HOME/trust/*.pub)",
+                        how, record.name, record.tag)
+
+    async def _no_downgrade(self, record: TagRecord) -> TagRecord:
+        """The record to use: `record`, unless the cache holds a newer accepted one for the tag.
+
+        A record with a lower seq than the cached one (or the same seq and another root) is a
+        replay or a rollback: it is refused with an error in the log, and the cached one serves.
+        A cached record that the current trust policy would refuse does not count.
+        """
+        cached = await trio.to_thread.run_sync(self.store.get_tag_record, record.name, record.tag)
+        if cached is None or not (cached.seq > record.seq or
+                                  (cached.seq == record.seq and cached.root != record.root)):
+            return record
+        try:
+            self.check_record(cached)
+        except VerificationError:
+            return record
+        key = (record.name, record.tag, record.seq)
+        if key not in self._warned_downgrade:
+            self._warned_downgrade.add(key)
+            log.error("refusing the origin's tag record of %s:%s: its seq %d (root %s) is not newer than "
+                      "the accepted seq %d (root %s), a rollback or a replay; still serving seq %d",
+                      record.name, record.tag, record.seq, record.root, cached.seq, cached.root, cached.seq)
+        return cached
+
+    async def is_published(self, name: str) -> bool:
+        """Whether `name` has tags in the origin (remembered for `tag_ttl` either way)."""
+        now = time.monotonic()
+        known = self._published.get(name)
+        if known is not None and now - known[0] < self.tag_ttl:
+            return known[1]
+        try:
+            await self.tags(name)
+            published = True
+        except NameUnknown:
+            published = False
+        self._published[name] = (now, published)
+        return published
+
+    async def tags(self, name: str) -> list[str]:
+        prefix = tag_key(name)
+        try:
+            keys = await self.origin.list(prefix)
+        except OriginNotFound:
+            keys = []
+        except OriginError as exc:
+            cached = await trio.to_thread.run_sync(self.store.cached_tags, name)
+            if not cached:
+                raise
+            log.warning("origin unreachable (%s); listing the tags of %s seen before", exc.message, name)
+            return cached
+        tags = sorted(k[len(prefix):] for k in keys if "/" not in k[len(prefix):])
+        if not tags:
+            raise NameUnknown(f"repository {name} is not published")
+        return tags
+
+    # -- what a registry name means --------------------------------------------------------
+
+    async def _roots_of(self, name: str) -> list[ImageRoot]:
+        """Images a name can serve: an `ipfs/<CID>` root, or the roots of the name's tags."""
+        if name.startswith(IPFS_PREFIX):
+            return [await self.root(Cid.parse(name[len(IPFS_PREFIX):]))]
+        known = self._name_roots.get(name)
+        if not known:
+            refused: list[TagSignatureError] = []
+            for tag in await self.tags(name):
+                try:
+                    await self.resolve_tag(name, tag)
+                except TagSignatureError as exc:  # one refused tag does not hide the others
+                    log.error("%s", exc.message)
+                    refused.append(exc)
+            known = self._name_roots.get(name, set())
+            if not known and refused:
+                raise refused[0]
+        return [await self.root(cid) for cid in sorted(known, key=str)]
+
+    async def _find(self, name: str, digest: str, kind: str) -> tuple[ImageRoot, object] | None:
+        parse_digest(digest)
+        for attempt in range(2):
+            for root in await self._roots_of(name):
+                table: dict[str, object] = root.manifests if kind == "manifest" else root.blobs  # type: ignore[assignment]
+                if digest in table:
+                    return root, table[digest]
+            now = time.monotonic()
+            if (attempt == 0 and not name.startswith(IPFS_PREFIX)
+                    and now - self._relisted.get(name, -math.inf) >= self.tag_ttl):
+                # Maybe a tag moved since we last looked: forget what we knew and re-list, once
+                # per tag TTL and name (a client asking again and again for a digest that is not
+                # there, or for many such digests, must not make every request list the origin).
+                self._relisted[name] = now
+                if len(self._relisted) > _RELISTED_NAMES:
+                    self._relisted = {n: t for n, t in self._relisted.items() if now - t < self.tag_ttl}
+                self._name_roots.pop(name, None)
+                self._tags = {k: v for k, v in self._tags.items() if k[0] != name}
+                continue
+            break
+        return None
+
+    async def manifest_for(self, name: str, reference: str) -> Manifest:
+        """GET /v2/<name>/manifests/<reference>: by digest, or a tag (`ipfs/<CID>` has one tag,
+        `latest`, as its tags list says)."""
+        if reference.startswith("sha256:") or ":" in reference:
+            found = await self._find(name, reference, "manifest")
+            if found is None:
+                raise ManifestUnknown(f"manifest {reference} is not part of {name}")
+            entry = found[1]
+            assert isinstance(entry, ManifestEntry)
+            return await self.manifest(entry, reference)
+        if name.startswith(IPFS_PREFIX):
+            root = (await self._roots_of(name))[0]
+            if reference != IPFS_TAG:
+                raise ManifestUnknown(f"{name} has one tag, {IPFS_TAG}, not {reference}")
+        else:
+            root = await self.root(await self.resolve_tag(name, reference))
+        return await self.manifest(root.top_entry, root.top)
+
+    async def blob_for(self, name: str, digest: str) -> BlobEntry:
+        found = await self._find(name, digest, "blob")
+        if found is None:
+            raise BlobUnknown(f"blob {digest} is not part of {name}")
+        entry = found[1]
+        assert isinstance(entry, BlobEntry)
+        return entry

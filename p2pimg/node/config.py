@@ -1,0 +1,136 @@
+"""Configuration in one place: flags, then environment, then `$P2PIMG_HOME/config.toml`."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+from p2pimg.content.model import DEFAULT_CHUNK_SIZE, check_chunk_size
+from p2pimg.errors import InvalidInput
+
+DEFAULT_LISTEN = "127.0.0.1:5050"
+
+
+def default_home() -> Path:
+    return Path(platformdirs.user_data_dir("p2pimg", appauthor=False))
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
+        raise InvalidInput(f"invalid listen address {value!r}: expected HOST:PORT")
+    return host, int(port)
+
+
+def _env_flag(name: str, default: object) -> bool:
+    value = os.environ.get(name)
+    if value is None:
+        return bool(default)
+    return value.strip().lower() not in ("0", "false", "no", "off", "")
+
+
+def parse_size(value: str | int) -> int:
+    """Sizes like 1048576, 1M, 1MiB, 64K."""
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"([0-9]{1,15})\s*([KMGT]?)(?:I?B)?", value.strip().upper())
+    if m is None:
+        raise InvalidInput(f"invalid size {value!r}: expected a number of bytes, or with K, M, G, T")
+    return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2)]
+
+
+@dataclass(frozen=True)
+class Config:
+    home: Path
+    origin: str | None
+    listen: str = DEFAULT_LISTEN
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    upstreams: tuple[str, ...] = ()
+    upstream_tag_ttl: float = 300.0
+    policy: str = "prefer-near"
+    peer_listen: str | None = None
+    peers: tuple[str, ...] = ()
+    mdns: bool = True
+    peer_rate: float = 0.0
+    peer_max_requests: int = 32
+    cache_max: int | None = None  # bytes; a running node evicts down to this
+    trust: tuple[str, ...] = ()  # extra publisher public key files (--trust)
+    swarm_key_file: str | None = None  # see swarmkey.load_swarm_key for the order of sources
+    swarm_key_file_given: bool = False  # named on the command line: it wins over the environment
+    peer_tls: tuple[str | None, str | None, str | None] = (None, None, None)  # cert, key, CA files
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+
+def load_config(*, home: str | None = None, origin: str | None = None, listen: str | None = None,
+                chunk_size: str | None = None, upstreams: list[str] | None = None,
+                upstream_tag_ttl: float | None = None, policy: str | None = None,
+                peer_listen: str | None = None, peers: list[str] | None = None, mdns: bool | None = None,
+                peer_rate: str | None = None, peer_max_requests: int | None = None,
+                cache_max: str | None = None, trust: list[str] | None = None,
+                swarm_key_file: str | None = None,
+                peer_tls: tuple[str | None, str | None, str | None] | None = None) -> Config:
+    home_path = Path(home or os.environ.get("P2PIMG_HOME") or default_home()).expanduser().absolute()
+    file_values: dict[str, Any] = {}
+    config_file = home_path / "config.toml"
+    if config_file.is_file():
+        try:
+            file_values = tomllib.loads(config_file.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidInput(f"{config_file}: {exc}") from None
+    chosen_origin = origin or os.environ.get("P2PIMG_ORIGIN") or file_values.get("origin")
+    chosen_listen = listen or file_values.get("listen") or DEFAULT_LISTEN
+    parse_listen(chosen_listen)
+    size = parse_size(chunk_size or os.environ.get("P2PIMG_CHUNK_SIZE")
+                      or file_values.get("chunk_size") or DEFAULT_CHUNK_SIZE)
+    check_chunk_size(size)
+    chosen_upstreams = upstreams or file_values.get("upstreams") or []
+    if not isinstance(chosen_upstreams, list) or not all(isinstance(u, str) for u in chosen_upstreams):
+        raise InvalidInput(f"{config_file}: upstreams must be a list of URLs")
+    ttl = upstream_tag_ttl if upstream_tag_ttl is not None else file_values.get("upstream_tag_ttl", 300.0)
+    if not isinstance(ttl, int | float) or ttl < 0:
+        raise InvalidInput(f"invalid upstream tag TTL {ttl!r}: expected seconds >= 0")
+    chosen_peer_listen = peer_listen or file_values.get("peer_listen")
+    if chosen_peer_listen:
+        parse_listen(chosen_peer_listen)
+    chosen_peers = peers or file_values.get("peers") or []
+    for url in chosen_peers:
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise InvalidInput(f"invalid peer {url!r}: expected http://HOST:PORT")
+    max_requests = peer_max_requests or file_values.get("peer_max_requests") or 32
+    if not isinstance(max_requests, int) or max_requests < 1:
+        raise InvalidInput(f"invalid peer request limit {max_requests!r}")
+    chosen_cache_max = cache_max or file_values.get("cache_max")
+    max_bytes = parse_size(chosen_cache_max) if chosen_cache_max is not None else None
+    if max_bytes is not None and max_bytes < 0:
+        raise InvalidInput(f"invalid cache size limit {chosen_cache_max!r}")
+    return Config(home=home_path, origin=chosen_origin, listen=chosen_listen, chunk_size=size,
+                  upstreams=tuple(chosen_upstreams), upstream_tag_ttl=float(ttl),
+                  policy=policy or file_values.get("policy") or "prefer-near",
+                  peer_listen=chosen_peer_listen, peers=tuple(chosen_peers),
+                  mdns=_env_flag("P2PIMG_MDNS", file_values.get("mdns", True)) if mdns is None else mdns,
+                  peer_rate=float(parse_size(peer_rate or file_values.get("peer_rate") or 0)),
+                  peer_max_requests=max_requests, cache_max=max_bytes,
+                  trust=tuple(trust or file_values.get("trust") or ()),
+                  swarm_key_file=swarm_key_file or file_values.get("swarm_key_file"),
+                  swarm_key_file_given=bool(swarm_key_file),
+                  peer_tls=_peer_tls(peer_tls, file_values))
+
+
+def _peer_tls(given: tuple[str | None, str | None, str | None] | None,
+              file_values: dict[str, Any]) -> tuple[str | None, str | None, str | None]:
+    if given is not None and any(given):
+        return given
+    values = tuple(file_values.get(f"peer_tls_{part}") for part in ("cert", "key", "ca"))
+    if not all(v is None or isinstance(v, str) for v in values):
+        raise InvalidInput("peer_tls_cert, peer_tls_key and peer_tls_ca must be file paths")
+    return values  # type: ignore[return-value]

@@ -1,0 +1,68 @@
+"""The one interface every source of blob bytes implements: origins, LAN peers, upstream
+registries (and, later, IPFS gateways). The fetch engine asks sources through it and nothing else.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Callable
+
+from p2pimg.content.model import BlobMap
+from p2pimg.errors import OriginError
+from p2pimg.sources.origins import Origin, blob_key
+
+
+class SourceBusy(OriginError):
+    """A source declined a request for now (a peer's 429): not a failure, come back later."""
+
+    http_status = 429
+    retry_after = 0.5  # seconds the source is left alone
+
+
+class ChunkSource(abc.ABC):
+    """Anything that can send byte ranges of a blob: an origin, a peer, an upstream registry."""
+
+    name: str
+    kind: str  # "origin" | "peer" | "upstream": the metrics label and the policy's first key
+    limit: int = 8  # concurrent requests, over all blobs
+    max_span: int = 16 << 20
+    segment_size: int = 64 << 20
+    stall_timeout: float | None = None  # None: the engine's default
+
+    def has(self, blob_map: BlobMap, index: int) -> bool:
+        """Whether this source can send chunk `index` (an origin has everything it published)."""
+        return True
+
+    def coming(self, blob_map: BlobMap, index: int) -> bool:
+        """Whether this source is fetching chunk `index` itself right now (a peer, mid-download)."""
+        return False
+
+    def participates(self, blob_map: BlobMap) -> bool:
+        """Whether this source (a peer) holds or is fetching any of the blob."""
+        return False
+
+    node_id: str | None = None  # a peer's node identity, shared by every node's view of it
+
+    async def prime(self, blob_map: BlobMap) -> None:  # noqa: B027 - most sources know already
+        """Learn what this source holds of a blob before its fetch starts (peers ask)."""
+
+    async def track(self, blob_map: BlobMap, changed: Callable[[], None]) -> None:  # noqa: B027
+        """Keep what `has`/`coming` say fresh while the blob's fetch runs; call `changed()`."""
+
+    @abc.abstractmethod
+    def read_span(self, blob_map: BlobMap, start: int, length: int) -> AsyncIterator[bytes]:
+        """Bytes [start, start+length) of the blob, in pieces of any size."""
+
+
+class OriginSource(ChunkSource):
+    kind = "origin"
+
+    def __init__(self, origin: Origin, *, limit: int = 8) -> None:
+        self.origin = origin
+        self.name = f"origin {origin.url}"
+        self.limit = limit
+        self.segment_size = origin.segment_size
+        self.max_span = origin.preferred_span
+
+    def read_span(self, blob_map: BlobMap, start: int, length: int) -> AsyncIterator[bytes]:
+        return self.origin.read_range(blob_key(blob_map.digest), start, length)

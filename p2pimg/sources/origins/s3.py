@@ -1,0 +1,656 @@
+"""`s3://BUCKET[/PREFIX]?endpoint=URL[&region=R]`: an origin in any S3 store (Storj's gateway included).
+
+Requests go path-style (`endpoint/bucket/key`) through httpx and are signed with botocore's SigV4.
+Large blobs are uploaded as resumable multipart uploads, one part per 64 MiB segment.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime
+import hashlib
+import ipaddress
+import logging
+import os
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import BinaryIO, NoReturn, Protocol
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
+
+import httpx
+import trio
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+
+from p2pimg.errors import InvalidInput, OriginError, OriginNotFound
+from p2pimg.sources.httpbody import read_capped
+from p2pimg.sources.origins.base import BlobReader, Origin
+from p2pimg.tasks import first_failure_nursery
+
+__all__ = ["S3Location", "S3Origin", "UploadStats", "credentials_from_env", "parse_s3_url"]
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_REGION = "us-east-1"
+# Keys are restricted to characters that need no URI encoding, so the canonical path SigV4 signs
+# is the path httpx sends, whichever normalization a signer applies.
+_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(?:/[A-Za-z0-9][A-Za-z0-9._-]*)*/?$")
+_COMPONENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_REGION_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+
+_UNSIGNED = "UNSIGNED-PAYLOAD"
+_PIECE = 1 << 20  # bytes per read from a source while streaming a single PUT
+_MAX_PARTS = 10_000  # S3's limit on parts in one multipart upload
+_ERROR_BODY_CAP = 64 << 10
+# A ListObjectsV2 page holds at most 1000 keys of at most 1 KiB each plus metadata: ~1.5 MB.
+_LISTING_CAP = 8 << 20
+_MAX_LISTING_PAGES = 100  # of in-progress uploads for one key: more means something is wrong
+
+
+@dataclass(frozen=True)
+class S3Location:
+    """A parsed `s3://` origin URL."""
+
+    bucket: str
+    prefix: str  # "" or components joined by "/", no leading or trailing "/"
+    endpoint: str  # scheme://host[:port], no path
+    region: str = _DEFAULT_REGION
+
+    @property
+    def url(self) -> str:
+        path = f"/{self.prefix}" if self.prefix else ""
+        region = f"&region={self.region}" if self.region != _DEFAULT_REGION else ""
+        return f"s3://{self.bucket}{path}?endpoint={self.endpoint}{region}"
+
+
+def _check_bucket(bucket: str) -> str:
+    if not bucket:
+        raise InvalidInput("s3 origin URL needs a bucket: s3://BUCKET[/PREFIX]?endpoint=URL")
+    if not _BUCKET_RE.match(bucket):
+        raise InvalidInput(f"invalid bucket name {bucket[:70]!r}: 3 to 63 characters of a-z, 0-9, '.' "
+                           "and '-', starting and ending with a letter or digit")
+    if ".." in bucket or ".-" in bucket or "-." in bucket:
+        raise InvalidInput(f"invalid bucket name {bucket!r}: no '..', '.-' or '-.'")
+    with contextlib.suppress(ValueError):
+        ipaddress.IPv4Address(bucket)
+        raise InvalidInput(f"invalid bucket name {bucket!r}: must not look like an IP address")
+    if bucket.startswith("xn--") or bucket.endswith("-s3alias"):
+        raise InvalidInput(f"invalid bucket name {bucket!r}: reserved prefix or suffix")
+    return bucket
+
+
+def _check_endpoint(endpoint: str | None) -> str:
+    if not endpoint:
+        raise InvalidInput("s3 origin URL needs an endpoint: s3://BUCKET[/PREFIX]?endpoint=https://HOST")
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https"):
+        raise InvalidInput(f"s3 endpoint must be an http:// or https:// URL, got {endpoint[:100]!r}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise InvalidInput(f"s3 endpoint has an invalid port: {endpoint[:100]!r}") from None
+    if not parts.hostname:
+        raise InvalidInput(f"s3 endpoint has no host: {endpoint[:100]!r}")
+    if parts.username is not None or parts.password is not None:
+        raise InvalidInput("s3 endpoint must not carry credentials: "
+                           "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY instead")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise InvalidInput(f"s3 endpoint must be scheme://host[:port] with no path: {endpoint[:100]!r}")
+    host = parts.hostname
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
+
+
+def _check_prefix(path: str) -> str:
+    prefix = path.strip("/")
+    if not prefix:
+        return ""
+    for component in prefix.split("/"):
+        if not _COMPONENT_RE.match(component):
+            raise InvalidInput(f"invalid s3 key prefix {prefix[:100]!r}: components of A-Z a-z 0-9 . _ -, "
+                               "each starting with a letter or digit")
+    return prefix
+
+
+def parse_s3_url(url: str) -> S3Location:
+    """Parse and validate `s3://BUCKET[/PREFIX]?endpoint=URL[&region=R]`."""
+    parts = urlsplit(url)
+    if parts.scheme != "s3":
+        raise InvalidInput(f"not an s3:// URL: {url[:100]!r}")
+    if "@" in parts.netloc:
+        raise InvalidInput("s3 origin URL must not carry credentials: "
+                           "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY instead")
+    if parts.fragment:
+        raise InvalidInput(f"s3 origin URL must not have a fragment: {url[:100]!r}")
+    bucket = _check_bucket(parts.netloc)
+    prefix = _check_prefix(parts.path)
+    params: dict[str, str] = {}
+    try:
+        pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    except ValueError:
+        raise InvalidInput(f"s3 origin URL has a malformed query: {parts.query[:100]!r}") from None
+    for name, value in pairs:
+        if name not in ("endpoint", "region"):
+            raise InvalidInput(f"unknown s3 origin URL parameter {name[:40]!r}: expected endpoint, region")
+        if name in params:
+            raise InvalidInput(f"s3 origin URL parameter {name!r} given twice")
+        params[name] = value
+    endpoint = _check_endpoint(params.get("endpoint"))
+    region = params.get("region", _DEFAULT_REGION)
+    if not _REGION_RE.match(region):
+        raise InvalidInput(f"invalid s3 region {region[:70]!r}")
+    return S3Location(bucket=bucket, prefix=prefix, endpoint=endpoint, region=region)
+
+
+def credentials_from_env(env: Mapping[str, str] | None = None) -> Credentials:
+    """AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and optionally AWS_SESSION_TOKEN."""
+    env = os.environ if env is None else env
+    access = env.get("AWS_ACCESS_KEY_ID", "")
+    secret = env.get("AWS_SECRET_ACCESS_KEY", "")
+    missing = [name for name, value in (("AWS_ACCESS_KEY_ID", access), ("AWS_SECRET_ACCESS_KEY", secret))
+               if not value]
+    if missing:
+        raise InvalidInput(f"s3 origin needs credentials: set {' and '.join(missing)} "
+                           "(and AWS_SESSION_TOKEN for temporary credentials)")
+    return Credentials(access, secret, env.get("AWS_SESSION_TOKEN") or None)
+
+
+def _md5(data: bytes) -> bytes:
+    return hashlib.md5(data, usedforsecurity=False).digest()
+
+
+def _query(params: Mapping[str, str]) -> str:
+    # Encoded the way SigV4 canonicalizes it, so the query botocore signs is the one sent.
+    return "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in sorted(params.items()))
+
+
+def _xml(body: bytes, what: str) -> ET.Element:
+    # The stdlib parser expands internal entities; no S3 response has a DTD, so refuse any.
+    if b"<!DOCTYPE" in body or b"<!ENTITY" in body:
+        raise OriginError(f"{what}: unexpected DTD in the response")
+    try:
+        return ET.fromstring(body)
+    except ET.ParseError as exc:
+        raise OriginError(f"{what}: malformed XML response ({exc})") from None
+
+
+def _local(elem: ET.Element) -> str:
+    return elem.tag.rpartition("}")[2]
+
+
+def _text(elem: ET.Element, name: str) -> str | None:
+    child = elem.find(f"{{*}}{name}")  # any namespace: S3's, or none from some gateways
+    return None if child is None else (child.text or "")
+
+
+def _truncated(elem: ET.Element) -> bool:
+    return (_text(elem, "IsTruncated") or "").strip().lower() == "true"
+
+
+def _etag(value: str | None) -> str:
+    return (value or "").strip().strip('"').lower()
+
+
+@dataclass
+class UploadStats:
+    """What this origin's blob uploads did (resumes show up as parts_reused)."""
+
+    parts_uploaded: int = 0
+    parts_reused: int = 0
+    bytes_uploaded: int = 0
+
+
+@dataclass(frozen=True)
+class _Upload:
+    upload_id: str
+    parts: dict[int, tuple[int, str]]  # part number -> (size, etag) already in the store
+
+
+class S3Origin(Origin):
+    """An origin in an S3 bucket, under an optional key prefix."""
+
+    segment_size: int = 64 << 20  # one multipart part; on Storj one part is one segment
+    parallel_parts = 2  # parts uploaded at once: memory stays at this many parts
+    max_connections = 32  # enough for parallel ranged reads of several blobs
+    list_page_size = 1000  # keys per ListObjectsV2 page (S3's maximum)
+
+    def __init__(self, location: S3Location | str, *, credentials: Credentials | None = None) -> None:
+        self.location = parse_s3_url(location) if isinstance(location, str) else location
+        self.url = self.location.url
+        self._credentials = credentials or credentials_from_env()
+        self._signer = SigV4Auth(self._credentials, "s3", self.location.region)
+        self._host = urlsplit(self.location.endpoint).netloc
+        self._bucket_url = f"{self.location.endpoint}/{self.location.bucket}"
+        self._client: httpx.AsyncClient | None = None
+        self._client_run: object = None
+        self.stats = UploadStats()
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _http(self) -> httpx.AsyncClient:
+        run = trio.lowlevel.current_trio_token()
+        if self._client is None or self._client_run is not run:
+            # Pooled connections belong to the trio run that opened them, and the CLI may call
+            # trio.run more than once with one origin: each run gets its own client.
+            self._client = httpx.AsyncClient(
+                timeout=httpx.Timeout(60.0, connect=10.0),
+                limits=httpx.Limits(max_connections=self.max_connections,
+                                    max_keepalive_connections=self.max_connections),
+                # Ranged reads must come back byte for byte, never transfer-decoded.
+                headers={"Accept-Encoding": "identity"},
+            )
+            self._client_run = run
+        return self._client
+
+    def _key(self, key: str, *, prefix: bool = False) -> str:
+        """The bucket key of an origin key (or of a listing prefix, which ends with '/')."""
+        if not _KEY_RE.match(key) or key.endswith("/") != prefix or ".." in key.split("/"):
+            raise InvalidInput(f"invalid origin key {key[:100]!r}")
+        return f"{self.location.prefix}/{key}" if self.location.prefix else key
+
+    def _sign(self, method: str, url: str, headers: Mapping[str, str], payload_hash: str) -> dict[str, str]:
+        request = AWSRequest(method=method, url=url,
+                             headers={**headers, "Host": self._host, "X-Amz-Content-SHA256": payload_hash})
+        self._signer.add_auth(request)
+        return dict(request.headers.items())
+
+    @contextlib.asynccontextmanager
+    async def _request(self, method: str, bucket_key: str | None, *, params: Mapping[str, str] | None = None,
+                       headers: Mapping[str, str] | None = None,
+                       body: bytes | AsyncIterator[bytes] = b"", payload_hash: str | None = None,
+                       content_length: int | None = None) -> AsyncIterator[httpx.Response]:
+        """A signed request whose response streams; transport failures become OriginError."""
+        url = self._bucket_url + (f"/{bucket_key}" if bucket_key is not None else "")
+        if params:
+            url += "?" + _query(params)
+        if payload_hash is None:
+            payload_hash = hashlib.sha256(body).hexdigest() if isinstance(body, bytes) else _UNSIGNED
+        signed = self._sign(method, url, headers or {}, payload_hash)
+        if content_length is not None:
+            # Sent unsigned: S3 needs a length for a streamed body (it takes no chunked uploads).
+            signed["Content-Length"] = str(content_length)
+        where = f"{method} {bucket_key or self.location.bucket} at {self.location.endpoint}"
+        try:
+            async with self._http().stream(method, url, headers=signed, content=body) as response:
+                yield response
+        except httpx.HTTPError as exc:
+            raise OriginError(f"{where} failed: {type(exc).__name__}: {exc}") from None
+
+    async def _read_capped(self, response: httpx.Response, cap: int, what: str) -> bytes:
+        """An XML document from the store (decoded, should it come compressed), within `cap`."""
+        data = await read_capped(response, cap, decoded=True)
+        if data is None:
+            raise OriginError(f"{what}: response exceeds {cap} bytes")
+        return data
+
+    async def _fail(self, response: httpx.Response, what: str, key: str | None = None) -> NoReturn:
+        """Raise the error an unexpected response stands for: OriginNotFound for a missing key."""
+        code = message = ""
+        with contextlib.suppress(OriginError):
+            body = await self._read_capped(response, _ERROR_BODY_CAP, what)
+            if body.strip():
+                root = _xml(body, what)
+                code, message = _text(root, "Code") or "", _text(root, "Message") or ""
+        status = response.status_code
+        if key is not None and status == 404 and code in ("", "NoSuchKey"):
+            raise OriginNotFound(f"origin has no {key}")
+        if code == "NoSuchBucket":
+            raise OriginError(f"bucket {self.location.bucket!r} does not exist at {self.location.endpoint}")
+        detail = ": ".join(p for p in (code, message) if p) or response.reason_phrase.capitalize()
+        if status == 403:
+            detail += " (check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and the region)"
+        raise OriginError(f"{what} on {self.url}: HTTP {status} {detail}")
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def read_range(self, key: str, offset: int, length: int) -> AsyncIterator[bytes]:
+        if offset < 0 or length < 0:
+            raise InvalidInput(f"invalid range {offset}+{length} of {key}")
+        bucket_key = self._key(key)
+        if length == 0:
+            return
+        last = offset + length - 1
+        what = f"reading {key} [{offset}, {offset + length})"
+        async with self._request("GET", bucket_key, headers={"Range": f"bytes={offset}-{last}"}) as response:
+            if response.status_code == 206:
+                content_range = response.headers.get("Content-Range", "")
+                match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", content_range.strip())
+                if not match or int(match[1]) != offset:
+                    raise OriginError(f"{what}: unexpected Content-Range {content_range[:100]!r}")
+                if int(match[2]) != last:
+                    raise OriginError(f"{key} in {self.url} is shorter than expected")
+            elif response.status_code == 200:
+                # A store may ignore Range; that is only usable when the whole object was asked for.
+                if offset != 0 or response.headers.get("Content-Length") != str(length):
+                    raise OriginError(f"{what}: the store ignored the Range header")
+            else:
+                await self._fail(response, what, key)
+            received = 0
+            # Raw: bytes as stored, never decoded by httpx whatever Content-Encoding an object has.
+            async for piece in response.aiter_raw():
+                received += len(piece)
+                if received > length:
+                    raise OriginError(f"{what}: the store sent more bytes than asked for")
+                yield piece
+            if received != length:
+                raise OriginError(f"{what}: the store sent {received} bytes")
+
+    async def get(self, key: str, *, max_size: int) -> bytes:
+        what = f"reading {key}"
+        async with self._request("GET", self._key(key)) as response:
+            if response.status_code != 200:
+                await self._fail(response, what, key)
+            data = await read_capped(response, max_size)
+            if data is None:
+                raise OriginError(f"{key} in {self.url} exceeds {max_size} bytes")
+            return data
+
+    async def exists(self, key: str) -> bool:
+        async with self._request("HEAD", self._key(key)) as response:
+            if response.status_code == 200:
+                return True
+            if response.status_code == 404:
+                return False
+            await self._fail(response, f"checking {key}")
+
+    async def _size(self, bucket_key: str, key: str) -> int:
+        async with self._request("HEAD", bucket_key) as response:
+            if response.status_code != 200:
+                await self._fail(response, f"checking {key}", key)
+            declared = response.headers.get("Content-Length", "")
+            if not declared.isdigit():
+                raise OriginError(f"checking {key}: no Content-Length in the response")
+            return int(declared)
+
+    async def list(self, prefix: str) -> list[str]:
+        bucket_prefix = self._key(prefix, prefix=True)
+        strip = len(bucket_prefix) - len(prefix)
+        what = f"listing {prefix}"
+        keys: list[str] = []
+        token: str | None = None
+        seen: set[str] = set()
+        while True:
+            # encoding-type=url: a foreign key with characters XML 1.0 cannot carry still parses.
+            params = {"list-type": "2", "prefix": bucket_prefix, "encoding-type": "url",
+                      "max-keys": str(self.list_page_size)}
+            if token is not None:
+                params["continuation-token"] = token
+            async with self._request("GET", None, params=params) as response:
+                if response.status_code != 200:
+                    await self._fail(response, what)
+                root = _xml(await self._read_capped(response, _LISTING_CAP, what), what)
+            if _local(root) != "ListBucketResult":
+                raise OriginError(f"{what}: unexpected response <{_local(root)[:40]}>")
+            url_encoded = (_text(root, "EncodingType") or "").lower() == "url"
+            for contents in root.iterfind("{*}Contents"):
+                name = _text(contents, "Key") or ""
+                name = unquote(name) if url_encoded else name
+                if name.startswith(bucket_prefix):
+                    keys.append(name[strip:])
+            if not _truncated(root):
+                break
+            token = _text(root, "NextContinuationToken")
+            if not token or token in seen:
+                raise OriginError(f"{what}: truncated listing without a new continuation token")
+            seen.add(token)
+        return sorted(keys)
+
+    # -- writes ----------------------------------------------------------------------------
+
+    async def put_bytes(self, key: str, data: bytes) -> None:
+        headers = {"Content-MD5": base64.b64encode(_md5(data)).decode()}
+        async with self._request("PUT", self._key(key), headers=headers, body=data) as response:
+            if response.status_code != 200:
+                await self._fail(response, f"writing {key}")
+
+    async def delete(self, key: str) -> None:
+        async with self._request("DELETE", self._key(key)) as response:
+            if response.status_code not in (200, 204, 404):
+                await self._fail(response, f"deleting {key}")
+
+    async def put_blob(self, key: str, open_reader: BlobReader, size: int) -> None:
+        bucket_key = self._key(key)
+        if size <= self.segment_size:
+            await self._put_single(key, bucket_key, open_reader, size)
+        else:
+            await self._put_multipart(key, bucket_key, open_reader, size)
+        stored = await self._size(bucket_key, key)
+        if stored != size:
+            raise OriginError(f"{key} in {self.url} has {stored} bytes after upload, expected {size}")
+
+    async def _put_single(self, key: str, bucket_key: str, open_reader: BlobReader, size: int) -> None:
+        # Content-MD5 must go in the headers, before the body: a first pass hashes the source, the
+        # second streams it, so memory stays at one piece and the store checks what it received.
+        def md5_of_source() -> bytes:
+            md5 = hashlib.md5(usedforsecurity=False)
+            with _open_source(open_reader, key) as src:
+                remaining = size
+                while remaining:
+                    remaining -= len(_read(src, min(_PIECE, remaining), key, md5))
+            return md5.digest()
+
+        digest = await trio.to_thread.run_sync(md5_of_source)
+
+        async def body() -> AsyncIterator[bytes]:
+            md5 = hashlib.md5(usedforsecurity=False)
+            src = await trio.to_thread.run_sync(_open_source, open_reader, key)
+            try:
+                remaining = size
+                while remaining:
+                    piece = await trio.to_thread.run_sync(_read, src, min(_PIECE, remaining), key, md5)
+                    remaining -= len(piece)
+                    # Checked before the last piece goes out: a source that changed between the
+                    # passes leaves the request unfinished, so no store can keep it, checking or not.
+                    if not remaining and md5.digest() != digest:
+                        raise OriginError(f"the source of {key} changed while it was uploaded")
+                    yield piece
+            finally:
+                await trio.to_thread.run_sync(src.close)
+
+        headers = {"Content-MD5": base64.b64encode(digest).decode()}
+        async with self._request("PUT", bucket_key, headers=headers, body=body(), payload_hash=_UNSIGNED,
+                                 content_length=size) as response:
+            if response.status_code != 200:
+                await self._fail(response, f"writing {key}")
+        self.stats.parts_uploaded += 1
+        self.stats.bytes_uploaded += size
+
+    async def _put_multipart(self, key: str, bucket_key: str, open_reader: BlobReader, size: int) -> None:
+        part_size = self.segment_size
+        count = -(-size // part_size)
+        if count > _MAX_PARTS:
+            raise OriginError(f"{key}: {size} bytes need more than {_MAX_PARTS} parts of {part_size}")
+        upload = await self._find_upload(key, bucket_key)
+        if upload is None:
+            upload = _Upload(await self._create_upload(key, bucket_key), {})
+        else:
+            log.info("resuming upload of %s: %d parts already in %s", key, len(upload.parts), self.url)
+        etags: dict[int, str] = {}
+        slots = trio.Semaphore(self.parallel_parts)
+
+        async def send(number: int, data: bytes, digest: bytes) -> None:
+            try:
+                etags[number] = await self._upload_part(key, bucket_key, upload.upload_id, number, data,
+                                                        digest)
+            finally:
+                slots.release()
+
+        # Nothing is aborted on failure or cancellation: the parts sent stay for the next attempt.
+        src = await trio.to_thread.run_sync(_open_source, open_reader, key)
+        try:
+            async with first_failure_nursery() as nursery:
+                for number in range(1, count + 1):
+                    length = min(part_size, size - (number - 1) * part_size)
+                    # A slot is taken before reading, so at most `parallel_parts` parts are in memory.
+                    await slots.acquire()
+                    data, digest = await trio.to_thread.run_sync(_read_part, src, length, key)
+                    have = upload.parts.get(number)
+                    if have is not None and have[0] == length and _etag(have[1]) == digest.hex():
+                        etags[number] = have[1]
+                        self.stats.parts_reused += 1
+                        slots.release()
+                        continue
+                    nursery.start_soon(send, number, data, digest)
+                    del data  # the part's memory now belongs to its upload task alone
+        finally:
+            await trio.to_thread.run_sync(src.close)
+        await self._complete_upload(key, bucket_key, upload.upload_id, etags)
+
+    async def _find_upload(self, key: str, bucket_key: str) -> _Upload | None:
+        """The newest in-progress upload of exactly this key with its parts, if there is one."""
+        what = f"looking for an upload of {key} to resume"
+        newest: tuple[datetime.datetime, str] | None = None
+        markers: dict[str, str] = {}
+        for _page in range(_MAX_LISTING_PAGES):
+            params = {"uploads": "", "prefix": bucket_key, **markers}
+            async with self._request("GET", None, params=params) as response:
+                if response.status_code != 200:
+                    await self._fail(response, what)
+                root = _xml(await self._read_capped(response, _LISTING_CAP, what), what)
+            for upload in root.iterfind("{*}Upload"):
+                upload_id = _text(upload, "UploadId")
+                if _text(upload, "Key") != bucket_key or not upload_id:
+                    continue
+                try:
+                    started = datetime.datetime.fromisoformat(_text(upload, "Initiated") or "")
+                except ValueError:
+                    continue
+                if started.tzinfo is None:
+                    started = started.replace(tzinfo=datetime.UTC)
+                # `>=`: S3 lists one key's uploads oldest first, so on equal times the later wins.
+                if newest is None or started >= newest[0]:
+                    newest = (started, upload_id)
+            next_markers = {"key-marker": _text(root, "NextKeyMarker") or "",
+                            "upload-id-marker": _text(root, "NextUploadIdMarker") or ""}
+            if not _truncated(root) or next_markers == markers:
+                break
+            markers = next_markers
+        if newest is None:
+            return None
+        parts = await self._list_parts(key, bucket_key, newest[1])
+        return None if parts is None else _Upload(newest[1], parts)
+
+    async def _list_parts(self, key: str, bucket_key: str,
+                          upload_id: str) -> dict[int, tuple[int, str]] | None:
+        """Parts of an upload, or None if it is gone (completed or aborted meanwhile)."""
+        what = f"listing uploaded parts of {key}"
+        parts: dict[int, tuple[int, str]] = {}
+        marker = "0"
+        for _page in range(_MAX_PARTS // 1000 + 1):
+            params = {"uploadId": upload_id, "part-number-marker": marker}
+            async with self._request("GET", bucket_key, params=params) as response:
+                if response.status_code == 404:
+                    return None
+                if response.status_code != 200:
+                    await self._fail(response, what)
+                root = _xml(await self._read_capped(response, _LISTING_CAP, what), what)
+            for part in root.iterfind("{*}Part"):
+                number, part_size = _text(part, "PartNumber") or "", _text(part, "Size") or ""
+                if number.isdigit() and part_size.isdigit():
+                    parts[int(number)] = (int(part_size), _text(part, "ETag") or "")
+            next_marker = _text(root, "NextPartNumberMarker") or ""
+            if not _truncated(root) or not next_marker.isdigit() or int(next_marker) <= int(marker):
+                break
+            marker = next_marker
+        return parts
+
+    async def _create_upload(self, key: str, bucket_key: str) -> str:
+        what = f"starting an upload of {key}"
+        async with self._request("POST", bucket_key, params={"uploads": ""}) as response:
+            if response.status_code != 200:
+                await self._fail(response, what)
+            root = _xml(await self._read_capped(response, _ERROR_BODY_CAP, what), what)
+        upload_id = _text(root, "UploadId")
+        if not upload_id:
+            raise OriginError(f"{what}: no UploadId in the response")
+        return upload_id
+
+    async def _upload_part(self, key: str, bucket_key: str, upload_id: str, number: int, data: bytes,
+                           digest: bytes) -> str:
+        params = {"partNumber": str(number), "uploadId": upload_id}
+        # Content-MD5 lets the store refuse a damaged part; hashing 64 MiB again for a signed
+        # payload would add nothing but CPU time.
+        headers = {"Content-MD5": base64.b64encode(digest).decode()}
+        async with self._request("PUT", bucket_key, params=params, headers=headers, body=data,
+                                 payload_hash=_UNSIGNED) as response:
+            if response.status_code != 200:
+                await self._fail(response, f"uploading part {number} of {key}")
+            etag: str | None = response.headers.get("ETag")
+        if not etag:
+            raise OriginError(f"uploading part {number} of {key}: no ETag in the response")
+        self.stats.parts_uploaded += 1
+        self.stats.bytes_uploaded += len(data)
+        return etag
+
+    async def _complete_upload(self, key: str, bucket_key: str, upload_id: str,
+                               etags: dict[int, str]) -> None:
+        what = f"completing the upload of {key}"
+        root = ET.Element("CompleteMultipartUpload", xmlns="http://s3.amazonaws.com/doc/2006-03-01/")
+        for number in sorted(etags):
+            part = ET.SubElement(root, "Part")
+            ET.SubElement(part, "PartNumber").text = str(number)
+            ET.SubElement(part, "ETag").text = etags[number]
+        body = ET.tostring(root, encoding="utf-8", xml_declaration=False)
+        async with self._request("POST", bucket_key, params={"uploadId": upload_id},
+                                 headers={"Content-Type": "application/xml"}, body=body) as response:
+            if response.status_code != 200:
+                await self._fail(response, what)
+            # S3 may answer 200 and still fail: the error then is the body.
+            result = _xml(await self._read_capped(response, _ERROR_BODY_CAP, what), what)
+        if _local(result) == "Error":
+            detail = ": ".join(p for p in (_text(result, "Code"), _text(result, "Message")) if p)
+            raise OriginError(f"{what} on {self.url}: {detail}")
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        # A client from an earlier trio run cannot be closed from this one; its sockets are dropped.
+        if client is not None and self._client_run is trio.lowlevel.current_trio_token():
+            await client.aclose()
+
+
+class _Hash(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+
+
+# Source I/O is blocking (run it in a thread). Its failures are reported as the upload's, the way
+# FileOrigin reports them, so that publish shows one clear error rather than a traceback.
+
+def _open_source(open_reader: BlobReader, key: str) -> BinaryIO:
+    try:
+        return open_reader()
+    except OSError as exc:
+        raise OriginError(f"cannot read the source of {key}: {exc}") from None
+
+
+def _read(src: BinaryIO, length: int, key: str, md5: _Hash | None = None) -> bytes:
+    """Up to `length` (> 0) bytes, at least one, hashed into `md5` if given."""
+    try:
+        piece = src.read(length)
+    except OSError as exc:
+        raise OriginError(f"cannot read the source of {key}: {exc}") from None
+    if not piece:
+        raise OriginError(f"the source of {key} ended early")
+    if md5 is not None:
+        md5.update(piece)
+    return piece
+
+
+def _read_part(src: BinaryIO, length: int, key: str) -> tuple[bytes, bytes]:
+    """Exactly `length` bytes of a source, and their MD5."""
+    data = _read(src, length, key)
+    if len(data) < length:
+        # Files return all at once; a short read of a pipe-like stream is gathered here.
+        pieces = [data]
+        have = len(data)
+        while have < length:
+            piece = _read(src, length - have, key)
+            pieces.append(piece)
+            have += len(piece)
+        data = b"".join(pieces)
+    return data, _md5(data)

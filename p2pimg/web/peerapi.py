@@ -1,0 +1,320 @@
+"""Peer exchange: the HTTP API a node serves to its LAN, and the source that fetches from it.
+
+Content-addressed only: a peer never serves a path, only content named by CID or digest, and
+only bytes it has verified. Single blocks follow the IPFS trustless-gateway form; what the swarm
+needs beyond it is versioned under /p2pimg/v1/:
+
+    GET /ipfs/<cid>                     a block: a chunk, a manifest, a DAG node, or a whole blob
+                                        (Accept: application/vnd.ipld.raw, or ?format=raw)
+    GET /p2pimg/v1/have/<digest>        {"digest", "complete", "node", "chunks": base64 of one
+                                        byte per chunk: 1 verified, 2 being fetched, 0 missing}
+    GET /p2pimg/v1/blobs/<digest>       verified bytes of a blob; Range: one span
+    GET /p2pimg/v1/tags/<name>/<tag>    the node's cached tag record (DAG-CBOR, as published; the
+                                        asker accepts it only when a key it trusts signed it)
+    GET /p2pimg/v1/info                 {"version": 1, "node": "<node id>"}
+    POST /p2pimg/v1/warm, GET /p2pimg/v1/warm/<id>   remote warm (see warm.py)
+
+A busy node answers 429 with Retry-After (concurrent requests or bytes/s over its limits); the
+fetching side backs off that peer and takes the chunk elsewhere. Every chunk a peer sends is
+verified by the receiver, and a peer that lies is penalised, then banned (policy.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import trio
+
+from p2pimg.content.cid import Cid, parse_digest
+from p2pimg.content.model import BlobMap, check_name, check_tag
+from p2pimg.errors import (
+    BlobUnknown,
+    ManifestUnknown,
+    NotFound,
+    P2pimgError,
+    RangeNotSatisfiable,
+)
+from p2pimg.fetch.engine import Fetcher
+from p2pimg.node import swarmkey
+from p2pimg.sources.peer import PROTOCOL_VERSION, RAW_BLOCK, TAG_RECORD
+from p2pimg.store.chunks import ChunkStore
+from p2pimg.web.ranges import content_range, parse_range
+from p2pimg.web.registry import error_response
+from p2pimg.web.server import BodyPart, FileRegion, Request, Response
+
+if TYPE_CHECKING:
+    from p2pimg.node.warm import WarmJobs
+
+log = logging.getLogger(__name__)
+
+
+_PIECE = 256 << 10
+
+
+class TokenBucket:
+    """Bytes per second with a one-second burst; `rate` 0 means unlimited."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.tokens = rate
+        self.stamp = trio.current_time() if rate else 0.0
+
+    async def take(self, n: int) -> None:
+        if not self.rate:
+            return
+        while True:
+            now = trio.current_time()
+            self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+            if self.tokens >= n or self.tokens >= self.rate:
+                self.tokens -= n
+                return
+            await trio.sleep((min(n, self.rate) - self.tokens) / self.rate)
+
+
+class PeerService:
+    """The peer API of one node (served on `--peer-listen`)."""
+
+    def __init__(self, store: ChunkStore, fetcher: Fetcher, node_id: str, *, rate: float = 0.0,
+                 max_requests: int = 32, warm: WarmJobs | None = None) -> None:
+        self.store = store
+        self.fetcher = fetcher
+        self.metrics = fetcher.metrics
+        self.node_id = node_id
+        self.max_requests = max_requests
+        self.active = 0
+        self.rate = rate
+        self._bucket: TokenBucket | None = None
+        self.warm = warm
+        self.chunk_index: dict[bytes, tuple[BlobMap, int]] = {}
+        self.swarm_key: bytes | None = None
+
+    def index(self, bmap: BlobMap) -> None:
+        """Make a blob's chunks findable by CID (for /ipfs/<chunk cid>)."""
+        for i, cid in enumerate(bmap.chunks):
+            self.chunk_index[cid.digest] = (bmap, i)
+
+    async def index_cache(self) -> None:
+        """At start: index the chunks of the blobs already complete in the cache (otherwise they
+        would be findable by CID only once something read their blob maps again)."""
+        maps = await trio.to_thread.run_sync(lambda: list(self.store.complete_blob_maps()))
+        for bmap in maps:
+            self.index(bmap)
+        log.debug("indexed the chunks of %d cached blobs", len(maps))
+
+    def _busy(self) -> Response:
+        err = P2pimgError("busy: too many requests")
+        err.oci_code, err.http_status = "TOOMANYREQUESTS", 429
+        response = error_response(err)
+        response.headers.append(("retry-after", "1"))
+        return response
+
+    def gate(self, request: Request) -> Response | None:
+        """With a swarm key set, a request that does not prove it is refused (401/403) — on its
+        head, before any body is read (the listener calls this first, then `handle`)."""
+        if self.swarm_key is None:
+            return None
+        status = swarmkey.check(self.swarm_key, request.headers.get("authorization"), request.method,
+                                request.path)
+        if status == 200:
+            return None
+        self.metrics.peer_requests.labels("refused").inc()
+        err = P2pimgError("this peer needs the swarm key" if status == 401 else "wrong swarm key")
+        err.oci_code, err.http_status = ("UNAUTHORIZED", 401) if status == 401 else ("DENIED", 403)
+        response = error_response(err)
+        if status == 401:
+            response.headers.append(("www-authenticate", swarmkey.SCHEME))
+        return response
+
+    async def handle(self, request: Request) -> Response:
+        """A request from the LAN: with a swarm key set, only nodes that prove it get anything."""
+        refusal = self.gate(request)
+        return refusal if refusal is not None else await self.handle_local(request)
+
+    async def handle_local(self, request: Request) -> Response:
+        """A request from this machine (the node's own control endpoints), or one already let in.
+
+        Uploads (blob spans and blocks: `/p2pimg/v1/blobs/`, `/ipfs/`) take one of
+        `max_requests` slots, and get 429 when none is free. Inventories, `/info`, tag records
+        and warm requests are small answers from memory: they take none, so a node busy
+        uploading still tells others what it holds."""
+        if request.path.startswith(("/p2pimg/v1/blobs/", "/ipfs/")):
+            if self.active >= self.max_requests:
+                self.metrics.peer_requests.labels("busy").inc()
+                return self._busy()
+            self.active += 1
+            request.hold(self._release_slot)  # the slot is the exchange's until it ends, however it ends
+        self.metrics.peer_requests.labels("served").inc()
+        try:
+            response = await self._route(request)
+        except P2pimgError as exc:
+            return error_response(exc, head=request.method == "HEAD")
+        if not isinstance(response.body, bytes):
+            response.body = self._paced(response.body)
+        return response
+
+    def _release_slot(self) -> None:
+        self.active -= 1
+
+    async def _paced(self, body: AsyncIterator[BodyPart]) -> AsyncIterator[BodyPart]:
+        """Pace a body to the upload rate (in 256 KiB pieces)."""
+        if self._bucket is None:
+            self._bucket = TokenBucket(self.rate)
+        async with contextlib.aclosing(body):  # type: ignore[type-var]
+            async for part in body:
+                if isinstance(part, FileRegion) and self.rate:
+                    for off in range(0, part.length, _PIECE):
+                        n = min(_PIECE, part.length - off)
+                        await self._bucket.take(n)
+                        yield FileRegion(part.fd, part.offset + off, n)
+                        self.metrics.peer_served_bytes.inc(n)
+                else:
+                    if self.rate:
+                        await self._bucket.take(len(part))
+                    yield part
+                    self.metrics.peer_served_bytes.inc(len(part))
+
+    async def _route(self, request: Request) -> Response:
+        path = request.path
+        if request.method == "POST" and path == "/p2pimg/v1/warm" and self.warm is not None:
+            return await self.warm.http_start(request)
+        if request.method not in ("GET", "HEAD"):
+            err = P2pimgError(f"{request.method} is not supported here")
+            err.oci_code, err.http_status = "UNSUPPORTED", 405
+            return error_response(err)
+        if path == "/p2pimg/v1/info":
+            return _json({"version": PROTOCOL_VERSION, "node": self.node_id})
+        if path.startswith("/p2pimg/v1/warm/") and self.warm is not None:
+            return self.warm.http_status(path.rpartition("/")[2])
+        if path.startswith("/p2pimg/v1/have/"):
+            digest = path.rpartition("/")[2]
+            parse_digest(digest)
+            absent = BlobUnknown(f"this peer holds nothing of {digest}")
+            self._guard(digest[7:], absent)
+            states = self.fetcher.availability(digest)
+            if states is None:
+                raise absent
+            return _json({"digest": digest, "complete": states == b"", "node": self.node_id,
+                          "chunks": base64.b64encode(states).decode() if states else None})
+        if path.startswith("/p2pimg/v1/tags/"):
+            return await self._tag_record(path[len("/p2pimg/v1/tags/"):], request)
+        if path.startswith("/p2pimg/v1/blobs/"):
+            return await self._blob(path.rpartition("/")[2], request)
+        if path.startswith("/ipfs/"):
+            return await self._block(path[len("/ipfs/"):], request)
+        raise NotFound(f"no such endpoint {path[:100]}")
+
+    async def _tag_record(self, text: str, request: Request) -> Response:
+        """This node's cached record of `name:tag`, as it was stored (the asker checks it)."""
+        name, _, tag = text.rpartition("/")
+        check_name(name)
+        check_tag(tag)
+        record = await trio.to_thread.run_sync(self.store.get_tag_record, name, tag)
+        if record is None:
+            raise ManifestUnknown(f"this peer holds no tag record of {name}:{tag}")
+        body = record.encode()
+        return Response(200, [("content-type", TAG_RECORD), ("content-length", str(len(body)))],
+                        b"" if request.method == "HEAD" else body)
+
+    def _guard(self, sha256_hex: str, absent: P2pimgError) -> None:
+        """Content fetched with the user's upstream credentials goes only to peers that proved the
+        swarm key; without one this node raises `absent`, the very answer it gives for content it
+        does not have, so a stranger cannot even learn that it is here."""
+        if self.swarm_key is None and self.store.is_private(sha256_hex):
+            raise absent
+
+    async def _blob(self, digest: str, request: Request) -> Response:
+        parse_digest(digest)
+        self._guard(digest[7:], BlobUnknown(f"this peer holds nothing of {digest}"))
+        path = self.store.blob_path(digest)
+        try:
+            fd = request.open_file(path)
+        except FileNotFoundError:
+            return self._partial_blob(digest, request)
+        size = os.fstat(fd).st_size
+        whole = parse_range(request.headers.get("range"), size)
+        return self._region(fd, whole or (0, size), size, request, ranged=whole is not None)
+
+    def _partial_blob(self, digest: str, request: Request) -> Response:
+        """Verified chunks of a blob this node is still fetching."""
+        fetch = self.fetcher.fetch_of(digest)
+        if fetch is None:
+            raise BlobUnknown(f"this peer holds nothing of {digest}")
+        bmap = fetch.map
+        asked = parse_range(request.headers.get("range"), bmap.size)
+        rng = asked if asked is not None else (0, bmap.size)
+        first, last = rng[0] // bmap.chunk_size, (rng[1] - 1) // bmap.chunk_size
+        if rng[1] <= rng[0] or not all(fetch.partial.have[i] for i in range(first, last + 1)):
+            raise RangeNotSatisfiable(f"this peer has not verified all of {rng} yet", size=bmap.size)
+        return self._region(request.dup(fetch.partial.fd), rng, bmap.size, request,
+                            ranged=asked is not None)
+
+    @staticmethod
+    def _region(fd: int, rng: tuple[int, int], size: int, request: Request, *,
+                ranged: bool) -> Response:
+        """Bytes [start, end) of `fd`, a descriptor the request owns."""
+        start, end = rng
+        headers = [("content-type", "application/octet-stream"), ("content-length", str(end - start))]
+        if ranged:
+            headers.append(("content-range", content_range(start, end, size)))
+        if request.method == "HEAD":
+            return Response(206 if ranged else 200, headers)
+        return Response(206 if ranged else 200, headers, _file_body(fd, start, end))
+
+    async def _block(self, text: str, request: Request) -> Response:
+        cid = Cid.parse(text)
+        absent = NotFound(f"this peer does not have {cid}")
+        self._guard(cid.digest.hex(), absent)
+        headers = [("content-type", RAW_BLOCK), ("x-content-type-options", "nosniff"),
+                   ("etag", f'"{cid}.raw"')]
+        data = await trio.to_thread.run_sync(self.store.get_block, cid)
+        if data is not None:
+            headers.append(("content-length", str(len(data))))
+            return Response(200, headers, b"" if request.method == "HEAD" else data)
+        if cid.codec_name == "raw":
+            digest = cid.to_digest()
+            if self.store.has_blob(digest):  # a whole blob, named by the CID of all its bytes
+                fd = request.open_file(self.store.blob_path(digest))
+                size = os.fstat(fd).st_size
+                return self._raw(fd, 0, size, headers, request)
+            found = self.chunk_index.get(cid.digest)
+            if found is not None:
+                bmap, i = found
+                self._guard(bmap.digest[7:], absent)
+                lo, hi = bmap.bounds(i)
+                if self.store.has_blob(bmap.digest):
+                    return self._raw(request.open_file(self.store.blob_path(bmap.digest)), lo, hi,
+                                     headers, request)
+                fetch = self.fetcher.fetch_of(bmap.digest)
+                if fetch is not None and fetch.partial.have[i]:
+                    return self._raw(request.dup(fetch.partial.fd), lo, hi, headers, request)
+        raise absent
+
+    @staticmethod
+    def _raw(fd: int, lo: int, hi: int, headers: list[tuple[str, str]], request: Request) -> Response:
+        """Bytes [lo, hi) of `fd`, a descriptor the request owns."""
+        headers = [*headers, ("content-length", str(hi - lo))]
+        if request.method == "HEAD":
+            return Response(200, headers)
+        return Response(200, headers, _file_body(fd, lo, hi))
+
+
+async def _file_body(fd: int, start: int, end: int) -> AsyncIterator[BodyPart]:
+    """The body of a file region; the descriptor belongs to the request (`Request.hold`)."""
+    if end > start:
+        yield FileRegion(fd, start, end - start)
+
+
+
+
+def _json(value: object) -> Response:
+    body = json.dumps(value).encode()
+    return Response(200, [("content-type", "application/json"), ("content-length", str(len(body)))], body)
+
+

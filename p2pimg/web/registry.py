@@ -1,0 +1,286 @@
+"""The read-only OCI distribution endpoint: routing, errors, and streaming blob bodies.
+
+Routes (distribution-spec "pull" category only):
+
+    GET/HEAD /v2/                                 API version check
+    GET/HEAD /v2/<name>/manifests/<tag|digest>    manifest bytes, exactly as published
+    GET/HEAD /v2/<name>/blobs/<digest>            blob bytes, single byte ranges
+    GET      /v2/<name>/tags/list                 tag names (`n` and `last` paginate)
+
+`<name>` is a published repository name, or `ipfs/<root CID>`, whose one tag is `latest` (the
+image's top manifest).
+Everything else that would write answers 405 UNSUPPORTED.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import AsyncIterator
+from functools import partial
+
+from p2pimg.content.cid import Cid, parse_digest
+from p2pimg.content.model import BlobEntry, check_name, check_tag
+from p2pimg.errors import DigestInvalid, NameInvalid, NameUnknown, NotFound, P2pimgError, RangeNotSatisfiable
+from p2pimg.fetch.engine import BlobFetch, Fetcher
+from p2pimg.fetch.mirror import Mirror
+from p2pimg.fetch.resolver import IPFS_PREFIX, IPFS_TAG, Resolver
+from p2pimg.metrics import CONTENT_TYPE_LATEST, Metrics
+from p2pimg.sources.upstream import UpstreamClient
+from p2pimg.store.chunks import ChunkStore
+from p2pimg.web.ranges import content_range, parse_range
+from p2pimg.web.server import AbortResponse, BodyPart, FileRegion, Request, Response
+
+log = logging.getLogger(__name__)
+
+API_HEADER = ("docker-distribution-api-version", "registry/2.0")
+_READ_METHODS = ("GET", "HEAD")
+_MAX_TAGS_PAGE = 10000
+
+
+def error_response(exc: P2pimgError, *, head: bool = False) -> Response:
+    body = json.dumps({"errors": [{"code": exc.oci_code, "message": exc.message,
+                                   "detail": exc.detail}]}).encode()
+    headers = [API_HEADER, ("content-type", "application/json"),
+               ("content-length", str(len(body)))]
+    if isinstance(exc, RangeNotSatisfiable):
+        headers.append(("content-range", f"bytes */{exc.size}"))
+    return Response(exc.http_status, headers, b"" if head else body)
+
+
+def _unsupported(method: str) -> Response:
+    err = P2pimgError(f"{method} is not supported: this registry is read-only")
+    err.oci_code, err.http_status = "UNSUPPORTED", 405
+    resp = error_response(err)
+    resp.headers.append(("allow", "GET, HEAD"))
+    return resp
+
+
+def check_repository(name: str) -> str:
+    """A registry name: a published NAME, or `ipfs/<CID>` with a valid CID."""
+    check_name(name)
+    if name.startswith(IPFS_PREFIX):
+        try:
+            Cid.parse(name[len(IPFS_PREFIX):])
+        except DigestInvalid as exc:
+            raise NameInvalid(f"invalid image CID in {name!r}: {exc.message}") from None
+    return name
+
+
+class Registry:
+    def __init__(self, store: ChunkStore, resolver: Resolver, fetcher: Fetcher, metrics: Metrics,
+                 mirror: Mirror | None = None) -> None:
+        self.store = store
+        self.resolver = resolver
+        self.fetcher = fetcher
+        self.metrics = metrics
+        self.mirror = mirror
+
+    async def handle(self, request: Request) -> Response:
+        head = request.method == "HEAD"
+        try:
+            return await self._route(request)
+        except P2pimgError as exc:
+            if exc.http_status >= 500:
+                log.warning("%s %s: %s", request.method, request.path[:300], exc)
+            return error_response(exc, head=head)
+        except Exception:
+            log.exception("%s %s failed", request.method, request.path[:300])
+            return error_response(P2pimgError("internal error"), head=head)
+
+    async def _route(self, request: Request) -> Response:
+        path = request.path
+        if path in ("/v2", "/v2/"):
+            if request.method not in _READ_METHODS:
+                return _unsupported(request.method)
+            return Response(200, [API_HEADER, ("content-type", "application/json"),
+                                  ("content-length", "2")], b"" if request.method == "HEAD" else b"{}")
+        if path == "/metrics" and request.method in _READ_METHODS:
+            body = self.metrics.render()
+            return Response(200, [("content-type", CONTENT_TYPE_LATEST),
+                                  ("content-length", str(len(body)))],
+                            b"" if request.method == "HEAD" else body)
+        if not path.startswith("/v2/"):
+            raise NotFound(f"no such endpoint {path[:100]}")
+        rest = path[len("/v2/"):]
+        if "/blobs/uploads" in rest or request.method not in _READ_METHODS:
+            return _unsupported(request.method)
+        if rest.endswith("/tags/list"):
+            return await self._tags(check_repository(rest[: -len("/tags/list")]), request)
+        for marker, handler in (("/manifests/", self._manifest), ("/blobs/", self._blob)):
+            name, sep, ref = rest.rpartition(marker)
+            if sep:
+                return await handler(check_repository(name), ref, request)
+        raise NotFound(f"no such endpoint {path[:100]}")
+
+    async def _manifest(self, name: str, reference: str, request: Request) -> Response:
+        if ":" in reference:
+            parse_digest(reference)
+        else:
+            check_tag(reference)
+        upstream = await self._upstream_for(name, request)
+        if upstream is not None:
+            assert self.mirror is not None
+            manifest = await self.mirror.manifest(upstream, name, reference)
+        else:
+            manifest = await self.resolver.manifest_for(name, reference)
+        headers = [API_HEADER, ("content-type", manifest.media_type),
+                   ("docker-content-digest", manifest.digest),
+                   ("etag", f'"{manifest.digest}"'),
+                   ("content-length", str(len(manifest.data)))]
+        if request.method == "HEAD":
+            return Response(200, headers)
+        self.metrics.served_bytes.inc(len(manifest.data))
+        return Response(200, headers, manifest.data)
+
+    async def _tags(self, name: str, request: Request) -> Response:
+        if name.startswith(IPFS_PREFIX):
+            await self.resolver.manifest_for(name, IPFS_TAG)  # 404 if the root does not exist
+            tags = [IPFS_TAG]
+        else:
+            tags = await self.resolver.tags(name)
+        last = (request.query.get("last") or [""])[0]
+        if last:
+            tags = [t for t in tags if t > last]
+        n_arg = (request.query.get("n") or [""])[0]
+        headers = [API_HEADER, ("content-type", "application/json")]
+        if re.fullmatch(r"[0-9]{1,9}", n_arg):
+            n = min(int(n_arg), _MAX_TAGS_PAGE)
+            # n=0 asks for no tags and gets no Link: a client following one would loop.
+            if n == 0:
+                tags = []
+            elif len(tags) > n:
+                tags = tags[:n]
+                after = tags[-1] if tags else ""
+                headers.append(("link", f'</v2/{name}/tags/list?n={n}&last={after}>; rel="next"'))
+        body = json.dumps({"name": name, "tags": tags}).encode()
+        headers.append(("content-length", str(len(body))))
+        return Response(200, headers, body)
+
+    async def _upstream_for(self, name: str, request: Request) -> UpstreamClient | None:
+        """The upstream registry a request goes to, or None for p2pimg's own images.
+
+        containerd names the registry it means with `?ns=`: such a request is about that
+        registry's image, never one published here under the same name. Without `ns`, names
+        published here win and the rest go to the first upstream.
+        """
+        if self.mirror is None or name.startswith(IPFS_PREFIX):
+            return None
+        ns_values = request.query.get("ns")
+        if ns_values:
+            ns = ns_values[0]
+            upstream = self.mirror.upstream_for(ns)
+            if upstream is None:
+                raise NameUnknown(f"this mirror does not serve registry {ns[:100]}")
+            return upstream
+        if await self.resolver.is_published(name):
+            return None
+        return self.mirror.upstream_for(None)
+
+    async def _blob(self, name: str, digest: str, request: Request) -> Response:
+        parse_digest(digest)
+        upstream = await self._upstream_for(name, request)
+        if upstream is not None:
+            return await self._upstream_blob(upstream, name, digest, request)
+        entry = await self.resolver.blob_for(name, digest)
+        status, start, end, headers = self._blob_headers(digest, entry.size, request)
+        if request.method == "HEAD":
+            return Response(status, headers)
+        body = await self._blob_body(entry, digest, start, end, request)
+        return Response(status, headers, body)
+
+    @staticmethod
+    def _blob_headers(digest: str, size: int,
+                      request: Request) -> tuple[int, int, int, list[tuple[str, str]]]:
+        rng = parse_range(request.headers.get("range"), size)
+        start, end = rng if rng is not None else (0, size)
+        headers = [API_HEADER, ("content-type", "application/octet-stream"),
+                   ("docker-content-digest", digest), ("etag", f'"{digest}"'),
+                   ("accept-ranges", "bytes"), ("content-length", str(end - start))]
+        if rng is None:
+            return 200, start, end, headers
+        headers.append(("content-range", content_range(start, end, size)))
+        return 206, start, end, headers
+
+    async def _upstream_blob(self, upstream: UpstreamClient, name: str, digest: str,
+                             request: Request) -> Response:
+        assert self.mirror is not None
+        path = self.store.blob_path(digest)
+        fd = self._open_cached(digest, request)
+        if fd is not None:
+            status, start, end, headers = self._blob_headers(digest, os.fstat(fd).st_size, request)
+            if request.method == "HEAD":
+                return Response(status, headers)
+            return Response(status, headers, self._file_body(fd, start, end))
+        size = await self.mirror.blob_size(upstream, name, digest)
+        status, start, end, headers = self._blob_headers(digest, size, request)
+        if request.method == "HEAD":
+            return Response(status, headers)
+        if self.store.has_blob(digest):  # finished while we asked for its size
+            return Response(status, headers, self._file_body(request.open_file(path), start, end))
+        fetch, fd = self.mirror.open(upstream, name, digest, size)
+        request.hold(partial(self.mirror.release, fetch))
+        request.hold(partial(os.close, fd))
+        # As for origin blobs: an upstream that fails at once gets an error status.
+        while fetch.readable() <= start < end and fetch.error is None:
+            await fetch.progress.wait()
+        if fetch.error is not None and fetch.readable() <= start:
+            raise fetch.error
+        return Response(status, headers, self.mirror.body(fetch, fd, start, end))
+
+    def _open_cached(self, digest: str, request: Request) -> int | None:
+        """A descriptor of the complete cached blob, owned by `request` (a cache hit), or None (a
+        miss)."""
+        try:
+            fd = request.open_file(self.store.blob_path(digest))
+        except FileNotFoundError:
+            self.metrics.cache_requests.labels("miss").inc()
+            return None
+        self.metrics.cache_requests.labels("hit").inc()
+        self.store.touch(digest)  # last use, for the cache's LRU eviction
+        return fd
+
+    async def _blob_body(self, entry: BlobEntry, digest: str, start: int, end: int,
+                         request: Request) -> AsyncIterator[BodyPart]:
+        path = self.store.blob_path(digest)
+        fd = self._open_cached(digest, request)
+        if fd is not None:
+            return self._file_body(fd, start, end)
+        bmap = await self.resolver.blob_map(entry, digest)
+        fetch = await self.fetcher.open(bmap)
+        if fetch is None:  # completed while we looked
+            return self._file_body(request.open_file(path), start, end)
+        request.hold(partial(self.fetcher.release, fetch))
+        fd = request.dup(fetch.partial.fd)
+        if start < end:
+            # Wait for the first chunk before answering: a blob that cannot be fetched at all
+            # gets an error status, not a truncated 200.
+            await fetch.wait_chunk(start // bmap.chunk_size)
+        return self._chunked_body(fetch, fd, start, end)
+
+    async def _file_body(self, fd: int, start: int, end: int) -> AsyncIterator[BodyPart]:
+        """A cached blob's bytes; `fd` belongs to the request (see `Request.hold`)."""
+        yield FileRegion(fd, start, end - start)
+        self.metrics.served_bytes.inc(end - start)
+
+    async def _chunked_body(self, fetch: BlobFetch, fd: int, start: int,
+                            end: int) -> AsyncIterator[BodyPart]:
+        """Blob bytes in order, each chunk sent as soon as it is verified on disk (the fetch's
+        reader and `fd` belong to the request)."""
+        bmap = fetch.map
+        offset = start
+        index = start // bmap.chunk_size if bmap.count else 0
+        while offset < end:
+            try:
+                await fetch.wait_chunk(index)
+            except P2pimgError as exc:
+                log.warning("aborting blob %s at byte %d: %s", bmap.digest, offset, exc)
+                raise AbortResponse(str(exc)) from None
+            _, hi = bmap.bounds(index)
+            stop = min(hi, end)
+            yield FileRegion(fd, offset, stop - offset)
+            self.metrics.served_bytes.inc(stop - offset)
+            offset = stop
+            index += 1

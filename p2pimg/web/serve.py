@@ -1,0 +1,95 @@
+"""`p2pimg serve`: a node with its registry listener and, when asked for, its peer listener."""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import signal
+import sys
+from functools import partial
+
+import trio
+
+from p2pimg.node.config import Config, parse_listen
+from p2pimg.node.node import Node, clear_serve_info, open_node, write_serve_info
+from p2pimg.web.registry import Registry
+from p2pimg.web.server import Handler, Request, Response, listen, serve_connection
+
+log = logging.getLogger(__name__)
+
+# Connections one LAN address may hold open to the peer listener (a node's own client uses up
+# to 64): no single host can take all of them.
+PEER_CONNECTIONS = 128
+
+
+def local_control(node: Node, registry: Registry) -> Handler:
+    """The registry listener's handler: the OCI API for everyone, plus the node's own control
+    endpoints (warm jobs, the peer list) for clients on this machine only."""
+
+    async def handle(request: Request) -> Response:
+        if request.path.startswith("/p2pimg/v1/") and request.from_this_machine:
+            if request.path == "/p2pimg/v1/peers":
+                body = json.dumps(sorted(node.swarm.peers)).encode()
+                return Response(200, [("content-type", "application/json"),
+                                      ("content-length", str(len(body)))], body)
+            return await node.peer_service.handle_local(request)
+        return await registry.handle(request)
+
+    return handle
+
+
+def _raise_open_file_limit(wanted: int = 8192) -> None:
+    """Every connection and open blob holds a descriptor: lift the soft limit (often 1024) toward
+    the hard one, so the listeners' connection caps are reached before the descriptors run out."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def _address(listeners: list[trio.SocketListener]) -> str:
+    host, port = listeners[0].socket.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve(config: Config, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve until SIGINT/SIGTERM (or cancellation); `task_status` gets the bound HOST:PORT."""
+    _raise_open_file_limit()
+    host, port = parse_listen(config.listen)
+    listeners = await listen(host, port)  # before anything else: a busy port is a clear error
+    peer_listeners = await listen(*parse_listen(config.peer_listen)) if config.peer_listen else []
+    advertise = None
+    if peer_listeners:
+        peer_host = parse_listen(config.peer_listen or "")[0]
+        advertise = (peer_host, int(peer_listeners[0].socket.getsockname()[1]))
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with open_node(config, advertise=advertise) as node:
+            registry = Registry(node.store, node.resolver, node.fetcher, node.metrics, node.mirror)
+            if node.mirror is not None:
+                node.mirror.on_blob_map = node.peer_service.index
+            node.nursery.start_soon(partial(trio.serve_listeners,
+                                            serve_connection(local_control(node, registry)), listeners))
+            address = _address(listeners)
+            peer_address = None
+            if peer_listeners:
+                tls = node.tls.server_context() if node.tls is not None else None
+                node.nursery.start_soon(partial(trio.serve_listeners, serve_connection(
+                    node.peer_service.handle, tls, gate=node.peer_service.gate, per_client=PEER_CONNECTIONS),
+                    peer_listeners))
+                peer_address = _address(peer_listeners)
+            write_serve_info(config, address, peer_address)
+            try:
+                extra = "".join(f", mirroring {u}" for u in config.upstreams)
+                if peer_address:
+                    extra += f", peers on {'https' if node.tls else 'http'}://{peer_address}"
+                    extra += " (mutual TLS)" if node.tls else ""
+                print(f"p2pimg: serving registry on http://{address} (origin {node.origin.url}{extra})",
+                      file=sys.stderr, flush=True)
+                task_status.started(address)
+                async for signum in signals:
+                    print(f"p2pimg: {signal.Signals(signum).name}, shutting down", file=sys.stderr,
+                          flush=True)
+                    break
+            finally:
+                clear_serve_info(config)
