@@ -42,8 +42,10 @@ class MemorySource(ChunkSource):
         self.in_flight = self.peak = 0
         self.sent = 0
 
-    def has(self, blob_map: BlobMap, index: int) -> bool:
-        return self.holds is None or index in self.holds
+    def inventory(self, blob_map: BlobMap) -> bytes | None:
+        if self.holds is None:
+            return b""
+        return bytes(1 if i in self.holds else 0 for i in range(blob_map.count))
 
     async def read_span(self, blob_map: BlobMap, start: int, length: int) -> AsyncIterator[bytes]:
         self.requests.append((start, length))

@@ -29,17 +29,11 @@ class ChunkSource(abc.ABC):
     segment_size: int = 64 << 20
     stall_timeout: float | None = None  # None: the engine's default
 
-    def has(self, blob_map: BlobMap, index: int) -> bool:
-        """Whether this source can send chunk `index` (an origin has everything it published)."""
-        return True
-
-    def coming(self, blob_map: BlobMap, index: int) -> bool:
-        """Whether this source is fetching chunk `index` itself right now (a peer, mid-download)."""
-        return False
-
-    def participates(self, blob_map: BlobMap) -> bool:
-        """Whether this source (a peer) holds or is fetching any of the blob."""
-        return False
+    def inventory(self, blob_map: BlobMap) -> bytes | None:
+        """What this source holds of a blob, as last heard: one byte per chunk (1 held, 2 being
+        fetched by the source itself, 0 missing), b"" for all of it, None for nothing. An origin
+        or upstream registry holds everything it publishes; a peer says (see `track`)."""
+        return b""
 
     node_id: str | None = None  # a peer's node identity, shared by every node's view of it
 
@@ -47,7 +41,7 @@ class ChunkSource(abc.ABC):
         """Learn what this source holds of a blob before its fetch starts (peers ask)."""
 
     async def track(self, blob_map: BlobMap, changed: Callable[[], None]) -> None:  # noqa: B027
-        """Keep what `has`/`coming` say fresh while the blob's fetch runs; call `changed()`."""
+        """Keep `inventory` fresh while the blob's fetch runs; call `changed()` when it changes."""
 
     @abc.abstractmethod
     def read_span(self, blob_map: BlobMap, start: int, length: int) -> AsyncIterator[bytes]:

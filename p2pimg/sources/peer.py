@@ -33,7 +33,6 @@ RAW_BLOCK = "application/vnd.ipld.raw"
 TAG_RECORD = "application/vnd.p2pimg.tag-record.v1+cbor"
 _PIECE = 256 << 10
 _POLL = 0.3
-STALE_CLAIMS = 2.0  # a peer that verified nothing new for this long is not bringing anything
 
 
 class PeerBusy(SourceBusy):
@@ -90,32 +89,9 @@ class PeerSource(ChunkSource):
         self.node_id = node_id
         self._have: dict[str, bytes | None] = {}  # digest -> states (b"" = complete, None = nothing)
         self._misses: dict[str, int] = {}  # digest -> failed polls in a row
-        # digest -> (chunks it has verified, when that count last grew): a claim to be bringing
-        # chunks is believed only while the peer shows progress (see `_progressing`).
-        self._progress: dict[str, tuple[int, float]] = {}
 
-    def has(self, blob_map: BlobMap, index: int) -> bool:
-        states = self._have.get(blob_map.digest)
-        if states is None:
-            return False
-        return states == b"" or (len(states) > index and states[index] == 1)
-
-    def participates(self, blob_map: BlobMap) -> bool:
-        states = self._have.get(blob_map.digest)
-        return states is not None and (states == b"" or self._progressing(blob_map.digest))
-
-    def coming(self, blob_map: BlobMap, index: int) -> bool:
-        states = self._have.get(blob_map.digest)
-        return (states is not None and len(states) > index and states[index] == 2
-                and self._progressing(blob_map.digest))
-
-    def _progressing(self, digest: str) -> bool:
-        """Whether the peer verified a new chunk of the blob within `STALE_CLAIMS` seconds (or
-        was first heard of that recently). Others wait for chunks a peer says it is bringing, and
-        leave it the blocks it owns: a host that claims to fetch everything and never does would
-        hold every pull up for as long as they believe it."""
-        seen = self._progress.get(digest)
-        return seen is not None and trio.current_time() - seen[1] < STALE_CLAIMS
+    def inventory(self, blob_map: BlobMap) -> bytes | None:
+        return self._have.get(blob_map.digest)
 
     async def _poll(self, blob_map: BlobMap) -> bool:
         """Refresh what this peer holds of a blob; True when it changed."""
@@ -148,10 +124,6 @@ class PeerSource(ChunkSource):
                     states = None
                 if states is not None and len(states) != blob_map.count:
                     states = None  # empty, or another chunking of the blob: useless to us
-        verified = blob_map.count if states == b"" else states.count(1) if states else 0
-        seen = self._progress.get(blob_map.digest)
-        if seen is None or verified > seen[0]:
-            self._progress[blob_map.digest] = (verified, trio.current_time())
         changed = self._have.get(blob_map.digest) != states
         self._have[blob_map.digest] = states
         return changed
@@ -171,7 +143,6 @@ class PeerSource(ChunkSource):
         finally:
             self._have.pop(blob_map.digest, None)
             self._misses.pop(blob_map.digest, None)
-            self._progress.pop(blob_map.digest, None)
 
     async def read_span(self, blob_map: BlobMap, start: int, length: int) -> AsyncIterator[bytes]:
         headers = {"range": f"bytes={start}-{start + length - 1}"}

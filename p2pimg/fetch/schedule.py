@@ -1,0 +1,548 @@
+"""Where each chunk of a blob comes from: the scheduling core, with no I/O (in the spirit of h11).
+
+A `Scheduler` knows a node's sources (their traits, and what the policy has observed of them:
+`SourceStats`). Each blob being fetched has a `BlobSchedule`: a table of chunk states that takes
+events and returns actions. Events: what a source holds of the blob changed (`inventory`), a
+source joined or left (`Scheduler.join` / `leave`), a request verified a chunk (`verified`),
+a request ended well or badly (`ended`), time passed (`poll`). Actions: `Start` a request for
+span S on source X (a hedge is a `Start` too), `Cancel` a request, `GiveUp` with an error. The
+caller (the engine's I/O loop, or the simulator) carries the actions out and reports back. Time
+is always an argument: nothing here reads a clock, sleeps, starts a task or touches a socket, so
+every decision can be driven by a fake clock in a test, and a thousand nodes can run it in one
+process (`bench/sim`).
+
+A chunk's life:
+
+    missing --(Start, in a span)--> requested --(verified)--> have
+                                       |--(ended: bad bytes)--> missing; a peer is penalised/banned
+                                       |--(ended: error, stall, Cancel failed)--> missing; backs off
+    requested --(no progress for a while, nothing else to do)--> also requested from a 2nd source
+
+The decisions, each named in the tests (tests/unit/test_schedule.py):
+- *Order.* Alone, a blob is fetched in order, which feeds an in-order reader first. With peers,
+  the origin's share is taken in a random order of blocks (`swarm_span` bytes), so that nodes
+  fetching the same blob at once ask the origin for different parts and trade the rest.
+- *Owner split.* Every node fetching a blob ranks the nodes fetching it (itself and the peers
+  that hold or bring part of it) per block by a hash of (node, blob, block), the same on every
+  node (rendezvous hashing). The owner asks the origin for the block; the others take it from
+  peers. The node ranked r-th takes a block nobody in its view holds or brings after r times
+  `steal_after` seconds: a slow or vanished owner delays a block, it does not lose it.
+- *Waiting for a peer that is bringing a chunk* (up to `coming_grace`), but only while that peer
+  shows progress (it verified something new within `stale_claims` seconds): a host that claims
+  to fetch everything and never does holds nobody up.
+- *Slow start.* While sharing with peers, one origin request per blob until `slow_start` has
+  passed, then `swarm_origin_requests`: claims are small and seen by peers before the next.
+- *Span growth and segment alignment.* A span grows over contiguous chunks that its source holds
+  and nobody else is fetching, up to the source's span size, never across a segment boundary.
+- *Attempt limits.* Failures of the authoritative source (origin, upstream) count toward a
+  chunk's `attempts`; a peer that fails a chunk is not asked for it again in this fetch. A chunk
+  whose holders are all gone or banned ends the fetch (`GiveUp`) with the last failure.
+- *Backoff, drops and bans* live in `policy.SourceStats` (one record per source, over all blobs).
+- *Stalls and hedging.* A request with no progress for its source's `stall_timeout` is cancelled
+  as a failure. With nothing left to start, a request that has made no progress for much longer
+  than a chunk takes from the fastest holder is raced on another source; a stalled peer request
+  is cancelled at once when hedged (a stranger may hold a slot open on purpose).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from p2pimg.errors import OriginError, P2pimgError
+from p2pimg.fetch.policy import PreferNear, SourcePolicy, SourceStats
+
+HAVE, COMING = 1, 2  # per-chunk inventory states a peer reports (0: missing)
+
+
+@dataclass(frozen=True, order=True)
+class Span:
+    """Chunks [first, end) of a blob."""
+
+    first: int
+    end: int
+
+    def __len__(self) -> int:
+        return self.end - self.first
+
+    def byte_range(self, size: int, chunk_size: int) -> tuple[int, int]:
+        return self.first * chunk_size, min(self.end * chunk_size, size)
+
+
+class SourceTraits(Protocol):
+    """What the core needs to know of a source (every `sources.base.ChunkSource` has these)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def kind(self) -> str: ...  # "origin" | "peer" | "upstream"
+    @property
+    def limit(self) -> int: ...
+    @property
+    def max_span(self) -> int: ...
+    @property
+    def segment_size(self) -> int: ...
+    @property
+    def stall_timeout(self) -> float | None: ...
+    @property
+    def node_id(self) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class Traits:
+    """Plain `SourceTraits` (for tests and the simulator)."""
+
+    name: str
+    kind: str
+    limit: int = 8
+    max_span: int = 16 << 20
+    segment_size: int = 64 << 20
+    stall_timeout: float | None = None
+    node_id: str | None = None
+
+
+@dataclass
+class ScheduleConfig:
+    attempts: int = 4  # failed tries of one chunk by the origin (or upstream) before giving up
+    stall_timeout: float = 30.0  # a request that sends nothing for this long has failed
+    coming_grace: float = 30.0  # how long a chunk a progressing peer is fetching is left to it
+    stale_claims: float = 2.0  # a peer that verified nothing new for this long brings nothing
+    swarm_span: int = 2 << 20  # origin span (and ownership block) while peers share the blob
+    slow_start: float = 0.6  # with peers, one origin request at a time until they have spoken
+    swarm_origin_requests: int = 3  # with peers, origin requests in flight per blob after that
+    same_source_hedge: float = 5.0  # no progress for this long: race a request on its own source
+    steal_after: float = 1.5  # the r-th ranked node takes an unseen block after r times this
+
+
+@dataclass(eq=False)
+class Request:
+    """One request for a span, from `Start` until `ended` (or a `Cancel` has been carried out)."""
+
+    id: int
+    source: str
+    kind: str
+    span: Span
+    started: float
+    last_progress: float
+    next_index: int
+    hedge: bool = False  # started to race a straggler
+    hedged: bool = False  # a hedge races it
+    overtaken: bool = False  # stopped because it stalled while others brought its chunks
+    received: int = 0  # bytes of chunks it verified
+
+
+@dataclass(frozen=True)
+class Start:
+    request: Request
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Stop `request`; the caller then reports `ended(..., "cancelled")`. `failed`: the source is
+    to blame (a stall, or it was overtaken while stalled) and is charged for it."""
+
+    request: Request
+    failed: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    error: P2pimgError
+
+
+Action = Start | Cancel | GiveUp
+
+
+@dataclass
+class _Inventory:
+    """What one peer reports of one blob."""
+
+    states: bytes | None = None  # per chunk HAVE/COMING/0; b"" = the whole blob; None = nothing
+    verified: int = 0  # chunks it holds, as of the last report
+    grew_at: float = float("-inf")  # when `verified` last grew (or the peer was first heard of)
+
+
+class Scheduler:
+    """A node's sources and what has been observed of them, shared by every blob's schedule."""
+
+    def __init__(self, *, policy: SourcePolicy | None = None, config: ScheduleConfig | None = None,
+                 node_id: str | None = None) -> None:
+        self.policy = policy or PreferNear()
+        self.config = config or ScheduleConfig()
+        self.node_id = node_id
+        self.sources: dict[str, SourceTraits] = {}
+        self.stats: dict[str, SourceStats] = {}
+        self._ids = 0
+
+    def join(self, source: SourceTraits) -> None:
+        """A source joined (a peer was discovered, an origin configured). Its record is kept if
+        it had one: a peer that comes back does not wipe its past."""
+        self.sources[source.name] = source
+        self.stats.setdefault(source.name, SourceStats(source.name, source.kind, source.limit))
+
+    def leave(self, name: str) -> None:
+        """A source left: nothing new is asked of it (running requests end on their own)."""
+        self.sources.pop(name, None)
+
+    def blob(self, digest: str, size: int, chunk_size: int, have: Sequence[bool], now: float, *,
+             rng: random.Random | None = None) -> BlobSchedule:
+        return BlobSchedule(self, digest, size, chunk_size, have, now, rng=rng)
+
+    def _next_id(self) -> int:
+        self._ids += 1
+        return self._ids
+
+
+class BlobSchedule:
+    """The state machine of one blob's fetch (see the module docstring)."""
+
+    def __init__(self, scheduler: Scheduler, digest: str, size: int, chunk_size: int,
+                 have: Sequence[bool], now: float, *, rng: random.Random | None = None) -> None:
+        self.scheduler = scheduler
+        self.config = scheduler.config
+        self.digest = digest
+        self.size = size
+        self.chunk_size = chunk_size
+        self.count = len(have)
+        self.have = list(have)
+        self.missing = self.count - sum(self.have)
+        self.requested = [0] * self.count  # requests in flight covering each chunk
+        self.failures = [0] * self.count  # per chunk, by the origin or upstream
+        self.peer_failed: dict[int, set[str]] = {}  # chunk -> peers that failed it
+        self.requests: dict[int, Request] = {}
+        self.inventories: dict[str, _Inventory] = {}
+        self.last_failure: P2pimgError | None = None
+        self.error: P2pimgError | None = None
+        self.started = now
+        self.last_own_dispatch = now  # when this node last asked the origin for a chunk
+        self.coming_since: dict[int, float] = {}
+        self.stealing = False  # the chunk being dispatched belongs to another node's block
+        self.unseen_since: dict[int, float] = {}  # block -> when it was first seen owned elsewhere
+        self.received: dict[str, int] = {}  # verified bytes by kind of source
+        self.swarm = any(s.kind == "peer" for s in scheduler.sources.values())
+        order = list(range(self.count))
+        self.block_chunks = max(1, self.config.swarm_span // chunk_size)
+        if self.swarm:
+            blocks = [order[i:i + self.block_chunks] for i in range(0, len(order), self.block_chunks)]
+            (rng or random.Random()).shuffle(blocks)
+            order = [i for b in blocks for i in b]
+        self.order = order
+        self.position = [0] * self.count
+        for pos, i in enumerate(order):
+            self.position[i] = pos
+        self.cursor = 0  # no chunk before order[cursor] is waiting to be requested
+
+    # -- what the caller reads ---------------------------------------------------------------
+
+    @property
+    def complete(self) -> bool:
+        return self.missing == 0
+
+    def availability(self) -> bytes:
+        """Per chunk: 1 verified, 2 being fetched, 0 missing (what this node tells its peers)."""
+        return bytes(HAVE if h else COMING if r else 0
+                     for h, r in zip(self.have, self.requested, strict=True))
+
+    # -- events --------------------------------------------------------------------------------
+
+    def inventory(self, source: str, states: bytes | None, now: float) -> None:
+        """What a peer holds of the blob: per chunk HAVE/COMING/0, b"" for all of it, None for
+        nothing. Its claims to be bringing chunks are believed while its holdings grow."""
+        inv = self.inventories.setdefault(source, _Inventory())
+        verified = self.count if states == b"" else (states.count(HAVE) if states else 0)
+        if states is not None and (inv.states is None or verified > inv.verified):
+            inv.grew_at = now
+        inv.states, inv.verified = states, verified
+
+    def verified(self, request: Request | None, index: int, now: float) -> list[Action]:
+        """Chunk `index` matched its CID and is on disk (from `request`, or None: found by other
+        means). Returns the requests now pointless: they stalled and others brought their rest."""
+        if not self.have[index]:
+            self.have[index] = True
+            self.missing -= 1
+            if request is not None:
+                nbytes = min(self.size, (index + 1) * self.chunk_size) - index * self.chunk_size
+                request.received += nbytes
+                self.received[request.kind] = self.received.get(request.kind, 0) + nbytes
+        if request is not None:
+            request.next_index = max(request.next_index, index + 1)
+            request.last_progress = now
+        actions: list[Action] = []
+        for other in self.requests.values():
+            if other is request or other.next_index >= other.span.end:
+                continue
+            if all(self.have[j] for j in range(other.next_index, other.span.end)):
+                other.overtaken = other.hedged
+                actions.append(Cancel(other, other.hedged, "others brought its chunks"))
+        return actions
+
+    def ended(self, request: Request, outcome: str, now: float, *, error: P2pimgError | None = None,
+              first_byte: float | None = None) -> None:
+        """A request ended: "ok" (its span is in), "bad" (a chunk failed verification), "busy"
+        (the source declined for now), "error" (an error or a stall), "cancelled" (a `Cancel`
+        carried out, or the caller stopped it)."""
+        if self.requests.pop(request.id, None) is None:
+            return
+        stats = self.scheduler.stats[request.source]
+        span = request.span
+        index = request.next_index
+        if outcome == "ok":
+            stats.finished(request.received, now - request.started, first_byte)
+        elif outcome == "bad":
+            stats.sent_bad_chunk(now, request.received)
+            self._count_failure(request, index)
+        elif outcome == "busy":
+            stats.busy(now, 0.5)
+        elif outcome == "error" or request.overtaken:
+            stats.failed(now, request.received)
+            self._count_failure(request, index)
+        else:
+            stats.in_flight -= 1  # cancelled: says nothing about the source
+        if error is not None and outcome in ("bad", "error"):
+            self.last_failure = error
+        elif outcome == "cancelled" and request.overtaken and index < span.end:
+            self.last_failure = OriginError(f"{request.source} stalled on chunk {index} of {self.digest}")
+        for j in range(span.first, span.end):
+            self.requested[j] -= 1
+        if index < span.end:  # what it left undone may need asking again
+            self.cursor = min(self.cursor, *(self.position[j] for j in range(index, span.end)))
+
+    def fail(self, error: P2pimgError) -> None:
+        """The fetch cannot go on whatever the sources do (the cache refused a chunk)."""
+        self.error = self.error or error
+
+    def poll(self, now: float) -> list[Action]:
+        """Time passed (or something changed): cancel stalled requests, start what can start,
+        and, when nothing could, hedge stragglers."""
+        actions: list[Action] = []
+        if self.error is not None or self.complete:
+            return actions
+        for request in list(self.requests.values()):
+            source = self.scheduler.sources.get(request.source)
+            timeout = (source.stall_timeout if source else None) or self.config.stall_timeout
+            if request.next_index < request.span.end and now - request.last_progress > timeout:
+                request.overtaken = True  # charged as a failure when it ends
+                actions.append(Cancel(request, True, f"no progress for {timeout:g} s"))
+        started = self._dispatch(now, actions)
+        if self.error is not None:
+            return [*actions, GiveUp(self.error)]
+        if not started:
+            self._hedge(now, actions)
+        return actions
+
+    # -- decisions ---------------------------------------------------------------------------
+
+    def holds(self, source: SourceTraits, index: int) -> bool:
+        inv = self.inventories.get(source.name)
+        if inv is None:
+            return source.kind != "peer"  # an origin (or upstream) has everything it published
+        states = inv.states
+        return states is not None and (states == b"" or (len(states) > index and states[index] == HAVE))
+
+    def _progressing(self, name: str, now: float) -> bool:
+        inv = self.inventories.get(name)
+        return inv is not None and now - inv.grew_at < self.config.stale_claims
+
+    def participates(self, name: str, now: float) -> bool:
+        """Whether a peer holds all of the blob, or holds some and is still bringing more."""
+        inv = self.inventories.get(name)
+        return inv is not None and inv.states is not None and (
+            inv.states == b"" or self._progressing(name, now))
+
+    def coming(self, name: str, index: int, now: float) -> bool:
+        inv = self.inventories.get(name)
+        return (inv is not None and inv.states is not None and len(inv.states) > index
+                and inv.states[index] == COMING and self._progressing(name, now))
+
+    def _live(self, name: str, now: float) -> bool:
+        stats = self.scheduler.stats[name]
+        return not stats.banned and now >= stats.unavailable_until
+
+    def holders(self, index: int) -> list[SourceTraits]:
+        """Sources that may be asked for chunk `index`: they hold it, are not banned, and (peers)
+        have not failed it in this fetch."""
+        failed = self.peer_failed.get(index, ())
+        stats = self.scheduler.stats
+        return [s for s in self.scheduler.sources.values()
+                if not stats[s.name].banned and s.name not in failed and self.holds(s, index)]
+
+    def _sharing(self, now: float, live_peers: list[SourceTraits]) -> bool:
+        """Whether the origin's work on this blob is shared with peers now: during the slow start
+        of a fetch that began with peers known, then while a live peer takes part in it."""
+        if not self.swarm:
+            return False
+        if now - self.started < self.config.slow_start:
+            return True
+        return any(self.participates(p.name, now) for p in live_peers)
+
+    def _slow_start(self, now: float) -> bool:
+        far = sum(1 for r in self.requests.values() if r.kind != "peer")
+        if now - self.started < self.config.slow_start:
+            return far >= 1
+        return far >= self.config.swarm_origin_requests
+
+    def owner_rank(self, index: int, now: float, live_peers: list[SourceTraits]) -> int:
+        """This node's rank among the nodes taking part in the blob for chunk `index`'s block
+        (0: the owner; rendezvous hashing, the same ranking on every node)."""
+        node_id = self.scheduler.node_id
+        if not node_id:
+            return 0
+        nodes = {p.node_id for p in live_peers if p.node_id and self.participates(p.name, now)}
+        nodes.discard(node_id)
+        if not nodes:
+            return 0
+        block = index // self.block_chunks
+        mine = _score(node_id, self.digest, block)
+        return sum(1 for n in nodes if _score(n, self.digest, block) > mine)
+
+    def _left_to_others(self, index: int, now: float, live_peers: list[SourceTraits]) -> bool:
+        """Leave chunk `index` to the owner of its block. The node ranked r-th takes a block that
+        nobody in its view holds or brings once it has been idle (asked the origin for nothing of
+        its own) and the block unseen, both for r times `steal_after`."""
+        rank = self.owner_rank(index, now, live_peers)
+        if rank == 0:
+            return False
+        block = index // self.block_chunks
+        lo, hi = block * self.block_chunks, min(self.count, (block + 1) * self.block_chunks)
+        if any(self.holds(p, j) or self.coming(p.name, j, now) for p in live_peers for j in range(lo, hi)):
+            self.unseen_since.pop(block, None)
+            return True
+        since = max(self.unseen_since.setdefault(block, now), self.last_own_dispatch)
+        self.stealing = now - since >= rank * self.config.steal_after
+        return not self.stealing
+
+    def _waiting_for_peer(self, index: int, now: float) -> bool:
+        """Leave chunk `index` to a healthy peer that is fetching it, for a while, rather than
+        ask the origin for it too."""
+        coming = [s for s in self.scheduler.sources.values() if s.kind == "peer"
+                  and self.coming(s.name, index, now) and self._live(s.name, now)]
+        if not coming:
+            self.coming_since.pop(index, None)
+            return False
+        since = self.coming_since.setdefault(index, now)
+        return now - since < self.config.coming_grace
+
+    def _dispatch(self, now: float, actions: list[Action]) -> bool:
+        """Start requests for every chunk nobody is fetching, as far as sources allow."""
+        have, order, requested = self.have, self.order, self.requested
+        sources = self.scheduler.sources
+        stats = self.scheduler.stats
+        live_peers = [s for s in sources.values() if s.kind == "peer" and self._live(s.name, now)]
+        sharing = self._sharing(now, live_peers)
+        while self.cursor < self.count and (have[order[self.cursor]] or requested[order[self.cursor]]):
+            self.cursor += 1
+        started = False
+        pos = self.cursor
+        while pos < self.count:
+            i = order[pos]
+            pos += 1
+            if have[i] or requested[i]:
+                continue
+            if self.failures[i] >= self.config.attempts:
+                last = self.last_failure or OriginError("no answer")
+                self.error = type(last)(f"chunk {i} of {self.digest} failed {self.failures[i]} times, "
+                                        f"giving up; last: {last.message}")
+                return started
+            holders = self.holders(i)
+            if not holders:
+                why = f"; last: {self.last_failure.message}" if self.last_failure else ""
+                self.error = OriginError(f"no usable source has chunk {i} of {self.digest}{why}")
+                return started
+            far_only = not any(s.kind == "peer" for s in holders)
+            if far_only and self._waiting_for_peer(i, now):
+                continue
+            self.stealing = False
+            if far_only and sharing and self._left_to_others(i, now, live_peers):
+                continue
+            chosen = self.scheduler.policy.choose([stats[s.name] for s in holders], now)
+            if chosen is None:
+                if len(holders) == len(sources):
+                    break  # every source is busy or backing off: nothing later can start either
+                continue  # its holders are busy; later chunks may have others
+            source = sources[chosen.name]
+            if source.kind != "peer" and sharing and self._slow_start(now):
+                continue  # peers may be starting on this blob too: let them say what they take
+            span = self._grow_span(source, i, live_peers, sharing, now)
+            actions.append(Start(self._start(source, span, now)))
+            if source.kind != "peer" and not self.stealing:
+                self.last_own_dispatch = now  # its own work, not a block taken from its owner
+            started = True
+        return started
+
+    def _grow_span(self, source: SourceTraits, first: int, live_peers: list[SourceTraits], sharing: bool,
+                   now: float) -> Span:
+        peers = live_peers if source.kind != "peer" else []
+        span_bytes = source.max_span if source.kind == "peer" or not sharing else min(
+            source.max_span, self.config.swarm_span)
+        per_span = max(1, span_bytes // self.chunk_size)
+        per_segment = max(1, source.segment_size // self.chunk_size)
+        end = first + 1
+        while (end < self.count and end - first < per_span and end % per_segment
+               and not self.have[end] and not self.requested[end] and self.holds(source, end)
+               and not any(self.coming(p.name, end, now) or self.holds(p, end) for p in peers)):
+            end += 1
+        return Span(first, end)
+
+    def _start(self, source: SourceTraits, span: Span, now: float, *, hedged: bool = False) -> Request:
+        request = Request(self.scheduler._next_id(), source.name, source.kind, span, now, now, span.first,
+                          hedge=hedged)
+        for j in range(span.first, span.end):
+            self.requested[j] += 1
+        self.requests[request.id] = request
+        self.scheduler.stats[source.name].started()
+        return request
+
+    def _hedge(self, now: float, actions: list[Action]) -> None:
+        """Nothing left to start: race a straggling request against another source."""
+        stats = self.scheduler.stats
+        policy = self.scheduler.policy
+        cancelled = {a.request.id for a in actions if isinstance(a, Cancel)}
+        for request in list(self.requests.values()):
+            if request.hedged or request.id in cancelled or request.next_index >= request.span.end:
+                continue
+            holders = self.holders(request.next_index)
+            mine = stats[request.source]
+            # What a chunk takes from the fastest holder: a source that trickles is a straggler
+            # next to it, even though it is "keeping its own pace".
+            rate = max([mine.throughput, *(stats[s.name].throughput for s in holders)])
+            # Nothing measured yet: a LAN peer should bring a chunk in well under a second.
+            typical = self.chunk_size / rate if rate else 0.25 if request.kind == "peer" else 1.0
+            idle = now - request.last_progress
+            if not policy.should_hedge(mine, idle, typical):
+                continue
+            chosen = policy.choose_hedge([stats[s.name] for s in holders if s.name != request.source], now)
+            if chosen is None and idle > self.config.same_source_hedge:
+                # With no other source, a second request to the same one beats waiting on a stuck
+                # connection; but only when it is stuck, not slow: on a saturated link a second
+                # request would only send the same bytes twice.
+                chosen = policy.choose_hedge([mine], now)
+            if chosen is None:
+                continue
+            request.hedged = True
+            if request.kind == "peer" and chosen.name != request.source:
+                # A LAN peer that stalls has failed: stop it now; the hedge takes its chunks.
+                request.overtaken = True
+                actions.append(Cancel(request, True, "stalled, hedged elsewhere"))
+            source = self.scheduler.sources[chosen.name]
+            hedge = self._start(source, Span(request.next_index, request.span.end), now, hedged=True)
+            actions.append(Start(hedge))
+
+    def _count_failure(self, request: Request, index: int) -> None:
+        """Chunk `index` of the request failed (nothing to count once its span is done): a peer
+        is not asked for it again in this fetch; the origin's failures count toward the chunk's
+        attempt limit."""
+        if index >= request.span.end:
+            return
+        if request.kind == "peer":
+            self.peer_failed.setdefault(index, set()).add(request.source)
+        else:
+            self.failures[index] += 1
+
+
+def _score(node: str, digest: str, block: int) -> bytes:
+    return hashlib.blake2b(f"{node}/{digest}/{block}".encode(), digest_size=8).digest()
+
