@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 from collections.abc import AsyncIterator
@@ -14,6 +16,7 @@ from _support import CHUNK, published_home, start_registry, wait_cached
 
 from p2pimg.errors import OriginError
 from p2pimg.fetch.resolver import Resolver
+from p2pimg.metrics import Metrics
 from p2pimg.ops.sample import SampleImage
 from p2pimg.sources.origins import FileOrigin, blob_key
 from p2pimg.sources.origins.base import BlobReader, Origin
@@ -38,12 +41,13 @@ class ProbeOrigin(Origin):
             self.fail_next -= 1
             raise OriginError("injected failure")
         sent = 0
-        async for piece in self.inner.read_range(key, offset, length):
-            if self.pause_after is not None and sent >= self.pause_after:
-                await self.resume.wait()
-            self.bytes_read[key] = self.bytes_read.get(key, 0) + len(piece)
-            sent += len(piece)
-            yield piece
+        async with contextlib.aclosing(self.inner.read_range(key, offset, length)) as pieces:
+            async for piece in pieces:
+                if self.pause_after is not None and sent >= self.pause_after:
+                    await self.resume.wait()
+                self.bytes_read[key] = self.bytes_read.get(key, 0) + len(piece)
+                sent += len(piece)
+                yield piece
 
     async def get(self, key: str, *, max_size: int) -> bytes:
         return await self.inner.get(key, max_size=max_size)
@@ -71,17 +75,25 @@ def big_layer(sample: SampleImage) -> tuple[str, bytes]:
     return digest, (blobs / digest.removeprefix("sha256:")).read_bytes()
 
 
-async def setup(tmp_path: Path, sample: SampleImage, nursery: trio.Nursery,
-                store_dir: str = "cache") -> tuple[ProbeOrigin, ChunkStore, str]:
+async def setup(tmp_path: Path, sample: SampleImage, nursery: trio.Nursery, store_dir: str = "cache",
+                metrics: Metrics | None = None) -> tuple[ProbeOrigin, ChunkStore, str]:
     origin, _root = await published_home(tmp_path, sample)
     probe = ProbeOrigin(origin)
     store = ChunkStore(tmp_path / store_dir)
-    url = await start_registry(nursery, store, probe)
+    url = await start_registry(nursery, store, probe, metrics=metrics)
     return probe, store, url
 
 
+async def wait_served(metrics: Metrics, nbytes: int) -> None:
+    """Until the registry has sent clients `nbytes` in all."""
+    with trio.fail_after(10):
+        while (metrics.registry.get_sample_value("p2pimg_served_bytes_total") or 0) < nbytes:
+            await trio.sleep(0.01)
+
+
 async def test_singleflight(tmp_path: Path, sample: SampleImage, nursery: trio.Nursery) -> None:
-    probe, store, url = await setup(tmp_path, sample, nursery)
+    metrics = Metrics()
+    probe, store, url = await setup(tmp_path, sample, nursery, metrics=metrics)
     digest, data = big_layer(sample)
     probe.pause_after = CHUNK  # hold the fetch open so every client joins the same one
     results: list[bytes] = []
@@ -93,7 +105,7 @@ async def test_singleflight(tmp_path: Path, sample: SampleImage, nursery: trio.N
     async with trio.open_nursery() as clients:
         for _ in range(4):
             clients.start_soon(pull)
-        await trio.sleep(0.3)
+        await wait_served(metrics, 4 * CHUNK)  # each has its first chunk: all joined the one fetch
         probe.resume.set()
     assert results == [data] * 4
     assert probe.bytes_read[blob_key(digest)] == len(data)
@@ -209,7 +221,9 @@ async def test_two_processes_share_one_home(tmp_path: Path, sample: SampleImage,
     async with trio.open_nursery() as clients:
         for url in urls:
             clients.start_soon(pull, url)
-        await trio.sleep(0.2)
+        with trio.fail_after(10):  # both fetchers are under way, each paused mid-blob
+            while any(p.bytes_read.get(blob_key(digest), 0) < 2 * CHUNK for p in probes):
+                await trio.sleep(0.01)
         for p in probes:
             p.resume.set()
     assert results == [data, data]

@@ -300,6 +300,7 @@ class Fetcher:
                         piece = await anext(pieces, None)
                         if piece is None:
                             raise OriginError(f"{source.name} ended chunk {index} of {bmap.digest} early")
+                        schedule.progressed(request, trio.current_time())
                         if first_byte is None:
                             first_byte = trio.current_time() - request.started
                             self.metrics.first_byte_seconds.labels(kind).observe(first_byte)

@@ -126,8 +126,9 @@ class Request:
     kind: str
     span: Span
     started: float
-    last_progress: float
+    last_progress: float  # when it last verified a chunk (or started)
     next_index: int
+    last_byte: float = float("-inf")  # when bytes last arrived (see `progressed`)
     hedge: bool = False  # started to race a straggler
     hedged: bool = False  # a hedge races it
     overtaken: bool = False  # stopped because it stalled while others brought its chunks
@@ -258,9 +259,17 @@ class BlobSchedule:
             inv.grew_at = now
         inv.states, inv.verified = states, verified
 
+    def progressed(self, request: Request, now: float) -> None:
+        """Bytes arrived for `request` (not yet a whole chunk, perhaps). A request that receives
+        nothing for its stall timeout has failed; one that receives bytes but no chunk for long is
+        a straggler, which is not the same thing (see `_hedge`)."""
+        request.last_byte = now
+
     def verified(self, request: Request | None, index: int, now: float) -> list[Action]:
         """Chunk `index` matched its CID and is on disk (from `request`, or None: found by other
-        means). Returns the requests now pointless: they stalled and others brought their rest."""
+        means). Returns the requests now pointless: the rest of their span is verified, or it
+        trails a request that is racing it and will bring everything it has left (a hedge and the
+        straggler it races: the one behind stops, so the two send at most a chunk twice)."""
         if not self.have[index]:
             self.have[index] = True
             self.missing -= 1
@@ -270,12 +279,19 @@ class BlobSchedule:
                 self.received[request.kind] = self.received.get(request.kind, 0) + nbytes
         if request is not None:
             request.next_index = max(request.next_index, index + 1)
-            request.last_progress = now
+            request.last_progress = request.last_byte = now
         actions: list[Action] = []
         for other in self.requests.values():
             if other is request or other.next_index >= other.span.end:
                 continue
-            if all(self.have[j] for j in range(other.next_index, other.span.end)):
+            rest = range(other.next_index, other.span.end)
+            if request is not None and (request.hedge or request.hedged) and (other.hedge or other.hedged):
+                ahead = range(request.next_index, request.span.end)
+                if other.next_index <= index and all(self.have[j] or j in ahead for j in rest):
+                    other.overtaken = other.hedged  # the straggler is charged, a trailing hedge not
+                    actions.append(Cancel(other, other.hedged, "a request racing it is ahead"))
+                    continue
+            if all(self.have[j] for j in rest):
                 other.overtaken = other.hedged
                 actions.append(Cancel(other, other.hedged, "others brought its chunks"))
         return actions
@@ -324,7 +340,8 @@ class BlobSchedule:
         for request in list(self.requests.values()):
             source = self.scheduler.sources.get(request.source)
             timeout = (source.stall_timeout if source else None) or self.config.stall_timeout
-            if request.next_index < request.span.end and now - request.last_progress > timeout:
+            quiet = now - max(request.last_byte, request.last_progress)
+            if request.next_index < request.span.end and quiet > timeout:
                 request.overtaken = True  # charged as a failure when it ends
                 actions.append(Cancel(request, True, f"no progress for {timeout:g} s"))
         started = self._dispatch(now, actions)
@@ -515,10 +532,11 @@ class BlobSchedule:
             if not policy.should_hedge(mine, idle, typical):
                 continue
             chosen = policy.choose_hedge([stats[s.name] for s in holders if s.name != request.source], now)
-            if chosen is None and idle > self.config.same_source_hedge:
+            stuck = now - max(request.last_byte, request.last_progress)
+            if chosen is None and stuck > self.config.same_source_hedge:
                 # With no other source, a second request to the same one beats waiting on a stuck
-                # connection; but only when it is stuck, not slow: on a saturated link a second
-                # request would only send the same bytes twice.
+                # connection; but only when it is stuck (no bytes at all), not slow: on a busy
+                # link or machine a second request would only send the same bytes twice.
                 chosen = policy.choose_hedge([mine], now)
             if chosen is None:
                 continue

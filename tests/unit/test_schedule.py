@@ -182,6 +182,40 @@ def test_a_stalled_request_is_cancelled_after_its_stall_timeout() -> None:
     assert blob.last_failure is not None and "stalled" in blob.last_failure.message
 
 
+def test_a_slow_request_that_still_sends_bytes_is_not_a_stall() -> None:
+    blob = make([origin(stall_timeout=3.0)], 2, node_id=None)
+    (request,) = starts(blob.poll(0.0))
+    for now in (1.0, 2.0, 3.0, 4.0):
+        blob.progressed(request, now)  # bytes, but no whole chunk yet
+    assert not [a for a in blob.poll(4.5) if isinstance(a, Cancel)]
+    assert [a.request for a in blob.poll(7.5) if isinstance(a, Cancel)] == [request]
+
+
+def test_same_source_hedge_only_when_stuck_and_the_one_behind_stops() -> None:
+    blob = make([origin(max_span=4 * MB)], 4, node_id=None, same_source_hedge=5.0)
+    (first,) = starts(blob.poll(0.0))
+    blob.verified(first, 0, 0.5)
+    blob.progressed(first, 5.0)  # slow, not stuck: a second request would send the same bytes
+    assert starts(blob.poll(6.0)) == []
+    (hedge,) = starts(blob.poll(10.1))  # nothing at all for 5.1 s: stuck
+    assert hedge.source == "origin" and hedge.span == Span(1, 4) and hedge.hedge and first.hedged
+    # The straggler wakes up and brings chunk 1 first: the hedge, behind it, stops uncharged.
+    (cancel,) = blob.verified(first, 1, 10.2)
+    assert isinstance(cancel, Cancel) and cancel.request is hedge and not cancel.failed
+    blob.ended(hedge, "cancelled", 10.2)
+    assert blob.scheduler.stats["origin"].errors == 0 and blob.failures == [0] * 4
+
+
+def test_a_hedge_that_gets_ahead_stops_the_straggler_and_charges_it() -> None:
+    blob = make([origin(max_span=4 * MB)], 4, node_id=None, same_source_hedge=5.0)
+    (first,) = starts(blob.poll(0.0))
+    (hedge,) = starts(blob.poll(5.1))
+    (cancel,) = blob.verified(hedge, 0, 5.3)
+    assert isinstance(cancel, Cancel) and cancel.request is first and cancel.failed
+    blob.ended(first, "cancelled", 5.3)
+    assert blob.scheduler.stats["origin"].errors == 1
+
+
 def test_ban_after_three_bad_chunks() -> None:
     blob = make([origin(), peer("liar")], 8, node_id=None, slow_start=0.0)
     blob.inventory("liar", b"", 0.0)
