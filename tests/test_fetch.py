@@ -221,8 +221,8 @@ async def test_two_processes_share_one_home(tmp_path: Path, sample: SampleImage,
     async with trio.open_nursery() as clients:
         for url in urls:
             clients.start_soon(pull, url)
-        with trio.fail_after(10):  # both fetchers are under way, each paused mid-blob
-            while any(p.bytes_read.get(blob_key(digest), 0) < 2 * CHUNK for p in probes):
+        with trio.fail_after(10):  # both fetchers are under way (the first at least paused)
+            while any(p.requests == 0 for p in probes):
                 await trio.sleep(0.01)
         for p in probes:
             p.resume.set()
