@@ -546,7 +546,10 @@ class BlobSchedule:
                 request.overtaken = True
                 actions.append(Cancel(request, True, "stalled, hedged elsewhere"))
             source = self.scheduler.sources[chosen.name]
-            hedge = self._start(source, Span(request.next_index, request.span.end), now, hedged=True)
+            end = request.next_index + 1  # the straggler's rest, as far as the new source holds it
+            while end < request.span.end and self.holds(source, end):
+                end += 1
+            hedge = self._start(source, Span(request.next_index, end), now, hedged=True)
             actions.append(Start(hedge))
 
     def _count_failure(self, request: Request, index: int) -> None:
