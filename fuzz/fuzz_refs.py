@@ -25,7 +25,7 @@ def test_one_input(data: bytes) -> None:
     if _harness.allowed(registry.check_repository, s) is not None:
         assert model.check_name(s) == s
     _harness.allowed(warm.parse_ref, s)
-    size = _harness.allowed(config.parse_size, s)
+    size = _harness.allowed(model.parse_size, s)
     assert size is None or isinstance(size, int)
     listen = _harness.allowed(config.parse_listen, s)
     if listen is not None:

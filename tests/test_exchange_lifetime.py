@@ -324,7 +324,7 @@ async def test_a_peer_busy_uploading_still_says_what_it_holds(tmp_path: Path, sa
         holder.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         holder.close()
         with trio.fail_after(10):
-            while s.node.peer_service.active:
+            while s.peers.active:
                 await trio.sleep(0.01)
         again = await client.get(f"{peer}/p2pimg/v1/blobs/{digest}", headers={"Range": "bytes=0-99"})
         assert again.status_code == 206 and len(again.content) == 100

@@ -30,7 +30,7 @@ import pytest
 import trio
 
 from p2pimg.errors import InvalidInput, OriginError, OriginNotFound
-from p2pimg.sources.origins import open_origin
+from p2pimg.sources.origins import open_origin, storj_native
 from p2pimg.sources.origins import storj as storj_module
 from p2pimg.sources.origins.storj import StorjOrigin, parse_storj_url
 
@@ -41,7 +41,7 @@ LIVE_SKIP = ("live Storj test: set STORJ_ACCESS and P2PIMG_STORJ_BUCKET (an acce
 
 def _wrapper() -> Any:
     pytest.importorskip("storj_uplink", reason="storj-uplink is not installed (x86_64 only)")
-    return storj_module.load_wrapper()
+    return storj_native.load_wrapper()
 
 
 def _real_lib() -> ctypes.CDLL:
@@ -126,7 +126,7 @@ class FakeLibuplink:
         self.uploads: dict[int, dict[str, Any]] = {}
         self.iterators: dict[int, dict[str, Any]] = {}
         # Multipart: upload ID -> {"key", "created", "state", "parts": {number: {"data", "etag"}}}
-        self.mp = storj_module._multipart_types(md)
+        self.mp = storj_native.multipart_types(md)
         self.pending: dict[str, dict[str, Any]] = {}
         self.part_uploads: dict[int, dict[str, Any]] = {}
         self.part_writes: list[tuple[int, int]] = []  # (part number, bytes) per part write call
@@ -706,8 +706,8 @@ def test_adapter_calls_exist_on_the_real_wrapper_with_compatible_parameters() ->
         assert [f[0] for f in getattr(md, name)._fields_] == ["_handle"]
 
     # The error codes the adapter maps are the wrapper's.
-    assert storj_module._ERROR_OBJECT_NOT_FOUND == w.errors.ERROR_OBJECT_NOT_FOUND
-    assert storj_module._ERROR_BUCKET_NOT_FOUND == w.errors.ERROR_BUCKET_NOT_FOUND
+    assert storj_native.ERROR_OBJECT_NOT_FOUND == w.errors.ERROR_OBJECT_NOT_FOUND
+    assert storj_native.ERROR_BUCKET_NOT_FOUND == w.errors.ERROR_BUCKET_NOT_FOUND
     assert isinstance(w.errors._storj_exception(0x21, "x"), w.errors.ObjectNotFoundError)
 
 
@@ -804,7 +804,7 @@ def _c_layout(struct: Any) -> list[tuple[str, str, int]]:
 
 
 def test_native_declarations_match_the_uplink_c_prototypes() -> None:
-    signatures = storj_module._signatures(_wrapper().defs)
+    signatures = storj_native.signatures(_wrapper().defs)
     declared = {f"{_c_name(restype)}{name}({','.join(_c_name(t) for t in argtypes)})".replace(" ", "")
                 for name, (argtypes, restype) in signatures.items()}
     expected = {f"{prototype})" for prototype in re.sub(r"\s+", "", C_PROTOTYPES).split(")") if prototype}
@@ -815,7 +815,7 @@ def test_native_declarations_match_the_uplink_c_prototypes() -> None:
 def test_multipart_structures_have_the_uplink_c_layout() -> None:
     """Field order, C types and x86_64 offsets of uplink_definitions.h (uplink-c for uplink v1.13.1)."""
     defs = _wrapper().defs
-    t = storj_module._multipart_types(defs)
+    t = storj_native.multipart_types(defs)
     assert _c_layout(t.part) == [("part_number", "uint32_t", 0), ("size", "size_t", 8),
                                  ("modified", "int64_t", 16), ("etag", "char *", 24),
                                  ("etag_length", "size_t", 32)]
@@ -847,9 +847,9 @@ def test_multipart_structures_have_the_uplink_c_layout() -> None:
 
 def test_every_native_function_the_adapter_calls_is_in_the_bundled_libuplink(fake: FakeLibuplink) -> None:
     lib = _real_lib()
-    signatures = storj_module._signatures(_wrapper().defs)
+    signatures = storj_native.signatures(_wrapper().defs)
     # Every name the adapter's source spells (as a string or an attribute), and every declared one.
-    source = Path(inspect.getfile(storj_module)).read_text()
+    source = "".join(Path(inspect.getfile(m)).read_text() for m in (storj_module, storj_native))
     spelled = {name for name in re.findall(r"[\"'.](uplink_[a-z0-9_]+)", source) if not name.endswith("_")}
     assert {"uplink_begin_upload", "uplink_part_upload_set_etag", "uplink_commit_upload"} <= spelled
     for name in sorted(spelled | set(signatures)):
@@ -862,11 +862,11 @@ def test_multipart_functions_run_in_the_real_libuplink() -> None:
     """Each multipart call, as declared, on the real library: invalid handles fail fast, offline."""
     lib = _real_lib()
     defs = _wrapper().defs
-    t = storj_module._multipart_types(defs)
-    signatures = storj_module._signatures(defs)
+    t = storj_native.multipart_types(defs)
+    signatures = storj_native.signatures(defs)
 
     def fn(name: str) -> Any:
-        return storj_module._declare(getattr(lib, name), *signatures[name])
+        return storj_native.declare(getattr(lib, name), *signatures[name])
 
     def invalid_handle(error: Any, what: bytes) -> None:
         assert error, "libuplink reported no error"
@@ -1556,14 +1556,14 @@ def test_open_origin_builds_a_storj_origin(monkeypatch: pytest.MonkeyPatch, tmp_
 
 
 def test_package_not_installed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    real = storj_module.importlib.import_module
+    real = storj_native.importlib.import_module
 
     def no_storj(name: str, package: str | None = None) -> Any:
         if name.startswith("storj_uplink"):
             raise ModuleNotFoundError("No module named 'storj_uplink'", name="storj_uplink")
         return real(name, package)
 
-    monkeypatch.setattr(storj_module.importlib, "import_module", no_storj)
+    monkeypatch.setattr(storj_native.importlib, "import_module", no_storj)
     monkeypatch.setenv("STORJ_ACCESS", "grant")
     with pytest.raises(InvalidInput) as info:
         open_origin("storj://bucket", tmp_path)
@@ -1670,8 +1670,8 @@ async def test_live_multipart_round_trip(live_origin: StorjOrigin, tmp_path: Pat
             # Whatever an interrupted run left pending.
             project = await origin._project_handle()
             path_in_bucket = origin._path(blob)
-            for _created, upload_id in await trio.to_thread.run_sync(origin._list_uploads_native, project,
+            for _created, upload_id in await trio.to_thread.run_sync(origin._native.list_uploads, project,
                                                                      path_in_bucket):
-                await trio.to_thread.run_sync(origin._abort_upload_native, project, path_in_bucket, upload_id)
+                await trio.to_thread.run_sync(origin._native.abort_upload, project, path_in_bucket, upload_id)
             assert await origin.list("p2pimg/") == []
             await origin.aclose()

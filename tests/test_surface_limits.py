@@ -31,11 +31,23 @@ import pytest
 import trio
 from _support import published_home
 
-from p2pimg import cli, dagcbor, http, warm
-from p2pimg.cid import Cid
-from p2pimg.config import Config, load_config, parse_listen
+from p2pimg.cli import main as cli
+from p2pimg.content import dagcbor
+from p2pimg.content.cid import Cid
+from p2pimg.content.model import MAX_MANIFEST_SIZE, BlobMap, ImageRoot, ManifestEntry, TagRecord
 from p2pimg.errors import CacheError, InvalidInput, OriginError
-from p2pimg.http import (
+from p2pimg.node import warm
+from p2pimg.node.config import Config, load_config, parse_listen
+from p2pimg.node.node import Node, open_node
+from p2pimg.ops.sample import SampleImage
+from p2pimg.sources.origins import FileOrigin, block_key, tag_key
+from p2pimg.sources.peer import PeerSource
+from p2pimg.store.chunks import ChunkStore
+from p2pimg.web import server as http
+from p2pimg.web.peerapi import PeerService
+from p2pimg.web.registry import Registry
+from p2pimg.web.serve import local_control
+from p2pimg.web.server import (
     MAX_HEADER_BYTES,
     MAX_REQUEST_BODY,
     BodyPart,
@@ -44,14 +56,6 @@ from p2pimg.http import (
     serve_connection,
     serve_http,
 )
-from p2pimg.model import MAX_MANIFEST_SIZE, BlobMap, ImageRoot, ManifestEntry, TagRecord
-from p2pimg.node import Node, open_node
-from p2pimg.origins import FileOrigin, block_key, tag_key
-from p2pimg.peer import PeerSource
-from p2pimg.registry import Registry
-from p2pimg.sample import SampleImage
-from p2pimg.server import local_control
-from p2pimg.store import ChunkStore
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 _STATUS = re.compile(rb"HTTP/1\.1 ([0-9]{3}) ")
@@ -67,6 +71,7 @@ class Served:
     origin: FileOrigin
     registry_port: int
     peer_port: int
+    peers: PeerService  # the peer API behind the peer listener (and the local control endpoints)
 
     def port(self, listener: str) -> int:
         return self.registry_port if listener == "registry" else self.peer_port
@@ -76,11 +81,12 @@ class Served:
 async def serving(config: Config) -> AsyncIterator[Served]:
     async with open_node(config) as node:
         registry = Registry(node.store, node.resolver, node.fetcher, node.metrics, node.mirror)
-        listeners = await node.nursery.start(serve_http, local_control(node, registry), "127.0.0.1", 0)
-        peer_listeners = await node.nursery.start(serve_http, node.peer_service.handle, "127.0.0.1", 0)
+        peers = PeerService.for_node(node)
+        listeners = await node.nursery.start(serve_http, local_control(node, registry, peers), "127.0.0.1", 0)
+        peer_listeners = await node.nursery.start(serve_http, peers.handle, "127.0.0.1", 0)
         assert isinstance(node.origin, FileOrigin)
         yield Served(config.home, node, node.origin, listeners[0].socket.getsockname()[1],
-                     peer_listeners[0].socket.getsockname()[1])
+                     peer_listeners[0].socket.getsockname()[1], peers)
 
 
 def _config(home: Path, **changes: object) -> Config:
@@ -224,7 +230,8 @@ async def test_keyed_peer_listener_refuses_on_the_head_before_the_body(
     await published_home(home, sample)
     monkeypatch.setenv("P2PIMG_SWARM_KEY", "k" * 32)
     async with open_node(_config(home)) as node:
-        serve = serve_connection(node.peer_service.handle, gate=node.peer_service.gate, per_client=2)
+        peers = PeerService.for_node(node)
+        serve = serve_connection(peers.handle, gate=peers.gate, per_client=2)
         listeners = await nursery.start(trio.serve_listeners, serve,
                                         await trio.open_tcp_listeners(0, host="127.0.0.1"))
         port = listeners[0].socket.getsockname()[1]
@@ -248,13 +255,34 @@ async def test_connections_beyond_the_cap_are_closed_at_once(
     async def hello(_request: Request) -> Response:
         return Response(200, [("content-length", "2")], b"ok")
 
-    listeners = await nursery.start(serve_http, hello, "127.0.0.1", 0)
+    # The server's connection tasks, counted: one holds its slot until it returns.
+    serve = serve_connection(hello)
+    running = 0
+    changed = trio.Event()
+
+    async def counted(stream: trio.SocketStream) -> None:
+        nonlocal running, changed
+        running += 1
+        try:
+            await serve(stream)
+        finally:
+            running -= 1
+            changed.set()
+            changed = trio.Event()
+
+    async def until_running(n: int) -> None:
+        with trio.fail_after(5):
+            while running != n:
+                await changed.wait()
+
+    listeners = await nursery.start(trio.serve_listeners, counted,
+                                    await trio.open_tcp_listeners(0, host="127.0.0.1"))
     port = listeners[0].socket.getsockname()[1]
     held = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(3)]
     refused = await exchange(port, [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"], wait=3)
     assert refused.closed and refused.status is None
     await held.pop().aclose()
-    await trio.sleep(0.1)
+    await until_running(2)  # the server saw the close and gave the slot back
     answered = await exchange(port, [b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"])
     assert answered.status == 200
     for stream in held:
@@ -544,8 +572,7 @@ async def test_have_answers_that_say_nothing_claim_nothing(nursery: trio.Nursery
     async with httpx.AsyncClient() as client:
         source = PeerSource(await inventory_peer(nursery, answer), client)
         await source.prime(bmap)
-    assert not source.participates(bmap)
-    assert not any(source.has(bmap, i) for i in range(bmap.count))
+    assert source.inventory(bmap) is None
 
 
 async def test_one_late_inventory_is_a_miss_not_a_loss(nursery: trio.Nursery) -> None:
@@ -555,13 +582,13 @@ async def test_one_late_inventory_is_a_miss_not_a_loss(nursery: trio.Nursery) ->
     async with httpx.AsyncClient() as client:
         source = PeerSource(await inventory_peer(nursery, {"complete": True, "node": "n"}, late), client)
         await source.prime(bmap)
-        assert source.has(bmap, 1)
+        assert source.inventory(bmap) == b""
         late.set()
         for misses in (1, 2):
             await source.prime(bmap)
-            assert source.has(bmap, 1), f"forgotten after {misses} late answer(s)"
+            assert source.inventory(bmap) == b"", f"forgotten after {misses} late answer(s)"
         await source.prime(bmap)
-        assert not source.participates(bmap), "a peer that stopped answering is still counted on"
+        assert source.inventory(bmap) is None, "a peer that stopped answering is still counted on"
 
 
 # -- paths built from input ----------------------------------------------------------------------
@@ -675,7 +702,7 @@ def test_serve_defaults_to_loopback_and_no_peer_listener(tmp_path: Path,
 
 async def test_serve_with_defaults_opens_only_the_loopback_registry(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nursery: trio.Nursery) -> None:
-    from p2pimg.server import serve
+    from p2pimg.web.serve import serve
 
     config = _cli_config(["serve"], tmp_path, monkeypatch)
     config = replace(config, listen="127.0.0.1:0", mdns=False)  # the port only: 5050 may be taken

@@ -249,14 +249,14 @@ def cmd_cache_unpin(args: argparse.Namespace) -> int:
 
 
 def cmd_containerd_config(args: argparse.Namespace) -> int:
-    from p2pimg.sources.upstream import containerd_hosts_toml
+    from p2pimg.cli.clientconfig import containerd_hosts_toml
 
     print(containerd_hosts_toml(args.registry, args.mirror), end="")
     return 0
 
 
 def cmd_podman_config(args: argparse.Namespace) -> int:
-    from p2pimg.sources.upstream import podman_registries_conf
+    from p2pimg.cli.clientconfig import podman_registries_conf
 
     print(podman_registries_conf(args.registry, args.mirror), end="")
     return 0

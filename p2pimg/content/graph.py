@@ -5,7 +5,7 @@ walk over it. Pure: reading a layout or a registry is the caller's job.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -96,16 +96,24 @@ def manifest_children(data: bytes, media: str, what: str) -> tuple[list[Descript
     return [], [descriptor(config, what)] + [descriptor(d, what) for d in layers]
 
 
-def walk_graph(top: str, top_media: str, read_manifest: Callable[[str, int], bytes],
-               blob: Callable[[str, int], SourceBlob]) -> SourceImage:
-    """Collect an image graph from its top manifest, checking every digest and size."""
+# A walk over an image graph, as a generator: it yields (digest, size) of each manifest it needs
+# (size -1 for the top one, whose size no descriptor gives) and is sent that manifest's bytes.
+GraphWalk = Generator[tuple[str, int], bytes, SourceImage]
+
+
+def graph_walk(top: str, top_media: str, blob: Callable[[str, int], SourceBlob]) -> GraphWalk:
+    """Collect an image graph from its top manifest, checking every digest and size.
+
+    Sans I/O: the caller fetches each manifest the walk asks for, however it reads (a file, a
+    registry client on trio), and sends its bytes in; the image is the walk's return value.
+    """
     image = SourceImage(top=top)
     pending = [(top, -1, top_media)]
     while pending:
         digest, size, declared = pending.pop()
         if digest in image.manifests:
             continue
-        data = read_manifest(digest, size)
+        data = yield digest, size
         if digest_of(data) != digest:
             raise SourceInvalid(f"manifest {digest} does not match its digest")
         if size >= 0 and len(data) != size:
@@ -118,6 +126,19 @@ def walk_graph(top: str, top_media: str, read_manifest: Callable[[str, int], byt
             if bdigest not in image.blobs:
                 image.blobs[bdigest] = blob(bdigest, bsize)
     return image
+
+
+def walk_graph(top: str, top_media: str, read_manifest: Callable[[str, int], bytes],
+               blob: Callable[[str, int], SourceBlob]) -> SourceImage:
+    """`graph_walk` with manifests read by `read_manifest(digest, size)`."""
+    walk = graph_walk(top, top_media, blob)
+    try:
+        wanted = next(walk)
+        while True:
+            wanted = walk.send(read_manifest(*wanted))
+    except StopIteration as stop:
+        image: SourceImage = stop.value
+        return image
 
 
 # -- OCI image layout ----------------------------------------------------------------------

@@ -64,6 +64,16 @@ def check_chunk_size(size: int) -> int:
     return size
 
 
+def parse_size(value: str | int) -> int:
+    """Sizes like 1048576, 1M, 1MiB, 64K."""
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"([0-9]{1,15})\s*([KMGT]?)(?:I?B)?", value.strip().upper())
+    if m is None:
+        raise InvalidInput(f"invalid size {value!r}: expected a number of bytes, or with K, M, G, T")
+    return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2)]
+
+
 def chunk_count(size: int, chunk_size: int) -> int:
     return -(-size // chunk_size)
 

@@ -9,7 +9,7 @@ blob map is stored beside the blob.
 
 What an upstream gives only with the user's credentials (from the Docker config) may be private:
 its manifests, blobs and blob maps are marked so before they become visible, and the peer listener
-serves marked content only when a swarm key guards it (peer.py).
+serves marked content only when a swarm key guards it (web/peerapi.py).
 
 Mutable upstream tags are re-checked after `tag_ttl` seconds; manifests by digest never change.
 """
@@ -22,7 +22,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,12 +33,15 @@ from p2pimg.content.model import DEFAULT_CHUNK_SIZE, MAX_MANIFEST_SIZE, BlobMap,
 from p2pimg.errors import CacheError, NameUnknown, OriginError, P2pimgError, VerificationError
 from p2pimg.fetch.resolver import Manifest
 from p2pimg.metrics import Metrics
-from p2pimg.sources.upstream import UpstreamClient, normalize_repo
+from p2pimg.sources.upstream.client import UpstreamClient
+from p2pimg.sources.upstream.refs import normalize_repo
 from p2pimg.store.chunks import ChunkStore
 from p2pimg.tasks import guarded
-from p2pimg.web.server import AbortResponse, BodyPart, FileRegion
 
 log = logging.getLogger(__name__)
+
+# An upstream registry, as the edge names one (from `Mirror.upstream_for`) without talking to it.
+Upstream = UpstreamClient
 
 _TAG_FILE_MAX = 512
 
@@ -80,7 +83,7 @@ class Mirror:
         self.chunk_size = chunk_size
         self._root = store.root / "upstream"
         self._fetches: dict[str, UpstreamFetch] = {}
-        self.on_blob_map: Callable[[BlobMap], None] = lambda _bmap: None  # the peer index
+        self.on_blob_map: Callable[[BlobMap], None] = lambda _bmap: None  # the chunk index
 
     def upstream_for(self, ns: str | None) -> UpstreamClient | None:
         """The upstream a request means: containerd names it with `?ns=`, others get the first."""
@@ -261,17 +264,28 @@ class Mirror:
         os.replace(fetch.path, self.store.blob_path(fetch.digest))
         self.store.write_small(self._root / "maps" / fetch.digest[7:], str(map_cid).encode())
 
-    async def body(self, fetch: UpstreamFetch, fd: int, start: int, end: int) -> AsyncIterator[BodyPart]:
-        """Bytes [start, end) as they arrive; cut the connection if the blob turns out wrong. The
-        caller's request owns `fd` and the reader `open()` counted (see `Request.hold`)."""
+    async def wait_readable(self, fetch: UpstreamFetch, start: int, end: int) -> None:
+        """Wait until the first of bytes [start, end) can be read, so that a reader answers a
+        download that fails at once with an error, not a cut body; the download's error (a
+        P2pimgError) when it failed before that."""
+        while fetch.readable() <= start < end and fetch.error is None:
+            await fetch.progress.wait()
+        if fetch.error is not None and fetch.readable() <= start:
+            raise fetch.error
+
+    async def regions(self, fetch: UpstreamFetch, start: int,
+                      end: int) -> AsyncGenerator[tuple[int, int], None]:
+        """Bytes [start, end) of the blob's file as they become readable, in order, as (offset,
+        length) regions. Raises the download's error (a P2pimgError) when the blob turns out wrong
+        or cannot be had: what was read of it already must then not be taken for the blob. The
+        reader owns the descriptor of the file and the count `open()` took (see there)."""
         offset = start
         while offset < end:
             available = min(fetch.readable(), end)
             if available > offset:
-                yield FileRegion(fd, offset, available - offset)
-                self.metrics.served_bytes.inc(available - offset)
+                yield offset, available - offset
                 offset = available
                 continue
             if fetch.error is not None:
-                raise AbortResponse(str(fetch.error))
+                raise fetch.error
             await fetch.progress.wait()

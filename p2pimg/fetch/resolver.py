@@ -87,7 +87,7 @@ class Resolver:
         self._block_flights: SingleFlight[Cid, bytes] = SingleFlight()
         self._relisted: dict[str, float] = {}  # name -> when a miss last made us re-list its tags
         self._tag_flights: SingleFlight[tuple[str, str], Cid] = SingleFlight()
-        self.on_blob_map: Callable[[BlobMap], None] = lambda _bmap: None  # the peer index
+        self.on_blob_map: Callable[[BlobMap], None] = lambda _bmap: None  # the chunk index
         # Blocks by CID from LAN peers when the origin cannot give them (the node wires it).
         self.peer_block: Callable[[Cid, int], Awaitable[bytes | None]] = _no_peer_block
         # Encoded tag records LAN peers hold for a name and tag (the node wires it).

@@ -11,7 +11,7 @@ from typing import Any
 
 import platformdirs
 
-from p2pimg.content.model import DEFAULT_CHUNK_SIZE, check_chunk_size
+from p2pimg.content.model import DEFAULT_CHUNK_SIZE, check_chunk_size, parse_size
 from p2pimg.errors import InvalidInput
 
 DEFAULT_LISTEN = "127.0.0.1:5050"
@@ -34,16 +34,6 @@ def _env_flag(name: str, default: object) -> bool:
     if value is None:
         return bool(default)
     return value.strip().lower() not in ("0", "false", "no", "off", "")
-
-
-def parse_size(value: str | int) -> int:
-    """Sizes like 1048576, 1M, 1MiB, 64K."""
-    if isinstance(value, int):
-        return value
-    m = re.fullmatch(r"([0-9]{1,15})\s*([KMGT]?)(?:I?B)?", value.strip().upper())
-    if m is None:
-        raise InvalidInput(f"invalid size {value!r}: expected a number of bytes, or with K, M, G, T")
-    return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2)]
 
 
 @dataclass(frozen=True)

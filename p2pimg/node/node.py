@@ -33,10 +33,10 @@ from p2pimg.sources.base import OriginSource
 from p2pimg.sources.httpbody import read_capped
 from p2pimg.sources.origins import Origin, open_origin
 from p2pimg.sources.peer import PeerSource, get_json
-from p2pimg.sources.upstream import UpstreamClient
+from p2pimg.sources.upstream.client import UpstreamClient
 from p2pimg.store.chunks import ChunkStore
+from p2pimg.store.index import ChunkIndex
 from p2pimg.tasks import guarded
-from p2pimg.web.peerapi import PeerService
 
 log = logging.getLogger(__name__)
 
@@ -191,14 +191,14 @@ class Node:
     fetcher: Fetcher
     resolver: Resolver
     mirror: Mirror | None
-    peer_service: PeerService
+    chunk_index: ChunkIndex  # chunk CID -> its blob, for the peer API's /ipfs/<chunk cid>
     swarm: Swarm
     tls: PeerTls | None
-    warm: WarmJobs = field(init=False)  # needs the node itself
+    swarm_key: bytes | None  # peers must prove it (and send it) when set
+    warm: WarmJobs = field(init=False)
 
     def __post_init__(self) -> None:
-        self.warm = WarmJobs(self, self.nursery)
-        self.peer_service.warm = self.warm
+        self.warm = WarmJobs(self.resolver, self.store, self.fetcher, self.chunk_index, self.nursery)
 
 
 def peer_client(key: bytes | None, tls: PeerTls | None, **options: Any) -> httpx.AsyncClient:
@@ -235,18 +235,18 @@ async def open_node(config: Config, *, advertise: tuple[str, int] | None = None)
             mirror = Mirror(store, upstreams, nursery, metrics, tag_ttl=config.upstream_tag_ttl,
                             chunk_size=config.chunk_size) if upstreams else None
             resolver = Resolver(store, origin, trust=trust)
-            peer_service = PeerService(store, fetcher, own_id, rate=config.peer_rate,
-                                       max_requests=config.peer_max_requests)
-            peer_service.swarm_key = key
+            index = ChunkIndex()
             swarm = Swarm(fetcher, own_id, list(config.peers), client, discovery, tls=tls is not None)
             node = Node(config, nursery, own_id, store, origin, metrics, fetcher, resolver, mirror,
-                        peer_service, swarm, tls)
-            resolver.on_blob_map = peer_service.index
+                        index, swarm, tls, key)
+            resolver.on_blob_map = index.add
+            if mirror is not None:
+                mirror.on_blob_map = index.add
             resolver.peer_block = swarm.block
             resolver.peer_tags = swarm.tag_records
             await nursery.start(swarm.run)
             if config.peer_listen:  # only the peer listener serves chunks by CID
-                nursery.start_soon(guarded, "indexing cached chunks", peer_service.index_cache)
+                nursery.start_soon(guarded, "indexing cached chunks", index.add_cached, store)
             if config.cache_max is not None:
                 from p2pimg.store.cache import enforce_limit
 

@@ -8,27 +8,23 @@ runs a node of its own for the duration.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import trio
 
 from p2pimg.content.cid import Cid
 from p2pimg.content.model import ImageRoot, parse_name_tag
 from p2pimg.errors import InvalidInput, P2pimgError, first_error
-from p2pimg.fetch.resolver import IPFS_PREFIX
+from p2pimg.fetch.engine import BlobFetch, Fetcher
+from p2pimg.fetch.resolver import IPFS_PREFIX, Resolver
+from p2pimg.store.chunks import ChunkStore
+from p2pimg.store.index import ChunkIndex
 from p2pimg.tasks import guarded
-from p2pimg.web.registry import error_response
-from p2pimg.web.server import Request, Response
 
 log = logging.getLogger(__name__)
-
-if TYPE_CHECKING:
-    from p2pimg.node.node import Node
 
 _PARALLEL_BLOBS = 4
 _MAX_JOBS = 256  # kept (running or finished) per node; a request beyond that many running is refused
@@ -58,8 +54,6 @@ class WarmProgress:
 
     @property
     def bytes_done(self) -> int:
-        from p2pimg.fetch.engine import BlobFetch
-
         partial = sum(f.partial.present_bytes() for f in self._running if isinstance(f, BlobFetch))
         return min(self.bytes_total, self.done_bytes + partial)
 
@@ -84,76 +78,22 @@ def parse_ref(ref: str) -> tuple[str, str] | Cid:
     return parse_name_tag(ref)
 
 
-async def warm_image(node: Node, ref: str, progress: WarmProgress) -> None:
-    """Fetch every manifest and blob of an image into the cache, then check they are all there."""
-    try:
-        parsed = parse_ref(ref)
-        root_cid = parsed if isinstance(parsed, Cid) else await node.resolver.resolve_tag(*parsed)
-        progress.root = str(root_cid)
-        root: ImageRoot = await node.resolver.root(root_cid)
-        for digest, entry in root.manifests.items():
-            await node.resolver.manifest(entry, digest)  # verified and cached as blocks
-        progress.blobs = len(root.blobs)
-        progress.bytes_total = sum(b.size for b in root.blobs.values())
-        limit = trio.CapacityLimiter(_PARALLEL_BLOBS)
-
-        async def one(digest: str) -> None:
-            entry = root.blobs[digest]
-            async with limit:
-                if node.store.has_blob(digest):
-                    progress.by_source["cache"] = progress.by_source.get("cache", 0) + entry.size
-                    progress.done_bytes += entry.size
-                    return
-                bmap = await node.resolver.blob_map(entry, digest)
-                node.peer_service.index(bmap)
-                fetch = await node.fetcher.open(bmap, warm=True)
-                if fetch is not None:
-                    progress._running.append(fetch)
-                    try:
-                        await fetch.done.wait()
-                    finally:
-                        progress._running.remove(fetch)
-                    for kind, n in fetch.received.items():
-                        progress.by_source[kind] = progress.by_source.get(kind, 0) + n
-                    if fetch.error is not None:
-                        raise fetch.error
-                    kept = entry.size - sum(fetch.received.values())
-                    if kept > 0:  # verified chunks already on disk before this warm
-                        progress.by_source["cache"] = progress.by_source.get("cache", 0) + kept
-                progress.done_bytes += entry.size
-
-        async with trio.open_nursery() as nursery:
-            for digest in root.blobs:
-                nursery.start_soon(one, digest)
-        missing = [d for d in root.blobs if not node.store.has_blob(d)]
-        if missing:
-            raise P2pimgError(f"{len(missing)} blobs are still missing after the warm: {missing[0]}")
-        progress.state = "done"
-    except* P2pimgError as group:
-        progress.state = "failed"
-        messages = {e.message for e in group.exceptions if isinstance(e, P2pimgError)}
-        progress.error = "; ".join(sorted(messages))
-        progress.exit_code = first_error(group).exit_code
-    except* Exception as group:  # a bug: this job fails with it, the node serves on
-        log.error("warm job %s crashed", ref, exc_info=group)
-        progress.state = "failed"
-        progress.error = "internal error: " + "; ".join(sorted({repr(e) for e in group.exceptions}))
-        progress.exit_code = 1
-    finally:
-        progress.finished = time.monotonic()
-        if progress.state == "running":
-            progress.state, progress.error = "failed", progress.error or "interrupted"
-
-
 class WarmJobs:
-    """Warm jobs of one node, started over HTTP (locally or by LAN peers) or in process."""
+    """Warm jobs of one node, started in process or (through the peer API) over HTTP; a job's
+    progress is plain data (`WarmProgress.to_json`)."""
 
-    def __init__(self, node: Node, nursery: trio.Nursery) -> None:
-        self.node = node
+    def __init__(self, resolver: Resolver, store: ChunkStore, fetcher: Fetcher, index: ChunkIndex,
+                 nursery: trio.Nursery) -> None:
+        self.resolver = resolver
+        self.store = store
+        self.fetcher = fetcher
+        self.index = index
         self.nursery = nursery
         self.jobs: dict[str, WarmProgress] = {}
 
     def start(self, ref: str) -> str:
+        """Start warming `ref`: the new job's id. InvalidInput for a bad reference, WarmBusy when
+        as many jobs as a node keeps are running."""
         parse_ref(ref)  # refuse a bad reference now, not in the job
         if len(self.jobs) >= _MAX_JOBS:
             for job_id in [j for j, p in self.jobs.items() if p.state != "running"][: _MAX_JOBS // 2]:
@@ -162,32 +102,70 @@ class WarmJobs:
                 raise WarmBusy(f"{len(self.jobs)} warm jobs are running; try again when some end")
         job_id = uuid.uuid4().hex
         progress = self.jobs[job_id] = WarmProgress(ref)
-        self.nursery.start_soon(guarded, f"warm job {ref}", warm_image, self.node, ref, progress)
+        self.nursery.start_soon(guarded, f"warm job {ref}", self._run, ref, progress)
         return job_id
 
-    async def http_start(self, request: Request) -> Response:
-        try:
-            doc = json.loads(request.body or b"{}")
-            ref = doc.get("ref") if isinstance(doc, dict) else None
-            if not isinstance(ref, str):
-                raise InvalidInput('expected a JSON body {"ref": "NAME:TAG" or "ipfs/<CID>"}')
-            job_id = self.start(ref)
-        except (ValueError, RecursionError):
-            return error_response(InvalidInput("the warm request body is not JSON"))
-        except P2pimgError as exc:
-            response = error_response(exc)
-            if isinstance(exc, WarmBusy):
-                response.headers.append(("retry-after", "1"))
-            return response
-        body = json.dumps({"id": job_id}).encode()
-        return Response(202, [("content-type", "application/json"), ("content-length", str(len(body))),
-                              ("location", f"/p2pimg/v1/warm/{job_id}")], body)
-
-    def http_status(self, job_id: str) -> Response:
+    def status(self, job_id: str) -> dict[str, object] | None:
+        """A job's progress as JSON-ready data; None for a job this node does not know."""
         progress = self.jobs.get(job_id)
-        if progress is None:
-            from p2pimg.errors import NotFound
+        return None if progress is None else progress.to_json()
 
-            return error_response(NotFound(f"no warm job {job_id[:40]}"))
-        body = json.dumps(progress.to_json()).encode()
-        return Response(200, [("content-type", "application/json"), ("content-length", str(len(body)))], body)
+    async def _run(self, ref: str, progress: WarmProgress) -> None:
+        """Fetch every manifest and blob of an image into the cache, then check they are all there."""
+        try:
+            parsed = parse_ref(ref)
+            root_cid = parsed if isinstance(parsed, Cid) else await self.resolver.resolve_tag(*parsed)
+            progress.root = str(root_cid)
+            root: ImageRoot = await self.resolver.root(root_cid)
+            for digest, entry in root.manifests.items():
+                await self.resolver.manifest(entry, digest)  # verified and cached as blocks
+            progress.blobs = len(root.blobs)
+            progress.bytes_total = sum(b.size for b in root.blobs.values())
+            limit = trio.CapacityLimiter(_PARALLEL_BLOBS)
+
+            async def one(digest: str) -> None:
+                entry = root.blobs[digest]
+                async with limit:
+                    if self.store.has_blob(digest):
+                        progress.by_source["cache"] = progress.by_source.get("cache", 0) + entry.size
+                        progress.done_bytes += entry.size
+                        return
+                    bmap = await self.resolver.blob_map(entry, digest)
+                    self.index.add(bmap)
+                    fetch = await self.fetcher.open(bmap, warm=True)
+                    if fetch is not None:
+                        progress._running.append(fetch)
+                        try:
+                            await fetch.done.wait()
+                        finally:
+                            progress._running.remove(fetch)
+                        for kind, n in fetch.received.items():
+                            progress.by_source[kind] = progress.by_source.get(kind, 0) + n
+                        if fetch.error is not None:
+                            raise fetch.error
+                        kept = entry.size - sum(fetch.received.values())
+                        if kept > 0:  # verified chunks already on disk before this warm
+                            progress.by_source["cache"] = progress.by_source.get("cache", 0) + kept
+                    progress.done_bytes += entry.size
+
+            async with trio.open_nursery() as nursery:
+                for digest in root.blobs:
+                    nursery.start_soon(one, digest)
+            missing = [d for d in root.blobs if not self.store.has_blob(d)]
+            if missing:
+                raise P2pimgError(f"{len(missing)} blobs are still missing after the warm: {missing[0]}")
+            progress.state = "done"
+        except* P2pimgError as group:
+            progress.state = "failed"
+            messages = {e.message for e in group.exceptions if isinstance(e, P2pimgError)}
+            progress.error = "; ".join(sorted(messages))
+            progress.exit_code = first_error(group).exit_code
+        except* Exception as group:  # a bug: this job fails with it, the node serves on
+            log.error("warm job %s crashed", ref, exc_info=group)
+            progress.state = "failed"
+            progress.error = "internal error: " + "; ".join(sorted({repr(e) for e in group.exceptions}))
+            progress.exit_code = 1
+        finally:
+            progress.finished = time.monotonic()
+            if progress.state == "running":
+                progress.state, progress.error = "failed", progress.error or "interrupted"

@@ -1,4 +1,5 @@
-"""Publish inputs: OCI image layouts and `docker save` archives, read as an image graph.
+"""Publish inputs: OCI image layouts, `docker save` archives and images in a registry, read as an
+image graph.
 
 Every manifest and index is kept as its exact bytes (digests never change), and every other
 blob as something that can be opened and streamed. Nothing here writes anywhere; nothing holds
@@ -7,13 +8,16 @@ a layer in memory.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import tarfile
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import IO, Any, BinaryIO, cast
+
+import trio
 
 from p2pimg.content.cid import digest_of, parse_digest
 from p2pimg.content.graph import (
@@ -23,6 +27,7 @@ from p2pimg.content.graph import (
     SourceBlob,
     SourceImage,
     descriptor,
+    graph_walk,
     parse_json,
     walk_graph,
 )
@@ -212,7 +217,7 @@ class _Closing(io.RawIOBase):
 
 
 def read_source(spec: str) -> SourceImage:
-    """Read a publish SOURCE: `oci:DIR[:TAG]` or `docker-archive:FILE`."""
+    """Read a file SOURCE: `oci:DIR[:TAG]` or `docker-archive:FILE` (blocking: run it in a thread)."""
     transport, sep, rest = spec.partition(":")
     if not sep or not rest:
         raise SourceInvalid(f"invalid source {spec!r}: expected oci:DIR[:TAG], docker-archive:FILE "
@@ -222,7 +227,129 @@ def read_source(spec: str) -> SourceImage:
     if transport == "docker-archive":
         return read_docker_archive(rest)
     if transport == "docker":
-        from p2pimg.sources.upstream import import_image  # the registry client is only needed here
-
-        return import_image(spec)
+        raise SourceInvalid(f"{spec[:200]!r} is in a registry: it is read by open_source, on trio")
     raise SourceInvalid(f"unsupported source transport {transport!r}: expected oci, docker-archive or docker")
+
+
+@contextlib.asynccontextmanager
+async def open_source(spec: str, *, docker_config: Path | None = None, plain_http: bool | None = None,
+                      timeout: float = 30.0) -> AsyncIterator[SourceImage]:
+    """A publish SOURCE as an image graph, usable until the block ends: `oci:DIR[:TAG]`,
+    `docker-archive:FILE` or `docker://HOST/REPO:TAG` (whose blobs stream from the registry
+    while the block runs). The registry options only apply to `docker://`."""
+    transport, sep, rest = spec.partition(":")
+    if transport == "docker" and sep and rest:
+        async with _registry_image(spec, docker_config, plain_http, timeout) as image:
+            yield image
+    else:
+        yield await trio.to_thread.run_sync(read_source, spec)
+
+
+# -- registries ------------------------------------------------------------------------------
+
+@contextlib.asynccontextmanager
+async def _registry_image(url: str, docker_config: Path | None, plain_http: bool | None,
+                          timeout: float) -> AsyncIterator[SourceImage]:
+    """`docker://HOST/REPO:TAG` (or `@DIGEST`) through the async registry client.
+
+    Every manifest (for an index, every child too) is fetched byte for byte and checked before
+    this yields; a blob is only requested when publish opens it, as one streamed, verified GET.
+    """
+    # The registry client is only needed here: `publish oci:...` never imports httpx.
+    from p2pimg.sources.upstream.client import UpstreamClient
+    from p2pimg.sources.upstream.refs import parse_image_url
+
+    ref = parse_image_url(url, plain_http=plain_http)
+    async with UpstreamClient(ref.base_url, docker_config=docker_config, timeout=timeout) as client:
+        top = await client.get_manifest(ref.repo, ref.reference)
+
+        def blob(digest: str, size: int) -> SourceBlob:
+            return SourceBlob(digest, size, lambda: cast(BinaryIO, _ThreadedBlob(
+                client.read_blob(ref.repo, digest, size=size))))
+
+        walk = graph_walk(top.digest, top.media_type, blob)
+        try:
+            digest, size = next(walk)
+            while True:
+                if digest == top.digest:
+                    data = top.data
+                elif size > MAX_MANIFEST_SIZE:
+                    raise SourceInvalid(f"manifest {digest} exceeds {MAX_MANIFEST_SIZE} bytes")
+                else:
+                    data = (await client.get_manifest(ref.repo, digest)).data
+                digest, size = walk.send(data)
+        except StopIteration as stop:
+            image: SourceImage = stop.value
+        yield image
+
+
+class _ThreadedBlob(io.RawIOBase):
+    """A registry blob as a file for publish's worker threads, which hash and upload from files.
+
+    Each read takes the client's next piece on the trio thread (`trio.from_thread.run`, as part
+    of the task that started the worker, so cancelling it cancels the read): the blob streams,
+    one piece in memory, and its digest is checked before its last piece is handed out.
+    """
+
+    def __init__(self, pieces: AsyncGenerator[bytes, None]) -> None:
+        self._pieces = pieces
+        self._piece = b""
+        self._pos = 0
+        self._eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    async def _next(self) -> bytes | None:
+        return await anext(self._pieces, None)
+
+    def _fill(self) -> bool:
+        """Whether bytes are at hand, taking the next piece from the client when none are."""
+        while self._pos >= len(self._piece):
+            if self._eof:
+                return False
+            piece = trio.from_thread.run(self._next)
+            if piece is None:
+                self._eof = True
+                return False
+            self._piece, self._pos = piece, 0
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        # At most the rest of one piece: an upload asks for a whole 64 MiB part at once, which
+        # RawIOBase.read would allocate (and zero) in full for every piece it returns.
+        if size is None or size < 0:
+            return self.readall()
+        if size == 0 or not self._fill():
+            return b""
+        start = self._pos
+        self._pos = min(len(self._piece), start + size)
+        return self._piece if start == 0 and self._pos == len(self._piece) else self._piece[start:self._pos]
+
+    def readinto(self, b: Any) -> int:
+        if not self._fill():
+            return 0
+        out = memoryview(b).cast("B")
+        n = min(len(out), len(self._piece) - self._pos)
+        out[:n] = memoryview(self._piece)[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    async def _aclose(self) -> None:
+        # Shielded: the response goes back to the pool, cancelled or not. Its errors are dropped:
+        # closing runs after the outcome worth reporting (the bytes, or the error that stopped them).
+        with trio.CancelScope(shield=True), contextlib.suppress(Exception):
+            await self._pieces.aclose()
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                if trio.lowlevel.in_trio_task():
+                    # Closed on the trio thread itself, which must not block: a system task closes.
+                    trio.lowlevel.spawn_system_task(self._aclose)
+                else:
+                    trio.from_thread.run(self._aclose)
+            except RuntimeError:
+                pass  # no trio run to go back to (it has ended): its finalizer has the generator
+            finally:
+                super().close()

@@ -26,7 +26,7 @@ from p2pimg.content.model import (
     check_chunk_size,
 )
 from p2pimg.errors import OriginNotFound, P2pimgError, SourceInvalid
-from p2pimg.ops.inputs import read_source
+from p2pimg.ops.inputs import open_source
 from p2pimg.sources.origins import Origin, blob_key, block_key, tag_key
 from p2pimg.tasks import first_failure_nursery
 
@@ -145,6 +145,7 @@ async def publish(source: str, name: str, tag: str, origin: Origin, *,
                   chunk_size: int = DEFAULT_CHUNK_SIZE,
                   progress: Callable[[str], None] = lambda _msg: None,
                   signer: Signer | None = None) -> PublishReport:
-    image = await trio.to_thread.run_sync(read_source, source)
-    return await publish_image(image, name, tag, origin, chunk_size=chunk_size, progress=progress,
-                               signer=signer)
+    """Publish SOURCE (see `open_source`) as `name:tag`; a registry's blobs stream from it meanwhile."""
+    async with open_source(source) as image:
+        return await publish_image(image, name, tag, origin, chunk_size=chunk_size, progress=progress,
+                                   signer=signer)

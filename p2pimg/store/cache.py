@@ -32,6 +32,7 @@ from pathlib import Path
 import trio
 
 from p2pimg.content.cid import Cid, parse_digest
+from p2pimg.content.model import parse_size
 from p2pimg.errors import DigestInvalid, InvalidInput
 from p2pimg.store.chunks import ChunkStore
 
@@ -111,8 +112,6 @@ class GcResult:
 
 
 def parse_limit(value: str) -> int:
-    from p2pimg.node.config import parse_size
-
     size = parse_size(value)
     if size < 0:
         raise InvalidInput(f"invalid size {value!r}: must not be negative")

@@ -27,14 +27,14 @@ import json
 import logging
 import os
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
 
 import trio
 
 from p2pimg.content.cid import Cid, parse_digest
-from p2pimg.content.model import BlobMap, check_name, check_tag
+from p2pimg.content.model import check_name, check_tag
 from p2pimg.errors import (
     BlobUnknown,
+    InvalidInput,
     ManifestUnknown,
     NotFound,
     P2pimgError,
@@ -42,14 +42,14 @@ from p2pimg.errors import (
 )
 from p2pimg.fetch.engine import Fetcher
 from p2pimg.node import swarmkey
+from p2pimg.node.node import Node
+from p2pimg.node.warm import WarmBusy, WarmJobs
 from p2pimg.sources.peer import PROTOCOL_VERSION, RAW_BLOCK, TAG_RECORD
 from p2pimg.store.chunks import ChunkStore
+from p2pimg.store.index import ChunkIndex
 from p2pimg.web.ranges import content_range, parse_range
 from p2pimg.web.registry import error_response
 from p2pimg.web.server import BodyPart, FileRegion, Request, Response
-
-if TYPE_CHECKING:
-    from p2pimg.node.warm import WarmJobs
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,12 @@ class TokenBucket:
 class PeerService:
     """The peer API of one node (served on `--peer-listen`)."""
 
-    def __init__(self, store: ChunkStore, fetcher: Fetcher, node_id: str, *, rate: float = 0.0,
-                 max_requests: int = 32, warm: WarmJobs | None = None) -> None:
+    def __init__(self, store: ChunkStore, fetcher: Fetcher, index: ChunkIndex, node_id: str, *,
+                 rate: float = 0.0, max_requests: int = 32, warm: WarmJobs | None = None,
+                 swarm_key: bytes | None = None) -> None:
         self.store = store
         self.fetcher = fetcher
+        self.index = index
         self.metrics = fetcher.metrics
         self.node_id = node_id
         self.max_requests = max_requests
@@ -92,21 +94,14 @@ class PeerService:
         self.rate = rate
         self._bucket: TokenBucket | None = None
         self.warm = warm
-        self.chunk_index: dict[bytes, tuple[BlobMap, int]] = {}
-        self.swarm_key: bytes | None = None
+        self.swarm_key = swarm_key
 
-    def index(self, bmap: BlobMap) -> None:
-        """Make a blob's chunks findable by CID (for /ipfs/<chunk cid>)."""
-        for i, cid in enumerate(bmap.chunks):
-            self.chunk_index[cid.digest] = (bmap, i)
-
-    async def index_cache(self) -> None:
-        """At start: index the chunks of the blobs already complete in the cache (otherwise they
-        would be findable by CID only once something read their blob maps again)."""
-        maps = await trio.to_thread.run_sync(lambda: list(self.store.complete_blob_maps()))
-        for bmap in maps:
-            self.index(bmap)
-        log.debug("indexed the chunks of %d cached blobs", len(maps))
+    @classmethod
+    def for_node(cls, node: Node) -> PeerService:
+        """The peer API of a running node: its cache, fetches, chunk index, warm jobs and swarm
+        key, under the limits of its configuration."""
+        return cls(node.store, node.fetcher, node.chunk_index, node.node_id, rate=node.config.peer_rate,
+                   max_requests=node.config.peer_max_requests, warm=node.warm, swarm_key=node.swarm_key)
 
     def _busy(self) -> Response:
         err = P2pimgError("busy: too many requests")
@@ -183,7 +178,7 @@ class PeerService:
     async def _route(self, request: Request) -> Response:
         path = request.path
         if request.method == "POST" and path == "/p2pimg/v1/warm" and self.warm is not None:
-            return await self.warm.http_start(request)
+            return self._warm_start(self.warm, request)
         if request.method not in ("GET", "HEAD"):
             err = P2pimgError(f"{request.method} is not supported here")
             err.oci_code, err.http_status = "UNSUPPORTED", 405
@@ -191,7 +186,7 @@ class PeerService:
         if path == "/p2pimg/v1/info":
             return _json({"version": PROTOCOL_VERSION, "node": self.node_id})
         if path.startswith("/p2pimg/v1/warm/") and self.warm is not None:
-            return self.warm.http_status(path.rpartition("/")[2])
+            return self._warm_status(self.warm, path.rpartition("/")[2])
         if path.startswith("/p2pimg/v1/have/"):
             digest = path.rpartition("/")[2]
             parse_digest(digest)
@@ -209,6 +204,34 @@ class PeerService:
         if path.startswith("/ipfs/"):
             return await self._block(path[len("/ipfs/"):], request)
         raise NotFound(f"no such endpoint {path[:100]}")
+
+    @staticmethod
+    def _warm_start(warm: WarmJobs, request: Request) -> Response:
+        """POST /p2pimg/v1/warm {"ref": ...}: 202 with the job's id and where to follow it."""
+        try:
+            doc = json.loads(request.body or b"{}")
+            ref = doc.get("ref") if isinstance(doc, dict) else None
+            if not isinstance(ref, str):
+                raise InvalidInput('expected a JSON body {"ref": "NAME:TAG" or "ipfs/<CID>"}')
+            job_id = warm.start(ref)
+        except (ValueError, RecursionError):
+            return error_response(InvalidInput("the warm request body is not JSON"))
+        except P2pimgError as exc:
+            response = error_response(exc)
+            if isinstance(exc, WarmBusy):
+                response.headers.append(("retry-after", "1"))
+            return response
+        body = json.dumps({"id": job_id}).encode()
+        return Response(202, [("content-type", "application/json"), ("content-length", str(len(body))),
+                              ("location", f"/p2pimg/v1/warm/{job_id}")], body)
+
+    @staticmethod
+    def _warm_status(warm: WarmJobs, job_id: str) -> Response:
+        """GET /p2pimg/v1/warm/<id>: the job's progress."""
+        status = warm.status(job_id)
+        if status is None:
+            return error_response(NotFound(f"no warm job {job_id[:40]}"))
+        return _json(status)
 
     async def _tag_record(self, text: str, request: Request) -> Response:
         """This node's cached record of `name:tag`, as it was stored (the asker checks it)."""
@@ -283,7 +306,7 @@ class PeerService:
                 fd = request.open_file(self.store.blob_path(digest))
                 size = os.fstat(fd).st_size
                 return self._raw(fd, 0, size, headers, request)
-            found = self.chunk_index.get(cid.digest)
+            found = self.index.find(cid)
             if found is not None:
                 bmap, i = found
                 self._guard(bmap.digest[7:], absent)
@@ -309,8 +332,6 @@ async def _file_body(fd: int, start: int, end: int) -> AsyncIterator[BodyPart]:
     """The body of a file region; the descriptor belongs to the request (`Request.hold`)."""
     if end > start:
         yield FileRegion(fd, start, end - start)
-
-
 
 
 def _json(value: object) -> Response:

@@ -19,16 +19,16 @@ import logging
 import os
 import re
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from functools import partial
 
 from p2pimg.content.cid import Cid, parse_digest
 from p2pimg.content.model import BlobEntry, check_name, check_tag
 from p2pimg.errors import DigestInvalid, NameInvalid, NameUnknown, NotFound, P2pimgError, RangeNotSatisfiable
 from p2pimg.fetch.engine import BlobFetch, Fetcher
-from p2pimg.fetch.mirror import Mirror
+from p2pimg.fetch.mirror import Mirror, Upstream, UpstreamFetch
 from p2pimg.fetch.resolver import IPFS_PREFIX, IPFS_TAG, Resolver
 from p2pimg.metrics import CONTENT_TYPE_LATEST, Metrics
-from p2pimg.sources.upstream import UpstreamClient
 from p2pimg.store.chunks import ChunkStore
 from p2pimg.web.ranges import content_range, parse_range
 from p2pimg.web.server import AbortResponse, BodyPart, FileRegion, Request, Response
@@ -159,7 +159,7 @@ class Registry:
         headers.append(("content-length", str(len(body))))
         return Response(200, headers, body)
 
-    async def _upstream_for(self, name: str, request: Request) -> UpstreamClient | None:
+    async def _upstream_for(self, name: str, request: Request) -> Upstream | None:
         """The upstream registry a request goes to, or None for p2pimg's own images.
 
         containerd names the registry it means with `?ns=`: such a request is about that
@@ -204,7 +204,7 @@ class Registry:
         headers.append(("content-range", content_range(start, end, size)))
         return 206, start, end, headers
 
-    async def _upstream_blob(self, upstream: UpstreamClient, name: str, digest: str,
+    async def _upstream_blob(self, upstream: Upstream, name: str, digest: str,
                              request: Request) -> Response:
         assert self.mirror is not None
         path = self.store.blob_path(digest)
@@ -224,11 +224,21 @@ class Registry:
         request.hold(partial(self.mirror.release, fetch))
         request.hold(partial(os.close, fd))
         # As for origin blobs: an upstream that fails at once gets an error status.
-        while fetch.readable() <= start < end and fetch.error is None:
-            await fetch.progress.wait()
-        if fetch.error is not None and fetch.readable() <= start:
-            raise fetch.error
-        return Response(status, headers, self.mirror.body(fetch, fd, start, end))
+        await self.mirror.wait_readable(fetch, start, end)
+        return Response(status, headers, self._upstream_body(fetch, fd, start, end))
+
+    async def _upstream_body(self, fetch: UpstreamFetch, fd: int, start: int,
+                             end: int) -> AsyncIterator[BodyPart]:
+        """An upstream blob's bytes as its download makes them readable; the connection is cut if
+        the blob turns out wrong (the fetch's reader and `fd` belong to the request)."""
+        assert self.mirror is not None
+        try:
+            async with aclosing(self.mirror.regions(fetch, start, end)) as regions:
+                async for offset, length in regions:
+                    yield FileRegion(fd, offset, length)
+                    self.metrics.served_bytes.inc(length)
+        except P2pimgError as exc:
+            raise AbortResponse(str(exc)) from None
 
     def _open_cached(self, digest: str, request: Request) -> int | None:
         """A descriptor of the complete cached blob, owned by `request` (a cache hit), or None (a

@@ -13,6 +13,7 @@ import trio
 
 from p2pimg.node.config import Config, parse_listen
 from p2pimg.node.node import Node, clear_serve_info, open_node, write_serve_info
+from p2pimg.web.peerapi import PeerService
 from p2pimg.web.registry import Registry
 from p2pimg.web.server import Handler, Request, Response, listen, serve_connection
 
@@ -23,9 +24,10 @@ log = logging.getLogger(__name__)
 PEER_CONNECTIONS = 128
 
 
-def local_control(node: Node, registry: Registry) -> Handler:
+def local_control(node: Node, registry: Registry, peers: PeerService) -> Handler:
     """The registry listener's handler: the OCI API for everyone, plus the node's own control
-    endpoints (warm jobs, the peer list) for clients on this machine only."""
+    endpoints (warm jobs, the peer list; `peers` is the peer API the peer listener serves) for
+    clients on this machine only."""
 
     async def handle(request: Request) -> Response:
         if request.path.startswith("/p2pimg/v1/") and request.from_this_machine:
@@ -33,7 +35,7 @@ def local_control(node: Node, registry: Registry) -> Handler:
                 body = json.dumps(sorted(node.swarm.peers)).encode()
                 return Response(200, [("content-type", "application/json"),
                                       ("content-length", str(len(body)))], body)
-            return await node.peer_service.handle_local(request)
+            return await peers.handle_local(request)
         return await registry.handle(request)
 
     return handle
@@ -66,16 +68,15 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[str] = trio.TASK
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_node(config, advertise=advertise) as node:
             registry = Registry(node.store, node.resolver, node.fetcher, node.metrics, node.mirror)
-            if node.mirror is not None:
-                node.mirror.on_blob_map = node.peer_service.index
-            node.nursery.start_soon(partial(trio.serve_listeners,
-                                            serve_connection(local_control(node, registry)), listeners))
+            peers = PeerService.for_node(node)
+            node.nursery.start_soon(partial(trio.serve_listeners, serve_connection(
+                local_control(node, registry, peers)), listeners))
             address = _address(listeners)
             peer_address = None
             if peer_listeners:
                 tls = node.tls.server_context() if node.tls is not None else None
                 node.nursery.start_soon(partial(trio.serve_listeners, serve_connection(
-                    node.peer_service.handle, tls, gate=node.peer_service.gate, per_client=PEER_CONNECTIONS),
+                    peers.handle, tls, gate=peers.gate, per_client=PEER_CONNECTIONS),
                     peer_listeners))
                 peer_address = _address(peer_listeners)
             write_serve_info(config, address, peer_address)

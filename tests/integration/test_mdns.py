@@ -13,6 +13,7 @@ does not cross the veth pair.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -152,11 +153,12 @@ class Peer:
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            try:
-                self.events.put(json.loads(line))
-            except ValueError:
-                self.events.put({"event": "garbage", "line": line})
+        with self.proc.stdout:  # the only reader: closes the pipe at its end
+            for line in self.proc.stdout:
+                try:
+                    self.events.put(json.loads(line))
+                except ValueError:
+                    self.events.put({"event": "garbage", "line": line})
         self.events.put({"event": "eof"})
 
     def log(self) -> str:
@@ -226,6 +228,10 @@ def start_peer(tmp_path: Path) -> Iterator[Callable[..., Peer]]:
             if peer.proc.poll() is None:
                 peer.proc.kill()
                 peer.proc.wait()
+            assert peer.proc.stdin is not None
+            # stop() closes it, unless the test ended before that or the child was gone already.
+            with contextlib.suppress(OSError):  # flushing what a dead child did not take
+                peer.proc.stdin.close()
 
 
 def _first(peer: Peer, kind: str, match: Callable[[dict[str, Any]], bool] = lambda e: True) -> float:

@@ -35,26 +35,28 @@ import bcrypt
 import httpx
 import pytest
 import trio
-from conftest import Daemon, free_port, http_status, run_command, start_or_fail
+from conftest import Daemon, free_port, http_status, make_bucket, run_command, start_or_fail
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
+from p2pimg.cli.clientconfig import containerd_hosts_toml, podman_registries_conf
 from p2pimg.content.cid import Cid, digest_of
+from p2pimg.content.graph import SourceBlob
 from p2pimg.errors import BlobUnknown, ManifestUnknown, NotFound, VerificationError
 from p2pimg.node.swarmkey import SwarmAuth
-from p2pimg.ops.publish import publish_image
-from p2pimg.sources.origins import FileOrigin
-from p2pimg.sources.upstream import (
+from p2pimg.ops.inputs import open_source
+from p2pimg.ops.publish import publish, publish_image
+from p2pimg.ops.sample import LayerSpec, write_oci_layout
+from p2pimg.sources.origins import FileOrigin, blob_key
+from p2pimg.sources.origins.s3 import S3Origin
+from p2pimg.sources.upstream.client import UpstreamClient
+from p2pimg.sources.upstream.errors import (
     ManifestUnsupported,
     UpstreamAuthError,
-    UpstreamClient,
     UpstreamError,
     UpstreamRateLimited,
-    containerd_hosts_toml,
-    import_image,
-    podman_registries_conf,
 )
 
 if TYPE_CHECKING:
@@ -137,8 +139,16 @@ def sample_blobs(sample: Sample) -> dict[str, int]:
 
 
 async def read_all(client: UpstreamClient, repo: str, digest: str, offset: int = 0,
-                   length: int | None = None) -> bytes:
-    return b"".join([piece async for piece in client.read_blob(repo, digest, offset, length)])
+                   length: int | None = None, *, size: int | None = None) -> bytes:
+    return b"".join([piece async for piece in client.read_blob(repo, digest, offset, length, size=size)])
+
+
+async def read_source_blob(blob: SourceBlob) -> bytes:
+    """A publish source's blob, read whole from a worker thread as publish reads it."""
+    def read() -> bytes:
+        with blob.open() as f:
+            return f.read()
+    return await trio.to_thread.run_sync(read)
 
 
 def start_docker_registry(base: Path, auth_yaml: str) -> tuple[Daemon, str]:
@@ -417,24 +427,67 @@ async def test_unreachable_registry_is_an_upstream_error() -> None:
             await client.get_manifest("some/repo", "v1")
 
 
-async def test_import_image_multi_arch(plain: Registry, samples: SampleCache, tmp_path: Path) -> None:
+async def test_registry_source_multi_arch(plain: Registry, samples: SampleCache, tmp_path: Path) -> None:
     sample = samples.multi_arch
-    image = await trio.to_thread.run_sync(import_image, f"docker://{plain.ref(sample)}")
-    expected = sample_manifests(sample)
-    assert image.top == sample.image.top_digest
-    assert {d: data for d, (data, _) in image.manifests.items()} == expected
-    assert {d: b.size for d, b in image.blobs.items()} == sample_blobs(sample)
-    for digest, blob in image.blobs.items():
-        with blob.open() as f:
-            assert f.read() == sample.blob(digest)
-    # The source works for a real publish, which reads blob streams from worker threads.
-    report = await publish_image(image, "mirror/multi-arch", "v1", FileOrigin(tmp_path / "origin"))
+    async with open_source(f"docker://{plain.ref(sample)}") as image:
+        expected = sample_manifests(sample)
+        assert image.top == sample.image.top_digest
+        assert {d: data for d, (data, _) in image.manifests.items()} == expected
+        assert {d: b.size for d, b in image.blobs.items()} == sample_blobs(sample)
+        for digest, blob in image.blobs.items():
+            assert await read_source_blob(blob) == sample.blob(digest)
+        # The source works for a real publish, which reads blob streams from worker threads.
+        report = await publish_image(image, "mirror/multi-arch", "v1", FileOrigin(tmp_path / "origin"))
     assert report.blobs_uploaded == len(image.blobs)
 
 
-def test_import_image_missing_tag(plain: Registry, samples: SampleCache) -> None:
+async def test_registry_source_missing_tag(plain: Registry, samples: SampleCache) -> None:
     with pytest.raises(ManifestUnknown):
-        import_image(f"docker://{plain.host}/{samples.one_layer.repo}:nope")
+        async with open_source(f"docker://{plain.host}/{samples.one_layer.repo}:nope"):
+            raise AssertionError("opened a tag that does not exist")
+
+
+async def test_cancelled_publish_from_a_registry_returns_its_streams(plain: Registry, samples: SampleCache,
+                                                                     tmp_path: Path) -> None:
+    """Cancelled while a worker thread reads a blob: its next read from the registry is cancelled
+    with the task that started the thread, and the stream is closed all the same."""
+    sample = samples.multi_arch
+    with trio.CancelScope() as scope:
+        async with open_source(f"docker://{plain.ref(sample)}") as image:
+            blob = max(image.blobs.values(), key=lambda b: b.size)
+            assert blob.size > 128 << 10  # pieces of at most 64 KiB: reads after the cancel reach trio
+
+            def read_then_cancel() -> None:
+                with blob.open() as f:
+                    f.read(1 << 10)
+                    trio.from_thread.run_sync(scope.cancel)
+                    while f.read(1 << 10):
+                        pass
+                raise AssertionError("the blob was read to its end after the cancellation")
+
+            await trio.to_thread.run_sync(read_then_cancel)
+    assert scope.cancelled_caught
+
+
+async def test_publish_from_a_registry_to_s3_in_parts(registry: Registry, skopeo: Skopeo, moto: str,
+                                                       aws_env: None, tmp_path: Path) -> None:
+    """A layer larger than a part streams from the registry into a multipart upload: each part is
+    read from the registry stream as publish's worker threads ask for it, never the whole layer."""
+    image = write_oci_layout(tmp_path / "img", [LayerSpec(11 << 20, "none")], tag="1", seed=71)
+    repo = f"parts/{uuid.uuid4().hex[:8]}"
+    skopeo("copy", "--dest-tls-verify=false", "--preserve-digests", f"oci:{image.path}:1",
+           f"docker://{registry.host}/{repo}:1")
+    origin = S3Origin(f"s3://{make_bucket(moto)}?endpoint={moto}")
+    origin.segment_size = 5 << 20  # S3's smallest part: three parts for the layer
+    try:
+        report = await publish(f"docker://{registry.host}/{repo}:1", "parts/app", "1", origin)
+        blobs = [d for d in image.blob_digests if d != image.top_digest]  # config and layer
+        assert report.blobs_uploaded == len(blobs) == 2
+        assert origin.stats.parts_uploaded == 3 + 1  # the layer's three parts, the config's one PUT
+        for digest in blobs:
+            assert digest_of(await origin.get(blob_key(digest), max_size=32 << 20)) == digest
+    finally:
+        await origin.aclose()
 
 
 # --------------------------------------------------------------------------------------------
@@ -452,9 +505,9 @@ async def test_basic_auth_with_docker_config(basic_registry: AuthRegistry, sampl
         assert manifest.data == sample.top_manifest()[1]
         layer = json.loads(manifest.data)["layers"][0]["digest"]
         assert await read_all(client, "private/one-layer", layer) == sample.blob(layer)
-    image = await trio.to_thread.run_sync(
-        lambda: import_image(f"{basic_registry.host}/private/one-layer:v1", docker_config=config))
-    assert image.top == manifest.digest
+    async with open_source(f"docker://{basic_registry.host}/private/one-layer:v1",
+                           docker_config=config) as image:
+        assert image.top == manifest.digest
 
 
 async def test_basic_auth_without_credentials(basic_registry: AuthRegistry, tmp_path: Path) -> None:
@@ -519,10 +572,11 @@ async def test_token_with_credentials(token_registry: AuthRegistry, samples: Sam
         layer = json.loads(manifest.data)["layers"][0]["digest"]
         assert await read_all(client, "private/one-layer", layer, 7, 100) == sample.blob(layer)[7:107]
     assert tokens.requests == [(USER, ["repository:private/one-layer:pull"])]
-    # The same credentials serve the synchronous publish path.
-    image = await trio.to_thread.run_sync(
-        lambda: import_image(f"docker://{token_registry.host}/private/one-layer:v1", docker_config=config))
-    assert set(image.blobs) == set(sample_blobs(sample))
+    # The same credentials serve publish from the registry.
+    async with open_source(f"docker://{token_registry.host}/private/one-layer:v1",
+                           docker_config=config) as image:
+        assert set(image.blobs) == set(sample_blobs(sample))
+        assert await read_source_blob(image.blobs[layer]) == sample.blob(layer)
 
 
 async def test_token_wrong_credentials(token_registry: AuthRegistry, tmp_path: Path) -> None:
@@ -693,18 +747,31 @@ async def test_blob_corruption_is_caught_before_the_last_piece(fake: UpstreamCli
     assert len(seen) < len(BLOB)
 
 
-def test_import_image_streams_verified_blobs(scripted: Scripted, tmp_path: Path) -> None:
+async def test_registry_source_streams_verified_blobs(scripted: Scripted, tmp_path: Path) -> None:
     config = write_docker_config(tmp_path / "config.json", scripted.host, auth_entry())
-    good = import_image(f"docker://{scripted.host}/fake/repo:good", docker_config=config)
-    with good.blobs[BLOB_DIGEST].open() as f:
-        assert f.read() == BLOB  # through the redirect to storage
-    corrupt = import_image(f"docker://{scripted.host}/fake/repo:corrupt", docker_config=config)
-    got = 0
-    with corrupt.blobs[BAD_DIGEST].open() as f, pytest.raises(VerificationError):
-        # A reader that stops at `size` bytes and never asks for EOF is told all the same.
-        while got < len(BLOB):
-            got += len(f.read(len(BLOB) - got))
-    assert got < len(BLOB)
+    async with open_source(f"docker://{scripted.host}/fake/repo:good", docker_config=config) as good:
+        assert await read_source_blob(good.blobs[BLOB_DIGEST]) == BLOB  # through the redirect to storage
+    async with open_source(f"docker://{scripted.host}/fake/repo:corrupt", docker_config=config) as corrupt:
+        def read_to_size() -> int:
+            got = 0
+            with corrupt.blobs[BAD_DIGEST].open() as f, pytest.raises(VerificationError):
+                # A reader that stops at `size` bytes and never asks for EOF is told all the same.
+                while got < len(BLOB):
+                    got += len(f.read(len(BLOB) - got))
+            return got
+
+        assert await trio.to_thread.run_sync(read_to_size) < len(BLOB)
+
+
+async def test_whole_read_of_a_known_size(fake: UpstreamClient) -> None:
+    """With the descriptor's size, a whole read stops there and is checked there."""
+    assert await read_all(fake, "fake/repo", BLOB_DIGEST, size=len(BLOB)) == BLOB
+    with pytest.raises(UpstreamError, match="ended .* early"):
+        await read_all(fake, "fake/repo", BLOB_DIGEST, size=len(BLOB) + 1)
+    # The registry sends one byte more than the size: cut there, the digest cannot match.
+    with pytest.raises(VerificationError):
+        await read_all(fake, "fake/repo", NORANGE_DIGEST, size=len(BLOB))
+    assert await read_all(fake, "fake/repo", NORANGE_DIGEST, size=len(BLOB) + 1) == BLOB + b"!"
 
 
 async def test_range_ignored_by_server_is_cut_by_the_client(fake: UpstreamClient) -> None:

@@ -35,6 +35,7 @@ from p2pimg.content.model import (
     check_name,
     check_tag,
     parse_name_tag,
+    parse_size,
 )
 from p2pimg.errors import (
     BlockInvalid,
@@ -350,7 +351,7 @@ def test_manifest_parsers_deep_nesting(depth: int) -> None:
 @given(st.one_of(any_text,
                  st.builds("{}{}".format, numbers, st.sampled_from(["", "K", "M", "G", "KiB", "mb", "x"]))))
 def test_parse_size(text: str) -> None:
-    size = refused(InvalidInput, config.parse_size, text)
+    size = refused(InvalidInput, parse_size, text)
     assert size is None or isinstance(size, int)
 
 

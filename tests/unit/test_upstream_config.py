@@ -13,22 +13,12 @@ from typing import Any
 import httpx
 import pytest
 
+from p2pimg.cli.clientconfig import containerd_hosts_toml, podman_registries_conf
 from p2pimg.errors import DigestInvalid, InvalidInput, NameInvalid, TagInvalid
-from p2pimg.sources.upstream import (
-    DOCKER_HUB_URL,
-    Credentials,
-    UpstreamAuthError,
-    UpstreamError,
-    _AuthState,
-    _Step,
-    containerd_hosts_toml,
-    load_credentials,
-    normalize_repo,
-    parse_image_url,
-    parse_www_authenticate,
-    podman_registries_conf,
-    registry_base,
-)
+from p2pimg.sources.upstream.auth import AuthState, Step, TokenCache, parse_www_authenticate
+from p2pimg.sources.upstream.dockerconfig import Credentials, load_credentials
+from p2pimg.sources.upstream.errors import UpstreamAuthError, UpstreamError
+from p2pimg.sources.upstream.refs import DOCKER_HUB_URL, normalize_repo, parse_image_url, registry_base
 
 DIGEST = "sha256:" + "ab" * 32
 
@@ -96,7 +86,7 @@ def test_cred_helper_warns_and_falls_back_to_anonymous(tmp_path: Path,
                                                        caplog: pytest.LogCaptureFixture) -> None:
     path = config(tmp_path, {"auths": {"r.example": {"auth": b64("u:p")}},
                              "credHelpers": {"r.example": "ecr-login"}})
-    with caplog.at_level(logging.WARNING, logger="p2pimg.sources.upstream"):
+    with caplog.at_level(logging.WARNING, logger="p2pimg.sources.upstream.dockerconfig"):
         assert load_credentials("r.example", path) is None
     assert "ecr-login" in caplog.text and "not supported" in caplog.text and "anonymous" in caplog.text
 
@@ -105,7 +95,7 @@ def test_creds_store_warns_when_there_is_no_inline_auth(tmp_path: Path,
                                                         caplog: pytest.LogCaptureFixture) -> None:
     path = config(tmp_path, {"auths": {"r.example": {}, "other.example": {"auth": b64("u:p")}},
                              "credsStore": "desktop"})
-    with caplog.at_level(logging.WARNING, logger="p2pimg.sources.upstream"):
+    with caplog.at_level(logging.WARNING, logger="p2pimg.sources.upstream.dockerconfig"):
         assert load_credentials("r.example", path) is None
         assert "desktop" in caplog.text and "not supported" in caplog.text
         caplog.clear()
@@ -115,7 +105,7 @@ def test_creds_store_warns_when_there_is_no_inline_auth(tmp_path: Path,
 
 def test_identity_token_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = config(tmp_path, {"auths": {"r.example": {"identitytoken": "xyz"}}})
-    with caplog.at_level(logging.WARNING, logger="p2pimg.sources.upstream"):
+    with caplog.at_level(logging.WARNING, logger="p2pimg.sources.upstream.dockerconfig"):
         assert load_credentials("r.example", path) is None
     assert "token" in caplog.text and "xyz" not in caplog.text
 
@@ -234,12 +224,12 @@ def test_parse_www_authenticate() -> None:
 CHALLENGE = 'Bearer realm="https://auth.example/token",service="reg",scope="repository:a/b:pull"'
 
 
-def drive(state: _AuthState, replies: list[tuple[int, dict[str, str], bytes]],
+def drive(state: AuthState, replies: list[tuple[int, dict[str, str], bytes]],
           url: str = "https://reg.example/v2/a/b/manifests/v1") -> tuple[list[httpx.Request], int]:
     """Run one flow against canned replies; returns what it sent and the final status."""
     flow = state.flow(httpx.Request("GET", url), "repository:a/b:pull")
     sent: list[httpx.Request] = []
-    step: _Step = next(flow)
+    step: Step = next(flow)
     for status, headers, body in replies:
         sent.append(step.request)
         response = httpx.Response(status, headers=headers, content=body, request=step.request)
@@ -256,7 +246,7 @@ def token_body(token: str, expires_in: int = 300) -> bytes:
 
 def test_bearer_flow_fetches_once_and_caches() -> None:
     creds = Credentials("u", "pw", "/cfg")
-    state = _AuthState("reg.example", creds, secure=True)
+    state = AuthState("reg.example", creds, secure=True)
     sent, status = drive(state, [(401, {"WWW-Authenticate": CHALLENGE}, b""),
                                  (200, {}, token_body("tok-1")), (200, {}, b"{}")])
     assert status == 200
@@ -271,7 +261,7 @@ def test_bearer_flow_fetches_once_and_caches() -> None:
 
 
 def test_bearer_flow_renews_a_rejected_token_once() -> None:
-    state = _AuthState("reg.example", None, secure=True)
+    state = AuthState("reg.example", None, secure=True)
     drive(state, [(401, {"WWW-Authenticate": CHALLENGE}, b""), (200, {}, token_body("old")), (200, {}, b"")])
     sent, status = drive(state, [(401, {"WWW-Authenticate": CHALLENGE}, b""), (200, {}, token_body("new")),
                                  (401, {"WWW-Authenticate": CHALLENGE}, b"")])
@@ -280,18 +270,45 @@ def test_bearer_flow_renews_a_rejected_token_once() -> None:
 
 
 def test_expired_token_is_not_reused() -> None:
-    state = _AuthState("reg.example", None, secure=True)
-    drive(state, [(401, {"WWW-Authenticate": CHALLENGE}, b""), (200, {}, token_body("t1", 1)),
+    now = [1000.0]
+    state = AuthState("reg.example", None, secure=True, clock=lambda: now[0])
+    drive(state, [(401, {"WWW-Authenticate": CHALLENGE}, b""), (200, {}, token_body("t1", 100)),
                   (200, {}, b"")])
-    state._tokens["repository:a/b:pull"] = ("t1", 0.0)  # expired long ago
+    now[0] += 89  # renewed at 90% of its lifetime: still good
+    sent, _ = drive(state, [(200, {}, b"")])
+    assert sent[0].headers["Authorization"] == "Bearer t1"
+    now[0] += 1
     sent, _ = drive(state, [(200, {}, token_body("t2")), (200, {}, b"")])
     assert sent[0].url.host == "auth.example" and sent[1].headers["Authorization"] == "Bearer t2"
 
 
+@pytest.mark.parametrize(("expires_in", "kept_for"), [(None, 54), (0, 54), (True, 54), (7200, 6480),
+                                                      (10 ** 9, 24 * 3600 * 0.9)])
+def test_token_lifetimes(expires_in: object, kept_for: float) -> None:
+    """A token service that gives no usable lifetime means the spec's 60 s; at most a day is kept."""
+    now = [0.0]
+    state = AuthState("reg.example", None, secure=True, clock=lambda: now[0])
+    body = json.dumps({"token": "t", **({} if expires_in is None else {"expires_in": expires_in})}).encode()
+    drive(state, [(401, {"WWW-Authenticate": CHALLENGE}, b""), (200, {}, body), (200, {}, b"")])
+    now[0] = kept_for - 0.001
+    assert state.tokens.get("repository:a/b:pull") == "t"
+    now[0] = kept_for
+    assert state.tokens.get("repository:a/b:pull") is None
+
+
+def test_token_cache_drops_the_least_recently_used() -> None:
+    cache = TokenCache(capacity=2, clock=lambda: 0.0)
+    cache.put("a", "ta", 60)
+    cache.put("b", "tb", 60)
+    assert cache.get("a") == "ta"  # a is now the most recently used
+    cache.put("c", "tc", 60)
+    assert (cache.get("a"), cache.get("b"), cache.get("c"), len(cache)) == ("ta", None, "tc", 2)
+
+
 def test_no_credentials_to_a_plain_http_realm_of_an_https_registry(caplog: pytest.LogCaptureFixture) -> None:
-    state = _AuthState("reg.example", Credentials("u", "pw"), secure=True)
+    state = AuthState("reg.example", Credentials("u", "pw"), secure=True)
     challenge = 'Bearer realm="http://auth.example/token",service="reg"'
-    with caplog.at_level(logging.WARNING, logger="p2pimg.sources.upstream"):
+    with caplog.at_level(logging.WARNING, logger="p2pimg.sources.upstream.auth"):
         sent, _ = drive(state, [(401, {"WWW-Authenticate": challenge}, b""), (200, {}, token_body("t")),
                                 (200, {}, b"")])
     assert "Authorization" not in sent[1].headers and "not sending credentials" in caplog.text
@@ -299,31 +316,31 @@ def test_no_credentials_to_a_plain_http_realm_of_an_https_registry(caplog: pytes
 
 
 def test_token_service_rejecting_credentials() -> None:
-    state = _AuthState("reg.example", Credentials("u", "pw", "/cfg/config.json"), secure=True)
+    state = AuthState("reg.example", Credentials("u", "pw", "/cfg/config.json"), secure=True)
     with pytest.raises(UpstreamAuthError, match="rejected the credentials of user 'u' from /cfg/config.json"):
         drive(state, [(401, {"WWW-Authenticate": CHALLENGE}, b""), (401, {}, b"")])
 
 
 @pytest.mark.parametrize("body", [b"not json", b"{}", json.dumps({"token": "a\r\nX-Evil: 1"}).encode()])
 def test_unusable_token_response(body: bytes) -> None:
-    state = _AuthState("reg.example", None, secure=True)
+    state = AuthState("reg.example", None, secure=True)
     with pytest.raises(UpstreamError, match="no usable token"):
         drive(state, [(401, {"WWW-Authenticate": CHALLENGE}, b""), (200, {}, body)])
 
 
 def test_invalid_realm() -> None:
-    state = _AuthState("reg.example", None, secure=True)
+    state = AuthState("reg.example", None, secure=True)
     with pytest.raises(UpstreamError, match="invalid token service"):
         drive(state, [(401, {"WWW-Authenticate": 'Bearer realm="file:///etc/passwd"'}, b"")])
 
 
 def test_basic_flow() -> None:
-    state = _AuthState("reg.example", Credentials("u", "pw"), secure=True)
+    state = AuthState("reg.example", Credentials("u", "pw"), secure=True)
     sent, status = drive(state, [(401, {"WWW-Authenticate": 'Basic realm="r"'}, b""), (200, {}, b"")])
     assert status == 200 and sent[1].headers["Authorization"] == "Basic " + b64("u:pw")
     sent, _ = drive(state, [(200, {}, b"")])  # known to want basic: sent up front
     assert sent[0].headers["Authorization"] == "Basic " + b64("u:pw")
-    anonymous = _AuthState("reg.example", None, secure=True)
+    anonymous = AuthState("reg.example", None, secure=True)
     assert drive(anonymous, [(401, {"WWW-Authenticate": 'Basic realm="r"'}, b"")])[1] == 401
 
 

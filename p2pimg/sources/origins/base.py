@@ -1,10 +1,13 @@
-"""The origin interface: keyed objects with ranged, parallel reads."""
+"""The origin interface: keyed objects with ranged, parallel reads; and how a backend reads the
+stream a blob is written from."""
 
 from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator, Callable
 from typing import BinaryIO
+
+from p2pimg.errors import OriginError
 
 BlobReader = Callable[[], BinaryIO]
 """Opens a fresh stream of a blob's bytes (publish may read a source twice)."""
@@ -53,3 +56,40 @@ class Origin(abc.ABC):
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release connections or handles."""
+
+
+# -- reading a blob's source --------------------------------------------------------------------
+#
+# Blocking (run them in a worker thread). A source's failures are reported as the upload's, the
+# same way on every backend, so that publish shows one clear error rather than a traceback.
+
+def open_source(open_reader: BlobReader, key: str, url: str) -> BinaryIO:
+    try:
+        return open_reader()
+    except OSError as exc:
+        raise OriginError(f"cannot write {key} to {url}: cannot open its source: {exc}") from None
+
+
+def read_source(src: BinaryIO, length: int, key: str, url: str) -> bytes:
+    """Up to `length` (> 0) bytes of a source, at least one."""
+    try:
+        piece = src.read(length)
+    except OSError as exc:
+        raise OriginError(f"cannot write {key} to {url}: reading its source: {exc}") from None
+    if not piece:
+        raise OriginError(f"source for {key} ended early")
+    return piece
+
+
+def read_exactly(src: BinaryIO, length: int, key: str, url: str) -> bytes:
+    """Exactly `length` (> 0) bytes of a source: a file returns them at once; a short read of a
+    pipe-like stream is gathered here."""
+    data = read_source(src, length, key, url)
+    if len(data) == length:
+        return data
+    pieces, have = [data], len(data)
+    while have < length:
+        piece = read_source(src, length - have, key, url)
+        pieces.append(piece)
+        have += len(piece)
+    return b"".join(pieces)

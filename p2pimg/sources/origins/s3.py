@@ -1,7 +1,8 @@
 """`s3://BUCKET[/PREFIX]?endpoint=URL[&region=R]`: an origin in any S3 store (Storj's gateway included).
 
 Requests go path-style (`endpoint/bucket/key`) through httpx and are signed with botocore's SigV4.
-Large blobs are uploaded as resumable multipart uploads, one part per 64 MiB segment.
+Large blobs are uploaded as resumable multipart uploads (`multipart.upload_multipart`), one part
+per 64 MiB segment, each sent with its Content-MD5, which is also its ETag.
 """
 
 from __future__ import annotations
@@ -11,13 +12,12 @@ import contextlib
 import datetime
 import hashlib
 import ipaddress
-import logging
 import os
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import BinaryIO, NoReturn, Protocol
+from typing import NoReturn
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import httpx
@@ -28,12 +28,17 @@ from botocore.credentials import Credentials
 
 from p2pimg.errors import InvalidInput, OriginError, OriginNotFound
 from p2pimg.sources.httpbody import read_capped
-from p2pimg.sources.origins.base import BlobReader, Origin
-from p2pimg.tasks import first_failure_nursery
+from p2pimg.sources.origins.base import BlobReader, Origin, open_source, read_source
+from p2pimg.sources.origins.multipart import (
+    MultipartBackend,
+    Part,
+    StoredPart,
+    UploadStats,
+    part_count,
+    upload_multipart,
+)
 
-__all__ = ["S3Location", "S3Origin", "UploadStats", "credentials_from_env", "parse_s3_url"]
-
-log = logging.getLogger(__name__)
+__all__ = ["S3Location", "S3Origin", "credentials_from_env", "parse_s3_url"]
 
 _DEFAULT_REGION = "us-east-1"
 # Keys are restricted to characters that need no URI encoding, so the canonical path SigV4 signs
@@ -191,25 +196,6 @@ def _text(elem: ET.Element, name: str) -> str | None:
 
 def _truncated(elem: ET.Element) -> bool:
     return (_text(elem, "IsTruncated") or "").strip().lower() == "true"
-
-
-def _etag(value: str | None) -> str:
-    return (value or "").strip().strip('"').lower()
-
-
-@dataclass
-class UploadStats:
-    """What this origin's blob uploads did (resumes show up as parts_reused)."""
-
-    parts_uploaded: int = 0
-    parts_reused: int = 0
-    bytes_uploaded: int = 0
-
-
-@dataclass(frozen=True)
-class _Upload:
-    upload_id: str
-    parts: dict[int, tuple[int, str]]  # part number -> (size, etag) already in the store
 
 
 class S3Origin(Origin):
@@ -429,21 +415,25 @@ class S3Origin(Origin):
         # second streams it, so memory stays at one piece and the store checks what it received.
         def md5_of_source() -> bytes:
             md5 = hashlib.md5(usedforsecurity=False)
-            with _open_source(open_reader, key) as src:
+            with open_source(open_reader, key, self.url) as src:
                 remaining = size
                 while remaining:
-                    remaining -= len(_read(src, min(_PIECE, remaining), key, md5))
+                    piece = read_source(src, min(_PIECE, remaining), key, self.url)
+                    md5.update(piece)
+                    remaining -= len(piece)
             return md5.digest()
 
         digest = await trio.to_thread.run_sync(md5_of_source)
 
         async def body() -> AsyncIterator[bytes]:
             md5 = hashlib.md5(usedforsecurity=False)
-            src = await trio.to_thread.run_sync(_open_source, open_reader, key)
+            src = await trio.to_thread.run_sync(open_source, open_reader, key, self.url)
             try:
                 remaining = size
                 while remaining:
-                    piece = await trio.to_thread.run_sync(_read, src, min(_PIECE, remaining), key, md5)
+                    piece = await trio.to_thread.run_sync(read_source, src, min(_PIECE, remaining), key,
+                                                          self.url)
+                    md5.update(piece)
                     remaining -= len(piece)
                     # Checked before the last piece goes out: a source that changed between the
                     # passes leaves the request unfinished, so no store can keep it, checking or not.
@@ -451,7 +441,8 @@ class S3Origin(Origin):
                         raise OriginError(f"the source of {key} changed while it was uploaded")
                     yield piece
             finally:
-                await trio.to_thread.run_sync(src.close)
+                with trio.CancelScope(shield=True):  # closed even when cancelled
+                    await trio.to_thread.run_sync(src.close)
 
         headers = {"Content-MD5": base64.b64encode(digest).decode()}
         async with self._request("PUT", bucket_key, headers=headers, body=body(), payload_hash=_UNSIGNED,
@@ -463,46 +454,12 @@ class S3Origin(Origin):
 
     async def _put_multipart(self, key: str, bucket_key: str, open_reader: BlobReader, size: int) -> None:
         part_size = self.segment_size
-        count = -(-size // part_size)
-        if count > _MAX_PARTS:
+        if part_count(size, part_size) > _MAX_PARTS:
             raise OriginError(f"{key}: {size} bytes need more than {_MAX_PARTS} parts of {part_size}")
-        upload = await self._find_upload(key, bucket_key)
-        if upload is None:
-            upload = _Upload(await self._create_upload(key, bucket_key), {})
-        else:
-            log.info("resuming upload of %s: %d parts already in %s", key, len(upload.parts), self.url)
-        etags: dict[int, str] = {}
-        slots = trio.Semaphore(self.parallel_parts)
+        await upload_multipart(_S3Upload(self, key, bucket_key), open_reader, size, part_size, key=key,
+                               url=self.url, parallel=self.parallel_parts, stats=self.stats)
 
-        async def send(number: int, data: bytes, digest: bytes) -> None:
-            try:
-                etags[number] = await self._upload_part(key, bucket_key, upload.upload_id, number, data,
-                                                        digest)
-            finally:
-                slots.release()
-
-        # Nothing is aborted on failure or cancellation: the parts sent stay for the next attempt.
-        src = await trio.to_thread.run_sync(_open_source, open_reader, key)
-        try:
-            async with first_failure_nursery() as nursery:
-                for number in range(1, count + 1):
-                    length = min(part_size, size - (number - 1) * part_size)
-                    # A slot is taken before reading, so at most `parallel_parts` parts are in memory.
-                    await slots.acquire()
-                    data, digest = await trio.to_thread.run_sync(_read_part, src, length, key)
-                    have = upload.parts.get(number)
-                    if have is not None and have[0] == length and _etag(have[1]) == digest.hex():
-                        etags[number] = have[1]
-                        self.stats.parts_reused += 1
-                        slots.release()
-                        continue
-                    nursery.start_soon(send, number, data, digest)
-                    del data  # the part's memory now belongs to its upload task alone
-        finally:
-            await trio.to_thread.run_sync(src.close)
-        await self._complete_upload(key, bucket_key, upload.upload_id, etags)
-
-    async def _find_upload(self, key: str, bucket_key: str) -> _Upload | None:
+    async def _find_upload(self, key: str, bucket_key: str) -> tuple[str, dict[int, StoredPart]] | None:
         """The newest in-progress upload of exactly this key with its parts, if there is one."""
         what = f"looking for an upload of {key} to resume"
         newest: tuple[datetime.datetime, str] | None = None
@@ -534,13 +491,13 @@ class S3Origin(Origin):
         if newest is None:
             return None
         parts = await self._list_parts(key, bucket_key, newest[1])
-        return None if parts is None else _Upload(newest[1], parts)
+        return None if parts is None else (newest[1], parts)
 
     async def _list_parts(self, key: str, bucket_key: str,
-                          upload_id: str) -> dict[int, tuple[int, str]] | None:
+                          upload_id: str) -> dict[int, StoredPart] | None:
         """Parts of an upload, or None if it is gone (completed or aborted meanwhile)."""
         what = f"listing uploaded parts of {key}"
-        parts: dict[int, tuple[int, str]] = {}
+        parts: dict[int, StoredPart] = {}
         marker = "0"
         for _page in range(_MAX_PARTS // 1000 + 1):
             params = {"uploadId": upload_id, "part-number-marker": marker}
@@ -553,7 +510,7 @@ class S3Origin(Origin):
             for part in root.iterfind("{*}Part"):
                 number, part_size = _text(part, "PartNumber") or "", _text(part, "Size") or ""
                 if number.isdigit() and part_size.isdigit():
-                    parts[int(number)] = (int(part_size), _text(part, "ETag") or "")
+                    parts[int(number)] = StoredPart(int(part_size), _text(part, "ETag") or "")
             next_marker = _text(root, "NextPartNumberMarker") or ""
             if not _truncated(root) or not next_marker.isdigit() or int(next_marker) <= int(marker):
                 break
@@ -572,11 +529,11 @@ class S3Origin(Origin):
         return upload_id
 
     async def _upload_part(self, key: str, bucket_key: str, upload_id: str, number: int, data: bytes,
-                           digest: bytes) -> str:
+                           md5: bytes) -> str:
         params = {"partNumber": str(number), "uploadId": upload_id}
         # Content-MD5 lets the store refuse a damaged part; hashing 64 MiB again for a signed
         # payload would add nothing but CPU time.
-        headers = {"Content-MD5": base64.b64encode(digest).decode()}
+        headers = {"Content-MD5": base64.b64encode(md5).decode()}
         async with self._request("PUT", bucket_key, params=params, headers=headers, body=data,
                                  payload_hash=_UNSIGNED) as response:
             if response.status_code != 200:
@@ -584,8 +541,6 @@ class S3Origin(Origin):
             etag: str | None = response.headers.get("ETag")
         if not etag:
             raise OriginError(f"uploading part {number} of {key}: no ETag in the response")
-        self.stats.parts_uploaded += 1
-        self.stats.bytes_uploaded += len(data)
         return etag
 
     async def _complete_upload(self, key: str, bucket_key: str, upload_id: str,
@@ -614,43 +569,25 @@ class S3Origin(Origin):
             await client.aclose()
 
 
-class _Hash(Protocol):
-    def update(self, data: bytes, /) -> None: ...
+class _S3Upload(MultipartBackend):
+    """One key's multipart upload, for `upload_multipart`: parts carry their MD5 as Content-MD5,
+    which lets the store refuse a damaged part, and is the ETag S3 lists for it."""
 
+    def __init__(self, origin: S3Origin, key: str, bucket_key: str) -> None:
+        self.origin, self.key, self.bucket_key = origin, key, bucket_key
 
-# Source I/O is blocking (run it in a thread). Its failures are reported as the upload's, the way
-# FileOrigin reports them, so that publish shows one clear error rather than a traceback.
+    async def find(self) -> tuple[str, dict[int, StoredPart]] | None:
+        return await self.origin._find_upload(self.key, self.bucket_key)
 
-def _open_source(open_reader: BlobReader, key: str) -> BinaryIO:
-    try:
-        return open_reader()
-    except OSError as exc:
-        raise OriginError(f"cannot read the source of {key}: {exc}") from None
+    async def begin(self) -> str:
+        return await self.origin._create_upload(self.key, self.bucket_key)
 
+    def etag_of(self, data: bytes) -> str:
+        return _md5(data).hex()
 
-def _read(src: BinaryIO, length: int, key: str, md5: _Hash | None = None) -> bytes:
-    """Up to `length` (> 0) bytes, at least one, hashed into `md5` if given."""
-    try:
-        piece = src.read(length)
-    except OSError as exc:
-        raise OriginError(f"cannot read the source of {key}: {exc}") from None
-    if not piece:
-        raise OriginError(f"the source of {key} ended early")
-    if md5 is not None:
-        md5.update(piece)
-    return piece
+    async def send(self, upload_id: str, part: Part, data: bytes, etag: str) -> str:
+        return await self.origin._upload_part(self.key, self.bucket_key, upload_id, part.number, data,
+                                              bytes.fromhex(etag))
 
-
-def _read_part(src: BinaryIO, length: int, key: str) -> tuple[bytes, bytes]:
-    """Exactly `length` bytes of a source, and their MD5."""
-    data = _read(src, length, key)
-    if len(data) < length:
-        # Files return all at once; a short read of a pipe-like stream is gathered here.
-        pieces = [data]
-        have = len(data)
-        while have < length:
-            piece = _read(src, length - have, key)
-            pieces.append(piece)
-            have += len(piece)
-        data = b"".join(pieces)
-    return data, _md5(data)
+    async def complete(self, upload_id: str, etags: dict[int, str]) -> None:
+        await self.origin._complete_upload(self.key, self.bucket_key, upload_id, etags)
