@@ -15,14 +15,15 @@ import pytest
 from conftest import client_env
 from netns import Host, LanFactory
 
-from p2pimg.sample import LayerSpec, write_oci_layout
+from p2pimg.ops.sample import LayerSpec, write_oci_layout
 
 lan_factory = netns.lan_factory
 
 FETCH = """
 import json, sys, urllib.request
 opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-print(opener.open(sys.argv[1], timeout=5).read().decode())
+with opener.open(sys.argv[1], timeout=5) as response:
+    print(response.headers[sys.argv[2]] if len(sys.argv) > 2 else response.read().decode())
 """
 
 
@@ -30,29 +31,35 @@ def node(host: Host, home: Path, origin: Path, logs: Path) -> subprocess.Popen[b
     env = client_env(
         P2PIMG_HOME=str(home), P2PIMG_ORIGIN=origin.as_uri(), P2PIMG_MDNS="1", PYTHONUNBUFFERED="1"
     )
-    out = (logs / f"{host.name}.log").open("wb")
-    return host.popen(
-        [
-            sys.executable,
-            "-m",
-            "p2pimg",
-            "serve",
-            "--listen",
-            f"{host.addr}:5050",
-            "--peer-listen",
-            f"{host.addr}:5051",
-        ],
-        env=env,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-    )
+    with (logs / f"{host.name}.log").open("wb") as out:  # the child has its own copy of the descriptor
+        return host.popen(
+            [
+                sys.executable,
+                "-m",
+                "p2pimg",
+                "serve",
+                "--listen",
+                f"{host.addr}:5050",
+                "--peer-listen",
+                f"{host.addr}:5051",
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
-def fetch(host: Host, url: str) -> str:
-    result = host.python(FETCH, url, capture_output=True, text=True)
+def fetch(host: Host, url: str, header: str | None = None) -> str:
+    """The body of a 2xx answer to GET `url` from `host`, or with `header` that header's value."""
+    result = host.python(FETCH, url, *([header] if header else []), capture_output=True, text=True)
     if result.returncode != 0:
         raise OSError(result.stderr[-500:])
     return str(result.stdout)
+
+
+def api_version(host: Host) -> str:
+    """What the registry API of `host`'s node says it speaks (a header of /v2/'s answer, not its body)."""
+    return fetch(host, f"http://{host.addr}:5050/v2/", "Docker-Distribution-API-Version").strip()
 
 
 def wait_for(what: str, check: object, timeout: float = 30) -> None:
@@ -107,7 +114,7 @@ def test_b_finds_a_by_mdns_and_pulls_from_it(lan_factory: LanFactory, tmp_path: 
         for h in (a, b):
             wait_for(
                 f"{h.name} to serve",
-                lambda h=h: "registry/2.0" in fetch(h, f"http://{h.addr}:5050/v2/") or True,
+                lambda h=h: api_version(h) == "registry/2.0",
             )
         warmed = a.run(
             [sys.executable, "-m", "p2pimg", "warm", "demo/app:1"],
