@@ -1,10 +1,10 @@
-"""Source selection: which source fetches the next span of a blob (sans I/O).
+"""Source choice and what is observed of sources (sans I/O): the scheduling core's policy part.
 
-Rule 1: every decision about *where* bytes come from is made here, by a `SourcePolicy`, from
-plain numbers the engine records in `SourceStats`; the engine in `fetch.py` only asks and obeys.
-That keeps the decisions testable without sockets, and lets a policy be swapped by name.
+`schedule.py` decides what to ask for, when and in what spans; for each span it asks a
+`SourcePolicy` which of the sources holding its first chunk should send it, from plain numbers
+kept in `SourceStats` (throughput, errors, backoff, bans). Policies can be swapped by name.
 
-Theory of operation. For each span the engine offers every source that holds its first chunk
+Theory of operation. For each span the schedule offers every source that holds its first chunk
 and is not banned. A policy picks one, or None to wait. Kinds matter first: peers (near, free)
 before the origin (far, metered, shared) before an upstream registry. While a healthy source of a
 nearer kind holds the chunk, the policy waits for it to have a free slot rather than spend the

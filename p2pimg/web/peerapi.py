@@ -12,11 +12,11 @@ needs beyond it is versioned under /p2pimg/v1/:
     GET /p2pimg/v1/tags/<name>/<tag>    the node's cached tag record (DAG-CBOR, as published; the
                                         asker accepts it only when a key it trusts signed it)
     GET /p2pimg/v1/info                 {"version": 1, "node": "<node id>"}
-    POST /p2pimg/v1/warm, GET /p2pimg/v1/warm/<id>   remote warm (see warm.py)
+    POST /p2pimg/v1/warm, GET /p2pimg/v1/warm/<id>   remote warm (see node/warm.py)
 
 A busy node answers 429 with Retry-After (concurrent requests or bytes/s over its limits); the
 fetching side backs off that peer and takes the chunk elsewhere. Every chunk a peer sends is
-verified by the receiver, and a peer that lies is penalised, then banned (policy.py).
+verified by the receiver, and a peer that lies is penalised, then banned (fetch/policy.py).
 """
 
 from __future__ import annotations
