@@ -334,3 +334,34 @@ async def test_a_busy_peer_is_asked_again_later_not_dropped(tmp_path: Path, nurs
     assert counter(metrics, "source_bytes", "peer") > 0
     stats = fetcher.stats["peer"]
     assert stats.drops == 0 and stats.delivered > 0 and stats.in_flight == 0
+
+
+class PollingSource(MemorySource):
+    """Says what it holds only once asked (as a peer answers its inventory poll)."""
+
+    asked = False
+
+    async def prime(self, blob_map: BlobMap) -> None:
+        self.asked = True
+
+    def inventory(self, blob_map: BlobMap) -> bytes | None:
+        return super().inventory(blob_map) if self.asked else None
+
+
+async def test_a_peer_that_joins_mid_fetch_is_asked_too(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """A source that joins while a blob is being fetched (a peer just discovered) is asked what
+    it holds and used for the rest, not only for the blobs that start after it came."""
+    data, bmap = make_blob(16 * CHUNK)
+    slow = MemorySource("origin", "origin", data, limit=1, max_span=CHUNK, delay=0.05)
+    fetcher, store, metrics = engine(tmp_path, nursery, [slow])
+    fetch = await fetcher.open(bmap)
+    assert fetch is not None
+    await fetch.wait_chunk(0)
+    fetcher.add_source(PollingSource("late", "peer", data))
+    with trio.fail_after(20):
+        for i in range(bmap.count):
+            await fetch.wait_chunk(i)
+        await fetch.done.wait()
+    fetcher.release(fetch)
+    assert store.blob_path(bmap.digest).read_bytes() == data
+    assert counter(metrics, "source_bytes", "peer") >= 8 * CHUNK, "the late peer brought most of it"

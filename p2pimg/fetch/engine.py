@@ -63,6 +63,7 @@ class BlobFetch:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     schedule: BlobSchedule | None = None  # once its sources have been asked what they hold
     scopes: dict[int, trio.CancelScope] = field(default_factory=dict)  # request id -> its scope
+    followed: set[str] = field(default_factory=set)  # sources whose inventory is being kept fresh
 
     @property
     def map(self) -> BlobMap:
@@ -201,6 +202,7 @@ class Fetcher:
                     schedule = await self._prepare(fetch, requests)
                     while not schedule.complete and schedule.error is None:
                         now = trio.current_time()
+                        self._follow_new(fetch, requests)
                         self._tell_inventories(fetch, now)
                         actions = schedule.poll(now)
                         self._carry_out(fetch, requests, actions)
@@ -237,6 +239,7 @@ class Fetcher:
                 for source in sources:
                     primes.start_soon(source.prime, bmap)
         for source in sources:
+            fetch.followed.add(source.name)
             nursery.start_soon(source.track, bmap, self._changed.fire)
         now = trio.current_time()
         schedule = self.scheduler.blob(bmap.digest, bmap.size, bmap.chunk_size,
@@ -244,6 +247,19 @@ class Fetcher:
         fetch.schedule = schedule
         self._tell_inventories(fetch, now)
         return schedule
+
+    def _follow_new(self, fetch: BlobFetch, nursery: trio.Nursery) -> None:
+        """A source that joined while the fetch runs (a peer just discovered) is asked what it
+        holds, then kept track of, like those known at the start."""
+        for source in self.sources:
+            if source.name not in fetch.followed:
+                fetch.followed.add(source.name)
+                nursery.start_soon(self._follow, source, fetch.map)
+
+    async def _follow(self, source: ChunkSource, bmap: BlobMap) -> None:
+        await source.prime(bmap)
+        self._changed.fire()
+        await source.track(bmap, self._changed.fire)
 
     def _tell_inventories(self, fetch: BlobFetch, now: float) -> None:
         """What each source holds now (peers learn it by polling, in `track`)."""
