@@ -2,15 +2,28 @@
 
 Every error maps to an OCI distribution error code and HTTP status (for the registry edge) and to
 a process exit code (for the CLI) here, in exactly one place: the class attributes.
+
+A 4xx answer carries one of the distribution spec's error codes (`SPEC_CODES`; the spec requires it
+of a JSON error body), or none: an error the spec names no code for (a byte range) gets a plain-text
+body, as the Go registry answers it. 5xx answers use `UNKNOWN`, as the Go registry does (the spec's
+list is about 4xx). `tests/unit/test_error_codes.py` holds every class to this.
 """
 
 from __future__ import annotations
+
+# The distribution spec's error codes ("Error Codes": a JSON error body's code MUST be one of these).
+SPEC_CODES = frozenset({
+    "BLOB_UNKNOWN", "BLOB_UPLOAD_INVALID", "BLOB_UPLOAD_UNKNOWN", "DIGEST_INVALID",
+    "MANIFEST_BLOB_UNKNOWN", "MANIFEST_INVALID", "MANIFEST_UNKNOWN", "NAME_INVALID", "NAME_UNKNOWN",
+    "SIZE_INVALID", "UNAUTHORIZED", "DENIED", "UNSUPPORTED", "TOOMANYREQUESTS",
+})
 
 
 class P2pimgError(Exception):
     """Root of all p2pimg errors."""
 
-    oci_code = "UNKNOWN"
+    # The error code of a JSON error body; None: no code, the body is the message as plain text.
+    oci_code: str | None = "UNKNOWN"
     http_status = 500
     exit_code = 1
 
@@ -23,7 +36,7 @@ class P2pimgError(Exception):
 class InvalidInput(P2pimgError):
     """Input from a user or a client is malformed."""
 
-    oci_code = "UNSUPPORTED"
+    oci_code: str | None = "UNSUPPORTED"
     http_status = 400
     exit_code = 2
 
@@ -33,7 +46,16 @@ class NameInvalid(InvalidInput):
 
 
 class TagInvalid(InvalidInput):
-    oci_code = "TAG_INVALID"
+    """A malformed tag. `TAG_INVALID` is a legacy Docker code, not the spec's, and the spec has none
+    for a malformed tag in a request: NAME_INVALID is about the repository name, MANIFEST_INVALID
+    about an uploaded manifest's content (a client would take it for a corrupt stored manifest).
+    A string that cannot be a tag names no manifest: 404 MANIFEST_UNKNOWN, the answer the endpoint
+    table gives for a manifest GET/HEAD (end-3 fails with 404 only) and the Go registry's status
+    (its routes only match valid tags). The message says the tag is malformed. The CLI's exit code
+    stays that of bad input (2)."""
+
+    oci_code = "MANIFEST_UNKNOWN"
+    http_status = 404
 
 
 class DigestInvalid(InvalidInput):
@@ -41,13 +63,21 @@ class DigestInvalid(InvalidInput):
 
 
 class RangeInvalid(InvalidInput):
-    """A Range header that cannot be parsed (a satisfiable-check failure is `RangeNotSatisfiable`)."""
+    """A Range header that cannot be parsed (a satisfiable-check failure is `RangeNotSatisfiable`).
 
-    oci_code = "RANGE_INVALID"
+    No error code: the spec has none for ranges (`RANGE_INVALID` is not one of its codes), and the
+    nearest ones would mislead (BLOB_UNKNOWN: the blob is there; SIZE_INVALID: about uploads). The
+    Go registry answers range errors with net/http's plain-text body; so do we (400 here, 416 below).
+    """
+
+    oci_code = None
 
 
 class RangeNotSatisfiable(P2pimgError):
-    oci_code = "RANGE_INVALID"
+    """A well-formed range that selects nothing of the blob: 416 with `Content-Range: bytes */SIZE`
+    and a plain-text body (see RangeInvalid)."""
+
+    oci_code = None
     http_status = 416
     exit_code = 2
 
@@ -68,9 +98,21 @@ class BlockInvalid(P2pimgError):
 
 
 class NotFound(P2pimgError):
-    oci_code = "NOT_FOUND"
+    """Something is not there. The spec has no generic "not found" code (`NOT_FOUND` is not one):
+    p2pimg's content is addressed blobs and blocks, and what is missing without a more specific
+    class is one of them (an origin object a root names, a chunk a peer lacks): BLOB_UNKNOWN."""
+
+    oci_code = "BLOB_UNKNOWN"
     http_status = 404
     exit_code = 3
+
+
+class EndpointUnknown(NotFound):
+    """A path that is no endpoint of the API, or one this node does not serve for a name: 404 (the
+    status clients fall back on, e.g. to the referrers tag schema) with UNSUPPORTED, the spec's code
+    for an operation a registry does not support (the Go registry's router answers a bare 404)."""
+
+    oci_code = "UNSUPPORTED"
 
 
 class NameUnknown(NotFound):
@@ -100,8 +142,11 @@ class OriginError(P2pimgError):
 
 
 class OriginNotFound(OriginError, NotFound):
-    """The origin has no object under the key."""
+    """The origin has no object under the key (at the registry edge: content an image root names is
+    missing from the origin, BLOB_UNKNOWN; tags and roots that are not there are NAME_UNKNOWN or
+    MANIFEST_UNKNOWN, raised by the resolver)."""
 
+    oci_code = "BLOB_UNKNOWN"
     http_status = 404
     exit_code = 3
 

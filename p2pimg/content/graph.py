@@ -33,11 +33,13 @@ class SourceBlob:
 
 @dataclass
 class SourceImage:
-    """An image graph: its top manifest/index, all manifests (bytes), all other blobs."""
+    """An image graph: its top manifest/index, all manifests (bytes), all other blobs, and which
+    of the manifests refer to which (subject digest -> referrer digests; see content.referrers)."""
 
     top: str
     manifests: dict[str, tuple[bytes, str]] = field(default_factory=dict)
     blobs: dict[str, SourceBlob] = field(default_factory=dict)
+    referrers: dict[str, set[str]] = field(default_factory=dict)
 
 
 def descriptor(d: object, where: str) -> tuple[str, int, str]:

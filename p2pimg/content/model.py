@@ -2,7 +2,8 @@
 
     chunk      raw block, CIDv1(raw, sha2-256) of up to `chunk_size` bytes of a blob
     BlobMap    DAG-CBOR: one OCI blob as its digest, size, chunk size and chunk CIDs in order
-    ImageRoot  DAG-CBOR: an image's top manifest or index and every manifest and blob below it;
+    ImageRoot  DAG-CBOR: an image's top manifest or index and every manifest and blob below it,
+               and the artifacts that refer to its manifests (OCI referrers: signatures, SBOMs);
                its CID is the image's identity (`ipfs/<root CID>`)
     TagRecord  DAG-CBOR: `name:tag` -> root CID, with a sequence number (newest wins), optionally
                signed by a publisher key (`key` id, `sig` over the record without `sig`)
@@ -92,7 +93,8 @@ def check_name(name: str) -> str:
 
 def check_tag(tag: str) -> str:
     if not TAG_RE.fullmatch(tag):
-        raise TagInvalid(f"invalid tag {tag[:130]!r}")
+        raise TagInvalid(f"invalid tag {tag[:130]!r}: a tag is 1 to 128 letters, digits, '_', '.' and "
+                         "'-', not starting with '.' or '-'")
     return tag
 
 
@@ -189,15 +191,34 @@ class BlobEntry:
 
 @dataclass(frozen=True)
 class ImageRoot:
-    """An image: its top manifest or index, every manifest below it, and every blob's map."""
+    """An image: its top manifest or index, every manifest below it, and every blob's map.
+
+    `referrers` maps a manifest of the image (a subject) to the digests of the manifests whose
+    `subject` it is (OCI 1.1 artifacts: signatures, SBOMs, attestations). The artifacts are
+    ordinary `manifests` and their blobs ordinary `blobs`, fetched and verified like the image's
+    own. The field is optional: written only when it has entries (a root without referrers encodes
+    exactly as before it existed, so published images keep their CIDs), each list sorted and without
+    duplicates, so that one set of referrers has one encoding.
+    """
 
     top: str
     manifests: dict[str, ManifestEntry]
     blobs: dict[str, BlobEntry] = field(default_factory=dict)
+    referrers: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.top not in self.manifests:
             raise BlockInvalid("image root: top manifest is not among its manifests")
+        for subject, digests in self.referrers.items():
+            if subject not in self.manifests:
+                raise BlockInvalid(f"image root: referrers of {subject[:80]!r}, not one of its manifests")
+            if not digests or list(digests) != sorted(set(digests)):
+                raise BlockInvalid(f"image root: the referrers of {subject} are not a sorted list of "
+                                   "distinct digests")
+            for digest in digests:
+                if digest not in self.manifests or digest == subject:
+                    raise BlockInvalid(f"image root: referrer {digest[:80]!r} of {subject} is not another "
+                                       "of its manifests")
         for digest, m in self.manifests.items():
             parse_digest(digest)
             if m.cid.codec != RAW or m.cid.to_digest() != digest:
@@ -214,7 +235,7 @@ class ImageRoot:
         return self.manifests[self.top]
 
     def to_node(self) -> dict[str, Any]:
-        return {
+        node: dict[str, Any] = {
             "type": IMAGE_ROOT_TYPE,
             "top": self.top,
             "manifests": {
@@ -223,6 +244,13 @@ class ImageRoot:
             },
             "blobs": {d: {"size": b.size, "map": b.map} for d, b in self.blobs.items()},
         }
+        if self.referrers:
+            node["referrers"] = {s: list(digests) for s, digests in self.referrers.items()}
+        return node
+
+    def referrers_of(self, subject: str) -> tuple[str, ...]:
+        """The digests of the manifests whose subject is `subject` (none when it has none)."""
+        return self.referrers.get(subject, ())
 
     def encode(self) -> bytes:
         return dagcbor.encode(self.to_node())
@@ -245,8 +273,19 @@ class ImageRoot:
             if not isinstance(b, dict):
                 raise BlockInvalid("image root: malformed blob entry")
             blobs[d] = BlobEntry(size=_field(b, "size", int, what), map=_field(b, "map", Cid, what))
+        referrers: dict[str, tuple[str, ...]] = {}
+        if "referrers" in node:
+            # Present only with entries: an empty map would be a second encoding of "none".
+            table = _field(node, "referrers", dict, what)
+            if not table:
+                raise BlockInvalid("image root: an empty referrers map (it is left out when empty)")
+            for subject, digests in table.items():
+                if not isinstance(digests, list) or not all(isinstance(d, str) for d in digests):
+                    raise BlockInvalid("image root: malformed referrers entry")
+                referrers[subject] = tuple(digests)
         try:
-            return cls(top=_field(node, "top", str, what), manifests=manifests, blobs=blobs)
+            return cls(top=_field(node, "top", str, what), manifests=manifests, blobs=blobs,
+                       referrers=referrers)
         except InvalidInput as exc:
             raise BlockInvalid(f"image root: {exc}") from None
 

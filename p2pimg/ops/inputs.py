@@ -32,6 +32,7 @@ from p2pimg.content.graph import (
     walk_graph,
 )
 from p2pimg.content.model import MAX_MANIFEST_SIZE
+from p2pimg.content.referrers import add_referrers, is_referrers_tag, layout_manifests, manifest_subject
 from p2pimg.errors import SourceInvalid
 
 _REF_ANNOTATION = "org.opencontainers.image.ref.name"
@@ -40,7 +41,11 @@ _MAX_ARCHIVE_MANIFEST = 1 << 20
 
 
 def read_oci_layout(spec: str) -> SourceImage:
-    """`DIR[:TAG]`: an OCI image layout; the tag is the `ref.name` annotation in index.json."""
+    """`DIR[:TAG]`: an OCI image layout; the tag is the `ref.name` annotation in index.json.
+
+    The manifests of the layout whose `subject` is one of the image's manifests (signatures, SBOMs,
+    attestations that oras, cosign or a build tool put there) come with the image as its referrers.
+    """
     path, tag = Path(spec), ""
     if not (path / "index.json").is_file() and ":" in spec:
         head, _, tag = spec.rpartition(":")
@@ -64,11 +69,6 @@ def read_oci_layout(spec: str) -> SourceImage:
                             for e in entries if isinstance(e, dict)} - {"None"})
             raise SourceInvalid(
                 f"OCI layout has no image tagged {tag!r} (tags: {', '.join(known) or 'none'})")
-    elif len(entries) == 1:
-        chosen = entries
-    else:
-        raise SourceInvalid(f"OCI layout holds {len(entries)} images: name one as oci:DIR:TAG")
-    top, _, media = descriptor(chosen[0], "index.json")
     blobs_dir = path / "blobs" / "sha256"
 
     def blob_path(digest: str, size: int) -> Path:
@@ -89,7 +89,23 @@ def read_oci_layout(spec: str) -> SourceImage:
         p = blob_path(digest, size)
         return SourceBlob(digest, size, lambda: open(p, "rb"))
 
-    return walk_graph(top, media, read_manifest, blob)
+    described = [descriptor(e, "index.json") for e in entries]
+    manifests = None  # every manifest the layout holds, read once, when they are needed
+    if not tag and len(entries) == 1:
+        chosen = entries
+    elif not tag:
+        # The image is the one entry that is not a referrer (nor a referrers tag schema index).
+        manifests = layout_manifests(described, read_manifest)
+        chosen = [e for e, (digest, _, _) in zip(entries, described, strict=True)
+                  if digest in manifests and manifest_subject(manifests[digest][2], digest) is None
+                  and not is_referrers_tag(str((e.get("annotations") or {}).get(_REF_ANNOTATION, "")))]
+        if len(chosen) != 1:
+            raise SourceInvalid(f"OCI layout holds {len(chosen)} images: name one as oci:DIR:TAG")
+    top, _, media = descriptor(chosen[0], "index.json")
+    image = walk_graph(top, media, read_manifest, blob)
+    # Its referrers: the layout's manifests whose subject is one of its manifests.
+    add_referrers(image, manifests or layout_manifests(described, read_manifest), read_manifest, blob)
+    return image
 
 
 # -- docker save archives ------------------------------------------------------------------
@@ -217,11 +233,12 @@ class _Closing(io.RawIOBase):
 
 
 def read_source(spec: str) -> SourceImage:
-    """Read a file SOURCE: `oci:DIR[:TAG]` or `docker-archive:FILE` (blocking: run it in a thread)."""
+    """Read a file SOURCE: `oci:DIR[:TAG]` or `docker-archive:FILE[:NAME:TAG]` (blocking: run it in a
+    thread)."""
     transport, sep, rest = spec.partition(":")
     if not sep or not rest:
-        raise SourceInvalid(f"invalid source {spec!r}: expected oci:DIR[:TAG], docker-archive:FILE "
-                            "or docker://HOST/REPO:TAG")
+        raise SourceInvalid(f"invalid source {spec!r}: expected oci:DIR[:TAG], "
+                            "docker-archive:FILE[:NAME:TAG] or docker://HOST/REPO:TAG")
     if transport == "oci":
         return read_oci_layout(rest)
     if transport == "docker-archive":
@@ -235,7 +252,7 @@ def read_source(spec: str) -> SourceImage:
 async def open_source(spec: str, *, docker_config: Path | None = None, plain_http: bool | None = None,
                       timeout: float = 30.0) -> AsyncIterator[SourceImage]:
     """A publish SOURCE as an image graph, usable until the block ends: `oci:DIR[:TAG]`,
-    `docker-archive:FILE` or `docker://HOST/REPO:TAG` (whose blobs stream from the registry
+    `docker-archive:FILE[:NAME:TAG]` or `docker://HOST/REPO:TAG` (whose blobs stream from the registry
     while the block runs). The registry options only apply to `docker://`."""
     transport, sep, rest = spec.partition(":")
     if transport == "docker" and sep and rest:

@@ -7,15 +7,17 @@ root, and the tag record last, so a tag never points at something that is not th
 from __future__ import annotations
 
 import hashlib
+import io
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
 
-from p2pimg.content.cid import Cid
-from p2pimg.content.graph import SourceBlob, SourceImage
+from p2pimg.content.cid import Cid, digest_of
+from p2pimg.content.graph import OCI_MANIFEST, SourceBlob, SourceImage
 from p2pimg.content.model import (
     DEFAULT_CHUNK_SIZE,
     BlobEntry,
@@ -25,13 +27,23 @@ from p2pimg.content.model import (
     TagRecord,
     check_chunk_size,
 )
-from p2pimg.errors import OriginNotFound, P2pimgError, SourceInvalid
+from p2pimg.content.referrers import (
+    CREATED_ANNOTATION,
+    DEFAULT_FILE_MEDIA_TYPE,
+    EMPTY_BLOB,
+    EMPTY_DIGEST,
+    ArtifactFile,
+    artifact_manifest,
+    check_media_type,
+)
+from p2pimg.errors import OriginError, OriginNotFound, P2pimgError, SourceInvalid
 from p2pimg.ops.inputs import open_source
 from p2pimg.sources.origins import Origin, blob_key, block_key, tag_key
 from p2pimg.tasks import first_failure_nursery
 
 if TYPE_CHECKING:
     from p2pimg.content.signing import Signer
+    from p2pimg.fetch.resolver import Resolver
 
 _PARALLEL_UPLOADS = 4
 
@@ -74,6 +86,7 @@ class PublishReport:
     blobs_uploaded: int
     blobs_skipped: int
     bytes_uploaded: int
+    artifact: str | None = None  # `attach`: the artifact manifest's digest
 
 
 async def _put_block_once(origin: Origin, cid: Cid, data: bytes) -> None:
@@ -82,50 +95,63 @@ async def _put_block_once(origin: Origin, cid: Cid, data: bytes) -> None:
         await origin.put_bytes(key, data)
 
 
-async def publish_image(image: SourceImage, name: str, tag: str, origin: Origin, *,
-                        chunk_size: int = DEFAULT_CHUNK_SIZE,
-                        progress: Callable[[str], None] = lambda _msg: None,
-                        signer: Signer | None = None) -> PublishReport:
-    """Publish `image` as `name:tag`; with a `signer`, the tag record is signed by its key."""
-    check_chunk_size(chunk_size)
-    blob_entries: dict[str, BlobEntry] = {}
-    uploaded = skipped = uploaded_bytes = 0
+@dataclass
+class _Uploaded:
+    entries: dict[str, BlobEntry]
+    uploaded: int = 0
+    skipped: int = 0
+    bytes: int = 0
+
+
+async def _upload_blobs(blobs: Iterable[SourceBlob], origin: Origin, chunk_size: int,
+                        progress: Callable[[str], None]) -> _Uploaded:
+    """Chunk each blob, upload the ones the origin lacks, and write their blob maps."""
+    done = _Uploaded({})
     limit = trio.CapacityLimiter(_PARALLEL_UPLOADS)
 
     async def one(blob: SourceBlob) -> None:
-        nonlocal uploaded, skipped, uploaded_bytes
         async with limit:
             bmap = await trio.to_thread.run_sync(chunk_blob, blob, chunk_size)
             key = blob_key(blob.digest)
             if await origin.exists(key):
-                skipped += 1
+                done.skipped += 1
                 progress(f"skip   {blob.digest} ({blob.size} bytes, already in the origin)")
             else:
                 await origin.put_blob(key, blob.open, blob.size)
-                uploaded += 1
-                uploaded_bytes += blob.size
+                done.uploaded += 1
+                done.bytes += blob.size
                 progress(f"upload {blob.digest} ({blob.size} bytes)")
             data = bmap.encode()
             map_cid = Cid.of_dag_cbor(data)
             await _put_block_once(origin, map_cid, data)
-            blob_entries[blob.digest] = BlobEntry(size=blob.size, map=map_cid)
+            done.entries[blob.digest] = BlobEntry(size=blob.size, map=map_cid)
 
     async with first_failure_nursery() as nursery:
-        for blob in image.blobs.values():
+        for blob in blobs:
             nursery.start_soon(one, blob)
+    return done
 
-    manifests: dict[str, ManifestEntry] = {}
-    for digest, (data, media) in image.manifests.items():
+
+async def _put_manifests(manifests: dict[str, tuple[bytes, str]], origin: Origin) -> dict[str, ManifestEntry]:
+    entries: dict[str, ManifestEntry] = {}
+    for digest, (data, media) in manifests.items():
         cid = Cid.from_digest(digest)
         await _put_block_once(origin, cid, data)
-        manifests[digest] = ManifestEntry(media_type=media, size=len(data), cid=cid)
+        entries[digest] = ManifestEntry(media_type=media, size=len(data), cid=cid)
+    return entries
 
-    root = ImageRoot(top=image.top, manifests=manifests, blobs=blob_entries)
+
+async def _write_root_and_tag(root: ImageRoot, name: str, tag: str, origin: Origin, signer: Signer | None,
+                              *, moving_from: Cid | None = None) -> tuple[Cid, TagRecord]:
+    """Write the image root, then the tag record pointing at it (signed with `signer`'s key), with a
+    sequence number above the previous record's. With `moving_from`, the tag must still point at that
+    root (an attach builds on it): if another publish moved it meanwhile, nothing is written."""
     root_data = root.encode()
     root_cid = Cid.of_dag_cbor(root_data)
     await _put_block_once(origin, root_cid, root_data)
 
     seq = time.time_ns() // 1000
+    previous: TagRecord | None = None
     try:
         previous = TagRecord.decode(await origin.get(tag_key(name, tag), max_size=64 << 10),
                                     name=name, tag=tag)
@@ -134,11 +160,29 @@ async def publish_image(image: SourceImage, name: str, tag: str, origin: Origin,
         pass
     except P2pimgError:
         pass  # an unreadable old record is replaced by the new one
+    if moving_from is not None and (previous is None or previous.root != moving_from):
+        now = "is gone" if previous is None else f"points at {previous.root} now"
+        raise OriginError(f"{name}:{tag} moved while attaching (it pointed at {moving_from}, it {now}): "
+                          "nothing was changed; attach again")
     record = TagRecord(name=name, tag=tag, root=root_cid, seq=seq)
     if signer is not None:
         record = signer.sign(record)
     await origin.put_bytes(tag_key(name, tag), record.encode())
-    return PublishReport(root_cid, record, uploaded, skipped, uploaded_bytes)
+    return root_cid, record
+
+
+async def publish_image(image: SourceImage, name: str, tag: str, origin: Origin, *,
+                        chunk_size: int = DEFAULT_CHUNK_SIZE,
+                        progress: Callable[[str], None] = lambda _msg: None,
+                        signer: Signer | None = None) -> PublishReport:
+    """Publish `image` as `name:tag`; with a `signer`, the tag record is signed by its key."""
+    check_chunk_size(chunk_size)
+    done = await _upload_blobs(image.blobs.values(), origin, chunk_size, progress)
+    manifests = await _put_manifests(image.manifests, origin)
+    referrers = {subject: tuple(sorted(digests)) for subject, digests in image.referrers.items() if digests}
+    root = ImageRoot(top=image.top, manifests=manifests, blobs=done.entries, referrers=referrers)
+    root_cid, record = await _write_root_and_tag(root, name, tag, origin, signer)
+    return PublishReport(root_cid, record, done.uploaded, done.skipped, done.bytes)
 
 
 async def publish(source: str, name: str, tag: str, origin: Origin, *,
@@ -149,3 +193,63 @@ async def publish(source: str, name: str, tag: str, origin: Origin, *,
     async with open_source(source) as image:
         return await publish_image(image, name, tag, origin, chunk_size=chunk_size, progress=progress,
                                    signer=signer)
+
+
+# -- attach: an artifact next to a published image --------------------------------------------
+
+def _file_blob(path: Path) -> tuple[SourceBlob, str]:
+    """A file to attach as a blob (hashed here, checked again while it is chunked), and its name."""
+    if not path.is_file():
+        raise SourceInvalid(f"cannot attach {str(path)!r}: no such file")
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while piece := f.read(1 << 20):
+            h.update(piece)
+            size += len(piece)
+    return SourceBlob("sha256:" + h.hexdigest(), size, lambda: open(path, "rb")), path.name
+
+
+async def attach(resolver: Resolver, name: str, tag: str, files: Sequence[Path], origin: Origin, *,
+                 artifact_type: str, media_type: str = DEFAULT_FILE_MEDIA_TYPE,
+                 annotations: Mapping[str, str] | None = None,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 progress: Callable[[str], None] = lambda _msg: None,
+                 signer: Signer | None = None) -> PublishReport:
+    """Attach `files` to the image `name:tag` points at: an OCI artifact manifest of type
+    `artifact_type` whose subject is the image's top manifest, one layer per file. A new image root
+    holds the image as it was plus the artifact (a referrer of the top manifest, listed by the
+    referrers API); the tag moves to it, signed like a publish. The image is read through
+    `resolver`, so its tag record must pass the home's trust policy: an attach never signs a root
+    it could not have trusted."""
+    check_chunk_size(chunk_size)
+    check_media_type(media_type, "media type")
+    check_media_type(artifact_type, "artifact type")
+    if not files:
+        raise SourceInvalid("nothing to attach: give at least one FILE")
+    old_cid = await resolver.resolve_tag(name, tag)
+    old = await resolver.root(old_cid)
+    blobs: dict[str, SourceBlob] = {EMPTY_DIGEST: SourceBlob(EMPTY_DIGEST, len(EMPTY_BLOB),
+                                                             lambda: io.BytesIO(EMPTY_BLOB))}
+    layers: list[ArtifactFile] = []
+    for path in files:
+        blob, title = await trio.to_thread.run_sync(_file_blob, Path(path))
+        blobs.setdefault(blob.digest, blob)
+        layers.append(ArtifactFile(blob.digest, blob.size, media_type, title))
+    notes = dict(annotations or {})
+    notes.setdefault(CREATED_ANNOTATION, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    top = old.top_entry
+    data = artifact_manifest(artifact_type, (old.top, top.size, top.media_type), layers, notes)
+    digest = digest_of(data)
+    progress(f"artifact {digest} ({artifact_type}) for {old.top}")
+
+    done = await _upload_blobs([b for d, b in blobs.items() if d not in old.blobs], origin, chunk_size,
+                               progress)
+    manifests = dict(old.manifests)
+    manifests.update(await _put_manifests({digest: (data, OCI_MANIFEST)}, origin))
+    referrers = dict(old.referrers)
+    referrers[old.top] = tuple(sorted({*old.referrers_of(old.top), digest}))
+    root = ImageRoot(top=old.top, manifests=manifests, blobs={**old.blobs, **done.entries},
+                     referrers=referrers)
+    root_cid, record = await _write_root_and_tag(root, name, tag, origin, signer, moving_from=old_cid)
+    return PublishReport(root_cid, record, done.uploaded, done.skipped, done.bytes, artifact=digest)

@@ -15,6 +15,7 @@ from p2pimg.sources.origins import Origin, blob_key
 class SourceBusy(OriginError):
     """A source declined a request for now (a peer's 429): not a failure, come back later."""
 
+    oci_code = "TOOMANYREQUESTS"
     http_status = 429
     retry_after = 0.5  # seconds the source is left alone
 

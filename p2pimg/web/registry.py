@@ -1,11 +1,13 @@
 """The read-only OCI distribution endpoint: routing, errors, and streaming blob bodies.
 
-Routes (distribution-spec "pull" category only):
+Routes (distribution-spec "pull" and "content discovery" categories only):
 
     GET/HEAD /v2/                                 API version check
     GET/HEAD /v2/<name>/manifests/<tag|digest>    manifest bytes, exactly as published
     GET/HEAD /v2/<name>/blobs/<digest>            blob bytes, single byte ranges
     GET      /v2/<name>/tags/list                 tag names (`n` and `last` paginate)
+    GET/HEAD /v2/<name>/referrers/<digest>        an image index of the manifests whose subject is
+                                                  <digest> (`artifactType` filters)
 
 `<name>` is a published repository name, or `ipfs/<root CID>`, whose one tag is `latest` (the
 image's top manifest).
@@ -23,8 +25,17 @@ from contextlib import aclosing
 from functools import partial
 
 from p2pimg.content.cid import Cid, parse_digest
+from p2pimg.content.graph import OCI_INDEX
 from p2pimg.content.model import BlobEntry, check_name, check_tag
-from p2pimg.errors import DigestInvalid, NameInvalid, NameUnknown, NotFound, P2pimgError, RangeNotSatisfiable
+from p2pimg.content.referrers import ARTIFACT_TYPE_FILTER, referrer_descriptor, referrers_index
+from p2pimg.errors import (
+    DigestInvalid,
+    EndpointUnknown,
+    NameInvalid,
+    NameUnknown,
+    P2pimgError,
+    RangeNotSatisfiable,
+)
 from p2pimg.fetch.engine import BlobFetch, Fetcher
 from p2pimg.fetch.mirror import Mirror, Upstream, UpstreamFetch
 from p2pimg.fetch.resolver import IPFS_PREFIX, IPFS_TAG, Resolver
@@ -41,9 +52,15 @@ _MAX_TAGS_PAGE = 10000
 
 
 def error_response(exc: P2pimgError, *, head: bool = False) -> Response:
-    body = json.dumps({"errors": [{"code": exc.oci_code, "message": exc.message,
-                                   "detail": exc.detail}]}).encode()
-    headers = [API_HEADER, ("content-type", "application/json"),
+    """The distribution-spec JSON error body for `exc`; for an error the spec has no code for (a
+    byte range), its message as plain text (a 4xx body "MAY be in any format")."""
+    if exc.oci_code is None:
+        body, content_type = exc.message.encode() + b"\n", "text/plain; charset=utf-8"
+    else:
+        body = json.dumps({"errors": [{"code": exc.oci_code, "message": exc.message,
+                                       "detail": exc.detail}]}).encode()
+        content_type = "application/json"
+    headers = [API_HEADER, ("content-type", content_type),
                ("content-length", str(len(body)))]
     if isinstance(exc, RangeNotSatisfiable):
         headers.append(("content-range", f"bytes */{exc.size}"))
@@ -103,17 +120,18 @@ class Registry:
                                   ("content-length", str(len(body)))],
                             b"" if request.method == "HEAD" else body)
         if not path.startswith("/v2/"):
-            raise NotFound(f"no such endpoint {path[:100]}")
+            raise EndpointUnknown(f"no such endpoint {path[:100]}")
         rest = path[len("/v2/"):]
         if "/blobs/uploads" in rest or request.method not in _READ_METHODS:
             return _unsupported(request.method)
         if rest.endswith("/tags/list"):
             return await self._tags(check_repository(rest[: -len("/tags/list")]), request)
-        for marker, handler in (("/manifests/", self._manifest), ("/blobs/", self._blob)):
+        for marker, handler in (("/manifests/", self._manifest), ("/blobs/", self._blob),
+                                ("/referrers/", self._referrers)):
             name, sep, ref = rest.rpartition(marker)
             if sep:
                 return await handler(check_repository(name), ref, request)
-        raise NotFound(f"no such endpoint {path[:100]}")
+        raise EndpointUnknown(f"no such endpoint {path[:100]}")
 
     async def _manifest(self, name: str, reference: str, request: Request) -> Response:
         if ":" in reference:
@@ -157,6 +175,30 @@ class Registry:
                 headers.append(("link", f'</v2/{name}/tags/list?n={n}&last={after}>; rel="next"'))
         body = json.dumps({"name": name, "tags": tags}).encode()
         headers.append(("content-length", str(len(body))))
+        return Response(200, headers, body)
+
+    async def _referrers(self, name: str, digest: str, request: Request) -> Response:
+        """The referrers API: an OCI image index of the manifests whose subject is `digest`, an
+        empty one when there are none (never a 404 for a published name, as the spec requires),
+        filtered by `artifactType` when asked (saying so in `OCI-Filters-Applied`)."""
+        parse_digest(digest)
+        if await self._upstream_for(name, request) is not None:
+            # A 404 makes clients fall back to the referrers tag schema, a tag the mirror serves.
+            raise EndpointUnknown(f"{name} is mirrored from an upstream registry: its referrers are not "
+                                  "listed here (the referrers tag schema's tag is)")
+        wanted = (request.query.get(ARTIFACT_TYPE_FILTER) or [""])[0]
+        descriptors = []
+        for referrer, entry in await self.resolver.referrers(name, digest):
+            manifest = await self.resolver.manifest(entry, referrer)
+            desc = referrer_descriptor(manifest.data, referrer, entry.media_type, digest)
+            if not wanted or desc.get("artifactType") == wanted:
+                descriptors.append(desc)
+        body = referrers_index(descriptors)
+        headers = [API_HEADER, ("content-type", OCI_INDEX), ("content-length", str(len(body)))]
+        if wanted:
+            headers.append(("oci-filters-applied", ARTIFACT_TYPE_FILTER))
+        if request.method == "HEAD":
+            return Response(200, headers)
         return Response(200, headers, body)
 
     async def _upstream_for(self, name: str, request: Request) -> Upstream | None:
