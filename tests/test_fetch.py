@@ -18,7 +18,7 @@ from p2pimg.fetch.resolver import Resolver
 from p2pimg.metrics import Metrics
 from p2pimg.ops.sample import SampleImage
 from p2pimg.sources.origins import FileOrigin, blob_key
-from p2pimg.sources.origins.base import BlobReader, Origin
+from p2pimg.sources.origins.base import BlobReader, ObjectInfo, Origin
 from p2pimg.store.chunks import ChunkStore
 
 
@@ -62,6 +62,9 @@ class ProbeOrigin(Origin):
 
     async def list(self, prefix: str) -> list[str]:
         return await self.inner.list(prefix)
+
+    async def list_info(self, prefix: str) -> list[ObjectInfo]:
+        return await self.inner.list_info(prefix)
 
     async def delete(self, key: str) -> None:
         await self.inner.delete(key)

@@ -312,6 +312,39 @@ async def test_list_pages(origin: S3Origin) -> None:
     assert await origin.list("p2pimg/tags/demo/app/") == keys
 
 
+async def test_list_info_dates_objects_by_last_modified(moto: Moto, bucket: str, origin: S3Origin) -> None:
+    origin.list_page_size = 2  # over pages, as list
+    keys = [f"p2pimg/blocks/b{i}" for i in range(3)]
+    before = time.time()
+    for key in keys:
+        await origin.put_bytes(key, b"x")
+    infos = await origin.list_info("p2pimg/blocks/")
+    assert [info.key for info in infos] == keys == await origin.list("p2pimg/blocks/")
+    stored = {o["Key"]: o["LastModified"].timestamp()
+              for o in moto.client().list_objects_v2(Bucket=bucket)["Contents"]}
+    assert {info.key: info.modified for info in infos} == {k: stored[f"pfx/{k}"] for k in keys}
+    # S3 dates to the second or the millisecond, and moto's clock is this machine's.
+    assert all(before - 2 <= info.modified <= time.time() + 1 for info in infos)
+
+
+async def test_gc_spares_young_objects(origin: S3Origin, sample: SampleImage) -> None:
+    """gc over S3: an unreachable object goes only once its LastModified is past the grace."""
+    from p2pimg.ops import admin
+    from p2pimg.ops.publish import publish
+
+    await publish(f"oci:{sample.path}:1", "demo/app", "1", origin)
+    orphan = "p2pimg/blobs/sha256/" + "ab" * 32
+    await origin.put_bytes(orphan, b"uploaded by a publish whose tag is not written yet")
+    now = time.time()
+    fresh = await admin.plan_gc(origin, now=now)
+    assert not fresh.problems and fresh.garbage == [] and fresh.young == [orphan]
+    later = await admin.plan_gc(origin, now=now + admin.DEFAULT_GRACE + 60)
+    assert later.garbage == [orphan] and later.young == []
+    assert await admin.run_gc(origin, later) == 1
+    assert not await origin.exists(orphan)
+    assert (await admin.plan_gc(origin, grace=0)).garbage == []  # the published image is whole
+
+
 async def test_missing_keys(origin: S3Origin) -> None:
     with pytest.raises(OriginNotFound):
         await origin.get("p2pimg/blocks/nothing", max_size=100)

@@ -22,6 +22,7 @@ import itertools
 import os
 import re
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,9 +33,12 @@ import trio
 from p2pimg.errors import InvalidInput, OriginError, OriginNotFound
 from p2pimg.sources.origins import open_origin, storj_native
 from p2pimg.sources.origins import storj as storj_module
+from p2pimg.sources.origins.base import ObjectInfo
 from p2pimg.sources.origins.storj import StorjOrigin, parse_storj_url
 
 BUCKET = "bkt"
+# time.Time{}.Unix(): the `created` uplink-c gives an object listed without system metadata
+GO_ZERO_TIME = -62135596800
 LIVE_SKIP = ("live Storj test: set STORJ_ACCESS and P2PIMG_STORJ_BUCKET (an access grant and an "
              "existing bucket) to run it")
 
@@ -117,6 +121,8 @@ class FakeLibuplink:
         self.read_sizes: list[int] = []
         self.write_sizes: list[int] = []
         self.listings: list[tuple[str, bool]] = []  # (prefix, recursive)
+        self.listed_system: list[bool] = []  # whether each listing asked for system metadata
+        self.created: dict[str, int] = {}  # key -> creation time (Unix seconds; default: `clock`)
         self.fail: dict[str, tuple[int, str | None]] = {}  # function -> (code, message) to return
         self.eof_with_last_bytes = False  # return the last bytes of a download together with EOF
         self.write_limit: int | None = None  # accept at most this many bytes per write call
@@ -163,10 +169,11 @@ class FakeLibuplink:
             return self._error(*self.fail[name])
         return None
 
-    def _object(self, key: str) -> Any:
+    def _object(self, key: str, system: bool = True) -> Any:
         md = self.md
+        created = self.created.get(key, self.clock) if system else GO_ZERO_TIME
         return self._keep_ptr(md._ObjectStruct(key.encode(), False,
-                                               md._SystemMetadataStruct(0, 0, len(self.objects[key])),
+                                               md._SystemMetadataStruct(created, 0, len(self.objects[key])),
                                                md._CustomMetadataStruct()))
 
     def _lookup(self, bucket: Any, key: Any) -> tuple[str, Any]:
@@ -265,6 +272,7 @@ class FakeLibuplink:
             u["state"] = "committed"  # libuplink: a failed commit still ends the upload
             return error
         self.objects[u["key"]] = bytes(u["data"])
+        self.created[u["key"]] = self.clock
         u["state"] = "committed"
         return self._null_error()
 
@@ -293,9 +301,10 @@ class FakeLibuplink:
         prefix = opts.prefix.decode() if opts is not None and opts.prefix else ""
         recursive = bool(opts.recursive) if opts is not None else False
         self.listings.append((prefix, recursive))
+        self.listed_system.append(bool(opts.system) if opts is not None else False)
         assert not prefix or prefix.endswith("/"), "libuplink wants a listing prefix ending with /"
         state: dict[str, Any] = {"keys": sorted(k for k in self.objects if k.startswith(prefix)),
-                                 "i": -1, "error": None}
+                                 "i": -1, "error": None, "system": self.listed_system[-1]}
         if not recursive:  # collapse to the first level below the prefix
             state["keys"] = sorted({k for k in state["keys"] if "/" not in k[len(prefix):]})
         if _text(bucket) != BUCKET:
@@ -318,7 +327,7 @@ class FakeLibuplink:
 
     def _uplink_object_iterator_item(self, iterator: Any) -> Any:
         s = self.iterators[iterator.contents._handle]
-        return self._object(s["keys"][s["i"]])
+        return self._object(s["keys"][s["i"]], s["system"])
 
     def _uplink_object_iterator_err(self, iterator: Any) -> Any:
         s = self.iterators[iterator.contents._handle]
@@ -564,6 +573,7 @@ class FakeLibuplink:
         # Storj commits every segment of the upload, in (part, index) order.
         k = _text(key)
         self.objects[k] = b"".join(u["parts"][n]["data"] for n in sorted(u["parts"])) + self.commit_extra
+        self.created[k] = u["created"]  # Storj dates a multipart object by when its upload began
         u["state"] = "committed"
         return self.mp.commit_upload_result(object=self._object(k))
 
@@ -1440,6 +1450,67 @@ async def test_failed_listing_is_an_error_not_an_empty_list(origin: StorjOrigin,
     assert fake.freed["error"] == 2 and fake.freed["iterator"] == 2
 
 
+async def test_list_info_dates_objects_by_their_creation_time(origin: StorjOrigin,
+                                                             fake: FakeLibuplink) -> None:
+    fake.objects.update({"pre/p2pimg/blocks/b": b"", "pre/p2pimg/blocks/a": b"", "pre/p2pimg/tags/x/1": b""})
+    fake.created.update({"pre/p2pimg/blocks/a": 1_700_000_100, "pre/p2pimg/blocks/b": 1_700_000_200})
+    assert await origin.list_info("p2pimg/blocks/") == [
+        ObjectInfo("p2pimg/blocks/a", 1_700_000_100.0), ObjectInfo("p2pimg/blocks/b", 1_700_000_200.0)]
+    assert await origin.list("p2pimg/blocks/") == ["p2pimg/blocks/a", "p2pimg/blocks/b"]
+    # Creation times come only with system metadata, which a plain listing does not ask for.
+    assert fake.listings == [("pre/p2pimg/blocks/", True)] * 2 and fake.listed_system == [True, False]
+    assert fake.freed["iterator"] == 2 and fake.freed["object"] == 4 and fake.all_released()
+    # An object listed without a creation time must not look old: the listing is an error.
+    fake.created["pre/p2pimg/blocks/a"] = 0
+    with pytest.raises(OriginError, match="no creation time for 'p2pimg/blocks/a'"):
+        await origin.list_info("p2pimg/blocks/")
+    fake.list_fails_after = 1
+    with pytest.raises(OriginError, match="cannot list p2pimg/blocks/ on storj://bkt/pre: .*reset"):
+        await origin.list_info("p2pimg/blocks/")
+
+
+async def test_uploads_are_dated_as_storj_dates_them(origin: StorjOrigin, fake: FakeLibuplink) -> None:
+    await origin.put_bytes("p2pimg/blocks/small", b"x")  # a single upload: when it was committed
+    origin.part_size = 1 << 20
+    fake.clock = 1_700_000_500
+    data = _blob(3 << 20)
+    await origin.put_blob("p2pimg/blobs/sha256/big", lambda: io.BytesIO(data), len(data))
+    began = fake.created["pre/p2pimg/blobs/sha256/big"]  # multipart: when the upload began
+    assert began == 1_700_000_500 and fake.clock > began
+    assert {i.key: i.modified for i in await origin.list_info("p2pimg/")} == {
+        "p2pimg/blobs/sha256/big": began, "p2pimg/blocks/small": 1_700_000_000}
+
+
+async def test_gc_spares_young_objects(origin: StorjOrigin, fake: FakeLibuplink) -> None:
+    """gc over Storj: an unreachable object goes only once its creation time is past the grace."""
+    from p2pimg.ops import admin
+
+    now = 1_800_000_000
+    young, old = "p2pimg/blobs/sha256/" + "ab" * 32, "p2pimg/blobs/sha256/" + "cd" * 32
+    fake.objects.update({f"pre/{young}": b"y", f"pre/{old}": b"o", "pre/p2pimg/blocks/x": b""})
+    fake.created.update({f"pre/{young}": now - 60, f"pre/{old}": now - 3600,
+                         "pre/p2pimg/blocks/x": now - 3599})
+    plan = await admin.plan_gc(origin, now=now)
+    assert not plan.problems and plan.garbage == [old]
+    assert sorted(plan.young) == [young, "p2pimg/blocks/x"]
+    assert await admin.run_gc(origin, plan) == 1
+    assert f"pre/{old}" not in fake.objects and f"pre/{young}" in fake.objects
+
+
+def test_native_listing_runs_in_the_real_libuplink() -> None:
+    """The listing, as `NativeBucket.list_objects` makes it (system metadata asked for), on the real
+    library: an invalid project handle fails fast, offline, with the iterator's error."""
+    lib = _real_lib()
+    native = storj_native.NativeBucket(_wrapper(), BUCKET)
+    project = collections.namedtuple("project", "project uplink")(
+        ctypes.pointer(_wrapper().defs._ProjectStruct(1 << 40)),
+        collections.namedtuple("uplink", "m_libuplink")(lib))
+    for system in (True, False):
+        with pytest.raises(storj_native.NativeError, match="invalid handle") as caught:
+            native.list_objects(project, "p2pimg/", system=system)
+        assert caught.value.code == 0x04
+
+
 async def test_list_without_prefix(fake: FakeLibuplink, opened: Opened, strict_wrapper: None) -> None:
     origin = StorjOrigin(BUCKET, project_factory=opened)
     fake.objects.update({"p2pimg/tags/a/1": b"", "pre/p2pimg/tags/a/2": b""})
@@ -1632,6 +1703,9 @@ async def test_live_round_trip(live_origin: StorjOrigin) -> None:
         with pytest.raises(OriginError):
             await origin.get(blob, max_size=1000)
         assert await origin.list("p2pimg/") == sorted([blob, tag])
+        infos = await origin.list_info("p2pimg/")
+        assert [info.key for info in infos] == sorted([blob, tag])
+        assert all(abs(info.modified - time.time()) < 3600 for info in infos)  # the satellite's clock
         with pytest.raises(OriginNotFound):
             await _read(origin, "p2pimg/blocks/missing", 0, 1)
         await origin.delete(tag)

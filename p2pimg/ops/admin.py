@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import re
+import time
 from dataclasses import dataclass, field
 
 from p2pimg.content import dagcbor
 from p2pimg.content.cid import Cid
 from p2pimg.content.model import MAX_MANIFEST_SIZE, BlobMap, ImageRoot, TagRecord
-from p2pimg.errors import BlockInvalid, NotFound, P2pimgError
+from p2pimg.errors import BlockInvalid, InvalidInput, NotFound, P2pimgError
 from p2pimg.sources.origins import PREFIX, Origin, block_key, tag_key
 
 _TAGS = f"{PREFIX}/tags/"
+
+# gc spares unreachable objects written less than this long ago: a publish uploads an image's
+# blobs and blocks first and its tag last, so until then they are reachable from nothing.
+DEFAULT_GRACE = 3600.0
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of `90`, `90s`, `30m`, `1h` or `2d`."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*", text.lower())
+    if not match:
+        raise InvalidInput(f"invalid duration {text[:40]!r}: expected a number of seconds, or with "
+                           "s, m, h or d (e.g. 30m, 1h)")
+    return float(match[1]) * _UNITS[match[2]]
 
 
 async def list_tags(origin: Origin) -> dict[str, list[str]]:
@@ -36,14 +52,20 @@ class GcPlan:
     reachable_blobs: set[str] = field(default_factory=set)
     garbage: list[str] = field(default_factory=list)  # origin keys
     problems: list[str] = field(default_factory=list)
+    young: list[str] = field(default_factory=list)  # unreachable, but within the grace period: kept
 
 
-async def plan_gc(origin: Origin) -> GcPlan:
-    """Mark everything a tag reaches; the rest of blobs/ and blocks/ is garbage.
+async def plan_gc(origin: Origin, *, grace: float = DEFAULT_GRACE, now: float | None = None) -> GcPlan:
+    """Mark everything a tag reaches; the rest of blobs/ and blocks/ is garbage, except what was
+    written less than `grace` seconds before `now` (default: when the plan starts), which may be
+    a concurrent publish's, whose tag is not written yet.
 
     A tag whose image cannot be read keeps everything: deleting on partial knowledge could destroy
     what that image needs, so such a plan lists the problem and no garbage at all.
     """
+    # Ages count from before the tags are read: any publish whose tag this plan does not see
+    # wrote its tag later, so an object stays young for at least `grace` of that publish's time.
+    now = time.time() if now is None else now
     plan = GcPlan()
     for name, tags in (await list_tags(origin)).items():
         for tag in tags:
@@ -55,12 +77,13 @@ async def plan_gc(origin: Origin) -> GcPlan:
                 plan.problems.append(f"{name}:{tag}: {exc}")
     if plan.problems:
         return plan
-    for key in await origin.list(f"{PREFIX}/blocks/"):
-        if key.rpartition("/")[2] not in plan.reachable_blocks:
-            plan.garbage.append(key)
-    for key in await origin.list(f"{PREFIX}/blobs/sha256/"):
-        if "sha256:" + key.rpartition("/")[2] not in plan.reachable_blobs:
-            plan.garbage.append(key)
+    unreachable = [info for info in await origin.list_info(f"{PREFIX}/blocks/")
+                   if info.key.rpartition("/")[2] not in plan.reachable_blocks]
+    unreachable += [info for info in await origin.list_info(f"{PREFIX}/blobs/sha256/")
+                    if "sha256:" + info.key.rpartition("/")[2] not in plan.reachable_blobs]
+    for info in unreachable:
+        # Young, or dated in the future (a store's clock ahead of ours): kept.
+        (plan.young if now - info.modified < grace else plan.garbage).append(info.key)
     return plan
 
 
@@ -90,4 +113,4 @@ async def run_gc(origin: Origin, plan: GcPlan) -> int:
     return len(plan.garbage)
 
 
-__all__ = ["GcPlan", "list_tags", "plan_gc", "run_gc", "untag"]
+__all__ = ["DEFAULT_GRACE", "GcPlan", "list_tags", "parse_duration", "plan_gc", "run_gc", "untag"]

@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 
 _PIECE = 256 << 10
+_WARN_EVERY = 60.0  # seconds between warnings about refused requests made with the swarm key
 
 
 class TokenBucket:
@@ -95,6 +96,8 @@ class PeerService:
         self._bucket: TokenBucket | None = None
         self.warm = warm
         self.swarm_key = swarm_key
+        self.guard = swarmkey.SwarmGuard(swarm_key) if swarm_key is not None else None
+        self._warned_at = -_WARN_EVERY
 
     @classmethod
     def for_node(cls, node: Node) -> PeerService:
@@ -111,26 +114,47 @@ class PeerService:
         return response
 
     def gate(self, request: Request) -> Response | None:
-        """With a swarm key set, a request that does not prove it is refused (401/403) — on its
-        head, before any body is read (the listener calls this first, then `handle`)."""
-        if self.swarm_key is None:
+        """With a swarm key set, a request whose head does not prove it (a fresh proof, never seen
+        before, for this method and path) is refused (401/403) before any body is read: the
+        listener calls this first, then `handle`, which checks the body against the proof."""
+        if self.guard is None:
             return None
-        status = swarmkey.check(self.swarm_key, request.headers.get("authorization"), request.method,
-                                request.path)
-        if status == 200:
+        refusal = self._refusal(request, self.guard.admit(request.headers.get("authorization"),
+                                                          request.method, request.path))
+        request.admitted = refusal is None
+        return refusal
+
+    def _refusal(self, request: Request, verdict: swarmkey.Verdict) -> Response | None:
+        if verdict.ok:
             return None
         self.metrics.peer_requests.labels("refused").inc()
-        err = P2pimgError("this peer needs the swarm key" if status == 401 else "wrong swarm key")
-        err.oci_code, err.http_status = ("UNAUTHORIZED", 401) if status == 401 else ("DENIED", 403)
+        if verdict.signed and trio.current_time() - self._warned_at >= _WARN_EVERY:
+            # Made with the key, yet refused: someone replays captured requests, or a member's
+            # clock is off. Worth the log, at most once a minute.
+            self._warned_at = trio.current_time()
+            log.warning("refused a request from %s made with the swarm key: %s", request.client or "?",
+                        verdict.reason)
+        else:
+            log.debug("refused a peer request from %s: %s", request.client or "?", verdict.reason)
+        err = P2pimgError(verdict.reason)
+        err.oci_code, err.http_status = ("UNAUTHORIZED", 401) if verdict.status == 401 else ("DENIED", 403)
         response = error_response(err)
-        if status == 401:
+        if verdict.status == 401:
             response.headers.append(("www-authenticate", swarmkey.SCHEME))
         return response
 
     async def handle(self, request: Request) -> Response:
-        """A request from the LAN: with a swarm key set, only nodes that prove it get anything."""
-        refusal = self.gate(request)
-        return refusal if refusal is not None else await self.handle_local(request)
+        """A request from the LAN: with a swarm key set, only nodes that prove it get anything.
+        Its head was checked by `gate` on the listener (here when no listener did), its body is
+        checked here: it must be the body the proof was made for."""
+        if self.guard is not None:
+            refusal = None if request.admitted else self.gate(request)
+            if refusal is None:
+                refusal = self._refusal(request, self.guard.body_matches(
+                    request.headers.get("authorization"), request.body))
+            if refusal is not None:
+                return refusal
+        return await self.handle_local(request)
 
     async def handle_local(self, request: Request) -> Response:
         """A request from this machine (the node's own control endpoints), or one already let in.

@@ -11,8 +11,11 @@ from functools import partial
 
 import trio
 
+from p2pimg.errors import InvalidInput
 from p2pimg.node.config import Config, parse_listen
 from p2pimg.node.node import Node, clear_serve_info, open_node, write_serve_info
+from p2pimg.sources.upstream.dockerconfig import docker_config_path, load_credentials
+from p2pimg.sources.upstream.refs import is_loopback, registry_base
 from p2pimg.web.peerapi import PeerService
 from p2pimg.web.registry import Registry
 from p2pimg.web.server import Handler, Request, Response, listen, serve_connection
@@ -41,6 +44,29 @@ def local_control(node: Node, registry: Registry, peers: PeerService) -> Handler
     return handle
 
 
+def check_public_mirror(config: Config) -> None:
+    """A mirror pulling with the user's registry credentials serves what they reach to every
+    client of its registry listener: beyond loopback, that is anyone who can reach the address.
+    Refused (InvalidInput) unless `allow_public_mirror`, which logs a warning instead."""
+    host = parse_listen(config.listen)[0]
+    if not config.upstreams or is_loopback(host):
+        return
+    hosts = [registry_base(url)[1] for url in config.upstreams]
+    credentialed = [h for h in hosts if load_credentials(h) is not None]
+    if not credentialed:
+        return
+    what = (f"the mirror pulls from {', '.join(credentialed)} with your credentials "
+            f"(from {docker_config_path()})")
+    if config.allow_public_mirror:
+        log.warning("%s and its registry listens on %s, beyond this machine: anyone who can reach it "
+                    "can pull the private images those credentials reach (--allow-public-mirror)",
+                    what, config.listen)
+        return
+    raise InvalidInput(f"not serving on {config.listen}: {what}, so anyone who can reach that address "
+                       "could pull your private images; listen on 127.0.0.1, or pass "
+                       "--allow-public-mirror if that is what you want")
+
+
 def _raise_open_file_limit(wanted: int = 8192) -> None:
     """Every connection and open blob holds a descriptor: lift the soft limit (often 1024) toward
     the hard one, so the listeners' connection caps are reached before the descriptors run out."""
@@ -57,6 +83,7 @@ def _address(listeners: list[trio.SocketListener]) -> str:
 
 async def serve(config: Config, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until SIGINT/SIGTERM (or cancellation); `task_status` gets the bound HOST:PORT."""
+    check_public_mirror(config)  # before listening: nothing is served, not even for a moment
     _raise_open_file_limit()
     host, port = parse_listen(config.listen)
     listeners = await listen(host, port)  # before anything else: a busy port is a clear error

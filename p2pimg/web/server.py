@@ -89,6 +89,7 @@ class Request:
     client: str = ""  # the peer's IP address
     local: str = ""  # the address it connected to
     body: bytes = b""
+    admitted: bool = False  # a gate checked its head and let it in (see Gate)
     _releases: list[Callable[[], object]] = field(default_factory=list, repr=False)
 
     @property

@@ -417,6 +417,17 @@ def test_swarm_key_keeps_strangers_out(moto: str, nodes: Nodes, tmp_path: Path) 
     with pytest.raises(urllib.error.HTTPError) as denied:
         opener.open(forged, timeout=10)
     assert denied.value.code == 403
+    # A proof made with the key is good once: sent again (a capture replayed), it is refused.
+    from p2pimg.node.swarmkey import sign
+
+    proof = sign(key.read_text().strip().encode(), "GET", "/p2pimg/v1/info")
+    signed = urllib.request.Request(f"{a_peer}/p2pimg/v1/info", headers={"Authorization": proof})
+    with opener.open(signed, timeout=10) as answer:
+        assert answer.status == 200
+    with pytest.raises(urllib.error.HTTPError) as replayed:
+        opener.open(signed, timeout=10)
+    assert replayed.value.code == 403 and b"replayed" in replayed.value.read()
+    replayed.value.close()
 
     _, b_host, _ = nodes.start("b", origin, "--peer", a_peer, "--swarm-key-file", str(key))
     pull(b_host, tmp_path / "b-out", image)

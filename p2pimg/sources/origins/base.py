@@ -4,13 +4,34 @@ stream a blob is written from."""
 from __future__ import annotations
 
 import abc
+import datetime
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import BinaryIO
 
 from p2pimg.errors import OriginError
 
 BlobReader = Callable[[], BinaryIO]
 """Opens a fresh stream of a blob's bytes (publish may read a source twice)."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """An object of a listing, and when the store says it was written: seconds since the epoch
+    by the store's clock (a file's mtime, S3's LastModified, Storj's creation time; for S3 and
+    Storj multipart uploads, when the upload began)."""
+
+    key: str
+    modified: float
+
+
+def iso_seconds(text: str | None) -> float | None:
+    """A store's ISO 8601 timestamp (UTC when it names no zone) in seconds since the epoch."""
+    try:
+        when = datetime.datetime.fromisoformat((text or "").strip())
+    except ValueError:
+        return None
+    return (when if when.tzinfo else when.replace(tzinfo=datetime.UTC)).timestamp()
 
 
 class Origin(abc.ABC):
@@ -45,6 +66,11 @@ class Origin(abc.ABC):
     @abc.abstractmethod
     async def put_blob(self, key: str, open_reader: BlobReader, size: int) -> None:
         """Write a large object from a stream, atomically, in segment-sized parts."""
+
+    # Methods annotated with `list[...]` come before `list`: after it, the name means the method.
+    @abc.abstractmethod
+    async def list_info(self, prefix: str) -> list[ObjectInfo]:
+        """`list`, with when each object was written (garbage collection spares young objects)."""
 
     @abc.abstractmethod
     async def list(self, prefix: str) -> list[str]:

@@ -8,12 +8,13 @@ import os
 import re
 import tempfile
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 
 import trio
 
 from p2pimg.errors import InvalidInput, OriginError, OriginNotFound
-from p2pimg.sources.origins.base import BlobReader, Origin
+from p2pimg.sources.origins.base import BlobReader, ObjectInfo, Origin
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(?:/[A-Za-z0-9][A-Za-z0-9._-]*)*/?$")
 _PIECE = 1 << 20
@@ -125,14 +126,26 @@ class FileOrigin(Origin):
 
         await trio.to_thread.run_sync(remove)
 
+    def _walk(self, prefix: str, *, mtimes: bool) -> list[ObjectInfo]:
+        infos = []
+        for dirpath, _dirs, files in os.walk(self._path(prefix)):
+            rel = Path(dirpath).relative_to(self.root).as_posix()
+            for name in files:
+                if name.startswith(".part-"):  # a write in progress
+                    continue
+                modified = 0.0
+                if mtimes:
+                    try:
+                        modified = os.stat(os.path.join(dirpath, name)).st_mtime
+                    except FileNotFoundError:
+                        continue  # deleted since the directory was read
+                    except OSError as exc:
+                        raise OriginError(f"cannot list {prefix} in {self.url}: {exc}") from None
+                infos.append(ObjectInfo(f"{rel}/{name}", modified))
+        return sorted(infos, key=lambda info: info.key)
+
+    async def list_info(self, prefix: str) -> list[ObjectInfo]:
+        return await trio.to_thread.run_sync(partial(self._walk, prefix, mtimes=True))
+
     async def list(self, prefix: str) -> list[str]:
-        base = self._path(prefix)
-
-        def walk() -> list[str]:
-            keys = []
-            for dirpath, _dirs, files in os.walk(base):
-                rel = Path(dirpath).relative_to(self.root).as_posix()
-                keys += [f"{rel}/{f}" for f in files if not f.startswith(".part-")]
-            return sorted(keys)
-
-        return await trio.to_thread.run_sync(walk)
+        return [info.key for info in await trio.to_thread.run_sync(partial(self._walk, prefix, mtimes=False))]

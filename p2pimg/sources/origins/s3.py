@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import datetime
 import hashlib
 import ipaddress
 import os
@@ -28,7 +27,7 @@ from botocore.credentials import Credentials
 
 from p2pimg.errors import InvalidInput, OriginError, OriginNotFound
 from p2pimg.sources.httpbody import read_capped
-from p2pimg.sources.origins.base import BlobReader, Origin, open_source, read_source
+from p2pimg.sources.origins.base import BlobReader, ObjectInfo, Origin, iso_seconds, open_source, read_source
 from p2pimg.sources.origins.multipart import (
     MultipartBackend,
     Part,
@@ -354,11 +353,18 @@ class S3Origin(Origin):
                 raise OriginError(f"checking {key}: no Content-Length in the response")
             return int(declared)
 
-    async def list(self, prefix: str) -> list[str]:
+    async def list_info(self, prefix: str) -> list[ObjectInfo]:
+        listed = await self._listing(prefix)
+        if undated := [key for key, modified in listed if modified is None]:
+            raise OriginError(f"listing {prefix}: no valid LastModified for {undated[0][:100]!r}")
+        return [ObjectInfo(key, modified) for key, modified in listed if modified is not None]
+
+    async def _listing(self, prefix: str) -> list[tuple[str, float | None]]:
+        """(key, LastModified) of the objects below `prefix`, sorted."""
         bucket_prefix = self._key(prefix, prefix=True)
         strip = len(bucket_prefix) - len(prefix)
         what = f"listing {prefix}"
-        keys: list[str] = []
+        keys: list[tuple[str, float | None]] = []
         token: str | None = None
         seen: set[str] = set()
         while True:
@@ -378,14 +384,17 @@ class S3Origin(Origin):
                 name = _text(contents, "Key") or ""
                 name = unquote(name) if url_encoded else name
                 if name.startswith(bucket_prefix):
-                    keys.append(name[strip:])
+                    keys.append((name[strip:], iso_seconds(_text(contents, "LastModified"))))
             if not _truncated(root):
                 break
             token = _text(root, "NextContinuationToken")
             if not token or token in seen:
                 raise OriginError(f"{what}: truncated listing without a new continuation token")
             seen.add(token)
-        return sorted(keys)
+        return sorted(keys, key=lambda listed: listed[0])
+
+    async def list(self, prefix: str) -> list[str]:
+        return [key for key, _modified in await self._listing(prefix)]
 
     # -- writes ----------------------------------------------------------------------------
 
@@ -462,7 +471,7 @@ class S3Origin(Origin):
     async def _find_upload(self, key: str, bucket_key: str) -> tuple[str, dict[int, StoredPart]] | None:
         """The newest in-progress upload of exactly this key with its parts, if there is one."""
         what = f"looking for an upload of {key} to resume"
-        newest: tuple[datetime.datetime, str] | None = None
+        newest: tuple[float, str] | None = None
         markers: dict[str, str] = {}
         for _page in range(_MAX_LISTING_PAGES):
             params = {"uploads": "", "prefix": bucket_key, **markers}
@@ -474,12 +483,9 @@ class S3Origin(Origin):
                 upload_id = _text(upload, "UploadId")
                 if _text(upload, "Key") != bucket_key or not upload_id:
                     continue
-                try:
-                    started = datetime.datetime.fromisoformat(_text(upload, "Initiated") or "")
-                except ValueError:
+                started = iso_seconds(_text(upload, "Initiated"))
+                if started is None:
                     continue
-                if started.tzinfo is None:
-                    started = started.replace(tzinfo=datetime.UTC)
                 # `>=`: S3 lists one key's uploads oldest first, so on equal times the later wins.
                 if newest is None or started >= newest[0]:
                     newest = (started, upload_id)

@@ -18,13 +18,14 @@ import hashlib
 import os
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import trio
 
 from p2pimg.errors import InvalidInput, OriginError, OriginNotFound
-from p2pimg.sources.origins.base import BlobReader, Origin, open_source, read_source
+from p2pimg.sources.origins.base import BlobReader, ObjectInfo, Origin, open_source, read_source
 from p2pimg.sources.origins.multipart import (
     MultipartBackend,
     Part,
@@ -297,19 +298,31 @@ class StorjOrigin(Origin):
 
     # -- listing ---------------------------------------------------------------------------------
 
-    async def list(self, prefix: str) -> list[str]:
+    async def list_info(self, prefix: str) -> list[ObjectInfo]:
+        listed = await self._listing(prefix, system=True)
+        # A listing with system metadata gives every object its creation time; none (0, or Go's
+        # zero time) would mean the contract changed, and an unknown age must not look old.
+        if undated := [key for key, created in listed if created <= 0]:
+            raise OriginError(f"listing {prefix} on {self.url} gave no creation time for {undated[0]!r}")
+        return [ObjectInfo(key, float(created)) for key, created in listed]
+
+    async def _listing(self, prefix: str, *, system: bool) -> list[tuple[str, int]]:
         if not prefix.endswith("/"):
             raise InvalidInput(f"origin list prefix must end with '/': {prefix[:100]!r}")
         full = self._path(prefix.rstrip("/")) + "/"
         project = await self._project_handle()
-        keys = await self._call("list", prefix, self._native.list_objects, project, full)
+        listed = await self._call("list", prefix, partial(self._native.list_objects, system=system),
+                                  project, full)
         # libuplink returns whole keys (the listing prefix included); anything else would mean
         # its contract changed, and guessing would risk answering with the wrong keys.
-        if stray := [k for k in keys if not k.startswith(full)]:
+        if stray := [k for k, _created in listed if not k.startswith(full)]:
             raise OriginError(f"listing {full} on storj://{self.bucket} returned {stray[0]!r}, "
                               "which is outside the prefix")
         strip = len(self.prefix) + 1 if self.prefix else 0
-        return sorted(k[strip:] for k in keys)
+        return sorted((k[strip:], created) for k, created in listed)
+
+    async def list(self, prefix: str) -> list[str]:
+        return [key for key, _created in await self._listing(prefix, system=False)]
 
     async def aclose(self) -> None:
         async with self._project_lock:

@@ -489,16 +489,18 @@ class NativeBucket:
 
     # -- listing --------------------------------------------------------------------------------
 
-    def list_objects(self, project: Any, prefix: str) -> list[str]:
-        """Keys under `prefix` (blocking), with the iterator's error checked after the last item."""
+    def list_objects(self, project: Any, prefix: str, *, system: bool = False) -> list[tuple[str, int]]:
+        """(key, creation time) of the objects under `prefix` (blocking), with the iterator's error
+        checked after the last item. The creation time (Unix seconds) is listed only with `system`
+        (libuplink then includes each object's system metadata); without it, it means nothing."""
         defs = self.wrapper.defs
         lib = project.uplink.m_libuplink
-        options = defs._ListObjectsOptionsStruct(prefix.encode(), b"", True, False, False)
+        options = defs._ListObjectsOptionsStruct(prefix.encode(), b"", True, system, False)
         iterator = self.fn(lib, "uplink_list_objects")(project.project, self.bucket.encode(),
                                                       ctypes.byref(options))
 
-        def key(obj: Any) -> str | None:
-            return None if obj.is_prefix else str(obj.key.decode("utf-8"))
+        def key(obj: Any) -> tuple[str, int] | None:
+            return None if obj.is_prefix else (str(obj.key.decode("utf-8")), int(obj.system.created))
 
         return self.drain(lib, "object", iterator, key)
 
