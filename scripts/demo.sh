@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up a fresh Debian machine for p2pimg and run the main job on the embedded origin:
-# make a sample image offline, publish it, serve it on 127.0.0.1:5050 and pull it with skopeo.
+# make a sample image offline, publish it, serve it on 127.0.0.1:5050 and pull it with skopeo, in
+# a temporary home removed at the end (`--home DIR` works in DIR and keeps it; see `p2pimg demo -h`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -283,6 +283,33 @@ async def test_unsigned_accepted_with_a_warning_when_nothing_is_trusted(
     assert await Resolver(ChunkStore(tmp_path / "c2"), origin).resolve_tag(NAME, "1") == record.root
 
 
+async def test_the_unsigned_warning_is_given_once_per_home(
+    tmp_path: Path, images: tuple[SampleImage, SampleImage], caplog: pytest.LogCaptureFixture
+) -> None:
+    origin = FileOrigin(tmp_path / "origin")
+    await publish_as(images[0], origin, "1")
+    await publish_as(images[1], origin, "2")
+    home = tmp_path / "home"
+
+    async def warnings_of(home: Path, *tags: str) -> list[str]:
+        caplog.clear()
+        res = Resolver(ChunkStore(tmp_path / "cache"), origin, tag_ttl=0, trust=TrustStore(), home=home)
+        with caplog.at_level(logging.WARNING, logger="p2pimg.fetch.resolver"):
+            for tag in tags:
+                await res.resolve_tag(NAME, tag)
+        return [r.getMessage() for r in caplog.records if "no publisher key is trusted" in r.getMessage()]
+
+    first = await warnings_of(home, "1", "2", "1")
+    assert len(first) == 1 and f"p2pimg keygen --home {home}" in first[0] and "once for this home" in first[0]
+    assert await warnings_of(home, "1", "2") == []  # a later command on the same home: silence
+    assert len(await warnings_of(tmp_path / "other-home", "2")) == 1
+    # A home that cannot keep the note hears it every time rather than never.
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the home should be")
+    assert len(await warnings_of(blocked / "home", "1")) == 1
+    assert len(await warnings_of(blocked / "home", "1")) == 1
+
+
 # --- the record itself -----------------------------------------------------------------------------
 
 

@@ -6,12 +6,15 @@ name and tag it was asked for (tag records) before it is cached or handed on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import trio
@@ -59,6 +62,8 @@ IPFS_TAG = "latest"  # the one tag of an image named by its root CID
 _ROOT_CACHE = 256
 _MAP_CACHE = 4096
 _RELISTED_NAMES = 4096
+# In a home: the warning that unsigned tag records are accepted was given there (it is given once).
+UNSIGNED_NOTICE = "unsigned-tags-accepted"
 
 
 @dataclass(frozen=True)
@@ -70,14 +75,17 @@ class Manifest:
 
 class Resolver:
     def __init__(self, store: ChunkStore, origin: Origin, *, tag_ttl: float = 5.0,
-                 trust: TrustStore | None = None) -> None:
+                 trust: TrustStore | None = None, home: Path | None = None) -> None:
         self.store = store
         self.origin = origin
         self.tag_ttl = tag_ttl
         # Tag record policy: with trusted keys, only records signed by one of them; with none,
-        # records from our own origin as they are (with a warning once per tag).
+        # records from our own origin as they are, with a warning: once per `home` (a file there
+        # remembers it was given, so commands do not repeat it), else once per tag and process.
         self.trust = trust if trust is not None else TrustStore()
+        self.home = home
         self._warned_unverified: set[tuple[str, str]] = set()
+        self._warned_home = False
         self._warned_downgrade: set[tuple[str, str, int]] = set()
         self._roots: OrderedDict[Cid, ImageRoot] = OrderedDict()
         self._maps: OrderedDict[Cid, BlobMap] = OrderedDict()
@@ -86,6 +94,7 @@ class Resolver:
         self._published: dict[str, tuple[float, bool]] = {}
         self._block_flights: SingleFlight[Cid, bytes] = SingleFlight()
         self._relisted: dict[str, float] = {}  # name -> when a miss last made us re-list its tags
+        self._tags_checked: dict[str, float] = {}  # name -> when referrers last re-read its tags
         self._tag_flights: SingleFlight[tuple[str, str], Cid] = SingleFlight()
         self.on_blob_map: Callable[[BlobMap], None] = lambda _bmap: None  # the chunk index
         # Blocks by CID from LAN peers when the origin cannot give them (the node wires it).
@@ -273,12 +282,36 @@ class Resolver:
             log.debug("tag record of %s:%s (seq %d) signed by trusted key %s",
                       record.name, record.tag, record.seq, kid)
             return
-        if (record.name, record.tag) not in self._warned_unverified:
-            self._warned_unverified.add((record.name, record.tag))
+        if self._first_unsigned_notice(record):
             how = "unsigned" if record.key is None else f"signed by key {record.key}, not checked"
-            log.warning("no publisher key is trusted: accepting the %s tag record of %s:%s from the origin "
-                        "as it is (trust a key with --trust or $P2PIMG_HOME/trust/*.pub)",
-                        how, record.name, record.tag)
+            home = str(self.home) if self.home is not None else "$P2PIMG_HOME"
+            log.warning("no publisher key is trusted: accepting tag records from the origin unchecked "
+                        "(%s:%s is %s)%s. To accept only signed records, trust the publisher's key (copy "
+                        "its .pub file into %s/trust/), or, for images you publish: `p2pimg keygen "
+                        "--home %s`, then publish them again", record.name, record.tag, how,
+                        "; said once for this home" if self.home is not None else "", home, home)
+
+    def _first_unsigned_notice(self, record: TagRecord) -> bool:
+        """Whether to warn that `record` is taken unchecked: the first time in this home (or, with
+        no home, for this tag in this process); a home that cannot be written to hears it again."""
+        if (record.name, record.tag) in self._warned_unverified or self._warned_home:
+            return False
+        self._warned_unverified.add((record.name, record.tag))
+        if self.home is None:
+            return True
+        self._warned_home = True
+        # A few bytes, once per process: not worth a thread.
+        try:
+            self.home.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.home / UNSIGNED_NOTICE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        except OSError:
+            return True
+        with contextlib.suppress(OSError), os.fdopen(fd, "w") as f:
+            f.write("p2pimg warned once that this home trusts no publisher key and takes unsigned tag "
+                    "records; remove this file to be warned again.\n")
+        return True
 
     async def _no_downgrade(self, record: TagRecord) -> TagRecord:
         """The record to use: `record`, unless the cache holds a newer accepted one for the tag.
@@ -401,3 +434,25 @@ class Resolver:
         entry = found[1]
         assert isinstance(entry, BlobEntry)
         return entry
+
+    async def referrers(self, name: str, subject: str) -> list[tuple[str, ManifestEntry]]:
+        """GET /v2/<name>/referrers/<subject>: the manifests whose subject is `subject`, as
+        (digest, entry) in digest order (none for a subject the images do not know). For
+        `ipfs/<CID>`, that root's; for a name, those of every image its tags point at, the tags
+        read again after the tag TTL (an attach moves a tag: its artifact is listed as soon as the
+        tag is seen to move), and of the images they pointed at before."""
+        parse_digest(subject)
+        if not name.startswith(IPFS_PREFIX):
+            now = time.monotonic()
+            if now - self._tags_checked.get(name, -math.inf) >= self.tag_ttl:
+                for tag in await self.tags(name):  # NAME_UNKNOWN for a name that is not published
+                    try:
+                        await self.resolve_tag(name, tag)
+                    except (TagSignatureError, ManifestUnknown) as exc:  # refused, or untagged meanwhile
+                        log.warning("%s", exc.message)
+                self._tags_checked[name] = now
+        found: dict[str, ManifestEntry] = {}
+        for root in await self._roots_of(name):
+            for digest in root.referrers_of(subject):
+                found[digest] = root.manifests[digest]
+        return sorted(found.items())

@@ -55,6 +55,8 @@ class Config:
     swarm_key_file: str | None = None  # see swarmkey.load_swarm_key for the order of sources
     swarm_key_file_given: bool = False  # named on the command line: it wins over the environment
     peer_tls: tuple[str | None, str | None, str | None] = (None, None, None)  # cert, key, CA files
+    # serve a mirror that pulls with the user's credentials on a registry listener beyond loopback
+    allow_public_mirror: bool = False
 
     @property
     def cache_dir(self) -> Path:
@@ -68,7 +70,8 @@ def load_config(*, home: str | None = None, origin: str | None = None, listen: s
                 peer_rate: str | None = None, peer_max_requests: int | None = None,
                 cache_max: str | None = None, trust: list[str] | None = None,
                 swarm_key_file: str | None = None,
-                peer_tls: tuple[str | None, str | None, str | None] | None = None) -> Config:
+                peer_tls: tuple[str | None, str | None, str | None] | None = None,
+                allow_public_mirror: bool | None = None) -> Config:
     home_path = Path(home or os.environ.get("P2PIMG_HOME") or default_home()).expanduser().absolute()
     file_values: dict[str, Any] = {}
     config_file = home_path / "config.toml"
@@ -103,6 +106,10 @@ def load_config(*, home: str | None = None, origin: str | None = None, listen: s
     max_bytes = parse_size(chosen_cache_max) if chosen_cache_max is not None else None
     if max_bytes is not None and max_bytes < 0:
         raise InvalidInput(f"invalid cache size limit {chosen_cache_max!r}")
+    public_mirror = (allow_public_mirror if allow_public_mirror is not None
+                     else file_values.get("allow_public_mirror", False))
+    if not isinstance(public_mirror, bool):
+        raise InvalidInput(f"{config_file}: allow_public_mirror must be true or false")
     return Config(home=home_path, origin=chosen_origin, listen=chosen_listen, chunk_size=size,
                   upstreams=tuple(chosen_upstreams), upstream_tag_ttl=float(ttl),
                   policy=policy or file_values.get("policy") or "prefer-near",
@@ -113,7 +120,7 @@ def load_config(*, home: str | None = None, origin: str | None = None, listen: s
                   trust=tuple(trust or file_values.get("trust") or ()),
                   swarm_key_file=swarm_key_file or file_values.get("swarm_key_file"),
                   swarm_key_file_given=bool(swarm_key_file),
-                  peer_tls=_peer_tls(peer_tls, file_values))
+                  peer_tls=_peer_tls(peer_tls, file_values), allow_public_mirror=public_mirror)
 
 
 def _peer_tls(given: tuple[str | None, str | None, str | None] | None,

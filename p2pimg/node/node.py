@@ -234,7 +234,7 @@ async def open_node(config: Config, *, advertise: tuple[str, int] | None = None)
                               node_id=own_id)
             mirror = Mirror(store, upstreams, nursery, metrics, tag_ttl=config.upstream_tag_ttl,
                             chunk_size=config.chunk_size) if upstreams else None
-            resolver = Resolver(store, origin, trust=trust)
+            resolver = Resolver(store, origin, trust=trust, home=config.home)
             index = ChunkIndex()
             swarm = Swarm(fetcher, own_id, list(config.peers), client, discovery, tls=tls is not None)
             node = Node(config, nursery, own_id, store, origin, metrics, fetcher, resolver, mirror,
