@@ -53,7 +53,9 @@ ABOUT: dict[str, str] = {
         "Publish an image to the origin: its blobs are split into chunks named by their hash, what the "
         "origin lacks is uploaded, manifests are kept byte for byte (digests never change), and "
         "NAME:TAG is pointed at the new image root last. Prints the image root CID as the last line. "
-        "The tag record is signed when this home has a publisher key (p2pimg keygen)."),
+        "The tag record is signed when this home has a publisher key (p2pimg keygen). With --attach "
+        "FILE --artifact-type TYPE and no SOURCE, it attaches FILE as an artifact (a signature, an "
+        "SBOM) to the image NAME:TAG already names, listed by the referrers API."),
     "keygen": (
         "Make this home's ed25519 publisher key (in $P2PIMG_HOME/keys/). Tags published from this home "
         "are then signed, and the home trusts its own key, so it accepts only signed tag records from "
@@ -70,7 +72,8 @@ ABOUT: dict[str, str] = {
         " tag reaches any more."),
     "gc": (
         "List the origin's objects (blobs, blocks) that no tag reaches any more; with --yes, delete "
-        "them. S3 and Storj bill stored bytes."),
+        "them. Objects younger than --grace (1h) are kept, so a publish running now loses nothing. "
+        "S3 and Storj bill stored bytes."),
     "serve": (
         "Run the read-only OCI registry (127.0.0.1:5050 unless --listen says otherwise) in the "
         "foreground until Ctrl-C. It serves the published images by NAME:TAG and by ipfs/<CID>, "
