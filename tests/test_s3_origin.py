@@ -27,7 +27,8 @@ from botocore.credentials import Credentials
 from p2pimg.errors import InvalidInput, OriginError, OriginNotFound
 from p2pimg.ops.sample import SampleImage
 from p2pimg.sources.origins import open_origin
-from p2pimg.sources.origins.s3 import S3Location, S3Origin, parse_s3_url
+from p2pimg.sources.origins.s3 import S3Origin
+from p2pimg.sources.origins.s3url import S3Location, parse_s3_url
 
 MiB = 1 << 20
 PART = 64 * MiB

@@ -31,6 +31,7 @@ import pytest
 import trio
 from _support import published_home
 
+from p2pimg.cli import commands
 from p2pimg.cli import main as cli
 from p2pimg.content import dagcbor
 from p2pimg.content.cid import Cid
@@ -689,7 +690,7 @@ def _cli_config(args: list[str], home: Path, monkeypatch: pytest.MonkeyPatch) ->
     for var in ("P2PIMG_ORIGIN", "P2PIMG_CHUNK_SIZE", "P2PIMG_SWARM_KEY"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("P2PIMG_HOME", str(home))
-    return cli._config(cli.build_parser().parse_args(args))
+    return commands._config(cli.build_parser().parse_args(args))
 
 
 def test_serve_defaults_to_loopback_and_no_peer_listener(tmp_path: Path,
