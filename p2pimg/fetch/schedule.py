@@ -42,66 +42,24 @@ The decisions, each named in the tests (tests/unit/test_schedule.py):
   as a failure. With nothing left to start, a request that has made no progress for much longer
   than a chunk takes from the fastest holder is raced on another source; a stalled peer request
   is cancelled at once when hedged (a stranger may hold a slot open on purpose).
+
+*Membership* (`Scheduler.members`, None unless the caller sets it): with the swarm's node ids
+known, only the blob's `origin_fetchers` best ranked members fetch from the origin; why, and how a
+poll stays cheap with many peers and chunks (bit masks), is in `swarm.py`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from p2pimg.errors import OriginError, P2pimgError
+from p2pimg.fetch import swarm
 from p2pimg.fetch.policy import PreferNear, SourcePolicy, SourceStats
+from p2pimg.fetch.swarm import COMING, HAVE, SourceTraits, Span, Traits
 
-HAVE, COMING = 1, 2  # per-chunk inventory states a peer reports (0: missing)
-
-
-@dataclass(frozen=True, order=True)
-class Span:
-    """Chunks [first, end) of a blob."""
-
-    first: int
-    end: int
-
-    def __len__(self) -> int:
-        return self.end - self.first
-
-    def byte_range(self, size: int, chunk_size: int) -> tuple[int, int]:
-        return self.first * chunk_size, min(self.end * chunk_size, size)
-
-
-class SourceTraits(Protocol):
-    """What the core needs to know of a source (every `sources.base.ChunkSource` has these)."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def kind(self) -> str: ...  # "origin" | "peer" | "upstream"
-    @property
-    def limit(self) -> int: ...
-    @property
-    def max_span(self) -> int: ...
-    @property
-    def segment_size(self) -> int: ...
-    @property
-    def stall_timeout(self) -> float | None: ...
-    @property
-    def node_id(self) -> str | None: ...
-
-
-@dataclass(frozen=True)
-class Traits:
-    """Plain `SourceTraits` (for tests and the simulator)."""
-
-    name: str
-    kind: str
-    limit: int = 8
-    max_span: int = 16 << 20
-    segment_size: int = 64 << 20
-    stall_timeout: float | None = None
-    node_id: str | None = None
+__all__ = ["COMING", "HAVE", "SourceTraits", "Span", "Traits"]  # re-exported: the core's interface
 
 
 @dataclass
@@ -115,6 +73,7 @@ class ScheduleConfig:
     swarm_origin_requests: int = 3  # with peers, origin requests in flight per blob after that
     same_source_hedge: float = 5.0  # no progress for this long: race a request on its own source
     steal_after: float = 1.5  # the r-th ranked node takes an unseen block after r times this
+    origin_fetchers: int = 8  # with a membership list: nodes that fetch a blob from the origin
 
 
 @dataclass(eq=False)
@@ -158,15 +117,6 @@ class GiveUp:
 Action = Start | Cancel | GiveUp
 
 
-@dataclass
-class _Inventory:
-    """What one peer reports of one blob."""
-
-    states: bytes | None = None  # per chunk HAVE/COMING/0; b"" = the whole blob; None = nothing
-    verified: int = 0  # chunks it holds, as of the last report
-    grew_at: float = float("-inf")  # when `verified` last grew (or the peer was first heard of)
-
-
 class Scheduler:
     """A node's sources and what has been observed of them, shared by every blob's schedule."""
 
@@ -175,6 +125,8 @@ class Scheduler:
         self.policy = policy or PreferNear()
         self.config = config or ScheduleConfig()
         self.node_id = node_id
+        # The swarm's node ids (this one's included), if the caller knows them: see swarm.py.
+        self.members: frozenset[str] | None = None
         self.sources: dict[str, SourceTraits] = {}
         self.stats: dict[str, SourceStats] = {}
         self._ids = 0
@@ -214,8 +166,9 @@ class BlobSchedule:
         self.requested = [0] * self.count  # requests in flight covering each chunk
         self.failures = [0] * self.count  # per chunk, by the origin or upstream
         self.peer_failed: dict[int, set[str]] = {}  # chunk -> peers that failed it
+        self.failed_chunks: set[int] = set()  # chunks the origin (or upstream) failed
         self.requests: dict[int, Request] = {}
-        self.inventories: dict[str, _Inventory] = {}
+        self.inventories: dict[str, swarm.Inventory] = {}
         self.last_failure: P2pimgError | None = None
         self.error: P2pimgError | None = None
         self.started = now
@@ -236,6 +189,8 @@ class BlobSchedule:
         for pos, i in enumerate(order):
             self.position[i] = pos
         self.cursor = 0  # no chunk before order[cursor] is waiting to be requested
+        self._all = (1 << self.count) - 1
+        self.ranking = swarm.Ranking(scheduler.node_id, digest)
 
     # -- what the caller reads ---------------------------------------------------------------
 
@@ -253,11 +208,12 @@ class BlobSchedule:
     def inventory(self, source: str, states: bytes | None, now: float) -> None:
         """What a peer holds of the blob: per chunk HAVE/COMING/0, b"" for all of it, None for
         nothing. Its claims to be bringing chunks are believed while its holdings grow."""
-        inv = self.inventories.setdefault(source, _Inventory())
+        inv = self.inventories.setdefault(source, swarm.Inventory())
         verified = self.count if states == b"" else (states.count(HAVE) if states else 0)
         if states is not None and (inv.states is None or verified > inv.verified):
             inv.grew_at = now
-        inv.states, inv.verified = states, verified
+        inv.report(states)
+        inv.verified = verified
 
     def progressed(self, request: Request, now: float) -> None:
         """Bytes arrived for `request` (not yet a whole chunk, perhaps). A request that receives
@@ -379,6 +335,11 @@ class BlobSchedule:
         stats = self.scheduler.stats[name]
         return not stats.banned and now >= stats.unavailable_until
 
+    def _failing(self, name: str, now: float) -> bool:
+        """Banned, or backing off after errors (not merely after declining a request: busy)."""
+        stats = self.scheduler.stats[name]
+        return stats.banned or (stats.errors > 0 and now < stats.unavailable_until)
+
     def holders(self, index: int) -> list[SourceTraits]:
         """Sources that may be asked for chunk `index`: they hold it, are not banned, and (peers)
         have not failed it in this fetch."""
@@ -394,6 +355,9 @@ class BlobSchedule:
             return False
         if now - self.started < self.config.slow_start:
             return True
+        if self.scheduler.members is not None and len(self.scheduler.members) > 1 and any(
+                s.kind == "peer" and not self._failing(s.name, now) for s in self.scheduler.sources.values()):
+            return True  # it knows the swarm fetches the blob too, whether or not its peers progress
         return any(self.participates(p.name, now) for p in live_peers)
 
     def _slow_start(self, now: float) -> bool:
@@ -405,58 +369,88 @@ class BlobSchedule:
     def owner_rank(self, index: int, now: float, live_peers: list[SourceTraits]) -> int:
         """This node's rank among the nodes taking part in the blob for chunk `index`'s block
         (0: the owner; rendezvous hashing, the same ranking on every node)."""
-        node_id = self.scheduler.node_id
-        if not node_id:
-            return 0
-        nodes = {p.node_id for p in live_peers if p.node_id and self.participates(p.name, now)}
-        nodes.discard(node_id)
-        if not nodes:
-            return 0
-        block = index // self.block_chunks
-        mine = _score(node_id, self.digest, block)
-        return sum(1 for n in nodes if _score(n, self.digest, block) > mine)
+        return self.ranking.rank(index // self.block_chunks, *self._taking_part(now, live_peers))
 
-    def _left_to_others(self, index: int, now: float, live_peers: list[SourceTraits]) -> bool:
+    def _taking_part(self, now: float, live_peers: list[SourceTraits]) -> tuple[frozenset[str], int]:
+        """The other nodes this one is ranked among for each block, and what to add to its rank
+        among them (see `swarm.Ranking.among`)."""
+        node_id = self.scheduler.node_id
+        seen = frozenset(p.node_id for p in live_peers
+                         if p.node_id and p.node_id != node_id and self.participates(p.name, now))
+        return self.ranking.among(seen, self.scheduler.members, self.config.origin_fetchers)
+
+    def _left_to_others(self, index: int, now: float, seen: int, nodes: tuple[frozenset[str], int]) -> bool:
         """Leave chunk `index` to the owner of its block. The node ranked r-th takes a block that
         nobody in its view holds or brings once it has been idle (asked the origin for nothing of
-        its own) and the block unseen, both for r times `steal_after`."""
-        rank = self.owner_rank(index, now, live_peers)
+        its own) and the block unseen, both for r times `steal_after` (`seen`: bits of the chunks
+        live peers hold or bring). With a membership list, the chunk itself must be held or brought
+        by a peer that has not failed it: a hostile fetcher cannot strand half a block."""
+        block = index // self.block_chunks
+        if self.scheduler.members is None:
+            visible = bool(seen >> (block * self.block_chunks) & ((1 << self.block_chunks) - 1))
+        else:
+            visible = bool(seen >> index & 1) and (index not in self.peer_failed or any(
+                s.kind == "peer" and s.name not in self.peer_failed[index] and self._live(s.name, now)
+                and (self.holds(s, index) or self.coming(s.name, index, now))
+                for s in self.scheduler.sources.values()))
+        if nodes[1]:  # ranked after the fetchers: its rank is at least nodes[1], whatever the rest
+            if visible:
+                self.unseen_since.pop(block, None)
+                return True
+            since = max(self.unseen_since.setdefault(block, now), self.last_own_dispatch)
+            if now - since < nodes[1] * self.config.steal_after:
+                return True
+        rank = self.ranking.rank(block, *nodes)
         if rank == 0:
             return False
-        block = index // self.block_chunks
-        lo, hi = block * self.block_chunks, min(self.count, (block + 1) * self.block_chunks)
-        if any(self.holds(p, j) or self.coming(p.name, j, now) for p in live_peers for j in range(lo, hi)):
+        if visible:
             self.unseen_since.pop(block, None)
             return True
         since = max(self.unseen_since.setdefault(block, now), self.last_own_dispatch)
         self.stealing = now - since >= rank * self.config.steal_after
         return not self.stealing
 
-    def _waiting_for_peer(self, index: int, now: float) -> bool:
+    def _waiting_for_peer(self, index: int, now: float, coming: int) -> bool:
         """Leave chunk `index` to a healthy peer that is fetching it, for a while, rather than
-        ask the origin for it too."""
-        coming = [s for s in self.scheduler.sources.values() if s.kind == "peer"
-                  and self.coming(s.name, index, now) and self._live(s.name, now)]
-        if not coming:
+        ask the origin for it too (`coming`: chunks live, progressing peers bring, as bits)."""
+        if not coming >> index & 1:
             self.coming_since.pop(index, None)
             return False
         since = self.coming_since.setdefault(index, now)
         return now - since < self.config.coming_grace
 
     def _dispatch(self, now: float, actions: list[Action]) -> bool:
-        """Start requests for every chunk nobody is fetching, as far as sources allow."""
+        """Start requests for every chunk nobody is fetching, as far as sources allow. What a chunk
+        needs to know of the peers is gathered once per poll, as bit masks (`swarm.PeerView`)."""
         have, order, requested = self.have, self.order, self.requested
         sources = self.scheduler.sources
         stats = self.scheduler.stats
         live_peers = [s for s in sources.values() if s.kind == "peer" and self._live(s.name, now)]
         sharing = self._sharing(now, live_peers)
-        while self.cursor < self.count and (have[order[self.cursor]] or requested[order[self.cursor]]):
+        nodes = self._taking_part(now, live_peers) if sharing else (frozenset[str](), 0)
+        count = self.count
+        view = swarm.peer_view(list(sources.values()), stats, self.inventories, count, now,
+                               lambda n: self._progressing(n, now), lambda n: self._failing(n, now))
+        held, healthy, reachable, seen, far_held = (
+            view.held, view.healthy, view.reachable, view.seen, view.far_held)
+        # PreferNear waits while a healthy peer holds a chunk and none of them has a free slot.
+        nearest_first = type(self.scheduler.policy) is PreferNear
+        members = self.scheduler.members is not None
+        free = view.free()
+        # The origin has as many requests in flight as sharing allows (None: not asked yet).
+        limited: bool | None = None
+        peers_known = any(s.kind == "peer" for s in sources.values())
+        while self.cursor < count and (have[order[self.cursor]] or requested[order[self.cursor]]):
             self.cursor += 1
+        scan: Sequence[int] = order[self.cursor:]
+        if members and sharing and nodes[1] and now - self.started < nodes[1] * self.config.steal_after:
+            # Outside the fetchers, early on: nothing from the origin (its rank is too low to
+            # steal yet); only chunks a peer may bring now, or that must end the fetch, are seen.
+            failed = [*self.peer_failed, *(i for i in self.failed_chunks
+                                           if self.failures[i] >= self.config.attempts)]
+            scan = swarm.may_start(have, requested, free | ~(held | far_held), failed, self.position)
         started = False
-        pos = self.cursor
-        while pos < self.count:
-            i = order[pos]
-            pos += 1
+        for i in scan:
             if have[i] or requested[i]:
                 continue
             if self.failures[i] >= self.config.attempts:
@@ -464,17 +458,39 @@ class BlobSchedule:
                 self.error = type(last)(f"chunk {i} of {self.digest} failed {self.failures[i]} times, "
                                         f"giving up; last: {last.message}")
                 return started
-            holders = self.holders(i)
-            if not holders:
+            holders: list[SourceTraits] | None = None
+            if i in self.peer_failed:
+                holders = self.holders(i)
+                far_only = not any(s.kind == "peer" and not (members and self._failing(s.name, now))
+                                   for s in holders)
+            else:
+                far_only = not (reachable if members else held) >> i & 1
+                if not (held | far_held) >> i & 1:
+                    holders = []
+            if holders is not None and not holders:
                 why = f"; last: {self.last_failure.message}" if self.last_failure else ""
                 self.error = OriginError(f"no usable source has chunk {i} of {self.digest}{why}")
                 return started
-            far_only = not any(s.kind == "peer" for s in holders)
-            if far_only and self._waiting_for_peer(i, now):
+            if far_only and self._waiting_for_peer(i, now, view.coming):
                 continue
             self.stealing = False
-            if far_only and sharing and self._left_to_others(i, now, live_peers):
+            if far_only and sharing and self._left_to_others(i, now, seen, nodes):
                 continue
+            if holders is None and far_only:
+                if sharing and peers_known:
+                    if limited is None:
+                        limited = self._slow_start(now)
+                    if limited:
+                        continue  # only the origin has it, and the origin has enough in flight
+                holders = [s for s, bits in view.far if bits >> i & 1]
+            elif holders is None:
+                if nearest_first and healthy >> i & 1 and not free >> i & 1:
+                    if view.everywhere >> i & 1:
+                        break  # every source holds it and none can take it now
+                    continue
+                if members and sharing and reachable >> i & 1 and not free >> i & 1:
+                    continue  # its peers are busy or said "not now": wait for them (see below)
+                holders = self.holders(i)
             chosen = self.scheduler.policy.choose([stats[s.name] for s in holders], now)
             if chosen is None:
                 if len(holders) == len(sources):
@@ -483,10 +499,17 @@ class BlobSchedule:
             source = sources[chosen.name]
             if source.kind != "peer" and sharing and self._slow_start(now):
                 continue  # peers may be starting on this blob too: let them say what they take
+            if (source.kind != "peer" and sharing and not far_only and members
+                    and any(s.kind == "peer" and not self._failing(s.name, now) for s in holders)):
+                continue  # a peer that holds it only said "not now" (busy): wait for it
             span = self._grow_span(source, i, live_peers, sharing, now)
             actions.append(Start(self._start(source, span, now)))
             if source.kind != "peer" and not self.stealing:
                 self.last_own_dispatch = now  # its own work, not a block taken from its owner
+            if source.kind == "peer":
+                free = view.free()
+            elif not limited:
+                limited = None
             started = True
         return started
 
@@ -518,8 +541,15 @@ class BlobSchedule:
         stats = self.scheduler.stats
         policy = self.scheduler.policy
         cancelled = {a.request.id for a in actions if isinstance(a, Cancel)}
+        # The default `should_hedge` races nothing idle for a second or less: skip those early.
+        patient = type(policy).should_hedge is SourcePolicy.should_hedge
+        # With a membership list, the origin's share of a shared blob is the fetchers' alone.
+        fetchers_only = self.scheduler.members is not None and self._sharing(now, [
+            s for s in self.scheduler.sources.values() if s.kind == "peer" and self._live(s.name, now)])
         for request in list(self.requests.values()):
             if request.hedged or request.id in cancelled or request.next_index >= request.span.end:
+                continue
+            if patient and now - request.last_progress <= 1.0:
                 continue
             holders = self.holders(request.next_index)
             mine = stats[request.source]
@@ -539,6 +569,11 @@ class BlobSchedule:
                 # link or machine a second request would only send the same bytes twice.
                 chosen = policy.choose_hedge([mine], now)
             if chosen is None:
+                continue
+            if fetchers_only and request.kind == "peer" and chosen.kind != "peer":
+                # Not the origin: stop it; another peer, or the owner split, takes its chunks.
+                request.hedged = request.overtaken = True
+                actions.append(Cancel(request, True, "stalled"))
                 continue
             request.hedged = True
             if request.kind == "peer" and chosen.name != request.source:
@@ -562,8 +597,4 @@ class BlobSchedule:
             self.peer_failed.setdefault(index, set()).add(request.source)
         else:
             self.failures[index] += 1
-
-
-def _score(node: str, digest: str, block: int) -> bytes:
-    return hashlib.blake2b(f"{node}/{digest}/{block}".encode(), digest_size=8).digest()
-
+            self.failed_chunks.add(index)
