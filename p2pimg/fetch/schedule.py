@@ -174,7 +174,6 @@ class BlobSchedule:
         self.started = now
         self.last_own_dispatch = now  # when this node last asked the origin for a chunk
         self.coming_since: dict[int, float] = {}
-        self.stealing = False  # the chunk being dispatched belongs to another node's block
         self.unseen_since: dict[int, float] = {}  # block -> when it was first seen owned elsewhere
         self.received: dict[str, int] = {}  # verified bytes by kind of source
         self.swarm = any(s.kind == "peer" for s in scheduler.sources.values())
@@ -379,10 +378,11 @@ class BlobSchedule:
                          if p.node_id and p.node_id != node_id and self.participates(p.name, now))
         return self.ranking.among(seen, self.scheduler.members, self.config.origin_fetchers)
 
-    def _left_to_others(self, index: int, now: float, seen: int, nodes: tuple[frozenset[str], int]) -> bool:
-        """Leave chunk `index` to the owner of its block. The node ranked r-th takes a block that
-        nobody in its view holds or brings once it has been idle (asked the origin for nothing of
-        its own) and the block unseen, both for r times `steal_after` (`seen`: bits of the chunks
+    def _claim(self, index: int, now: float, seen: int, nodes: tuple[frozenset[str], int]) -> str:
+        """Whose turn chunk `index` is: "own" (this node owns its block), "leave" (to its owner), or
+        "steal" (another node owns it and has had its time). The node ranked r-th takes a block
+        that nobody in its view holds or brings once it has been idle (asked the origin for nothing
+        of its own) and the block unseen, both for r times `steal_after` (`seen`: bits of the chunks
         live peers hold or bring). With a membership list, the chunk itself must be held or brought
         by a peer that has not failed it: a hostile fetcher cannot strand half a block."""
         block = index // self.block_chunks
@@ -393,22 +393,14 @@ class BlobSchedule:
                 s.kind == "peer" and s.name not in self.peer_failed[index] and self._live(s.name, now)
                 and (self.holds(s, index) or self.coming(s.name, index, now))
                 for s in self.scheduler.sources.values()))
-        if nodes[1]:  # ranked after the fetchers: its rank is at least nodes[1], whatever the rest
-            if visible:
-                self.unseen_since.pop(block, None)
-                return True
-            since = max(self.unseen_since.setdefault(block, now), self.last_own_dispatch)
-            if now - since < nodes[1] * self.config.steal_after:
-                return True
-        rank = self.ranking.rank(block, *nodes)
+        rank = self.ranking.rank(block, *nodes)  # after the fetchers (nodes[1]) when not one of them
         if rank == 0:
-            return False
+            return "own"
         if visible:
             self.unseen_since.pop(block, None)
-            return True
+            return "leave"
         since = max(self.unseen_since.setdefault(block, now), self.last_own_dispatch)
-        self.stealing = now - since >= rank * self.config.steal_after
-        return not self.stealing
+        return "steal" if now - since >= rank * self.config.steal_after else "leave"
 
     def _waiting_for_peer(self, index: int, now: float, coming: int) -> bool:
         """Leave chunk `index` to a healthy peer that is fetching it, for a while, rather than
@@ -473,8 +465,8 @@ class BlobSchedule:
                 return started
             if far_only and self._waiting_for_peer(i, now, view.coming):
                 continue
-            self.stealing = False
-            if far_only and sharing and self._left_to_others(i, now, seen, nodes):
+            claim = self._claim(i, now, seen, nodes) if far_only and sharing else "own"
+            if claim == "leave":
                 continue
             if holders is None and far_only:
                 if sharing and peers_known:
@@ -504,7 +496,7 @@ class BlobSchedule:
                 continue  # a peer that holds it only said "not now" (busy): wait for it
             span = self._grow_span(source, i, live_peers, sharing, now)
             actions.append(Start(self._start(source, span, now)))
-            if source.kind != "peer" and not self.stealing:
+            if source.kind != "peer" and claim == "own":
                 self.last_own_dispatch = now  # its own work, not a block taken from its owner
             if source.kind == "peer":
                 free = view.free()

@@ -17,7 +17,7 @@ whatever the number of peers and chunks:
   members) take the origin's share, split among themselves block by block; everyone else ranks
   after them. Few fetchers keep few origin requests in flight, so their chunks come out early and
   steadily for the swarm to trade. The schedule's other rules for this case are listed where
-  they apply (`BlobSchedule._sharing`, `_dispatch`, `_left_to_others`, `_hedge`).
+  they apply (`BlobSchedule._sharing`, `_dispatch`, `_claim`, `_hedge`).
 """
 
 from __future__ import annotations
