@@ -8,8 +8,13 @@ from p2pimg.content import cid
 
 _DIGEST = b"sha256:" + b"0123456789abcdef" * 4
 _BIN = bytes([0x01, 0x71, 0x12, 0x20]) + bytes(range(32))
-SEEDS = [_DIGEST, _BIN, bytes([0x01, 0x55, 0x12, 0x20]) + bytes(32),
-         str(cid.Cid.from_bytes(_BIN)).encode(), b"QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG"]
+SEEDS = [
+    _DIGEST,
+    _BIN,
+    bytes([0x01, 0x55, 0x12, 0x20]) + bytes(32),
+    str(cid.Cid.from_bytes(_BIN)).encode(),
+    b"QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG",
+]
 
 
 def test_one_input(data: bytes) -> None:

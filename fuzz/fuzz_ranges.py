@@ -6,8 +6,15 @@ import _harness  # first: puts the project on sys.path
 
 from p2pimg.web import ranges
 
-SEEDS = [b"bytes=0-", b"bytes=0-99", b"bytes=-5", b"BYTES = 10-20", b"items=1-2", b"bytes=1-2,3-4",
-         b"bytes=99999999999999999999-"]
+SEEDS = [
+    b"bytes=0-",
+    b"bytes=0-99",
+    b"bytes=-5",
+    b"BYTES = 10-20",
+    b"items=1-2",
+    b"bytes=1-2,3-4",
+    b"bytes=99999999999999999999-",
+]
 SIZES = [0, 1, 100, 1 << 20, (1 << 63) + 7]
 
 

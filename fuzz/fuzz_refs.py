@@ -8,9 +8,17 @@ from p2pimg.content import model
 from p2pimg.node import config, warm
 from p2pimg.web import registry
 
-SEEDS = [b"demo/app:1", b"library/alpine:3.20",
-         b"ipfs/bafyreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy",
-         b"a.b__c-d/e:_T.1", b"127.0.0.1:5000", b"[::1]:0", b"64MiB", b"4k", b"1048576"]
+SEEDS = [
+    b"demo/app:1",
+    b"library/alpine:3.20",
+    b"ipfs/bafyreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy",
+    b"a.b__c-d/e:_T.1",
+    b"127.0.0.1:5000",
+    b"[::1]:0",
+    b"64MiB",
+    b"4k",
+    b"1048576",
+]
 
 
 def test_one_input(data: bytes) -> None:

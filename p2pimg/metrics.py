@@ -24,29 +24,48 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.source_bytes = Counter("p2pimg_source_bytes", "Verified bytes received, by kind of source",
-                                    ["source"], registry=r)
-        self.source_requests = Counter("p2pimg_source_requests", "Requests sent to sources, by kind",
-                                       ["source"], registry=r)
+        self.source_bytes = Counter(
+            "p2pimg_source_bytes", "Verified bytes received, by kind of source", ["source"], registry=r
+        )
+        self.source_requests = Counter(
+            "p2pimg_source_requests", "Requests sent to sources, by kind", ["source"], registry=r
+        )
         self.verify_failures = Counter(
-            "p2pimg_verify_failures", "Chunks or blobs not matching their CID or digest, by kind of source",
-            ["source"], registry=r)
+            "p2pimg_verify_failures",
+            "Chunks or blobs not matching their CID or digest, by kind of source",
+            ["source"],
+            registry=r,
+        )
         self.served_bytes = Counter(
-            "p2pimg_served_bytes", "Blob and manifest bytes sent to registry clients", registry=r)
+            "p2pimg_served_bytes", "Blob and manifest bytes sent to registry clients", registry=r
+        )
         self.cache_requests = Counter(
-            "p2pimg_cache_requests", "Blob requests served from the cache (hit) or fetched (miss)",
-            ["result"], registry=r)
+            "p2pimg_cache_requests",
+            "Blob requests served from the cache (hit) or fetched (miss)",
+            ["result"],
+            registry=r,
+        )
         self.span_seconds = Histogram(
-            "p2pimg_fetch_span_seconds", "Time to fetch one span, by kind of source", ["source"], registry=r,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+            "p2pimg_fetch_span_seconds",
+            "Time to fetch one span, by kind of source",
+            ["source"],
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
         self.first_byte_seconds = Histogram(
-            "p2pimg_fetch_first_byte_seconds", "Time to the first byte of a source request", ["source"],
-            registry=r, buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 5))
+            "p2pimg_fetch_first_byte_seconds",
+            "Time to the first byte of a source request",
+            ["source"],
+            registry=r,
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 5),
+        )
         self.hedges = Counter("p2pimg_fetch_hedges", "Slow spans raced by a second source", registry=r)
         self.peer_requests = Counter(
-            "p2pimg_peer_requests", "Peer requests served or refused as busy (429)", ["result"], registry=r)
+            "p2pimg_peer_requests", "Peer requests served or refused as busy (429)", ["result"], registry=r
+        )
         self.peer_served_bytes = Counter(
-            "p2pimg_peer_served_bytes", "Bytes sent to peers from the peer listener", registry=r)
+            "p2pimg_peer_served_bytes", "Bytes sent to peers from the peer listener", registry=r
+        )
         for result in ("served", "busy", "refused"):
             self.peer_requests.labels(result)
         for kind in ("origin", "peer", "upstream"):

@@ -53,8 +53,7 @@ async def guarded(what: str, fn: Callable[..., Awaitable[Any]], *args: Any) -> N
     except BaseExceptionGroup as group:  # noqa: B036 — split: Cancelled must still pass
         cancelled, rest = group.split(trio.Cancelled)
         if rest is not None:
-            log.error("%s failed with an unexpected error; the node keeps serving", what,
-                      exc_info=rest)
+            log.error("%s failed with an unexpected error; the node keeps serving", what, exc_info=rest)
         if cancelled is not None:
             raise cancelled from None
 

@@ -97,6 +97,8 @@ failed=()
 
 log "ruff check p2pimg tests bench tools fuzz"
 .venv/bin/ruff check p2pimg tests bench tools fuzz || failed+=(ruff)
+log "ruff format --check"
+.venv/bin/ruff format --check --quiet . || failed+=(ruff-format)
 
 log "mypy --strict p2pimg bench tools"
 .venv/bin/mypy --strict p2pimg bench tools || failed+=(mypy)

@@ -81,12 +81,21 @@ class LayoutWriter:
             index["manifests"].append(entry)
             (self.path / "index.json").write_text(json.dumps(index))
         artifact_type = doc.get("artifactType") or (doc["config"]["mediaType"] if "config" in doc else None)
-        return Written(desc["digest"], desc["size"], doc["mediaType"], artifact_type,
-                       dict(doc.get("annotations", {})))
+        return Written(
+            desc["digest"], desc["size"], doc["mediaType"], artifact_type, dict(doc.get("annotations", {}))
+        )
 
-    def artifact(self, subject: Written | None, artifact_type: str | None, payload: bytes, *,
-                 annotations: dict[str, str] | None = None, config_media_type: str = EMPTY_MEDIA_TYPE,
-                 subject_digest: str | None = None, in_index: bool = True) -> Written:
+    def artifact(
+        self,
+        subject: Written | None,
+        artifact_type: str | None,
+        payload: bytes,
+        *,
+        annotations: dict[str, str] | None = None,
+        config_media_type: str = EMPTY_MEDIA_TYPE,
+        subject_digest: str | None = None,
+        in_index: bool = True,
+    ) -> Written:
         """An image manifest with `subject`: with `artifact_type` an OCI 1.1 artifact over the empty
         config; without, its config's media type is what the referrers API reports."""
         config = EMPTY_BLOB if config_media_type == EMPTY_MEDIA_TYPE else b'{"kind": "example"}'
@@ -110,8 +119,13 @@ class LayoutWriter:
 
     def index_artifact(self, subject: Written, annotations: dict[str, str]) -> Written:
         """An image index with a subject and no artifactType: listed without one."""
-        doc = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [],
-               "subject": subject.subject_descriptor, "annotations": annotations}
+        doc = {
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [],
+            "subject": subject.subject_descriptor,
+            "annotations": annotations,
+        }
         return self.manifest(doc)
 
 
@@ -138,8 +152,13 @@ def layout_with_referrers(source: Path, dest: Path, tag: str = "1") -> WithRefer
     top = w.tagged(tag)
     sbom = w.artifact(top, SBOM, b'{"sbom": true}', annotations={"org.example.format": "json"})
     signature = w.artifact(top, SIGNATURE, b"signature of the image")
-    typed = w.artifact(top, None, b"typed by its config", config_media_type=CONFIG_TYPED,
-                       annotations={"org.example.kind": "config-typed"})
+    typed = w.artifact(
+        top,
+        None,
+        b"typed by its config",
+        config_media_type=CONFIG_TYPED,
+        annotations={"org.example.kind": "config-typed"},
+    )
     index = w.index_artifact(top, {"org.example.kind": "index"})
     sbom_signature = w.artifact(sbom, SIGNATURE, b"signature of the sbom")
     stranger = w.artifact(None, SBOM, b"of something else", subject_digest=sha256(b"elsewhere"))

@@ -39,11 +39,17 @@ async def published_home(tmp: Path, sample: SampleImage) -> tuple[FileOrigin, Ci
     return origin, report.root
 
 
-async def start_registry(nursery: trio.Nursery, store: ChunkStore, origin: Origin,
-                         config: FetchConfig | None = None, metrics: Metrics | None = None) -> str:
+async def start_registry(
+    nursery: trio.Nursery,
+    store: ChunkStore,
+    origin: Origin,
+    config: FetchConfig | None = None,
+    metrics: Metrics | None = None,
+) -> str:
     metrics = metrics or Metrics()
-    fetcher = Fetcher(store, [OriginSource(origin)], nursery, metrics=metrics,
-                      config=config or FetchConfig(tick=0.05))
+    fetcher = Fetcher(
+        store, [OriginSource(origin)], nursery, metrics=metrics, config=config or FetchConfig(tick=0.05)
+    )
     registry = Registry(store, Resolver(store, origin), fetcher, metrics)
     listeners = await nursery.start(serve_http, registry.handle, "127.0.0.1", 0)
     host, port = listeners[0].socket.getsockname()[:2]

@@ -22,9 +22,12 @@ from p2pimg.store.chunks import ChunkStore
 @pytest.fixture(scope="session")
 def sample(tmp_path_factory: pytest.TempPathFactory) -> SampleImage:
     """Three layers: ~1 MiB gzip, ~300 KiB plain, and an empty-payload layer."""
-    return write_oci_layout(tmp_path_factory.mktemp("img") / "layout",
-                            [LayerSpec(1 << 20, files=3), LayerSpec(300 << 10, "none"), LayerSpec(0)],
-                            tag="1", seed=7)
+    return write_oci_layout(
+        tmp_path_factory.mktemp("img") / "layout",
+        [LayerSpec(1 << 20, files=3), LayerSpec(300 << 10, "none"), LayerSpec(0)],
+        tag="1",
+        seed=7,
+    )
 
 
 @pytest.fixture

@@ -18,8 +18,13 @@ from p2pimg.sources.origins import FileOrigin
 
 
 def cli(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "p2pimg", *args, "--home", str(home)],
-                          capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "p2pimg", *args, "--home", str(home)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def origin_keys(home: Path) -> set[str]:

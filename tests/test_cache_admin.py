@@ -26,9 +26,14 @@ HOUR = 3600.0
 
 
 def run_cli(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "p2pimg", *args, "--home", str(home)],
-                          capture_output=True, text=True, timeout=60, check=False,
-                          env={**os.environ, "P2PIMG_MDNS": "0"})
+    return subprocess.run(
+        [sys.executable, "-m", "p2pimg", *args, "--home", str(home)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "P2PIMG_MDNS": "0"},
+    )
 
 
 async def cli(*args: str, home: Path) -> subprocess.CompletedProcess[str]:

@@ -22,15 +22,23 @@ UNSIGNED_WARNING = "no publisher key is trusted"
 PACKAGE = Path(__file__).resolve().parents[1] / "p2pimg"
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None,
-            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "p2pimg", *args], capture_output=True, text=True,
-                          timeout=120, check=False, cwd=cwd,
-                          env={**os.environ, "P2PIMG_MDNS": "0", **(env or {})})
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "p2pimg", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=cwd,
+        env={**os.environ, "P2PIMG_MDNS": "0", **(env or {})},
+    )
 
 
-def parsers(parser: argparse.ArgumentParser,
-            path: str = "p2pimg") -> Iterator[tuple[str, argparse.ArgumentParser]]:
+def parsers(
+    parser: argparse.ArgumentParser, path: str = "p2pimg"
+) -> Iterator[tuple[str, argparse.ArgumentParser]]:
     """Every parser under `parser` (itself included), by command path."""
     yield path, parser
     for action in parser._actions:
@@ -54,8 +62,9 @@ def test_every_command_has_a_description_and_every_option_a_help_text() -> None:
                 continue
             name = "/".join(action.option_strings) or action.metavar or action.dest
             assert action.help and action.help != argparse.SUPPRESS, f"{path} {name}: no help text"
-    assert {"p2pimg publish", "p2pimg serve", "p2pimg cache verify", "p2pimg demo",
-            "p2pimg sample"} <= set(seen)
+    assert {"p2pimg publish", "p2pimg serve", "p2pimg cache verify", "p2pimg demo", "p2pimg sample"} <= set(
+        seen
+    )
 
 
 def test_top_level_help_speaks_to_users_and_names_the_environment_and_config_file() -> None:
@@ -95,8 +104,10 @@ def test_sample_writes_a_layout_and_an_archive_that_publish_accepts(tmp_path: Pa
     assert (tmp_path / "app.tar").is_file()
     # It prints the README's two publish commands; they work as printed.
     commands = result.stdout.splitlines()
-    assert commands == ["p2pimg publish oci:./layout:1 demo/app:1",
-                        "p2pimg publish docker-archive:./app.tar demo/app:2"]
+    assert commands == [
+        "p2pimg publish oci:./layout:1 demo/app:1",
+        "p2pimg publish docker-archive:./app.tar demo/app:2",
+    ]
     roots = []
     for command in commands:
         published = run_cli(*command.split()[1:], "--home", str(home), cwd=tmp_path)
@@ -145,8 +156,9 @@ def test_the_unsigned_tags_warning_is_given_once_per_home(tmp_path: Path) -> Non
 @pytest.mark.skipif(shutil.which("skopeo") is None, reason="skopeo is not installed (apt-get install skopeo)")
 def test_demo_works_in_a_home_of_its_own(tmp_path: Path) -> None:
     users_home = tmp_path / "users-home"
-    result = run_cli("demo", "--listen", "127.0.0.1:0",
-                     env={"P2PIMG_HOME": str(users_home), "TMPDIR": str(tmp_path)})
+    result = run_cli(
+        "demo", "--listen", "127.0.0.1:0", env={"P2PIMG_HOME": str(users_home), "TMPDIR": str(tmp_path)}
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert not users_home.exists()
     demo_home = re.search(r"^demo home: (\S+) \(temporary", result.stdout, re.MULTILINE)

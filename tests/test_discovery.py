@@ -43,8 +43,9 @@ def txt(**fields: str | None) -> dict[bytes, bytes | None]:
 
 
 def service(name: str, node: str, addresses: list[str], port: int = 5051, v: str = "1") -> ServiceInfo:
-    return ServiceInfo(SERVICE_TYPE, name, port=port, properties={"node": node, "v": v},
-                       parsed_addresses=addresses)
+    return ServiceInfo(
+        SERVICE_TYPE, name, port=port, properties={"node": node, "v": v}, parsed_addresses=addresses
+    )
 
 
 # --- URLs ------------------------------------------------------------------------------------
@@ -63,8 +64,9 @@ def test_peer_url_escapes_an_ipv6_zone() -> None:
     assert peer_url("fe80::1%3", 5051) == "http://[fe80::1%253]:5051"
 
 
-@pytest.mark.parametrize(("address", "port"), [("10.0.0.1", 0), ("10.0.0.1", 65536), ("host.lan", 80),
-                                               ("10.0.0", 80)])
+@pytest.mark.parametrize(
+    ("address", "port"), [("10.0.0.1", 0), ("10.0.0.1", 65536), ("host.lan", 80), ("10.0.0", 80)]
+)
 def test_peer_url_rejects_bad_input(address: str, port: int) -> None:
     with pytest.raises(ValueError):
         peer_url(address, port)
@@ -113,11 +115,14 @@ def test_parse_txt_rejects(properties: dict[bytes, bytes | None], reason: str) -
 
 
 def test_one_entry_per_usable_address_sorted() -> None:
-    found = announcements(NAME_B, txt(node="b", v="1"), ["fd00::2", "10.0.0.10", "10.0.0.9", "10.0.0.9"],
-                          5051, own_node_id="me")
-    assert found == (PeerAnnouncement("http://10.0.0.9:5051", "b", NAME_B),
-                     PeerAnnouncement("http://10.0.0.10:5051", "b", NAME_B),
-                     PeerAnnouncement("http://[fd00::2]:5051", "b", NAME_B))
+    found = announcements(
+        NAME_B, txt(node="b", v="1"), ["fd00::2", "10.0.0.10", "10.0.0.9", "10.0.0.9"], 5051, own_node_id="me"
+    )
+    assert found == (
+        PeerAnnouncement("http://10.0.0.9:5051", "b", NAME_B),
+        PeerAnnouncement("http://10.0.0.10:5051", "b", NAME_B),
+        PeerAnnouncement("http://[fd00::2]:5051", "b", NAME_B),
+    )
 
 
 def test_our_own_announcement_is_skipped() -> None:
@@ -140,8 +145,9 @@ def test_unusable_addresses_are_dropped() -> None:
         (txt(node="b", v="3"), ["10.0.0.2"], 5051, "protocol version"),
     ],
 )
-def test_bad_announcements_raise(properties: dict[bytes, bytes | None], addresses: list[str],
-                                 port: int | None, reason: str) -> None:
+def test_bad_announcements_raise(
+    properties: dict[bytes, bytes | None], addresses: list[str], port: int | None, reason: str
+) -> None:
     with pytest.raises(AnnouncementError, match=reason):
         announcements(NAME_B, properties, addresses, port, own_node_id="me")
 
@@ -324,8 +330,9 @@ async def test_bad_announcements_are_ignored(caplog: pytest.LogCaptureFixture) -
         await settled(listener, "add_service", NAME_C)
         assert "protocol version '2'" in caplog.text
 
-        net.infos[NAME_C] = ServiceInfo(SERVICE_TYPE, NAME_C, port=5051, properties=b"\x05node=",
-                                        parsed_addresses=["10.0.0.3"])
+        net.infos[NAME_C] = ServiceInfo(
+            SERVICE_TYPE, NAME_C, port=5051, properties=b"\x05node=", parsed_addresses=["10.0.0.3"]
+        )
         await settled(listener, "add_service", NAME_C)
 
         def broken(zc: Zeroconf, type_: str, name: str) -> ServiceInfo | None:
@@ -380,8 +387,9 @@ class FakeZeroconf:
         self.close_delay = 0.0
         FakeZeroconf.instances.append(self)
 
-    def register_service(self, info: ServiceInfo, ttl: int | None = None,
-                         allow_name_change: bool = False) -> None:
+    def register_service(
+        self, info: ServiceInfo, ttl: int | None = None, allow_name_change: bool = False
+    ) -> None:
         assert threading.current_thread() is not threading.main_thread(), "blocking call on the trio thread"
         self.calls.append("register")
         if self.register_error is not None:
@@ -421,8 +429,9 @@ def fakes(monkeypatch: pytest.MonkeyPatch) -> tuple[list[FakeZeroconf], list[Fak
     return FakeZeroconf.instances, FakeBrowser.instances
 
 
-async def test_run_registers_browses_and_cleans_up(fakes: tuple[list[FakeZeroconf], list[FakeBrowser]],
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_run_registers_browses_and_cleans_up(
+    fakes: tuple[list[FakeZeroconf], list[FakeBrowser]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     zcs, browsers = fakes
     d = Discovery(node_id="me", advertise=("0.0.0.0", 5051), interfaces=["127.0.0.1", "192.0.2.7"])
     peer = service(NAME_B, "b", ["192.0.2.8"])
@@ -457,9 +466,11 @@ async def test_browse_only(fakes: tuple[list[FakeZeroconf], list[FakeBrowser]]) 
     assert zcs[0].calls == ["browse", "cancel", "close"]
 
 
-async def test_a_failed_registration_still_browses(fakes: tuple[list[FakeZeroconf], list[FakeBrowser]],
-                                                   monkeypatch: pytest.MonkeyPatch,
-                                                   caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_failed_registration_still_browses(
+    fakes: tuple[list[FakeZeroconf], list[FakeBrowser]],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     zcs, _ = fakes
 
     def failing(**kwargs: Any) -> FakeZeroconf:
@@ -477,8 +488,9 @@ async def test_a_failed_registration_still_browses(fakes: tuple[list[FakeZerocon
     assert "name conflict storm" in caplog.text
 
 
-async def test_zeroconf_that_cannot_start_means_empty_discovery(monkeypatch: pytest.MonkeyPatch,
-                                                                caplog: pytest.LogCaptureFixture) -> None:
+async def test_zeroconf_that_cannot_start_means_empty_discovery(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     def no_multicast(**kwargs: Any) -> Zeroconf:
         raise OSError(19, "No such device")
 
@@ -493,13 +505,16 @@ async def test_zeroconf_that_cannot_start_means_empty_discovery(monkeypatch: pyt
     assert len(warnings) == 1 and "No such device" in warnings[0].getMessage()
 
 
-async def test_a_hung_shutdown_is_abandoned(fakes: tuple[list[FakeZeroconf], list[FakeBrowser]],
-                                            monkeypatch: pytest.MonkeyPatch,
-                                            caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_hung_shutdown_is_abandoned(
+    fakes: tuple[list[FakeZeroconf], list[FakeBrowser]],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     zcs, browsers = fakes
     monkeypatch.setattr(discovery, "CLOSE_TIMEOUT", 0.2)
-    monkeypatch.setattr(discovery, "resolve_service",
-                        lambda zc, type_, name: service(name, "b", ["10.0.0.2"]))
+    monkeypatch.setattr(
+        discovery, "resolve_service", lambda zc, type_, name: service(name, "b", ["10.0.0.2"])
+    )
     d = Discovery(node_id="me", advertise=None)
     with caplog.at_level(logging.WARNING, logger="p2pimg.node.discovery"):
         async with trio.open_nursery() as nursery:

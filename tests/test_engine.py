@@ -22,17 +22,29 @@ CHUNK = 64 << 10
 
 def make_blob(size: int, seed: int = 3) -> tuple[bytes, BlobMap]:
     data = random.Random(seed).randbytes(size)
-    chunks = tuple(Cid.of_raw(data[i:i + CHUNK]) for i in range(0, size, CHUNK))
+    chunks = tuple(Cid.of_raw(data[i : i + CHUNK]) for i in range(0, size, CHUNK))
     return data, BlobMap(digest_of(data), size, CHUNK, chunks)
 
 
 class MemorySource(ChunkSource):
     """A source serving a blob from memory, with switchable misbehaviour."""
 
-    def __init__(self, name: str, kind: str, data: bytes, *, limit: int = 4, max_span: int = 4 * CHUNK,
-                 segment: int = 8 * CHUNK, lie: bool = False, stall_after: int | None = None,
-                 fail_first: int = 0, delay: float = 0.0, holds: set[int] | None = None,
-                 busy_first: int = 0) -> None:
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        data: bytes,
+        *,
+        limit: int = 4,
+        max_span: int = 4 * CHUNK,
+        segment: int = 8 * CHUNK,
+        lie: bool = False,
+        stall_after: int | None = None,
+        fail_first: int = 0,
+        delay: float = 0.0,
+        holds: set[int] | None = None,
+        busy_first: int = 0,
+    ) -> None:
         self.name, self.kind, self.data = name, kind, data
         self.limit, self.max_span, self.segment_size = limit, max_span, segment
         self.lie, self.stall_after, self.fail_first, self.delay = lie, stall_after, fail_first, delay
@@ -63,7 +75,7 @@ class MemorySource(ChunkSource):
                 if self.stall_after is not None and pos - start >= self.stall_after:
                     await trio.sleep_forever()
                 await trio.sleep(self.delay)
-                piece = bytearray(self.data[pos:min(pos + 16384, start + length)])
+                piece = bytearray(self.data[pos : min(pos + 16384, start + length)])
                 if self.lie:
                     piece[0] ^= 0xFF
                 pos += len(piece)
@@ -96,11 +108,11 @@ async def fetch_fails(fetcher: Fetcher, store: ChunkStore, bmap: BlobMap, match:
     assert not store.has_blob(bmap.digest)
 
 
-def engine(tmp_path: Path, nursery: trio.Nursery, sources: list[ChunkSource],
-           **config: float) -> tuple[Fetcher, ChunkStore, Metrics]:
+def engine(
+    tmp_path: Path, nursery: trio.Nursery, sources: list[ChunkSource], **config: float
+) -> tuple[Fetcher, ChunkStore, Metrics]:
     store, metrics = ChunkStore(tmp_path / "cache"), Metrics()
-    fetcher = Fetcher(store, sources, nursery, metrics=metrics,
-                      config=FetchConfig(tick=0.02, **config))  # type: ignore[arg-type]
+    fetcher = Fetcher(store, sources, nursery, metrics=metrics, config=FetchConfig(tick=0.02, **config))  # type: ignore[arg-type]
     return fetcher, store, metrics
 
 
@@ -112,8 +124,9 @@ def counter(metrics: Metrics, name: str, kind: str) -> float:
 
 async def test_spans_respect_size_segments_and_limits(tmp_path: Path, nursery: trio.Nursery) -> None:
     data, bmap = make_blob(50 * CHUNK + 123)
-    origin = MemorySource("origin", "origin", data, limit=3, max_span=4 * CHUNK, segment=8 * CHUNK,
-                          delay=0.001)
+    origin = MemorySource(
+        "origin", "origin", data, limit=3, max_span=4 * CHUNK, segment=8 * CHUNK, delay=0.001
+    )
     fetcher, store, metrics = engine(tmp_path, nursery, [origin])
     await fetch_all(fetcher, bmap)
     assert store.blob_path(bmap.digest).read_bytes() == data
@@ -168,8 +181,9 @@ async def test_gives_up_with_the_last_error(tmp_path: Path, nursery: trio.Nurser
 
 async def test_straggler_is_hedged(tmp_path: Path, nursery: trio.Nursery) -> None:
     data, bmap = make_blob(12 * CHUNK)
-    stuck = MemorySource("stuck", "peer", data, stall_after=CHUNK, max_span=12 * CHUNK, segment=64 * CHUNK,
-                         limit=1)
+    stuck = MemorySource(
+        "stuck", "peer", data, stall_after=CHUNK, max_span=12 * CHUNK, segment=64 * CHUNK, limit=1
+    )
     origin = MemorySource("origin", "origin", data)
     fetcher, store, metrics = engine(tmp_path, nursery, [origin, stuck], stall_timeout=60)
     await fetch_all(fetcher, bmap)  # when the hedge is made is the core's (test_schedule.py)
@@ -204,7 +218,8 @@ async def test_stall_timeout_fails_over(tmp_path: Path, nursery: trio.Nursery) -
 
 
 async def test_last_reader_leaving_cancels_but_keeps_verified_chunks(
-        tmp_path: Path, nursery: trio.Nursery) -> None:
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
     data, bmap = make_blob(40 * CHUNK)
     slow = MemorySource("slow", "origin", data, limit=1, max_span=CHUNK, delay=0.01)
     fetcher, store, _ = engine(tmp_path, nursery, [slow])
@@ -255,15 +270,23 @@ FAKE_PEERS = 8
 
 def fake_peers(data: bytes, misbehaviour: str) -> list[MemorySource]:
     """LAN hosts that claim every chunk and then reset, stall after a few bytes, or send garbage."""
-    return [MemorySource(f"fake{k}", "peer", data, fail_first=10**6 if misbehaviour == "reset" else 0,
-                         stall_after=100 if misbehaviour == "stall" else None,
-                         lie=misbehaviour == "garbage")
-            for k in range(FAKE_PEERS)]
+    return [
+        MemorySource(
+            f"fake{k}",
+            "peer",
+            data,
+            fail_first=10**6 if misbehaviour == "reset" else 0,
+            stall_after=100 if misbehaviour == "stall" else None,
+            lie=misbehaviour == "garbage",
+        )
+        for k in range(FAKE_PEERS)
+    ]
 
 
 @pytest.mark.parametrize("misbehaviour", ["reset", "stall", "garbage"])
 async def test_any_number_of_failing_peers_cannot_fail_a_pull(
-        tmp_path: Path, nursery: trio.Nursery, misbehaviour: str) -> None:
+    tmp_path: Path, nursery: trio.Nursery, misbehaviour: str
+) -> None:
     """Eight peers that claim everything and never deliver: the pull completes from the origin,
     every byte verified; each fake peer, on probation (one request at a time until it delivers),
     is asked a few times at most and left holding no request."""
@@ -285,7 +308,8 @@ async def test_any_number_of_failing_peers_cannot_fail_a_pull(
 
 
 async def test_peer_failures_do_not_use_up_the_origins_attempts(
-        tmp_path: Path, nursery: trio.Nursery) -> None:
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
     """The attempt limit counts the origin's failures only: an origin that fails twice (with
     attempts=3) still delivers, however many peers failed the same chunks before it."""
     data, bmap = make_blob(8 * CHUNK)
@@ -296,7 +320,8 @@ async def test_peer_failures_do_not_use_up_the_origins_attempts(
 
 
 async def test_without_the_origin_failing_peers_end_the_fetch_with_a_reason(
-        tmp_path: Path, nursery: trio.Nursery) -> None:
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
     """No origin to fall back on: once every peer holding a chunk has failed it, the fetch fails,
     saying so and quoting the last failure."""
     data, bmap = make_blob(4 * CHUNK)
@@ -314,8 +339,8 @@ def test_a_peer_failing_again_and_again_is_dropped_for_longer_each_time() -> Non
             s.started()
             s.failed(100.0)
         until.append(peer.unavailable_until - 100.0)
-    assert until[:DROP_AFTER_ERRORS - 1] == sorted(until[:DROP_AFTER_ERRORS - 1]) and until[0] < 1
-    assert until[DROP_AFTER_ERRORS - 1:] == [DROP_BASE, 2 * DROP_BASE, 4 * DROP_BASE]
+    assert until[: DROP_AFTER_ERRORS - 1] == sorted(until[: DROP_AFTER_ERRORS - 1]) and until[0] < 1
+    assert until[DROP_AFTER_ERRORS - 1 :] == [DROP_BASE, 2 * DROP_BASE, 4 * DROP_BASE]
     assert origin.unavailable_until - 100.0 <= 8.0  # the origin backs off, is never dropped
     peer.started()
     peer.finished(CHUNK, 0.1, 0.01)

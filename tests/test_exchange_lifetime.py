@@ -92,11 +92,22 @@ def open_fds() -> int:
 GET = b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
-@pytest.mark.parametrize("ending", ["before the head", "mid-body", "after the body", "HEAD",
-                                    "handler error", "handler fails after taking", "body aborts",
-                                    "server shuts down"])
+@pytest.mark.parametrize(
+    "ending",
+    [
+        "before the head",
+        "mid-body",
+        "after the body",
+        "HEAD",
+        "handler error",
+        "handler fails after taking",
+        "body aborts",
+        "server shuts down",
+    ],
+)
 async def test_every_ending_releases_what_the_exchange_took(
-        nursery: trio.Nursery, blob_file: Path, ending: str) -> None:
+    nursery: trio.Nursery, blob_file: Path, ending: str
+) -> None:
     ledger = Ledger()
     handler_started, handler_done = trio.Event(), trio.Event()
 
@@ -112,9 +123,11 @@ async def test_every_ending_releases_what_the_exchange_took(
         if ending == "handler fails after taking":
             raise AbortResponse("failed after opening the file")
         if ending == "body aborts":
+
             async def broken() -> AsyncIterator[BodyPart]:
                 yield b"x" * 1000
                 raise AbortResponse("the source failed")
+
             response = Response(200, [("content-length", str(BODY))], broken())
         handler_done.set()
         return response
@@ -159,7 +172,8 @@ async def test_every_ending_releases_what_the_exchange_took(
 
 
 async def test_a_body_that_stops_moving_is_cut_and_a_fast_reader_beside_it_is_served(
-        nursery: trio.Nursery, blob_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    nursery: trio.Nursery, blob_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With a 0.5 s window and 1 MiB/s minimum: a client that reads 1 KiB every 0.1 s is cut
     within a few windows (whatever the kernel buffered for it at first), another that stops
     reading altogether too, and one that reads at full speed gets every byte meanwhile."""
@@ -199,7 +213,8 @@ async def test_a_body_that_stops_moving_is_cut_and_a_fast_reader_beside_it_is_se
 
 
 async def test_a_reader_at_the_minimum_rate_is_not_cut(
-        nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A slow but steady client (about four times the minimum rate) gets the whole body."""
     monkeypatch.setattr(http, "SEND_WINDOW", 0.5)
     monkeypatch.setattr(http, "MIN_SEND_RATE", 128 << 10)
@@ -213,6 +228,7 @@ async def test_a_reader_at_the_minimum_rate_is_not_cut(
 
         async def body() -> AsyncIterator[BodyPart]:
             yield FileRegion(fd, 0, len(data))
+
         return Response(200, [("content-length", str(len(data)))], body())
 
     port = await start(nursery, handler)
@@ -232,7 +248,8 @@ async def test_a_reader_at_the_minimum_rate_is_not_cut(
 
 
 async def test_a_bug_in_a_warm_job_fails_that_job_only(
-        tmp_path: Path, sample: SampleImage, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, sample: SampleImage, monkeypatch: pytest.MonkeyPatch
+) -> None:
     home = tmp_path / "home"
     await published_home(home, sample)
     async with serving(_config(home)) as s:
@@ -257,12 +274,14 @@ async def test_a_bug_in_a_warm_job_fails_that_job_only(
 
 
 async def test_a_bug_in_a_background_task_ends_that_task_only(
-        tmp_path: Path, sample: SampleImage, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, sample: SampleImage, caplog: pytest.LogCaptureFixture
+) -> None:
     from p2pimg.tasks import guarded
 
     home = tmp_path / "home"
     await published_home(home, sample)
     async with serving(_config(home)) as s:
+
         async def buggy() -> None:
             await trio.sleep(0)
             raise KeyError("injected bug")
@@ -276,7 +295,8 @@ async def test_a_bug_in_a_background_task_ends_that_task_only(
 
 
 async def test_a_body_waiting_on_its_source_is_not_cut(
-        nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch) -> None:
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Only time spent waiting for the client counts toward the send rule: a body whose source
     pauses for two windows between parts (a slow origin mid-fetch) reaches a fast client whole."""
     monkeypatch.setattr(http, "SEND_WINDOW", 0.5)
@@ -289,6 +309,7 @@ async def test_a_body_waiting_on_its_source_is_not_cut(
             for _ in range(3):
                 yield part
                 await trio.sleep(1.0)
+
         return Response(200, [("content-length", str(3 * len(part)))], body())
 
     port = await start(nursery, handler)
@@ -302,8 +323,10 @@ async def test_a_peer_busy_uploading_still_says_what_it_holds(tmp_path: Path, sa
     /info still answer (they take no slot); once the transfer ends, its slot serves again."""
     home = tmp_path / "home"
     await published_home(home, sample)
-    async with (serving(_config(home, peer_max_requests=1, peer_rate=64 << 10)) as s,
-                httpx.AsyncClient(timeout=10) as client):
+    async with (
+        serving(_config(home, peer_max_requests=1, peer_rate=64 << 10)) as s,
+        httpx.AsyncClient(timeout=10) as client,
+    ):
         registry, peer = f"http://127.0.0.1:{s.registry_port}", f"http://127.0.0.1:{s.peer_port}"
         root = await s.node.resolver.root(await s.node.resolver.resolve_tag("demo/app", "1"))
         digest = max(root.blobs, key=lambda d: root.blobs[d].size)

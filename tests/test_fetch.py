@@ -77,8 +77,13 @@ def big_layer(sample: SampleImage) -> tuple[str, bytes]:
     return digest, (blobs / digest.removeprefix("sha256:")).read_bytes()
 
 
-async def setup(tmp_path: Path, sample: SampleImage, nursery: trio.Nursery, store_dir: str = "cache",
-                metrics: Metrics | None = None) -> tuple[ProbeOrigin, ChunkStore, str]:
+async def setup(
+    tmp_path: Path,
+    sample: SampleImage,
+    nursery: trio.Nursery,
+    store_dir: str = "cache",
+    metrics: Metrics | None = None,
+) -> tuple[ProbeOrigin, ChunkStore, str]:
     origin, _root = await published_home(tmp_path, sample)
     probe = ProbeOrigin(origin)
     store = ChunkStore(tmp_path / store_dir)
@@ -113,13 +118,16 @@ async def test_singleflight(tmp_path: Path, sample: SampleImage, nursery: trio.N
     assert probe.bytes_read[blob_key(digest)] == len(data)
 
 
-async def test_streams_before_blob_complete(tmp_path: Path, sample: SampleImage,
-                                           nursery: trio.Nursery) -> None:
+async def test_streams_before_blob_complete(
+    tmp_path: Path, sample: SampleImage, nursery: trio.Nursery
+) -> None:
     probe, store, url = await setup(tmp_path, sample, nursery)
     digest, data = big_layer(sample)
     probe.pause_after = CHUNK
-    async with httpx.AsyncClient(base_url=url, timeout=20) as c, \
-            c.stream("GET", f"/v2/demo/app/blobs/{digest}") as r:
+    async with (
+        httpx.AsyncClient(base_url=url, timeout=20) as c,
+        c.stream("GET", f"/v2/demo/app/blobs/{digest}") as r,
+    ):
         assert r.status_code == 200
         pieces = r.aiter_raw()
         received = b""
@@ -135,8 +143,9 @@ async def test_streams_before_blob_complete(tmp_path: Path, sample: SampleImage,
     await wait_cached(store, digest)
 
 
-async def test_resume_fetches_only_missing_chunks(tmp_path: Path, sample: SampleImage,
-                                                  nursery: trio.Nursery) -> None:
+async def test_resume_fetches_only_missing_chunks(
+    tmp_path: Path, sample: SampleImage, nursery: trio.Nursery
+) -> None:
     probe, store, url = await setup(tmp_path, sample, nursery)
     digest, data = big_layer(sample)
     root = await Resolver(store, probe).root(await Resolver(store, probe).resolve_tag("demo/app", "1"))
@@ -153,8 +162,9 @@ async def test_resume_fetches_only_missing_chunks(tmp_path: Path, sample: Sample
     await wait_cached(store, digest)
 
 
-async def test_transient_origin_failures_are_retried(tmp_path: Path, sample: SampleImage,
-                                                     nursery: trio.Nursery) -> None:
+async def test_transient_origin_failures_are_retried(
+    tmp_path: Path, sample: SampleImage, nursery: trio.Nursery
+) -> None:
     probe, store, url = await setup(tmp_path, sample, nursery)
     digest, data = big_layer(sample)
     probe.fail_next = 2
@@ -174,7 +184,8 @@ def corrupt(origin_dir: Path, digest: str, offset: int) -> bytes:
 
 @pytest.mark.parametrize("where", ["first", "later"])
 async def test_corrupted_origin_never_reaches_client_or_cache(
-        tmp_path: Path, sample: SampleImage, nursery: trio.Nursery, where: str) -> None:
+    tmp_path: Path, sample: SampleImage, nursery: trio.Nursery, where: str
+) -> None:
     probe, store, url = await setup(tmp_path, sample, nursery)
     digest, data = big_layer(sample)
     offset = 10 if where == "first" else 3 * CHUNK + 5
@@ -205,8 +216,9 @@ async def test_corrupted_origin_never_reaches_client_or_cache(
     await wait_cached(store, digest)
 
 
-async def test_two_processes_share_one_home(tmp_path: Path, sample: SampleImage,
-                                            nursery: trio.Nursery) -> None:
+async def test_two_processes_share_one_home(
+    tmp_path: Path, sample: SampleImage, nursery: trio.Nursery
+) -> None:
     """Two independent fetchers (as two processes would be) fill one cache at once."""
     origin, _ = await published_home(tmp_path, sample)
     digest, data = big_layer(sample)
@@ -250,7 +262,8 @@ class UnreachableOrigin(ProbeOrigin):
 
 
 async def test_cached_images_pull_while_the_origin_is_down(
-        tmp_path: Path, sample: SampleImage, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, sample: SampleImage, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
     origin, _ = await published_home(tmp_path, sample)
     store = ChunkStore(tmp_path / "cache")
     url = await start_registry(nursery, store, origin)

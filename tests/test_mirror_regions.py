@@ -27,8 +27,13 @@ def _fetch(tmp_path: Path, size: int) -> UpstreamFetch:
     return UpstreamFetch(DIGEST, size, tmp_path / "partial", fd=-1)
 
 
-def _arrive(fetch: UpstreamFetch, *, written: int | None = None, verified: bool = False,
-            error: P2pimgError | None = None) -> None:
+def _arrive(
+    fetch: UpstreamFetch,
+    *,
+    written: int | None = None,
+    verified: bool = False,
+    error: P2pimgError | None = None,
+) -> None:
     if written is not None:
         fetch.written = written
     fetch.verified = verified
@@ -37,8 +42,14 @@ def _arrive(fetch: UpstreamFetch, *, written: int | None = None, verified: bool 
     fetch._advance()
 
 
-async def _collect(mirror: Mirror, fetch: UpstreamFetch, start: int, end: int,
-                   into: list[tuple[int, int]], failed: list[BaseException]) -> None:
+async def _collect(
+    mirror: Mirror,
+    fetch: UpstreamFetch,
+    start: int,
+    end: int,
+    into: list[tuple[int, int]],
+    failed: list[BaseException],
+) -> None:
     try:
         async for region in mirror.regions(fetch, start, end):
             into.append(region)
@@ -47,7 +58,8 @@ async def _collect(mirror: Mirror, fetch: UpstreamFetch, start: int, end: int,
 
 
 async def test_regions_follow_the_download_and_hold_the_last_byte_until_verified(
-        mirror: Mirror, tmp_path: Path, nursery: trio.Nursery) -> None:
+    mirror: Mirror, tmp_path: Path, nursery: trio.Nursery
+) -> None:
     fetch = _fetch(tmp_path, 10)
     got: list[tuple[int, int]] = []
     failed: list[BaseException] = []
@@ -73,7 +85,8 @@ async def test_regions_follow_the_download_and_hold_the_last_byte_until_verified
 
 
 async def test_a_wrong_blob_ends_the_regions_with_the_download_error(
-        mirror: Mirror, tmp_path: Path, nursery: trio.Nursery) -> None:
+    mirror: Mirror, tmp_path: Path, nursery: trio.Nursery
+) -> None:
     fetch = _fetch(tmp_path, 10)
     got: list[tuple[int, int]] = []
     failed: list[BaseException] = []

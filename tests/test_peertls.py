@@ -58,7 +58,8 @@ def test_flags_win_over_the_home(tmp_path: Path) -> None:
 def test_config_file_keys(tmp_path: Path) -> None:
     flags = write_files(tmp_path / "certs", trustme.CA())
     (tmp_path / "config.toml").write_text(
-        f'peer_tls_cert = "{flags[0]}"\npeer_tls_key = "{flags[1]}"\npeer_tls_ca = "{flags[2]}"\n')
+        f'peer_tls_cert = "{flags[0]}"\npeer_tls_key = "{flags[1]}"\npeer_tls_ca = "{flags[2]}"\n'
+    )
     config = load_config(home=str(tmp_path))
     assert load_peer_tls(config.home, *config.peer_tls) == PeerTls(*flags)
     (tmp_path / "config.toml").write_text("peer_tls_cert = 5\n")
@@ -91,14 +92,20 @@ def test_tls_flag_in_txt_makes_https_urls() -> None:
         return {k.encode(): v.encode() for k, v in fields.items()}
 
     plain = announcements("b._p2pimg._tcp.local.", txt(node="b", v="1"), ["10.0.0.9"], 5051, own_node_id="me")
-    secure = announcements("b._p2pimg._tcp.local.", txt(node="b", v="1", tls="1"), ["10.0.0.9", "fd00::2"],
-                           5051, own_node_id="me")
+    secure = announcements(
+        "b._p2pimg._tcp.local.",
+        txt(node="b", v="1", tls="1"),
+        ["10.0.0.9", "fd00::2"],
+        5051,
+        own_node_id="me",
+    )
     assert [a.url for a in plain] == ["http://10.0.0.9:5051"]
     assert [a.url for a in secure] == ["https://10.0.0.9:5051", "https://[fd00::2]:5051"]
 
 
-async def test_a_tls_node_takes_only_https_peers(tmp_path: Path, nursery: trio.Nursery,
-                                                 caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_tls_node_takes_only_https_peers(
+    tmp_path: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
     fetcher = Fetcher(ChunkStore(tmp_path / "cache"), [], nursery, metrics=Metrics())
     async with httpx.AsyncClient() as client:
         swarm = Swarm(fetcher, "me", [], client, tls=True)

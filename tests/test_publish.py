@@ -24,8 +24,13 @@ CHUNK = 64 << 10
 
 
 def run_cli(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "p2pimg", *args, "--home", str(home)],
-                          capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "p2pimg", *args, "--home", str(home)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 async def load_root(origin: FileOrigin, cid: Cid) -> ImageRoot:
@@ -43,15 +48,17 @@ async def test_publish_writes_the_layout(tmp_path: Path, sample: SampleImage) ->
     for digest, entry in root.blobs.items():
         data = (tmp_path / "origin" / blob_key(digest)).read_bytes()
         assert hashlib.sha256(data).hexdigest() == digest[7:]
-        bmap = BlobMap.from_node(dagcbor.decode_verified(
-            await origin.get(block_key(entry.map), max_size=1 << 20), entry.map))
+        bmap = BlobMap.from_node(
+            dagcbor.decode_verified(await origin.get(block_key(entry.map), max_size=1 << 20), entry.map)
+        )
         assert bmap.size == len(data) == entry.size and bmap.chunk_size == CHUNK
-        assert [Cid.of_raw(data[i:i + CHUNK]) for i in range(0, len(data), CHUNK)] == list(bmap.chunks)
+        assert [Cid.of_raw(data[i : i + CHUNK]) for i in range(0, len(data), CHUNK)] == list(bmap.chunks)
     for digest, m in root.manifests.items():
         raw = await origin.get(block_key(m.cid), max_size=1 << 20)
         assert hashlib.sha256(raw).hexdigest() == digest[7:]  # byte for byte
-    record = TagRecord.decode(await origin.get(tag_key("demo/app", "1"), max_size=4096),
-                              name="demo/app", tag="1")
+    record = TagRecord.decode(
+        await origin.get(tag_key("demo/app", "1"), max_size=4096), name="demo/app", tag="1"
+    )
     assert record.root == report.root
 
 
@@ -66,8 +73,9 @@ async def test_republish_skips_blobs_and_bumps_seq(tmp_path: Path, sample: Sampl
 
 
 async def test_multi_arch_index(tmp_path: Path) -> None:
-    image = write_oci_layout(tmp_path / "multi", [LayerSpec(100 << 10)], tag="1",
-                             platforms=("linux/amd64", "linux/arm64"))
+    image = write_oci_layout(
+        tmp_path / "multi", [LayerSpec(100 << 10)], tag="1", platforms=("linux/amd64", "linux/arm64")
+    )
     origin = FileOrigin(tmp_path / "origin")
     report = await publish(f"oci:{image.path}:1", "demo/multi", "1", origin)
     root = await load_root(origin, report.root)
@@ -77,8 +85,9 @@ async def test_multi_arch_index(tmp_path: Path) -> None:
 
 
 async def test_docker_archive(tmp_path: Path) -> None:
-    archive = write_docker_archive(tmp_path / "img.tar",
-                                   [LayerSpec(200 << 10), LayerSpec(50 << 10, "none")], repo_tag="x/y:1")
+    archive = write_docker_archive(
+        tmp_path / "img.tar", [LayerSpec(200 << 10), LayerSpec(50 << 10, "none")], repo_tag="x/y:1"
+    )
     origin = FileOrigin(tmp_path / "origin")
     report = await publish(f"docker-archive:{archive.path}", "demo/archive", "1", origin)
     root = await load_root(origin, report.root)
@@ -92,21 +101,26 @@ async def test_docker_archive(tmp_path: Path) -> None:
         layer_files = [tar.extractfile(n).read() for n in listing[0]["Layers"]]  # type: ignore[union-attr]
     assert manifest["config"]["digest"] == "sha256:" + hashlib.sha256(config).hexdigest()
     assert [d["digest"] for d in manifest["layers"]] == [
-        "sha256:" + hashlib.sha256(f).hexdigest() for f in layer_files]
+        "sha256:" + hashlib.sha256(f).hexdigest() for f in layer_files
+    ]
     # Media types follow each layer's actual compression; nothing was recompressed.
     assert [d["mediaType"] for d in manifest["layers"]] == [
         "application/vnd.docker.image.rootfs.diff.tar.gzip",
-        "application/vnd.docker.image.rootfs.diff.tar"]
+        "application/vnd.docker.image.rootfs.diff.tar",
+    ]
     assert [d["size"] for d in manifest["layers"]] == [len(f) for f in layer_files]
 
 
-@pytest.mark.parametrize("source,message", [
-    ("oci:/nonexistent/dir", "does not exist"),
-    ("docker-archive:/nonexistent.tar", "does not exist"),
-    ("tarball:/x", "unsupported source transport"),
-    ("oci:", "expected oci:DIR"),
-    ("nonsense", "expected oci:DIR"),
-])
+@pytest.mark.parametrize(
+    "source,message",
+    [
+        ("oci:/nonexistent/dir", "does not exist"),
+        ("docker-archive:/nonexistent.tar", "does not exist"),
+        ("tarball:/x", "unsupported source transport"),
+        ("oci:", "expected oci:DIR"),
+        ("nonsense", "expected oci:DIR"),
+    ],
+)
 async def test_missing_sources(tmp_path: Path, source: str, message: str) -> None:
     with pytest.raises(SourceInvalid, match=message):
         await publish(source, "demo/app", "1", FileOrigin(tmp_path / "origin"))
@@ -183,14 +197,17 @@ def test_cli_publish_and_resolve(tmp_path: Path, sample: SampleImage) -> None:
     assert other.returncode == 3 and "not published" in other.stderr
 
 
-@pytest.mark.parametrize("args,code,message", [
-    (("publish", "oci:/nope", "demo/app:1"), 2, "does not exist"),
-    (("publish", "oci:/nope", "Demo/App:1"), 2, "invalid repository name"),
-    (("publish", "oci:/nope", "demo/app"), 2, "expected NAME:TAG"),
-    (("publish", "oci:/nope", "demo/app:1", "--chunk-size", "3000"), 2, "not a power of two"),
-    (("resolve", "demo/app:1", "--origin", "ftp://x/y"), 2, "unsupported origin"),
-    (("serve", "--listen", "nowhere"), 2, "invalid listen address"),
-])
+@pytest.mark.parametrize(
+    "args,code,message",
+    [
+        (("publish", "oci:/nope", "demo/app:1"), 2, "does not exist"),
+        (("publish", "oci:/nope", "Demo/App:1"), 2, "invalid repository name"),
+        (("publish", "oci:/nope", "demo/app"), 2, "expected NAME:TAG"),
+        (("publish", "oci:/nope", "demo/app:1", "--chunk-size", "3000"), 2, "not a power of two"),
+        (("resolve", "demo/app:1", "--origin", "ftp://x/y"), 2, "unsupported origin"),
+        (("serve", "--listen", "nowhere"), 2, "invalid listen address"),
+    ],
+)
 def test_cli_errors(tmp_path: Path, args: tuple[str, ...], code: int, message: str) -> None:
     result = run_cli(*args, home=tmp_path / "home")
     assert result.returncode == code, result.stderr

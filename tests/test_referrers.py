@@ -68,6 +68,7 @@ async def world(tmp_path: Path, sample: SampleImage, nursery: trio.Nursery) -> A
 
 # -- publish from an OCI layout ------------------------------------------------------------
 
+
 async def test_publish_carries_the_layouts_referrers(world: World) -> None:
     w = world.layout
     root = await load_root(world.origin, world.root)
@@ -86,8 +87,9 @@ async def test_publish_carries_the_layouts_referrers(world: World) -> None:
     assert all(w.stranger.digest not in digests for digests in root.referrers.values())
 
 
-def test_a_layout_without_a_tag_is_the_one_image_among_its_referrers(tmp_path: Path,
-                                                                    sample: SampleImage) -> None:
+def test_a_layout_without_a_tag_is_the_one_image_among_its_referrers(
+    tmp_path: Path, sample: SampleImage
+) -> None:
     """index.json lists the image and its (untagged) artifacts: `oci:DIR` picks the image."""
     layout = layout_with_referrers(Path(sample.path), tmp_path / "layout")
     with_tag = read_source(f"oci:{layout.path}:1")
@@ -114,6 +116,7 @@ async def test_an_image_without_referrers_keeps_its_root_cid(tmp_path: Path, sam
 
 # -- the referrers API -------------------------------------------------------------------------
 
+
 def listed(response: httpx.Response) -> list[dict[str, Any]]:
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == OCI_INDEX
@@ -131,8 +134,9 @@ async def test_referrers_are_listed(world: World, by: str) -> None:
     r = await world.client.get(f"/v2/{name}/referrers/{w.top.digest}")
     assert "oci-filters-applied" not in r.headers
     got = listed(r)
-    assert sorted(got, key=lambda d: d["digest"]) == sorted((x.listed() for x in w.of_top()),
-                                                            key=lambda d: d["digest"])
+    assert sorted(got, key=lambda d: d["digest"]) == sorted(
+        (x.listed() for x in w.of_top()), key=lambda d: d["digest"]
+    )
     by_digest = {d["digest"]: d for d in got}
     assert by_digest[w.sbom.digest]["artifactType"] == SBOM
     assert by_digest[w.sbom.digest]["annotations"] == {"org.example.format": "json"}
@@ -140,8 +144,9 @@ async def test_referrers_are_listed(world: World, by: str) -> None:
     assert "artifactType" not in by_digest[w.index.digest]  # an index without one has none
     assert by_digest[w.index.digest]["mediaType"] == OCI_INDEX
     # A referrer's own referrers: the SBOM's signature.
-    assert listed(await world.client.get(f"/v2/{name}/referrers/{w.sbom.digest}")) == \
-        [w.sbom_signature.listed()]
+    assert listed(await world.client.get(f"/v2/{name}/referrers/{w.sbom.digest}")) == [
+        w.sbom_signature.listed()
+    ]
     # Each listed manifest is served by digest, byte for byte, and so are its blobs.
     for desc in got:
         m = await world.client.get(f"/v2/{name}/manifests/{desc['digest']}")
@@ -158,8 +163,11 @@ async def test_referrers_filtered_by_artifact_type(world: World, by: str) -> Non
     w = world.layout
     name = "demo/app" if by == "name" else f"ipfs/{world.root}"
     url = f"/v2/{name}/referrers/{w.top.digest}"
-    for artifact_type, expected in ((SBOM, [w.sbom]), (SIGNATURE, [w.signature]),
-                                    ("application/vnd.example.none", [])):
+    for artifact_type, expected in (
+        (SBOM, [w.sbom]),
+        (SIGNATURE, [w.signature]),
+        ("application/vnd.example.none", []),
+    ):
         r = await world.client.get(url, params={"artifactType": artifact_type})
         assert r.headers["oci-filters-applied"] == "artifactType"
         assert listed(r) == [x.listed() for x in expected], artifact_type
@@ -203,6 +211,7 @@ async def test_referrers_errors(world: World) -> None:
 
 # -- attach ------------------------------------------------------------------------------------
 
+
 async def published(tmp_path: Path, sample: SampleImage) -> tuple[FileOrigin, Resolver, Cid]:
     origin = FileOrigin(tmp_path / "origin")
     report = await publish(f"oci:{sample.path}:1", "demo/app", "1", origin, chunk_size=CHUNK)
@@ -214,9 +223,17 @@ async def test_attach_adds_an_artifact_and_moves_the_tag(tmp_path: Path, sample:
     before = await load_root(origin, first)
     sbom = tmp_path / "sbom.spdx.json"
     sbom.write_text('{"spdxVersion": "SPDX-2.3"}')
-    report = await attach(resolver, "demo/app", "1", [sbom], origin, artifact_type="application/spdx+json",
-                          media_type="application/spdx+json", annotations={"org.example.by": "test"},
-                          chunk_size=CHUNK)
+    report = await attach(
+        resolver,
+        "demo/app",
+        "1",
+        [sbom],
+        origin,
+        artifact_type="application/spdx+json",
+        media_type="application/spdx+json",
+        annotations={"org.example.by": "test"},
+        chunk_size=CHUNK,
+    )
     root = await load_root(origin, report.root)
     assert report.root != first and report.artifact is not None
     # The image is unchanged; the artifact is a referrer of its top manifest.
@@ -226,13 +243,25 @@ async def test_attach_adds_an_artifact_and_moves_the_tag(tmp_path: Path, sample:
     manifest = json.loads(await origin.get(block_key(root.manifests[report.artifact].cid), max_size=1 << 20))
     file_digest = "sha256:" + hashlib.sha256(sbom.read_bytes()).hexdigest()
     assert manifest["artifactType"] == "application/spdx+json"
-    assert manifest["config"] == {"mediaType": EMPTY_MEDIA_TYPE, "digest": EMPTY_DIGEST, "size": 2,
-                                  "data": "e30="}
-    assert manifest["layers"] == [{"mediaType": "application/spdx+json", "digest": file_digest,
-                                   "size": sbom.stat().st_size,
-                                   "annotations": {TITLE_ANNOTATION: "sbom.spdx.json"}}]
-    assert manifest["subject"] == {"mediaType": before.top_entry.media_type, "digest": before.top,
-                                   "size": before.top_entry.size}
+    assert manifest["config"] == {
+        "mediaType": EMPTY_MEDIA_TYPE,
+        "digest": EMPTY_DIGEST,
+        "size": 2,
+        "data": "e30=",
+    }
+    assert manifest["layers"] == [
+        {
+            "mediaType": "application/spdx+json",
+            "digest": file_digest,
+            "size": sbom.stat().st_size,
+            "annotations": {TITLE_ANNOTATION: "sbom.spdx.json"},
+        }
+    ]
+    assert manifest["subject"] == {
+        "mediaType": before.top_entry.media_type,
+        "digest": before.top,
+        "size": before.top_entry.size,
+    }
     assert manifest["annotations"]["org.example.by"] == "test"
     assert CREATED_ANNOTATION in manifest["annotations"]
     assert set(root.blobs) == set(before.blobs) | {EMPTY_DIGEST, file_digest}
@@ -264,8 +293,9 @@ async def start_registry_without_tag_ttl(nursery: trio.Nursery, store: ChunkStor
     return f"http://{host}:{port}"
 
 
-async def test_attached_artifacts_are_listed_by_the_registry(tmp_path: Path, sample: SampleImage,
-                                                             nursery: trio.Nursery) -> None:
+async def test_attached_artifacts_are_listed_by_the_registry(
+    tmp_path: Path, sample: SampleImage, nursery: trio.Nursery
+) -> None:
     """An attach moves the tag: the name lists the new artifact once the tag is read again (here at
     once: no tag TTL), the old root's CID still lists what it had (nothing), the new one the artifact."""
     origin, resolver, first = await published(tmp_path, sample)
@@ -301,8 +331,9 @@ async def test_attach_refusals(tmp_path: Path, sample: SampleImage) -> None:
             await attach(resolver, "demo/app", "1", [f], origin, artifact_type=SBOM, media_type=bad)
 
 
-async def test_attach_refuses_a_tag_that_moved_meanwhile(tmp_path: Path, sample: SampleImage,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_attach_refuses_a_tag_that_moved_meanwhile(
+    tmp_path: Path, sample: SampleImage, monkeypatch: pytest.MonkeyPatch
+) -> None:
     origin, resolver, first = await published(tmp_path, sample)
     f = tmp_path / "f"
     f.write_text("x")
@@ -311,8 +342,10 @@ async def test_attach_refuses_a_tag_that_moved_meanwhile(tmp_path: Path, sample:
     async def root_then_republish(cid: Cid) -> ImageRoot:
         found = await real_root(cid)
         # Another publish moves the tag between the attach's read and its write.
-        await origin.put_bytes(tag_key("demo/app", "1"), TagRecord(
-            name="demo/app", tag="1", root=Cid.of_dag_cbor(b"elsewhere"), seq=2**62).encode())
+        await origin.put_bytes(
+            tag_key("demo/app", "1"),
+            TagRecord(name="demo/app", tag="1", root=Cid.of_dag_cbor(b"elsewhere"), seq=2**62).encode(),
+        )
         return found
 
     monkeypatch.setattr(resolver, "root", root_then_republish)
@@ -344,9 +377,15 @@ async def test_attach_signs_and_needs_a_trusted_record(tmp_path: Path, sample: S
 
 # -- the command line --------------------------------------------------------------------------
 
+
 def run_cli(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "p2pimg", *args, "--home", str(home)],
-                          capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "p2pimg", *args, "--home", str(home)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_cli_publish_attach(tmp_path: Path, sample: SampleImage) -> None:
@@ -355,8 +394,19 @@ def test_cli_publish_attach(tmp_path: Path, sample: SampleImage) -> None:
     assert first.returncode == 0, first.stderr
     sbom = tmp_path / "sbom.json"
     sbom.write_text("{}")
-    result = run_cli("publish", "--attach", str(sbom), "--artifact-type", SBOM, "--media-type",
-                     "application/json", "--annotation", "org.example.k=v=w", "demo/app:1", home=home)
+    result = run_cli(
+        "publish",
+        "--attach",
+        str(sbom),
+        "--artifact-type",
+        SBOM,
+        "--media-type",
+        "application/json",
+        "--annotation",
+        "org.example.k=v=w",
+        "demo/app:1",
+        home=home,
+    )
     assert result.returncode == 0, result.stderr
     cid = result.stdout.strip().splitlines()[-1]
     assert cid != first.stdout.strip().splitlines()[-1]
@@ -367,26 +417,38 @@ def test_cli_publish_attach(tmp_path: Path, sample: SampleImage) -> None:
     async def check() -> None:
         root = await load_root(FileOrigin(home / "origin"), Cid.parse(cid))
         (artifact,) = root.referrers[sample.top_digest]
-        doc = json.loads(await FileOrigin(home / "origin").get(block_key(root.manifests[artifact].cid),
-                                                               max_size=1 << 20))
+        doc = json.loads(
+            await FileOrigin(home / "origin").get(block_key(root.manifests[artifact].cid), max_size=1 << 20)
+        )
         assert doc["annotations"]["org.example.k"] == "v=w"
         assert doc["layers"][0]["mediaType"] == "application/json"
 
     trio.run(check)
 
 
-@pytest.mark.parametrize("args,message", [
-    (("publish", "--attach", "f", "--artifact-type", SBOM, "oci:x", "demo/app:1"), "NAME:TAG alone"),
-    (("publish", "--attach", "f", "demo/app:1"), "needs --artifact-type"),
-    (("publish", "demo/app:1"), "needs SOURCE and NAME:TAG"),
-    (("publish", "oci:x", "demo/app:1", "--artifact-type", SBOM), "go with --attach"),
-    (("publish", "--attach", "f", "--artifact-type", SBOM, "--annotation", "novalue", "demo/app:1"),
-     "expected KEY=VALUE"),
-    (("publish", "--attach", "f", "--artifact-type", "notatype", "demo/app:1"), "invalid artifact type"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (("publish", "--attach", "f", "--artifact-type", SBOM, "oci:x", "demo/app:1"), "NAME:TAG alone"),
+        (("publish", "--attach", "f", "demo/app:1"), "needs --artifact-type"),
+        (("publish", "demo/app:1"), "needs SOURCE and NAME:TAG"),
+        (("publish", "oci:x", "demo/app:1", "--artifact-type", SBOM), "go with --attach"),
+        (
+            ("publish", "--attach", "f", "--artifact-type", SBOM, "--annotation", "novalue", "demo/app:1"),
+            "expected KEY=VALUE",
+        ),
+        (("publish", "--attach", "f", "--artifact-type", "notatype", "demo/app:1"), "invalid artifact type"),
+    ],
+)
 def test_cli_attach_errors(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
     (tmp_path / "f").write_text("x")
-    result = subprocess.run([sys.executable, "-m", "p2pimg", *args, "--home", str(tmp_path / "home")],
-                            capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "p2pimg", *args, "--home", str(tmp_path / "home")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr

@@ -50,9 +50,11 @@ async def test_api_version(node: Node) -> None:
 
 @pytest.mark.parametrize("by", ["tag", "digest", "ipfs"])
 async def test_manifest_byte_for_byte(node: Node, sample: SampleImage, by: str) -> None:
-    path = {"tag": "/v2/demo/app/manifests/1",
-            "digest": f"/v2/demo/app/manifests/{sample.top_digest}",
-            "ipfs": f"/v2/ipfs/{node.root}/manifests/latest"}[by]
+    path = {
+        "tag": "/v2/demo/app/manifests/1",
+        "digest": f"/v2/demo/app/manifests/{sample.top_digest}",
+        "ipfs": f"/v2/ipfs/{node.root}/manifests/latest",
+    }[by]
     expected = layout_blob(sample, sample.top_digest)
     r = await node.client.get(path)
     assert r.status_code == 200, r.text
@@ -104,8 +106,12 @@ async def test_ranges(node: Node, sample: SampleImage, cached: bool) -> None:
     r = await node.client.get(url, headers={"Range": f"bytes={size}-"})
     assert r.status_code == 416 and r.headers["content-range"] == f"bytes */{size}"
     assert "range starts at" in plain_error(r)  # no code: the spec has none for ranges
-    for bad, status in (("bytes=5-1", 400), ("bytes=x-y", 400), ("bytes=", 400),
-                        ("bytes=" + "9" * 30 + "-", 416)):
+    for bad, status in (
+        ("bytes=5-1", 400),
+        ("bytes=x-y", 400),
+        ("bytes=", 400),
+        ("bytes=" + "9" * 30 + "-", 416),
+    ):
         r = await node.client.get(url, headers={"Range": bad})
         assert r.status_code == status, bad
         plain_error(r)
@@ -128,6 +134,7 @@ async def test_empty_blob(node: Node, sample: SampleImage, tmp_path: Path) -> No
     image = read_source(f"oci:{sample.path}:1")
     empty = "sha256:" + hashlib.sha256(b"").hexdigest()
     import io
+
     image.blobs[empty] = SourceBlob(empty, 0, lambda: io.BytesIO(b""))
     await publish_image(image, "demo/empty", "1", node.origin)
     r = await node.client.get(f"/v2/demo/empty/blobs/{empty}")
@@ -163,8 +170,12 @@ async def test_a_cid_name_answers_only_its_own_tag(node: Node, sample: SampleIma
 
 @pytest.mark.parametrize("method", ["PUT", "POST", "DELETE", "PATCH"])
 async def test_writes_refused(node: Node, sample: SampleImage, method: str) -> None:
-    for path in ("/v2/demo/app/manifests/1", "/v2/demo/app/blobs/uploads/",
-                 f"/v2/demo/app/blobs/{sample.top_digest}", "/v2/"):
+    for path in (
+        "/v2/demo/app/manifests/1",
+        "/v2/demo/app/blobs/uploads/",
+        f"/v2/demo/app/blobs/{sample.top_digest}",
+        "/v2/",
+    ):
         r = await node.client.request(method, path, content=b"x" * 10)
         assert r.status_code == 405, (method, path)
         assert error_code(r) == "UNSUPPORTED"
@@ -214,8 +225,11 @@ async def test_malformed_input(node: Node, sample: SampleImage) -> None:
         assert error_code(r) == code, path
     # A string that cannot be a tag names no manifest: 404 MANIFEST_UNKNOWN (the spec has no code
     # for a malformed tag; TAG_INVALID is a legacy Docker one), the message saying why.
-    for path in ("/v2/demo/app/manifests/.hidden", "/v2/demo/app/manifests/..%2f..%2ftags",
-                 f"/v2/ipfs/{node.root}/manifests/-x"):
+    for path in (
+        "/v2/demo/app/manifests/.hidden",
+        "/v2/demo/app/manifests/..%2f..%2ftags",
+        f"/v2/ipfs/{node.root}/manifests/-x",
+    ):
         for method in ("GET", "HEAD"):
             r = await node.client.request(method, path)
             assert r.status_code == 404, (method, path, r.status_code)
@@ -235,8 +249,11 @@ async def test_referrers_of_an_image_without_any(node: Node, sample: SampleImage
     for name in ("demo/app", f"ipfs/{node.root}"):
         r = await node.client.get(f"/v2/{name}/referrers/{sample.top_digest}")
         assert r.status_code == 200 and r.headers["content-type"] == "application/vnd.oci.image.index.v1+json"
-        assert r.json() == {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-                            "manifests": []}
+        assert r.json() == {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [],
+        }
     r = await node.client.get(f"/v2/nobody/referrers/{sample.top_digest}")
     assert r.status_code == 404 and error_code(r) == "NAME_UNKNOWN"
 
@@ -246,8 +263,13 @@ async def test_raw_path_traversal(node: Node) -> None:
     import trio
 
     host, port = node.url.removeprefix("http://").split(":")
-    for target in (b"/v2/../../etc/passwd", b"/v2/demo/app/blobs/../../../../etc/passwd",
-                   b"/v2/demo/../../../manifests/1", b"//etc/passwd", b"*"):
+    for target in (
+        b"/v2/../../etc/passwd",
+        b"/v2/demo/app/blobs/../../../../etc/passwd",
+        b"/v2/demo/../../../manifests/1",
+        b"//etc/passwd",
+        b"*",
+    ):
         stream = await trio.open_tcp_stream(host, int(port))
         await stream.send_all(b"GET " + target + b" HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
         response = b""
@@ -261,7 +283,8 @@ async def test_raw_path_traversal(node: Node) -> None:
 
 
 async def test_unknown_digests_do_not_list_the_origin_every_time(
-        node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A miss re-lists the name's tags (a tag may have moved), but at most once per tag TTL:
     a client asking again and again for digests that are not there costs no origin listings."""
     listings = 0

@@ -42,8 +42,13 @@ class Moto:
     secret_key: str
 
     def client(self) -> Any:
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
-                            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key)
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+        )
 
 
 def _free_port() -> int:
@@ -57,8 +62,11 @@ def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Moto]:
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
     log = (tmp_path_factory.mktemp("moto") / "moto.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -72,12 +80,24 @@ def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Moto]:
             time.sleep(0.1)
         # moto checks no signature by default. An IAM user with a real key pair, then auth on for
         # every later request, makes a badly signed request fail as it would against a real store.
-        iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1",
-                           aws_access_key_id="test", aws_secret_access_key="test")
+        iam = boto3.client(
+            "iam",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+        )
         iam.create_user(UserName="p2pimg")
-        iam.put_user_policy(UserName="p2pimg", PolicyName="s3", PolicyDocument=json.dumps({
-            "Version": "2012-10-17",
-            "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        iam.put_user_policy(
+            UserName="p2pimg",
+            PolicyName="s3",
+            PolicyDocument=json.dumps(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
+                }
+            ),
+        )
         key = iam.create_access_key(UserName="p2pimg")["AccessKey"]
         httpx.post(f"{endpoint}/moto-api/reset-auth", content=b"0").raise_for_status()
         yield Moto(endpoint, key["AccessKeyId"], key["SecretAccessKey"])
@@ -182,8 +202,9 @@ def _parts(moto: Moto, bucket: str, key: str) -> list[dict[str, Any]]:
     """Parts of the newest in-progress upload of `key`."""
     s3 = moto.client()
     uploads = s3.list_multipart_uploads(Bucket=bucket, Prefix=key)["Uploads"]
-    parts: list[dict[str, Any]] = s3.list_parts(Bucket=bucket, Key=key,
-                                                UploadId=uploads[-1]["UploadId"])["Parts"]
+    parts: list[dict[str, Any]] = s3.list_parts(Bucket=bucket, Key=key, UploadId=uploads[-1]["UploadId"])[
+        "Parts"
+    ]
     return parts
 
 
@@ -192,41 +213,45 @@ def _parts(moto: Moto, bucket: str, key: str) -> list[dict[str, Any]]:
 
 def test_parse_s3_url() -> None:
     assert parse_s3_url("s3://my-bucket?endpoint=https://gateway.storjshare.io") == S3Location(
-        "my-bucket", "", "https://gateway.storjshare.io", "us-east-1")
+        "my-bucket", "", "https://gateway.storjshare.io", "us-east-1"
+    )
     loc = parse_s3_url("s3://b.k-t/a/b/?endpoint=http://127.0.0.1:9000/&region=eu-west-1")
     assert loc == S3Location("b.k-t", "a/b", "http://127.0.0.1:9000", "eu-west-1")
     assert parse_s3_url(loc.url) == loc
     assert parse_s3_url("s3://bkt?endpoint=http://[::1]:9000").endpoint == "http://[::1]:9000"
 
 
-@pytest.mark.parametrize(("url", "message"), [
-    ("s3://?endpoint=http://h", "needs a bucket"),
-    ("s3://Bucket?endpoint=http://h", "invalid bucket name"),
-    ("s3://ab?endpoint=http://h", "invalid bucket name"),
-    ("s3://-bucket?endpoint=http://h", "invalid bucket name"),
-    ("s3://my_bucket?endpoint=http://h", "invalid bucket name"),
-    ("s3://a..b?endpoint=http://h", "no '..'"),
-    ("s3://192.168.10.1?endpoint=http://h", "IP address"),
-    ("s3://xn--bucket?endpoint=http://h", "reserved"),
-    ("s3://" + "b" * 64 + "?endpoint=http://h", "invalid bucket name"),
-    ("s3://key:secret@bucket?endpoint=http://h", "AWS_ACCESS_KEY_ID"),
-    ("s3://bucket", "needs an endpoint"),
-    ("s3://bucket?endpoint=", "needs an endpoint"),
-    ("s3://bucket?endpoint=ftp://h", "http:// or https://"),
-    ("s3://bucket?endpoint=gateway.storjshare.io", "http:// or https://"),
-    ("s3://bucket?endpoint=http://", "no host"),
-    ("s3://bucket?endpoint=http://h:99999", "invalid port"),
-    ("s3://bucket?endpoint=http://h/base", "no path"),
-    ("s3://bucket?endpoint=http://u:p@h", "must not carry credentials"),
-    ("s3://bucket?endpoint=http://h&endpoint=http://g", "given twice"),
-    ("s3://bucket?endpoint=http://h&acl=public", "unknown s3 origin URL parameter"),
-    ("s3://bucket?endpoint=http://h&region=EU%20West", "invalid s3 region"),
-    ("s3://bucket/a/../b?endpoint=http://h", "invalid s3 key prefix"),
-    ("s3://bucket/a//b?endpoint=http://h", "invalid s3 key prefix"),
-    ("s3://bucket/a b?endpoint=http://h", "invalid s3 key prefix"),
-    ("s3://bucket?endpoint=http://h#frag", "fragment"),
-    ("file:///tmp", "not an s3:// URL"),
-])
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("s3://?endpoint=http://h", "needs a bucket"),
+        ("s3://Bucket?endpoint=http://h", "invalid bucket name"),
+        ("s3://ab?endpoint=http://h", "invalid bucket name"),
+        ("s3://-bucket?endpoint=http://h", "invalid bucket name"),
+        ("s3://my_bucket?endpoint=http://h", "invalid bucket name"),
+        ("s3://a..b?endpoint=http://h", "no '..'"),
+        ("s3://192.168.10.1?endpoint=http://h", "IP address"),
+        ("s3://xn--bucket?endpoint=http://h", "reserved"),
+        ("s3://" + "b" * 64 + "?endpoint=http://h", "invalid bucket name"),
+        ("s3://key:secret@bucket?endpoint=http://h", "AWS_ACCESS_KEY_ID"),
+        ("s3://bucket", "needs an endpoint"),
+        ("s3://bucket?endpoint=", "needs an endpoint"),
+        ("s3://bucket?endpoint=ftp://h", "http:// or https://"),
+        ("s3://bucket?endpoint=gateway.storjshare.io", "http:// or https://"),
+        ("s3://bucket?endpoint=http://", "no host"),
+        ("s3://bucket?endpoint=http://h:99999", "invalid port"),
+        ("s3://bucket?endpoint=http://h/base", "no path"),
+        ("s3://bucket?endpoint=http://u:p@h", "must not carry credentials"),
+        ("s3://bucket?endpoint=http://h&endpoint=http://g", "given twice"),
+        ("s3://bucket?endpoint=http://h&acl=public", "unknown s3 origin URL parameter"),
+        ("s3://bucket?endpoint=http://h&region=EU%20West", "invalid s3 region"),
+        ("s3://bucket/a/../b?endpoint=http://h", "invalid s3 key prefix"),
+        ("s3://bucket/a//b?endpoint=http://h", "invalid s3 key prefix"),
+        ("s3://bucket/a b?endpoint=http://h", "invalid s3 key prefix"),
+        ("s3://bucket?endpoint=http://h#frag", "fragment"),
+        ("file:///tmp", "not an s3:// URL"),
+    ],
+)
 def test_parse_s3_url_errors(url: str, message: str) -> None:
     with pytest.raises(InvalidInput, match=message):
         parse_s3_url(url)
@@ -249,8 +274,9 @@ def test_open_origin_makes_s3_origin(tmp_path: Path) -> None:
 
 
 async def test_bad_signature_is_refused(moto: Moto, bucket: str) -> None:
-    bad = S3Origin(f"s3://{bucket}?endpoint={moto.endpoint}",
-                   credentials=Credentials(moto.access_key, "not-the-secret"))
+    bad = S3Origin(
+        f"s3://{bucket}?endpoint={moto.endpoint}", credentials=Credentials(moto.access_key, "not-the-secret")
+    )
     with pytest.raises(OriginError, match="SignatureDoesNotMatch"):
         await bad.get("p2pimg/tags/demo/app/1", max_size=10)
     with pytest.raises(OriginError, match="403"):
@@ -279,8 +305,12 @@ async def test_unreachable_endpoint() -> None:
 @pytest.mark.parametrize("prefix", ["", "/some/prefix"])
 async def test_round_trips(moto: Moto, bucket: str, prefix: str) -> None:
     origin = S3Origin(f"s3://{bucket}{prefix}?endpoint={moto.endpoint}")
-    keys = ["p2pimg/tags/demo/app/2", "p2pimg/tags/demo/app/1", "p2pimg/tags/demo/app/sub/x",
-            "p2pimg/tags/demo/apple/1"]
+    keys = [
+        "p2pimg/tags/demo/app/2",
+        "p2pimg/tags/demo/app/1",
+        "p2pimg/tags/demo/app/sub/x",
+        "p2pimg/tags/demo/apple/1",
+    ]
     for i, key in enumerate(keys):
         await origin.put_bytes(key, f"record {i}".encode())
     assert await origin.get(keys[0], max_size=64) == b"record 0"
@@ -321,8 +351,10 @@ async def test_list_info_dates_objects_by_last_modified(moto: Moto, bucket: str,
         await origin.put_bytes(key, b"x")
     infos = await origin.list_info("p2pimg/blocks/")
     assert [info.key for info in infos] == keys == await origin.list("p2pimg/blocks/")
-    stored = {o["Key"]: o["LastModified"].timestamp()
-              for o in moto.client().list_objects_v2(Bucket=bucket)["Contents"]}
+    stored = {
+        o["Key"]: o["LastModified"].timestamp()
+        for o in moto.client().list_objects_v2(Bucket=bucket)["Contents"]
+    }
     assert {info.key: info.modified for info in infos} == {k: stored[f"pfx/{k}"] for k in keys}
     # S3 dates to the second or the millisecond, and moto's clock is this machine's.
     assert all(before - 2 <= info.modified <= time.time() + 1 for info in infos)
@@ -376,10 +408,16 @@ async def test_read_range(origin: S3Origin) -> None:
     data = os.urandom(3 * MiB + 17)
     await origin.put_blob("p2pimg/blobs/sha256/small", lambda: io.BytesIO(data), len(data))
     size = len(data)
-    for offset, length in [(0, 1), (size - 1, 1), (0, size), (12_345, 2 * MiB), (MiB - 1, 2),
-                           (size - 100, 100)]:
+    for offset, length in [
+        (0, 1),
+        (size - 1, 1),
+        (0, size),
+        (12_345, 2 * MiB),
+        (MiB - 1, 2),
+        (size - 100, 100),
+    ]:
         got = await _read(origin, "p2pimg/blobs/sha256/small", offset, length)
-        assert got == data[offset:offset + length]
+        assert got == data[offset : offset + length]
     with pytest.raises(OriginError, match="shorter than expected"):
         await _read(origin, "p2pimg/blobs/sha256/small", size - 10, 20)
     with pytest.raises(OriginError, match="InvalidRange"):
@@ -391,8 +429,10 @@ async def test_put_blob_single_source_errors(origin: S3Origin, tmp_path: Path) -
     path.write_bytes(b"x" * 100)
     with pytest.raises(OriginError, match="ended early"):
         await origin.put_blob("p2pimg/blobs/sha256/short", lambda: path.open("rb"), 200)
-    with pytest.raises(OriginError, match="^cannot write p2pimg/blobs/sha256/gone to s3://.*: "
-                                          "cannot open its source: .*No such file"):
+    with pytest.raises(
+        OriginError,
+        match="^cannot write p2pimg/blobs/sha256/gone to s3://.*: cannot open its source: .*No such file",
+    ):
         await origin.put_blob("p2pimg/blobs/sha256/gone", lambda: (tmp_path / "none").open("rb"), 10)
     assert not await origin.exists("p2pimg/blobs/sha256/short")
 
@@ -407,8 +447,9 @@ async def test_put_blob_single_source_changes(origin: S3Origin) -> None:
         assert not await origin.exists("p2pimg/blobs/sha256/moving")
 
 
-async def test_multipart_put_blob(moto: Moto, bucket: str, origin: S3Origin,
-                                  big_file: tuple[Path, str]) -> None:
+async def test_multipart_put_blob(
+    moto: Moto, bucket: str, origin: S3Origin, big_file: tuple[Path, str]
+) -> None:
     path, sha = big_file
     key = "p2pimg/blobs/sha256/" + sha
     start = time.monotonic()
@@ -456,12 +497,15 @@ async def test_multipart_put_blob(moto: Moto, bucket: str, origin: S3Origin,
         assert await _read(origin, key, offset, length) == _file_bytes(path, offset, length)
 
     mb = BIG / 1e6
-    print(f"\nmoto loopback: upload {mb / upload_s:.0f} MB/s, one-stream read {mb / stream_s:.0f} MB/s, "
-          f"4 x 16 MiB spans {mb / spans_s:.0f} MB/s")
+    print(
+        f"\nmoto loopback: upload {mb / upload_s:.0f} MB/s, one-stream read {mb / stream_s:.0f} MB/s, "
+        f"4 x 16 MiB spans {mb / spans_s:.0f} MB/s"
+    )
 
 
-async def test_multipart_resume(moto: Moto, bucket: str, origin: S3Origin, big_file: tuple[Path, str],
-                                monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_multipart_resume(
+    moto: Moto, bucket: str, origin: S3Origin, big_file: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     path, sha = big_file
     key = "p2pimg/blobs/sha256/" + sha
     seen_parts: list[dict[str, Any]] = []
@@ -513,8 +557,10 @@ async def test_resume_reuploads_changed_parts(moto: Moto, bucket: str, origin: S
     old, new = os.urandom(size), os.urandom(size)
     key = "p2pimg/blobs/sha256/k"
     for attempt, attempt_key in enumerate((key, key + "2"), 1):
+
         def fail_after_part_1(count: int = attempt) -> None:
             _wait_for_uploads(origin, count)
+
         with pytest.raises(OriginError, match="source went away"):
             await origin.put_blob(attempt_key, lambda: _FailingBytes(old, 5 * MiB, fail_after_part_1), size)
     origin.stats.parts_reused = origin.stats.parts_uploaded = 0
@@ -523,8 +569,9 @@ async def test_resume_reuploads_changed_parts(moto: Moto, bucket: str, origin: S
     assert origin.stats.parts_reused == 0 and origin.stats.parts_uploaded == 3
     assert await _read(origin, key, 0, size) == new
     # The other key's upload is untouched and still resumable.
-    assert [u["Key"] for u in moto.client().list_multipart_uploads(Bucket=bucket)["Uploads"]] == \
-        ["pfx/" + key + "2"]
+    assert [u["Key"] for u in moto.client().list_multipart_uploads(Bucket=bucket)["Uploads"]] == [
+        "pfx/" + key + "2"
+    ]
     await origin.put_blob(key + "2", lambda: io.BytesIO(old), size)
     assert origin.stats.parts_reused == 1
     assert await _read(origin, key + "2", 0, size) == old
@@ -585,8 +632,13 @@ def test_publish_and_resolve_cli(moto: Moto, bucket: str, sample: SampleImage, t
     env = {**os.environ, "P2PIMG_HOME": str(tmp_path / "home")}
 
     def p2pimg(*args: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "p2pimg", *args, "--origin", url], env=env,
-                              capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            [sys.executable, "-m", "p2pimg", *args, "--origin", url],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert done.returncode == 0, done.stderr
         return done.stdout.strip()
 

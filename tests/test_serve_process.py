@@ -22,9 +22,13 @@ def start(home: Path) -> tuple[subprocess.Popen[str], str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "p2pimg", "serve", "--listen", f"127.0.0.1:{port}"],
-                            env=dict(os.environ, P2PIMG_HOME=str(home)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "p2pimg", "serve", "--listen", f"127.0.0.1:{port}"],
+        env=dict(os.environ, P2PIMG_HOME=str(home)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:
@@ -42,8 +46,11 @@ def start(home: Path) -> tuple[subprocess.Popen[str], str]:
 def test_signal_stops_serve_even_with_a_stalled_client(tmp_path: Path, signum: int) -> None:
     home = tmp_path / "home"
     image = write_oci_layout(tmp_path / "img", [LayerSpec(24 << 20, "none")], tag="1")
-    subprocess.run([sys.executable, "-m", "p2pimg", "publish", f"oci:{image.path}:1", "demo/app:1",
-                    "--home", str(home)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "p2pimg", "publish", f"oci:{image.path}:1", "demo/app:1", "--home", str(home)],
+        check=True,
+        capture_output=True,
+    )
     layer = max((p for p in (image.path / "blobs" / "sha256").iterdir()), key=lambda p: p.stat().st_size)
     proc, host = start(home)
     # A client that asks for a 24 MiB blob and then reads nothing: the server's send blocks.
@@ -68,8 +75,21 @@ def test_listen_address_in_use(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        result = subprocess.run([sys.executable, "-m", "p2pimg", "serve", "--listen", f"127.0.0.1:{port}",
-                                 "--home", str(tmp_path)], capture_output=True, text=True, timeout=30)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "p2pimg",
+                "serve",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--home",
+                str(tmp_path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     assert result.returncode != 0
     assert "address already in use" in result.stderr.lower() and "Traceback" not in result.stderr
 
@@ -90,8 +110,18 @@ def _serve(env: dict[str, str], listen_host: str, *extra: str) -> tuple[subproce
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    argv = [sys.executable, "-m", "p2pimg", "serve", "--listen", f"{listen_host}:{port}", "--no-mdns",
-            "--upstream", "https://registry.example.com", *extra]
+    argv = [
+        sys.executable,
+        "-m",
+        "p2pimg",
+        "serve",
+        "--listen",
+        f"{listen_host}:{port}",
+        "--no-mdns",
+        "--upstream",
+        "https://registry.example.com",
+        *extra,
+    ]
     return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), port
 
 
@@ -125,9 +155,11 @@ def test_mirror_with_credentials_beyond_loopback_refuses_to_start(tmp_path: Path
     finally:
         proc.kill()
     assert proc.returncode == 2, err
-    assert err.count("\n") == 1 and err.startswith(f"p2pimg: error: not serving on 0.0.0.0:{port}: "
-                                                   "the mirror pulls from registry.example.com with your "
-                                                   f"credentials (from {env['DOCKER_CONFIG']}/config.json)")
+    assert err.count("\n") == 1 and err.startswith(
+        f"p2pimg: error: not serving on 0.0.0.0:{port}: "
+        "the mirror pulls from registry.example.com with your "
+        f"credentials (from {env['DOCKER_CONFIG']}/config.json)"
+    )
     assert "--allow-public-mirror" in err and "secret" not in err and out == ""
 
 

@@ -376,8 +376,11 @@ async def test_tag_records_from_peers_need_a_trusted_signature(
 ) -> None:
     """With the origin unreachable, a record a peer offers is used only when a trusted key signed
     it for this very name and tag, and only when it is newer than what this node already has."""
-    for key, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                       ("AWS_DEFAULT_REGION", "us-east-1")):
+    for key, value in (
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ):
         monkeypatch.setenv(key, value)
     publisher = tmp_path / "publisher"
     signer = make_signer(publisher)
@@ -417,8 +420,14 @@ async def test_tag_records_from_peers_need_a_trusted_signature(
         await node("c1", TrustStore()).resolve_tag(NAME, "1")
     assert not asked
     # Garbage, another tag's record, a stranger's and an unsigned one are skipped; the good one wins.
-    offered[:] = [b"\xa1junk", other_tag.encode(), by_stranger.encode(), unsigned.encode(), first.encode(),
-                  second.encode()]
+    offered[:] = [
+        b"\xa1junk",
+        other_tag.encode(),
+        by_stranger.encode(),
+        unsigned.encode(),
+        first.encode(),
+        second.encode(),
+    ]
     res = node("c2", trusting)
     assert await res.resolve_tag(NAME, "1") == second.root
     assert ChunkStore(tmp_path / "c2").get_tag_record(NAME, "1") == second  # kept for next time

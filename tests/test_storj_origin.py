@@ -39,8 +39,10 @@ from p2pimg.sources.origins.storj import StorjOrigin, parse_storj_url
 BUCKET = "bkt"
 # time.Time{}.Unix(): the `created` uplink-c gives an object listed without system metadata
 GO_ZERO_TIME = -62135596800
-LIVE_SKIP = ("live Storj test: set STORJ_ACCESS and P2PIMG_STORJ_BUCKET (an access grant and an "
-             "existing bucket) to run it")
+LIVE_SKIP = (
+    "live Storj test: set STORJ_ACCESS and P2PIMG_STORJ_BUCKET (an access grant and an "
+    "existing bucket) to run it"
+)
 
 
 def _wrapper() -> Any:
@@ -102,9 +104,13 @@ class _Fn:
                     self.lib.problem(f"{self.name}: argument {i} ({arg!r}) is no {argtype.__name__}: {exc}")
         result = self.impl(*args)
         if argtypes is not None:
-            fits = (result is None if restype is None
-                    else isinstance(result, bool) if restype is ctypes.c_bool
-                    else isinstance(result, restype))
+            fits = (
+                result is None
+                if restype is None
+                else isinstance(result, bool)
+                if restype is ctypes.c_bool
+                else isinstance(result, restype)
+            )
             if not fits:
                 self.lib.problem(f"{self.name}: the fake returned {result!r}, declared {restype!r}")
         return result
@@ -172,16 +178,21 @@ class FakeLibuplink:
     def _object(self, key: str, system: bool = True) -> Any:
         md = self.md
         created = self.created.get(key, self.clock) if system else GO_ZERO_TIME
-        return self._keep_ptr(md._ObjectStruct(key.encode(), False,
-                                               md._SystemMetadataStruct(created, 0, len(self.objects[key])),
-                                               md._CustomMetadataStruct()))
+        return self._keep_ptr(
+            md._ObjectStruct(
+                key.encode(),
+                False,
+                md._SystemMetadataStruct(created, 0, len(self.objects[key])),
+                md._CustomMetadataStruct(),
+            )
+        )
 
     def _lookup(self, bucket: Any, key: Any) -> tuple[str, Any]:
         if _text(bucket) != BUCKET:
             return "", self._error(0x13, f"uplink: bucket not found ({_text(bucket)})\n\tstack")
         k = _text(key)
         if k not in self.objects:
-            return k, self._error(0x21, f"uplink: object not found (\"{k}\")\n\tstorj.io/uplink.x:1")
+            return k, self._error(0x21, f'uplink: object not found ("{k}")\n\tstorj.io/uplink.x:1')
         return k, None
 
     def _null_error(self) -> Any:
@@ -227,7 +238,7 @@ class FakeLibuplink:
             return self.md._ReadResult(0, error)
         n = max(0, min(want, d["end"] - d["pos"]))
         if n:
-            ctypes.memmove(buf, self.objects[d["key"]][d["pos"]:d["pos"] + n], n)
+            ctypes.memmove(buf, self.objects[d["key"]][d["pos"] : d["pos"] + n], n)
         d["pos"] += n
         if n == 0 or (self.eof_with_last_bytes and d["pos"] == d["end"]):
             return self.md._ReadResult(n, self._eof())
@@ -303,10 +314,14 @@ class FakeLibuplink:
         self.listings.append((prefix, recursive))
         self.listed_system.append(bool(opts.system) if opts is not None else False)
         assert not prefix or prefix.endswith("/"), "libuplink wants a listing prefix ending with /"
-        state: dict[str, Any] = {"keys": sorted(k for k in self.objects if k.startswith(prefix)),
-                                 "i": -1, "error": None, "system": self.listed_system[-1]}
+        state: dict[str, Any] = {
+            "keys": sorted(k for k in self.objects if k.startswith(prefix)),
+            "i": -1,
+            "error": None,
+            "system": self.listed_system[-1],
+        }
         if not recursive:  # collapse to the first level below the prefix
-            state["keys"] = sorted({k for k in state["keys"] if "/" not in k[len(prefix):]})
+            state["keys"] = sorted({k for k in state["keys"] if "/" not in k[len(prefix) :]})
         if _text(bucket) != BUCKET:
             state["error"] = (0x13, "uplink: bucket not found")
         elif "uplink_list_objects" in self.fail:
@@ -359,10 +374,12 @@ class FakeLibuplink:
         u["freed"] = True
 
     def all_released(self) -> bool:
-        return (all(d["closed"] and d.get("freed") for d in self.downloads.values())
-                and all(u.get("freed") for u in self.uploads.values())
-                and all(p.get("freed") for p in self.part_uploads.values())
-                and all(i.get("freed") for i in self.iterators.values()))
+        return (
+            all(d["closed"] and d.get("freed") for d in self.downloads.values())
+            and all(u.get("freed") for u in self.uploads.values())
+            and all(p.get("freed") for p in self.part_uploads.values())
+            and all(i.get("freed") for i in self.iterators.values())
+        )
 
     def _free_iterator(self, iterator: Any) -> None:
         s = self.iterators[iterator.contents._handle]
@@ -376,22 +393,32 @@ class FakeLibuplink:
     def add_pending(self, key: str, parts: dict[int, bytes], etag: Callable[[bytes], bytes | None]) -> str:
         """A pending upload as an earlier attempt (or another tool) would have left it."""
         upload_id = f"Upl{next(self._ids)}"
-        self.pending[upload_id] = {"key": key, "created": self.clock, "state": "pending",
-                                   "parts": {n: {"data": d, "etag": etag(d)} for n, d in parts.items()}}
+        self.pending[upload_id] = {
+            "key": key,
+            "created": self.clock,
+            "state": "pending",
+            "parts": {n: {"data": d, "etag": etag(d)} for n, d in parts.items()},
+        }
         self.clock += 1
         return upload_id
 
     def _upload_info(self, upload_id: str, system: bool = True) -> Any:
         u = self.pending[upload_id]
         created = u["created"] if system else 0
-        return self._keep_ptr(self.mp.upload_info(upload_id.encode(), u["key"].encode(), False,
-                                                  self.md._SystemMetadataStruct(created, 0, 0),
-                                                  self.md._CustomMetadataStruct()))
+        return self._keep_ptr(
+            self.mp.upload_info(
+                upload_id.encode(),
+                u["key"].encode(),
+                False,
+                self.md._SystemMetadataStruct(created, 0, 0),
+                self.md._CustomMetadataStruct(),
+            )
+        )
 
     def _pending(self, upload_id: Any, key: Any) -> tuple[dict[str, Any] | None, Any]:
         u = self.pending.get(_text(upload_id))
         if u is None or u["state"] != "pending" or u["key"] != _text(key):
-            return None, self._error(0x21, f"uplink: object not found (\"{_text(key)}\")\n\tstack")
+            return None, self._error(0x21, f'uplink: object not found ("{_text(key)}")\n\tstack')
         return u, None
 
     def _uplink_begin_upload(self, project: Any, bucket: Any, key: Any, options: Any) -> Any:
@@ -420,10 +447,13 @@ class FakeLibuplink:
             exact = prefix and not prefix.endswith("/")
             return (u["key"] == prefix if exact else u["key"].startswith(prefix)) and bool(u["parts"])
 
-        state: dict[str, Any] = {"kind": "upload", "i": -1, "error": None,
-                                 "system": bool(opts is not None and opts.system),
-                                 "keys": [i for i, u in self.pending.items()
-                                          if u["state"] == "pending" and listed(u)]}
+        state: dict[str, Any] = {
+            "kind": "upload",
+            "i": -1,
+            "error": None,
+            "system": bool(opts is not None and opts.system),
+            "keys": [i for i, u in self.pending.items() if u["state"] == "pending" and listed(u)],
+        }
         if _text(bucket) != BUCKET:
             state["error"] = (0x13, "uplink: bucket not found")
         elif "uplink_list_uploads" in self.fail:
@@ -453,15 +483,21 @@ class FakeLibuplink:
     def _uplink_free_upload_iterator(self, iterator: Any) -> None:
         self._free_iterator(iterator)
 
-    def _uplink_list_upload_parts(self, project: Any, bucket: Any, key: Any, upload_id: Any,
-                                  options: Any) -> Any:
+    def _uplink_list_upload_parts(
+        self, project: Any, bucket: Any, key: Any, upload_id: Any, options: Any
+    ) -> Any:
         u, _ = self._pending(upload_id, key)
-        state: dict[str, Any] = {"kind": "part", "i": -1, "error": None,
-                                 "keys": sorted(u["parts"]) if u is not None else [], "upload": u}
+        state: dict[str, Any] = {
+            "kind": "part",
+            "i": -1,
+            "error": None,
+            "keys": sorted(u["parts"]) if u is not None else [],
+            "upload": u,
+        }
         if "uplink_list_upload_parts" in self.fail:
             state["error"] = self.fail["uplink_list_upload_parts"]
         elif u is None:
-            state["error"] = (0x21, f"uplink: object not found (\"{_text(key)}\")")
+            state["error"] = (0x21, f'uplink: object not found ("{_text(key)}")')
         handle = next(self._ids)
         self.iterators[handle] = state
         return self._keep_ptr(self.mp.part_iterator(handle))
@@ -479,8 +515,9 @@ class FakeLibuplink:
             buf = ctypes.create_string_buffer(etag)
             self._keep.append(buf)
             etag_p = ctypes.cast(buf, ctypes.POINTER(ctypes.c_char))
-        return self._keep_ptr(self.mp.part(number, len(part["data"]), self.clock, etag_p,
-                                           len(etag) if etag is not None else 0))
+        return self._keep_ptr(
+            self.mp.part(number, len(part["data"]), self.clock, etag_p, len(etag) if etag is not None else 0)
+        )
 
     def _uplink_part_iterator_err(self, iterator: Any) -> Any:
         s = self.iterators[iterator.contents._handle]
@@ -496,17 +533,26 @@ class FakeLibuplink:
         error = self._failure("uplink_upload_part")
         handle = next(self._ids)
         # uplink-c v1.13 hands out a handle even on failure, with no part upload behind it.
-        self.part_uploads[handle] = {"upload": _text(upload_id), "key": _text(key), "number": _int(number),
-                                     "data": bytearray(), "etag": None, "state": "open",
-                                     "broken": error is not None}
-        return self.mp.part_upload_result(part_upload=self._keep_ptr(self.mp.part_upload(handle)),
-                                          error=error)
+        self.part_uploads[handle] = {
+            "upload": _text(upload_id),
+            "key": _text(key),
+            "number": _int(number),
+            "data": bytearray(),
+            "etag": None,
+            "state": "open",
+            "broken": error is not None,
+        }
+        return self.mp.part_upload_result(
+            part_upload=self._keep_ptr(self.mp.part_upload(handle)), error=error
+        )
 
     def _part_upload(self, part_upload: Any) -> dict[str, Any]:
         p = self.part_uploads[part_upload.contents._handle]
         if p["broken"] or p.get("freed"):
-            self.problem("part upload used after a failed uplink_upload_part or after its free: "
-                         "libuplink v1.13 would crash")
+            self.problem(
+                "part upload used after a failed uplink_upload_part or after its free: "
+                "libuplink v1.13 would crash"
+            )
         return p
 
     def _uplink_part_upload_write(self, part_upload: Any, buf: Any, size: Any) -> Any:
@@ -622,10 +668,16 @@ def strict_wrapper(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(name: str) -> Callable[..., Any]:
         def call(*_args: Any, **_kwargs: Any) -> Any:
             raise AssertionError(f"the adapter called {name}, which is broken in storj-uplink")
+
         return call
 
-    for cls, name in ((Download, "read_file"), (Download, "read"), (Upload, "write"),
-                      (Upload, "write_file"), (Project, "list_objects")):
+    for cls, name in (
+        (Download, "read_file"),
+        (Download, "read"),
+        (Upload, "write"),
+        (Upload, "write_file"),
+        (Project, "list_objects"),
+    ):
         monkeypatch.setattr(cls, name, broken(f"{cls.__name__}.{name}"))
 
 
@@ -705,7 +757,12 @@ def test_adapter_calls_exist_on_the_real_wrapper_with_compatible_parameters() ->
     assert Upload(sentinel, sentinel).uplink is sentinel
     md = w.defs
     assert [f[0] for f in md._ListObjectsOptionsStruct._fields_] == [
-        "prefix", "cursor", "recursive", "system", "custom"]
+        "prefix",
+        "cursor",
+        "recursive",
+        "system",
+        "custom",
+    ]
     assert [f[0] for f in md._ReadResult._fields_] == ["bytes_read", "error"]
     assert [f[0] for f in md._WriteResult._fields_] == ["bytes_written", "error"]
     assert [f[0] for f in md._Error._fields_] == ["code", "message"]
@@ -726,8 +783,13 @@ def test_native_functions_used_exist_in_the_bundled_libuplink(fake: FakeLibuplin
     # Everything the fake emulates (a superset of what the adapter's native paths call) is real.
     missing = [name for name in fake.functions if not hasattr(lib, name)]
     assert not missing
-    assert {"uplink_upload_write", "uplink_download_read", "uplink_list_objects",
-            "uplink_object_iterator_err", "uplink_free_object_iterator"} <= set(fake.functions)
+    assert {
+        "uplink_upload_write",
+        "uplink_download_read",
+        "uplink_list_objects",
+        "uplink_object_iterator_err",
+        "uplink_free_object_iterator",
+    } <= set(fake.functions)
 
 
 def test_wrapper_has_no_multipart_binding() -> None:
@@ -737,8 +799,14 @@ def test_wrapper_has_no_multipart_binding() -> None:
 
     assert hasattr(lib, "uplink_begin_upload") and hasattr(lib, "uplink_upload_part")
     bound = {name for name in dir(Project) if not name.startswith("_")}
-    assert not bound & {"begin_upload", "upload_part", "commit_upload", "list_uploads",
-                        "list_upload_parts", "abort_upload"}
+    assert not bound & {
+        "begin_upload",
+        "upload_part",
+        "commit_upload",
+        "list_uploads",
+        "list_upload_parts",
+        "abort_upload",
+    }
 
 
 # uplink-c's exported prototypes (multipart.go, upload.go, download.go, objects.go, error.go) as the
@@ -787,21 +855,36 @@ void uplink_free_part(UplinkPart *)
 
 # The wrapper's names for uplink-c's structures.
 _WRAPPER_STRUCTS = {
-    "_ProjectStruct": "UplinkProject", "_DownloadStruct": "UplinkDownload", "_UploadStruct": "UplinkUpload",
-    "_Error": "UplinkError", "_ReadResult": "UplinkReadResult", "_WriteResult": "UplinkWriteResult",
-    "_DownloadResult": "UplinkDownloadResult", "_UploadResult": "UplinkUploadResult",
-    "_ObjectStruct": "UplinkObject", "_ObjectIterator": "UplinkObjectIterator",
-    "_ListObjectsOptionsStruct": "UplinkListObjectsOptions", "_UploadOptionsStruct": "UplinkUploadOptions",
-    "_SystemMetadataStruct": "UplinkSystemMetadata", "_CustomMetadataStruct": "UplinkCustomMetadata",
+    "_ProjectStruct": "UplinkProject",
+    "_DownloadStruct": "UplinkDownload",
+    "_UploadStruct": "UplinkUpload",
+    "_Error": "UplinkError",
+    "_ReadResult": "UplinkReadResult",
+    "_WriteResult": "UplinkWriteResult",
+    "_DownloadResult": "UplinkDownloadResult",
+    "_UploadResult": "UplinkUploadResult",
+    "_ObjectStruct": "UplinkObject",
+    "_ObjectIterator": "UplinkObjectIterator",
+    "_ListObjectsOptionsStruct": "UplinkListObjectsOptions",
+    "_UploadOptionsStruct": "UplinkUploadOptions",
+    "_SystemMetadataStruct": "UplinkSystemMetadata",
+    "_CustomMetadataStruct": "UplinkCustomMetadata",
 }
 
 
 def _c_name(t: Any) -> str:
     if t is None:
         return "void"
-    scalars = {ctypes.c_char_p: "char *", ctypes.c_size_t: "size_t", ctypes.c_uint32: "uint32_t",
-               ctypes.c_uint8: "uint8_t", ctypes.c_bool: "bool", ctypes.c_int64: "int64_t",
-               ctypes.c_int32: "int32_t", ctypes.c_char: "char"}
+    scalars = {
+        ctypes.c_char_p: "char *",
+        ctypes.c_size_t: "size_t",
+        ctypes.c_uint32: "uint32_t",
+        ctypes.c_uint8: "uint8_t",
+        ctypes.c_bool: "bool",
+        ctypes.c_int64: "int64_t",
+        ctypes.c_int32: "int32_t",
+        ctypes.c_char: "char",
+    }
     if t in scalars:
         return scalars[t]
     if issubclass(t, ctypes._Pointer):
@@ -815,8 +898,10 @@ def _c_layout(struct: Any) -> list[tuple[str, str, int]]:
 
 def test_native_declarations_match_the_uplink_c_prototypes() -> None:
     signatures = storj_native.signatures(_wrapper().defs)
-    declared = {f"{_c_name(restype)}{name}({','.join(_c_name(t) for t in argtypes)})".replace(" ", "")
-                for name, (argtypes, restype) in signatures.items()}
+    declared = {
+        f"{_c_name(restype)}{name}({','.join(_c_name(t) for t in argtypes)})".replace(" ", "")
+        for name, (argtypes, restype) in signatures.items()
+    }
     expected = {f"{prototype})" for prototype in re.sub(r"\s+", "", C_PROTOTYPES).split(")") if prototype}
     assert len(expected) == len(C_PROTOTYPES.split("uplink_")) - 1
     assert sorted(declared) == sorted(expected)
@@ -826,32 +911,53 @@ def test_multipart_structures_have_the_uplink_c_layout() -> None:
     """Field order, C types and x86_64 offsets of uplink_definitions.h (uplink-c for uplink v1.13.1)."""
     defs = _wrapper().defs
     t = storj_native.multipart_types(defs)
-    assert _c_layout(t.part) == [("part_number", "uint32_t", 0), ("size", "size_t", 8),
-                                 ("modified", "int64_t", 16), ("etag", "char *", 24),
-                                 ("etag_length", "size_t", 32)]
+    assert _c_layout(t.part) == [
+        ("part_number", "uint32_t", 0),
+        ("size", "size_t", 8),
+        ("modified", "int64_t", 16),
+        ("etag", "char *", 24),
+        ("etag_length", "size_t", 32),
+    ]
     assert ctypes.sizeof(t.part) == 40
-    assert _c_layout(t.upload_info) == [("upload_id", "char *", 0), ("key", "char *", 8),
-                                        ("is_prefix", "bool", 16), ("system", "UplinkSystemMetadata", 24),
-                                        ("custom", "UplinkCustomMetadata", 48)]
+    assert _c_layout(t.upload_info) == [
+        ("upload_id", "char *", 0),
+        ("key", "char *", 8),
+        ("is_prefix", "bool", 16),
+        ("system", "UplinkSystemMetadata", 24),
+        ("custom", "UplinkCustomMetadata", 48),
+    ]
     assert ctypes.sizeof(t.upload_info) == 64
-    assert _c_layout(t.list_uploads_options) == [("prefix", "char *", 0), ("cursor", "char *", 8),
-                                                 ("recursive", "bool", 16), ("system", "bool", 17),
-                                                 ("custom", "bool", 18)]
+    assert _c_layout(t.list_uploads_options) == [
+        ("prefix", "char *", 0),
+        ("cursor", "char *", 8),
+        ("recursive", "bool", 16),
+        ("system", "bool", 17),
+        ("custom", "bool", 18),
+    ]
     assert ctypes.sizeof(t.list_uploads_options) == 24
     assert _c_layout(t.list_upload_parts_options) == [("cursor", "uint32_t", 0)]
     assert _c_layout(t.commit_upload_options) == [("custom_metadata", "UplinkCustomMetadata", 0)]
     assert ctypes.sizeof(t.commit_upload_options) == 16
     for handle in (t.part_upload, t.upload_iterator, t.part_iterator):
         assert _c_layout(handle) == [("_handle", "size_t", 0)]
-    assert _c_layout(t.upload_info_result) == [("info", "UplinkUploadInfo *", 0),
-                                               ("error", "UplinkError *", 8)]
-    assert _c_layout(t.part_upload_result) == [("part_upload", "UplinkPartUpload *", 0),
-                                               ("error", "UplinkError *", 8)]
-    assert _c_layout(t.commit_upload_result) == [("object", "UplinkObject *", 0),
-                                                 ("error", "UplinkError *", 8)]
+    assert _c_layout(t.upload_info_result) == [
+        ("info", "UplinkUploadInfo *", 0),
+        ("error", "UplinkError *", 8),
+    ]
+    assert _c_layout(t.part_upload_result) == [
+        ("part_upload", "UplinkPartUpload *", 0),
+        ("error", "UplinkError *", 8),
+    ]
+    assert _c_layout(t.commit_upload_result) == [
+        ("object", "UplinkObject *", 0),
+        ("error", "UplinkError *", 8),
+    ]
     # What they nest from the wrapper has the C sizes too.
-    assert _c_layout(defs._SystemMetadataStruct) == [("created", "int64_t", 0), ("expires", "int64_t", 8),
-                                                     ("content_length", "int64_t", 16)]
+    assert _c_layout(defs._SystemMetadataStruct) == [
+        ("created", "int64_t", 0),
+        ("expires", "int64_t", 8),
+        ("content_length", "int64_t", 16),
+    ]
     assert ctypes.sizeof(defs._CustomMetadataStruct) == 16 and ctypes.sizeof(defs._ObjectStruct) == 56
 
 
@@ -901,9 +1007,12 @@ def test_multipart_functions_run_in_the_real_libuplink() -> None:
     uploads_options = t.list_uploads_options(b"k", b"", True, True, False)
     parts_options = t.list_upload_parts_options(0)
     for kind, iterator in (
-            ("upload", fn("uplink_list_uploads")(project, b"bkt", ctypes.byref(uploads_options))),
-            ("part", fn("uplink_list_upload_parts")(project, b"bkt", b"k", b"upload",
-                                                    ctypes.byref(parts_options)))):
+        ("upload", fn("uplink_list_uploads")(project, b"bkt", ctypes.byref(uploads_options))),
+        (
+            "part",
+            fn("uplink_list_upload_parts")(project, b"bkt", b"k", b"upload", ctypes.byref(parts_options)),
+        ),
+    ):
         assert iterator
         try:
             assert fn(f"uplink_{kind}_iterator_next")(iterator) is False
@@ -985,13 +1094,18 @@ async def test_ranged_reads_ask_for_exactly_the_range(origin: StorjOrigin, fake:
     data = _blob((3 << 20) + 12345)
     fake.objects["pre/p2pimg/blobs/sha256/ab"] = data
     key = "p2pimg/blobs/sha256/ab"
-    cases = [(0, len(data)), (1, 100), ((1 << 20) - 3, (2 << 20) + 7), (len(data) - 1, 1),
-             (64 << 10, 1 << 20)]
+    cases = [
+        (0, len(data)),
+        (1, 100),
+        ((1 << 20) - 3, (2 << 20) + 7),
+        (len(data) - 1, 1),
+        (64 << 10, 1 << 20),
+    ]
     for offset, length in cases:
         fake.ranges.clear()
         fake.read_sizes.clear()
         pieces = await _read(origin, key, offset, length)
-        assert b"".join(pieces) == data[offset:offset + length]
+        assert b"".join(pieces) == data[offset : offset + length]
         assert fake.ranges == [("pre/" + key, offset, length)]
         assert all(len(p) <= 1 << 20 for p in pieces)
         assert all(size <= 1 << 20 for size in fake.read_sizes)
@@ -1027,8 +1141,9 @@ async def test_not_found(origin: StorjOrigin, fake: FakeLibuplink) -> None:
         await _read(origin, "p2pimg/blocks/x", 0, 0)
 
 
-async def test_missing_bucket_says_how_to_create_it(fake: FakeLibuplink, opened: Opened,
-                                                    strict_wrapper: None) -> None:
+async def test_missing_bucket_says_how_to_create_it(
+    fake: FakeLibuplink, opened: Opened, strict_wrapper: None
+) -> None:
     origin = StorjOrigin("nobucket", project_factory=opened)
     for attempt in (origin.exists("k"), origin.list("p2pimg/"), origin.put_bytes("k", b"x")):
         with pytest.raises(OriginError, match=r"uplink mb sj://nobucket") as info:
@@ -1036,8 +1151,9 @@ async def test_missing_bucket_says_how_to_create_it(fake: FakeLibuplink, opened:
         assert not isinstance(info.value, OriginNotFound)
 
 
-async def test_codes_the_wrapper_does_not_know_become_origin_errors(origin: StorjOrigin,
-                                                                    fake: FakeLibuplink) -> None:
+async def test_codes_the_wrapper_does_not_know_become_origin_errors(
+    origin: StorjOrigin, fake: FakeLibuplink
+) -> None:
     fake.objects["pre/k"] = b"x"
     fake.fail["uplink_stat_object"] = (0x09, "uplink: permission denied\n\tstorj.io/uplink.x:1")
     with pytest.raises(OriginError, match="cannot look up k on storj://bkt/pre: uplink: permission denied$"):
@@ -1146,6 +1262,7 @@ async def test_failed_upload_is_aborted_and_invisible(origin: StorjOrigin, fake:
 async def test_cancelled_upload_is_aborted(origin: StorjOrigin, fake: FakeLibuplink) -> None:
     data = _blob(4 << 20)
     with trio.CancelScope() as scope:
+
         class Reader(io.BytesIO):
             def read(self, n: int | None = -1) -> bytes:
                 if self.tell() >= 2 << 20:
@@ -1165,8 +1282,13 @@ async def test_cancelled_upload_is_aborted(origin: StorjOrigin, fake: FakeLibupl
 class Source(io.FileIO):
     """A blob's file that counts what is read from it and can fail or cancel at an offset."""
 
-    def __init__(self, path: Path, log: list[int], fail_at: int | None = None,
-                 on_reaching: tuple[int, Callable[[], Any]] | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        log: list[int],
+        fail_at: int | None = None,
+        on_reaching: tuple[int, Callable[[], Any]] | None = None,
+    ) -> None:
         super().__init__(path)
         self.log, self.fail_at, self.on_reaching = log, fail_at, on_reaching
 
@@ -1199,8 +1321,9 @@ def _written(fake: FakeLibuplink) -> dict[int, int]:
     return dict(out)
 
 
-async def test_large_blob_resumes_without_sending_its_parts_again(origin: StorjOrigin, fake: FakeLibuplink,
-                                                                  tmp_path: Path) -> None:
+async def test_large_blob_resumes_without_sending_its_parts_again(
+    origin: StorjOrigin, fake: FakeLibuplink, tmp_path: Path
+) -> None:
     assert origin.part_size == origin.segment_size == 64 << 20  # production parts: one segment each
     part = 64 << 20
     size = (150 << 20) + 12345
@@ -1208,8 +1331,9 @@ async def test_large_blob_resumes_without_sending_its_parts_again(origin: StorjO
     reads: list[int] = []
 
     # The source fails as the second part is read: the first, already on its way, is let through.
-    with pytest.raises(OriginError, match=f"cannot write {key} to storj://bkt/pre: reading its source: "
-                                          ".*Input/output error"):
+    with pytest.raises(
+        OriginError, match=f"cannot write {key} to storj://bkt/pre: reading its source: .*Input/output error"
+    ):
         await origin.put_blob(key, lambda: Source(path, reads, fail_at=part), size)
     [(upload_id, upload)] = fake.pending.items()
     assert upload["key"] == f"pre/{key}" and upload["state"] == "pending"
@@ -1242,8 +1366,9 @@ async def test_large_blob_resumes_without_sending_its_parts_again(origin: StorjO
 
 
 @pytest.mark.parametrize("damage", ["etag", "no etag", "size"])
-async def test_parts_that_do_not_match_are_sent_again(origin: StorjOrigin, fake: FakeLibuplink,
-                                                      tmp_path: Path, damage: str) -> None:
+async def test_parts_that_do_not_match_are_sent_again(
+    origin: StorjOrigin, fake: FakeLibuplink, tmp_path: Path, damage: str
+) -> None:
     origin.part_size = part = 1 << 20
     size = (3 << 20) + 500_000
     path, data, key = _blob_file(tmp_path, size)
@@ -1266,8 +1391,9 @@ async def test_parts_that_do_not_match_are_sent_again(origin: StorjOrigin, fake:
     assert fake.all_released()
 
 
-async def test_cancelled_multipart_upload_stays_pending(origin: StorjOrigin, fake: FakeLibuplink,
-                                                        tmp_path: Path) -> None:
+async def test_cancelled_multipart_upload_stays_pending(
+    origin: StorjOrigin, fake: FakeLibuplink, tmp_path: Path
+) -> None:
     origin.part_size = part = 1 << 20
     size = 6 * part
     path, data, key = _blob_file(tmp_path, size)
@@ -1318,7 +1444,7 @@ async def test_small_blobs_keep_the_single_upload(origin: StorjOrigin, fake: Fak
 async def test_newest_pending_upload_is_resumed(origin: StorjOrigin, fake: FakeLibuplink) -> None:
     origin.part_size = part = 1 << 20
     data = _blob(3 * part)
-    pieces = {n: data[(n - 1) * part:n * part] for n in (1, 2, 3)}
+    pieces = {n: data[(n - 1) * part : n * part] for n in (1, 2, 3)}
     fake.add_pending("pre/k", {1: pieces[1]}, _sha)
     newest = fake.add_pending("pre/k", {1: pieces[1], 2: pieces[2]}, _sha)
     fake.add_pending("pre/k2", {1: pieces[1], 2: pieces[2], 3: pieces[3]}, _sha)  # another key
@@ -1333,7 +1459,7 @@ async def test_pending_upload_that_does_not_fit_is_aborted(origin: StorjOrigin, 
     data = _blob(2 * part + 10)
     # A plain upload's segments are part 0; a part past the end, or larger than a part, would
     # survive into the object, since Storj commits all of an upload's segments.
-    for parts in ({0: data[:part]}, {1: data[:part], 4: b"x"}, {1: data[:part + 1]}):
+    for parts in ({0: data[:part]}, {1: data[:part], 4: b"x"}, {1: data[: part + 1]}):
         fake.pending.clear()
         stale = fake.add_pending("pre/k", parts, _sha)
         fake.objects.pop("pre/k", None)
@@ -1349,41 +1475,47 @@ async def test_upload_gone_meanwhile_starts_over(origin: StorjOrigin, fake: Fake
     origin.part_size = part = 1 << 20
     data = _blob(2 * part)
     fake.add_pending("pre/k", {1: data[:part]}, _sha)
-    fake.fail["uplink_list_upload_parts"] = (0x21, "uplink: object not found (\"pre/k\")")
+    fake.fail["uplink_list_upload_parts"] = (0x21, 'uplink: object not found ("pre/k")')
     await origin.put_blob("k", lambda: io.BytesIO(data), len(data))
     assert fake.objects["pre/k"] == data and _written(fake) == {1: part, 2: part}
     assert "uplink_abort_upload" not in fake.calls
     fake.objects.clear()
     fake.fail["uplink_list_upload_parts"] = (0x09, "uplink: permission denied\n\tstack")
     fake.add_pending("pre/k", {1: data[:part]}, _sha)
-    with pytest.raises(OriginError, match="^cannot look for an upload to resume of k on storj://bkt/pre: "
-                                          "uplink: permission denied$"):
+    with pytest.raises(
+        OriginError,
+        match="^cannot look for an upload to resume of k on storj://bkt/pre: uplink: permission denied$",
+    ):
         await origin.put_blob("k", lambda: io.BytesIO(data), len(data))
     assert fake.all_released()
 
 
-async def test_multipart_failures_leave_the_upload_to_resume(origin: StorjOrigin,
-                                                             fake: FakeLibuplink) -> None:
+async def test_multipart_failures_leave_the_upload_to_resume(
+    origin: StorjOrigin, fake: FakeLibuplink
+) -> None:
     origin.part_size = part = 1 << 20
     data = _blob(3 * part)
     # A part that cannot start: its handle (uplink-c v1.13 makes one anyway) is only freed.
     fake.fail["uplink_upload_part"] = (0x05, "uplink: too many requests\n\tstack")
-    with pytest.raises(OriginError, match="^cannot write part [12] of k on storj://bkt/pre: "
-                                          "uplink: too many"):
+    with pytest.raises(
+        OriginError, match="^cannot write part [12] of k on storj://bkt/pre: uplink: too many"
+    ):
         await origin.put_blob("k", lambda: io.BytesIO(data), len(data))
     assert fake.all_released() and "uplink_part_upload_abort" not in fake.calls
     del fake.fail["uplink_upload_part"]
     # A write fails: that part is aborted, the upload stays.
     fake.fail["uplink_part_upload_write"] = (0x07, "uplink: storage limit exceeded\n\tstack")
-    with pytest.raises(OriginError, match="^cannot write part [12] of k on storj://bkt/pre: "
-                                          "uplink: storage limit exceeded$"):
+    with pytest.raises(
+        OriginError, match="^cannot write part [12] of k on storj://bkt/pre: uplink: storage limit exceeded$"
+    ):
         await origin.put_blob("k", lambda: io.BytesIO(data), len(data))
     assert fake.calls.count("uplink_part_upload_abort") >= 1
     del fake.fail["uplink_part_upload_write"]
     # The commit fails: every part is in, the upload stays pending.
     fake.fail["uplink_commit_upload"] = (0x02, "uplink: metaclient: commit failed\n\tstack")
-    with pytest.raises(OriginError, match="^cannot commit the upload of k on storj://bkt/pre: "
-                                          ".*commit failed$"):
+    with pytest.raises(
+        OriginError, match="^cannot commit the upload of k on storj://bkt/pre: .*commit failed$"
+    ):
         await origin.put_blob("k", lambda: io.BytesIO(data), len(data))
     assert "pre/k" not in fake.objects
     del fake.fail["uplink_commit_upload"]
@@ -1399,13 +1531,16 @@ async def test_multipart_failures_leave_the_upload_to_resume(origin: StorjOrigin
     assert fake.all_released()
 
 
-async def test_multipart_result_of_the_wrong_size_is_an_error(origin: StorjOrigin,
-                                                              fake: FakeLibuplink) -> None:
+async def test_multipart_result_of_the_wrong_size_is_an_error(
+    origin: StorjOrigin, fake: FakeLibuplink
+) -> None:
     origin.part_size = 1 << 20
     data = _blob(3 << 20)
     fake.commit_extra = b"x"
-    with pytest.raises(OriginError, match=f"k on storj://bkt/pre has {len(data) + 1} bytes after upload, "
-                                          f"expected {len(data)}"):
+    with pytest.raises(
+        OriginError,
+        match=f"k on storj://bkt/pre has {len(data) + 1} bytes after upload, expected {len(data)}",
+    ):
         await origin.put_blob("k", lambda: io.BytesIO(data), len(data))
 
 
@@ -1418,8 +1553,9 @@ async def test_multipart_source_errors(origin: StorjOrigin, fake: FakeLibuplink)
     def missing() -> io.BytesIO:
         raise FileNotFoundError(2, "No such file or directory")
 
-    with pytest.raises(OriginError, match="cannot write k to storj://bkt/pre: cannot open its source: "
-                                          ".*No such"):
+    with pytest.raises(
+        OriginError, match="cannot write k to storj://bkt/pre: cannot open its source: .*No such"
+    ):
         await origin.put_blob("k", missing, len(data))
     assert "pre/k" not in fake.objects and fake.all_released()
 
@@ -1428,11 +1564,20 @@ async def test_multipart_source_errors(origin: StorjOrigin, fake: FakeLibuplink)
 
 
 async def test_list_with_prefix(origin: StorjOrigin, fake: FakeLibuplink) -> None:
-    for k in ("pre/p2pimg/tags/a/2", "pre/p2pimg/tags/a/1", "pre/p2pimg/tags/a/sub/x",
-              "pre/p2pimg/tags/ab/1", "pre/p2pimg/blobs/sha256/ff", "other/p2pimg/tags/a/3"):
+    for k in (
+        "pre/p2pimg/tags/a/2",
+        "pre/p2pimg/tags/a/1",
+        "pre/p2pimg/tags/a/sub/x",
+        "pre/p2pimg/tags/ab/1",
+        "pre/p2pimg/blobs/sha256/ff",
+        "other/p2pimg/tags/a/3",
+    ):
         fake.objects[k] = b""
-    assert await origin.list("p2pimg/tags/a/") == ["p2pimg/tags/a/1", "p2pimg/tags/a/2",
-                                                   "p2pimg/tags/a/sub/x"]
+    assert await origin.list("p2pimg/tags/a/") == [
+        "p2pimg/tags/a/1",
+        "p2pimg/tags/a/2",
+        "p2pimg/tags/a/sub/x",
+    ]
     assert fake.listings == [("pre/p2pimg/tags/a/", True)]
     assert await origin.list("p2pimg/nothing/") == []
     assert fake.freed["iterator"] == 2 and fake.freed["object"] == 3
@@ -1440,8 +1585,7 @@ async def test_list_with_prefix(origin: StorjOrigin, fake: FakeLibuplink) -> Non
         await origin.list("p2pimg/tags/a")
 
 
-async def test_failed_listing_is_an_error_not_an_empty_list(origin: StorjOrigin,
-                                                            fake: FakeLibuplink) -> None:
+async def test_failed_listing_is_an_error_not_an_empty_list(origin: StorjOrigin, fake: FakeLibuplink) -> None:
     fake.objects.update({"pre/p/a": b"", "pre/p/b": b"", "pre/p/c": b""})
     for after in (0, 2):
         fake.list_fails_after = after
@@ -1450,12 +1594,15 @@ async def test_failed_listing_is_an_error_not_an_empty_list(origin: StorjOrigin,
     assert fake.freed["error"] == 2 and fake.freed["iterator"] == 2
 
 
-async def test_list_info_dates_objects_by_their_creation_time(origin: StorjOrigin,
-                                                             fake: FakeLibuplink) -> None:
+async def test_list_info_dates_objects_by_their_creation_time(
+    origin: StorjOrigin, fake: FakeLibuplink
+) -> None:
     fake.objects.update({"pre/p2pimg/blocks/b": b"", "pre/p2pimg/blocks/a": b"", "pre/p2pimg/tags/x/1": b""})
     fake.created.update({"pre/p2pimg/blocks/a": 1_700_000_100, "pre/p2pimg/blocks/b": 1_700_000_200})
     assert await origin.list_info("p2pimg/blocks/") == [
-        ObjectInfo("p2pimg/blocks/a", 1_700_000_100.0), ObjectInfo("p2pimg/blocks/b", 1_700_000_200.0)]
+        ObjectInfo("p2pimg/blocks/a", 1_700_000_100.0),
+        ObjectInfo("p2pimg/blocks/b", 1_700_000_200.0),
+    ]
     assert await origin.list("p2pimg/blocks/") == ["p2pimg/blocks/a", "p2pimg/blocks/b"]
     # Creation times come only with system metadata, which a plain listing does not ask for.
     assert fake.listings == [("pre/p2pimg/blocks/", True)] * 2 and fake.listed_system == [True, False]
@@ -1478,7 +1625,9 @@ async def test_uploads_are_dated_as_storj_dates_them(origin: StorjOrigin, fake: 
     began = fake.created["pre/p2pimg/blobs/sha256/big"]  # multipart: when the upload began
     assert began == 1_700_000_500 and fake.clock > began
     assert {i.key: i.modified for i in await origin.list_info("p2pimg/")} == {
-        "p2pimg/blobs/sha256/big": began, "p2pimg/blocks/small": 1_700_000_000}
+        "p2pimg/blobs/sha256/big": began,
+        "p2pimg/blocks/small": 1_700_000_000,
+    }
 
 
 async def test_gc_spares_young_objects(origin: StorjOrigin, fake: FakeLibuplink) -> None:
@@ -1488,8 +1637,9 @@ async def test_gc_spares_young_objects(origin: StorjOrigin, fake: FakeLibuplink)
     now = 1_800_000_000
     young, old = "p2pimg/blobs/sha256/" + "ab" * 32, "p2pimg/blobs/sha256/" + "cd" * 32
     fake.objects.update({f"pre/{young}": b"y", f"pre/{old}": b"o", "pre/p2pimg/blocks/x": b""})
-    fake.created.update({f"pre/{young}": now - 60, f"pre/{old}": now - 3600,
-                         "pre/p2pimg/blocks/x": now - 3599})
+    fake.created.update(
+        {f"pre/{young}": now - 60, f"pre/{old}": now - 3600, "pre/p2pimg/blocks/x": now - 3599}
+    )
     plan = await admin.plan_gc(origin, now=now)
     assert not plan.problems and plan.garbage == [old]
     assert sorted(plan.young) == [young, "p2pimg/blocks/x"]
@@ -1504,7 +1654,8 @@ def test_native_listing_runs_in_the_real_libuplink() -> None:
     native = storj_native.NativeBucket(_wrapper(), BUCKET)
     project = collections.namedtuple("project", "project uplink")(
         ctypes.pointer(_wrapper().defs._ProjectStruct(1 << 40)),
-        collections.namedtuple("uplink", "m_libuplink")(lib))
+        collections.namedtuple("uplink", "m_libuplink")(lib),
+    )
     for system in (True, False):
         with pytest.raises(storj_native.NativeError, match="invalid handle") as caught:
             native.list_objects(project, "p2pimg/", system=system)
@@ -1532,8 +1683,9 @@ async def test_delete(origin: StorjOrigin, fake: FakeLibuplink) -> None:
         await origin.delete("k")
 
 
-async def test_project_opened_lazily_once_and_closed(origin: StorjOrigin, fake: FakeLibuplink,
-                                                     opened: Opened) -> None:
+async def test_project_opened_lazily_once_and_closed(
+    origin: StorjOrigin, fake: FakeLibuplink, opened: Opened
+) -> None:
     assert opened.count == 0
     fake.objects["pre/k"] = b"abc"
     async with trio.open_nursery() as nursery:
@@ -1554,8 +1706,10 @@ async def test_project_open_failure_is_an_origin_error(fake: FakeLibuplink) -> N
         raise errors.InternalError("uplink: dial tcp: connection refused\n\tstack")
 
     origin = StorjOrigin(BUCKET, project_factory=factory)
-    with pytest.raises(OriginError, match="cannot open the Storj project for storj://bkt: "
-                                          "uplink: dial tcp: connection refused$"):
+    with pytest.raises(
+        OriginError,
+        match="cannot open the Storj project for storj://bkt: uplink: dial tcp: connection refused$",
+    ):
         await origin.exists("k")
 
 
@@ -1600,8 +1754,11 @@ def test_missing_access_grant_is_explained(monkeypatch: pytest.MonkeyPatch, tmp_
 def test_invalid_access_grant_is_explained(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     _real_lib()
     monkeypatch.setenv("STORJ_ACCESS", "not-a-grant")
-    with pytest.raises(InvalidInput, match="STORJ_ACCESS does not hold a usable access grant "
-                                           r"\(uplink: invalid access grant format\)"):
+    with pytest.raises(
+        InvalidInput,
+        match="STORJ_ACCESS does not hold a usable access grant "
+        r"\(uplink: invalid access grant format\)",
+    ):
         open_origin("storj://bucket", tmp_path)
 
 
@@ -1648,8 +1805,9 @@ def test_native_library_not_loadable(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     w = _wrapper()
 
     def aarch64_load() -> Any:  # what ctypes says for an x86_64 library on another machine
-        raise OSError(".../storj_uplink/libuplink.so: cannot open shared object file: "
-                      "wrong ELF class: ELFCLASS64")
+        raise OSError(
+            ".../storj_uplink/libuplink.so: cannot open shared object file: wrong ELF class: ELFCLASS64"
+        )
 
     monkeypatch.setattr(w.uplink, "Uplink", aarch64_load)
     monkeypatch.setenv("STORJ_ACCESS", "grant")
@@ -1672,8 +1830,10 @@ def test_importing_p2pimg_does_not_import_storj_uplink() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, p2pimg.cli.main, p2pimg.sources.origins, p2pimg.sources.origins.storj; "
-            "assert not [m for m in sys.modules if m.startswith('storj_uplink')]")
+    code = (
+        "import sys, p2pimg.cli.main, p2pimg.sources.origins, p2pimg.sources.origins.storj; "
+        "assert not [m for m in sys.modules if m.startswith('storj_uplink')]"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -1696,9 +1856,8 @@ async def test_live_round_trip(live_origin: StorjOrigin) -> None:
         await origin.put_blob(blob, lambda: io.BytesIO(data), len(data))
         await origin.put_bytes(tag, b"record")
         assert await origin.exists(blob)
-        for offset, length in ((0, len(data)), (1, 10), ((1 << 20) - 1, (1 << 20) + 2),
-                               (len(data) - 5, 5)):
-            assert b"".join(await _read(origin, blob, offset, length)) == data[offset:offset + length]
+        for offset, length in ((0, len(data)), (1, 10), ((1 << 20) - 1, (1 << 20) + 2), (len(data) - 5, 5)):
+            assert b"".join(await _read(origin, blob, offset, length)) == data[offset : offset + length]
         assert await origin.get(tag, max_size=100) == b"record"
         with pytest.raises(OriginError):
             await origin.get(blob, max_size=1000)
@@ -1736,7 +1895,7 @@ async def test_live_multipart_round_trip(live_origin: StorjOrigin, tmp_path: Pat
         whole = b"".join(await _read(origin, blob, 0, size))
         assert hashlib.sha256(whole).digest() == hashlib.sha256(data).digest()
         for offset, length in ((part - 10, 20), (2 * part - 1, 2), (size - 5, 5)):
-            assert b"".join(await _read(origin, blob, offset, length)) == data[offset:offset + length]
+            assert b"".join(await _read(origin, blob, offset, length)) == data[offset : offset + length]
         assert await origin.list("p2pimg/") == [blob]
     finally:
         with trio.CancelScope(shield=True):
@@ -1744,8 +1903,9 @@ async def test_live_multipart_round_trip(live_origin: StorjOrigin, tmp_path: Pat
             # Whatever an interrupted run left pending.
             project = await origin._project_handle()
             path_in_bucket = origin._path(blob)
-            for _created, upload_id in await trio.to_thread.run_sync(origin._native.list_uploads, project,
-                                                                     path_in_bucket):
+            for _created, upload_id in await trio.to_thread.run_sync(
+                origin._native.list_uploads, project, path_in_bucket
+            ):
                 await trio.to_thread.run_sync(origin._native.abort_upload, project, path_in_bucket, upload_id)
             assert await origin.list("p2pimg/") == []
             await origin.aclose()

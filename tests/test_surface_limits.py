@@ -86,8 +86,14 @@ async def serving(config: Config) -> AsyncIterator[Served]:
         listeners = await node.nursery.start(serve_http, local_control(node, registry, peers), "127.0.0.1", 0)
         peer_listeners = await node.nursery.start(serve_http, peers.handle, "127.0.0.1", 0)
         assert isinstance(node.origin, FileOrigin)
-        yield Served(config.home, node, node.origin, listeners[0].socket.getsockname()[1],
-                     peer_listeners[0].socket.getsockname()[1], peers)
+        yield Served(
+            config.home,
+            node,
+            node.origin,
+            listeners[0].socket.getsockname()[1],
+            peer_listeners[0].socket.getsockname()[1],
+            peers,
+        )
 
 
 def _config(home: Path, **changes: object) -> Config:
@@ -164,8 +170,9 @@ def _files(root: Path) -> set[str]:
 
 @pytest.mark.parametrize("listener", ["registry", "peer"])
 @pytest.mark.parametrize("where", ["request line", "header block"])
-async def test_head_over_the_limit_is_refused_before_it_ends(served: Served, listener: str,
-                                                             where: str) -> None:
+async def test_head_over_the_limit_is_refused_before_it_ends(
+    served: Served, listener: str, where: str
+) -> None:
     """16 KiB of an unfinished request head is enough to refuse it (431) and close: the server
     never waits for (or buffers) the rest, and serves the next connection."""
     port = served.port(listener)
@@ -185,23 +192,26 @@ async def test_head_over_the_limit_is_refused_before_it_ends(served: Served, lis
 
 
 async def test_head_over_the_limit_is_refused_even_when_it_arrives_whole(served: Served) -> None:
-    head = (b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Filler: " + b"f" * (40 << 10)
-            + b"\r\nConnection: close\r\n\r\n")
+    head = (
+        b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Filler: " + b"f" * (40 << 10) + b"\r\nConnection: close\r\n\r\n"
+    )
     assert MAX_HEADER_BYTES < len(head) < 64 << 10
     done = await exchange(served.registry_port, [head])
     assert done.status == 431, done.response[:200]
 
 
 async def test_a_head_trickled_byte_by_byte_is_cut_at_the_timeout(
-        served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The head timeout covers the whole head, not each read: one byte every 0.2 s cannot hold a
     connection past it. The idle timeout (before a request begins) is separate and longer."""
     monkeypatch.setattr(http, "IDLE_TIMEOUT", 30.0)
     monkeypatch.setattr(http, "HEADER_TIMEOUT", 1.0)
     head = b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"s" * 40 + b"\r\n\r\n"
     started = trio.current_time()
-    done = await exchange(served.registry_port, [head[i:i + 1] for i in range(len(head))], pause=0.2,
-                          wait=3)
+    done = await exchange(
+        served.registry_port, [head[i : i + 1] for i in range(len(head))], pause=0.2, wait=3
+    )
     assert done.closed and done.status is None, done.response[:200]
     assert trio.current_time() - started < 0.2 * len(head), "the trickling client held on"
     # A client quiet for longer than the head timeout before it starts a request is still served.
@@ -224,7 +234,8 @@ async def test_refusals_to_head_requests_carry_no_body(served: Served) -> None:
 
 
 async def test_keyed_peer_listener_refuses_on_the_head_before_the_body(
-        tmp_path: Path, sample: SampleImage, monkeypatch: pytest.MonkeyPatch, nursery: trio.Nursery) -> None:
+    tmp_path: Path, sample: SampleImage, monkeypatch: pytest.MonkeyPatch, nursery: trio.Nursery
+) -> None:
     """With a swarm key, a stranger's request is refused as soon as its head is in: a body it
     declares but trickles (or never sends) holds nothing; and one address cannot take every slot."""
     home = tmp_path / "home"
@@ -233,8 +244,9 @@ async def test_keyed_peer_listener_refuses_on_the_head_before_the_body(
     async with open_node(_config(home)) as node:
         peers = PeerService.for_node(node)
         serve = serve_connection(peers.handle, gate=peers.gate, per_client=2)
-        listeners = await nursery.start(trio.serve_listeners, serve,
-                                        await trio.open_tcp_listeners(0, host="127.0.0.1"))
+        listeners = await nursery.start(
+            trio.serve_listeners, serve, await trio.open_tcp_listeners(0, host="127.0.0.1")
+        )
         port = listeners[0].socket.getsockname()[1]
         head = b"POST /p2pimg/v1/warm HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\n"
         started = trio.current_time()
@@ -250,7 +262,8 @@ async def test_keyed_peer_listener_refuses_on_the_head_before_the_body(
 
 
 async def test_connections_beyond_the_cap_are_closed_at_once(
-        nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch) -> None:
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(http, "MAX_CONNECTIONS", 3)
 
     async def hello(_request: Request) -> Response:
@@ -276,8 +289,9 @@ async def test_connections_beyond_the_cap_are_closed_at_once(
             while running != n:
                 await changed.wait()
 
-    listeners = await nursery.start(trio.serve_listeners, counted,
-                                    await trio.open_tcp_listeners(0, host="127.0.0.1"))
+    listeners = await nursery.start(
+        trio.serve_listeners, counted, await trio.open_tcp_listeners(0, host="127.0.0.1")
+    )
     port = listeners[0].socket.getsockname()[1]
     held = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(3)]
     refused = await exchange(port, [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"], wait=3)
@@ -294,25 +308,36 @@ async def test_connections_beyond_the_cap_are_closed_at_once(
 
 
 async def test_write_with_a_huge_content_length_is_refused_without_reading_it(
-        served: Served, sample: SampleImage) -> None:
+    served: Served, sample: SampleImage
+) -> None:
     """A PUT declaring 1 TiB, of which only 128 KiB (twice the body limit) ever come: the server
     stops reading at the limit and answers (or closes) without waiting for the rest."""
-    head = (b"PUT /v2/demo/app/manifests/1 HTTP/1.1\r\nHost: x\r\n"
-            b"Content-Type: " + OCI_MANIFEST.encode() + b"\r\nContent-Length: " + str(1 << 40).encode()
-            + b"\r\n\r\n")
+    head = (
+        b"PUT /v2/demo/app/manifests/1 HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: "
+        + OCI_MANIFEST.encode()
+        + b"\r\nContent-Length: "
+        + str(1 << 40).encode()
+        + b"\r\n\r\n"
+    )
     body = [b"{" * (16 << 10)] * (2 * MAX_REQUEST_BODY // (16 << 10))
     done = await exchange(served.registry_port, [head, *body], wait=10)
     assert done.closed, "the server waited for the rest of a 1 TiB body"
     assert done.status in (None, 405, 413), done.response[:200]
     # Read-only: the tag still names the published manifest.
-    r = await exchange(served.registry_port,
-                       [b"HEAD /v2/demo/app/manifests/1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"])
+    r = await exchange(
+        served.registry_port,
+        [b"HEAD /v2/demo/app/manifests/1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"],
+    )
     assert r.status == 200 and f"docker-content-digest: {sample.top_digest}".encode() in r.response
 
 
 async def test_a_declared_oversize_body_is_refused_before_any_of_it_comes(served: Served) -> None:
-    head = (b"PUT /v2/demo/app/manifests/1 HTTP/1.1\r\nHost: x\r\nContent-Length: "
-            + str(1 << 40).encode() + b"\r\n\r\n")
+    head = (
+        b"PUT /v2/demo/app/manifests/1 HTTP/1.1\r\nHost: x\r\nContent-Length: "
+        + str(1 << 40).encode()
+        + b"\r\n\r\n"
+    )
     done = await exchange(served.registry_port, [head], wait=3)
     assert done.status == 413 and done.closed, done.response[:200]
 
@@ -326,8 +351,10 @@ async def test_chunked_warm_body_over_the_limit_is_refused(served: Served, liste
     """POST /p2pimg/v1/warm (peer listener; local control on the registry listener) with a chunked
     body that never ends: refused once past the body limit, and no warm job is started."""
     port = served.port(listener)
-    head = (b"POST /p2pimg/v1/warm HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+    head = (
+        b"POST /p2pimg/v1/warm HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )
     opening = _chunk(b'{"ref": "demo/app:1", "pad": "')
     filler = _chunk(b"x" * (16 << 10))
     parts = [head, opening] + [filler] * (2 * MAX_REQUEST_BODY // (16 << 10))  # no last chunk
@@ -358,7 +385,7 @@ async def test_running_warm_jobs_are_capped(tmp_path: Path, sample: SampleImage)
             for i in range(cap):
                 s.node.warm.start(f"ipfs/{Cid.of_dag_cbor(b'missing %d' % i)}")
             assert all(p.state == "running" for p in s.node.warm.jobs.values())
-            post = (b"POST /p2pimg/v1/warm HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: ")
+            post = b"POST /p2pimg/v1/warm HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: "
             body = json.dumps({"ref": "demo/app:1"}).encode()
             request = post + str(len(body)).encode() + b"\r\n\r\n" + body
             refused = await exchange(s.peer_port, [request])
@@ -444,8 +471,16 @@ async def _hostile_image(origin: FileOrigin, case: str) -> tuple[bytes, str]:
     return b"/v2/evil/app/manifests/deep", "tags/evil/app/deep"
 
 
-@pytest.mark.parametrize("case", ["oversize root block", "root block nested too deep", "oversize manifest",
-                                  "oversize tag record", "tag record nested too deep"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "oversize root block",
+        "root block nested too deep",
+        "oversize manifest",
+        "oversize tag record",
+        "tag record nested too deep",
+    ],
+)
 async def test_hostile_origin_objects_are_refused_end_to_end(served: Served, case: str) -> None:
     """What the origin holds is input too: an over-size block, manifest or tag record, or an
     over-deep tag record, is refused (502) through the registry, is not cached, and the node keeps
@@ -456,9 +491,11 @@ async def test_hostile_origin_objects_are_refused_end_to_end(served: Served, cas
         done = await exchange(served.registry_port, [request], wait=15)
     assert done.status == 502, done.response[:400]
     message = str(_body_json(done)["errors"][0]["message"])  # type: ignore[index]
-    expected = {"oversize root block": f"exceeds {dagcbor.MAX_BLOCK_SIZE} bytes",
-                "oversize manifest": f"exceeds {MAX_MANIFEST_SIZE} bytes",
-                "oversize tag record": "exceeds"}.get(case, "nested too deep")
+    expected = {
+        "oversize root block": f"exceeds {dagcbor.MAX_BLOCK_SIZE} bytes",
+        "oversize manifest": f"exceeds {MAX_MANIFEST_SIZE} bytes",
+        "oversize tag record": "exceeds",
+    }.get(case, "nested too deep")
     assert expected in message, message
     if case == "oversize root block":
         assert peak[0] < 4 << 20, peak[0]  # never read: the 1 GiB file, nor 8 MiB of it
@@ -469,8 +506,9 @@ async def test_hostile_origin_objects_are_refused_end_to_end(served: Served, cas
 # -- JSON from LAN peers -------------------------------------------------------------------------
 
 
-async def test_block_from_a_peer_is_read_only_up_to_its_limit(tmp_path: Path, sample: SampleImage,
-                                                              nursery: trio.Nursery) -> None:
+async def test_block_from_a_peer_is_read_only_up_to_its_limit(
+    tmp_path: Path, sample: SampleImage, nursery: trio.Nursery
+) -> None:
     """A block the origin cannot give is asked of LAN peers (resolver.peer_block): a peer that
     answers /ipfs/<cid> with 32 MiB is cut at the block limit asked for, and its bytes refused."""
     piece = b"\0" * (1 << 20)
@@ -482,6 +520,7 @@ async def test_block_from_a_peer_is_read_only_up_to_its_limit(tmp_path: Path, sa
         async def body() -> AsyncIterator[BodyPart]:
             for _ in range(32):
                 yield piece
+
         return Response(200, [("content-type", "application/vnd.ipld.raw")], body())
 
     listeners = await nursery.start(serve_http, flood, "127.0.0.1", 0)
@@ -495,8 +534,9 @@ async def test_block_from_a_peer_is_read_only_up_to_its_limit(tmp_path: Path, sa
     assert peak[0] < 8 << 20, f"{peak[0] >> 20} MiB read for a block of at most 1 MiB"
 
 
-async def test_a_block_is_asked_of_peers_at_once(tmp_path: Path, sample: SampleImage,
-                                                nursery: trio.Nursery) -> None:
+async def test_a_block_is_asked_of_peers_at_once(
+    tmp_path: Path, sample: SampleImage, nursery: trio.Nursery
+) -> None:
     """Peers that never answer do not hold up a block another peer has: they are asked at the
     same time (one after another, three silent peers cost 3 s each before the good one)."""
     wanted = b"a block only one peer has"
@@ -509,8 +549,9 @@ async def test_a_block_is_asked_of_peers_at_once(tmp_path: Path, sample: SampleI
     async def good(request: Request) -> Response:
         if request.path != f"/ipfs/{cid}":
             return Response(404, [("content-length", "0")])
-        return Response(200, [("content-type", "application/vnd.ipld.raw"),
-                              ("content-length", str(len(wanted)))], wanted)
+        return Response(
+            200, [("content-type", "application/vnd.ipld.raw"), ("content-length", str(len(wanted)))], wanted
+        )
 
     urls = []
     for handler in (silent, silent, silent, good):
@@ -536,6 +577,7 @@ async def test_have_answer_from_a_peer_is_bounded(nursery: trio.Nursery) -> None
             for _ in range(32):
                 yield piece
             yield b'"}'
+
         return Response(200, [("content-type", "application/json")], body())
 
     listeners = await nursery.start(serve_http, endless, "127.0.0.1", 0)
@@ -564,8 +606,17 @@ async def inventory_peer(nursery: trio.Nursery, answer: object, late: trio.Event
     return f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
 
 
-@pytest.mark.parametrize("answer", [{"complete": False, "chunks": None}, {"complete": False, "chunks": ""},
-                                    {"complete": "yes"}, {"chunks": "AQ"}, {"chunks": "not base64!"}, [1]])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"complete": False, "chunks": None},
+        {"complete": False, "chunks": ""},
+        {"complete": "yes"},
+        {"chunks": "AQ"},
+        {"chunks": "not base64!"},
+        [1],
+    ],
+)
 async def test_have_answers_that_say_nothing_claim_nothing(nursery: trio.Nursery, answer: object) -> None:
     """An inventory without a usable chunk list (empty, null, malformed, the wrong length, a
     "complete" that is not true) must not read as "has everything"."""
@@ -600,35 +651,65 @@ def _attacks(marker: str, outside: Path, cid: Cid) -> dict[str, list[bytes]]:
     hexd = "ab" * 32
     abs_target = f"{outside}/{marker}".lstrip("/")
     registry = [
-        f"/v2/../../{marker}/manifests/1", f"/v2/demo/%2e%2e/%2e%2e/{marker}/manifests/1",
-        f"/v2/demo/app/manifests/..%2f..%2f{marker}", "/v2/demo/app/manifests/%2e%2e",
-        f"/v2//{abs_target}/manifests/1", f"/v2/%2F{abs_target.replace('/', '%2F')}/manifests/1",
-        f"/v2/demo/app/manifests/1%00{marker}", f"/v2/demo/app/manifests/..%5c..%5c{marker}",
-        f"/v2/demo%5c..%5c..%5c{marker}/tags/list", f"/v2/demo/app/blobs/sha256:..%2f..%2f{marker}",
-        f"/v2/demo/app/blobs/sha256:{hexd}%00", f"/v2/demo/app/blobs/sha256:{hexd[:-2]}%2f..",
-        f"/v2/ipfs/..%2f..%2f{marker}/manifests/latest", f"/v2/ipfs/{cid}%2f..%2f..%2f{marker}/manifests/1",
-        f"/v2/ipfs/{cid}/..%2f..%2f{marker}/blobs/sha256:{hexd}", f"/v2/demo/app/tags/list/..%2f{marker}",
+        f"/v2/../../{marker}/manifests/1",
+        f"/v2/demo/%2e%2e/%2e%2e/{marker}/manifests/1",
+        f"/v2/demo/app/manifests/..%2f..%2f{marker}",
+        "/v2/demo/app/manifests/%2e%2e",
+        f"/v2//{abs_target}/manifests/1",
+        f"/v2/%2F{abs_target.replace('/', '%2F')}/manifests/1",
+        f"/v2/demo/app/manifests/1%00{marker}",
+        f"/v2/demo/app/manifests/..%5c..%5c{marker}",
+        f"/v2/demo%5c..%5c..%5c{marker}/tags/list",
+        f"/v2/demo/app/blobs/sha256:..%2f..%2f{marker}",
+        f"/v2/demo/app/blobs/sha256:{hexd}%00",
+        f"/v2/demo/app/blobs/sha256:{hexd[:-2]}%2f..",
+        f"/v2/ipfs/..%2f..%2f{marker}/manifests/latest",
+        f"/v2/ipfs/{cid}%2f..%2f..%2f{marker}/manifests/1",
+        f"/v2/ipfs/{cid}/..%2f..%2f{marker}/blobs/sha256:{hexd}",
+        f"/v2/demo/app/tags/list/..%2f{marker}",
     ]
     peer = [
-        f"/ipfs/..%2f..%2f{marker}", f"/ipfs/{cid}%2f..%2f{marker}", f"/ipfs//{abs_target}",
-        f"/ipfs/{marker}%00", f"/p2pimg/v1/have/sha256:..%2f{marker}", f"/p2pimg/v1/have/..%5c{marker}",
-        f"/p2pimg/v1/blobs/..%2f..%2f{marker}", f"/p2pimg/v1/blobs/%2F{abs_target.replace('/', '%2F')}",
-        f"/p2pimg/v1/blobs/sha256:{hexd}%00", f"/p2pimg/v1/warm/..%2f..%2f{marker}",
-        f"/p2pimg/v1/tags/..%2f..%2f{marker}/1", f"/p2pimg/v1/tags/demo/app/..%2f{marker}",
-        f"/../../{marker}", f"/{abs_target}",
+        f"/ipfs/..%2f..%2f{marker}",
+        f"/ipfs/{cid}%2f..%2f{marker}",
+        f"/ipfs//{abs_target}",
+        f"/ipfs/{marker}%00",
+        f"/p2pimg/v1/have/sha256:..%2f{marker}",
+        f"/p2pimg/v1/have/..%5c{marker}",
+        f"/p2pimg/v1/blobs/..%2f..%2f{marker}",
+        f"/p2pimg/v1/blobs/%2F{abs_target.replace('/', '%2F')}",
+        f"/p2pimg/v1/blobs/sha256:{hexd}%00",
+        f"/p2pimg/v1/warm/..%2f..%2f{marker}",
+        f"/p2pimg/v1/tags/..%2f..%2f{marker}/1",
+        f"/p2pimg/v1/tags/demo/app/..%2f{marker}",
+        f"/../../{marker}",
+        f"/{abs_target}",
     ]
     requests: dict[str, list[bytes]] = {"registry": [], "peer": []}
     for listener, paths in (("registry", registry), ("peer", peer)):
         for path in paths:
             for method in ("GET", "HEAD", "PUT", "DELETE"):
-                requests[listener].append(f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                                          f"Content-Length: 0\r\n\r\n".encode())
-    for ref in (f"../../{marker}:1", f"/{abs_target}:1", f"demo/../../{marker}:1", f"demo\\..\\{marker}:1",
-                f"demo/app:..%2f{marker}", f"demo/app:1\x00{marker}", f"ipfs/../../{marker}",
-                f"ipfs/{cid}/../../{marker}", f"demo/app:{'a' * 5000}"):
+                requests[listener].append(
+                    f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                    f"Content-Length: 0\r\n\r\n".encode()
+                )
+    for ref in (
+        f"../../{marker}:1",
+        f"/{abs_target}:1",
+        f"demo/../../{marker}:1",
+        f"demo\\..\\{marker}:1",
+        f"demo/app:..%2f{marker}",
+        f"demo/app:1\x00{marker}",
+        f"ipfs/../../{marker}",
+        f"ipfs/{cid}/../../{marker}",
+        f"demo/app:{'a' * 5000}",
+    ):
         body = json.dumps({"ref": ref}).encode()
-        request = (b"POST /p2pimg/v1/warm HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: "
-                   + str(len(body)).encode() + b"\r\n\r\n" + body)
+        request = (
+            b"POST /p2pimg/v1/warm HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+        )
         requests["peer"].append(request)
         requests["registry"].append(request)  # local control
     return requests
@@ -663,9 +744,20 @@ async def test_file_origin_keys_cannot_leave_its_directory(tmp_path: Path) -> No
     origin = FileOrigin(tmp_path / "origin")
     (tmp_path / "origin").mkdir()
     before = _files(tmp_path)
-    for key in ("../escaped", "p2pimg/../../escaped", "p2pimg/tags/a/../../../../escaped", "/tmp/escaped",
-                "p2pimg\\..\\..\\escaped", "p2pimg/tags/a/1\x00", "p2pimg//escaped", "", ".", "..",
-                "p2pimg/./x", f"{tmp_path}/escaped"):
+    for key in (
+        "../escaped",
+        "p2pimg/../../escaped",
+        "p2pimg/tags/a/../../../../escaped",
+        "/tmp/escaped",
+        "p2pimg\\..\\..\\escaped",
+        "p2pimg/tags/a/1\x00",
+        "p2pimg//escaped",
+        "",
+        ".",
+        "..",
+        "p2pimg/./x",
+        f"{tmp_path}/escaped",
+    ):
         with pytest.raises(InvalidInput):
             await origin.put_bytes(key, b"x")
         with pytest.raises(InvalidInput):
@@ -693,8 +785,9 @@ def _cli_config(args: list[str], home: Path, monkeypatch: pytest.MonkeyPatch) ->
     return commands._config(cli.build_parser().parse_args(args))
 
 
-def test_serve_defaults_to_loopback_and_no_peer_listener(tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serve_defaults_to_loopback_and_no_peer_listener(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config = _cli_config(["serve"], tmp_path, monkeypatch)
     host, port = parse_listen(config.listen)
     assert ipaddress.ip_address(host).is_loopback and port == 5050
@@ -702,7 +795,8 @@ def test_serve_defaults_to_loopback_and_no_peer_listener(tmp_path: Path,
 
 
 async def test_serve_with_defaults_opens_only_the_loopback_registry(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nursery: trio.Nursery) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nursery: trio.Nursery
+) -> None:
     from p2pimg.web.serve import serve
 
     config = _cli_config(["serve"], tmp_path, monkeypatch)

@@ -32,8 +32,9 @@ WARM = "/p2pimg/v1/warm"
 
 
 @asynccontextmanager
-async def keyed_listener(tmp_path: Path, sample: SampleImage, monkeypatch: pytest.MonkeyPatch,
-                         wiring: str) -> AsyncIterator[tuple[Node, str, str]]:
+async def keyed_listener(
+    tmp_path: Path, sample: SampleImage, monkeypatch: pytest.MonkeyPatch, wiring: str
+) -> AsyncIterator[tuple[Node, str, str]]:
     """A node with a swarm key behind its peer listener: (node, base URL, image root CID)."""
     home = tmp_path / "home"
     _origin, root = await published_home(home, sample)
@@ -50,8 +51,10 @@ async def keyed_listener(tmp_path: Path, sample: SampleImage, monkeypatch: pytes
         if wiring in ("gate", "tls"):  # as `serve` does
             tls = node.tls.server_context() if node.tls is not None else None
             listeners = await node.nursery.start(
-                trio.serve_listeners, serve_connection(peers.handle, tls, gate=peers.gate),
-                await trio.open_tcp_listeners(0, host="127.0.0.1"))
+                trio.serve_listeners,
+                serve_connection(peers.handle, tls, gate=peers.gate),
+                await trio.open_tcp_listeners(0, host="127.0.0.1"),
+            )
         else:
             listeners = await node.nursery.start(serve_http, peers.handle, "127.0.0.1", 0)
         scheme = "https" if wiring == "tls" else "http"
@@ -61,10 +64,17 @@ async def keyed_listener(tmp_path: Path, sample: SampleImage, monkeypatch: pytes
 
 @pytest.mark.parametrize("wiring", ["gate", "tls", "handler"])
 async def test_replays_altered_requests_and_stale_proofs_are_refused(
-        tmp_path: Path, sample: SampleImage, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture, wiring: str) -> None:
-    async with keyed_listener(tmp_path, sample, monkeypatch, wiring) as (node, base, root), \
-            peer_client(KEY, node.tls) as keyed, peer_client(None, node.tls) as plain:
+    tmp_path: Path,
+    sample: SampleImage,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    wiring: str,
+) -> None:
+    async with (
+        keyed_listener(tmp_path, sample, monkeypatch, wiring) as (node, base, root),
+        peer_client(KEY, node.tls) as keyed,
+        peer_client(None, node.tls) as plain,
+    ):
         # `plain` sends no proof of its own (with TLS, it holds the swarm's certificate).
         assert (node.tls is not None) == (wiring == "tls")
         # A keyed node's requests go through, each with a fresh proof.
@@ -80,8 +90,9 @@ async def test_replays_altered_requests_and_stale_proofs_are_refused(
         proof = info.request.headers["authorization"]
         again = await plain.get(f"{base}/p2pimg/v1/info", headers={"authorization": proof})
         assert again.status_code == 403 and "replayed" in again.json()["errors"][0]["message"]
-        again = await plain.post(f"{base}{WARM}", content=body,
-                                 headers={"authorization": started.request.headers["authorization"]})
+        again = await plain.post(
+            f"{base}{WARM}", content=body, headers={"authorization": started.request.headers["authorization"]}
+        )
         assert again.status_code == 403 and len(node.warm.jobs) == 1
 
         # A proof for one body, sent with another: refused, and no warm job starts.
@@ -91,15 +102,18 @@ async def test_replays_altered_requests_and_stale_proofs_are_refused(
         assert altered.status_code == 403 and "body" in altered.json()["errors"][0]["message"]
         assert len(node.warm.jobs) == 1
         # A proof for one path or method, used for another.
-        other = await plain.get(f"{base}/p2pimg/v1/have/sha256:{'0' * 64}",
-                                headers={"authorization": sign(KEY, "GET", "/p2pimg/v1/info")})
+        other = await plain.get(
+            f"{base}/p2pimg/v1/have/sha256:{'0' * 64}",
+            headers={"authorization": sign(KEY, "GET", "/p2pimg/v1/info")},
+        )
         assert other.status_code == 403
 
         # Stamped more than 30 s from the listener's clock, either way.
         for skew in (-45, 45):
-            stale = await plain.get(f"{base}/p2pimg/v1/info",
-                                    headers={"authorization": sign(KEY, "GET", "/p2pimg/v1/info",
-                                                                   now=time.time() + skew)})
+            stale = await plain.get(
+                f"{base}/p2pimg/v1/info",
+                headers={"authorization": sign(KEY, "GET", "/p2pimg/v1/info", now=time.time() + skew)},
+            )
             assert stale.status_code == 403 and "clock" in stale.json()["errors"][0]["message"]
         # No proof, or one without the key.
         assert (await plain.get(f"{base}/p2pimg/v1/info")).status_code == 401
@@ -107,11 +121,15 @@ async def test_replays_altered_requests_and_stale_proofs_are_refused(
         denied = await plain.get(f"{base}/p2pimg/v1/info", headers={"authorization": forged})
         assert denied.status_code == 403
         # A fresh proof made by hand is as good as the client's.
-        fresh = await plain.get(f"{base}/p2pimg/v1/info",
-                                headers={"authorization": sign(KEY, "GET", "/p2pimg/v1/info")})
+        fresh = await plain.get(
+            f"{base}/p2pimg/v1/info", headers={"authorization": sign(KEY, "GET", "/p2pimg/v1/info")}
+        )
         assert fresh.status_code == 200
     # Refusals of proofs made with the key (replays, altered bodies, clocks apart) are logged as
     # warnings, at most once a minute; strangers' are not.
-    warned = [r.getMessage() for r in caplog.records
-              if r.levelno == logging.WARNING and r.name == "p2pimg.web.peerapi"]
+    warned = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and r.name == "p2pimg.web.peerapi"
+    ]
     assert len(warned) == 1 and "made with the swarm key: replayed" in warned[0]

@@ -70,40 +70,65 @@ def build(src: Path, go: str, gopaths: list[Path], work: Path) -> Path:
         if not (src / part).is_dir():
             raise SystemExit(f"{src} is not a distribution-spec checkout (no {part}/)")
         shutil.copytree(src / part, tree / part)
-    env = dict(os.environ, GO111MODULE="off", GOPROXY="off", GOFLAGS="", GOTOOLCHAIN="local",
-               GOPATH=os.pathsep.join(str(p) for p in [work / "gopath", *gopaths]),
-               GOCACHE=str(work / "gocache"))
+    env = dict(
+        os.environ,
+        GO111MODULE="off",
+        GOPROXY="off",
+        GOFLAGS="",
+        GOTOOLCHAIN="local",
+        GOPATH=os.pathsep.join(str(p) for p in [work / "gopath", *gopaths]),
+        GOCACHE=str(work / "gocache"),
+    )
     goroot = Path(go).resolve().parents[1]
     if (goroot / "src" / "runtime").is_dir():
         env["GOROOT"] = str(goroot)  # a toolchain unpacked somewhere else than it was built for
     binary = work / "conformance"
-    subprocess.run([go, "build", "-o", str(binary), "."], cwd=tree / "conformance", env=env, check=True,
-                   timeout=600)
+    subprocess.run(
+        [go, "build", "-o", str(binary), "."], cwd=tree / "conformance", env=env, check=True, timeout=600
+    )
     return binary
 
 
 def p2pimg(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, P2PIMG_HOME=str(home), P2PIMG_MDNS="0")
-    return subprocess.run([sys.executable, "-m", "p2pimg", *args], env=env, capture_output=True, text=True,
-                          check=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "p2pimg", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
 
 
 def seed(work: Path, home: Path) -> Seeded:
     """Publish a sample image twice (two tags) and attach two artifacts; what the suite is told."""
     from p2pimg.ops.sample import LayerSpec, write_oci_layout
 
-    image = write_oci_layout(work / "layout", [LayerSpec(300 << 10), LayerSpec(64 << 10, "none")], tag="v1",
-                             seed=11)
+    image = write_oci_layout(
+        work / "layout", [LayerSpec(300 << 10), LayerSpec(64 << 10, "none")], tag="v1", seed=11
+    )
     for tag in TAGS:
         p2pimg("publish", f"oci:{image.path}:v1", f"{REPO}:{tag}", home=home)
     manifests = [image.top_digest]
     top = json.loads((Path(image.path) / "blobs" / "sha256" / image.top_digest[7:]).read_bytes())
     blobs = [top["config"]["digest"], *(layer["digest"] for layer in top["layers"])]
-    for name, content, kind in (("sbom.spdx.json", b'{"spdxVersion": "SPDX-2.3"}', SBOM_TYPE),
-                                ("image.sig", b"a signature", SIGNATURE_TYPE)):
+    for name, content, kind in (
+        ("sbom.spdx.json", b'{"spdxVersion": "SPDX-2.3"}', SBOM_TYPE),
+        ("image.sig", b"a signature", SIGNATURE_TYPE),
+    ):
         (work / name).write_bytes(content)
-        out = p2pimg("publish", "--attach", str(work / name), "--artifact-type", kind,
-                     "--annotation", f"org.example.file={name}", f"{REPO}:v1", home=home)
+        out = p2pimg(
+            "publish",
+            "--attach",
+            str(work / name),
+            "--artifact-type",
+            kind,
+            "--annotation",
+            f"org.example.file={name}",
+            f"{REPO}:v1",
+            home=home,
+        )
         attached = re.search(r"attached (sha256:[0-9a-f]{64})", out.stderr)
         if attached is None:
             raise SystemExit(f"publish --attach said no digest: {out.stderr[-500:]}")
@@ -124,8 +149,12 @@ def free_port() -> int:
 def serve(home: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
     env = dict(os.environ, P2PIMG_HOME=str(home), P2PIMG_MDNS="0")
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "p2pimg", "serve", "--listen", f"127.0.0.1:{port}"],
-                                env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "p2pimg", "serve", "--listen", f"127.0.0.1:{port}"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:
@@ -141,32 +170,54 @@ def serve(home: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
     raise SystemExit(f"p2pimg serve did not start:\n{log.read_text()[-2000:]}")
 
 
-def run_suite(binary: Path, port: int, repo: str, tags: list[str], seeded: Seeded,
-              results: Path) -> dict[str, Any]:
+def run_suite(
+    binary: Path, port: int, repo: str, tags: list[str], seeded: Seeded, results: Path
+) -> dict[str, Any]:
     results.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OCI_REGISTRY=f"127.0.0.1:{port}", OCI_TLS="disabled", OCI_REPO1=repo,
-               OCI_REPO2=repo, OCI_API_PUSH="false", OCI_API_BLOBS_DELETE="false",
-               OCI_API_MANIFESTS_DELETE="false", OCI_API_TAGS_DELETE="false", OCI_RO_DATA_TAGS=" ".join(tags),
-               OCI_RO_DATA_MANIFESTS=" ".join(seeded.manifests), OCI_RO_DATA_BLOBS=" ".join(seeded.blobs),
-               OCI_RO_DATA_REFERRERS=seeded.top, OCI_RESULTS_DIR=str(results), OCI_LOG="warn")
+    env = dict(
+        os.environ,
+        OCI_REGISTRY=f"127.0.0.1:{port}",
+        OCI_TLS="disabled",
+        OCI_REPO1=repo,
+        OCI_REPO2=repo,
+        OCI_API_PUSH="false",
+        OCI_API_BLOBS_DELETE="false",
+        OCI_API_MANIFESTS_DELETE="false",
+        OCI_API_TAGS_DELETE="false",
+        OCI_RO_DATA_TAGS=" ".join(tags),
+        OCI_RO_DATA_MANIFESTS=" ".join(seeded.manifests),
+        OCI_RO_DATA_BLOBS=" ".join(seeded.blobs),
+        OCI_RO_DATA_REFERRERS=seeded.top,
+        OCI_RESULTS_DIR=str(results),
+        OCI_LOG="warn",
+    )
     env.pop("OCI_CONFIGURATION", None)
-    proc = subprocess.run([str(binary)], cwd=results, env=env, capture_output=True, text=True, timeout=600,
-                          check=False)
+    proc = subprocess.run(
+        [str(binary)], cwd=results, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
     (results / "output.txt").write_text(proc.stdout + proc.stderr)
     found = _RESULT_RE.search(proc.stdout)
-    return {"repo": repo, "result": found.group(1) if found else "no report",
-            "counts": {k: int(v) for k, v in _COUNT_RE.findall(proc.stdout)},
-            "failed": sorted(set(_FAILED_RE.findall(proc.stdout + proc.stderr)))}
+    return {
+        "repo": repo,
+        "result": found.group(1) if found else "no report",
+        "counts": {k: int(v) for k, v in _COUNT_RE.findall(proc.stdout)},
+        "failed": sorted(set(_FAILED_RE.findall(proc.stdout + proc.stderr))),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--src", type=Path, required=True, help="a distribution-spec checkout")
     parser.add_argument("--go", default=shutil.which("go") or "go", help="a Go >= 1.24 toolchain's go binary")
-    parser.add_argument("--gopath", type=Path, action="append",
-                        help="GOPATH directories with the suite's dependencies (default /usr/share/gocode)")
-    parser.add_argument("--work", type=Path,
-                        help="where to build, seed and write results (default: a temp dir)")
+    parser.add_argument(
+        "--gopath",
+        type=Path,
+        action="append",
+        help="GOPATH directories with the suite's dependencies (default /usr/share/gocode)",
+    )
+    parser.add_argument(
+        "--work", type=Path, help="where to build, seed and write results (default: a temp dir)"
+    )
     args = parser.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="p2pimg-conformance-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -176,14 +227,19 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     server = serve(home, port, work / "serve.log")
     try:
-        runs = [{"name": "by name", **run_suite(binary, port, REPO, list(TAGS), seeded, work / "by-name")},
-                {"name": "by ipfs/CID", **run_suite(binary, port, f"ipfs/{seeded.root}", ["latest"], seeded,
-                                                     work / "by-cid")}]
+        runs = [
+            {"name": "by name", **run_suite(binary, port, REPO, list(TAGS), seeded, work / "by-name")},
+            {
+                "name": "by ipfs/CID",
+                **run_suite(binary, port, f"ipfs/{seeded.root}", ["latest"], seeded, work / "by-cid"),
+            },
+        ]
     finally:
         server.terminate()
         server.wait(10)
-    commit = subprocess.run(["git", "-C", str(args.src), "rev-parse", "HEAD"], capture_output=True, text=True,
-                            check=False).stdout.strip()
+    commit = subprocess.run(
+        ["git", "-C", str(args.src), "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
     summary = {"suite": commit or "unknown", "runs": runs}
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
     for run in runs:

@@ -77,11 +77,14 @@ class FakePeer:
                 return await self.json(conn, stream, {"digest": digest, "complete": True, "node": self.node})
             if digest in self.blobs:
                 chunks = base64.b64encode(b"\x02" * self.blobs[digest]).decode()
-                return await self.json(conn, stream, {"digest": digest, "complete": False, "node": self.node,
-                                                      "chunks": chunks})
+                return await self.json(
+                    conn, stream, {"digest": digest, "complete": False, "node": self.node, "chunks": chunks}
+                )
         if not path.startswith("/p2pimg/v1/blobs/"):
-            await stream.send_all(conn.send(h11.Response(status_code=404, headers=[("content-length", "0")]))
-                                  + conn.send(h11.EndOfMessage()))
+            await stream.send_all(
+                conn.send(h11.Response(status_code=404, headers=[("content-length", "0")]))
+                + conn.send(h11.EndOfMessage())
+            )
             return True
         self.spans += 1
         length = _range_length(dict(request.headers).get(b"range", b""))
@@ -89,15 +92,17 @@ class FakePeer:
             # SO_LINGER 0: close with RST, as a crashed or hostile host would.
             stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             return False
-        head = h11.Response(status_code=206, headers=[("content-type", "application/octet-stream"),
-                                                      ("content-length", str(length))])
+        head = h11.Response(
+            status_code=206,
+            headers=[("content-type", "application/octet-stream"), ("content-length", str(length))],
+        )
         await stream.send_all(conn.send(head))
         if self.mode == "stall":
-            await stream.send_all(conn.send(h11.Data(data=_ZEROS[:min(100, length)])))
+            await stream.send_all(conn.send(h11.Data(data=_ZEROS[: min(100, length)])))
             await trio.sleep_forever()
         sent = 0
         while sent < length:
-            piece = _ZEROS[:min(len(_ZEROS), length - sent)]
+            piece = _ZEROS[: min(len(_ZEROS), length - sent)]
             await stream.send_all(conn.send(h11.Data(data=piece)))
             sent += len(piece)
         await stream.send_all(conn.send(h11.EndOfMessage()))
@@ -106,9 +111,16 @@ class FakePeer:
     @staticmethod
     async def json(conn: h11.Connection, stream: trio.SocketStream, doc: object) -> bool:
         body = json.dumps(doc).encode()
-        await stream.send_all(conn.send(h11.Response(status_code=200, headers=[
-            ("content-type", "application/json"), ("content-length", str(len(body)))]))
-            + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
+        await stream.send_all(
+            conn.send(
+                h11.Response(
+                    status_code=200,
+                    headers=[("content-type", "application/json"), ("content-length", str(len(body)))],
+                )
+            )
+            + conn.send(h11.Data(data=body))
+            + conn.send(h11.EndOfMessage())
+        )
         return True
 
 
@@ -136,8 +148,13 @@ async def main(args: argparse.Namespace) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mode", choices=("reset", "garbage", "stall", "coming"), required=True)
-    p.add_argument("--blob", action="append", default=[], metavar="DIGEST=SIZE",
-                   help="mode coming: a blob to claim to be fetching")
+    p.add_argument(
+        "--blob",
+        action="append",
+        default=[],
+        metavar="DIGEST=SIZE",
+        help="mode coming: a blob to claim to be fetching",
+    )
     p.add_argument("--chunk-size", type=int, default=1 << 20)
     p.add_argument("--listen", default="127.0.0.1:0")
     return p.parse_args(argv)

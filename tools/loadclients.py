@@ -41,10 +41,19 @@ class Load:
         host, _, port = args.host.rpartition(":")
         self.host, self.port = host.strip("[]"), int(port)
         range_line = f"Range: bytes={args.range}\r\n" if args.range else ""
-        self.head = (f"GET {args.path} HTTP/1.1\r\nHost: {args.host}\r\n{range_line}"
-                     "Accept: */*\r\n\r\n").encode()
-        self.counts = {"slow": 0, "slow_ready": 0, "slow_cut": 0, "slow_errors": 0, "vanished": 0,
-                       "vanish_errors": 0, "normal_ok": 0, "normal_failed": 0}
+        self.head = (
+            f"GET {args.path} HTTP/1.1\r\nHost: {args.host}\r\n{range_line}Accept: */*\r\n\r\n"
+        ).encode()
+        self.counts = {
+            "slow": 0,
+            "slow_ready": 0,
+            "slow_cut": 0,
+            "slow_errors": 0,
+            "vanished": 0,
+            "vanish_errors": 0,
+            "normal_ok": 0,
+            "normal_failed": 0,
+        }
         self.normal_seconds: list[float] = []
         self.all_ready = trio.Event()
         self.moment = 0
@@ -135,8 +144,11 @@ class Load:
                 buf += data
             head, _, body = buf.partition(b"\r\n\r\n")
             status = int(head.split(b" ", 2)[1])
-            length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")[1:]
-                          if line.lower().startswith(b"content-length:"))
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")[1:]
+                if line.lower().startswith(b"content-length:")
+            )
             digest = hashlib.sha256(body)
             got = len(body)
             while got < length:
@@ -147,8 +159,11 @@ class Load:
                 got += len(data)
         if status not in (200, 206) or got != length:
             return False
-        return self.args.range is not None or self.args.digest is None or (
-            "sha256:" + digest.hexdigest() == self.args.digest)
+        return (
+            self.args.range is not None
+            or self.args.digest is None
+            or ("sha256:" + digest.hexdigest() == self.args.digest)
+        )
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -205,8 +220,11 @@ def main(argv: list[str] | None = None) -> None:
     load = Load(parse_args(argv))
     trio.run(load.run)
     seconds = sorted(load.normal_seconds)
-    summary = {**load.counts, "normal_median_s": seconds[len(seconds) // 2] if seconds else None,
-               "normal_max_s": seconds[-1] if seconds else None}
+    summary = {
+        **load.counts,
+        "normal_median_s": seconds[len(seconds) // 2] if seconds else None,
+        "normal_max_s": seconds[-1] if seconds else None,
+    }
     print(json.dumps(summary), flush=True)
 
 

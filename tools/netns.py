@@ -186,8 +186,21 @@ def support() -> Support:
         if _TC is None:
             return Support(None, "`tc` not found (iproute2)")
         try:
-            _tc(probe, "qdisc", "add", "dev", "pa", "root", "tbf", "rate", "1mbit", "burst", "16kb",
-                "latency", "50ms")
+            _tc(
+                probe,
+                "qdisc",
+                "add",
+                "dev",
+                "pa",
+                "root",
+                "tbf",
+                "rate",
+                "1mbit",
+                "burst",
+                "16kb",
+                "latency",
+                "50ms",
+            )
         except (NetnsError, subprocess.TimeoutExpired) as exc:
             return Support(None, f"tbf qdisc unavailable: {exc}")
         return Support(None, None)
@@ -328,8 +341,21 @@ class Host:
         rate_kbit = max(1, round(rate_mbit * 1000))
         burst = burst_bytes or max(16 * 1024, rate_kbit * 1000 // 8 // 100)
         for ns, dev in self._devices(direction):
-            _tc(ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{rate_kbit}kbit",
-                "burst", str(burst), "latency", f"{latency_ms:g}ms")
+            _tc(
+                ns,
+                "qdisc",
+                "replace",
+                "dev",
+                dev,
+                "root",
+                "tbf",
+                "rate",
+                f"{rate_kbit}kbit",
+                "burst",
+                str(burst),
+                "latency",
+                f"{latency_ms:g}ms",
+            )
 
     def unshape(self, direction: Direction = "both") -> None:
         """Remove shaping (back to the veth's default no-queue, i.e. memory speed)."""
@@ -354,8 +380,9 @@ class Lan:
     Context manager; `close()` is idempotent and also runs when setup fails halfway.
     """
 
-    def __init__(self, n: int, rate_mbit: float | None = None, *,
-                 latency_ms: float = DEFAULT_LATENCY_MS) -> None:
+    def __init__(
+        self, n: int, rate_mbit: float | None = None, *, latency_ms: float = DEFAULT_LATENCY_MS
+    ) -> None:
         if not 1 <= n <= MAX_HOSTS:
             raise ValueError(f"1 <= n <= {MAX_HOSTS}")
         self.n = n
@@ -393,8 +420,7 @@ class Lan:
             raise
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         problems = self.close()
         # Never mask the caller's own failure with a teardown complaint.
         if problems and exc_type is None:
@@ -431,11 +457,13 @@ class Lan:
             # for binding) for ~1-2 s after the link comes up; on a LAN we built there can be
             # no duplicates, and IPv6 mDNS should work immediately. Set on "default" before eth0
             # exists so it inherits the setting. Best effort: IPv6 may be disabled.
-            subprocess.run([_IP or "ip", "netns", "exec", ns, _SYSCTL, "-qw",
-                            "net.ipv6.conf.default.accept_dad=0"],
-                           capture_output=True, timeout=IP_TIMEOUT, check=False)
-        _ip("-n", self.switch_ns, "link", "add", port, "type", "veth", "peer", "name", HOST_IF,
-            "netns", ns)
+            subprocess.run(
+                [_IP or "ip", "netns", "exec", ns, _SYSCTL, "-qw", "net.ipv6.conf.default.accept_dad=0"],
+                capture_output=True,
+                timeout=IP_TIMEOUT,
+                check=False,
+            )
+        _ip("-n", self.switch_ns, "link", "add", port, "type", "veth", "peer", "name", HOST_IF, "netns", ns)
         _ip("-n", self.switch_ns, "link", "set", port, "multicast", "on", "master", BRIDGE, "up")
         _ip("-n", ns, "link", "set", "lo", "up")
         _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", HOST_IF)
@@ -498,8 +526,9 @@ class Lan:
 
 
 class LanFactory(Protocol):
-    def __call__(self, n: int, rate_mbit: float | None = None, *,
-                 latency_ms: float = DEFAULT_LATENCY_MS) -> Lan: ...
+    def __call__(
+        self, n: int, rate_mbit: float | None = None, *, latency_ms: float = DEFAULT_LATENCY_MS
+    ) -> Lan: ...
 
 
 @contextlib.contextmanager
@@ -507,8 +536,7 @@ def lans() -> Iterator[LanFactory]:
     """A factory of open Lans, every one closed on exit (the pytest fixture `lan_factory` wraps it)."""
     with contextlib.ExitStack() as stack:
 
-        def make(n: int, rate_mbit: float | None = None, *,
-                 latency_ms: float = DEFAULT_LATENCY_MS) -> Lan:
+        def make(n: int, rate_mbit: float | None = None, *, latency_ms: float = DEFAULT_LATENCY_MS) -> Lan:
             return stack.enter_context(Lan(n, rate_mbit, latency_ms=latency_ms))
 
         yield make

@@ -57,23 +57,41 @@ def soak(ctx: Context) -> list[Measure | Skipped]:
         registry, registry_proc = stack.enter_context(registry_process(ctx.workdir))
         push(image, f"{registry}/{ref}")
         proxy, proxy_proc = stack.enter_context(
-            p2pimg_serve(home, origin=file_origin(home), log=ctx.workdir / "p2pimg.log"))
+            p2pimg_serve(home, origin=file_origin(home), log=ctx.workdir / "p2pimg.log")
+        )
         for side, host, pid in (("p2pimg", proxy, proxy_proc.pid), ("baseline", registry, registry_proc.pid)):
             ctx.progress(f"{side}: warming up")
             skopeo_pull(f"{host}/{ref}", ctx.workdir / "pull")  # p2pimg: into its cache
-            ctx.progress(f"{side}: {slow} slow readers, {vanish_rate:g} vanishing and "
-                         f"{normal_rate:g} ordinary clients a second for {seconds:.0f} s")
-            sides[side] = load(host, pid, f"/v2/{REPO}/blobs/{layer}", layer, seconds, slow, vanish_rate,
-                               normal_rate)
+            ctx.progress(
+                f"{side}: {slow} slow readers, {vanish_rate:g} vanishing and "
+                f"{normal_rate:g} ordinary clients a second for {seconds:.0f} s"
+            )
+            sides[side] = load(
+                host, pid, f"/v2/{REPO}/blobs/{layer}", layer, seconds, slow, vanish_rate, normal_rate
+            )
     p2, base = sides["p2pimg"], sides["baseline"]
-    details = {"image": spec.label, "seconds": seconds, "slow_readers": slow, "vanish_per_s": vanish_rate,
-               "normal_per_s": normal_rate, "series": {side: s["series"] for side, s in sides.items()},
-               "clients": {side: s["clients"] for side, s in sides.items()}}
+    details = {
+        "image": spec.label,
+        "seconds": seconds,
+        "slow_readers": slow,
+        "vanish_per_s": vanish_rate,
+        "normal_per_s": normal_rate,
+        "series": {side: s["series"] for side, s in sides.items()},
+        "clients": {side: s["clients"] for side, s in sides.items()},
+    }
 
     def row(metric: str, unit: str, key: str, *, lower: bool = True) -> Measure:
-        return Measure(scenario=SCENARIO, client="mixed clients", metric=metric, unit=unit,
-                       p2pimg=[float(p2[key])], baseline=[float(base[key])],  # type: ignore[arg-type]
-                       baseline_name=BASELINE, lower_is_better=lower, details=details)
+        return Measure(
+            scenario=SCENARIO,
+            client="mixed clients",
+            metric=metric,
+            unit=unit,
+            p2pimg=[float(p2[key])],  # type: ignore[arg-type]
+            baseline=[float(base[key])],  # type: ignore[arg-type]
+            baseline_name=BASELINE,
+            lower_is_better=lower,
+            details=details,
+        )
 
     return [
         row("open descriptors, growth from the first fifth to the last", "count", "fds_growth"),
@@ -85,14 +103,43 @@ def soak(ctx: Context) -> list[Measure | Skipped]:
     ]
 
 
-def load(host: str, pid: int, path: str, digest: str, seconds: float, slow: int, vanish_rate: float,
-         normal_rate: float) -> dict[str, object]:
+def load(
+    host: str,
+    pid: int,
+    path: str,
+    digest: str,
+    seconds: float,
+    slow: int,
+    vanish_rate: float,
+    normal_rate: float,
+) -> dict[str, object]:
     """Run tools/loadclients.py against `host` for `seconds`, sampling `pid` every second."""
-    argv = [sys.executable, "-m", "tools.loadclients", "--host", host, "--path", path, "--digest", digest,
-            "--slow", str(slow), "--vanish-rate", str(vanish_rate), "--normal-rate", str(normal_rate),
-            "--duration", str(seconds)]
-    clients = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=client_env(PYTHONPATH=str(REPO_ROOT)))
+    argv = [
+        sys.executable,
+        "-m",
+        "tools.loadclients",
+        "--host",
+        host,
+        "--path",
+        path,
+        "--digest",
+        digest,
+        "--slow",
+        str(slow),
+        "--vanish-rate",
+        str(vanish_rate),
+        "--normal-rate",
+        str(normal_rate),
+        "--duration",
+        str(seconds),
+    ]
+    clients = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=client_env(PYTHONPATH=str(REPO_ROOT)),
+    )
     series: dict[str, list[float]] = {"t": [], "fds": [], "threads": [], "rss_mib": []}
     began = time.monotonic()
     try:
@@ -117,8 +164,13 @@ def load(host: str, pid: int, path: str, digest: str, seconds: float, slow: int,
         values = series[key]
         return median(values[-fifth:]) - median(values[:fifth])
 
-    return {"series": series, "clients": summary, "fds_growth": growth("fds"),
-            "threads_growth": growth("threads"), "rss_growth": growth("rss_mib"),
-            "rss_peak": max(series["rss_mib"]),
-            "normal_median": normal if normal is not None else float("nan"),
-            "normal_failed": summary["normal_failed"]}
+    return {
+        "series": series,
+        "clients": summary,
+        "fds_growth": growth("fds"),
+        "threads_growth": growth("threads"),
+        "rss_growth": growth("rss_mib"),
+        "rss_peak": max(series["rss_mib"]),
+        "normal_median": normal if normal is not None else float("nan"),
+        "normal_failed": summary["normal_failed"],
+    }

@@ -40,8 +40,19 @@ from ..runner import machine_info
 from .plot import done_svg
 from .world import MiB, Params, World
 
-KEYS = ("nodes", "image_bytes", "origin_egress_ratio", "single_node_s", "p50_done_ratio", "p99_done_ratio",
-        "max_done_ratio", "upload_max_over_mean", "unfinished", "wrong_chunks_accepted", "wall_s")
+KEYS = (
+    "nodes",
+    "image_bytes",
+    "origin_egress_ratio",
+    "single_node_s",
+    "p50_done_ratio",
+    "p99_done_ratio",
+    "max_done_ratio",
+    "upload_max_over_mean",
+    "unfinished",
+    "wrong_chunks_accepted",
+    "wall_s",
+)
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -80,8 +91,9 @@ def summarize(world: World, alone: float, wall: float) -> dict[str, Any]:
     p = world.params
     honest = [n for n in world.nodes if n.honest]
     stayed = [n for n in honest if n.leave_at is None or (n.done_at is not None and n.done_at <= n.leave_at)]
-    times = sorted(n.done_at - n.joined_at for n in stayed
-                   if n.done_at is not None and n.joined_at is not None)
+    times = sorted(
+        n.done_at - n.joined_at for n in stayed if n.done_at is not None and n.joined_at is not None
+    )
     unfinished = [n for n in stayed if n.done_at is None]
     sent = world.net.sent
     uploads = [float(sent[n.endpoint]) for n in honest if n.joined_at is not None]
@@ -116,8 +128,12 @@ def summarize(world: World, alone: float, wall: float) -> dict[str, Any]:
         "hostile_nodes": p.nodes - len([n for n in honest if not n.late]),
         "left": len([n for n in honest if n.left_at is not None]),
         "joined_late": len([n for n in honest if n.late]),
-        "done_s": {"p50": percentile(times, 0.5), "p99": percentile(times, 0.99),
-                   "max": times[-1] if times else None, "min": times[0] if times else None},
+        "done_s": {
+            "p50": percentile(times, 0.5),
+            "p99": percentile(times, 0.99),
+            "max": times[-1] if times else None,
+            "min": times[0] if times else None,
+        },
         "origin_bytes": origin_bytes,
         "received_bytes": received,
         "upload_bytes": {"mean": mean_up, "max": max(uploads, default=0.0)},
@@ -131,8 +147,10 @@ def summarize(world: World, alone: float, wall: float) -> dict[str, Any]:
         "params": asdict(p),
         "done_times_s": times,
         "series": world.series,
-        "unfinished_nodes": [{"node": n.name, "late": n.late, "error": n.last_error,
-                              "missing": n.store.count(0)} for n in unfinished][:20],
+        "unfinished_nodes": [
+            {"node": n.name, "late": n.late, "error": n.last_error, "missing": n.store.count(0)}
+            for n in unfinished
+        ][:20],
     }
 
 
@@ -141,56 +159,87 @@ def summary(result: dict[str, Any]) -> str:
         return "—" if value is None else f"{value:.{digits}f}"
 
     p = result["params"]
-    return "\n".join([
-        f"{result['nodes']} nodes ({result['hostile_nodes']} hostile, {result['left']} left, "
-        f"{result['joined_late']} joined late), {result['image_bytes'] / MiB:.0f} MiB image in "
-        f"{result['chunk_bytes'] / MiB:g} MiB chunks, {p['peers_per_node']} peers per node, seed {p['seed']}",
-        f"  one node alone: {f(result['single_node_s'])} s; swarm done (÷ that): "
-        f"p50 {f(result['p50_done_ratio'])}, p99 {f(result['p99_done_ratio'])}, "
-        f"max {f(result['max_done_ratio'])}",
-        f"  origin egress: {f(result['origin_egress_ratio'], 3)} × the image; "
-        f"upload max/mean {f(result['upload_max_over_mean'])}",
-        f"  unfinished {result['unfinished']}, wrong chunks accepted {result['wrong_chunks_accepted']}, "
-        f"bad chunks rejected {result['bad_chunks_rejected']}, fetches given up {result['gave_up']}",
-        f"  simulated {f(result['sim_s'], 1)} s in {f(result['wall_s'], 1)} s wall "
-        f"({result['polls']} polls, {result['events']} events)",
-    ])
+    return "\n".join(
+        [
+            f"{result['nodes']} nodes ({result['hostile_nodes']} hostile, {result['left']} left, "
+            f"{result['joined_late']} joined late), {result['image_bytes'] / MiB:.0f} MiB image in "
+            f"{result['chunk_bytes'] / MiB:g} MiB chunks, {p['peers_per_node']} peers per node, "
+            f"seed {p['seed']}",
+            f"  one node alone: {f(result['single_node_s'])} s; swarm done (÷ that): "
+            f"p50 {f(result['p50_done_ratio'])}, p99 {f(result['p99_done_ratio'])}, "
+            f"max {f(result['max_done_ratio'])}",
+            f"  origin egress: {f(result['origin_egress_ratio'], 3)} × the image; "
+            f"upload max/mean {f(result['upload_max_over_mean'])}",
+            f"  unfinished {result['unfinished']}, wrong chunks accepted {result['wrong_chunks_accepted']}, "
+            f"bad chunks rejected {result['bad_chunks_rejected']}, fetches given up {result['gave_up']}",
+            f"  simulated {f(result['sim_s'], 1)} s in {f(result['wall_s'], 1)} s wall "
+            f"({result['polls']} polls, {result['events']} events)",
+        ]
+    )
 
 
 def parser() -> argparse.ArgumentParser:
     d = Params()
-    ap = argparse.ArgumentParser(prog="python -m bench.sim", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.sim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--nodes", type=int, default=d.nodes, help="simulated nodes (default %(default)s)")
-    ap.add_argument("--image-mb", type=float, default=d.image_mb,
-                    help="image size, MiB (default %(default)s)")
-    ap.add_argument("--chunk-mb", type=float, default=d.chunk_mb,
-                    help="chunk size, MiB (default %(default)s)")
-    ap.add_argument("--churn", type=float, default=d.churn,
-                    help="share of nodes that leave mid-pull; as many join late (default %(default)s)")
-    ap.add_argument("--hostile", type=float, default=d.hostile,
-                    help="share of nodes that lie about inventories, send bad chunks or stall")
+    ap.add_argument(
+        "--image-mb", type=float, default=d.image_mb, help="image size, MiB (default %(default)s)"
+    )
+    ap.add_argument(
+        "--chunk-mb", type=float, default=d.chunk_mb, help="chunk size, MiB (default %(default)s)"
+    )
+    ap.add_argument(
+        "--churn",
+        type=float,
+        default=d.churn,
+        help="share of nodes that leave mid-pull; as many join late (default %(default)s)",
+    )
+    ap.add_argument(
+        "--hostile",
+        type=float,
+        default=d.hostile,
+        help="share of nodes that lie about inventories, send bad chunks or stall",
+    )
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--json", type=Path, help="write the figures here")
-    ap.add_argument("--plot", type=Path, help="write the time-to-done plot (SVG) here "
-                    "(default: beside --json, .svg)")
-    ap.add_argument("--peers-per-node", type=int, default=d.peers_per_node,
-                    help="neighbours each node polls and fetches from (default %(default)s)")
-    ap.add_argument("--down-mbit", type=float, default=d.down_mbit,
-                    help="node downlink (default %(default)s)")
+    ap.add_argument(
+        "--plot", type=Path, help="write the time-to-done plot (SVG) here (default: beside --json, .svg)"
+    )
+    ap.add_argument(
+        "--peers-per-node",
+        type=int,
+        default=d.peers_per_node,
+        help="neighbours each node polls and fetches from (default %(default)s)",
+    )
+    ap.add_argument(
+        "--down-mbit", type=float, default=d.down_mbit, help="node downlink (default %(default)s)"
+    )
     ap.add_argument("--up-mbit", type=float, default=d.up_mbit, help="node uplink (default %(default)s)")
-    ap.add_argument("--origin-mbit", type=float, default=d.origin_mbit,
-                    help="origin uplink, shared by all (default %(default)s)")
+    ap.add_argument(
+        "--origin-mbit",
+        type=float,
+        default=d.origin_mbit,
+        help="origin uplink, shared by all (default %(default)s)",
+    )
     ap.add_argument("--conn-mbit", type=float, default=d.conn_mbit, help="cap per connection; 0: none")
     ap.add_argument("--lan-rtt", type=float, default=d.lan_rtt, help="s (default %(default)s)")
     ap.add_argument("--origin-rtt", type=float, default=d.origin_rtt, help="s (default %(default)s)")
     ap.add_argument("--dt", type=float, default=d.dt, help="network time step, s (default %(default)s)")
     ap.add_argument("--max-sim-s", type=float, default=d.max_sim_s, help="give up after this simulated time")
-    ap.add_argument("--origin-fetchers", type=int, default=d.origin_fetchers,
-                    help="nodes that fetch from the origin, with the membership list (default %(default)s)")
-    ap.add_argument("--view-only", action="store_true",
-                    help="give the schedulers no membership list: each ranks only the peers it polls "
-                    "(what the engine does today)")
+    ap.add_argument(
+        "--origin-fetchers",
+        type=int,
+        default=d.origin_fetchers,
+        help="nodes that fetch from the origin, with the membership list (default %(default)s)",
+    )
+    ap.add_argument(
+        "--view-only",
+        action="store_true",
+        help="give the schedulers no membership list: each ranks only the peers it polls "
+        "(what the engine does today)",
+    )
     ap.add_argument("--skip-verify", action="store_true", help=argparse.SUPPRESS)
     return ap
 

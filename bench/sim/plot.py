@@ -39,22 +39,29 @@ def done_svg(result: dict[str, Any]) -> str:
         f'<rect width="{W}" height="{H}" fill="white"/>',
     ]
     p = result["params"]
-    title = (f"{result['nodes']} nodes, {result['image_bytes'] / (1 << 20):.0f} MiB image"
-             + (f", hostile {p['hostile']:g}" if p["hostile"] else "")
-             + (f", churn {p['churn']:g}" if p["churn"] else "")
-             + (", view only" if p.get("view_only") else "") + ": time to done per node")
+    title = (
+        f"{result['nodes']} nodes, {result['image_bytes'] / (1 << 20):.0f} MiB image"
+        + (f", hostile {p['hostile']:g}" if p["hostile"] else "")
+        + (f", churn {p['churn']:g}" if p["churn"] else "")
+        + (", view only" if p.get("view_only") else "")
+        + ": time to done per node"
+    )
     parts.append(f'<text x="{W / 2}" y="18" text-anchor="middle" font-size="13">{escape(title)}</text>')
-    sub = (f"origin egress {result['origin_egress_ratio']:.3f}× the image; "
-           f"p50 {result['p50_done_ratio'] or 0:.2f}, p99 {result['p99_done_ratio'] or 0:.2f} "
-           "× one node alone; "
-           f"{result['unfinished']} unfinished")
+    sub = (
+        f"origin egress {result['origin_egress_ratio']:.3f}× the image; "
+        f"p50 {result['p50_done_ratio'] or 0:.2f}, p99 {result['p99_done_ratio'] or 0:.2f} "
+        "× one node alone; "
+        f"{result['unfinished']} unfinished"
+    )
     parts.append(f'<text x="{W / 2}" y="34" text-anchor="middle" fill="#555">{escape(sub)}</text>')
     for v in _ticks(top):
         parts.append(f'<line x1="{LEFT}" x2="{W - RIGHT}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#e4e4e4"/>')
         parts.append(f'<text x="{LEFT - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:g}</text>')
     for v, label, colour in ((alone, "one node alone", "#2f6db3"), (2 * alone, "2 × alone", "#c0392b")):
-        parts.append(f'<line x1="{LEFT}" x2="{W - RIGHT}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="{colour}" '
-                     'stroke-dasharray="5 4"/>')
+        parts.append(
+            f'<line x1="{LEFT}" x2="{W - RIGHT}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="{colour}" '
+            'stroke-dasharray="5 4"/>'
+        )
         parts.append(f'<text x="{LEFT + 6}" y="{y(v) - 4:.1f}" fill="{colour}">{label} ({v:.1f} s)</text>')
     if times:
         points = " ".join(f"{x(i):.1f},{y(t):.1f}" for i, t in enumerate(times))
@@ -64,9 +71,13 @@ def done_svg(result: dict[str, Any]) -> str:
     for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
         i = frac * (n - 1)
         parts.append(f'<text x="{x(i):.1f}" y="{TOP + ph + 16}" text-anchor="middle">{round(i + 1)}</text>')
-    parts.append(f'<text x="{LEFT + pw / 2}" y="{H - 12}" text-anchor="middle">'
-                 f"nodes, fastest to slowest ({len(times)} finished)</text>")
-    parts.append(f'<text x="16" y="{TOP + ph / 2}" text-anchor="middle" '
-                 f'transform="rotate(-90 16 {TOP + ph / 2})">seconds to done</text>')
+    parts.append(
+        f'<text x="{LEFT + pw / 2}" y="{H - 12}" text-anchor="middle">'
+        f"nodes, fastest to slowest ({len(times)} finished)</text>"
+    )
+    parts.append(
+        f'<text x="16" y="{TOP + ph / 2}" text-anchor="middle" '
+        f'transform="rotate(-90 16 {TOP + ph / 2})">seconds to done</text>'
+    )
     parts.append("</svg>")
     return "\n".join(parts) + "\n"

@@ -205,22 +205,41 @@ class World:
             if i in hostile:
                 kind = HOSTILE_KINDS[len([h for h in hostile if h < i]) % len(HOSTILE_KINDS)]
             is_late = i >= n
-            start = self.rng.uniform(0.0, window) if is_late else (
-                0.0 if kind != "honest" else self.rng.uniform(0.0, p.start_spread))
-            node = Node(i, i + 1, f"n{i}", kind, start, late=is_late,
-                        store=bytearray(self.count) if kind == "honest" else bytearray())
+            start = (
+                self.rng.uniform(0.0, window)
+                if is_late
+                else (0.0 if kind != "honest" else self.rng.uniform(0.0, p.start_spread))
+            )
+            node = Node(
+                i,
+                i + 1,
+                f"n{i}",
+                kind,
+                start,
+                late=is_late,
+                store=bytearray(self.count) if kind == "honest" else bytearray(),
+            )
             if i in leaving:
                 node.leave_at = self.rng.uniform(0.0, window)
             self.nodes.append(node)
         self.by_name = {node.name: node for node in self.nodes}
-        self.traits = {node.idx: Traits(node.name, "peer", limit=PeerSource.limit,
-                                        max_span=PeerSource.max_span,
-                                        stall_timeout=PeerSource.stall_timeout, node_id=node.name)
-                       for node in self.nodes}
+        self.traits = {
+            node.idx: Traits(
+                node.name,
+                "peer",
+                limit=PeerSource.limit,
+                max_span=PeerSource.max_span,
+                stall_timeout=PeerSource.stall_timeout,
+                node_id=node.name,
+            )
+            for node in self.nodes
+        }
         self._graph(n)
         endpoints = 1 + len(self.nodes)
-        self.net = Network([p.origin_mbit * MBIT] + [p.up_mbit * MBIT] * len(self.nodes),
-                           [0.0] + [p.down_mbit * MBIT] * len(self.nodes))
+        self.net = Network(
+            [p.origin_mbit * MBIT] + [p.up_mbit * MBIT] * len(self.nodes),
+            [0.0] + [p.down_mbit * MBIT] * len(self.nodes),
+        )
         self.conn_cap = p.conn_mbit * MBIT if p.conn_mbit else math.inf
         assert self.net.up.shape[0] == endpoints
         self.flows: dict[int, Flow] = {}  # slot -> flow
@@ -232,7 +251,13 @@ class World:
             if node.leave_at is not None:
                 self._push(max(node.leave_at, node.start_at + 0.01), _LEAVE, node)
         self.series: dict[str, list[float]] = {
-            "t": [], "origin_bytes": [], "origin_flows": [], "peer_flows": [], "done": [], "chunks": []}
+            "t": [],
+            "origin_bytes": [],
+            "origin_flows": [],
+            "peer_flows": [],
+            "done": [],
+            "chunks": [],
+        }
         self._push(0.0, _SAMPLE, None)
         slots = max(1, p.poll_slots)
         for k in range(slots):
@@ -365,8 +390,9 @@ class World:
         if not node.alive:
             return
         have = [s != MISSING for s in node.store]
-        node.blob = node.scheduler.blob(DIGEST, self.size, self.chunk, have, now,
-                                        rng=random.Random(self.rng.random()))
+        node.blob = node.scheduler.blob(
+            DIGEST, self.size, self.chunk, have, now, rng=random.Random(self.rng.random())
+        )
         node.version += 1
         node.told.clear()
         self._tell(node, now)

@@ -26,23 +26,29 @@ def _trust_store(config: Config) -> signing.TrustStore:
 
 
 def _config(args: argparse.Namespace) -> Config:
-    return load_config(home=args.home, origin=getattr(args, "origin", None),
-                       listen=getattr(args, "listen", None),
-                       chunk_size=getattr(args, "chunk_size", None),
-                       upstreams=getattr(args, "upstream", None),
-                       upstream_tag_ttl=getattr(args, "upstream_tag_ttl", None),
-                       policy=getattr(args, "policy", None),
-                       peer_listen=getattr(args, "peer_listen", None),
-                       peers=getattr(args, "peer", None),
-                       mdns=False if getattr(args, "no_mdns", False) else None,
-                       peer_rate=getattr(args, "peer_rate", None),
-                       peer_max_requests=getattr(args, "peer_max_requests", None),
-                       cache_max=getattr(args, "cache_max", None),
-                       trust=getattr(args, "trust", None),
-                       swarm_key_file=getattr(args, "swarm_key_file", None),
-                       peer_tls=(getattr(args, "peer_tls_cert", None), getattr(args, "peer_tls_key", None),
-                                 getattr(args, "peer_tls_ca", None)),
-                       allow_public_mirror=getattr(args, "allow_public_mirror", None) or None)
+    return load_config(
+        home=args.home,
+        origin=getattr(args, "origin", None),
+        listen=getattr(args, "listen", None),
+        chunk_size=getattr(args, "chunk_size", None),
+        upstreams=getattr(args, "upstream", None),
+        upstream_tag_ttl=getattr(args, "upstream_tag_ttl", None),
+        policy=getattr(args, "policy", None),
+        peer_listen=getattr(args, "peer_listen", None),
+        peers=getattr(args, "peer", None),
+        mdns=False if getattr(args, "no_mdns", False) else None,
+        peer_rate=getattr(args, "peer_rate", None),
+        peer_max_requests=getattr(args, "peer_max_requests", None),
+        cache_max=getattr(args, "cache_max", None),
+        trust=getattr(args, "trust", None),
+        swarm_key_file=getattr(args, "swarm_key_file", None),
+        peer_tls=(
+            getattr(args, "peer_tls_cert", None),
+            getattr(args, "peer_tls_key", None),
+            getattr(args, "peer_tls_ca", None),
+        ),
+        allow_public_mirror=getattr(args, "allow_public_mirror", None) or None,
+    )
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
@@ -51,11 +57,14 @@ def cmd_publish(args: argparse.Namespace) -> int:
     from p2pimg.ops.publish import attach
 
     if args.attach and args.source is not None:
-        raise InvalidInput("publish --attach takes NAME:TAG alone (the image published under it), not a "
-                           f"SOURCE ({args.source[:100]!r})")
+        raise InvalidInput(
+            "publish --attach takes NAME:TAG alone (the image published under it), not a "
+            f"SOURCE ({args.source[:100]!r})"
+        )
     if not args.attach and args.source is None:
-        raise InvalidInput("publish needs SOURCE and NAME:TAG (or --attach FILE --artifact-type TYPE "
-                           "NAME:TAG)")
+        raise InvalidInput(
+            "publish needs SOURCE and NAME:TAG (or --attach FILE --artifact-type TYPE NAME:TAG)"
+        )
     if not args.attach and (args.artifact_type or args.media_type or args.annotation):
         raise InvalidInput("--artifact-type, --media-type and --annotation go with --attach FILE")
     if args.attach and not args.artifact_type:
@@ -73,22 +82,42 @@ def cmd_publish(args: argparse.Namespace) -> int:
     if args.attach:
         # The image is read as any reader of the origin would: its tag record must pass this home's
         # trust policy before a new root is built on it (and signed).
-        resolver = Resolver(ChunkStore(config.cache_dir), origin, trust=_trust_store(config),
-                            home=config.home)
-        report = trio.run(lambda: attach(
-            resolver, name, tag, [Path(f) for f in args.attach], origin, artifact_type=args.artifact_type,
-            media_type=args.media_type or DEFAULT_FILE_MEDIA_TYPE, annotations=annotations,
-            chunk_size=config.chunk_size, progress=progress, signer=signer))
-        print(f"attached {report.artifact} ({args.artifact_type}) to {name}:{tag} in {origin.url}: "
-              f"{report.blobs_uploaded} blobs uploaded ({report.bytes_uploaded} bytes); {name}:{tag} now "
-              "points at the image root below", file=sys.stderr)
+        resolver = Resolver(
+            ChunkStore(config.cache_dir), origin, trust=_trust_store(config), home=config.home
+        )
+        report = trio.run(
+            lambda: attach(
+                resolver,
+                name,
+                tag,
+                [Path(f) for f in args.attach],
+                origin,
+                artifact_type=args.artifact_type,
+                media_type=args.media_type or DEFAULT_FILE_MEDIA_TYPE,
+                annotations=annotations,
+                chunk_size=config.chunk_size,
+                progress=progress,
+                signer=signer,
+            )
+        )
+        print(
+            f"attached {report.artifact} ({args.artifact_type}) to {name}:{tag} in {origin.url}: "
+            f"{report.blobs_uploaded} blobs uploaded ({report.bytes_uploaded} bytes); {name}:{tag} now "
+            "points at the image root below",
+            file=sys.stderr,
+        )
         print(report.root)
         return 0
-    report = trio.run(lambda: publish(args.source, name, tag, origin, chunk_size=config.chunk_size,
-                                      progress=progress, signer=signer))
-    print(f"published {name}:{tag} to {origin.url}: {report.blobs_uploaded} blobs uploaded "
-          f"({report.bytes_uploaded} bytes), {report.blobs_skipped} already there",
-          file=sys.stderr)
+    report = trio.run(
+        lambda: publish(
+            args.source, name, tag, origin, chunk_size=config.chunk_size, progress=progress, signer=signer
+        )
+    )
+    print(
+        f"published {name}:{tag} to {origin.url}: {report.blobs_uploaded} blobs uploaded "
+        f"({report.bytes_uploaded} bytes), {report.blobs_skipped} already there",
+        file=sys.stderr,
+    )
     print(report.root)
     return 0
 
@@ -96,8 +125,11 @@ def cmd_publish(args: argparse.Namespace) -> int:
 def cmd_keygen(args: argparse.Namespace) -> int:
     config = _config(args)
     pub = signing.generate_key(config.home)
-    print(f"publisher key made; the private key stays in {config.home}; give this file to "
-          "those who should trust your tags (--trust, or their home's trust/ directory):", file=sys.stderr)
+    print(
+        f"publisher key made; the private key stays in {config.home}; give this file to "
+        "those who should trust your tags (--trust, or their home's trust/ directory):",
+        file=sys.stderr,
+    )
     print(pub)
     return 0
 
@@ -150,11 +182,17 @@ def cmd_gc(args: argparse.Namespace) -> int:
         for key in plan.garbage:
             print(key)
         if plan.young:
-            print(f"kept {len(plan.young)} unreachable objects written less than {args.grace} ago "
-                  "(a publish in progress may need them; --grace sets how long)", file=sys.stderr)
+            print(
+                f"kept {len(plan.young)} unreachable objects written less than {args.grace} ago "
+                "(a publish in progress may need them; --grace sets how long)",
+                file=sys.stderr,
+            )
         if not args.yes:
-            print(f"{len(plan.garbage)} objects are unreachable from any tag in {origin.url}; "
-                  "run again with --yes to delete them", file=sys.stderr)
+            print(
+                f"{len(plan.garbage)} objects are unreachable from any tag in {origin.url}; "
+                "run again with --yes to delete them",
+                file=sys.stderr,
+            )
             return 0
         deleted = await admin.run_gc(origin, plan)
         print(f"deleted {deleted} objects from {origin.url}", file=sys.stderr)
@@ -184,8 +222,9 @@ def _pin(config: Config, ref: str) -> None:
     from p2pimg.node import pins
 
     store = ChunkStore(config.cache_dir)
-    resolver = Resolver(store, open_origin(config.origin, config.home), trust=_trust_store(config),
-                        home=config.home)
+    resolver = Resolver(
+        store, open_origin(config.origin, config.home), trust=_trust_store(config), home=config.home
+    )
     root, digests = trio.run(pins.pin, store, resolver, ref)
     print(f"pinned {ref} ({root}): {len(digests)} blobs", file=sys.stderr)
 
@@ -202,10 +241,12 @@ def cmd_cache_ls(args: argparse.Namespace) -> int:
     for p in state.partials:
         print(f"  {p.digest}  verified {p.verified} of {p.size} bytes")
     pinned = sum(b.size for b in state.blobs if b.pinned)
-    print(f"total: {state.total} bytes ({human(state.total)}): blobs {state.blob_bytes}, "
-          f"partial {state.partial_bytes}, blocks {sum(f.size for f in state.blocks)} "
-          f"({len(state.blocks)}), tmp {sum(f.size for f in state.tmp)}, "
-          f"tags and pins {sum(f.size for f in state.meta)}; pinned blobs {pinned}")
+    print(
+        f"total: {state.total} bytes ({human(state.total)}): blobs {state.blob_bytes}, "
+        f"partial {state.partial_bytes}, blocks {sum(f.size for f in state.blocks)} "
+        f"({len(state.blocks)}), tmp {sum(f.size for f in state.tmp)}, "
+        f"tags and pins {sum(f.size for f in state.meta)}; pinned blobs {pinned}"
+    )
     return 0
 
 
@@ -216,11 +257,15 @@ def cmd_cache_gc(args: argparse.Namespace) -> int:
     result = collect(ChunkStore(_config(args).cache_dir), limit)
     for item in result.removed:
         print(f"removed {item.kind} {item.name} ({item.size} bytes)")
-    print(f"cache: {human(result.before)} -> {human(result.after)} (limit {human(limit)}), "
-          f"{len(result.removed)} removed", file=sys.stderr)
+    print(
+        f"cache: {human(result.before)} -> {human(result.after)} (limit {human(limit)}), "
+        f"{len(result.removed)} removed",
+        file=sys.stderr,
+    )
     if not result.fits:
-        print("p2pimg: the rest is pinned, recently written partial/staging files, or metadata",
-              file=sys.stderr)
+        print(
+            "p2pimg: the rest is pinned, recently written partial/staging files, or metadata", file=sys.stderr
+        )
     return 0
 
 
@@ -232,8 +277,10 @@ def cmd_cache_verify(args: argparse.Namespace) -> int:
 
     removed = verify(ChunkStore(_config(args).cache_dir), report)
     if removed:
-        print(f"p2pimg: {len(removed)} corrupt files removed; they are fetched again on next use",
-              file=sys.stderr)
+        print(
+            f"p2pimg: {len(removed)} corrupt files removed; they are fetched again on next use",
+            file=sys.stderr,
+        )
         return 1
     print("cache verified: no corrupt blobs or blocks", file=sys.stderr)
     return 0
@@ -249,8 +296,9 @@ def cmd_cache_unpin(args: argparse.Namespace) -> int:
 
     config = _config(args)
     store = ChunkStore(config.cache_dir)
-    resolver = Resolver(store, open_origin(config.origin, config.home), trust=_trust_store(config),
-                        home=config.home)
+    resolver = Resolver(
+        store, open_origin(config.origin, config.home), trust=_trust_store(config), home=config.home
+    )
     roots = trio.run(pins.unpin, store, resolver, args.ref)
     print(f"unpinned {args.ref} ({', '.join(roots)})", file=sys.stderr)
     return 0

@@ -42,8 +42,10 @@ def write_sample(directory: Path) -> tuple[SampleImage, SampleImage]:
             raise InvalidInput(f"{path.absolute()} already exists: remove it or name another directory")
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        return (write_oci_layout(layout, SAMPLE_LAYERS, tag="1"),
-                write_docker_archive(archive, SAMPLE_LAYERS, repo_tag="demo/app:2"))
+        return (
+            write_oci_layout(layout, SAMPLE_LAYERS, tag="1"),
+            write_docker_archive(archive, SAMPLE_LAYERS, repo_tag="demo/app:2"),
+        )
     except OSError as exc:
         raise P2pimgError(f"cannot write the sample image in {directory}: {exc.strerror or exc}") from None
 
@@ -51,9 +53,12 @@ def write_sample(directory: Path) -> tuple[SampleImage, SampleImage]:
 def run_sample(directory: str) -> int:
     layout, archive = os.path.join(directory, "layout"), os.path.join(directory, "app.tar")
     image, _ = write_sample(Path(directory))
-    print(f"wrote a sample image ({image.total_bytes / 1e6:.1f} MB in {len(SAMPLE_LAYERS)} layers, "
-          f"linux/amd64) as {layout} (an OCI image layout, tag 1) and as {archive} (a docker save "
-          "archive); publish them with:", file=sys.stderr)
+    print(
+        f"wrote a sample image ({image.total_bytes / 1e6:.1f} MB in {len(SAMPLE_LAYERS)} layers, "
+        f"linux/amd64) as {layout} (an OCI image layout, tag 1) and as {archive} (a docker save "
+        "archive); publish them with:",
+        file=sys.stderr,
+    )
     print(f"p2pimg publish oci:{layout}:1 demo/app:1")
     print(f"p2pimg publish docker-archive:{archive} demo/app:2")
     return 0
@@ -61,11 +66,28 @@ def run_sample(directory: str) -> int:
 
 def _pull_command(client: str, ref: str, dest: Path) -> list[str]:
     if client == "skopeo":
-        return ["skopeo", "copy", "--insecure-policy", "--preserve-digests", "--src-tls-verify=false",
-                f"docker://{ref}", f"oci:{dest}:pulled"]
+        return [
+            "skopeo",
+            "copy",
+            "--insecure-policy",
+            "--preserve-digests",
+            "--src-tls-verify=false",
+            f"docker://{ref}",
+            f"oci:{dest}:pulled",
+        ]
     if client == "podman":
-        return ["podman", "--storage-driver", "vfs", "--root", str(dest / "root"),
-                "--runroot", str(dest / "run"), "pull", "--tls-verify=false", ref]
+        return [
+            "podman",
+            "--storage-driver",
+            "vfs",
+            "--root",
+            str(dest / "root"),
+            "--runroot",
+            str(dest / "run"),
+            "pull",
+            "--tls-verify=false",
+            ref,
+        ]
     return ["ctr", "content", "fetch", "--plain-http", ref]
 
 
@@ -81,11 +103,13 @@ async def _demo(config: Config, client: str, signer: signing.Signer | None) -> i
     work = Path(tempfile.mkdtemp(prefix="p2pimg-demo-"))
     try:
         sample = await trio.to_thread.run_sync(
-            lambda: write_oci_layout(work / "image", SAMPLE_LAYERS, tag="1"))
+            lambda: write_oci_layout(work / "image", SAMPLE_LAYERS, tag="1")
+        )
         origin = open_origin(config.origin, config.home)
         name, tag = DEMO_REF
-        report = await publish(f"oci:{sample.path}:1", name, tag, origin, chunk_size=config.chunk_size,
-                               signer=signer)
+        report = await publish(
+            f"oci:{sample.path}:1", name, tag, origin, chunk_size=config.chunk_size, signer=signer
+        )
         print(f"published sample image {name}:{tag} ({sample.total_bytes} bytes) to {origin.url}")
         print(f"image root CID: {report.root}")
 
@@ -102,8 +126,9 @@ async def _demo(config: Config, client: str, signer: signing.Signer | None) -> i
             for ref in (f"{address}/{name}:{tag}", f"{address}/ipfs/{report.root}:latest"):
                 dest = work / f"pull-{len(ref)}"
                 started = time.perf_counter()
-                result = await trio.run_process(_pull_command(client, ref, dest), check=False,
-                                                capture_stdout=True, capture_stderr=True)
+                result = await trio.run_process(
+                    _pull_command(client, ref, dest), check=False, capture_stdout=True, capture_stderr=True
+                )
                 elapsed = time.perf_counter() - started
                 if result.returncode != 0:
                     print(f"pull {ref} with {client} FAILED:\n{result.stderr.decode()}", file=sys.stderr)
@@ -114,8 +139,9 @@ async def _demo(config: Config, client: str, signer: signing.Signer | None) -> i
                     print(f"pull {ref}: got {got}, published {sample.top_digest}", file=sys.stderr)
                     status = 1
                     continue
-                print(f"pulled {ref} with {client} in {elapsed:.2f} s"
-                      + (f" (manifest {got})" if got else ""))
+                print(
+                    f"pulled {ref} with {client} in {elapsed:.2f} s" + (f" (manifest {got})" if got else "")
+                )
             nursery.cancel_scope.cancel()
         return status
     finally:
@@ -126,13 +152,17 @@ def run_demo(config: Config, *, client: str = "skopeo", temporary_home: bool = F
     """The demo in `config.home`; a `temporary_home` (made for it, removed after it) is also given a
     publisher key, so that the demo's tag records are signed and checked."""
     if shutil.which(client) is None:
-        raise P2pimgError(f"the demo pulls with {client}, which is not installed "
-                          f"(apt-get install {'containerd' if client == 'ctr' else client})")
+        raise P2pimgError(
+            f"the demo pulls with {client}, which is not installed "
+            f"(apt-get install {'containerd' if client == 'ctr' else client})"
+        )
     if client == "ctr":
         probe = subprocess.run(["ctr", "version"], capture_output=True, check=False)
         if probe.returncode != 0:
-            raise P2pimgError("ctr needs a running containerd daemon for the demo: as root, "
-                              "`systemctl start containerd`, or without systemd `containerd &`")
+            raise P2pimgError(
+                "ctr needs a running containerd daemon for the demo: as root, "
+                "`systemctl start containerd`, or without systemd `containerd &`"
+            )
     if temporary_home:
         signing.generate_key(config.home)
         print(f"demo home: {config.home} (temporary, removed at the end; --home DIR keeps one)")
@@ -140,6 +170,8 @@ def run_demo(config: Config, *, client: str = "skopeo", temporary_home: bool = F
         print(f"demo home: {config.home}")
     status = trio.run(_demo, config, client, signing.load_signer(config.home))
     if status == 0:
-        print("next, by hand: `p2pimg sample DIR` writes this image as DIR/layout and DIR/app.tar to "
-              "publish, and `p2pimg --help` says what else there is")
+        print(
+            "next, by hand: `p2pimg sample DIR` writes this image as DIR/layout and DIR/app.tar to "
+            "publish, and `p2pimg --help` says what else there is"
+        )
     return status

@@ -55,66 +55,76 @@ ABOUT: dict[str, str] = {
         "NAME:TAG is pointed at the new image root last. Prints the image root CID as the last line. "
         "The tag record is signed when this home has a publisher key (p2pimg keygen). With --attach "
         "FILE --artifact-type TYPE and no SOURCE, it attaches FILE as an artifact (a signature, an "
-        "SBOM) to the image NAME:TAG already names, listed by the referrers API."),
+        "SBOM) to the image NAME:TAG already names, listed by the referrers API."
+    ),
     "keygen": (
         "Make this home's ed25519 publisher key (in $P2PIMG_HOME/keys/). Tags published from this home "
         "are then signed, and the home trusts its own key, so it accepts only signed tag records from "
         "then on: publish unsigned tags again. Prints the public key file, to give to those who should "
-        "trust your tags (serve/resolve/warm --trust, or their home's trust/ directory)."),
+        "trust your tags (serve/resolve/warm --trust, or their home's trust/ directory)."
+    ),
     "resolve": (
         "Print the image root CID that NAME:TAG points at in the origin, once its tag record passed the"
         " trust policy (signed by a trusted key; when no key is trusted, taken unchecked with a warning"
-        " given once per home). The image can then be pulled as 127.0.0.1:5050/ipfs/<CID>."),
-    "ls": (
-        "List the NAME:TAGs published in the origin, one a line."),
+        " given once per home). The image can then be pulled as 127.0.0.1:5050/ipfs/<CID>."
+    ),
+    "ls": ("List the NAME:TAGs published in the origin, one a line."),
     "untag": (
         "Remove NAME:TAG from the origin. Its image stays there until `p2pimg gc --yes` deletes what no"
-        " tag reaches any more."),
+        " tag reaches any more."
+    ),
     "gc": (
         "List the origin's objects (blobs, blocks) that no tag reaches any more; with --yes, delete "
         "them. Objects younger than --grace (1h) are kept, so a publish running now loses nothing. "
-        "S3 and Storj bill stored bytes."),
+        "S3 and Storj bill stored bytes."
+    ),
     "serve": (
         "Run the read-only OCI registry (127.0.0.1:5050 unless --listen says otherwise) in the "
         "foreground until Ctrl-C. It serves the published images by NAME:TAG and by ipfs/<CID>, "
         "fetching chunks from LAN peers and the origin and verifying each one; with --upstream it is "
         "also a pull-through mirror of other registries, and with --peer-listen it shares its cache "
-        "with the LAN. GET /metrics gives Prometheus metrics."),
+        "with the LAN. GET /metrics gives Prometheus metrics."
+    ),
     "warm": (
         "Fetch an image completely into this home's cache, every blob verified, so that later pulls "
         "need no network; with --lan, ask every known peer to warm it too. When a `p2pimg serve` runs "
         "on the same home, this goes through it. Exits 0 only when every blob is there (and every peer "
-        "succeeded)."),
-    "cache": (
-        "Look after this home's cache ($P2PIMG_HOME/cache); the origin is not touched."),
-    "cache ls": (
-        "List the complete blobs (size, last use, pinned or not), the partial ones and the totals."),
+        "succeeded)."
+    ),
+    "cache": ("Look after this home's cache ($P2PIMG_HOME/cache); the origin is not touched."),
+    "cache ls": ("List the complete blobs (size, last use, pinned or not), the partial ones and the totals."),
     "cache gc": (
         "Evict least recently used unpinned blobs until the cache fits in --max-size; an evicted blob "
-        "is fetched again on its next use."),
+        "is fetched again on its next use."
+    ),
     "cache verify": (
         "Re-hash every cached blob and block; remove and report what does not match its digest or CID "
-        "(exit 1 when anything was removed). Removed content is fetched and verified again when used."),
-    "cache pin": (
-        "Pin an image: its blobs are never evicted by cache gc or serve --cache-max."),
+        "(exit 1 when anything was removed). Removed content is fetched and verified again when used."
+    ),
+    "cache pin": ("Pin an image: its blobs are never evicted by cache gc or serve --cache-max."),
     "cache unpin": (
-        "Remove the pin of an image (made by cache pin or warm --pin); its blobs can be evicted again."),
+        "Remove the pin of an image (made by cache pin or warm --pin); its blobs can be evicted again."
+    ),
     "containerd-config": (
         "Print a hosts.toml that makes containerd pull the images of --registry through p2pimg first "
         "(and from the registry itself when p2pimg does not have them). Install it as "
         "/etc/containerd/certs.d/REGISTRY/hosts.toml. With --registry 127.0.0.1:5050 it lets containerd"
-        " pull p2pimg's own images in plain HTTP (ctr: --hosts-dir /etc/containerd/certs.d)."),
+        " pull p2pimg's own images in plain HTTP (ctr: --hosts-dir /etc/containerd/certs.d)."
+    ),
     "podman-config": (
         "Print a registries.conf entry that makes podman, skopeo and buildah pull the images of "
         "--registry through p2pimg first; add it to /etc/containers/registries.conf or put it in a file"
-        " of /etc/containers/registries.conf.d/."),
+        " of /etc/containers/registries.conf.d/."
+    ),
     "demo": (
         "The whole job once, offline: make a small sample image, publish it, start the registry in this"
         " process and pull the image through it with a real client, by tag and by root CID, checking "
         "the pulled manifest's digest. Without --home it works in a temporary home (and origin) of its "
-        "own, removed at the end; your own home is not touched."),
+        "own, removed at the end; your own home is not touched."
+    ),
     "sample": (
         "Write a small sample image (about 10 MB in 3 layers, linux/amd64), offline, in two forms to "
         "try `p2pimg publish` with: DIR/layout, an OCI image layout tagged 1, and DIR/app.tar, a "
-        "`docker save` archive of the same image. Prints the two publish commands."),
+        "`docker save` archive of the same image. Prints the two publish commands."
+    ),
 }

@@ -15,129 +15,227 @@ from p2pimg.fetch.policy import POLICIES
 
 
 def _common(p: argparse.ArgumentParser, *, origin: bool = True) -> None:
-    p.add_argument("--home", metavar="DIR",
-                   help="state directory (default: $P2PIMG_HOME, else ~/.local/share/p2pimg)")
+    p.add_argument(
+        "--home", metavar="DIR", help="state directory (default: $P2PIMG_HOME, else ~/.local/share/p2pimg)"
+    )
     if origin:
-        p.add_argument("--origin", metavar="URL",
-                       help="origin URL (default: $P2PIMG_ORIGIN or file://$P2PIMG_HOME/origin)")
+        p.add_argument(
+            "--origin",
+            metavar="URL",
+            help="origin URL (default: $P2PIMG_ORIGIN or file://$P2PIMG_HOME/origin)",
+        )
 
 
 def _trust(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trust", action="append", metavar="PUBFILE",
-                   help="trust tags signed by this publisher key (repeatable; also $P2PIMG_HOME/trust/*.pub)")
+    p.add_argument(
+        "--trust",
+        action="append",
+        metavar="PUBFILE",
+        help="trust tags signed by this publisher key (repeatable; also $P2PIMG_HOME/trust/*.pub)",
+    )
 
 
 def _peers(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--peer", action="append", metavar="URL",
-                   help="a peer's address, e.g. http://10.0.0.5:5051 (repeatable)")
-    p.add_argument("--swarm-key-file", metavar="PATH",
-                   help="the LAN's shared key (default: $P2PIMG_SWARM_KEY, else $P2PIMG_HOME/swarm.key)")
+    p.add_argument(
+        "--peer",
+        action="append",
+        metavar="URL",
+        help="a peer's address, e.g. http://10.0.0.5:5051 (repeatable)",
+    )
+    p.add_argument(
+        "--swarm-key-file",
+        metavar="PATH",
+        help="the LAN's shared key (default: $P2PIMG_SWARM_KEY, else $P2PIMG_HOME/swarm.key)",
+    )
     p.add_argument("--no-mdns", action="store_true", help="neither advertise nor browse with mDNS")
-    p.add_argument("--peer-tls-cert", metavar="PEM", help="this node's certificate for mutual TLS between "
-                   "peers (with --peer-tls-key and --peer-tls-ca; default: $P2PIMG_HOME/tls/peer.crt)")
-    p.add_argument("--peer-tls-key", metavar="PEM",
-                   help="its private key (default: $P2PIMG_HOME/tls/peer.key)")
-    p.add_argument("--peer-tls-ca", metavar="PEM",
-                   help="the swarm's CA: peers must present a certificate it signed (default: "
-                   "$P2PIMG_HOME/tls/ca.crt)")
+    p.add_argument(
+        "--peer-tls-cert",
+        metavar="PEM",
+        help="this node's certificate for mutual TLS between "
+        "peers (with --peer-tls-key and --peer-tls-ca; default: $P2PIMG_HOME/tls/peer.crt)",
+    )
+    p.add_argument(
+        "--peer-tls-key", metavar="PEM", help="its private key (default: $P2PIMG_HOME/tls/peer.key)"
+    )
+    p.add_argument(
+        "--peer-tls-ca",
+        metavar="PEM",
+        help="the swarm's CA: peers must present a certificate it signed (default: $P2PIMG_HOME/tls/ca.crt)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="p2pimg", description=helptext.DESCRIPTION, epilog=helptext.EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"p2pimg {__version__}",
-                        help="print the version and exit")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="log more: informational messages, and publish's progress")
+    parser = argparse.ArgumentParser(
+        prog="p2pimg",
+        description=helptext.DESCRIPTION,
+        epilog=helptext.EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"p2pimg {__version__}", help="print the version and exit"
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log more: informational messages, and publish's progress",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("publish", help="publish an image to the origin; prints its root CID",
-                       description=helptext.ABOUT["publish"])
-    p.add_argument("source", metavar="SOURCE", nargs="?",
-                   help="oci:DIR[:TAG] (an OCI image layout; TAG may be left out when it holds one image; "
-                        "the layout's artifacts whose subject is one of the image's manifests come "
-                        "along), docker-archive:FILE[:NAME:TAG] (a `docker save` tarball; NAME:TAG picks "
-                        "one of several images) or docker://HOST/REPO:TAG (an image in a registry); "
-                        "left out with --attach")
+    p = sub.add_parser(
+        "publish",
+        help="publish an image to the origin; prints its root CID",
+        description=helptext.ABOUT["publish"],
+    )
+    p.add_argument(
+        "source",
+        metavar="SOURCE",
+        nargs="?",
+        help="oci:DIR[:TAG] (an OCI image layout; TAG may be left out when it holds one image; "
+        "the layout's artifacts whose subject is one of the image's manifests come "
+        "along), docker-archive:FILE[:NAME:TAG] (a `docker save` tarball; NAME:TAG picks "
+        "one of several images) or docker://HOST/REPO:TAG (an image in a registry); "
+        "left out with --attach",
+    )
     p.add_argument("ref", metavar="NAME:TAG", help="the name and tag to publish it as, e.g. demo/app:1")
-    p.add_argument("--chunk-size", metavar="SIZE",
-                   help="chunk size, a power of two from 4K to 64M (default: $P2PIMG_CHUNK_SIZE, else "
-                        "config.toml's chunk_size, else 1M)")
-    p.add_argument("--attach", action="append", metavar="FILE",
-                   help="instead of publishing an image, attach FILE (repeatable: one artifact, a layer "
-                        "per file) to the image NAME:TAG points at, as an OCI artifact whose subject is its "
-                        "top manifest (listed by the registry's referrers API); the tag moves to the new "
-                        "image root")
-    p.add_argument("--artifact-type", metavar="TYPE",
-                   help="with --attach: the artifact's type, e.g. application/spdx+json or "
-                        "application/vnd.example.signature.v1 (required)")
-    p.add_argument("--media-type", metavar="TYPE",
-                   help="with --attach: the media type of the files (default application/octet-stream)")
-    p.add_argument("--annotation", action="append", metavar="KEY=VALUE",
-                   help="with --attach: an annotation of the artifact (repeatable; "
-                        "org.opencontainers.image.created is set to now unless given)")
+    p.add_argument(
+        "--chunk-size",
+        metavar="SIZE",
+        help="chunk size, a power of two from 4K to 64M (default: $P2PIMG_CHUNK_SIZE, else "
+        "config.toml's chunk_size, else 1M)",
+    )
+    p.add_argument(
+        "--attach",
+        action="append",
+        metavar="FILE",
+        help="instead of publishing an image, attach FILE (repeatable: one artifact, a layer "
+        "per file) to the image NAME:TAG points at, as an OCI artifact whose subject is its "
+        "top manifest (listed by the registry's referrers API); the tag moves to the new "
+        "image root",
+    )
+    p.add_argument(
+        "--artifact-type",
+        metavar="TYPE",
+        help="with --attach: the artifact's type, e.g. application/spdx+json or "
+        "application/vnd.example.signature.v1 (required)",
+    )
+    p.add_argument(
+        "--media-type",
+        metavar="TYPE",
+        help="with --attach: the media type of the files (default application/octet-stream)",
+    )
+    p.add_argument(
+        "--annotation",
+        action="append",
+        metavar="KEY=VALUE",
+        help="with --attach: an annotation of the artifact (repeatable; "
+        "org.opencontainers.image.created is set to now unless given)",
+    )
     _common(p)
     p.set_defaults(func=commands.cmd_publish)
 
-    p = sub.add_parser("keygen", help="make this home's ed25519 publisher key; prints the .pub path",
-                       description=helptext.ABOUT["keygen"])
+    p = sub.add_parser(
+        "keygen",
+        help="make this home's ed25519 publisher key; prints the .pub path",
+        description=helptext.ABOUT["keygen"],
+    )
     _common(p, origin=False)
     p.set_defaults(func=commands.cmd_keygen)
 
-    p = sub.add_parser("resolve", help="print the root CID a NAME:TAG points at",
-                       description=helptext.ABOUT["resolve"])
+    p = sub.add_parser(
+        "resolve", help="print the root CID a NAME:TAG points at", description=helptext.ABOUT["resolve"]
+    )
     _trust(p)
     p.add_argument("ref", metavar="NAME:TAG", help="a published image, e.g. demo/app:1")
     _common(p)
     p.set_defaults(func=commands.cmd_resolve)
 
-    p = sub.add_parser("ls", help="list the published NAME:TAGs of the origin",
-                       description=helptext.ABOUT["ls"])
+    p = sub.add_parser(
+        "ls", help="list the published NAME:TAGs of the origin", description=helptext.ABOUT["ls"]
+    )
     _common(p)
     p.set_defaults(func=commands.cmd_ls)
 
-    p = sub.add_parser("untag", help="remove a tag from the origin (its content stays until gc)",
-                       description=helptext.ABOUT["untag"])
+    p = sub.add_parser(
+        "untag",
+        help="remove a tag from the origin (its content stays until gc)",
+        description=helptext.ABOUT["untag"],
+    )
     p.add_argument("ref", metavar="NAME:TAG", help="the tag to remove")
     _common(p)
     p.set_defaults(func=commands.cmd_untag)
 
-    p = sub.add_parser("gc", help="list (or with --yes delete) origin objects no tag reaches",
-                       description=helptext.ABOUT["gc"])
+    p = sub.add_parser(
+        "gc",
+        help="list (or with --yes delete) origin objects no tag reaches",
+        description=helptext.ABOUT["gc"],
+    )
     p.add_argument("--yes", action="store_true", help="delete them (default: dry run, only list)")
-    p.add_argument("--grace", default="1h", metavar="DURATION",
-                   help="spare objects written less than this long ago, e.g. 30m, 0 (default %(default)s)")
+    p.add_argument(
+        "--grace",
+        default="1h",
+        metavar="DURATION",
+        help="spare objects written less than this long ago, e.g. 30m, 0 (default %(default)s)",
+    )
     _common(p)
     p.set_defaults(func=commands.cmd_gc)
 
-    p = sub.add_parser("serve", help="run the read-only OCI registry in the foreground",
-                       description=helptext.ABOUT["serve"])
+    p = sub.add_parser(
+        "serve", help="run the read-only OCI registry in the foreground", description=helptext.ABOUT["serve"]
+    )
     _trust(p)
     p.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default 127.0.0.1:5050)")
-    p.add_argument("--upstream", action="append", metavar="URL",
-                   help="pull-through mirror of this registry for names not published here "
-                        "(repeatable; credentials from ~/.docker/config.json)")
-    p.add_argument("--upstream-tag-ttl", type=float, metavar="SECONDS",
-                   help="re-check mutable upstream tags after this long (default 300)")
-    p.add_argument("--allow-public-mirror", action="store_true",
-                   help="mirror with registry credentials even though --listen is beyond loopback "
-                        "(anyone who reaches it can pull what they reach)")
-    p.add_argument("--policy", choices=sorted(POLICIES),
-                   help="which source sends each chunk: prefer-near (LAN peers, then the origin, then "
-                        "upstream; the default) or origin-only (never peers)")
-    p.add_argument("--peer-listen", metavar="HOST:PORT",
-                   help="share this cache with LAN peers on this address (off by default)")
+    p.add_argument(
+        "--upstream",
+        action="append",
+        metavar="URL",
+        help="pull-through mirror of this registry for names not published here "
+        "(repeatable; credentials from ~/.docker/config.json)",
+    )
+    p.add_argument(
+        "--upstream-tag-ttl",
+        type=float,
+        metavar="SECONDS",
+        help="re-check mutable upstream tags after this long (default 300)",
+    )
+    p.add_argument(
+        "--allow-public-mirror",
+        action="store_true",
+        help="mirror with registry credentials even though --listen is beyond loopback "
+        "(anyone who reaches it can pull what they reach)",
+    )
+    p.add_argument(
+        "--policy",
+        choices=sorted(POLICIES),
+        help="which source sends each chunk: prefer-near (LAN peers, then the origin, then "
+        "upstream; the default) or origin-only (never peers)",
+    )
+    p.add_argument(
+        "--peer-listen",
+        metavar="HOST:PORT",
+        help="share this cache with LAN peers on this address (off by default)",
+    )
     p.add_argument("--peer-rate", metavar="BYTES/S", help="upload limit to peers, e.g. 50M (default: none)")
-    p.add_argument("--peer-max-requests", type=int, metavar="N",
-                   help="concurrent uploads to peers (blob spans, blocks) before answering 429 (default 32)")
-    p.add_argument("--cache-max", metavar="SIZE",
-                   help="evict least recently used unpinned blobs to keep the cache under this, e.g. 20G")
+    p.add_argument(
+        "--peer-max-requests",
+        type=int,
+        metavar="N",
+        help="concurrent uploads to peers (blob spans, blocks) before answering 429 (default 32)",
+    )
+    p.add_argument(
+        "--cache-max",
+        metavar="SIZE",
+        help="evict least recently used unpinned blobs to keep the cache under this, e.g. 20G",
+    )
     _peers(p)
     _common(p)
     p.set_defaults(func=commands.cmd_serve)
 
-    p = sub.add_parser("warm", help="fetch an image completely into the cache (--lan: into every peer's)",
-                       description=helptext.ABOUT["warm"])
+    p = sub.add_parser(
+        "warm",
+        help="fetch an image completely into the cache (--lan: into every peer's)",
+        description=helptext.ABOUT["warm"],
+    )
     _trust(p)
     p.add_argument("ref", metavar="REF", help="NAME:TAG or ipfs/<CID>")
     p.add_argument("--lan", action="store_true", help="ask every known peer to warm it too")
@@ -146,62 +244,102 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=commands.cmd_warm)
 
-    p = sub.add_parser("cache", help="manage the local cache: ls, gc, verify, pin, unpin",
-                       description=helptext.ABOUT["cache"])
+    p = sub.add_parser(
+        "cache",
+        help="manage the local cache: ls, gc, verify, pin, unpin",
+        description=helptext.ABOUT["cache"],
+    )
     cache_sub = p.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
-    c = cache_sub.add_parser("ls", help="list cached blobs, partial blobs and totals",
-                             description=helptext.ABOUT["cache ls"])
+    c = cache_sub.add_parser(
+        "ls", help="list cached blobs, partial blobs and totals", description=helptext.ABOUT["cache ls"]
+    )
     _common(c, origin=False)
     c.set_defaults(func=commands.cmd_cache_ls)
-    c = cache_sub.add_parser("gc", help="evict least recently used unpinned blobs until the cache fits",
-                             description=helptext.ABOUT["cache gc"])
+    c = cache_sub.add_parser(
+        "gc",
+        help="evict least recently used unpinned blobs until the cache fits",
+        description=helptext.ABOUT["cache gc"],
+    )
     c.add_argument("--max-size", required=True, metavar="SIZE", help="the size to fit in, e.g. 20G")
     _common(c, origin=False)
     c.set_defaults(func=commands.cmd_cache_gc)
-    c = cache_sub.add_parser("verify", help="re-hash every blob and block, remove corrupt ones (exit 1)",
-                             description=helptext.ABOUT["cache verify"])
+    c = cache_sub.add_parser(
+        "verify",
+        help="re-hash every blob and block, remove corrupt ones (exit 1)",
+        description=helptext.ABOUT["cache verify"],
+    )
     _common(c, origin=False)
     c.set_defaults(func=commands.cmd_cache_verify)
-    c = cache_sub.add_parser("pin", help="never evict the blobs of an image",
-                             description=helptext.ABOUT["cache pin"])
+    c = cache_sub.add_parser(
+        "pin", help="never evict the blobs of an image", description=helptext.ABOUT["cache pin"]
+    )
     c.add_argument("ref", metavar="REF", help="NAME:TAG or ipfs/<CID>")
     _common(c)
     c.set_defaults(func=commands.cmd_cache_pin)
-    c = cache_sub.add_parser("unpin", help="remove a pin",
-                             description=helptext.ABOUT["cache unpin"])
+    c = cache_sub.add_parser("unpin", help="remove a pin", description=helptext.ABOUT["cache unpin"])
     c.add_argument("ref", metavar="REF", help="NAME:TAG or ipfs/<CID>")
     _common(c)
     c.set_defaults(func=commands.cmd_cache_unpin)
 
-    p = sub.add_parser("containerd-config", help="print a hosts.toml making p2pimg a containerd mirror",
-                       description=helptext.ABOUT["containerd-config"])
+    p = sub.add_parser(
+        "containerd-config",
+        help="print a hosts.toml making p2pimg a containerd mirror",
+        description=helptext.ABOUT["containerd-config"],
+    )
     p.add_argument("--registry", default="docker.io", help="registry to mirror (default docker.io)")
     p.add_argument("--mirror", default="http://127.0.0.1:5050", help="p2pimg's address (default %(default)s)")
     p.set_defaults(func=commands.cmd_containerd_config)
 
-    p = sub.add_parser("podman-config", help="print a registries.conf entry making p2pimg a podman mirror",
-                       description=helptext.ABOUT["podman-config"])
+    p = sub.add_parser(
+        "podman-config",
+        help="print a registries.conf entry making p2pimg a podman mirror",
+        description=helptext.ABOUT["podman-config"],
+    )
     p.add_argument("--registry", default="docker.io", help="registry to mirror (default docker.io)")
     p.add_argument("--mirror", default="http://127.0.0.1:5050", help="p2pimg's address (default %(default)s)")
     p.set_defaults(func=commands.cmd_podman_config)
 
-    p = sub.add_parser("demo", help="make a sample image, publish it, pull it through the proxy",
-                       description=helptext.ABOUT["demo"])
-    p.add_argument("--listen", metavar="HOST:PORT",
-                   help="proxy address (default 127.0.0.1:5050; a free port when that one is busy)")
-    p.add_argument("--client", choices=["skopeo", "podman", "ctr"], default="skopeo",
-                   help="the client that pulls (default %(default)s; ctr needs a running containerd)")
-    p.add_argument("--home", metavar="DIR",
-                   help="work in this home and keep it (default: a temporary one; $P2PIMG_HOME is not used)")
-    p.add_argument("--origin", metavar="URL", help="publish the sample image there (default: the demo "
-                   "home's own origin; with --home, $P2PIMG_ORIGIN or file://DIR/origin)")
+    p = sub.add_parser(
+        "demo",
+        help="make a sample image, publish it, pull it through the proxy",
+        description=helptext.ABOUT["demo"],
+    )
+    p.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="proxy address (default 127.0.0.1:5050; a free port when that one is busy)",
+    )
+    p.add_argument(
+        "--client",
+        choices=["skopeo", "podman", "ctr"],
+        default="skopeo",
+        help="the client that pulls (default %(default)s; ctr needs a running containerd)",
+    )
+    p.add_argument(
+        "--home",
+        metavar="DIR",
+        help="work in this home and keep it (default: a temporary one; $P2PIMG_HOME is not used)",
+    )
+    p.add_argument(
+        "--origin",
+        metavar="URL",
+        help="publish the sample image there (default: the demo "
+        "home's own origin; with --home, $P2PIMG_ORIGIN or file://DIR/origin)",
+    )
     p.set_defaults(func=commands.cmd_demo)
 
-    p = sub.add_parser("sample", help="write a sample image as an OCI layout and a docker archive",
-                       description=helptext.ABOUT["sample"])
-    p.add_argument("dir", metavar="DIR", nargs="?", default=".",
-                   help="where to write layout/ and app.tar (default: the current directory); "
-                        "neither may exist yet")
+    p = sub.add_parser(
+        "sample",
+        help="write a sample image as an OCI layout and a docker archive",
+        description=helptext.ABOUT["sample"],
+    )
+    p.add_argument(
+        "dir",
+        metavar="DIR",
+        nargs="?",
+        default=".",
+        help="where to write layout/ and app.tar (default: the current directory); neither may exist yet",
+    )
     p.set_defaults(func=commands.cmd_sample)
     return parser
 

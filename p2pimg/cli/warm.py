@@ -38,8 +38,10 @@ def summary(ref: str, status: dict[str, object]) -> str:
     by = status.get("by_source") or {}
     assert isinstance(by, dict)
     parts = ", ".join(f"{kind} {_mb(n)}" for kind, n in sorted(by.items())) or "nothing fetched"
-    return (f"{ref} ({status.get('root')}): {status.get('blobs')} blobs, {_mb(status.get('bytes_total'))} "
-            f"in {status.get('seconds')} s; by source: {parts}")
+    return (
+        f"{ref} ({status.get('root')}): {status.get('blobs')} blobs, {_mb(status.get('bytes_total'))} "
+        f"in {status.get('seconds')} s; by source: {parts}"
+    )
 
 
 async def _follow(poll: Callable[[], Awaitable[dict[str, object]]], label: str) -> dict[str, object]:
@@ -52,14 +54,23 @@ async def _follow(poll: Callable[[], Awaitable[dict[str, object]]], label: str) 
             await trio.sleep(_POLL)
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
-    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), TimeRemainingColumn(), transient=True) as bar:
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        transient=True,
+    ) as bar:
         task = bar.add_task(label, total=None)
         while True:
             status = await poll()
             total, done = status.get("bytes_total"), status.get("bytes_done")
-            bar.update(task, total=total if isinstance(total, int) and total else None,
-                       completed=done if isinstance(done, int) else 0)
+            bar.update(
+                task,
+                total=total if isinstance(total, int) and total else None,
+                completed=done if isinstance(done, int) else 0,
+            )
             if status.get("state") != "running":
                 return status
             await trio.sleep(_POLL)
@@ -68,26 +79,34 @@ async def _follow(poll: Callable[[], Awaitable[dict[str, object]]], label: str) 
 async def _remote_warm(client: httpx.AsyncClient, base: str, ref: str) -> dict[str, object]:
     """Ask a node (the local server, or a LAN peer) to warm, and wait for it."""
     try:
-        started = await request_json(client, "POST", f"{base}/p2pimg/v1/warm", body={"ref": ref},
-                                     limit=_ANSWER_LIMIT, timeout=30)
+        started = await request_json(
+            client, "POST", f"{base}/p2pimg/v1/warm", body={"ref": ref}, limit=_ANSWER_LIMIT, timeout=30
+        )
         doc = started.doc
         if started.status != 202 or not isinstance(doc, dict) or not isinstance(doc.get("id"), str):
             errors = doc.get("errors") if isinstance(doc, dict) else None
-            message = errors[0].get("message") if isinstance(errors, list) and errors and \
-                isinstance(errors[0], dict) else started.text.strip()
+            message = (
+                errors[0].get("message")
+                if isinstance(errors, list) and errors and isinstance(errors[0], dict)
+                else started.text.strip()
+            )
             return {"state": "failed", "error": f"{started.status}: {message}"}
         job = doc["id"]
 
         async def poll() -> dict[str, object]:
-            answer = await request_json(client, "GET", f"{base}/p2pimg/v1/warm/{job}",
-                                        limit=_ANSWER_LIMIT, timeout=30)
+            answer = await request_json(
+                client, "GET", f"{base}/p2pimg/v1/warm/{job}", limit=_ANSWER_LIMIT, timeout=30
+            )
             if answer.status != 200 or not isinstance(answer.doc, dict):
                 raise ValueError(f"{answer.status} from {base} for warm job {job}: {answer.text.strip()}")
             return answer.doc
 
         with trio.fail_after(_REMOTE_TIMEOUT):
-            return await _follow(poll, f"warming on {base}") if base.startswith("http://127.") else \
-                await _poll_quietly(poll)
+            return (
+                await _follow(poll, f"warming on {base}")
+                if base.startswith("http://127.")
+                else await _poll_quietly(poll)
+            )
     except (httpx.HTTPError, ValueError, KeyError, trio.TooSlowError) as exc:
         return {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}
     except OriginError as exc:
@@ -105,8 +124,9 @@ async def _poll_quietly(poll: Callable[[], Awaitable[dict[str, object]]]) -> dic
 async def run_warm(config: Config, ref: str, *, lan: bool) -> int:
     parse_ref(ref)
     key = load_swarm_key(config.home, config.swarm_key_file, given=config.swarm_key_file_given)
-    client = peer_client(key, load_peer_tls(config.home, *config.peer_tls),
-                         timeout=httpx.Timeout(30, connect=2))
+    client = peer_client(
+        key, load_peer_tls(config.home, *config.peer_tls), timeout=httpx.Timeout(30, connect=2)
+    )
     outcomes: list[Outcome] = []
     try:
         info = read_serve_info(config)
@@ -162,4 +182,3 @@ async def _warm_peer(client: httpx.AsyncClient, url: str, ref: str, outcomes: li
     status = await _remote_warm(client, url.rstrip("/"), ref)
     status.setdefault("seconds", round(time.monotonic() - started, 3))
     outcomes.append(Outcome(f"peer {url}", status))
-

@@ -130,8 +130,12 @@ def graph_walk(top: str, top_media: str, blob: Callable[[str, int], SourceBlob])
     return image
 
 
-def walk_graph(top: str, top_media: str, read_manifest: Callable[[str, int], bytes],
-               blob: Callable[[str, int], SourceBlob]) -> SourceImage:
+def walk_graph(
+    top: str,
+    top_media: str,
+    read_manifest: Callable[[str, int], bytes],
+    blob: Callable[[str, int], SourceBlob],
+) -> SourceImage:
     """`graph_walk` with manifests read by `read_manifest(digest, size)`."""
     walk = graph_walk(top, top_media, blob)
     try:
@@ -144,4 +148,3 @@ def walk_graph(top: str, top_media: str, read_manifest: Callable[[str, int], byt
 
 
 # -- OCI image layout ----------------------------------------------------------------------
-

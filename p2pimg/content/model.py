@@ -93,8 +93,10 @@ def check_name(name: str) -> str:
 
 def check_tag(tag: str) -> str:
     if not TAG_RE.fullmatch(tag):
-        raise TagInvalid(f"invalid tag {tag[:130]!r}: a tag is 1 to 128 letters, digits, '_', '.' and "
-                         "'-', not starting with '.' or '-'")
+        raise TagInvalid(
+            f"invalid tag {tag[:130]!r}: a tag is 1 to 128 letters, digits, '_', '.' and "
+            "'-', not starting with '.' or '-'"
+        )
     return tag
 
 
@@ -213,12 +215,14 @@ class ImageRoot:
             if subject not in self.manifests:
                 raise BlockInvalid(f"image root: referrers of {subject[:80]!r}, not one of its manifests")
             if not digests or list(digests) != sorted(set(digests)):
-                raise BlockInvalid(f"image root: the referrers of {subject} are not a sorted list of "
-                                   "distinct digests")
+                raise BlockInvalid(
+                    f"image root: the referrers of {subject} are not a sorted list of distinct digests"
+                )
             for digest in digests:
                 if digest not in self.manifests or digest == subject:
-                    raise BlockInvalid(f"image root: referrer {digest[:80]!r} of {subject} is not another "
-                                       "of its manifests")
+                    raise BlockInvalid(
+                        f"image root: referrer {digest[:80]!r} of {subject} is not another of its manifests"
+                    )
         for digest, m in self.manifests.items():
             parse_digest(digest)
             if m.cid.codec != RAW or m.cid.to_digest() != digest:
@@ -284,8 +288,9 @@ class ImageRoot:
                     raise BlockInvalid("image root: malformed referrers entry")
                 referrers[subject] = tuple(digests)
         try:
-            return cls(top=_field(node, "top", str, what), manifests=manifests, blobs=blobs,
-                       referrers=referrers)
+            return cls(
+                top=_field(node, "top", str, what), manifests=manifests, blobs=blobs, referrers=referrers
+            )
         except InvalidInput as exc:
             raise BlockInvalid(f"image root: {exc}") from None
 

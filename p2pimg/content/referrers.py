@@ -68,8 +68,10 @@ def manifest_subject(data: bytes, what: str) -> str | None:
 
 # -- OCI layouts -----------------------------------------------------------------------------
 
-def layout_manifests(entries: Iterable[Descriptor], read_manifest: Callable[[str, int], bytes],
-                     limit: int = 10000) -> dict[str, tuple[int, str, bytes]]:
+
+def layout_manifests(
+    entries: Iterable[Descriptor], read_manifest: Callable[[str, int], bytes], limit: int = 10000
+) -> dict[str, tuple[int, str, bytes]]:
     """Every manifest an OCI layout's index.json reaches (its entries and, through indexes, their
     children): digest -> (size, media type, bytes). At most `limit` of them."""
     found: dict[str, tuple[int, str, bytes]] = {}
@@ -93,9 +95,12 @@ def layout_manifests(entries: Iterable[Descriptor], read_manifest: Callable[[str
     return found
 
 
-def add_referrers(image: SourceImage, manifests: Mapping[str, tuple[int, str, bytes]],
-                  read_manifest: Callable[[str, int], bytes],
-                  blob: Callable[[str, int], SourceBlob]) -> None:
+def add_referrers(
+    image: SourceImage,
+    manifests: Mapping[str, tuple[int, str, bytes]],
+    read_manifest: Callable[[str, int], bytes],
+    blob: Callable[[str, int], SourceBlob],
+) -> None:
     """Add to `image` each of `manifests` whose subject is one of the image's manifests, with all
     it refers to; also those whose subject is a referrer added so (a signature of an SBOM)."""
     subjects: dict[str, str] = {}
@@ -120,6 +125,7 @@ def add_referrers(image: SourceImage, manifests: Mapping[str, tuple[int, str, by
 
 
 # -- the referrers API -----------------------------------------------------------------------
+
 
 def referrer_descriptor(data: bytes, digest: str, media_type: str, subject: str) -> dict[str, Any]:
     """What the referrers API lists for the manifest `data` (verified to be `digest`): its media
@@ -154,11 +160,13 @@ def referrer_descriptor(data: bytes, digest: str, media_type: str, subject: str)
 
 def referrers_index(descriptors: Sequence[Mapping[str, Any]]) -> bytes:
     """The referrers API's answer: an OCI image index of `descriptors` (an empty one for none)."""
-    return json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": list(descriptors)},
-                      separators=(",", ":")).encode()
+    return json.dumps(
+        {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": list(descriptors)}, separators=(",", ":")
+    ).encode()
 
 
 # -- artifacts -------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ArtifactFile:
@@ -170,8 +178,9 @@ class ArtifactFile:
     title: str
 
 
-def artifact_manifest(artifact_type: str, subject: Descriptor, files: Sequence[ArtifactFile],
-                      annotations: Mapping[str, str]) -> bytes:
+def artifact_manifest(
+    artifact_type: str, subject: Descriptor, files: Sequence[ArtifactFile], annotations: Mapping[str, str]
+) -> bytes:
     """An OCI 1.1 artifact manifest: `artifactType`, the empty config (`{}`, also inline as data),
     one layer per file (titled with its file name, as `oras pull` names what it writes), the
     subject it refers to, and `annotations` (none: the key is left out)."""
@@ -182,14 +191,24 @@ def artifact_manifest(artifact_type: str, subject: Descriptor, files: Sequence[A
     layers = []
     for f in files:
         check_media_type(f.media_type, "media type")
-        layers.append({"mediaType": f.media_type, "digest": f.digest, "size": f.size,
-                       "annotations": {TITLE_ANNOTATION: f.title}})
+        layers.append(
+            {
+                "mediaType": f.media_type,
+                "digest": f.digest,
+                "size": f.size,
+                "annotations": {TITLE_ANNOTATION: f.title},
+            }
+        )
     doc: dict[str, Any] = {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
         "artifactType": artifact_type,
-        "config": {"mediaType": EMPTY_MEDIA_TYPE, "digest": EMPTY_DIGEST, "size": len(EMPTY_BLOB),
-                   "data": "e30="},
+        "config": {
+            "mediaType": EMPTY_MEDIA_TYPE,
+            "digest": EMPTY_DIGEST,
+            "size": len(EMPTY_BLOB),
+            "data": "e30=",
+        },
         "layers": layers,
         "subject": {"mediaType": media, "digest": digest, "size": size},
     }

@@ -144,8 +144,9 @@ def generate_key(home: Path) -> Path:
     except OSError as exc:
         raise KeyFileError(f"cannot create {keys} ({exc.strerror})") from None
     key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     try:
         # O_EXCL: a key written by a concurrent keygen is never overwritten either.
         fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -239,16 +240,20 @@ class TrustStore:
         """The id of the trusted key that signed `record`; TagSignatureError when none did."""
         ref = f"{record.name}:{record.tag} (seq {record.seq})"
         if record.key is None or record.sig is None:
-            raise TagSignatureError(f"tag record of {ref} is unsigned, and this node accepts only "
-                                    f"records signed by a trusted key ({', '.join(self._keys) or 'none'})")
+            raise TagSignatureError(
+                f"tag record of {ref} is unsigned, and this node accepts only "
+                f"records signed by a trusted key ({', '.join(self._keys) or 'none'})"
+            )
         trusted = self._keys.get(record.key)
         if trusted is None:
             raise TagSignatureError(
-                f"tag record of {ref} is signed by key {record.key}, which is not trusted here")
+                f"tag record of {ref} is signed by key {record.key}, which is not trusted here"
+            )
         try:
             Ed25519PublicKey.from_public_bytes(trusted.public_raw).verify(record.sig, record.signed_bytes())
         except InvalidSignature:
             raise TagSignatureError(
                 f"tag record of {ref} has a bad signature for key {record.key} ({trusted.source}): "
-                "it was altered or signed for something else") from None
+                "it was altered or signed for something else"
+            ) from None
         return trusted.key_id

@@ -104,9 +104,17 @@ class _Broadcast:
 
 
 class Fetcher:
-    def __init__(self, store: ChunkStore, sources: list[ChunkSource], nursery: trio.Nursery, *,
-                 policy: SourcePolicy | None = None, metrics: Metrics | None = None,
-                 config: FetchConfig | None = None, node_id: str | None = None) -> None:
+    def __init__(
+        self,
+        store: ChunkStore,
+        sources: list[ChunkSource],
+        nursery: trio.Nursery,
+        *,
+        policy: SourcePolicy | None = None,
+        metrics: Metrics | None = None,
+        config: FetchConfig | None = None,
+        node_id: str | None = None,
+    ) -> None:
         self.store = store
         self.node_id = node_id
         self.nursery = nursery
@@ -185,8 +193,9 @@ class Fetcher:
     def release(self, fetch: BlobFetch) -> None:
         """A reader is done; the last one leaving cancels a fetch nobody else wants."""
         fetch.readers -= 1
-        if (fetch.readers == 0 and not fetch.warm and not fetch.done.is_set()
-                and not fetch.partial.complete):  # complete: only the final check is left
+        if (
+            fetch.readers == 0 and not fetch.warm and not fetch.done.is_set() and not fetch.partial.complete
+        ):  # complete: only the final check is left
             # Forget it first: a reader arriving now starts a fresh fetch that resumes from disk.
             if self._fetches.get(fetch.map.digest) is fetch:
                 del self._fetches[fetch.map.digest]
@@ -242,8 +251,9 @@ class Fetcher:
             fetch.followed.add(source.name)
             nursery.start_soon(source.track, bmap, self._changed.fire)
         now = trio.current_time()
-        schedule = self.scheduler.blob(bmap.digest, bmap.size, bmap.chunk_size,
-                                       [bool(h) for h in fetch.partial.have], now)
+        schedule = self.scheduler.blob(
+            bmap.digest, bmap.size, bmap.chunk_size, [bool(h) for h in fetch.partial.have], now
+        )
         fetch.schedule = schedule
         self._tell_inventories(fetch, now)
         return schedule
@@ -278,8 +288,13 @@ class Fetcher:
                 self.metrics.source_requests.labels(request.kind).inc()
                 if request.hedge:
                     self.metrics.hedges.inc()
-                    log.info("hedging chunks %d-%d of %s on %s", request.span.first, request.span.end - 1,
-                             fetch.map.digest, source.name)
+                    log.info(
+                        "hedging chunks %d-%d of %s on %s",
+                        request.span.first,
+                        request.span.end - 1,
+                        fetch.map.digest,
+                        source.name,
+                    )
                 nursery.start_soon(self._request, fetch, source, request)
             elif isinstance(action, Cancel):
                 self._cancel(fetch, action)
@@ -289,8 +304,13 @@ class Fetcher:
     @staticmethod
     def _cancel(fetch: BlobFetch, action: Action) -> None:
         if isinstance(action, Cancel) and (scope := fetch.scopes.get(action.request.id)) is not None:
-            log.debug("stopping %s on chunks %d-%d: %s", action.request.source, action.request.next_index,
-                      action.request.span.end - 1, action.reason)
+            log.debug(
+                "stopping %s on chunks %d-%d: %s",
+                action.request.source,
+                action.request.next_index,
+                action.request.span.end - 1,
+                action.reason,
+            )
             scope.cancel()
 
     # -- one request ---------------------------------------------------------------------
@@ -356,10 +376,19 @@ class Fetcher:
             schedule.fail(exc)
         except (P2pimgError, OSError) as exc:
             outcome = "error"
-            error = exc if isinstance(exc, P2pimgError) else OriginError(
-                f"{source.name}: {exc or type(exc).__name__}")
-            log.info("%s failed on chunks %d-%d of %s: %s", source.name, index, span.end - 1,
-                     bmap.digest, exc or type(exc).__name__)
+            error = (
+                exc
+                if isinstance(exc, P2pimgError)
+                else OriginError(f"{source.name}: {exc or type(exc).__name__}")
+            )
+            log.info(
+                "%s failed on chunks %d-%d of %s: %s",
+                source.name,
+                index,
+                span.end - 1,
+                bmap.digest,
+                exc or type(exc).__name__,
+            )
         finally:
             now = trio.current_time()
             if outcome == "ok":

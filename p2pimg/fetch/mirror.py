@@ -73,8 +73,16 @@ class UpstreamFetch:
 
 
 class Mirror:
-    def __init__(self, store: ChunkStore, upstreams: list[UpstreamClient], nursery: trio.Nursery,
-                 metrics: Metrics, *, tag_ttl: float = 300.0, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+    def __init__(
+        self,
+        store: ChunkStore,
+        upstreams: list[UpstreamClient],
+        nursery: trio.Nursery,
+        metrics: Metrics,
+        *,
+        tag_ttl: float = 300.0,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> None:
         self.store = store
         self.upstreams = upstreams
         self.nursery = nursery
@@ -154,8 +162,13 @@ class Mirror:
             cached = await trio.to_thread.run_sync(self._cached, upstream, repo, known[0])
             if cached is None:
                 raise
-            log.warning("upstream %s unreachable (%s); serving %s:%s as last seen", upstream.host,
-                        exc.message, repo, reference)
+            log.warning(
+                "upstream %s unreachable (%s); serving %s:%s as last seen",
+                upstream.host,
+                exc.message,
+                repo,
+                reference,
+            )
             return cached
         if len(got.data) > MAX_MANIFEST_SIZE:
             raise OriginError(f"upstream manifest {repo}:{reference} is too large")
@@ -170,8 +183,7 @@ class Mirror:
             return fetch.size
         return await upstream.blob_size(normalize_repo(upstream.host, name), digest)
 
-    def open(self, upstream: UpstreamClient, name: str, digest: str,
-             size: int) -> tuple[UpstreamFetch, int]:
+    def open(self, upstream: UpstreamClient, name: str, digest: str, size: int) -> tuple[UpstreamFetch, int]:
         """Join (or start) the download of a blob: the fetch and a descriptor of its file for this
         reader, who must `release()` the fetch and close the fd when done (a request makes both
         its own with `Request.hold` before any await)."""
@@ -180,8 +192,14 @@ class Mirror:
             fd, tmp = tempfile.mkstemp(dir=self.store.root / "tmp", prefix="upstream-")
             fetch = UpstreamFetch(digest, size, Path(tmp), fd, private=upstream.credentialed)
             self._fetches[digest] = fetch
-            self.nursery.start_soon(guarded, f"upstream download of {digest}", self._download, upstream,
-                                    normalize_repo(upstream.host, name), fetch)
+            self.nursery.start_soon(
+                guarded,
+                f"upstream download of {digest}",
+                self._download,
+                upstream,
+                normalize_repo(upstream.host, name),
+                fetch,
+            )
         fetch.readers += 1
         return fetch, os.dup(fetch.fd)
 
@@ -202,7 +220,7 @@ class Mirror:
             os.pwrite(fetch.fd, data, offset)
             whole.update(data)
             for i in range(0, len(data), self.chunk_size):
-                chunks.append(Cid.of_raw(data[i:i + self.chunk_size]))
+                chunks.append(Cid.of_raw(data[i : i + self.chunk_size]))
 
         try:
             with fetch.scope:
@@ -211,7 +229,8 @@ class Mirror:
                         buf += piece
                         if fetch.written + len(buf) > fetch.size:
                             raise VerificationError(
-                                f"upstream sent more than {fetch.size} bytes of {fetch.digest}")
+                                f"upstream sent more than {fetch.size} bytes of {fetch.digest}"
+                            )
                         if len(buf) >= self.chunk_size:
                             cut = len(buf) - len(buf) % self.chunk_size
                             data = bytes(buf[:cut])
@@ -273,8 +292,9 @@ class Mirror:
         if fetch.error is not None and fetch.readable() <= start:
             raise fetch.error
 
-    async def regions(self, fetch: UpstreamFetch, start: int,
-                      end: int) -> AsyncGenerator[tuple[int, int], None]:
+    async def regions(
+        self, fetch: UpstreamFetch, start: int, end: int
+    ) -> AsyncGenerator[tuple[int, int], None]:
         """Bytes [start, end) of the blob's file as they become readable, in order, as (offset,
         length) regions. Raises the download's error (a P2pimgError) when the blob turns out wrong
         or cannot be had: what was read of it already must then not be taken for the blob. The

@@ -116,7 +116,7 @@ class SourceStats:
             self.bytes += nbytes
             return
         self.failed(now, nbytes)
-        self.unavailable_until = now + min(BACKOFF_MAX, 4 * BACKOFF_BASE * 2 ** self.bad_chunks)
+        self.unavailable_until = now + min(BACKOFF_MAX, 4 * BACKOFF_BASE * 2**self.bad_chunks)
         self.banned = self.bad_chunks >= BAN_AFTER_BAD_CHUNKS
 
 

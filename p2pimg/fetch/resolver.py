@@ -74,8 +74,15 @@ class Manifest:
 
 
 class Resolver:
-    def __init__(self, store: ChunkStore, origin: Origin, *, tag_ttl: float = 5.0,
-                 trust: TrustStore | None = None, home: Path | None = None) -> None:
+    def __init__(
+        self,
+        store: ChunkStore,
+        origin: Origin,
+        *,
+        tag_ttl: float = 5.0,
+        trust: TrustStore | None = None,
+        home: Path | None = None,
+    ) -> None:
         self.store = store
         self.origin = origin
         self.tag_ttl = tag_ttl
@@ -104,8 +111,13 @@ class Resolver:
 
     # -- blocks ----------------------------------------------------------------------------
 
-    async def block(self, cid: Cid, *, max_size: int = dagcbor.MAX_BLOCK_SIZE,
-                    check: Callable[[bytes], object] | None = None) -> bytes:
+    async def block(
+        self,
+        cid: Cid,
+        *,
+        max_size: int = dagcbor.MAX_BLOCK_SIZE,
+        check: Callable[[bytes], object] | None = None,
+    ) -> bytes:
         """A block by CID: from the cache, else from the origin, verified before it is kept —
         against its CID, and by `check` (which raises) when the block must also parse: a block
         that matches its CID but is not a valid node is never cached, nor so served to peers.
@@ -119,8 +131,9 @@ class Resolver:
         data, fetched = await self._block_flights.run(cid, lambda: self._fetch_block(cid, max_size, check))
         if not fetched:  # shared another caller's fetch: apply this caller's own limits to it
             if len(data) > max_size:
-                raise BlockInvalid(f"block {cid} is {len(data)} bytes, over the limit of {max_size} "
-                                   "for what it was asked as")
+                raise BlockInvalid(
+                    f"block {cid} is {len(data)} bytes, over the limit of {max_size} for what it was asked as"
+                )
             if check is not None:
                 check(data)
         return data
@@ -164,6 +177,7 @@ class Resolver:
             return hit
         if cid.codec_name != "dag-cbor":
             raise ManifestUnknown(f"{cid} is not an image root CID (not dag-cbor)")
+
         def parse(data: bytes) -> ImageRoot:
             return ImageRoot.from_node(dagcbor.decode_verified(data, cid))
 
@@ -177,6 +191,7 @@ class Resolver:
     async def blob_map(self, entry: BlobEntry, digest: str) -> BlobMap:
         if (hit := self._maps.get(entry.map)) is not None:
             return hit
+
         def parse(data: bytes) -> BlobMap:
             return BlobMap.from_node(dagcbor.decode_verified(data, entry.map))
 
@@ -210,8 +225,14 @@ class Resolver:
             raise ManifestUnknown(f"{name}:{tag} is not published") from None
         except OriginError as exc:
             record, where = await self._offline_record(name, tag, exc)
-            log.warning("origin unreachable (%s); using %s of %s:%s (seq %d)",
-                        exc.message, where, name, tag, record.seq)
+            log.warning(
+                "origin unreachable (%s); using %s of %s:%s (seq %d)",
+                exc.message,
+                where,
+                name,
+                tag,
+                record.seq,
+            )
             self._tags[(name, tag)] = (now, record.root)
             self._name_roots.setdefault(name, set()).add(record.root)
             return record.root
@@ -239,9 +260,11 @@ class Resolver:
         if not len(self.trust):
             if refusal is not None:
                 raise refusal
-            raise OriginError(f"{name}:{tag}: {failure.message}; this node has no record of the tag, and it "
-                              "takes none from LAN peers because it trusts no publisher key "
-                              "(--trust PUBFILE or $P2PIMG_HOME/trust/*.pub)")
+            raise OriginError(
+                f"{name}:{tag}: {failure.message}; this node has no record of the tag, and it "
+                "takes none from LAN peers because it trusts no publisher key "
+                "(--trust PUBFILE or $P2PIMG_HOME/trust/*.pub)"
+            )
         best: TagRecord | None = None
         where = "a LAN peer's signed record"
         for data in await self.peer_tags(name, tag):
@@ -269,7 +292,8 @@ class Resolver:
             raise TagSignatureError(
                 f"tag record of {record.name}:{record.tag} (seq {record.seq}) from a LAN peer refused: "
                 "records learned from peers must be signed by a trusted publisher key, and this node "
-                "trusts none (--trust PUBFILE or $P2PIMG_HOME/trust/*.pub)")
+                "trusts none (--trust PUBFILE or $P2PIMG_HOME/trust/*.pub)"
+            )
         self.trust.check(record)
 
     def check_record(self, record: TagRecord) -> None:
@@ -279,17 +303,29 @@ class Resolver:
         """
         if len(self.trust):
             kid = self.trust.check(record)
-            log.debug("tag record of %s:%s (seq %d) signed by trusted key %s",
-                      record.name, record.tag, record.seq, kid)
+            log.debug(
+                "tag record of %s:%s (seq %d) signed by trusted key %s",
+                record.name,
+                record.tag,
+                record.seq,
+                kid,
+            )
             return
         if self._first_unsigned_notice(record):
             how = "unsigned" if record.key is None else f"signed by key {record.key}, not checked"
             home = str(self.home) if self.home is not None else "$P2PIMG_HOME"
-            log.warning("no publisher key is trusted: accepting tag records from the origin unchecked "
-                        "(%s:%s is %s)%s. To accept only signed records, trust the publisher's key (copy "
-                        "its .pub file into %s/trust/), or, for images you publish: `p2pimg keygen "
-                        "--home %s`, then publish them again", record.name, record.tag, how,
-                        "; said once for this home" if self.home is not None else "", home, home)
+            log.warning(
+                "no publisher key is trusted: accepting tag records from the origin unchecked "
+                "(%s:%s is %s)%s. To accept only signed records, trust the publisher's key (copy "
+                "its .pub file into %s/trust/), or, for images you publish: `p2pimg keygen "
+                "--home %s`, then publish them again",
+                record.name,
+                record.tag,
+                how,
+                "; said once for this home" if self.home is not None else "",
+                home,
+                home,
+            )
 
     def _first_unsigned_notice(self, record: TagRecord) -> bool:
         """Whether to warn that `record` is taken unchecked: the first time in this home (or, with
@@ -309,8 +345,10 @@ class Resolver:
         except OSError:
             return True
         with contextlib.suppress(OSError), os.fdopen(fd, "w") as f:
-            f.write("p2pimg warned once that this home trusts no publisher key and takes unsigned tag "
-                    "records; remove this file to be warned again.\n")
+            f.write(
+                "p2pimg warned once that this home trusts no publisher key and takes unsigned tag "
+                "records; remove this file to be warned again.\n"
+            )
         return True
 
     async def _no_downgrade(self, record: TagRecord) -> TagRecord:
@@ -321,8 +359,9 @@ class Resolver:
         A cached record that the current trust policy would refuse does not count.
         """
         cached = await trio.to_thread.run_sync(self.store.get_tag_record, record.name, record.tag)
-        if cached is None or not (cached.seq > record.seq or
-                                  (cached.seq == record.seq and cached.root != record.root)):
+        if cached is None or not (
+            cached.seq > record.seq or (cached.seq == record.seq and cached.root != record.root)
+        ):
             return record
         try:
             self.check_record(cached)
@@ -331,9 +370,17 @@ class Resolver:
         key = (record.name, record.tag, record.seq)
         if key not in self._warned_downgrade:
             self._warned_downgrade.add(key)
-            log.error("refusing the origin's tag record of %s:%s: its seq %d (root %s) is not newer than "
-                      "the accepted seq %d (root %s), a rollback or a replay; still serving seq %d",
-                      record.name, record.tag, record.seq, record.root, cached.seq, cached.root, cached.seq)
+            log.error(
+                "refusing the origin's tag record of %s:%s: its seq %d (root %s) is not newer than "
+                "the accepted seq %d (root %s), a rollback or a replay; still serving seq %d",
+                record.name,
+                record.tag,
+                record.seq,
+                record.root,
+                cached.seq,
+                cached.root,
+                cached.seq,
+            )
         return cached
 
     async def is_published(self, name: str) -> bool:
@@ -362,7 +409,7 @@ class Resolver:
                 raise
             log.warning("origin unreachable (%s); listing the tags of %s seen before", exc.message, name)
             return cached
-        tags = sorted(k[len(prefix):] for k in keys if "/" not in k[len(prefix):])
+        tags = sorted(k[len(prefix) :] for k in keys if "/" not in k[len(prefix) :])
         if not tags:
             raise NameUnknown(f"repository {name} is not published")
         return tags
@@ -372,7 +419,7 @@ class Resolver:
     async def _roots_of(self, name: str) -> list[ImageRoot]:
         """Images a name can serve: an `ipfs/<CID>` root, or the roots of the name's tags."""
         if name.startswith(IPFS_PREFIX):
-            return [await self.root(Cid.parse(name[len(IPFS_PREFIX):]))]
+            return [await self.root(Cid.parse(name[len(IPFS_PREFIX) :]))]
         known = self._name_roots.get(name)
         if not known:
             refused: list[TagSignatureError] = []
@@ -395,8 +442,11 @@ class Resolver:
                 if digest in table:
                     return root, table[digest]
             now = time.monotonic()
-            if (attempt == 0 and not name.startswith(IPFS_PREFIX)
-                    and now - self._relisted.get(name, -math.inf) >= self.tag_ttl):
+            if (
+                attempt == 0
+                and not name.startswith(IPFS_PREFIX)
+                and now - self._relisted.get(name, -math.inf) >= self.tag_ttl
+            ):
                 # Maybe a tag moved since we last looked: forget what we knew and re-list, once
                 # per tag TTL and name (a client asking again and again for a digest that is not
                 # there, or for many such digests, must not make every request list the origin).

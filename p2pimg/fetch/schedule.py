@@ -52,76 +52,40 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from p2pimg.errors import OriginError, P2pimgError
 from p2pimg.fetch import swarm
+from p2pimg.fetch.actions import Action, Cancel, GiveUp, Request, ScheduleConfig, Start
+from p2pimg.fetch.hedging import hedge_stragglers
 from p2pimg.fetch.policy import PreferNear, SourcePolicy, SourceStats
 from p2pimg.fetch.swarm import COMING, HAVE, SourceTraits, Span, Traits
 
-__all__ = ["COMING", "HAVE", "SourceTraits", "Span", "Traits"]  # re-exported: the core's interface
-
-
-@dataclass
-class ScheduleConfig:
-    attempts: int = 4  # failed tries of one chunk by the origin (or upstream) before giving up
-    stall_timeout: float = 30.0  # a request that sends nothing for this long has failed
-    coming_grace: float = 30.0  # how long a chunk a progressing peer is fetching is left to it
-    stale_claims: float = 2.0  # a peer that verified nothing new for this long brings nothing
-    swarm_span: int = 2 << 20  # origin span (and ownership block) while peers share the blob
-    slow_start: float = 0.6  # with peers, one origin request at a time until they have spoken
-    swarm_origin_requests: int = 3  # with peers, origin requests in flight per blob after that
-    same_source_hedge: float = 5.0  # no progress for this long: race a request on its own source
-    steal_after: float = 1.5  # the r-th ranked node takes an unseen block after r times this
-    origin_fetchers: int = 8  # with a membership list: nodes that fetch a blob from the origin
-
-
-@dataclass(eq=False)
-class Request:
-    """One request for a span, from `Start` until `ended` (or a `Cancel` has been carried out)."""
-
-    id: int
-    source: str
-    kind: str
-    span: Span
-    started: float
-    last_progress: float  # when it last verified a chunk (or started)
-    next_index: int
-    last_byte: float = float("-inf")  # when bytes last arrived (see `progressed`)
-    hedge: bool = False  # started to race a straggler
-    hedged: bool = False  # a hedge races it
-    overtaken: bool = False  # stopped because it stalled while others brought its chunks
-    received: int = 0  # bytes of chunks it verified
-
-
-@dataclass(frozen=True)
-class Start:
-    request: Request
-
-
-@dataclass(frozen=True)
-class Cancel:
-    """Stop `request`; the caller then reports `ended(..., "cancelled")`. `failed`: the source is
-    to blame (a stall, or it was overtaken while stalled) and is charged for it."""
-
-    request: Request
-    failed: bool
-    reason: str
-
-
-@dataclass(frozen=True)
-class GiveUp:
-    error: P2pimgError
-
-
-Action = Start | Cancel | GiveUp
+# Re-exported: the core's interface.
+__all__ = [
+    "COMING",
+    "HAVE",
+    "Action",
+    "Cancel",
+    "GiveUp",
+    "Request",
+    "ScheduleConfig",
+    "SourceTraits",
+    "Span",
+    "Start",
+    "Traits",
+]
 
 
 class Scheduler:
     """A node's sources and what has been observed of them, shared by every blob's schedule."""
 
-    def __init__(self, *, policy: SourcePolicy | None = None, config: ScheduleConfig | None = None,
-                 node_id: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        policy: SourcePolicy | None = None,
+        config: ScheduleConfig | None = None,
+        node_id: str | None = None,
+    ) -> None:
         self.policy = policy or PreferNear()
         self.config = config or ScheduleConfig()
         self.node_id = node_id
@@ -141,8 +105,16 @@ class Scheduler:
         """A source left: nothing new is asked of it (running requests end on their own)."""
         self.sources.pop(name, None)
 
-    def blob(self, digest: str, size: int, chunk_size: int, have: Sequence[bool], now: float, *,
-             rng: random.Random | None = None) -> BlobSchedule:
+    def blob(
+        self,
+        digest: str,
+        size: int,
+        chunk_size: int,
+        have: Sequence[bool],
+        now: float,
+        *,
+        rng: random.Random | None = None,
+    ) -> BlobSchedule:
         return BlobSchedule(self, digest, size, chunk_size, have, now, rng=rng)
 
     def _next_id(self) -> int:
@@ -153,8 +125,17 @@ class Scheduler:
 class BlobSchedule:
     """The state machine of one blob's fetch (see the module docstring)."""
 
-    def __init__(self, scheduler: Scheduler, digest: str, size: int, chunk_size: int,
-                 have: Sequence[bool], now: float, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        digest: str,
+        size: int,
+        chunk_size: int,
+        have: Sequence[bool],
+        now: float,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
         self.scheduler = scheduler
         self.config = scheduler.config
         self.digest = digest
@@ -180,7 +161,7 @@ class BlobSchedule:
         order = list(range(self.count))
         self.block_chunks = max(1, self.config.swarm_span // chunk_size)
         if self.swarm:
-            blocks = [order[i:i + self.block_chunks] for i in range(0, len(order), self.block_chunks)]
+            blocks = [order[i : i + self.block_chunks] for i in range(0, len(order), self.block_chunks)]
             (rng or random.Random()).shuffle(blocks)
             order = [i for b in blocks for i in b]
         self.order = order
@@ -199,8 +180,9 @@ class BlobSchedule:
 
     def availability(self) -> bytes:
         """Per chunk: 1 verified, 2 being fetched, 0 missing (what this node tells its peers)."""
-        return bytes(HAVE if h else COMING if r else 0
-                     for h, r in zip(self.have, self.requested, strict=True))
+        return bytes(
+            HAVE if h else COMING if r else 0 for h, r in zip(self.have, self.requested, strict=True)
+        )
 
     # -- events --------------------------------------------------------------------------------
 
@@ -217,7 +199,7 @@ class BlobSchedule:
     def progressed(self, request: Request, now: float) -> None:
         """Bytes arrived for `request` (not yet a whole chunk, perhaps). A request that receives
         nothing for its stall timeout has failed; one that receives bytes but no chunk for long is
-        a straggler, which is not the same thing (see `_hedge`)."""
+        a straggler, which is not the same thing (see `hedging.py`)."""
         request.last_byte = now
 
     def verified(self, request: Request | None, index: int, now: float) -> list[Action]:
@@ -251,8 +233,15 @@ class BlobSchedule:
                 actions.append(Cancel(other, other.hedged, "others brought its chunks"))
         return actions
 
-    def ended(self, request: Request, outcome: str, now: float, *, error: P2pimgError | None = None,
-              first_byte: float | None = None) -> None:
+    def ended(
+        self,
+        request: Request,
+        outcome: str,
+        now: float,
+        *,
+        error: P2pimgError | None = None,
+        first_byte: float | None = None,
+    ) -> None:
         """A request ended: "ok" (its span is in), "bad" (a chunk failed verification), "busy"
         (the source declined for now), "error" (an error or a stall), "cancelled" (a `Cancel`
         carried out, or the caller stopped it)."""
@@ -303,7 +292,7 @@ class BlobSchedule:
         if self.error is not None:
             return [*actions, GiveUp(self.error)]
         if not started:
-            self._hedge(now, actions)
+            hedge_stragglers(self, now, actions)
         return actions
 
     # -- decisions ---------------------------------------------------------------------------
@@ -322,15 +311,21 @@ class BlobSchedule:
     def participates(self, name: str, now: float) -> bool:
         """Whether a peer holds all of the blob, or holds some and is still bringing more."""
         inv = self.inventories.get(name)
-        return inv is not None and inv.states is not None and (
-            inv.states == b"" or self._progressing(name, now))
+        return (
+            inv is not None and inv.states is not None and (inv.states == b"" or self._progressing(name, now))
+        )
 
     def coming(self, name: str, index: int, now: float) -> bool:
         inv = self.inventories.get(name)
-        return (inv is not None and inv.states is not None and len(inv.states) > index
-                and inv.states[index] == COMING and self._progressing(name, now))
+        return (
+            inv is not None
+            and inv.states is not None
+            and len(inv.states) > index
+            and inv.states[index] == COMING
+            and self._progressing(name, now)
+        )
 
-    def _live(self, name: str, now: float) -> bool:
+    def live(self, name: str, now: float) -> bool:
         stats = self.scheduler.stats[name]
         return not stats.banned and now >= stats.unavailable_until
 
@@ -344,18 +339,26 @@ class BlobSchedule:
         have not failed it in this fetch."""
         failed = self.peer_failed.get(index, ())
         stats = self.scheduler.stats
-        return [s for s in self.scheduler.sources.values()
-                if not stats[s.name].banned and s.name not in failed and self.holds(s, index)]
+        return [
+            s
+            for s in self.scheduler.sources.values()
+            if not stats[s.name].banned and s.name not in failed and self.holds(s, index)
+        ]
 
-    def _sharing(self, now: float, live_peers: list[SourceTraits]) -> bool:
+    def sharing_now(self, now: float, live_peers: list[SourceTraits]) -> bool:
         """Whether the origin's work on this blob is shared with peers now: during the slow start
         of a fetch that began with peers known, then while a live peer takes part in it."""
         if not self.swarm:
             return False
         if now - self.started < self.config.slow_start:
             return True
-        if self.scheduler.members is not None and len(self.scheduler.members) > 1 and any(
-                s.kind == "peer" and not self._failing(s.name, now) for s in self.scheduler.sources.values()):
+        if (
+            self.scheduler.members is not None
+            and len(self.scheduler.members) > 1
+            and any(
+                s.kind == "peer" and not self._failing(s.name, now) for s in self.scheduler.sources.values()
+            )
+        ):
             return True  # it knows the swarm fetches the blob too, whether or not its peers progress
         return any(self.participates(p.name, now) for p in live_peers)
 
@@ -374,8 +377,11 @@ class BlobSchedule:
         """The other nodes this one is ranked among for each block, and what to add to its rank
         among them (see `swarm.Ranking.among`)."""
         node_id = self.scheduler.node_id
-        seen = frozenset(p.node_id for p in live_peers
-                         if p.node_id and p.node_id != node_id and self.participates(p.name, now))
+        seen = frozenset(
+            p.node_id
+            for p in live_peers
+            if p.node_id and p.node_id != node_id and self.participates(p.name, now)
+        )
         return self.ranking.among(seen, self.scheduler.members, self.config.origin_fetchers)
 
     def _claim(self, index: int, now: float, seen: int, nodes: tuple[frozenset[str], int]) -> str:
@@ -389,10 +395,16 @@ class BlobSchedule:
         if self.scheduler.members is None:
             visible = bool(seen >> (block * self.block_chunks) & ((1 << self.block_chunks) - 1))
         else:
-            visible = bool(seen >> index & 1) and (index not in self.peer_failed or any(
-                s.kind == "peer" and s.name not in self.peer_failed[index] and self._live(s.name, now)
-                and (self.holds(s, index) or self.coming(s.name, index, now))
-                for s in self.scheduler.sources.values()))
+            visible = bool(seen >> index & 1) and (
+                index not in self.peer_failed
+                or any(
+                    s.kind == "peer"
+                    and s.name not in self.peer_failed[index]
+                    and self.live(s.name, now)
+                    and (self.holds(s, index) or self.coming(s.name, index, now))
+                    for s in self.scheduler.sources.values()
+                )
+            )
         rank = self.ranking.rank(block, *nodes)  # after the fetchers (nodes[1]) when not one of them
         if rank == 0:
             return "own"
@@ -417,14 +429,26 @@ class BlobSchedule:
         have, order, requested = self.have, self.order, self.requested
         sources = self.scheduler.sources
         stats = self.scheduler.stats
-        live_peers = [s for s in sources.values() if s.kind == "peer" and self._live(s.name, now)]
-        sharing = self._sharing(now, live_peers)
+        live_peers = [s for s in sources.values() if s.kind == "peer" and self.live(s.name, now)]
+        sharing = self.sharing_now(now, live_peers)
         nodes = self._taking_part(now, live_peers) if sharing else (frozenset[str](), 0)
         count = self.count
-        view = swarm.peer_view(list(sources.values()), stats, self.inventories, count, now,
-                               lambda n: self._progressing(n, now), lambda n: self._failing(n, now))
+        view = swarm.peer_view(
+            list(sources.values()),
+            stats,
+            self.inventories,
+            count,
+            now,
+            lambda n: self._progressing(n, now),
+            lambda n: self._failing(n, now),
+        )
         held, healthy, reachable, seen, far_held = (
-            view.held, view.healthy, view.reachable, view.seen, view.far_held)
+            view.held,
+            view.healthy,
+            view.reachable,
+            view.seen,
+            view.far_held,
+        )
         # PreferNear waits while a healthy peer holds a chunk and none of them has a free slot.
         nearest_first = type(self.scheduler.policy) is PreferNear
         members = self.scheduler.members is not None
@@ -434,12 +458,14 @@ class BlobSchedule:
         peers_known = any(s.kind == "peer" for s in sources.values())
         while self.cursor < count and (have[order[self.cursor]] or requested[order[self.cursor]]):
             self.cursor += 1
-        scan: Sequence[int] = order[self.cursor:]
+        scan: Sequence[int] = order[self.cursor :]
         if members and sharing and nodes[1] and now - self.started < nodes[1] * self.config.steal_after:
             # Outside the fetchers, early on: nothing from the origin (its rank is too low to
             # steal yet); only chunks a peer may bring now, or that must end the fetch, are seen.
-            failed = [*self.peer_failed, *(i for i in self.failed_chunks
-                                           if self.failures[i] >= self.config.attempts)]
+            failed = [
+                *self.peer_failed,
+                *(i for i in self.failed_chunks if self.failures[i] >= self.config.attempts),
+            ]
             scan = swarm.may_start(have, requested, free | ~(held | far_held), failed, self.position)
         started = False
         for i in scan:
@@ -447,14 +473,17 @@ class BlobSchedule:
                 continue
             if self.failures[i] >= self.config.attempts:
                 last = self.last_failure or OriginError("no answer")
-                self.error = type(last)(f"chunk {i} of {self.digest} failed {self.failures[i]} times, "
-                                        f"giving up; last: {last.message}")
+                self.error = type(last)(
+                    f"chunk {i} of {self.digest} failed {self.failures[i]} times, "
+                    f"giving up; last: {last.message}"
+                )
                 return started
             holders: list[SourceTraits] | None = None
             if i in self.peer_failed:
                 holders = self.holders(i)
-                far_only = not any(s.kind == "peer" and not (members and self._failing(s.name, now))
-                                   for s in holders)
+                far_only = not any(
+                    s.kind == "peer" and not (members and self._failing(s.name, now)) for s in holders
+                )
             else:
                 far_only = not (reachable if members else held) >> i & 1
                 if not (held | far_held) >> i & 1:
@@ -491,11 +520,16 @@ class BlobSchedule:
             source = sources[chosen.name]
             if source.kind != "peer" and sharing and self._slow_start(now):
                 continue  # peers may be starting on this blob too: let them say what they take
-            if (source.kind != "peer" and sharing and not far_only and members
-                    and any(s.kind == "peer" and not self._failing(s.name, now) for s in holders)):
+            if (
+                source.kind != "peer"
+                and sharing
+                and not far_only
+                and members
+                and any(s.kind == "peer" and not self._failing(s.name, now) for s in holders)
+            ):
                 continue  # a peer that holds it only said "not now" (busy): wait for it
             span = self._grow_span(source, i, live_peers, sharing, now)
-            actions.append(Start(self._start(source, span, now)))
+            actions.append(Start(self.start_request(source, span, now)))
             if source.kind != "peer" and claim == "own":
                 self.last_own_dispatch = now  # its own work, not a block taken from its owner
             if source.kind == "peer":
@@ -505,79 +539,39 @@ class BlobSchedule:
             started = True
         return started
 
-    def _grow_span(self, source: SourceTraits, first: int, live_peers: list[SourceTraits], sharing: bool,
-                   now: float) -> Span:
+    def _grow_span(
+        self, source: SourceTraits, first: int, live_peers: list[SourceTraits], sharing: bool, now: float
+    ) -> Span:
         peers = live_peers if source.kind != "peer" else []
-        span_bytes = source.max_span if source.kind == "peer" or not sharing else min(
-            source.max_span, self.config.swarm_span)
+        span_bytes = (
+            source.max_span
+            if source.kind == "peer" or not sharing
+            else min(source.max_span, self.config.swarm_span)
+        )
         per_span = max(1, span_bytes // self.chunk_size)
         per_segment = max(1, source.segment_size // self.chunk_size)
         end = first + 1
-        while (end < self.count and end - first < per_span and end % per_segment
-               and not self.have[end] and not self.requested[end] and self.holds(source, end)
-               and not any(self.coming(p.name, end, now) or self.holds(p, end) for p in peers)):
+        while (
+            end < self.count
+            and end - first < per_span
+            and end % per_segment
+            and not self.have[end]
+            and not self.requested[end]
+            and self.holds(source, end)
+            and not any(self.coming(p.name, end, now) or self.holds(p, end) for p in peers)
+        ):
             end += 1
         return Span(first, end)
 
-    def _start(self, source: SourceTraits, span: Span, now: float, *, hedged: bool = False) -> Request:
-        request = Request(self.scheduler._next_id(), source.name, source.kind, span, now, now, span.first,
-                          hedge=hedged)
+    def start_request(self, source: SourceTraits, span: Span, now: float, *, hedged: bool = False) -> Request:
+        request = Request(
+            self.scheduler._next_id(), source.name, source.kind, span, now, now, span.first, hedge=hedged
+        )
         for j in range(span.first, span.end):
             self.requested[j] += 1
         self.requests[request.id] = request
         self.scheduler.stats[source.name].started()
         return request
-
-    def _hedge(self, now: float, actions: list[Action]) -> None:
-        """Nothing left to start: race a straggling request against another source."""
-        stats = self.scheduler.stats
-        policy = self.scheduler.policy
-        cancelled = {a.request.id for a in actions if isinstance(a, Cancel)}
-        # The default `should_hedge` races nothing idle for a second or less: skip those early.
-        patient = type(policy).should_hedge is SourcePolicy.should_hedge
-        # With a membership list, the origin's share of a shared blob is the fetchers' alone.
-        fetchers_only = self.scheduler.members is not None and self._sharing(now, [
-            s for s in self.scheduler.sources.values() if s.kind == "peer" and self._live(s.name, now)])
-        for request in list(self.requests.values()):
-            if request.hedged or request.id in cancelled or request.next_index >= request.span.end:
-                continue
-            if patient and now - request.last_progress <= 1.0:
-                continue
-            holders = self.holders(request.next_index)
-            mine = stats[request.source]
-            # What a chunk takes from the fastest holder: a source that trickles is a straggler
-            # next to it, even though it is "keeping its own pace".
-            rate = max([mine.throughput, *(stats[s.name].throughput for s in holders)])
-            # Nothing measured yet: a LAN peer should bring a chunk in well under a second.
-            typical = self.chunk_size / rate if rate else 0.25 if request.kind == "peer" else 1.0
-            idle = now - request.last_progress
-            if not policy.should_hedge(mine, idle, typical):
-                continue
-            chosen = policy.choose_hedge([stats[s.name] for s in holders if s.name != request.source], now)
-            stuck = now - max(request.last_byte, request.last_progress)
-            if chosen is None and stuck > self.config.same_source_hedge:
-                # With no other source, a second request to the same one beats waiting on a stuck
-                # connection; but only when it is stuck (no bytes at all), not slow: on a busy
-                # link or machine a second request would only send the same bytes twice.
-                chosen = policy.choose_hedge([mine], now)
-            if chosen is None:
-                continue
-            if fetchers_only and request.kind == "peer" and chosen.kind != "peer":
-                # Not the origin: stop it; another peer, or the owner split, takes its chunks.
-                request.hedged = request.overtaken = True
-                actions.append(Cancel(request, True, "stalled"))
-                continue
-            request.hedged = True
-            if request.kind == "peer" and chosen.name != request.source:
-                # A LAN peer that stalls has failed: stop it now; the hedge takes its chunks.
-                request.overtaken = True
-                actions.append(Cancel(request, True, "stalled, hedged elsewhere"))
-            source = self.scheduler.sources[chosen.name]
-            end = request.next_index + 1  # the straggler's rest, as far as the new source holds it
-            while end < request.span.end and self.holds(source, end):
-                end += 1
-            hedge = self._start(source, Span(request.next_index, end), now, hedged=True)
-            actions.append(Start(hedge))
 
     def _count_failure(self, request: Request, index: int) -> None:
         """Chunk `index` of the request failed (nothing to count once its span is done): a peer

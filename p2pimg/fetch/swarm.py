@@ -17,7 +17,7 @@ whatever the number of peers and chunks:
   members) take the origin's share, split among themselves block by block; everyone else ranks
   after them. Few fetchers keep few origin requests in flight, so their chunks come out early and
   steadily for the swarm to trade. The schedule's other rules for this case are listed where
-  they apply (`BlobSchedule._sharing`, `_dispatch`, `_claim`, `_hedge`).
+  they apply (`BlobSchedule.sharing_now`, `_dispatch`, `_claim`, `hedging.py`).
 """
 
 from __future__ import annotations
@@ -129,9 +129,15 @@ class PeerView:
         return bits
 
 
-def peer_view(sources: Sequence[SourceTraits], stats: Mapping[str, SourceStats],
-              inventories: Mapping[str, Inventory], count: int, now: float,
-              progressing: Callable[[str], bool], failing: Callable[[str], bool]) -> PeerView:
+def peer_view(
+    sources: Sequence[SourceTraits],
+    stats: Mapping[str, SourceStats],
+    inventories: Mapping[str, Inventory],
+    count: int,
+    now: float,
+    progressing: Callable[[str], bool],
+    failing: Callable[[str], bool],
+) -> PeerView:
     everything = (1 << count) - 1
     view = PeerView(everywhere=everything)
     for source in sources:
@@ -171,8 +177,9 @@ class Ranking:
         self._nodes: frozenset[str] = frozenset()  # the nodes `_ranks` ranks this one among
         self._ranks: dict[int, int] = {}  # block -> this node's rank among `_nodes`
 
-    def among(self, seen: frozenset[str], members: frozenset[str] | None,
-              count: int) -> tuple[frozenset[str], int]:
+    def among(
+        self, seen: frozenset[str], members: frozenset[str] | None, count: int
+    ) -> tuple[frozenset[str], int]:
         """The other nodes to rank this one among, and what to add to its rank among them.
         Without a membership list: the nodes it sees taking part (`seen`). With one: the blob's
         `count` fetchers (`fetchers`); a node outside them ranks after them all, then among the
@@ -202,8 +209,13 @@ class Ranking:
         return base + rank
 
 
-def may_start(have: Sequence[bool], requested: Sequence[int], candidates: int, special: Sequence[int],
-              position: Sequence[int]) -> list[int]:
+def may_start(
+    have: Sequence[bool],
+    requested: Sequence[int],
+    candidates: int,
+    special: Sequence[int],
+    position: Sequence[int],
+) -> list[int]:
     """The chunks neither held nor requested that are among `candidates` (bits) or `special`
     (indices), in the order of `position`."""
     count = len(have)

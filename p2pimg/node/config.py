@@ -63,15 +63,26 @@ class Config:
         return self.home / "cache"
 
 
-def load_config(*, home: str | None = None, origin: str | None = None, listen: str | None = None,
-                chunk_size: str | None = None, upstreams: list[str] | None = None,
-                upstream_tag_ttl: float | None = None, policy: str | None = None,
-                peer_listen: str | None = None, peers: list[str] | None = None, mdns: bool | None = None,
-                peer_rate: str | None = None, peer_max_requests: int | None = None,
-                cache_max: str | None = None, trust: list[str] | None = None,
-                swarm_key_file: str | None = None,
-                peer_tls: tuple[str | None, str | None, str | None] | None = None,
-                allow_public_mirror: bool | None = None) -> Config:
+def load_config(
+    *,
+    home: str | None = None,
+    origin: str | None = None,
+    listen: str | None = None,
+    chunk_size: str | None = None,
+    upstreams: list[str] | None = None,
+    upstream_tag_ttl: float | None = None,
+    policy: str | None = None,
+    peer_listen: str | None = None,
+    peers: list[str] | None = None,
+    mdns: bool | None = None,
+    peer_rate: str | None = None,
+    peer_max_requests: int | None = None,
+    cache_max: str | None = None,
+    trust: list[str] | None = None,
+    swarm_key_file: str | None = None,
+    peer_tls: tuple[str | None, str | None, str | None] | None = None,
+    allow_public_mirror: bool | None = None,
+) -> Config:
     home_path = Path(home or os.environ.get("P2PIMG_HOME") or default_home()).expanduser().absolute()
     file_values: dict[str, Any] = {}
     config_file = home_path / "config.toml"
@@ -83,8 +94,12 @@ def load_config(*, home: str | None = None, origin: str | None = None, listen: s
     chosen_origin = origin or os.environ.get("P2PIMG_ORIGIN") or file_values.get("origin")
     chosen_listen = listen or file_values.get("listen") or DEFAULT_LISTEN
     parse_listen(chosen_listen)
-    size = parse_size(chunk_size or os.environ.get("P2PIMG_CHUNK_SIZE")
-                      or file_values.get("chunk_size") or DEFAULT_CHUNK_SIZE)
+    size = parse_size(
+        chunk_size
+        or os.environ.get("P2PIMG_CHUNK_SIZE")
+        or file_values.get("chunk_size")
+        or DEFAULT_CHUNK_SIZE
+    )
     check_chunk_size(size)
     chosen_upstreams = upstreams or file_values.get("upstreams") or []
     if not isinstance(chosen_upstreams, list) or not all(isinstance(u, str) for u in chosen_upstreams):
@@ -106,25 +121,38 @@ def load_config(*, home: str | None = None, origin: str | None = None, listen: s
     max_bytes = parse_size(chosen_cache_max) if chosen_cache_max is not None else None
     if max_bytes is not None and max_bytes < 0:
         raise InvalidInput(f"invalid cache size limit {chosen_cache_max!r}")
-    public_mirror = (allow_public_mirror if allow_public_mirror is not None
-                     else file_values.get("allow_public_mirror", False))
+    public_mirror = (
+        allow_public_mirror
+        if allow_public_mirror is not None
+        else file_values.get("allow_public_mirror", False)
+    )
     if not isinstance(public_mirror, bool):
         raise InvalidInput(f"{config_file}: allow_public_mirror must be true or false")
-    return Config(home=home_path, origin=chosen_origin, listen=chosen_listen, chunk_size=size,
-                  upstreams=tuple(chosen_upstreams), upstream_tag_ttl=float(ttl),
-                  policy=policy or file_values.get("policy") or "prefer-near",
-                  peer_listen=chosen_peer_listen, peers=tuple(chosen_peers),
-                  mdns=_env_flag("P2PIMG_MDNS", file_values.get("mdns", True)) if mdns is None else mdns,
-                  peer_rate=float(parse_size(peer_rate or file_values.get("peer_rate") or 0)),
-                  peer_max_requests=max_requests, cache_max=max_bytes,
-                  trust=tuple(trust or file_values.get("trust") or ()),
-                  swarm_key_file=swarm_key_file or file_values.get("swarm_key_file"),
-                  swarm_key_file_given=bool(swarm_key_file),
-                  peer_tls=_peer_tls(peer_tls, file_values), allow_public_mirror=public_mirror)
+    return Config(
+        home=home_path,
+        origin=chosen_origin,
+        listen=chosen_listen,
+        chunk_size=size,
+        upstreams=tuple(chosen_upstreams),
+        upstream_tag_ttl=float(ttl),
+        policy=policy or file_values.get("policy") or "prefer-near",
+        peer_listen=chosen_peer_listen,
+        peers=tuple(chosen_peers),
+        mdns=_env_flag("P2PIMG_MDNS", file_values.get("mdns", True)) if mdns is None else mdns,
+        peer_rate=float(parse_size(peer_rate or file_values.get("peer_rate") or 0)),
+        peer_max_requests=max_requests,
+        cache_max=max_bytes,
+        trust=tuple(trust or file_values.get("trust") or ()),
+        swarm_key_file=swarm_key_file or file_values.get("swarm_key_file"),
+        swarm_key_file_given=bool(swarm_key_file),
+        peer_tls=_peer_tls(peer_tls, file_values),
+        allow_public_mirror=public_mirror,
+    )
 
 
-def _peer_tls(given: tuple[str | None, str | None, str | None] | None,
-              file_values: dict[str, Any]) -> tuple[str | None, str | None, str | None]:
+def _peer_tls(
+    given: tuple[str | None, str | None, str | None] | None, file_values: dict[str, Any]
+) -> tuple[str | None, str | None, str | None]:
     if given is not None and any(given):
         return given
     values = tuple(file_values.get(f"peer_tls_{part}") for part in ("cert", "key", "ca"))

@@ -222,8 +222,13 @@ class _Listener(ServiceListener):
                 # A later record update retries; until then keep what we knew.
                 log.debug("mDNS: %s did not resolve in time", name)
                 return
-            found = announcements(name, info.properties, info.parsed_scoped_addresses(IPVersion.All),
-                                  info.port, own_node_id=self._own_node_id)
+            found = announcements(
+                name,
+                info.properties,
+                info.parsed_scoped_addresses(IPVersion.All),
+                info.port,
+                own_node_id=self._own_node_id,
+            )
         except AnnouncementError as exc:
             log.info("mDNS: ignoring %s: %s", name, exc)
             found = ()  # an update may have made a known peer unusable: forget it
@@ -240,7 +245,11 @@ class Discovery:
     """Advertise our peer server and browse for others on the LAN."""
 
     def __init__(
-        self, *, node_id: str, advertise: tuple[str, int] | None, interfaces: list[str] | None = None,
+        self,
+        *,
+        node_id: str,
+        advertise: tuple[str, int] | None,
+        interfaces: list[str] | None = None,
         tls: bool = False,
     ) -> None:
         if not node_id:
@@ -286,8 +295,9 @@ class Discovery:
             if self.advertise is not None:
                 info = await trio.to_thread.run_sync(self._register, zc, self.advertise)
             try:
-                browser = await trio.to_thread.run_sync(partial(ServiceBrowser, zc, SERVICE_TYPE,
-                                                                listener=listener))
+                browser = await trio.to_thread.run_sync(
+                    partial(ServiceBrowser, zc, SERVICE_TYPE, listener=listener)
+                )
             except Exception as exc:
                 log.warning("mDNS discovery disabled: cannot browse: %s", exc)
             task_status.started()

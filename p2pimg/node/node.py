@@ -105,8 +105,12 @@ class Swarm:
         async def ask(source: PeerSource, done: trio.CancelScope) -> None:
             async with limit:
                 with contextlib.suppress(httpx.HTTPError):
-                    async with self.client.stream("GET", f"{source.url}/ipfs/{cid}", timeout=_ASK_TIMEOUT,
-                                                  headers={"accept": "application/vnd.ipld.raw"}) as r:
+                    async with self.client.stream(
+                        "GET",
+                        f"{source.url}/ipfs/{cid}",
+                        timeout=_ASK_TIMEOUT,
+                        headers={"accept": "application/vnd.ipld.raw"},
+                    ) as r:
                         data = await read_capped(r, max_size) if r.status_code == 200 else None
                         if data is not None and cid.matches(data):
                             found.append(data)
@@ -125,8 +129,9 @@ class Swarm:
 
         async def ask(source: PeerSource) -> None:
             with contextlib.suppress(httpx.HTTPError):
-                async with self.client.stream("GET", f"{source.url}/p2pimg/v1/tags/{name}/{tag}",
-                                              timeout=_ASK_TIMEOUT) as r:
+                async with self.client.stream(
+                    "GET", f"{source.url}/p2pimg/v1/tags/{name}/{tag}", timeout=_ASK_TIMEOUT
+                ) as r:
                     data = await read_capped(r, MAX_TAG_RECORD_SIZE) if r.status_code == 200 else None
                     if data is not None:
                         found.append(data)
@@ -204,9 +209,12 @@ class Node:
 def peer_client(key: bytes | None, tls: PeerTls | None, **options: Any) -> httpx.AsyncClient:
     """The HTTP client for talking to peers: signed with the swarm key, presenting our certificate
     when peers speak mutual TLS, and never through a proxy (peers are on the LAN)."""
-    return httpx.AsyncClient(auth=swarmkey.SwarmAuth(key) if key is not None else None,
-                             verify=tls.client_context() if tls is not None else True,
-                             trust_env=False, **options)
+    return httpx.AsyncClient(
+        auth=swarmkey.SwarmAuth(key) if key is not None else None,
+        verify=tls.client_context() if tls is not None else True,
+        trust_env=False,
+        **options,
+    )
 
 
 @contextlib.asynccontextmanager
@@ -218,8 +226,12 @@ async def open_node(config: Config, *, advertise: tuple[str, int] | None = None)
     upstreams = [UpstreamClient(url) for url in config.upstreams]
     key = swarmkey.load_swarm_key(config.home, config.swarm_key_file, given=config.swarm_key_file_given)
     tls = load_peer_tls(config.home, *config.peer_tls)
-    client = peer_client(key, tls, timeout=httpx.Timeout(30, connect=1.0),
-                         limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
+    client = peer_client(
+        key,
+        tls,
+        timeout=httpx.Timeout(30, connect=1.0),
+        limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+    )
     own_id = await trio.to_thread.run_sync(node_id, config.home)
     trust = TrustStore.load(config.home, [Path(p) for p in config.trust])  # a bad key file fails at start
     discovery = None
@@ -230,15 +242,39 @@ async def open_node(config: Config, *, advertise: tuple[str, int] | None = None)
     try:
         async with trio.open_nursery() as nursery:
             metrics = Metrics()
-            fetcher = Fetcher(store, [OriginSource(origin)], nursery, metrics=metrics, policy=policy,
-                              node_id=own_id)
-            mirror = Mirror(store, upstreams, nursery, metrics, tag_ttl=config.upstream_tag_ttl,
-                            chunk_size=config.chunk_size) if upstreams else None
+            fetcher = Fetcher(
+                store, [OriginSource(origin)], nursery, metrics=metrics, policy=policy, node_id=own_id
+            )
+            mirror = (
+                Mirror(
+                    store,
+                    upstreams,
+                    nursery,
+                    metrics,
+                    tag_ttl=config.upstream_tag_ttl,
+                    chunk_size=config.chunk_size,
+                )
+                if upstreams
+                else None
+            )
             resolver = Resolver(store, origin, trust=trust, home=config.home)
             index = ChunkIndex()
             swarm = Swarm(fetcher, own_id, list(config.peers), client, discovery, tls=tls is not None)
-            node = Node(config, nursery, own_id, store, origin, metrics, fetcher, resolver, mirror,
-                        index, swarm, tls, key)
+            node = Node(
+                config,
+                nursery,
+                own_id,
+                store,
+                origin,
+                metrics,
+                fetcher,
+                resolver,
+                mirror,
+                index,
+                swarm,
+                tls,
+                key,
+            )
             resolver.on_blob_map = index.add
             if mirror is not None:
                 mirror.on_blob_map = index.add
@@ -250,8 +286,14 @@ async def open_node(config: Config, *, advertise: tuple[str, int] | None = None)
             if config.cache_max is not None:
                 from p2pimg.store.cache import enforce_limit
 
-                nursery.start_soon(guarded, "cache size limit", enforce_limit, store, config.cache_max,
-                                   lambda digest: fetcher.fetch_of(digest) is not None)
+                nursery.start_soon(
+                    guarded,
+                    "cache size limit",
+                    enforce_limit,
+                    store,
+                    config.cache_max,
+                    lambda digest: fetcher.fetch_of(digest) is not None,
+                )
             yield node
             nursery.cancel_scope.cancel()
     finally:

@@ -32,8 +32,9 @@ class PeerTls:
         try:
             context.load_cert_chain(self.cert, self.key)
         except (OSError, ssl.SSLError) as exc:
-            raise InvalidInput(f"cannot use the peer certificate {self.cert} with key {self.key}: "
-                               f"{exc}") from None
+            raise InvalidInput(
+                f"cannot use the peer certificate {self.cert} with key {self.key}: {exc}"
+            ) from None
         try:
             context.load_verify_locations(cafile=self.ca)
         except (OSError, ssl.SSLError) as exc:
@@ -52,8 +53,9 @@ class PeerTls:
         return self._load(context)
 
 
-def load_peer_tls(home: Path, cert: str | None = None, key: str | None = None,
-                  ca: str | None = None) -> PeerTls | None:
+def load_peer_tls(
+    home: Path, cert: str | None = None, key: str | None = None, ca: str | None = None
+) -> PeerTls | None:
     """The node's peer TLS files, checked now (a bad file is a clear error at start), or None."""
     given = [cert, key, ca]
     if any(given):

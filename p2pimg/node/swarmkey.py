@@ -41,8 +41,10 @@ VERSION = "2"
 WINDOW = 30.0  # seconds either side of the receiver's clock
 MAX_NONCES = 1 << 16  # remembered at once (a few MiB at most)
 _MIN_KEY = 16
-_PROOF = re.compile(r"v=(?P<v>[0-9]+),ts=(?P<ts>[0-9]{1,15}),nonce=(?P<nonce>[0-9a-f]{32}),"
-                    r"body=(?P<body>[0-9a-f]{64}),sig=(?P<sig>[0-9a-f]{64})")
+_PROOF = re.compile(
+    r"v=(?P<v>[0-9]+),ts=(?P<ts>[0-9]{1,15}),nonce=(?P<nonce>[0-9a-f]{32}),"
+    r"body=(?P<body>[0-9a-f]{64}),sig=(?P<sig>[0-9a-f]{64})"
+)
 
 
 def load_swarm_key(home: Path, key_file: str | None = None, *, given: bool = False) -> bytes | None:
@@ -63,8 +65,10 @@ def load_swarm_key(home: Path, key_file: str | None = None, *, given: bool = Fal
         source = str(path)
     key = text.strip().encode()
     if len(key) < _MIN_KEY:
-        raise InvalidInput(f"the swarm key from {source} is too short: use at least {_MIN_KEY} characters "
-                           "(e.g. `openssl rand -hex 32`)")
+        raise InvalidInput(
+            f"the swarm key from {source} is too short: use at least {_MIN_KEY} characters "
+            "(e.g. `openssl rand -hex 32`)"
+        )
     return key
 
 
@@ -74,8 +78,15 @@ def _mac(key: bytes, method: str, path: str, ts: int, nonce: str, body_sha256: s
     return hmac.new(key, message.encode(), hashlib.sha256).hexdigest()
 
 
-def sign(key: bytes, method: str, path: str, body: bytes = b"", *, now: float | None = None,
-         nonce: str | None = None) -> str:
+def sign(
+    key: bytes,
+    method: str,
+    path: str,
+    body: bytes = b"",
+    *,
+    now: float | None = None,
+    nonce: str | None = None,
+) -> str:
     """The Authorization header value proving the key for one request."""
     ts = int((time.time() if now is None else now) * 1000)
     nonce = secrets.token_hex(16) if nonce is None else nonce
@@ -115,8 +126,14 @@ def _proof(header: str | None) -> re.Match[str] | Verdict:
 class SwarmGuard:
     """Checks the proofs of requests to one peer listener, and remembers their nonces."""
 
-    def __init__(self, key: bytes, *, window: float = WINDOW, max_nonces: int = MAX_NONCES,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        key: bytes,
+        *,
+        window: float = WINDOW,
+        max_nonces: int = MAX_NONCES,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.key = key
         self.window_ms = int(window * 1000)
         self.max_nonces = max_nonces
@@ -143,9 +160,13 @@ class SwarmGuard:
         now = int(self.clock() * 1000)
         self._forget(now - self.window_ms)
         if abs(now - ts) > self.window_ms:
-            return Verdict(403, f"swarm-key proof stamped {(ts - now) / 1000:+.0f} s from this peer's "
-                                f"clock (more than {self.window_ms / 1000:.0f} s: a replay, or the clocks "
-                                "differ)", signed=True)
+            return Verdict(
+                403,
+                f"swarm-key proof stamped {(ts - now) / 1000:+.0f} s from this peer's "
+                f"clock (more than {self.window_ms / 1000:.0f} s: a replay, or the clocks "
+                "differ)",
+                signed=True,
+            )
         if nonce in self._seen:
             return Verdict(403, "replayed swarm-key proof", signed=True)
         if len(self._seen) >= self.max_nonces:  # full: forget the oldest, and refuse what it dates
@@ -153,8 +174,9 @@ class SwarmGuard:
             del self._seen[forgotten]
             self._floor = max(self._floor, oldest)
         if ts <= self._floor:
-            return Verdict(403, "stale swarm-key proof (this peer took many requests since; send a new one)",
-                           signed=True)
+            return Verdict(
+                403, "stale swarm-key proof (this peer took many requests since; send a new one)", signed=True
+            )
         self._seen[nonce] = ts
         heapq.heappush(self._by_time, (ts, nonce))
         return _ADMITTED
@@ -165,8 +187,9 @@ class SwarmGuard:
         if isinstance(proof, Verdict):
             return proof
         if not hmac.compare_digest(hashlib.sha256(body).hexdigest(), proof["body"]):
-            return Verdict(403, "the request body is not the one its swarm-key proof was made for",
-                           signed=True)
+            return Verdict(
+                403, "the request body is not the one its swarm-key proof was made for", signed=True
+            )
         return _ADMITTED
 
     def _forget(self, before: int) -> None:

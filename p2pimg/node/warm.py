@@ -62,16 +62,24 @@ class WarmProgress:
         return (self.finished or time.monotonic()) - self.started
 
     def to_json(self) -> dict[str, object]:
-        return {"ref": self.ref, "root": self.root, "state": self.state, "blobs": self.blobs,
-                "bytes_total": self.bytes_total, "bytes_done": self.bytes_done,
-                "by_source": self.by_source, "error": self.error, "seconds": round(self.seconds, 3),
-                **({"exit_code": self.exit_code} if self.state == "failed" else {})}
+        return {
+            "ref": self.ref,
+            "root": self.root,
+            "state": self.state,
+            "blobs": self.blobs,
+            "bytes_total": self.bytes_total,
+            "bytes_done": self.bytes_done,
+            "by_source": self.by_source,
+            "error": self.error,
+            "seconds": round(self.seconds, 3),
+            **({"exit_code": self.exit_code} if self.state == "failed" else {}),
+        }
 
 
 def parse_ref(ref: str) -> tuple[str, str] | Cid:
     """`NAME:TAG` or `ipfs/<CID>`."""
     if ref.startswith(IPFS_PREFIX):
-        cid = Cid.parse(ref[len(IPFS_PREFIX):])
+        cid = Cid.parse(ref[len(IPFS_PREFIX) :])
         if cid.codec_name != "dag-cbor":
             raise InvalidInput(f"{ref} does not name an image root (a dag-cbor CID)")
         return cid
@@ -82,8 +90,14 @@ class WarmJobs:
     """Warm jobs of one node, started in process or (through the peer API) over HTTP; a job's
     progress is plain data (`WarmProgress.to_json`)."""
 
-    def __init__(self, resolver: Resolver, store: ChunkStore, fetcher: Fetcher, index: ChunkIndex,
-                 nursery: trio.Nursery) -> None:
+    def __init__(
+        self,
+        resolver: Resolver,
+        store: ChunkStore,
+        fetcher: Fetcher,
+        index: ChunkIndex,
+        nursery: trio.Nursery,
+    ) -> None:
         self.resolver = resolver
         self.store = store
         self.fetcher = fetcher

@@ -24,8 +24,10 @@ def parse_duration(text: str) -> float:
     """Seconds of `90`, `90s`, `30m`, `1h` or `2d`."""
     match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*", text.lower())
     if not match:
-        raise InvalidInput(f"invalid duration {text[:40]!r}: expected a number of seconds, or with "
-                           "s, m, h or d (e.g. 30m, 1h)")
+        raise InvalidInput(
+            f"invalid duration {text[:40]!r}: expected a number of seconds, or with "
+            "s, m, h or d (e.g. 30m, 1h)"
+        )
     return float(match[1]) * _UNITS[match[2]]
 
 
@@ -33,7 +35,7 @@ async def list_tags(origin: Origin) -> dict[str, list[str]]:
     """Published names and their tags."""
     names: dict[str, list[str]] = {}
     for key in await origin.list(_TAGS):
-        name, _, tag = key[len(_TAGS):].rpartition("/")
+        name, _, tag = key[len(_TAGS) :].rpartition("/")
         if name and tag:
             names.setdefault(name, []).append(tag)
     return {n: sorted(t) for n, t in sorted(names.items())}
@@ -70,17 +72,24 @@ async def plan_gc(origin: Origin, *, grace: float = DEFAULT_GRACE, now: float | 
     for name, tags in (await list_tags(origin)).items():
         for tag in tags:
             try:
-                record = TagRecord.decode(await origin.get(tag_key(name, tag), max_size=64 << 10),
-                                          name=name, tag=tag)
+                record = TagRecord.decode(
+                    await origin.get(tag_key(name, tag), max_size=64 << 10), name=name, tag=tag
+                )
                 await _mark(origin, record.root, plan)
             except (P2pimgError, OSError) as exc:
                 plan.problems.append(f"{name}:{tag}: {exc}")
     if plan.problems:
         return plan
-    unreachable = [info for info in await origin.list_info(f"{PREFIX}/blocks/")
-                   if info.key.rpartition("/")[2] not in plan.reachable_blocks]
-    unreachable += [info for info in await origin.list_info(f"{PREFIX}/blobs/sha256/")
-                    if "sha256:" + info.key.rpartition("/")[2] not in plan.reachable_blobs]
+    unreachable = [
+        info
+        for info in await origin.list_info(f"{PREFIX}/blocks/")
+        if info.key.rpartition("/")[2] not in plan.reachable_blocks
+    ]
+    unreachable += [
+        info
+        for info in await origin.list_info(f"{PREFIX}/blobs/sha256/")
+        if "sha256:" + info.key.rpartition("/")[2] not in plan.reachable_blobs
+    ]
     for info in unreachable:
         # Young, or dated in the future (a store's clock ahead of ours): kept.
         (plan.young if now - info.modified < grace else plan.garbage).append(info.key)
@@ -100,8 +109,11 @@ async def _mark(origin: Origin, root_cid: Cid, plan: GcPlan) -> None:
     for digest, blob in root.blobs.items():
         plan.reachable_blocks.add(str(blob.map))
         plan.reachable_blobs.add(digest)
-        bmap = BlobMap.from_node(dagcbor.decode_verified(
-            await origin.get(block_key(blob.map), max_size=dagcbor.MAX_BLOCK_SIZE), blob.map))
+        bmap = BlobMap.from_node(
+            dagcbor.decode_verified(
+                await origin.get(block_key(blob.map), max_size=dagcbor.MAX_BLOCK_SIZE), blob.map
+            )
+        )
         if bmap.digest != digest:
             raise BlockInvalid(f"blob map {blob.map} does not describe {digest}")
 

@@ -62,13 +62,23 @@ def read_oci_layout(spec: str) -> SourceImage:
     if not isinstance(entries, list) or not entries:
         raise SourceInvalid(f"{str(path)!r}: index.json lists no images")
     if tag:
-        chosen = [e for e in entries if isinstance(e, dict)
-                  and (e.get("annotations") or {}).get(_REF_ANNOTATION) == tag]
+        chosen = [
+            e
+            for e in entries
+            if isinstance(e, dict) and (e.get("annotations") or {}).get(_REF_ANNOTATION) == tag
+        ]
         if not chosen:
-            known = sorted({str((e.get("annotations") or {}).get(_REF_ANNOTATION))
-                            for e in entries if isinstance(e, dict)} - {"None"})
+            known = sorted(
+                {
+                    str((e.get("annotations") or {}).get(_REF_ANNOTATION))
+                    for e in entries
+                    if isinstance(e, dict)
+                }
+                - {"None"}
+            )
             raise SourceInvalid(
-                f"OCI layout has no image tagged {tag!r} (tags: {', '.join(known) or 'none'})")
+                f"OCI layout has no image tagged {tag!r} (tags: {', '.join(known) or 'none'})"
+            )
     blobs_dir = path / "blobs" / "sha256"
 
     def blob_path(digest: str, size: int) -> Path:
@@ -96,9 +106,13 @@ def read_oci_layout(spec: str) -> SourceImage:
     elif not tag:
         # The image is the one entry that is not a referrer (nor a referrers tag schema index).
         manifests = layout_manifests(described, read_manifest)
-        chosen = [e for e, (digest, _, _) in zip(entries, described, strict=True)
-                  if digest in manifests and manifest_subject(manifests[digest][2], digest) is None
-                  and not is_referrers_tag(str((e.get("annotations") or {}).get(_REF_ANNOTATION, "")))]
+        chosen = [
+            e
+            for e, (digest, _, _) in zip(entries, described, strict=True)
+            if digest in manifests
+            and manifest_subject(manifests[digest][2], digest) is None
+            and not is_referrers_tag(str((e.get("annotations") or {}).get(_REF_ANNOTATION, "")))
+        ]
         if len(chosen) != 1:
             raise SourceInvalid(f"OCI layout holds {len(chosen)} images: name one as oci:DIR:TAG")
     top, _, media = descriptor(chosen[0], "index.json")
@@ -109,6 +123,7 @@ def read_oci_layout(spec: str) -> SourceImage:
 
 
 # -- docker save archives ------------------------------------------------------------------
+
 
 def _compression(head: bytes) -> str:
     if head.startswith(b"\x1f\x8b"):
@@ -150,8 +165,11 @@ def read_docker_archive(spec: str) -> SourceImage:
             return f.read()
 
         try:
-            listing = json.loads(read_small("manifest.json", _MAX_ARCHIVE_MANIFEST) or b"null") \
-                if "manifest.json" in members else None
+            listing = (
+                json.loads(read_small("manifest.json", _MAX_ARCHIVE_MANIFEST) or b"null")
+                if "manifest.json" in members
+                else None
+            )
         except (ValueError, UnicodeDecodeError, RecursionError):
             raise SourceInvalid(f"{str(path)!r}: manifest.json is not valid JSON") from None
         if not isinstance(listing, list) or not listing:
@@ -163,11 +181,15 @@ def read_docker_archive(spec: str) -> SourceImage:
         elif len(listing) == 1:
             chosen = listing
         else:
-            raise SourceInvalid(f"docker archive holds {len(listing)} images: "
-                                "name one as docker-archive:FILE:NAME:TAG")
+            raise SourceInvalid(
+                f"docker archive holds {len(listing)} images: name one as docker-archive:FILE:NAME:TAG"
+            )
         entry = chosen[0]
-        if not isinstance(entry, dict) or not isinstance(entry.get("Config"), str) \
-                or not isinstance(entry.get("Layers"), list):
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("Config"), str)
+            or not isinstance(entry.get("Layers"), list)
+        ):
             raise SourceInvalid("docker archive manifest.json entry needs Config and Layers")
         config = read_small(entry["Config"], MAX_MANIFEST_SIZE)
         parse_json(config, "image config")
@@ -191,6 +213,7 @@ def read_docker_archive(spec: str) -> SourceImage:
             f = t.extractfile(t.getmember(members[name].name))
             assert f is not None
             return cast(BinaryIO, _Closing(f, t))
+
         return open_member
 
     config_digest = digest_of(config)
@@ -198,8 +221,7 @@ def read_docker_archive(spec: str) -> SourceImage:
         "schemaVersion": 2,
         "mediaType": DOCKER_MANIFEST,
         "config": {"mediaType": DOCKER_CONFIG, "size": len(config), "digest": config_digest},
-        "layers": [{"mediaType": media, "size": size, "digest": digest}
-                   for _, size, digest, media in layers],
+        "layers": [{"mediaType": media, "size": size, "digest": digest} for _, size, digest, media in layers],
     }
     data = json.dumps(manifest, indent=3).encode()
     image = SourceImage(top=digest_of(data))
@@ -237,8 +259,10 @@ def read_source(spec: str) -> SourceImage:
     thread)."""
     transport, sep, rest = spec.partition(":")
     if not sep or not rest:
-        raise SourceInvalid(f"invalid source {spec!r}: expected oci:DIR[:TAG], "
-                            "docker-archive:FILE[:NAME:TAG] or docker://HOST/REPO:TAG")
+        raise SourceInvalid(
+            f"invalid source {spec!r}: expected oci:DIR[:TAG], "
+            "docker-archive:FILE[:NAME:TAG] or docker://HOST/REPO:TAG"
+        )
     if transport == "oci":
         return read_oci_layout(rest)
     if transport == "docker-archive":
@@ -249,8 +273,9 @@ def read_source(spec: str) -> SourceImage:
 
 
 @contextlib.asynccontextmanager
-async def open_source(spec: str, *, docker_config: Path | None = None, plain_http: bool | None = None,
-                      timeout: float = 30.0) -> AsyncIterator[SourceImage]:
+async def open_source(
+    spec: str, *, docker_config: Path | None = None, plain_http: bool | None = None, timeout: float = 30.0
+) -> AsyncIterator[SourceImage]:
     """A publish SOURCE as an image graph, usable until the block ends: `oci:DIR[:TAG]`,
     `docker-archive:FILE[:NAME:TAG]` or `docker://HOST/REPO:TAG` (whose blobs stream from the registry
     while the block runs). The registry options only apply to `docker://`."""
@@ -264,9 +289,11 @@ async def open_source(spec: str, *, docker_config: Path | None = None, plain_htt
 
 # -- registries ------------------------------------------------------------------------------
 
+
 @contextlib.asynccontextmanager
-async def _registry_image(url: str, docker_config: Path | None, plain_http: bool | None,
-                          timeout: float) -> AsyncIterator[SourceImage]:
+async def _registry_image(
+    url: str, docker_config: Path | None, plain_http: bool | None, timeout: float
+) -> AsyncIterator[SourceImage]:
     """`docker://HOST/REPO:TAG` (or `@DIGEST`) through the async registry client.
 
     Every manifest (for an index, every child too) is fetched byte for byte and checked before
@@ -281,8 +308,11 @@ async def _registry_image(url: str, docker_config: Path | None, plain_http: bool
         top = await client.get_manifest(ref.repo, ref.reference)
 
         def blob(digest: str, size: int) -> SourceBlob:
-            return SourceBlob(digest, size, lambda: cast(BinaryIO, _ThreadedBlob(
-                client.read_blob(ref.repo, digest, size=size))))
+            return SourceBlob(
+                digest,
+                size,
+                lambda: cast(BinaryIO, _ThreadedBlob(client.read_blob(ref.repo, digest, size=size))),
+            )
 
         walk = graph_walk(top.digest, top.media_type, blob)
         try:
@@ -341,14 +371,14 @@ class _ThreadedBlob(io.RawIOBase):
             return b""
         start = self._pos
         self._pos = min(len(self._piece), start + size)
-        return self._piece if start == 0 and self._pos == len(self._piece) else self._piece[start:self._pos]
+        return self._piece if start == 0 and self._pos == len(self._piece) else self._piece[start : self._pos]
 
     def readinto(self, b: Any) -> int:
         if not self._fill():
             return 0
         out = memoryview(b).cast("B")
         n = min(len(out), len(self._piece) - self._pos)
-        out[:n] = memoryview(self._piece)[self._pos:self._pos + n]
+        out[:n] = memoryview(self._piece)[self._pos : self._pos + n]
         self._pos += n
         return n
 

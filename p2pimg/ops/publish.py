@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 _PARALLEL_UPLOADS = 4
 
 
-
 def chunk_blob(blob: SourceBlob, chunk_size: int) -> BlobMap:
     """Hash a blob chunk by chunk (and whole, to check its digest): its blob map."""
     whole = hashlib.sha256()
@@ -103,8 +102,9 @@ class _Uploaded:
     bytes: int = 0
 
 
-async def _upload_blobs(blobs: Iterable[SourceBlob], origin: Origin, chunk_size: int,
-                        progress: Callable[[str], None]) -> _Uploaded:
+async def _upload_blobs(
+    blobs: Iterable[SourceBlob], origin: Origin, chunk_size: int, progress: Callable[[str], None]
+) -> _Uploaded:
     """Chunk each blob, upload the ones the origin lacks, and write their blob maps."""
     done = _Uploaded({})
     limit = trio.CapacityLimiter(_PARALLEL_UPLOADS)
@@ -141,8 +141,15 @@ async def _put_manifests(manifests: dict[str, tuple[bytes, str]], origin: Origin
     return entries
 
 
-async def _write_root_and_tag(root: ImageRoot, name: str, tag: str, origin: Origin, signer: Signer | None,
-                              *, moving_from: Cid | None = None) -> tuple[Cid, TagRecord]:
+async def _write_root_and_tag(
+    root: ImageRoot,
+    name: str,
+    tag: str,
+    origin: Origin,
+    signer: Signer | None,
+    *,
+    moving_from: Cid | None = None,
+) -> tuple[Cid, TagRecord]:
     """Write the image root, then the tag record pointing at it (signed with `signer`'s key), with a
     sequence number above the previous record's. With `moving_from`, the tag must still point at that
     root (an attach builds on it): if another publish moved it meanwhile, nothing is written."""
@@ -153,8 +160,9 @@ async def _write_root_and_tag(root: ImageRoot, name: str, tag: str, origin: Orig
     seq = time.time_ns() // 1000
     previous: TagRecord | None = None
     try:
-        previous = TagRecord.decode(await origin.get(tag_key(name, tag), max_size=64 << 10),
-                                    name=name, tag=tag)
+        previous = TagRecord.decode(
+            await origin.get(tag_key(name, tag), max_size=64 << 10), name=name, tag=tag
+        )
         seq = max(seq, previous.seq + 1)
     except OriginNotFound:
         pass
@@ -162,8 +170,10 @@ async def _write_root_and_tag(root: ImageRoot, name: str, tag: str, origin: Orig
         pass  # an unreadable old record is replaced by the new one
     if moving_from is not None and (previous is None or previous.root != moving_from):
         now = "is gone" if previous is None else f"points at {previous.root} now"
-        raise OriginError(f"{name}:{tag} moved while attaching (it pointed at {moving_from}, it {now}): "
-                          "nothing was changed; attach again")
+        raise OriginError(
+            f"{name}:{tag} moved while attaching (it pointed at {moving_from}, it {now}): "
+            "nothing was changed; attach again"
+        )
     record = TagRecord(name=name, tag=tag, root=root_cid, seq=seq)
     if signer is not None:
         record = signer.sign(record)
@@ -171,10 +181,16 @@ async def _write_root_and_tag(root: ImageRoot, name: str, tag: str, origin: Orig
     return root_cid, record
 
 
-async def publish_image(image: SourceImage, name: str, tag: str, origin: Origin, *,
-                        chunk_size: int = DEFAULT_CHUNK_SIZE,
-                        progress: Callable[[str], None] = lambda _msg: None,
-                        signer: Signer | None = None) -> PublishReport:
+async def publish_image(
+    image: SourceImage,
+    name: str,
+    tag: str,
+    origin: Origin,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    progress: Callable[[str], None] = lambda _msg: None,
+    signer: Signer | None = None,
+) -> PublishReport:
     """Publish `image` as `name:tag`; with a `signer`, the tag record is signed by its key."""
     check_chunk_size(chunk_size)
     done = await _upload_blobs(image.blobs.values(), origin, chunk_size, progress)
@@ -185,17 +201,25 @@ async def publish_image(image: SourceImage, name: str, tag: str, origin: Origin,
     return PublishReport(root_cid, record, done.uploaded, done.skipped, done.bytes)
 
 
-async def publish(source: str, name: str, tag: str, origin: Origin, *,
-                  chunk_size: int = DEFAULT_CHUNK_SIZE,
-                  progress: Callable[[str], None] = lambda _msg: None,
-                  signer: Signer | None = None) -> PublishReport:
+async def publish(
+    source: str,
+    name: str,
+    tag: str,
+    origin: Origin,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    progress: Callable[[str], None] = lambda _msg: None,
+    signer: Signer | None = None,
+) -> PublishReport:
     """Publish SOURCE (see `open_source`) as `name:tag`; a registry's blobs stream from it meanwhile."""
     async with open_source(source) as image:
-        return await publish_image(image, name, tag, origin, chunk_size=chunk_size, progress=progress,
-                                   signer=signer)
+        return await publish_image(
+            image, name, tag, origin, chunk_size=chunk_size, progress=progress, signer=signer
+        )
 
 
 # -- attach: an artifact next to a published image --------------------------------------------
+
 
 def _file_blob(path: Path) -> tuple[SourceBlob, str]:
     """A file to attach as a blob (hashed here, checked again while it is chunked), and its name."""
@@ -210,12 +234,20 @@ def _file_blob(path: Path) -> tuple[SourceBlob, str]:
     return SourceBlob("sha256:" + h.hexdigest(), size, lambda: open(path, "rb")), path.name
 
 
-async def attach(resolver: Resolver, name: str, tag: str, files: Sequence[Path], origin: Origin, *,
-                 artifact_type: str, media_type: str = DEFAULT_FILE_MEDIA_TYPE,
-                 annotations: Mapping[str, str] | None = None,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 progress: Callable[[str], None] = lambda _msg: None,
-                 signer: Signer | None = None) -> PublishReport:
+async def attach(
+    resolver: Resolver,
+    name: str,
+    tag: str,
+    files: Sequence[Path],
+    origin: Origin,
+    *,
+    artifact_type: str,
+    media_type: str = DEFAULT_FILE_MEDIA_TYPE,
+    annotations: Mapping[str, str] | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    progress: Callable[[str], None] = lambda _msg: None,
+    signer: Signer | None = None,
+) -> PublishReport:
     """Attach `files` to the image `name:tag` points at: an OCI artifact manifest of type
     `artifact_type` whose subject is the image's top manifest, one layer per file. A new image root
     holds the image as it was plus the artifact (a referrer of the top manifest, listed by the
@@ -229,8 +261,9 @@ async def attach(resolver: Resolver, name: str, tag: str, files: Sequence[Path],
         raise SourceInvalid("nothing to attach: give at least one FILE")
     old_cid = await resolver.resolve_tag(name, tag)
     old = await resolver.root(old_cid)
-    blobs: dict[str, SourceBlob] = {EMPTY_DIGEST: SourceBlob(EMPTY_DIGEST, len(EMPTY_BLOB),
-                                                             lambda: io.BytesIO(EMPTY_BLOB))}
+    blobs: dict[str, SourceBlob] = {
+        EMPTY_DIGEST: SourceBlob(EMPTY_DIGEST, len(EMPTY_BLOB), lambda: io.BytesIO(EMPTY_BLOB))
+    }
     layers: list[ArtifactFile] = []
     for path in files:
         blob, title = await trio.to_thread.run_sync(_file_blob, Path(path))
@@ -243,13 +276,15 @@ async def attach(resolver: Resolver, name: str, tag: str, files: Sequence[Path],
     digest = digest_of(data)
     progress(f"artifact {digest} ({artifact_type}) for {old.top}")
 
-    done = await _upload_blobs([b for d, b in blobs.items() if d not in old.blobs], origin, chunk_size,
-                               progress)
+    done = await _upload_blobs(
+        [b for d, b in blobs.items() if d not in old.blobs], origin, chunk_size, progress
+    )
     manifests = dict(old.manifests)
     manifests.update(await _put_manifests({digest: (data, OCI_MANIFEST)}, origin))
     referrers = dict(old.referrers)
     referrers[old.top] = tuple(sorted({*old.referrers_of(old.top), digest}))
-    root = ImageRoot(top=old.top, manifests=manifests, blobs={**old.blobs, **done.entries},
-                     referrers=referrers)
+    root = ImageRoot(
+        top=old.top, manifests=manifests, blobs={**old.blobs, **done.entries}, referrers=referrers
+    )
     root_cid, record = await _write_root_and_tag(root, name, tag, origin, signer, moving_from=old_cid)
     return PublishReport(root_cid, record, done.uploaded, done.skipped, done.bytes, artifact=digest)

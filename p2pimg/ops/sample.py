@@ -188,9 +188,7 @@ def _write_layer_tar(sink: _HashingSink, spec: LayerSpec, seed: int, index: int)
     note = f"p2pimg sample layer {index}: {spec.size} bytes in {spec.files} file(s), seed {seed}\n"
     note_bytes = note.encode()
     base, extra = divmod(spec.size, spec.files)
-    with tarfile.TarFile(
-        fileobj=sink, mode="w", format=tarfile.PAX_FORMAT, copybufsize=_CHUNK
-    ) as tar:
+    with tarfile.TarFile(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT, copybufsize=_CHUNK) as tar:
         tar.addfile(_tarinfo("data", directory=True))
         tar.addfile(_tarinfo(top, directory=True))
         tar.addfile(_tarinfo(f"{top}/README.txt", len(note_bytes)), io.BytesIO(note_bytes))
@@ -226,9 +224,7 @@ def _produce_layer(directory: Path, spec: LayerSpec, seed: int, index: int) -> _
             stored = _HashingSink(f)
             if spec.compression == "gzip":
                 # filename="" and mtime=0 keep the gzip header free of run-specific data.
-                with gzip.GzipFile(
-                    filename="", mode="wb", fileobj=stored, compresslevel=0, mtime=0
-                ) as gz:
+                with gzip.GzipFile(filename="", mode="wb", fileobj=stored, compresslevel=0, mtime=0) as gz:
                     raw = _HashingSink(gz)
                     _write_layer_tar(raw, spec, seed, index)
             else:
@@ -287,8 +283,7 @@ def _config(platform: _Platform, layers: Sequence[_Layer]) -> dict[str, Any]:
         },
         "rootfs": {"type": "layers", "diff_ids": [layer.diff_id for layer in layers]},
         "history": [
-            {"created": _CREATED, "created_by": f"p2pimg sample layer {i}"}
-            for i in range(len(layers))
+            {"created": _CREATED, "created_by": f"p2pimg sample layer {i}"} for i in range(len(layers))
         ],
     }
 
@@ -399,9 +394,7 @@ def write_docker_archive(
     layer_seed = _derive_seed(seed, "linux/amd64")
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".tmp-archive-") as scratch:
         # Layers are staged as files first because a tar member's size must precede its data.
-        built = [
-            _produce_layer(Path(scratch), spec, layer_seed, i) for i, spec in enumerate(layers)
-        ]
+        built = [_produce_layer(Path(scratch), spec, layer_seed, i) for i, spec in enumerate(layers)]
         config_bytes = _json_bytes(_config(_Platform("linux", "amd64", None), built))
         config = _Blob("sha256:" + hashlib.sha256(config_bytes).hexdigest(), len(config_bytes))
         config_name = config.digest.removeprefix("sha256:") + ".json"
@@ -416,9 +409,7 @@ def write_docker_archive(
         repositories = {repo: {tag: layer_dirs[-1]}} if layer_dirs else {}
 
         with _temp_file(dest.parent) as (temp, f):
-            with tarfile.TarFile(
-                fileobj=f, mode="w", format=tarfile.PAX_FORMAT, copybufsize=_CHUNK
-            ) as tar:
+            with tarfile.TarFile(fileobj=f, mode="w", format=tarfile.PAX_FORMAT, copybufsize=_CHUNK) as tar:
                 seen: set[str] = set()
                 for d, layer in zip(layer_dirs, built, strict=True):
                     if d in seen:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import httpx
 
 
-async def read_capped(response: httpx.Response, limit: int, *, decoded: bool = False,
-                      truncate: bool = False) -> bytes | None:
+async def read_capped(
+    response: httpx.Response, limit: int, *, decoded: bool = False, truncate: bool = False
+) -> bytes | None:
     """The body of a streamed response, never more than `limit` bytes of it in memory.
 
     None as soon as the body is (or its Content-Length says it will be) longer than `limit`; with
@@ -16,7 +17,7 @@ async def read_capped(response: httpx.Response, limit: int, *, decoded: bool = F
     if not truncate and declared.isdigit() and int(declared) > limit:
         return None
     data = bytearray()
-    async for piece in (response.aiter_bytes() if decoded else response.aiter_raw()):
+    async for piece in response.aiter_bytes() if decoded else response.aiter_raw():
         data += piece
         if len(data) > limit:
             return bytes(data[:limit]) if truncate else None

@@ -46,14 +46,16 @@ class Answer:
     text: str  # the start of the body, for messages
 
 
-async def request_json(client: httpx.AsyncClient, method: str, url: str, *, limit: int, timeout: float,
-                       body: object = None) -> Answer:
+async def request_json(
+    client: httpx.AsyncClient, method: str, url: str, *, limit: int, timeout: float, body: object = None
+) -> Answer:
     """A small JSON exchange with another node, reading at most `limit` bytes and taking at most
     `timeout` s in all. OriginError when it breaks either bound; httpx errors as they come."""
     what = f"{method} {url[:200]}"
     with trio.move_on_after(timeout):
-        async with client.stream(method, url, json=body,
-                                 timeout=httpx.Timeout(timeout, connect=min(timeout, 1.0))) as r:
+        async with client.stream(
+            method, url, json=body, timeout=httpx.Timeout(timeout, connect=min(timeout, 1.0))
+        ) as r:
             data = await read_capped(r, limit)
         if data is None:
             raise OriginError(f"{what}: an answer longer than the {limit} bytes expected")
@@ -98,8 +100,9 @@ class PeerSource(ChunkSource):
         # base64 of one byte per chunk, plus the other fields.
         limit = 4 * blob_map.count // 3 + 4096
         try:
-            answer = await request_json(self.client, "GET", f"{self.url}/p2pimg/v1/have/{blob_map.digest}",
-                                        limit=limit, timeout=2.0)
+            answer = await request_json(
+                self.client, "GET", f"{self.url}/p2pimg/v1/have/{blob_map.digest}", limit=limit, timeout=2.0
+            )
         except (httpx.HTTPError, OriginError):
             # A busy machine answers late now and then; three misses in a row mean it is gone,
             # and whatever it claimed to be bringing is not coming.

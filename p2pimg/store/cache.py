@@ -88,8 +88,13 @@ class CacheState:
 
     @property
     def total(self) -> int:
-        return (self.blob_bytes + self.partial_bytes + sum(f.size for f in self.blocks)
-                + sum(f.size for f in self.tmp) + sum(f.size for f in self.meta))
+        return (
+            self.blob_bytes
+            + self.partial_bytes
+            + sum(f.size for f in self.blocks)
+            + sum(f.size for f in self.tmp)
+            + sum(f.size for f in self.meta)
+        )
 
 
 @dataclass(frozen=True)
@@ -230,11 +235,17 @@ def scan(store: ChunkStore) -> CacheState:
             have = (store.root / "partial" / "sha256" / f"{info.digest[7:]}.have").read_bytes()
             info.verified = _verified_bytes(info.size, have)
     state.partials = sorted(partials.values(), key=lambda p: p.digest)
-    state.blocks = [OtherFile(Path(e.path), st.st_size, st.st_mtime)
-                    for e, st in _files(store.root / "blocks") if _is_cid(e.name)]
+    state.blocks = [
+        OtherFile(Path(e.path), st.st_size, st.st_mtime)
+        for e, st in _files(store.root / "blocks")
+        if _is_cid(e.name)
+    ]
     state.tmp = [OtherFile(Path(e.path), st.st_size, st.st_mtime) for e, st in _files(store.root / "tmp")]
-    state.meta = [OtherFile(Path(e.path), st.st_size, st.st_mtime)
-                  for e, st in _files(store.root / "pins") if _is_cid(e.name)]
+    state.meta = [
+        OtherFile(Path(e.path), st.st_size, st.st_mtime)
+        for e, st in _files(store.root / "pins")
+        if _is_cid(e.name)
+    ]
     for dirpath, _dirs, _names in os.walk(store.root / "tags"):
         state.meta += [OtherFile(Path(e.path), st.st_size, st.st_mtime) for e, st in _files(Path(dirpath))]
     state.blobs.sort(key=lambda b: b.digest)
@@ -244,8 +255,14 @@ def scan(store: ChunkStore) -> CacheState:
 # -- eviction ------------------------------------------------------------------------------
 
 
-def collect(store: ChunkStore, limit: int, *, state: CacheState | None = None,
-            busy: Callable[[str], bool] = lambda _digest: False, now: float | None = None) -> GcResult:
+def collect(
+    store: ChunkStore,
+    limit: int,
+    *,
+    state: CacheState | None = None,
+    busy: Callable[[str], bool] = lambda _digest: False,
+    now: float | None = None,
+) -> GcResult:
     """Evict, least recently used first, until the cache fits `limit` bytes: unpinned complete
     blobs `busy` does not claim, and partial blobs and staging files untouched for an hour.
 
@@ -257,16 +274,27 @@ def collect(store: ChunkStore, limit: int, *, state: CacheState | None = None,
     candidates: list[tuple[float, Removed, Callable[[], bool]]] = []
     for blob in state.blobs:
         if not blob.pinned:
-            candidates.append((blob.last_used, Removed("blob", blob.digest, blob.size),
-                               functools.partial(store.remove_blob, blob.digest)))
+            candidates.append(
+                (
+                    blob.last_used,
+                    Removed("blob", blob.digest, blob.size),
+                    functools.partial(store.remove_blob, blob.digest),
+                )
+            )
     for partial in state.partials:
         if partial.last_used < stale:
-            candidates.append((partial.last_used, Removed("partial", partial.digest, partial.disk),
-                               functools.partial(_unlink_all, partial.paths)))
+            candidates.append(
+                (
+                    partial.last_used,
+                    Removed("partial", partial.digest, partial.disk),
+                    functools.partial(_unlink_all, partial.paths),
+                )
+            )
     for f in state.tmp:
         if f.mtime < stale:
-            candidates.append((f.mtime, Removed("tmp", f.path.name, f.size),
-                               functools.partial(_unlink_all, [f.path])))
+            candidates.append(
+                (f.mtime, Removed("tmp", f.path.name, f.size), functools.partial(_unlink_all, [f.path]))
+            )
     candidates.sort(key=lambda c: c[0])
     total = before = state.total
     removed: list[Removed] = []
@@ -290,8 +318,9 @@ def _unlink_all(paths: list[Path]) -> bool:
     return gone
 
 
-async def enforce_limit(store: ChunkStore, limit: int, busy: Callable[[str], bool], *,
-                        every: float = ENFORCE_EVERY) -> None:
+async def enforce_limit(
+    store: ChunkStore, limit: int, busy: Callable[[str], bool], *, every: float = ENFORCE_EVERY
+) -> None:
     """Keep a running node's cache under `limit` bytes, checking every `every` seconds (forever)."""
     while True:
         try:
@@ -301,12 +330,19 @@ async def enforce_limit(store: ChunkStore, limit: int, busy: Callable[[str], boo
                 for item in result.removed:
                     log.info("evicted %s %s (%d bytes)", item.kind, item.name, item.size)
                 if result.removed:
-                    log.warning("cache over its limit of %s: evicted %d files (%s); now %s",
-                                human(limit), len(result.removed),
-                                human(sum(i.size for i in result.removed)), human(result.after))
+                    log.warning(
+                        "cache over its limit of %s: evicted %d files (%s); now %s",
+                        human(limit),
+                        len(result.removed),
+                        human(sum(i.size for i in result.removed)),
+                        human(result.after),
+                    )
                 if not result.fits:
-                    log.warning("cache is %s, over its limit of %s: the rest is pinned, being fetched "
-                                "or metadata", human(result.after), human(limit))
+                    log.warning(
+                        "cache is %s, over its limit of %s: the rest is pinned, being fetched or metadata",
+                        human(result.after),
+                        human(limit),
+                    )
         except OSError as exc:
             log.warning("cache size check failed: %s", exc)
         await trio.sleep(every)

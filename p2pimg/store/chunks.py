@@ -256,8 +256,10 @@ class PartialBlob:
             vfs = os.fstatvfs(self._data_fd)
         free = vfs.f_frsize * (vfs.f_bfree if os.geteuid() == 0 else vfs.f_bavail)
         if needed > free:
-            raise CacheError(f"cache disk is full: blob {self.map.digest} needs {needed / 2**20:.1f} MiB "
-                             f"more, {free / 2**20:.1f} MiB free in {self.store.root}")
+            raise CacheError(
+                f"cache disk is full: blob {self.map.digest} needs {needed / 2**20:.1f} MiB "
+                f"more, {free / 2**20:.1f} MiB free in {self.store.root}"
+            )
 
     def _recover(self) -> None:
         """Trust a `.have` claim only after re-hashing the chunk it vouches for."""
@@ -284,8 +286,9 @@ class PartialBlob:
         return [i for i, flag in enumerate(self.have) if not flag]
 
     def present_bytes(self) -> int:
-        return sum(end - start for i in range(self.map.count) if self.have[i]
-                   for start, end in [self.map.bounds(i)])
+        return sum(
+            end - start for i in range(self.map.count) if self.have[i] for start, end in [self.map.bounds(i)]
+        )
 
     def write_chunk(self, index: int, data: bytes | bytearray | memoryview) -> None:
         """Verify chunk `index` and record it; raises VerificationError on a mismatch."""

@@ -82,9 +82,18 @@ class TokenBucket:
 class PeerService:
     """The peer API of one node (served on `--peer-listen`)."""
 
-    def __init__(self, store: ChunkStore, fetcher: Fetcher, index: ChunkIndex, node_id: str, *,
-                 rate: float = 0.0, max_requests: int = 32, warm: WarmJobs | None = None,
-                 swarm_key: bytes | None = None) -> None:
+    def __init__(
+        self,
+        store: ChunkStore,
+        fetcher: Fetcher,
+        index: ChunkIndex,
+        node_id: str,
+        *,
+        rate: float = 0.0,
+        max_requests: int = 32,
+        warm: WarmJobs | None = None,
+        swarm_key: bytes | None = None,
+    ) -> None:
         self.store = store
         self.fetcher = fetcher
         self.index = index
@@ -103,8 +112,16 @@ class PeerService:
     def for_node(cls, node: Node) -> PeerService:
         """The peer API of a running node: its cache, fetches, chunk index, warm jobs and swarm
         key, under the limits of its configuration."""
-        return cls(node.store, node.fetcher, node.chunk_index, node.node_id, rate=node.config.peer_rate,
-                   max_requests=node.config.peer_max_requests, warm=node.warm, swarm_key=node.swarm_key)
+        return cls(
+            node.store,
+            node.fetcher,
+            node.chunk_index,
+            node.node_id,
+            rate=node.config.peer_rate,
+            max_requests=node.config.peer_max_requests,
+            warm=node.warm,
+            swarm_key=node.swarm_key,
+        )
 
     def _busy(self) -> Response:
         err = P2pimgError("busy: too many requests")
@@ -119,8 +136,9 @@ class PeerService:
         listener calls this first, then `handle`, which checks the body against the proof."""
         if self.guard is None:
             return None
-        refusal = self._refusal(request, self.guard.admit(request.headers.get("authorization"),
-                                                          request.method, request.path))
+        refusal = self._refusal(
+            request, self.guard.admit(request.headers.get("authorization"), request.method, request.path)
+        )
         request.admitted = refusal is None
         return refusal
 
@@ -132,8 +150,9 @@ class PeerService:
             # Made with the key, yet refused: someone replays captured requests, or a member's
             # clock is off. Worth the log, at most once a minute.
             self._warned_at = trio.current_time()
-            log.warning("refused a request from %s made with the swarm key: %s", request.client or "?",
-                        verdict.reason)
+            log.warning(
+                "refused a request from %s made with the swarm key: %s", request.client or "?", verdict.reason
+            )
         else:
             log.debug("refused a peer request from %s: %s", request.client or "?", verdict.reason)
         err = P2pimgError(verdict.reason)
@@ -150,8 +169,9 @@ class PeerService:
         if self.guard is not None:
             refusal = None if request.admitted else self.gate(request)
             if refusal is None:
-                refusal = self._refusal(request, self.guard.body_matches(
-                    request.headers.get("authorization"), request.body))
+                refusal = self._refusal(
+                    request, self.guard.body_matches(request.headers.get("authorization"), request.body)
+                )
             if refusal is not None:
                 return refusal
         return await self.handle_local(request)
@@ -219,14 +239,20 @@ class PeerService:
             states = self.fetcher.availability(digest)
             if states is None:
                 raise absent
-            return _json({"digest": digest, "complete": states == b"", "node": self.node_id,
-                          "chunks": base64.b64encode(states).decode() if states else None})
+            return _json(
+                {
+                    "digest": digest,
+                    "complete": states == b"",
+                    "node": self.node_id,
+                    "chunks": base64.b64encode(states).decode() if states else None,
+                }
+            )
         if path.startswith("/p2pimg/v1/tags/"):
-            return await self._tag_record(path[len("/p2pimg/v1/tags/"):], request)
+            return await self._tag_record(path[len("/p2pimg/v1/tags/") :], request)
         if path.startswith("/p2pimg/v1/blobs/"):
             return await self._blob(path.rpartition("/")[2], request)
         if path.startswith("/ipfs/"):
-            return await self._block(path[len("/ipfs/"):], request)
+            return await self._block(path[len("/ipfs/") :], request)
         raise NotFound(f"no such endpoint {path[:100]}")
 
     @staticmethod
@@ -246,8 +272,15 @@ class PeerService:
                 response.headers.append(("retry-after", "1"))
             return response
         body = json.dumps({"id": job_id}).encode()
-        return Response(202, [("content-type", "application/json"), ("content-length", str(len(body))),
-                              ("location", f"/p2pimg/v1/warm/{job_id}")], body)
+        return Response(
+            202,
+            [
+                ("content-type", "application/json"),
+                ("content-length", str(len(body))),
+                ("location", f"/p2pimg/v1/warm/{job_id}"),
+            ],
+            body,
+        )
 
     @staticmethod
     def _warm_status(warm: WarmJobs, job_id: str) -> Response:
@@ -266,8 +299,11 @@ class PeerService:
         if record is None:
             raise ManifestUnknown(f"this peer holds no tag record of {name}:{tag}")
         body = record.encode()
-        return Response(200, [("content-type", TAG_RECORD), ("content-length", str(len(body)))],
-                        b"" if request.method == "HEAD" else body)
+        return Response(
+            200,
+            [("content-type", TAG_RECORD), ("content-length", str(len(body)))],
+            b"" if request.method == "HEAD" else body,
+        )
 
     def _guard(self, sha256_hex: str, absent: P2pimgError) -> None:
         """Content fetched with the user's upstream credentials goes only to peers that proved the
@@ -299,12 +335,10 @@ class PeerService:
         first, last = rng[0] // bmap.chunk_size, (rng[1] - 1) // bmap.chunk_size
         if rng[1] <= rng[0] or not all(fetch.partial.have[i] for i in range(first, last + 1)):
             raise RangeNotSatisfiable(f"this peer has not verified all of {rng} yet", size=bmap.size)
-        return self._region(request.dup(fetch.partial.fd), rng, bmap.size, request,
-                            ranged=asked is not None)
+        return self._region(request.dup(fetch.partial.fd), rng, bmap.size, request, ranged=asked is not None)
 
     @staticmethod
-    def _region(fd: int, rng: tuple[int, int], size: int, request: Request, *,
-                ranged: bool) -> Response:
+    def _region(fd: int, rng: tuple[int, int], size: int, request: Request, *, ranged: bool) -> Response:
         """Bytes [start, end) of `fd`, a descriptor the request owns."""
         start, end = rng
         headers = [("content-type", "application/octet-stream"), ("content-length", str(end - start))]
@@ -318,8 +352,11 @@ class PeerService:
         cid = Cid.parse(text)
         absent = NotFound(f"this peer does not have {cid}")
         self._guard(cid.digest.hex(), absent)
-        headers = [("content-type", RAW_BLOCK), ("x-content-type-options", "nosniff"),
-                   ("etag", f'"{cid}.raw"')]
+        headers = [
+            ("content-type", RAW_BLOCK),
+            ("x-content-type-options", "nosniff"),
+            ("etag", f'"{cid}.raw"'),
+        ]
         data = await trio.to_thread.run_sync(self.store.get_block, cid)
         if data is not None:
             headers.append(("content-length", str(len(data))))
@@ -336,8 +373,9 @@ class PeerService:
                 self._guard(bmap.digest[7:], absent)
                 lo, hi = bmap.bounds(i)
                 if self.store.has_blob(bmap.digest):
-                    return self._raw(request.open_file(self.store.blob_path(bmap.digest)), lo, hi,
-                                     headers, request)
+                    return self._raw(
+                        request.open_file(self.store.blob_path(bmap.digest)), lo, hi, headers, request
+                    )
                 fetch = self.fetcher.fetch_of(bmap.digest)
                 if fetch is not None and fetch.partial.have[i]:
                     return self._raw(request.dup(fetch.partial.fd), lo, hi, headers, request)
@@ -361,5 +399,3 @@ async def _file_body(fd: int, start: int, end: int) -> AsyncIterator[BodyPart]:
 def _json(value: object) -> Response:
     body = json.dumps(value).encode()
     return Response(200, [("content-type", "application/json"), ("content-length", str(len(body)))], body)
-
-

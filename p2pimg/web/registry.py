@@ -57,11 +57,11 @@ def error_response(exc: P2pimgError, *, head: bool = False) -> Response:
     if exc.oci_code is None:
         body, content_type = exc.message.encode() + b"\n", "text/plain; charset=utf-8"
     else:
-        body = json.dumps({"errors": [{"code": exc.oci_code, "message": exc.message,
-                                       "detail": exc.detail}]}).encode()
+        body = json.dumps(
+            {"errors": [{"code": exc.oci_code, "message": exc.message, "detail": exc.detail}]}
+        ).encode()
         content_type = "application/json"
-    headers = [API_HEADER, ("content-type", content_type),
-               ("content-length", str(len(body)))]
+    headers = [API_HEADER, ("content-type", content_type), ("content-length", str(len(body)))]
     if isinstance(exc, RangeNotSatisfiable):
         headers.append(("content-range", f"bytes */{exc.size}"))
     return Response(exc.http_status, headers, b"" if head else body)
@@ -80,15 +80,21 @@ def check_repository(name: str) -> str:
     check_name(name)
     if name.startswith(IPFS_PREFIX):
         try:
-            Cid.parse(name[len(IPFS_PREFIX):])
+            Cid.parse(name[len(IPFS_PREFIX) :])
         except DigestInvalid as exc:
             raise NameInvalid(f"invalid image CID in {name!r}: {exc.message}") from None
     return name
 
 
 class Registry:
-    def __init__(self, store: ChunkStore, resolver: Resolver, fetcher: Fetcher, metrics: Metrics,
-                 mirror: Mirror | None = None) -> None:
+    def __init__(
+        self,
+        store: ChunkStore,
+        resolver: Resolver,
+        fetcher: Fetcher,
+        metrics: Metrics,
+        mirror: Mirror | None = None,
+    ) -> None:
         self.store = store
         self.resolver = resolver
         self.fetcher = fetcher
@@ -112,22 +118,30 @@ class Registry:
         if path in ("/v2", "/v2/"):
             if request.method not in _READ_METHODS:
                 return _unsupported(request.method)
-            return Response(200, [API_HEADER, ("content-type", "application/json"),
-                                  ("content-length", "2")], b"" if request.method == "HEAD" else b"{}")
+            return Response(
+                200,
+                [API_HEADER, ("content-type", "application/json"), ("content-length", "2")],
+                b"" if request.method == "HEAD" else b"{}",
+            )
         if path == "/metrics" and request.method in _READ_METHODS:
             body = self.metrics.render()
-            return Response(200, [("content-type", CONTENT_TYPE_LATEST),
-                                  ("content-length", str(len(body)))],
-                            b"" if request.method == "HEAD" else body)
+            return Response(
+                200,
+                [("content-type", CONTENT_TYPE_LATEST), ("content-length", str(len(body)))],
+                b"" if request.method == "HEAD" else body,
+            )
         if not path.startswith("/v2/"):
             raise EndpointUnknown(f"no such endpoint {path[:100]}")
-        rest = path[len("/v2/"):]
+        rest = path[len("/v2/") :]
         if "/blobs/uploads" in rest or request.method not in _READ_METHODS:
             return _unsupported(request.method)
         if rest.endswith("/tags/list"):
             return await self._tags(check_repository(rest[: -len("/tags/list")]), request)
-        for marker, handler in (("/manifests/", self._manifest), ("/blobs/", self._blob),
-                                ("/referrers/", self._referrers)):
+        for marker, handler in (
+            ("/manifests/", self._manifest),
+            ("/blobs/", self._blob),
+            ("/referrers/", self._referrers),
+        ):
             name, sep, ref = rest.rpartition(marker)
             if sep:
                 return await handler(check_repository(name), ref, request)
@@ -144,10 +158,13 @@ class Registry:
             manifest = await self.mirror.manifest(upstream, name, reference)
         else:
             manifest = await self.resolver.manifest_for(name, reference)
-        headers = [API_HEADER, ("content-type", manifest.media_type),
-                   ("docker-content-digest", manifest.digest),
-                   ("etag", f'"{manifest.digest}"'),
-                   ("content-length", str(len(manifest.data)))]
+        headers = [
+            API_HEADER,
+            ("content-type", manifest.media_type),
+            ("docker-content-digest", manifest.digest),
+            ("etag", f'"{manifest.digest}"'),
+            ("content-length", str(len(manifest.data))),
+        ]
         if request.method == "HEAD":
             return Response(200, headers)
         self.metrics.served_bytes.inc(len(manifest.data))
@@ -184,8 +201,10 @@ class Registry:
         parse_digest(digest)
         if await self._upstream_for(name, request) is not None:
             # A 404 makes clients fall back to the referrers tag schema, a tag the mirror serves.
-            raise EndpointUnknown(f"{name} is mirrored from an upstream registry: its referrers are not "
-                                  "listed here (the referrers tag schema's tag is)")
+            raise EndpointUnknown(
+                f"{name} is mirrored from an upstream registry: its referrers are not "
+                "listed here (the referrers tag schema's tag is)"
+            )
         wanted = (request.query.get(ARTIFACT_TYPE_FILTER) or [""])[0]
         descriptors = []
         for referrer, entry in await self.resolver.referrers(name, digest):
@@ -234,20 +253,25 @@ class Registry:
         return Response(status, headers, body)
 
     @staticmethod
-    def _blob_headers(digest: str, size: int,
-                      request: Request) -> tuple[int, int, int, list[tuple[str, str]]]:
+    def _blob_headers(
+        digest: str, size: int, request: Request
+    ) -> tuple[int, int, int, list[tuple[str, str]]]:
         rng = parse_range(request.headers.get("range"), size)
         start, end = rng if rng is not None else (0, size)
-        headers = [API_HEADER, ("content-type", "application/octet-stream"),
-                   ("docker-content-digest", digest), ("etag", f'"{digest}"'),
-                   ("accept-ranges", "bytes"), ("content-length", str(end - start))]
+        headers = [
+            API_HEADER,
+            ("content-type", "application/octet-stream"),
+            ("docker-content-digest", digest),
+            ("etag", f'"{digest}"'),
+            ("accept-ranges", "bytes"),
+            ("content-length", str(end - start)),
+        ]
         if rng is None:
             return 200, start, end, headers
         headers.append(("content-range", content_range(start, end, size)))
         return 206, start, end, headers
 
-    async def _upstream_blob(self, upstream: Upstream, name: str, digest: str,
-                             request: Request) -> Response:
+    async def _upstream_blob(self, upstream: Upstream, name: str, digest: str, request: Request) -> Response:
         assert self.mirror is not None
         path = self.store.blob_path(digest)
         fd = self._open_cached(digest, request)
@@ -269,8 +293,9 @@ class Registry:
         await self.mirror.wait_readable(fetch, start, end)
         return Response(status, headers, self._upstream_body(fetch, fd, start, end))
 
-    async def _upstream_body(self, fetch: UpstreamFetch, fd: int, start: int,
-                             end: int) -> AsyncIterator[BodyPart]:
+    async def _upstream_body(
+        self, fetch: UpstreamFetch, fd: int, start: int, end: int
+    ) -> AsyncIterator[BodyPart]:
         """An upstream blob's bytes as its download makes them readable; the connection is cut if
         the blob turns out wrong (the fetch's reader and `fd` belong to the request)."""
         assert self.mirror is not None
@@ -294,8 +319,9 @@ class Registry:
         self.store.touch(digest)  # last use, for the cache's LRU eviction
         return fd
 
-    async def _blob_body(self, entry: BlobEntry, digest: str, start: int, end: int,
-                         request: Request) -> AsyncIterator[BodyPart]:
+    async def _blob_body(
+        self, entry: BlobEntry, digest: str, start: int, end: int, request: Request
+    ) -> AsyncIterator[BodyPart]:
         path = self.store.blob_path(digest)
         fd = self._open_cached(digest, request)
         if fd is not None:
@@ -317,8 +343,7 @@ class Registry:
         yield FileRegion(fd, start, end - start)
         self.metrics.served_bytes.inc(end - start)
 
-    async def _chunked_body(self, fetch: BlobFetch, fd: int, start: int,
-                            end: int) -> AsyncIterator[BodyPart]:
+    async def _chunked_body(self, fetch: BlobFetch, fd: int, start: int, end: int) -> AsyncIterator[BodyPart]:
         """Blob bytes in order, each chunk sent as soon as it is verified on disk (the fetch's
         reader and `fd` belong to the request)."""
         bmap = fetch.map

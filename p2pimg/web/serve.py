@@ -36,8 +36,9 @@ def local_control(node: Node, registry: Registry, peers: PeerService) -> Handler
         if request.path.startswith("/p2pimg/v1/") and request.from_this_machine:
             if request.path == "/p2pimg/v1/peers":
                 body = json.dumps(sorted(node.swarm.peers)).encode()
-                return Response(200, [("content-type", "application/json"),
-                                      ("content-length", str(len(body)))], body)
+                return Response(
+                    200, [("content-type", "application/json"), ("content-length", str(len(body)))], body
+                )
             return await peers.handle_local(request)
         return await registry.handle(request)
 
@@ -55,16 +56,22 @@ def check_public_mirror(config: Config) -> None:
     credentialed = [h for h in hosts if load_credentials(h) is not None]
     if not credentialed:
         return
-    what = (f"the mirror pulls from {', '.join(credentialed)} with your credentials "
-            f"(from {docker_config_path()})")
+    what = (
+        f"the mirror pulls from {', '.join(credentialed)} with your credentials (from {docker_config_path()})"
+    )
     if config.allow_public_mirror:
-        log.warning("%s and its registry listens on %s, beyond this machine: anyone who can reach it "
-                    "can pull the private images those credentials reach (--allow-public-mirror)",
-                    what, config.listen)
+        log.warning(
+            "%s and its registry listens on %s, beyond this machine: anyone who can reach it "
+            "can pull the private images those credentials reach (--allow-public-mirror)",
+            what,
+            config.listen,
+        )
         return
-    raise InvalidInput(f"not serving on {config.listen}: {what}, so anyone who can reach that address "
-                       "could pull your private images; listen on 127.0.0.1, or pass "
-                       "--allow-public-mirror if that is what you want")
+    raise InvalidInput(
+        f"not serving on {config.listen}: {what}, so anyone who can reach that address "
+        "could pull your private images; listen on 127.0.0.1, or pass "
+        "--allow-public-mirror if that is what you want"
+    )
 
 
 def _raise_open_file_limit(wanted: int = 8192) -> None:
@@ -96,15 +103,22 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[str] = trio.TASK
         async with open_node(config, advertise=advertise) as node:
             registry = Registry(node.store, node.resolver, node.fetcher, node.metrics, node.mirror)
             peers = PeerService.for_node(node)
-            node.nursery.start_soon(partial(trio.serve_listeners, serve_connection(
-                local_control(node, registry, peers)), listeners))
+            node.nursery.start_soon(
+                partial(
+                    trio.serve_listeners, serve_connection(local_control(node, registry, peers)), listeners
+                )
+            )
             address = _address(listeners)
             peer_address = None
             if peer_listeners:
                 tls = node.tls.server_context() if node.tls is not None else None
-                node.nursery.start_soon(partial(trio.serve_listeners, serve_connection(
-                    peers.handle, tls, gate=peers.gate, per_client=PEER_CONNECTIONS),
-                    peer_listeners))
+                node.nursery.start_soon(
+                    partial(
+                        trio.serve_listeners,
+                        serve_connection(peers.handle, tls, gate=peers.gate, per_client=PEER_CONNECTIONS),
+                        peer_listeners,
+                    )
+                )
                 peer_address = _address(peer_listeners)
             write_serve_info(config, address, peer_address)
             try:
@@ -112,12 +126,16 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[str] = trio.TASK
                 if peer_address:
                     extra += f", peers on {'https' if node.tls else 'http'}://{peer_address}"
                     extra += " (mutual TLS)" if node.tls else ""
-                print(f"p2pimg: serving registry on http://{address} (origin {node.origin.url}{extra})",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"p2pimg: serving registry on http://{address} (origin {node.origin.url}{extra})",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 task_status.started(address)
                 async for signum in signals:
-                    print(f"p2pimg: {signal.Signals(signum).name}, shutting down", file=sys.stderr,
-                          flush=True)
+                    print(
+                        f"p2pimg: {signal.Signals(signum).name}, shutting down", file=sys.stderr, flush=True
+                    )
                     break
             finally:
                 clear_serve_info(config)

@@ -95,8 +95,11 @@ class Request:
     @property
     def from_this_machine(self) -> bool:
         """Loopback, or a connection from our own address to itself."""
-        return (self.client.startswith("127.") or self.client in ("::1", "::ffff:127.0.0.1")
-                or (bool(self.client) and self.client == self.local))
+        return (
+            self.client.startswith("127.")
+            or self.client in ("::1", "::ffff:127.0.0.1")
+            or (bool(self.client) and self.client == self.local)
+        )
 
     def hold(self, release: Callable[[], object]) -> None:
         """Make this exchange own a resource: `release` runs once when it ends, however it ends
@@ -197,8 +200,9 @@ async def _sendfile(stream: trio.SocketStream, region: FileRegion, pace: _Pace) 
     sock = stream.socket
     offset, end = region.offset, region.offset + region.length
     while offset < end:
-        sent = await trio.to_thread.run_sync(_sendfile_some, sock.fileno(), region.fd, offset,
-                                             end - offset, limiter=_SENDERS)
+        sent = await trio.to_thread.run_sync(
+            _sendfile_some, sock.fileno(), region.fd, offset, end - offset, limiter=_SENDERS
+        )
         offset += sent
         pace.sent(sent)
         if offset < end:
@@ -224,8 +228,12 @@ async def _send_paced(stream: trio.abc.Stream, data: bytes, pace: _Pace) -> None
 
 
 class _Connection:
-    def __init__(self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream],
-                 handler: Handler, gate: Gate | None = None) -> None:
+    def __init__(
+        self,
+        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream],
+        handler: Handler,
+        gate: Gate | None = None,
+    ) -> None:
         self.stream = stream
         self.handler = handler
         self.gate = gate
@@ -355,15 +363,26 @@ class _Connection:
                     return
                 status, request.body = await self._read_body()
                 if status != 200:
-                    await self._respond(_plain(status, b"request body too large\n" if status == 413
-                                               else b"incomplete request body\n"), head=head)
+                    await self._respond(
+                        _plain(
+                            status,
+                            b"request body too large\n" if status == 413 else b"incomplete request body\n",
+                        ),
+                        head=head,
+                    )
                     return
                 await self._exchange(request, head)
                 if self.conn.our_state is h11.MUST_CLOSE:
                     return
                 self.conn.start_next_cycle()
-        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
-                ConnectionError, AbortResponse, h11.LocalProtocolError) as exc:
+        except (
+            trio.TooSlowError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            ConnectionError,
+            AbortResponse,
+            h11.LocalProtocolError,
+        ) as exc:
             log.debug("connection ended: %r", exc)
         except Exception:
             # One connection's failure must never take the server (and every other client) down.
@@ -403,8 +422,11 @@ def _declared_length(headers: list[tuple[str, str]]) -> int:
 
 
 def _plain(status: int, body: bytes) -> Response:
-    return Response(status, [("content-type", "text/plain"), ("content-length", str(len(body))),
-                             ("connection", "close")], body)
+    return Response(
+        status,
+        [("content-type", "text/plain"), ("content-length", str(len(body))), ("connection", "close")],
+        body,
+    )
 
 
 def _to_request(event: h11.Request) -> Request | None:
@@ -418,20 +440,26 @@ def _to_request(event: h11.Request) -> Request | None:
     headers: dict[str, str] = {}
     for k, v in event.headers:
         headers[k.decode("latin-1").lower()] = v.decode("latin-1")
-    return Request(method=event.method.decode("ascii", "replace"), path=unquote(parts.path),
-                   query=parse_qs(parts.query), headers=headers)
+    return Request(
+        method=event.method.decode("ascii", "replace"),
+        path=unquote(parts.path),
+        query=parse_qs(parts.query),
+        headers=headers,
+    )
 
 
 async def listen(host: str, port: int) -> list[trio.SocketListener]:
     try:
         return await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
-        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
-                          errno=exc.errno) from None
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}", errno=exc.errno) from None
 
 
 async def serve_http(
-    handler: Handler, host: str, port: int, *,
+    handler: Handler,
+    host: str,
+    port: int,
+    *,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until cancelled; `task_status.started` gets the bound listeners."""
@@ -439,8 +467,13 @@ async def serve_http(
     await trio.serve_listeners(serve_connection(handler), listeners, task_status=task_status)
 
 
-def serve_connection(handler: Handler, tls: ssl.SSLContext | None = None, *, gate: Gate | None = None,
-                     per_client: int | None = None) -> Callable[[trio.SocketStream], Awaitable[None]]:
+def serve_connection(
+    handler: Handler,
+    tls: ssl.SSLContext | None = None,
+    *,
+    gate: Gate | None = None,
+    per_client: int | None = None,
+) -> Callable[[trio.SocketStream], Awaitable[None]]:
     """The per-connection task for `trio.serve_listeners`; with `tls`, HTTPS (the handshake must
     finish within HEADER_TIMEOUT, and a client the context refuses is dropped). `gate` sees each
     request's head before its body is read; `per_client` caps the connections of one address."""
@@ -459,9 +492,13 @@ def serve_connection(handler: Handler, tls: ssl.SSLContext | None = None, *, gat
         if over_client or connections.available_tokens < 1:
             if trio.current_time() - last_warning > 60:  # an attack must not flood the log too
                 last_warning = trio.current_time()
-                log.warning("closing a new connection from %s: %s", client or "?",
-                            f"it has {per_client} open already" if over_client
-                            else f"{MAX_CONNECTIONS} connections are open")
+                log.warning(
+                    "closing a new connection from %s: %s",
+                    client or "?",
+                    f"it has {per_client} open already"
+                    if over_client
+                    else f"{MAX_CONNECTIONS} connections are open",
+                )
             await stream.aclose()
             return
         connections.acquire_on_behalf_of_nowait(stream)

@@ -109,8 +109,9 @@ def lan_factory() -> Iterator[LanFactory]:
     require_netns()
     with lans() as make:
 
-        def make_or_skip(n: int, rate_mbit: float | None = None, *,
-                         latency_ms: float = DEFAULT_LATENCY_MS) -> Lan:
+        def make_or_skip(
+            n: int, rate_mbit: float | None = None, *, latency_ms: float = DEFAULT_LATENCY_MS
+        ) -> Lan:
             if rate_mbit is not None:
                 require_shaping()
             return make(n, rate_mbit, latency_ms=latency_ms)

@@ -79,8 +79,10 @@ def read_only_data(layout: WithReferrers, tags: list[str]) -> ROData:
             blobs[desc["digest"]] = read(desc["digest"])
         for desc in doc.get("layers", []):
             blobs[desc["digest"]] = read(desc["digest"])
-    referrers = {layout.top.digest: [r.listed() for r in layout.of_top()],
-                 layout.sbom.digest: [layout.sbom_signature.listed()]}
+    referrers = {
+        layout.top.digest: [r.listed() for r in layout.of_top()],
+        layout.sbom.digest: [layout.sbom_signature.listed()],
+    }
     return ROData(tags, manifests, blobs, referrers)
 
 
@@ -94,6 +96,7 @@ def check(name: str) -> Callable[[Check], Check]:
     def register(fn: Check) -> Check:
         CHECKS[name] = fn
         return fn
+
     return register
 
 
@@ -103,8 +106,10 @@ def expect(condition: bool, message: str) -> None:
 
 
 def expect_status(r: httpx.Response, *statuses: int) -> None:
-    expect(r.status_code in statuses, f"{r.request.method} {r.request.url.path}: expected {statuses}, "
-                                      f"got {r.status_code}: {r.text[:200]}")
+    expect(
+        r.status_code in statuses,
+        f"{r.request.method} {r.request.url.path}: expected {statuses}, got {r.status_code}: {r.text[:200]}",
+    )
 
 
 def expect_spec_error(r: httpx.Response) -> None:
@@ -122,11 +127,14 @@ def expect_digest(r: httpx.Response, digest: str) -> None:
 
 def referrers_index(r: httpx.Response) -> list[dict[str, Any]]:
     expect_status(r, 200)
-    expect(r.headers.get("content-type") == OCI_INDEX,
-           f"referrers content type {r.headers.get('content-type')}")
+    expect(
+        r.headers.get("content-type") == OCI_INDEX, f"referrers content type {r.headers.get('content-type')}"
+    )
     doc = r.json()
-    expect(doc.get("schemaVersion") == 2 and doc.get("mediaType") == OCI_INDEX,
-           "referrers response is not a valid OCI index (media type and schema version)")
+    expect(
+        doc.get("schemaVersion") == 2 and doc.get("mediaType") == OCI_INDEX,
+        "referrers response is not a valid OCI index (media type and schema version)",
+    )
     manifests: list[dict[str, Any]] = doc["manifests"]
     return manifests
 
@@ -147,8 +155,10 @@ def empty_tag_list(c: httpx.Client, t: Target) -> None:
 @check("empty/referrers")
 def empty_referrers(c: httpx.Client, t: Target) -> None:
     subject = sha256(secrets.token_bytes(16))
-    expect(referrers_index(c.get(f"/v2/{t.repo}/referrers/{subject}")) == [],
-           "referrers of an unknown subject are not an empty list")
+    expect(
+        referrers_index(c.get(f"/v2/{t.repo}/referrers/{subject}")) == [],
+        "referrers of an unknown subject are not an empty list",
+    )
 
 
 @check("read-only/tag-list")
@@ -163,8 +173,10 @@ def tag_list(c: httpx.Client, t: Target) -> None:
         r = c.get(f"/v2/{t.repo}/tags/list", params={"last": ordered[end - 1]})
         expect_status(r, 200)
         partial = r.json()["tags"]
-        expect(not set(ordered[:end]) & set(partial) and set(ordered[end:]) <= set(partial),
-               f"last={ordered[end - 1]} gave {partial}")
+        expect(
+            not set(ordered[:end]) & set(partial) and set(ordered[end:]) <= set(partial),
+            f"last={ordered[end - 1]} gave {partial}",
+        )
 
 
 @check("read-only/head")
@@ -192,8 +204,9 @@ def pull(c: httpx.Client, t: Target) -> None:
         r = c.get(f"/v2/{t.repo}/manifests/{ref}", headers=accept)
         expect_status(r, 200)
         expect(r.content == t.data.manifests[digest], f"GET {ref}: not the manifest's bytes")
-        expect(r.headers.get("content-type") == json.loads(r.content)["mediaType"],
-               f"GET {ref}: content type")
+        expect(
+            r.headers.get("content-type") == json.loads(r.content)["mediaType"], f"GET {ref}: content type"
+        )
         expect_digest(r, digest)
     for digest, data in t.data.blobs.items():
         r = c.get(f"/v2/{t.repo}/blobs/{digest}")
@@ -207,18 +220,27 @@ def referrers(c: httpx.Client, t: Target) -> None:
     for subject, goals in t.data.referrers.items():
         listed = referrers_index(c.get(f"/v2/{t.repo}/referrers/{subject}"))
         for goal in goals:  # the push workflow's check: each referrer with its descriptor
-            expect(any(d["digest"] == goal["digest"] and d["mediaType"] == goal["mediaType"]
-                       and d["size"] == goal["size"] and d.get("artifactType") == goal.get("artifactType")
-                       and goal.get("annotations", {}).items() <= (d.get("annotations") or {}).items()
-                       for d in listed), f"referrer {goal} of {subject} not listed: {listed}")
+            expect(
+                any(
+                    d["digest"] == goal["digest"]
+                    and d["mediaType"] == goal["mediaType"]
+                    and d["size"] == goal["size"]
+                    and d.get("artifactType") == goal.get("artifactType")
+                    and goal.get("annotations", {}).items() <= (d.get("annotations") or {}).items()
+                    for d in listed
+                ),
+                f"referrer {goal} of {subject} not listed: {listed}",
+            )
         for artifact_type in {g["artifactType"] for g in goals if "artifactType" in g}:
             r = c.get(f"/v2/{t.repo}/referrers/{subject}", params={"artifactType": artifact_type})
             listed = referrers_index(r)
             applied = [f.strip() for f in r.headers.get("oci-filters-applied", "").split(",")]
             expect("artifactType" in applied, "no OCI-Filters-Applied: artifactType")
-            expect(sorted(d["digest"] for d in listed) ==
-                   sorted(g["digest"] for g in goals if g.get("artifactType") == artifact_type),
-                   f"filter {artifact_type}: {listed}")
+            expect(
+                sorted(d["digest"] for d in listed)
+                == sorted(g["digest"] for g in goals if g.get("artifactType") == artifact_type),
+                f"filter {artifact_type}: {listed}",
+            )
 
 
 @check("missing-manifest")
@@ -260,6 +282,7 @@ def run_checks(t: Target) -> dict[str, str]:
 
 # -- the targets -------------------------------------------------------------------------------
 
+
 @dataclass
 class World:
     layout: WithReferrers
@@ -275,20 +298,30 @@ def push_blob(c: httpx.Client, repo: str, data: bytes) -> None:
 
 
 @pytest.fixture(scope="module")
-def world(samples: SampleCache, run_p2pimg: RunP2pimg, p2pimg_serve_module: P2pimgServe,
-          tmp_path_factory: pytest.TempPathFactory) -> World:
+def world(
+    samples: SampleCache,
+    run_p2pimg: RunP2pimg,
+    p2pimg_serve_module: P2pimgServe,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> World:
     sample = samples.get("multi_layer")
     layout = layout_with_referrers(sample.path, tmp_path_factory.mktemp("seeded") / "layout", tag=sample.tag)
     world = World(layout)
     home = tmp_path_factory.mktemp("p2pimg-home")
-    roots = [run_p2pimg("publish", f"oci:{layout.path}:{sample.tag}", f"{REPO}:{tag}", home=home)
-             .stdout.strip().splitlines()[-1] for tag in TAGS]
+    roots = [
+        run_p2pimg("publish", f"oci:{layout.path}:{sample.tag}", f"{REPO}:{tag}", home=home)
+        .stdout.strip()
+        .splitlines()[-1]
+        for tag in TAGS
+    ]
     assert roots[0] == roots[1]
     server = p2pimg_serve_module(home)
-    world.targets["p2pimg by name"] = Target("p2pimg by name", server.url, REPO,
-                                             read_only_data(layout, list(TAGS)))
-    world.targets["p2pimg by ipfs/CID"] = Target("p2pimg by ipfs/CID", server.url, f"ipfs/{roots[0]}",
-                                                 read_only_data(layout, ["latest"]))
+    world.targets["p2pimg by name"] = Target(
+        "p2pimg by name", server.url, REPO, read_only_data(layout, list(TAGS))
+    )
+    world.targets["p2pimg by ipfs/CID"] = Target(
+        "p2pimg by ipfs/CID", server.url, f"ipfs/{roots[0]}", read_only_data(layout, ["latest"])
+    )
     return world
 
 
@@ -301,8 +334,12 @@ def test_p2pimg_passes_every_check(world: World, target: str) -> None:
 def test_the_checks_can_fail(world: World) -> None:
     """The same checks against content that is not there, and a name that is not published."""
     t = world.targets["p2pimg by name"]
-    bogus = ROData(["nope"], {sha256(b"m"): b"m"}, {sha256(b"b"): b"b"},
-                   {next(iter(t.data.referrers)): [{"digest": sha256(b"r"), "mediaType": "x", "size": 1}]})
+    bogus = ROData(
+        ["nope"],
+        {sha256(b"m"): b"m"},
+        {sha256(b"b"): b"b"},
+        {next(iter(t.data.referrers)): [{"digest": sha256(b"r"), "mediaType": "x", "size": 1}]},
+    )
     failures = run_checks(Target("bogus", t.base, REPO, bogus))
     assert {"read-only/tag-list", "read-only/head", "read-only/pull", "read-only/referrers"} <= set(failures)
     failures = run_checks(Target("unpublished", t.base, "not/published", t.data))
@@ -315,16 +352,24 @@ def test_reference_registry(world: World, registry: Registry, skopeo: Skopeo, sa
     layout = world.layout
     sample = samples.get("multi_layer")
     for tag in TAGS:
-        skopeo("copy", "--dest-tls-verify=false", "--preserve-digests", f"oci:{layout.path}:{sample.tag}",
-               f"docker://{registry.host}/{REPO}:{tag}")
+        skopeo(
+            "copy",
+            "--dest-tls-verify=false",
+            "--preserve-digests",
+            f"oci:{layout.path}:{sample.tag}",
+            f"docker://{registry.host}/{REPO}:{tag}",
+        )
     data = world.targets["p2pimg by name"].data
     with httpx.Client(base_url=registry.url, timeout=30) as c:
         for blob in data.blobs.values():
             push_blob(c, REPO, blob)
         # Referrers (a subject's before its own referrers' do not matter: a subject may be missing).
         for digest, manifest in data.manifests.items():
-            r = c.put(f"/v2/{REPO}/manifests/{digest}", content=manifest,
-                      headers={"content-type": json.loads(manifest)["mediaType"]})
+            r = c.put(
+                f"/v2/{REPO}/manifests/{digest}",
+                content=manifest,
+                headers={"content-type": json.loads(manifest)["mediaType"]},
+            )
             assert r.status_code == 201, (digest, r.text)
     failures = run_checks(Target("docker-registry", registry.url, REPO, data))
     # It has no referrers API: both referrers tests get a 404 (its router's plain "404 page not
@@ -333,12 +378,14 @@ def test_reference_registry(world: World, registry: Registry, skopeo: Skopeo, sa
     # wants 404 or 400: the Go registry fails those two as well (with one tag, the `last` check
     # is not made).
     known = {"empty/referrers", "read-only/referrers", "read-only/tag-list", "invalid-digest-format"}
-    assert {"empty/referrers", "read-only/referrers"} <= set(failures) <= known, \
-        json.dumps(failures, indent=1)
+    assert {"empty/referrers", "read-only/referrers"} <= set(failures) <= known, json.dumps(
+        failures, indent=1
+    )
     assert "got 404" in failures["empty/referrers"] and "got 404" in failures["read-only/referrers"]
 
 
 # -- the Go suite itself, where it can be built ------------------------------------------------
+
 
 def test_go_suite(tmp_path: Path) -> None:
     """tools/conformance.py: the Go suite, built from its source with Go >= 1.24 and Debian's Go
@@ -348,14 +395,35 @@ def test_go_suite(tmp_path: Path) -> None:
     src = os.environ.get("P2PIMG_CONFORMANCE_SRC")
     go = os.environ.get("P2PIMG_CONFORMANCE_GO") or shutil.which("go")
     if not src or not go:
-        pytest.skip("the Go conformance suite needs P2PIMG_CONFORMANCE_SRC and Go >= 1.24 "
-                    "(see tools/conformance.py)")
-    gopaths = [arg for p in os.environ.get("P2PIMG_CONFORMANCE_GOPATH", "").split(os.pathsep) if p
-               for arg in ("--gopath", p)]
+        pytest.skip(
+            "the Go conformance suite needs P2PIMG_CONFORMANCE_SRC and Go >= 1.24 (see tools/conformance.py)"
+        )
+    gopaths = [
+        arg
+        for p in os.environ.get("P2PIMG_CONFORMANCE_GOPATH", "").split(os.pathsep)
+        if p
+        for arg in ("--gopath", p)
+    ]
     repo_root = Path(__file__).resolve().parents[2]
-    result = subprocess.run([sys.executable, "-m", "tools.conformance", "--src", src, "--go", go, *gopaths,
-                             "--work", str(tmp_path)], cwd=repo_root, capture_output=True, text=True,
-                            timeout=900, check=False)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tools.conformance",
+            "--src",
+            src,
+            "--go",
+            go,
+            *gopaths,
+            "--work",
+            str(tmp_path),
+        ],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [run["result"] for run in summary["runs"]] == ["Pass", "Pass"], summary

@@ -29,8 +29,9 @@ def serve(home: Path, logdir: Path, name: str) -> tuple[Daemon, str]:
         argv = [sys.executable, "-m", "p2pimg", "serve", "--listen", f"127.0.0.1:{port}"]
         return Daemon(name, argv, logdir=logdir, env=client_env(P2PIMG_HOME=str(home)))
 
-    daemon, port = start_or_fail("p2pimg serve did not start", name, launch,
-                                 lambda p: http_status(f"http://127.0.0.1:{p}/v2/") == 200)
+    daemon, port = start_or_fail(
+        "p2pimg serve did not start", name, launch, lambda p: http_status(f"http://127.0.0.1:{p}/v2/") == 200
+    )
     return daemon, f"127.0.0.1:{port}"
 
 
@@ -78,8 +79,14 @@ def check_cache(home: Path) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("delay", [0.02, 0.08, 0.25])
-def test_kill_9_mid_pull(samples: SampleCache, run_p2pimg: RunP2pimg, skopeo: Skopeo,
-                         p2pimg_home: Path, tmp_path: Path, delay: float) -> None:
+def test_kill_9_mid_pull(
+    samples: SampleCache,
+    run_p2pimg: RunP2pimg,
+    skopeo: Skopeo,
+    p2pimg_home: Path,
+    tmp_path: Path,
+    delay: float,
+) -> None:
     sample = samples.big_layer
     run_p2pimg("publish", sample.source, sample.name_tag, "--chunk-size", "256K", home=p2pimg_home)
     (layer,) = sample.platform_manifest()["layers"]
@@ -99,8 +106,13 @@ def test_kill_9_mid_pull(samples: SampleCache, run_p2pimg: RunP2pimg, skopeo: Sk
     survivor, host = serve(p2pimg_home, tmp_path / "logs", "survivor")
     try:
         out = tmp_path / "out"
-        skopeo("copy", "--preserve-digests", "--src-tls-verify=false",
-               f"docker://{host}/{sample.name_tag}", f"oci:{out}:x")
+        skopeo(
+            "copy",
+            "--preserve-digests",
+            "--src-tls-verify=false",
+            f"docker://{host}/{sample.name_tag}",
+            f"oci:{out}:x",
+        )
         dst = out / "blobs" / "sha256" / layer["digest"].removeprefix("sha256:")
         assert "sha256:" + hashlib.sha256(dst.read_bytes()).hexdigest() == layer["digest"]
         deadline = time.monotonic() + 20

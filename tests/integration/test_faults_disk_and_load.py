@@ -61,11 +61,17 @@ def get(url: str, timeout: float = 30) -> tuple[int, bytes]:
 def small_tmpfs(mnt: Path, size: str) -> Iterator[Path]:
     """A tmpfs of `size` at `mnt` (skip the test when this machine does not let us mount one)."""
     mnt.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
-                             capture_output=True, text=True, check=False)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a {size} tmpfs for the cache (needs root or CAP_SYS_ADMIN): "
-                    f"`mount` exit {mounted.returncode}: {mounted.stderr.strip()}")
+        pytest.skip(
+            f"cannot mount a {size} tmpfs for the cache (needs root or CAP_SYS_ADMIN): "
+            f"`mount` exit {mounted.returncode}: {mounted.stderr.strip()}"
+        )
     try:
         yield mnt
     finally:
@@ -97,7 +103,10 @@ def fill_up(path: Path, leave: int) -> int:
 
 
 def test_disk_full_mid_pull_then_space_returns(
-    moto: str, fault_proxy: Callable[..., FaultProxy], run_p2pimg: RunP2pimg, skopeo: Skopeo,
+    moto: str,
+    fault_proxy: Callable[..., FaultProxy],
+    run_p2pimg: RunP2pimg,
+    skopeo: Skopeo,
     tmp_path: Path,
 ) -> None:
     image = write_oci_layout(tmp_path / "img", [LayerSpec(60 << 20, "none")], tag="1", seed=11)
@@ -124,8 +133,14 @@ def test_disk_full_mid_pull_then_space_returns(
         blob_url = f"http://{host}/v2/demo/app/blobs/{layer}"
         try:
             # 1. The layer cannot fit at all: refused before any byte is sent.
-            pull = skopeo("copy", "--preserve-digests", "--src-tls-verify=false",
-                          f"docker://{host}/demo/app:1", f"oci:{tmp_path / 'out1'}:x", check=False)
+            pull = skopeo(
+                "copy",
+                "--preserve-digests",
+                "--src-tls-verify=false",
+                f"docker://{host}/demo/app:1",
+                f"oci:{tmp_path / 'out1'}:x",
+                check=False,
+            )
             assert pull.returncode != 0
             assert "507 (Insufficient Storage)" in pull.stderr, pull.stderr
             status, body = get(blob_url)
@@ -140,8 +155,9 @@ def test_disk_full_mid_pull_then_space_returns(
             # 2. Room for it when the pull starts, none left a moment later.
             remount(mnt, "200m")
             received = tmp_path / "received"
-            curl = subprocess.Popen(["curl", "-sS", "-o", str(received), blob_url],
-                                    stderr=subprocess.PIPE, text=True)
+            curl = subprocess.Popen(
+                ["curl", "-sS", "-o", str(received), blob_url], stderr=subprocess.PIPE, text=True
+            )
             have = home / "cache" / "partial" / "sha256" / f"{layer[7:]}.have"
             deadline = time.monotonic() + 30
             while not (have.exists() and have.read_bytes().count(1) >= 8):
@@ -170,8 +186,13 @@ def test_disk_full_mid_pull_then_space_returns(
             # 3. Space returns: the same server pulls it, resuming from the chunks it kept.
             filler.unlink()
             out = tmp_path / "out"
-            skopeo("copy", "--preserve-digests", "--src-tls-verify=false",
-                   f"docker://{host}/demo/app:1", f"oci:{out}:x")
+            skopeo(
+                "copy",
+                "--preserve-digests",
+                "--src-tls-verify=false",
+                f"docker://{host}/demo/app:1",
+                f"oci:{out}:x",
+            )
             check_pulled(out, image)
             deadline = time.monotonic() + 20
             while not cached_layer.exists():
@@ -191,12 +212,14 @@ def test_disk_full_mid_pull_then_space_returns(
 # 100 clients at once
 # --------------------------------------------------------------------------------------------
 
-ACCEPT = ", ".join([
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-])
+ACCEPT = ", ".join(
+    [
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+    ]
+)
 
 
 class PullError(Exception):
@@ -223,8 +246,10 @@ def pull_once(host: str, repo: str, tag: str, start: threading.Barrier) -> dict[
         raw = resp.read()
         manifest = "sha256:" + hashlib.sha256(raw).hexdigest()
         if resp.status != 200 or resp.getheader("docker-content-digest") != manifest:
-            raise PullError(f"manifest: HTTP {resp.status}, digest {resp.getheader('docker-content-digest')} "
-                            f"for bytes of {manifest}")
+            raise PullError(
+                f"manifest: HTTP {resp.status}, digest {resp.getheader('docker-content-digest')} "
+                f"for bytes of {manifest}"
+            )
         doc = json.loads(raw)
         descriptors = [doc["config"], *doc["layers"]]
         random.shuffle(descriptors)
@@ -242,8 +267,12 @@ def pull_once(host: str, repo: str, tag: str, start: threading.Barrier) -> dict[
             size += n
         return {"ok": True, "manifest": manifest, "bytes": size, "seconds": time.monotonic() - began}
     except Exception as exc:  # reported to the test, which fails with every client's story
-        return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "bytes": size,
-                "seconds": time.monotonic() - began}
+        return {
+            "ok": False,
+            "error": f"{type(exc).__name__}: {exc}",
+            "bytes": size,
+            "seconds": time.monotonic() - began,
+        }
     finally:
         conn.close()
 
@@ -291,7 +320,9 @@ def test_hundred_clients_one_cold_proxy(
         began = time.monotonic()
         clients = subprocess.Popen(
             [sys.executable, __file__, host, "demo/app", "1", str(CLIENTS)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         pulls = [skopeo_pull(f"{host}/demo/app:1", tmp_path / f"skopeo{i}") for i in range(SKOPEO_PULLS)]
         out, err = clients.communicate(timeout=120)
@@ -312,8 +343,10 @@ def test_hundred_clients_one_cold_proxy(
         assert metric(host, "p2pimg_source_bytes_total", source="origin") == blob_bytes(image)
         stats = proxy.stats()
         extra = stats["body_bytes"] - blob_bytes(image)
-        print(f"origin bodies beyond the blobs: {extra} bytes; hedges: "
-              f"{metric(host, 'p2pimg_fetch_hedges_total')}")
+        print(
+            f"origin bodies beyond the blobs: {extra} bytes; hedges: "
+            f"{metric(host, 'p2pimg_fetch_hedges_total')}"
+        )
         assert extra < 64 << 10  # + blocks and tag record
         # Metadata too is fetched once however many clients ask at once: the root, each manifest
         # and each blob map block once (Resolver.block merges concurrent misses), the tag record
@@ -326,9 +359,11 @@ def test_hundred_clients_one_cold_proxy(
         assert metric(host, "p2pimg_served_bytes_total") >= (CLIENTS + SKOPEO_PULLS) * blob_bytes(image)
         rss = peak_rss(daemon.proc.pid)
         seconds = sorted(float(r["seconds"]) for r in results)
-        print(f"{CLIENTS} clients done in {clients_done:.1f} s (per pull: min {seconds[0]:.1f} s, "
-              f"median {seconds[len(seconds) // 2]:.1f} s, max {seconds[-1]:.1f} s), all with skopeo "
-              f"{elapsed:.1f} s; proxy peak RSS {rss / 2**20:.0f} MiB")
+        print(
+            f"{CLIENTS} clients done in {clients_done:.1f} s (per pull: min {seconds[0]:.1f} s, "
+            f"median {seconds[len(seconds) // 2]:.1f} s, max {seconds[-1]:.1f} s), all with skopeo "
+            f"{elapsed:.1f} s; proxy peak RSS {rss / 2**20:.0f} MiB"
+        )
         # An idle `serve` peaks at ~52 MiB; under this load it peaked at 68 MiB (2 cores, three
         # runs: 68-70 MiB). Blob bodies go file -> socket with sendfile and the fetch holds one
         # chunk per origin request, so 100 clients cost almost nothing; 160 MiB leaves room for

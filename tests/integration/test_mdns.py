@@ -79,7 +79,10 @@ def _multicast_works(link: Link) -> str | None:
     """None if a multicast datagram from A reaches B over the veth pair, else why not."""
     recv = subprocess.Popen(
         ["ip", "netns", "exec", link.ns_b, sys.executable, str(_THIS), "mcast-recv", ADDR_B],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env=_child_env(),
     )
     try:
@@ -88,7 +91,11 @@ def _multicast_works(link: Link) -> str | None:
             return f"multicast probe receiver did not start: {recv.communicate(timeout=5)[1]}"
         send = subprocess.run(
             ["ip", "netns", "exec", link.ns_a, sys.executable, str(_THIS), "mcast-send", ADDR_A],
-            capture_output=True, text=True, timeout=30, env=_child_env(), check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=_child_env(),
+            check=False,
         )
         if send.returncode != 0:
             return f"multicast probe sender failed: {send.stderr.strip()}"
@@ -114,12 +121,26 @@ def link() -> Iterator[Link]:
         for ns in (ns_a, ns_b):
             proc = _ip("netns", "add", ns, check=False)
             if proc.returncode != 0:
-                pytest.skip(f"cannot create a network namespace (needs root/CAP_SYS_ADMIN): "
-                            f"{proc.stderr.strip()}")
+                pytest.skip(
+                    f"cannot create a network namespace (needs root/CAP_SYS_ADMIN): {proc.stderr.strip()}"
+                )
             created.append(ns)
         # Created inside ns_a with its peer inside ns_b: the pair never exists in our namespace.
-        proc = _ip("-n", ns_a, "link", "add", veth_a, "type", "veth", "peer", "name", veth_b,
-                   "netns", ns_b, check=False)
+        proc = _ip(
+            "-n",
+            ns_a,
+            "link",
+            "add",
+            veth_a,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            veth_b,
+            "netns",
+            ns_b,
+            check=False,
+        )
         if proc.returncode != 0:
             pytest.skip(f"cannot create a veth pair: {proc.stderr.strip()}")
         for ns, dev, addr in ((ns_a, veth_a, ADDR_A), (ns_b, veth_b, ADDR_B)):
@@ -175,14 +196,17 @@ class Peer:
             except queue.Empty:
                 event = None
             if event is None:
-                raise AssertionError(f"{self.name}: not {what} after {timeout:.0f}s; last peers {self.urls}\n"
-                                     f"events: {self.history}\n--- stderr ---\n{self.log()}")
+                raise AssertionError(
+                    f"{self.name}: not {what} after {timeout:.0f}s; last peers {self.urls}\n"
+                    f"events: {self.history}\n--- stderr ---\n{self.log()}"
+                )
             self.history.append(event)
             if event["event"] == "peers":
                 self.urls = event["urls"]
             elif event["event"] == "eof" and not predicate(self):
-                raise AssertionError(f"{self.name}: exited ({self.proc.wait()}) before {what}\n"
-                                     f"--- stderr ---\n{self.log()}")
+                raise AssertionError(
+                    f"{self.name}: exited ({self.proc.wait()}) before {what}\n--- stderr ---\n{self.log()}"
+                )
         return time.monotonic() - start
 
     def stop(self) -> int:
@@ -208,14 +232,32 @@ def start_peer(tmp_path: Path) -> Iterator[Callable[..., Peer]]:
     peers: list[Peer] = []
 
     def start(name: str, ns: str, advertise: str, interfaces: list[str] | None = None) -> Peer:
-        argv = ["ip", "netns", "exec", ns, sys.executable, str(_THIS), "peer",
-                "--node", f"node-{name}", "--advertise", advertise]
+        argv = [
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            sys.executable,
+            str(_THIS),
+            "peer",
+            "--node",
+            f"node-{name}",
+            "--advertise",
+            advertise,
+        ]
         for interface in interfaces or ():
             argv += ["--interface", interface]
         stderr_path = tmp_path / f"{name}.stderr.log"
         with stderr_path.open("w") as err:
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
-                                    text=True, bufsize=1, env=_child_env())
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+                bufsize=1,
+                env=_child_env(),
+            )
         peer = Peer(name, proc, stderr_path, time.monotonic())
         threading.Thread(target=peer._read, daemon=True).start()
         peers.append(peer)
@@ -253,11 +295,14 @@ def test_two_peers_find_each_other(link: Link, start_peer: Callable[..., Peer]) 
     # Neither sees itself, and there is nobody else on this link.
     assert a.urls == [URL_B]
     assert b.urls == [URL_A]
-    found = max(_first(a, "peers", lambda e: URL_B in e["urls"]),
-                _first(b, "peers", lambda e: URL_A in e["urls"]))
+    found = max(
+        _first(a, "peers", lambda e: URL_B in e["urls"]), _first(b, "peers", lambda e: URL_A in e["urls"])
+    )
     started = max(_first(a, "started"), _first(b, "started"))
-    print(f"processes up {started - min(a.started_at, b.started_at):.1f}s after spawn (imports, probing); "
-          f"mutual discovery {found - started:.1f}s after both were started")
+    print(
+        f"processes up {started - min(a.started_at, b.started_at):.1f}s after spawn (imports, probing); "
+        f"mutual discovery {found - started:.1f}s after both were started"
+    )
     assert a.stop() == 0, a.log()
     assert b.stop() == 0, b.log()
 
@@ -270,8 +315,10 @@ def test_a_stopped_peer_disappears(link: Link, start_peer: Callable[..., Peer]) 
     stopped = time.monotonic() - stopping
     a.wait_until(f"rid of {URL_B}", lambda p: URL_B not in p.urls, WITHDRAWAL_TIMEOUT)
     gone = _first(a, "peers", lambda e: e["t"] > stopping and URL_B not in e["urls"]) - stopping
-    print(f"b exited {stopped * 1000:.0f} ms after the stop request; "
-          f"a dropped it {gone * 1000:.0f} ms after the request")
+    print(
+        f"b exited {stopped * 1000:.0f} ms after the stop request; "
+        f"a dropped it {gone * 1000:.0f} ms after the request"
+    )
     assert a.urls == []
     assert a.stop() == 0, a.log()
 
@@ -310,8 +357,11 @@ def _mcast_recv(addr: str) -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("", PROBE_PORT))
-    sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
-                    struct.pack("4s4s", socket.inet_aton(PROBE_GROUP), socket.inet_aton(addr)))
+    sock.setsockopt(
+        socket.IPPROTO_IP,
+        socket.IP_ADD_MEMBERSHIP,
+        struct.pack("4s4s", socket.inet_aton(PROBE_GROUP), socket.inet_aton(addr)),
+    )
     sock.settimeout(5)
     print("ready", flush=True)
     try:
@@ -340,8 +390,9 @@ def main() -> None:
     sub.add_parser("mcast-recv").add_argument("addr")
     sub.add_parser("mcast-send").add_argument("addr")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
     if args.mode == "peer":
         import trio
 

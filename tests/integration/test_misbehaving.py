@@ -92,16 +92,22 @@ def largest_layer(image: SampleImage) -> tuple[str, int]:
     return layer["digest"], layer["size"]
 
 
-def node(tmp_path: Path, run_p2pimg: RunP2pimg, image: SampleImage, name: str,
-         *extra: str) -> tuple[Daemon, str, str]:
+def node(
+    tmp_path: Path, run_p2pimg: RunP2pimg, image: SampleImage, name: str, *extra: str
+) -> tuple[Daemon, str, str]:
     """A node publishing `image` on its own file origin, with a peer listener; (daemon, registry
     host, peer URL)."""
     home = tmp_path / name
     origin = (home / "origin").as_uri()
     publish(run_p2pimg, image, origin, home)
     peer_port = free_port()
-    daemon, host = serve(home, origin, tmp_path / "logs", name,
-                         ["--peer-listen", f"127.0.0.1:{peer_port}", "--no-mdns", *extra])
+    daemon, host = serve(
+        home,
+        origin,
+        tmp_path / "logs",
+        name,
+        ["--peer-listen", f"127.0.0.1:{peer_port}", "--no-mdns", *extra],
+    )
     return daemon, host, f"http://127.0.0.1:{peer_port}"
 
 
@@ -148,13 +154,19 @@ def test_clients_that_vanish_release_everything(listener: str, run_p2pimg: RunP2
         for moment in ("request line", "head", "mid-body"):
             vanish(port, head, moment, VANISHING, batch=100)
 
-        wait_for("descriptors back to their baseline",
-                 lambda: len(fds(pid)) <= base_fds and blob_file not in fds(pid), 15,
-                 lambda: f"{len(fds(pid))} open (baseline {base_fds}), "
-                         f"{fds(pid).count(blob_file)} of the blob")
+        wait_for(
+            "descriptors back to their baseline",
+            lambda: len(fds(pid)) <= base_fds and blob_file not in fds(pid),
+            15,
+            lambda: f"{len(fds(pid))} open (baseline {base_fds}), {fds(pid).count(blob_file)} of the blob",
+        )
         # trio keeps an idle worker thread for 10 s before it ends.
-        wait_for("threads back to their baseline", lambda: threads(pid) <= base_threads, 30,
-                 lambda: f"{threads(pid)} threads (baseline {base_threads})")
+        wait_for(
+            "threads back to their baseline",
+            lambda: threads(pid) <= base_threads,
+            30,
+            lambda: f"{threads(pid)} threads (baseline {base_threads})",
+        )
         # Every request slot came back: the peer listener still shares (206, not 429), and the
         # registry still serves the blob whole.
         if listener == "peer":
@@ -197,10 +209,15 @@ def test_clients_that_vanish_during_a_cold_fetch_release_it(
         def blob_fds() -> int:
             return sum(partial in f or f == blob_file for f in fds(pid))
 
-        wait_for("client connections and the blob's descriptors closed",
-                 lambda: connections_to(pid, port) == 0 and blob_fds() == 0, 30,
-                 lambda: f"{connections_to(pid, port)} client connections, {blob_fds()} descriptors of "
-                         "the blob (partial or complete)")
+        wait_for(
+            "client connections and the blob's descriptors closed",
+            lambda: connections_to(pid, port) == 0 and blob_fds() == 0,
+            30,
+            lambda: (
+                f"{connections_to(pid, port)} client connections, {blob_fds()} descriptors of "
+                "the blob (partial or complete)"
+            ),
+        )
         dest = tmp_path / "out"
         pull = skopeo_pull(f"{host}/demo/app:1", dest)
         _, err = pull.communicate(timeout=120)
@@ -211,9 +228,14 @@ def test_clients_that_vanish_during_a_cold_fetch_release_it(
 
 
 def loadclients(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "tools.loadclients", *args], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=client_env(PYTHONPATH=str(REPO_ROOT)))
+    return subprocess.Popen(
+        [sys.executable, "-m", "tools.loadclients", *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=client_env(PYTHONPATH=str(REPO_ROOT)),
+    )
 
 
 def timed_pull(host: str, dest: Path, image: SampleImage) -> float:
@@ -230,8 +252,9 @@ SLOW_READERS = 600
 
 
 def test_slow_readers_do_not_hold_up_a_normal_pull(run_p2pimg: RunP2pimg, tmp_path: Path) -> None:
-    image = write_oci_layout(tmp_path / "img", [LayerSpec(16 << 20, "none"), LayerSpec(2 << 20)], tag="1",
-                             seed=23)
+    image = write_oci_layout(
+        tmp_path / "img", [LayerSpec(16 << 20, "none"), LayerSpec(2 << 20)], tag="1", seed=23
+    )
     daemon, host, _ = node(tmp_path, run_p2pimg, image, "a")
     try:
         timed_pull(host, tmp_path / "warm", image)  # cached from here on
@@ -239,17 +262,31 @@ def test_slow_readers_do_not_hold_up_a_normal_pull(run_p2pimg: RunP2pimg, tmp_pa
         digest, _ = largest_layer(image)
         pid = daemon.proc.pid
         base_threads = threads(pid)
-        slow = loadclients("--host", host, "--path", f"/v2/demo/app/blobs/{digest}", "--slow",
-                           str(SLOW_READERS), "--slow-rate", "1024", "--duration", "120", "--until-eof")
+        slow = loadclients(
+            "--host",
+            host,
+            "--path",
+            f"/v2/demo/app/blobs/{digest}",
+            "--slow",
+            str(SLOW_READERS),
+            "--slow-rate",
+            "1024",
+            "--duration",
+            "120",
+            "--until-eof",
+        )
         try:
             assert slow.stdout is not None and slow.stdout.readline().strip() == "ready", slow.stderr
             loaded = sorted(timed_pull(host, tmp_path / f"l{i}", image) for i in range(3))[1]
             # Slow readers hold descriptors, not threads: a thread copies only while a socket
             # takes bytes, so with all 600 still connected the worker threads that sent their first
             # bytes go idle and end (trio keeps an idle one for 10 s).
-            wait_for("threads back to their baseline with the slow readers still reading",
-                     lambda: threads(pid) <= base_threads, 30,
-                     lambda: f"{threads(pid)} threads (baseline {base_threads})")
+            wait_for(
+                "threads back to their baseline with the slow readers still reading",
+                lambda: threads(pid) <= base_threads,
+                30,
+                lambda: f"{threads(pid)} threads (baseline {base_threads})",
+            )
             assert slow.poll() is None, "the slow readers were gone before the check"
         finally:
             out, err = slow.communicate(timeout=60)  # closing stdin stops it
@@ -265,13 +302,25 @@ def test_slow_readers_do_not_hold_up_a_normal_pull(run_p2pimg: RunP2pimg, tmp_pa
 
 def fake_peer(mode: str, logdir: Path, extra: list[str]) -> tuple[Daemon, str]:
     def launch(port: int) -> Daemon:
-        argv = [sys.executable, "-m", "tools.fakepeer", "--mode", mode, "--listen", f"127.0.0.1:{port}",
-                *extra]
+        argv = [
+            sys.executable,
+            "-m",
+            "tools.fakepeer",
+            "--mode",
+            mode,
+            "--listen",
+            f"127.0.0.1:{port}",
+            *extra,
+        ]
         env = client_env(PYTHONPATH=str(REPO_ROOT))
         return Daemon(f"fakepeer-{mode}-{port}", argv, logdir=logdir, env=env)
 
-    daemon, port = start_daemon("fake peer did not start", "fakepeer", launch,
-                                lambda p: http_status(f"http://127.0.0.1:{p}/p2pimg/v1/info") == 200)
+    daemon, port = start_daemon(
+        "fake peer did not start",
+        "fakepeer",
+        launch,
+        lambda p: http_status(f"http://127.0.0.1:{p}/p2pimg/v1/info") == 200,
+    )
     return daemon, f"http://127.0.0.1:{port}"
 
 
@@ -298,14 +347,18 @@ FAKES = 8
 
 
 def test_fake_peers_cannot_fail_or_stall_a_pull(
-    moto: str, fault_proxy: Callable[..., FaultProxy],
-    fake_peers: Callable[[str, int, list[str]], list[str]], run_p2pimg: RunP2pimg, tmp_path: Path
+    moto: str,
+    fault_proxy: Callable[..., FaultProxy],
+    fake_peers: Callable[[str, int, list[str]], list[str]],
+    run_p2pimg: RunP2pimg,
+    tmp_path: Path,
 ) -> None:
     """A slow S3 origin (4 MB/s per connection, 50 ms per response); then the same pull with
     eight static peers that claim every blob and reset, send zeros, or stall after 100 bytes, or
     that claim to be fetching every chunk themselves and never bring one."""
-    image = write_oci_layout(tmp_path / "img", [LayerSpec(16 << 20, "none"), LayerSpec(8 << 20, "none")],
-                             tag="1", seed=24)
+    image = write_oci_layout(
+        tmp_path / "img", [LayerSpec(16 << 20, "none"), LayerSpec(8 << 20, "none")], tag="1", seed=24
+    )
     bucket = make_bucket(moto)
     publish(run_p2pimg, image, s3_url(bucket, moto), tmp_path / "publisher")
     proxy = fault_proxy(moto, "--latency", "0.05", "--rate", str(4_000_000))
@@ -321,8 +374,14 @@ def test_fake_peers_cannot_fail_or_stall_a_pull(
             times[mode] = timed_pull(host, tmp_path / f"out-{mode}", image)
             assert metric(host, "p2pimg_source_bytes_total", source="origin") == blob_bytes(image)
             if peers:
-                stats = [json.loads(urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
-                    f"{url}/__fakepeer/stats", timeout=10).read()) for url in peers]
+                stats = [
+                    json.loads(
+                        urllib.request.build_opener(urllib.request.ProxyHandler({}))
+                        .open(f"{url}/__fakepeer/stats", timeout=10)
+                        .read()
+                    )
+                    for url in peers
+                ]
                 asked = [s["spans"] for s in stats]
                 if mode == "coming":  # believed, then not: it holds nothing to ask for
                     assert min(s["haves"] for s in stats) > 0 and sum(asked) == 0, stats
@@ -355,8 +414,9 @@ async def test_a_bug_in_a_mirror_download_fails_that_download_only(
     repo = f"mirror/{uuid.uuid4().hex[:8]}"
     push(skopeo, image.path, "1", f"{registry.host}/{repo}:1")
     digest, _ = largest_layer(image)
-    config = load_config(home=str(tmp_path / "home"), listen="127.0.0.1:0", upstreams=[registry.url],
-                         mdns=False)
+    config = load_config(
+        home=str(tmp_path / "home"), listen="127.0.0.1:0", upstreams=[registry.url], mdns=False
+    )
     real_keep = Mirror._keep
 
     def broken_keep(self: Mirror, *args: object) -> None:

@@ -151,8 +151,9 @@ while True:
 
 def start(host: Host, script: str, *args: str) -> tuple[subprocess.Popen[str], str]:
     """Start a helper script in `host` and return it with its first output line."""
-    proc = host.popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE,
-                      stderr=subprocess.PIPE, text=True)
+    proc = host.popen(
+        [sys.executable, "-c", script, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     assert proc.stdout is not None
     first = proc.stdout.readline().strip()
     if not first:
@@ -218,8 +219,9 @@ def test_multicast_crosses_the_bridge(lan_factory: LanFactory) -> None:
     lan = lan_factory(3)
     sender, *receivers = lan.hosts
     procs = [start(r, MCAST_RECEIVER, MCAST_GROUP, str(MCAST_PORT))[0] for r in receivers]
-    sent = sender.python(MCAST_SENDER, MCAST_GROUP, str(MCAST_PORT), "p2pimg-hello",
-                         capture_output=True, text=True)
+    sent = sender.python(
+        MCAST_SENDER, MCAST_GROUP, str(MCAST_PORT), "p2pimg-hello", capture_output=True, text=True
+    )
     assert sent.returncode == 0, sent.stderr
     for proc in procs:
         got = json.loads(finish(proc))
@@ -269,9 +271,12 @@ def test_p2pimg_serve_on_a_namespace_address(lan_factory: LanFactory, tmp_path: 
     log = tmp_path / "serve.log"
     listen = f"{server.addr}:5050"  # each namespace has its own port space: no clash possible
     with log.open("wb") as out:
-        proc = server.popen([sys.executable, "-m", "p2pimg", "serve", "--listen", listen],
-                            env=client_env(P2PIMG_HOME=str(home), PYTHONUNBUFFERED="1"),
-                            stdout=out, stderr=subprocess.STDOUT)
+        proc = server.popen(
+            [sys.executable, "-m", "p2pimg", "serve", "--listen", listen],
+            env=client_env(P2PIMG_HOME=str(home), PYTHONUNBUFFERED="1"),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     polled = client.python(HTTP_POLL, f"http://{listen}/v2/", "20", capture_output=True, text=True)
     assert polled.returncode == 0, polled.stderr
     answer = json.loads(polled.stdout)

@@ -40,16 +40,28 @@ class Attached:
 
 def attach(run_p2pimg: RunP2pimg, home: Path, path: Path, artifact_type: str, *extra: str) -> tuple[str, str]:
     """`p2pimg publish --attach`: (artifact digest, new root CID)."""
-    result = run_p2pimg("publish", "--attach", str(path), "--artifact-type", artifact_type, *extra,
-                        "samples/one:v1", home=home)
+    result = run_p2pimg(
+        "publish",
+        "--attach",
+        str(path),
+        "--artifact-type",
+        artifact_type,
+        *extra,
+        "samples/one:v1",
+        home=home,
+    )
     found = re.search(r"attached (sha256:[0-9a-f]{64})", result.stderr)
     assert found, result.stderr
     return found.group(1), result.stdout.strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="module")
-def attached(samples: SampleCache, run_p2pimg: RunP2pimg, p2pimg_serve_module: P2pimgServe,
-             tmp_path_factory: pytest.TempPathFactory) -> Attached:
+def attached(
+    samples: SampleCache,
+    run_p2pimg: RunP2pimg,
+    p2pimg_serve_module: P2pimgServe,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Attached:
     sample = samples.get("one_layer")
     home = tmp_path_factory.mktemp("p2pimg-home")
     files = tmp_path_factory.mktemp("files")
@@ -57,8 +69,16 @@ def attached(samples: SampleCache, run_p2pimg: RunP2pimg, p2pimg_serve_module: P
     sbom_file = b'{"spdxVersion": "SPDX-2.3", "name": "one"}'
     (files / "sbom.spdx.json").write_bytes(sbom_file)
     (files / "image.sig").write_bytes(b"\x00\x01 a signature")
-    sbom, _ = attach(run_p2pimg, home, files / "sbom.spdx.json", SBOM_TYPE, "--media-type", SBOM_TYPE,
-                     "--annotation", "org.example.tool=test")
+    sbom, _ = attach(
+        run_p2pimg,
+        home,
+        files / "sbom.spdx.json",
+        SBOM_TYPE,
+        "--media-type",
+        SBOM_TYPE,
+        "--annotation",
+        "org.example.tool=test",
+    )
     signature, root = attach(run_p2pimg, home, files / "image.sig", SIGNATURE_TYPE)
     top = hashlib.sha256(sample.top_manifest()[1]).hexdigest()
     return Attached(p2pimg_serve_module(home), f"sha256:{top}", root, first, sbom, signature, sbom_file)
@@ -98,24 +118,31 @@ def test_oras_lists_the_referrers(attached: Attached, by: str) -> None:
     assert r.headers["OCI-Filters-Applied"] == "artifactType"
     assert [d["digest"] for d in r.json()["manifests"]] == [attached.signature]
     # The image as it was published, before the attaches, has none.
-    r = reg.do_request(f"http://{attached.server.host}/v2/ipfs/{attached.first_root}/referrers/{attached.top}",
-                       "GET")
+    r = reg.do_request(
+        f"http://{attached.server.host}/v2/ipfs/{attached.first_root}/referrers/{attached.top}", "GET"
+    )
     assert r.status_code == 200 and r.json()["manifests"] == []
 
 
-def test_skopeo_copies_the_artifact_and_the_image(attached: Attached, skopeo: Skopeo,
-                                                  tmp_path: Path) -> None:
+def test_skopeo_copies_the_artifact_and_the_image(attached: Attached, skopeo: Skopeo, tmp_path: Path) -> None:
     host = attached.server.host
-    raw = skopeo("inspect", "--tls-verify=false", "--raw", f"docker://{host}/samples/one@{attached.signature}")
+    raw = skopeo(
+        "inspect", "--tls-verify=false", "--raw", f"docker://{host}/samples/one@{attached.signature}"
+    )
     doc = json.loads(raw.stdout)
     assert doc["artifactType"] == SIGNATURE_TYPE
     assert hashlib.sha256(raw.stdout.encode("utf-8", "surrogateescape")).hexdigest() == attached.signature[7:]
-    skopeo("copy", "--src-tls-verify=false", f"docker://{host}/samples/one@{attached.signature}",
-           f"oci:{tmp_path / 'artifact'}:sig")
+    skopeo(
+        "copy",
+        "--src-tls-verify=false",
+        f"docker://{host}/samples/one@{attached.signature}",
+        f"oci:{tmp_path / 'artifact'}:sig",
+    )
     layer = doc["layers"][0]["digest"]
     assert (tmp_path / "artifact" / "blobs" / "sha256" / layer[7:]).read_bytes() == b"\x00\x01 a signature"
     # The tag still names the same image: attaching changed its root, not its top manifest.
-    skopeo("copy", "--src-tls-verify=false", f"docker://{host}/samples/one:v1",
-           f"oci:{tmp_path / 'image'}:v1")
+    skopeo(
+        "copy", "--src-tls-verify=false", f"docker://{host}/samples/one:v1", f"oci:{tmp_path / 'image'}:v1"
+    )
     index = json.loads((tmp_path / "image" / "index.json").read_bytes())
     assert index["manifests"][0]["digest"] == attached.top

@@ -45,8 +45,17 @@ def serve(
     def launch(port: int) -> Daemon:
         return Daemon(
             name,
-            [sys.executable, "-m", "p2pimg", "serve", "--listen", f"127.0.0.1:{port}", "--origin", origin,
-             *extra],
+            [
+                sys.executable,
+                "-m",
+                "p2pimg",
+                "serve",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--origin",
+                origin,
+                *extra,
+            ],
             logdir=logdir,
             env=client_env(P2PIMG_HOME=str(home)),
         )

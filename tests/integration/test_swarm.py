@@ -360,8 +360,9 @@ def test_mutual_tls_between_peers(moto: str, nodes: Nodes, tmp_path: Path) -> No
     a_files = credentials(ca, tmp_path / "a-tls")
     image, bucket = published(tmp_path, moto, [LayerSpec(5 << 20, "none"), LayerSpec(1 << 20)], seed=10)
     origin = f"s3://{bucket}?endpoint={moto}"
-    _, _a_host, a_peer = nodes.start("a", origin, "--peer-tls-cert", a_files[0], "--peer-tls-key", a_files[1],
-                                     "--peer-tls-ca", a_files[2])
+    _, _a_host, a_peer = nodes.start(
+        "a", origin, "--peer-tls-cert", a_files[0], "--peer-tls-key", a_files[1], "--peer-tls-ca", a_files[2]
+    )
     a_peer = a_peer.replace("http://", "https://")
     warmed = p2pimg("warm", "demo/app:1", home=tmp_path / "a")
     assert warmed.returncode == 0, warmed.stderr

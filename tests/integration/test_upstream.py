@@ -105,8 +105,15 @@ def push(skopeo: Skopeo, sample: Sample, host: str, repo: str, creds: str | None
     ref = f"{host}/{repo}:{sample.tag}"
     flags = ["--dest-creds", creds] if creds else []
     all_flag = ["--all"] if sample.is_index else []
-    skopeo("copy", "--dest-tls-verify=false", "--preserve-digests", *all_flag, *flags,
-           f"oci:{sample.path}:{sample.tag}", f"docker://{ref}")
+    skopeo(
+        "copy",
+        "--dest-tls-verify=false",
+        "--preserve-digests",
+        *all_flag,
+        *flags,
+        f"oci:{sample.path}:{sample.tag}",
+        f"docker://{ref}",
+    )
     return ref
 
 
@@ -138,16 +145,25 @@ def sample_blobs(sample: Sample) -> dict[str, int]:
     return out
 
 
-async def read_all(client: UpstreamClient, repo: str, digest: str, offset: int = 0,
-                   length: int | None = None, *, size: int | None = None) -> bytes:
+async def read_all(
+    client: UpstreamClient,
+    repo: str,
+    digest: str,
+    offset: int = 0,
+    length: int | None = None,
+    *,
+    size: int | None = None,
+) -> bytes:
     return b"".join([piece async for piece in client.read_blob(repo, digest, offset, length, size=size)])
 
 
 async def read_source_blob(blob: SourceBlob) -> bytes:
     """A publish source's blob, read whole from a worker thread as publish reads it."""
+
     def read() -> bytes:
         with blob.open() as f:
             return f.read()
+
     return await trio.to_thread.run_sync(read)
 
 
@@ -166,8 +182,12 @@ def start_docker_registry(base: Path, auth_yaml: str) -> tuple[Daemon, str]:
         )
         return Daemon("docker-registry", ["docker-registry", "serve", config], logdir=base)
 
-    daemon, port = start_or_fail("docker-registry with auth did not start", "docker-registry", launch,
-                                 lambda p: http_status(f"http://127.0.0.1:{p}/v2/") == 401)
+    daemon, port = start_or_fail(
+        "docker-registry with auth did not start",
+        "docker-registry",
+        launch,
+        lambda p: http_status(f"http://127.0.0.1:{p}/v2/") == 401,
+    )
     return daemon, f"127.0.0.1:{port}"
 
 
@@ -244,8 +264,16 @@ class TokenService:
         header = {"typ": "JWT", "alg": "RS256", "x5c": [base64.b64encode(der).decode()]}
         # The JWT stays valid for 10 minutes whatever `expires_in` says, so a test can make the
         # client renew early without the registry ever seeing an expired token.
-        claims = {"iss": ISSUER, "sub": user or "", "aud": SERVICE, "exp": now + 600, "nbf": now - 10,
-                  "iat": now, "jti": uuid.uuid4().hex, "access": access}
+        claims = {
+            "iss": ISSUER,
+            "sub": user or "",
+            "aud": SERVICE,
+            "exp": now + 600,
+            "nbf": now - 10,
+            "iat": now,
+            "jti": uuid.uuid4().hex,
+            "access": access,
+        }
         signing_input = f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(claims).encode())}"
         signature = self.key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
         return f"{signing_input}.{b64url(signature)}"
@@ -266,13 +294,22 @@ class TokenService:
                     pair = base64.b64decode(value).decode(errors="replace") if scheme == "Basic" else ""
                     if pair != f"{USER}:{PASSWORD}":
                         service.requests.append(("<rejected>", query.get("scope", [])))
-                        return self.reply(401, b'{"details": "incorrect username or password"}',
-                                          {"Content-Type": "application/json"})
+                        return self.reply(
+                            401,
+                            b'{"details": "incorrect username or password"}',
+                            {"Content-Type": "application/json"},
+                        )
                     user = USER
                 service.requests.append((user, query.get("scope", [])))
                 token = service.issue(user, query.get("scope", []))
-                body = json.dumps({"token": token, "access_token": token, "expires_in": service.expires_in,
-                                   "issued_at": datetime.datetime.now(datetime.UTC).isoformat()})
+                body = json.dumps(
+                    {
+                        "token": token,
+                        "access_token": token,
+                        "expires_in": service.expires_in,
+                        "issued_at": datetime.datetime.now(datetime.UTC).isoformat(),
+                    }
+                )
                 return self.reply(200, body.encode(), {"Content-Type": "application/json"})
 
         return TokenHandler
@@ -319,8 +356,9 @@ def plain(registry: Registry, push_reference: PushReference, samples: SampleCach
 
 
 @pytest.fixture(scope="module")
-def basic_registry(tmp_path_factory: pytest.TempPathFactory, skopeo: Skopeo,
-                   samples: SampleCache) -> Iterator[AuthRegistry]:
+def basic_registry(
+    tmp_path_factory: pytest.TempPathFactory, skopeo: Skopeo, samples: SampleCache
+) -> Iterator[AuthRegistry]:
     if shutil.which("docker-registry") is None:
         pytest.skip("docker-registry is not installed (apt-get install docker-registry)")
     base = tmp_path_factory.mktemp("registry-basic")
@@ -338,8 +376,9 @@ def basic_registry(tmp_path_factory: pytest.TempPathFactory, skopeo: Skopeo,
 
 
 @pytest.fixture(scope="module")
-def token_registry(tmp_path_factory: pytest.TempPathFactory, skopeo: Skopeo,
-                   samples: SampleCache) -> Iterator[AuthRegistry]:
+def token_registry(
+    tmp_path_factory: pytest.TempPathFactory, skopeo: Skopeo, samples: SampleCache
+) -> Iterator[AuthRegistry]:
     if shutil.which("docker-registry") is None:
         pytest.skip("docker-registry is not installed (apt-get install docker-registry)")
     base = tmp_path_factory.mktemp("registry-token")
@@ -447,8 +486,9 @@ async def test_registry_source_missing_tag(plain: Registry, samples: SampleCache
             raise AssertionError("opened a tag that does not exist")
 
 
-async def test_cancelled_publish_from_a_registry_returns_its_streams(plain: Registry, samples: SampleCache,
-                                                                     tmp_path: Path) -> None:
+async def test_cancelled_publish_from_a_registry_returns_its_streams(
+    plain: Registry, samples: SampleCache, tmp_path: Path
+) -> None:
     """Cancelled while a worker thread reads a blob: its next read from the registry is cancelled
     with the task that started the thread, and the stream is closed all the same."""
     sample = samples.multi_arch
@@ -469,14 +509,20 @@ async def test_cancelled_publish_from_a_registry_returns_its_streams(plain: Regi
     assert scope.cancelled_caught
 
 
-async def test_publish_from_a_registry_to_s3_in_parts(registry: Registry, skopeo: Skopeo, moto: str,
-                                                       aws_env: None, tmp_path: Path) -> None:
+async def test_publish_from_a_registry_to_s3_in_parts(
+    registry: Registry, skopeo: Skopeo, moto: str, aws_env: None, tmp_path: Path
+) -> None:
     """A layer larger than a part streams from the registry into a multipart upload: each part is
     read from the registry stream as publish's worker threads ask for it, never the whole layer."""
     image = write_oci_layout(tmp_path / "img", [LayerSpec(11 << 20, "none")], tag="1", seed=71)
     repo = f"parts/{uuid.uuid4().hex[:8]}"
-    skopeo("copy", "--dest-tls-verify=false", "--preserve-digests", f"oci:{image.path}:1",
-           f"docker://{registry.host}/{repo}:1")
+    skopeo(
+        "copy",
+        "--dest-tls-verify=false",
+        "--preserve-digests",
+        f"oci:{image.path}:1",
+        f"docker://{registry.host}/{repo}:1",
+    )
     origin = S3Origin(f"s3://{make_bucket(moto)}?endpoint={moto}")
     origin.segment_size = 5 << 20  # S3's smallest part: three parts for the layer
     try:
@@ -495,18 +541,23 @@ async def test_publish_from_a_registry_to_s3_in_parts(registry: Registry, skopeo
 # --------------------------------------------------------------------------------------------
 
 
-async def test_basic_auth_with_docker_config(basic_registry: AuthRegistry, samples: SampleCache,
-                                             tmp_path: Path) -> None:
+async def test_basic_auth_with_docker_config(
+    basic_registry: AuthRegistry, samples: SampleCache, tmp_path: Path
+) -> None:
     sample = samples.one_layer
-    config = write_docker_config(tmp_path / "config.json", f"http://{basic_registry.host}/v1/",
-                                 {"username": USER, "password": PASSWORD})
+    config = write_docker_config(
+        tmp_path / "config.json",
+        f"http://{basic_registry.host}/v1/",
+        {"username": USER, "password": PASSWORD},
+    )
     async with UpstreamClient(basic_registry.url, docker_config=config) as client:
         manifest = await client.get_manifest("private/one-layer", sample.tag)
         assert manifest.data == sample.top_manifest()[1]
         layer = json.loads(manifest.data)["layers"][0]["digest"]
         assert await read_all(client, "private/one-layer", layer) == sample.blob(layer)
-    async with open_source(f"docker://{basic_registry.host}/private/one-layer:v1",
-                           docker_config=config) as image:
+    async with open_source(
+        f"docker://{basic_registry.host}/private/one-layer:v1", docker_config=config
+    ) as image:
         assert image.top == manifest.digest
 
 
@@ -532,8 +583,9 @@ async def test_basic_auth_wrong_password(basic_registry: AuthRegistry, tmp_path:
 # --------------------------------------------------------------------------------------------
 
 
-async def test_token_anonymous_pull(token_registry: AuthRegistry, samples: SampleCache,
-                                    skopeo: Skopeo, tmp_path: Path) -> None:
+async def test_token_anonymous_pull(
+    token_registry: AuthRegistry, samples: SampleCache, skopeo: Skopeo, tmp_path: Path
+) -> None:
     tokens = token_registry.tokens
     assert tokens is not None
     sample = samples.multi_arch
@@ -545,7 +597,10 @@ async def test_token_anonymous_pull(token_registry: AuthRegistry, samples: Sampl
         manifest = await client.get_manifest(repo, "v1")
         assert manifest.data == expected == sample.top_manifest()[1]
         assert await client.head_manifest(repo, manifest.digest) == (
-            manifest.digest, manifest.media_type, len(expected))
+            manifest.digest,
+            manifest.media_type,
+            len(expected),
+        )
         for digest in sample_blobs(sample):
             assert await read_all(client, repo, digest) == sample.blob(digest)
     # One anonymous token for the whole session: cached for its scope, not fetched per request.
@@ -559,8 +614,9 @@ async def test_token_anonymous_denied_private(token_registry: AuthRegistry, tmp_
             await client.get_manifest("private/one-layer", "v1")
 
 
-async def test_token_with_credentials(token_registry: AuthRegistry, samples: SampleCache,
-                                      tmp_path: Path) -> None:
+async def test_token_with_credentials(
+    token_registry: AuthRegistry, samples: SampleCache, tmp_path: Path
+) -> None:
     tokens = token_registry.tokens
     assert tokens is not None
     sample = samples.one_layer
@@ -573,15 +629,17 @@ async def test_token_with_credentials(token_registry: AuthRegistry, samples: Sam
         assert await read_all(client, "private/one-layer", layer, 7, 100) == sample.blob(layer)[7:107]
     assert tokens.requests == [(USER, ["repository:private/one-layer:pull"])]
     # The same credentials serve publish from the registry.
-    async with open_source(f"docker://{token_registry.host}/private/one-layer:v1",
-                           docker_config=config) as image:
+    async with open_source(
+        f"docker://{token_registry.host}/private/one-layer:v1", docker_config=config
+    ) as image:
         assert set(image.blobs) == set(sample_blobs(sample))
         assert await read_source_blob(image.blobs[layer]) == sample.blob(layer)
 
 
 async def test_token_wrong_credentials(token_registry: AuthRegistry, tmp_path: Path) -> None:
-    config = write_docker_config(tmp_path / "config.json", f"https://{token_registry.host}",
-                                 auth_entry(password="wrong-secret"))
+    config = write_docker_config(
+        tmp_path / "config.json", f"https://{token_registry.host}", auth_entry(password="wrong-secret")
+    )
     async with UpstreamClient(token_registry.url, docker_config=config) as client:
         with pytest.raises(UpstreamAuthError, match="rejected the credentials") as info:
             await client.get_manifest("public/multi-arch", "v1")
@@ -614,18 +672,30 @@ BLOB = bytes(range(256)) * 1200  # ~300 KB: several pieces on the wire
 BLOB_DIGEST = digest_of(BLOB)
 BAD_DIGEST = digest_of(b"what the registry should have sent")
 NORANGE_DIGEST = digest_of(BLOB + b"!")
-MANIFEST = json.dumps({
-    "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-    "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": BLOB_DIGEST,
-               "size": len(BLOB)},
-    "layers": [],
-}).encode()
-CORRUPT = json.dumps({
-    "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-    "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": BAD_DIGEST,
-               "size": len(BLOB)},
-    "layers": [],
-}).encode()
+MANIFEST = json.dumps(
+    {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": BLOB_DIGEST,
+            "size": len(BLOB),
+        },
+        "layers": [],
+    }
+).encode()
+CORRUPT = json.dumps(
+    {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": BAD_DIGEST,
+            "size": len(BLOB),
+        },
+        "layers": [],
+    }
+).encode()
 SCHEMA1 = json.dumps({"schemaVersion": 1, "name": "fake/repo", "tag": "old", "fsLayers": []}).encode()
 
 
@@ -646,27 +716,42 @@ def scripted() -> Iterator[Scripted]:
 
     with serve(Storage) as storage_host:
         routes: dict[str, Callable[[Handler], None]] = {
-            "/v2/fake/repo/manifests/good": lambda h: h.reply(200, MANIFEST, {
-                "Content-Type": OCI_MANIFEST,
-                # HEAD without a digest: the client must fall back to a GET.
-                **({} if h.command == "HEAD" else {"Docker-Content-Digest": digest_of(MANIFEST)})}),
-            "/v2/fake/repo/manifests/corrupt": lambda h: h.reply(200, CORRUPT, {
-                "Content-Type": OCI_MANIFEST}),
-            "/v2/fake/repo/manifests/lying": lambda h: h.reply(200, MANIFEST, {
-                "Content-Type": OCI_MANIFEST, "Docker-Content-Digest": "sha256:" + "1" * 64}),
-            f"/v2/fake/repo/manifests/{BAD_DIGEST}": lambda h: h.reply(200, MANIFEST, {
-                "Content-Type": OCI_MANIFEST}),
-            "/v2/fake/repo/manifests/huge": lambda h: h.reply(200, b" " * (4 << 20) + b"{}", {
-                "Content-Type": OCI_MANIFEST}),
+            "/v2/fake/repo/manifests/good": lambda h: h.reply(
+                200,
+                MANIFEST,
+                {
+                    "Content-Type": OCI_MANIFEST,
+                    # HEAD without a digest: the client must fall back to a GET.
+                    **({} if h.command == "HEAD" else {"Docker-Content-Digest": digest_of(MANIFEST)}),
+                },
+            ),
+            "/v2/fake/repo/manifests/corrupt": lambda h: h.reply(
+                200, CORRUPT, {"Content-Type": OCI_MANIFEST}
+            ),
+            "/v2/fake/repo/manifests/lying": lambda h: h.reply(
+                200, MANIFEST, {"Content-Type": OCI_MANIFEST, "Docker-Content-Digest": "sha256:" + "1" * 64}
+            ),
+            f"/v2/fake/repo/manifests/{BAD_DIGEST}": lambda h: h.reply(
+                200, MANIFEST, {"Content-Type": OCI_MANIFEST}
+            ),
+            "/v2/fake/repo/manifests/huge": lambda h: h.reply(
+                200, b" " * (4 << 20) + b"{}", {"Content-Type": OCI_MANIFEST}
+            ),
             "/v2/fake/repo/manifests/huge-stream": _close_delimited(b" " * (5 << 20)),
-            "/v2/fake/repo/manifests/old": lambda h: h.reply(200, SCHEMA1, {
-                "Content-Type": "application/vnd.docker.distribution.manifest.v1+prettyjws"}),
-            "/v2/fake/repo/manifests/limited": lambda h: h.reply(429, json.dumps({"errors": [
-                {"code": "TOOMANYREQUESTS", "message": "pull rate limit"}]}).encode(), {"Retry-After": "30"}),
-            "/v2/fake/repo/manifests/loop": lambda h: h.reply(307, b"", {
-                "Location": "/v2/fake/repo/manifests/loop"}),
-            f"/v2/fake/repo/blobs/{BLOB_DIGEST}": lambda h: h.reply(307, b"", {
-                "Location": f"http://{storage_host}/storage/blob?signature=xyz"}),
+            "/v2/fake/repo/manifests/old": lambda h: h.reply(
+                200, SCHEMA1, {"Content-Type": "application/vnd.docker.distribution.manifest.v1+prettyjws"}
+            ),
+            "/v2/fake/repo/manifests/limited": lambda h: h.reply(
+                429,
+                json.dumps({"errors": [{"code": "TOOMANYREQUESTS", "message": "pull rate limit"}]}).encode(),
+                {"Retry-After": "30"},
+            ),
+            "/v2/fake/repo/manifests/loop": lambda h: h.reply(
+                307, b"", {"Location": "/v2/fake/repo/manifests/loop"}
+            ),
+            f"/v2/fake/repo/blobs/{BLOB_DIGEST}": lambda h: h.reply(
+                307, b"", {"Location": f"http://{storage_host}/storage/blob?signature=xyz"}
+            ),
             f"/v2/fake/repo/blobs/{BAD_DIGEST}": lambda h: h.reply(200, BLOB),
             # Ignores Range and answers 200 with the whole blob, as some servers do.
             f"/v2/fake/repo/blobs/{NORANGE_DIGEST}": lambda h: h.reply(200, BLOB + b"!"),
@@ -674,8 +759,10 @@ def scripted() -> Iterator[Scripted]:
 
         class Registry(Handler):
             def do_GET(self) -> None:
-                if self.headers.get("Authorization") != "Basic " + base64.b64encode(
-                        f"{USER}:{PASSWORD}".encode()).decode():
+                if (
+                    self.headers.get("Authorization")
+                    != "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+                ):
                     return self.reply(401, b"", {"WWW-Authenticate": 'Basic realm="fake"'})
                 route = routes.get(self.path)
                 if route is None:
@@ -690,6 +777,7 @@ def scripted() -> Iterator[Scripted]:
 
 def _close_delimited(body: bytes) -> Callable[[Handler], None]:
     """A body with no Content-Length, ended by closing: only a streaming cap can stop it."""
+
     def send(h: Handler) -> None:
         h.send_response(200)
         h.send_header("Content-Type", OCI_MANIFEST)
@@ -698,6 +786,7 @@ def _close_delimited(body: bytes) -> Callable[[Handler], None]:
         h.close_connection = True
         with contextlib.suppress(OSError):
             h.wfile.write(body)
+
     return send
 
 
@@ -714,17 +803,21 @@ async def test_scripted_good_manifest_and_head_fallback(fake: UpstreamClient) ->
     assert await fake.head_manifest("fake/repo", "good") == (digest_of(MANIFEST), OCI_MANIFEST, len(MANIFEST))
 
 
-@pytest.mark.parametrize(("reference", "error", "match"), [
-    ("lying", VerificationError, "hash to"),
-    (BAD_DIGEST, VerificationError, "digest"),
-    ("huge", UpstreamError, "more than"),
-    ("huge-stream", UpstreamError, "more than"),
-    ("old", ManifestUnsupported, "schema 1"),
-    ("limited", UpstreamRateLimited, "rate limiting"),
-    ("loop", UpstreamError, "redirects"),
-])
-async def test_scripted_manifest_failures(fake: UpstreamClient, reference: str,
-                                          error: type[Exception], match: str) -> None:
+@pytest.mark.parametrize(
+    ("reference", "error", "match"),
+    [
+        ("lying", VerificationError, "hash to"),
+        (BAD_DIGEST, VerificationError, "digest"),
+        ("huge", UpstreamError, "more than"),
+        ("huge-stream", UpstreamError, "more than"),
+        ("old", ManifestUnsupported, "schema 1"),
+        ("limited", UpstreamRateLimited, "rate limiting"),
+        ("loop", UpstreamError, "redirects"),
+    ],
+)
+async def test_scripted_manifest_failures(
+    fake: UpstreamClient, reference: str, error: type[Exception], match: str
+) -> None:
     with pytest.raises(error, match=match):
         await fake.get_manifest("fake/repo", reference)
 
@@ -752,6 +845,7 @@ async def test_registry_source_streams_verified_blobs(scripted: Scripted, tmp_pa
     async with open_source(f"docker://{scripted.host}/fake/repo:good", docker_config=config) as good:
         assert await read_source_blob(good.blobs[BLOB_DIGEST]) == BLOB  # through the redirect to storage
     async with open_source(f"docker://{scripted.host}/fake/repo:corrupt", docker_config=config) as corrupt:
+
         def read_to_size() -> int:
             got = 0
             with corrupt.blobs[BAD_DIGEST].open() as f, pytest.raises(VerificationError):
@@ -795,7 +889,8 @@ def test_containerd_pulls_through_generated_hosts_toml(
     hosts = tmp_path / "hosts"
     (hosts / UNSERVED).mkdir(parents=True)
     (hosts / UNSERVED / "hosts.toml").write_text(
-        containerd_hosts_toml(UNSERVED, plain.url, server=f"http://{UNSERVED}"))
+        containerd_hosts_toml(UNSERVED, plain.url, server=f"http://{UNSERVED}")
+    )
     ref = f"{UNSERVED}/{sample.name_tag}"
     containerd.ctr("content", "fetch", "--hosts-dir", str(hosts), ref, namespace="upstream-mirror")
     assert sample.image.top_digest in containerd.content_digests("upstream-mirror")
@@ -815,9 +910,14 @@ def test_podman_pulls_through_generated_registries_conf(
     assert json.loads(out)[0]["Digest"] == sample.image.top_digest
 
 
-def test_mirror_with_basic_auth(basic_registry: AuthRegistry, samples: SampleCache, skopeo: Skopeo,
-                                p2pimg_serve: P2pimgServe, tmp_path: Path,
-                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mirror_with_basic_auth(
+    basic_registry: AuthRegistry,
+    samples: SampleCache,
+    skopeo: Skopeo,
+    p2pimg_serve: P2pimgServe,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """`serve --upstream` takes the registry credentials from the Docker config, and without
     them refuses clearly instead of serving anything."""
     sample = samples.one_layer
@@ -827,10 +927,16 @@ def test_mirror_with_basic_auth(basic_registry: AuthRegistry, samples: SampleCac
     monkeypatch.setenv("DOCKER_CONFIG", str(config_dir))
     server = p2pimg_serve(tmp_path / "home", extra_args=["--upstream", basic_registry.url])
     dest = tmp_path / "out"
-    skopeo("copy", "--src-tls-verify=false", "--preserve-digests",
-           f"docker://{server.host}/private/one-layer:{sample.tag}", f"oci:{dest}:x")
-    assert json.loads((dest / "index.json").read_text())["manifests"][0]["digest"] == \
-        digest_of(sample.top_manifest()[1])
+    skopeo(
+        "copy",
+        "--src-tls-verify=false",
+        "--preserve-digests",
+        f"docker://{server.host}/private/one-layer:{sample.tag}",
+        f"oci:{dest}:x",
+    )
+    assert json.loads((dest / "index.json").read_text())["manifests"][0]["digest"] == digest_of(
+        sample.top_manifest()[1]
+    )
 
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "empty-docker-config"))
     anonymous = p2pimg_serve(tmp_path / "home2", extra_args=["--upstream", basic_registry.url])
@@ -844,8 +950,13 @@ def test_mirror_with_basic_auth(basic_registry: AuthRegistry, samples: SampleCac
 
 
 def test_credentialed_content_reaches_peers_only_with_a_swarm_key(
-    basic_registry: AuthRegistry, plain: Registry, samples: SampleCache, skopeo: Skopeo,
-    p2pimg_serve: P2pimgServe, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    basic_registry: AuthRegistry,
+    plain: Registry,
+    samples: SampleCache,
+    skopeo: Skopeo,
+    p2pimg_serve: P2pimgServe,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """What a mirror brought with the user's registry credentials is private: without a swarm key
     the peer listener answers exactly as for content it does not have (blob, inventory, and the
@@ -866,8 +977,13 @@ def test_credentialed_content_reaches_peers_only_with_a_swarm_key(
         (home / "config.toml").write_text('chunk_size = "64K"\n')
         peer = f"127.0.0.1:{free_port()}"
         server = p2pimg_serve(home, extra_args=["--upstream", upstream, "--peer-listen", peer, *extra])
-        skopeo("copy", "--src-tls-verify=false", "--preserve-digests",
-               f"docker://{server.host}/{repo}:{sample.tag}", f"oci:{home.parent / (home.name + '-out')}:x")
+        skopeo(
+            "copy",
+            "--src-tls-verify=false",
+            "--preserve-digests",
+            f"docker://{server.host}/{repo}:{sample.tag}",
+            f"oci:{home.parent / (home.name + '-out')}:x",
+        )
         return f"http://{peer}"
 
     absent_digest = "sha256:" + "0" * 64
@@ -875,13 +991,19 @@ def test_credentialed_content_reaches_peers_only_with_a_swarm_key(
     def peer_paths(digest: str = layer) -> dict[str, str]:
         """Peer paths naming the layer (or, as `digest`, content that is nowhere)."""
         real = digest == layer
-        map_cid = (tmp_path / "private" / "cache" / "upstream" / "maps" / layer[7:]).read_text() if real \
+        map_cid = (
+            (tmp_path / "private" / "cache" / "upstream" / "maps" / layer[7:]).read_text()
+            if real
             else str(Cid(0x71, bytes(32)))
-        return {"blob": f"/p2pimg/v1/blobs/{digest}", "inventory": f"/p2pimg/v1/have/{digest}",
-                "manifest block": f"/ipfs/{Cid.from_digest(digest_of(top) if real else digest)}",
-                "whole-blob block": f"/ipfs/{Cid.from_digest(digest)}",
-                "blob-map block": f"/ipfs/{map_cid}",
-                "chunk block": f"/ipfs/{Cid.of_raw(layer_bytes[64 << 10:128 << 10] if real else b'nowhere')}"}
+        )
+        return {
+            "blob": f"/p2pimg/v1/blobs/{digest}",
+            "inventory": f"/p2pimg/v1/have/{digest}",
+            "manifest block": f"/ipfs/{Cid.from_digest(digest_of(top) if real else digest)}",
+            "whole-blob block": f"/ipfs/{Cid.from_digest(digest)}",
+            "blob-map block": f"/ipfs/{map_cid}",
+            "chunk block": f"/ipfs/{Cid.of_raw(layer_bytes[64 << 10 : 128 << 10] if real else b'nowhere')}",
+        }
 
     def answer(r: httpx.Response, path: str) -> tuple[int, str]:
         """Status and body, with the name asked for taken out (to compare present with absent)."""
@@ -894,8 +1016,9 @@ def test_credentialed_content_reaches_peers_only_with_a_swarm_key(
         for what, path in peer_paths().items():
             got = answer(client.get(private + path), path)
             assert got[0] == 404, f"private {what} reached a keyless peer"
-            assert got == answer(client.get(private + nowhere[what]), nowhere[what]), \
+            assert got == answer(client.get(private + nowhere[what]), nowhere[what]), (
                 f"the answer for private {what} differs from the one for absent content"
+            )
             assert client.get(public + path).status_code == 200, f"public {what} was not shared"
         got_blob = client.get(public + peer_paths()["blob"]).content
         assert digest_of(got_blob) == layer
@@ -903,8 +1026,9 @@ def test_credentialed_content_reaches_peers_only_with_a_swarm_key(
         # The same home behind a swarm key: strangers get 401, keyed peers get the private bytes.
         key = tmp_path / "swarm.key"
         key.write_text(secrets.token_hex(32))
-        keyed = mirror(tmp_path / "private", basic_registry.url, "private/one-layer", "--swarm-key-file",
-                       str(key))
+        keyed = mirror(
+            tmp_path / "private", basic_registry.url, "private/one-layer", "--swarm-key-file", str(key)
+        )
         assert client.get(keyed + peer_paths()["blob"]).status_code == 401
         auth = SwarmAuth(key.read_text().strip().encode())
         for what, path in peer_paths().items():  # the chunk too: a restarted node indexes its cache

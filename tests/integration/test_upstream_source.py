@@ -20,12 +20,13 @@ CHUNK = 64 << 10
 
 
 def blob_map(digest: str, data: bytes) -> BlobMap:
-    chunks = tuple(Cid.of_raw(data[i:i + CHUNK]) for i in range(0, len(data), CHUNK))
+    chunks = tuple(Cid.of_raw(data[i : i + CHUNK]) for i in range(0, len(data), CHUNK))
     return BlobMap(digest, len(data), CHUNK, chunks)
 
 
 async def test_engine_fetches_verified_chunks_from_an_upstream(
-        registry: Registry, push_reference: PushReference, samples: SampleCache, tmp_path: Path) -> None:
+    registry: Registry, push_reference: PushReference, samples: SampleCache, tmp_path: Path
+) -> None:
     sample = samples.one_layer
     push_reference(sample)
     layer = json.loads(sample.top_manifest()[1])["layers"][0]["digest"]
@@ -63,7 +64,8 @@ async def test_engine_fetches_verified_chunks_from_an_upstream(
 
 
 async def test_an_upstream_holds_only_what_it_was_told_where_to_find(
-        registry: Registry, tmp_path: Path) -> None:
+    registry: Registry, tmp_path: Path
+) -> None:
     async with UpstreamClient(registry.url) as client:
         source = UpstreamSource(client)
         bmap = BlobMap("sha256:" + "00" * 32, 1, CHUNK, (Cid.of_raw(b"x"),))

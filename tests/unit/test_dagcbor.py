@@ -105,9 +105,12 @@ def test_known_encoding() -> None:
     # keys sorted length-first: "a", "c", "bb"
     expected = (
         b"\xa3"
-        + b"\x61a" + b"\x86\xf6\xf5\xf4\x20\x41\x01\x61x"
-        + b"\x61c" + link_bytes(CID_A)
-        + b"\x62bb" + b"\x01"
+        + b"\x61a"
+        + b"\x86\xf6\xf5\xf4\x20\x41\x01\x61x"
+        + b"\x61c"
+        + link_bytes(CID_A)
+        + b"\x62bb"
+        + b"\x01"
     )
     assert block == expected
     assert decode(expected) == value
@@ -120,8 +123,9 @@ def test_link_decodes_to_cid() -> None:
     assert decoded[1].codec == DAG_CBOR
 
 
-@pytest.mark.parametrize("value", [0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, INT_MAX, -1, -24, -25,
-                                   -256, -257, INT_MIN])
+@pytest.mark.parametrize(
+    "value", [0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, INT_MAX, -1, -24, -25, -256, -257, INT_MIN]
+)
 def test_integer_boundaries_round_trip(value: int) -> None:
     assert decode(encode(value)) == value
 
@@ -221,9 +225,9 @@ def test_refuses_empty() -> None:
 @pytest.mark.parametrize(
     "hex_block",
     [
-        "a2626262016161" "02",  # {"bb": 1, "a": 2}: longer key first
+        "a262626201616102",  # {"bb": 1, "a": 2}: longer key first
         "a2616201616102",  # {"b": 1, "a": 2}: same length, bytewise descending
-        "a3616101626262026163" "03",  # {"a","bb","c"}: length-first order violated
+        "a361610162626202616303",  # {"a","bb","c"}: length-first order violated
     ],
 )
 def test_refuses_unsorted_map_keys(hex_block: str) -> None:
@@ -281,12 +285,12 @@ def test_refuses_floats(hex_block: str) -> None:
         "c100",  # tag 1 epoch
         "c4822003",  # tag 4 decimal fraction
         "d81e820102",  # tag 30 rational
-        "d8254300" "0102",  # tag 37 uuid (bad)
+        "d82543000102",  # tag 37 uuid (bad)
         "d82b40",  # tag 43
         "d9010280",  # tag 258 set
         "d9d9f780",  # tag 55799 self-describe
         "d81c80",  # tag 28 shareable
-        "c241" "01",  # tag 2 bignum holding 1
+        "c24101",  # tag 2 bignum holding 1
         "f7",  # undefined
         "e0",  # simple value 0
         "f820",  # simple value 32
@@ -479,6 +483,6 @@ def test_decode_verified_refuses_oversized_before_hashing() -> None:
 
 
 def test_decode_verified_refuses_non_canonical_block_even_if_cid_matches() -> None:
-    block = bytes.fromhex("a2626262016161" "02")
+    block = bytes.fromhex("a262626201616102")
     with pytest.raises(BlockInvalid):
         decode_verified(block, Cid.of_dag_cbor(block))

@@ -90,10 +90,7 @@ def test_cache_volume_and_listen_address() -> None:
     assert any(k == "ENV" and "P2PIMG_HOME=/var/lib/p2pimg" in a for k, a in stage)
     assert ("EXPOSE", "5050") in stage
     command = [
-        word
-        for keyword, args in stage
-        if keyword in ("ENTRYPOINT", "CMD")
-        for word in command_words(args)
+        word for keyword, args in stage if keyword in ("ENTRYPOINT", "CMD") for word in command_words(args)
     ]
     assert "serve" in command
     assert "--listen 0.0.0.0:5050" in " ".join(command)

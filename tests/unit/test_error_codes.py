@@ -45,20 +45,23 @@ def test_client_errors_use_the_specs_codes(cls: type[P2pimgError]) -> None:
         assert cls.oci_code is None or cls.oci_code in SPEC_CODES | {"UNKNOWN"}, (cls, cls.oci_code)
 
 
-@pytest.mark.parametrize("cls,status,code,exit_code", [
-    (errors.NotFound, 404, "BLOB_UNKNOWN", 3),
-    (errors.OriginNotFound, 404, "BLOB_UNKNOWN", 3),
-    (errors.EndpointUnknown, 404, "UNSUPPORTED", 3),
-    (errors.NameUnknown, 404, "NAME_UNKNOWN", 3),
-    (errors.ManifestUnknown, 404, "MANIFEST_UNKNOWN", 3),
-    (errors.BlobUnknown, 404, "BLOB_UNKNOWN", 3),
-    (errors.TagInvalid, 404, "MANIFEST_UNKNOWN", 2),  # bad input for the CLI all the same
-    (errors.NameInvalid, 400, "NAME_INVALID", 2),
-    (errors.DigestInvalid, 400, "DIGEST_INVALID", 2),
-    (errors.RangeInvalid, 400, None, 2),
-    (errors.RangeNotSatisfiable, 416, None, 2),
-    (errors.InvalidInput, 400, "UNSUPPORTED", 2),
-    (errors.UnsupportedMethod, 405, "UNSUPPORTED", 2),
-])
+@pytest.mark.parametrize(
+    "cls,status,code,exit_code",
+    [
+        (errors.NotFound, 404, "BLOB_UNKNOWN", 3),
+        (errors.OriginNotFound, 404, "BLOB_UNKNOWN", 3),
+        (errors.EndpointUnknown, 404, "UNSUPPORTED", 3),
+        (errors.NameUnknown, 404, "NAME_UNKNOWN", 3),
+        (errors.ManifestUnknown, 404, "MANIFEST_UNKNOWN", 3),
+        (errors.BlobUnknown, 404, "BLOB_UNKNOWN", 3),
+        (errors.TagInvalid, 404, "MANIFEST_UNKNOWN", 2),  # bad input for the CLI all the same
+        (errors.NameInvalid, 400, "NAME_INVALID", 2),
+        (errors.DigestInvalid, 400, "DIGEST_INVALID", 2),
+        (errors.RangeInvalid, 400, None, 2),
+        (errors.RangeNotSatisfiable, 416, None, 2),
+        (errors.InvalidInput, 400, "UNSUPPORTED", 2),
+        (errors.UnsupportedMethod, 405, "UNSUPPORTED", 2),
+    ],
+)
 def test_the_decisions(cls: type[P2pimgError], status: int, code: str | None, exit_code: int) -> None:
     assert (cls.http_status, cls.oci_code, cls.exit_code) == (status, code, exit_code)

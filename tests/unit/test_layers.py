@@ -41,9 +41,28 @@ MAX_LINES = 600
 OVERSIZE_ALLOWED: frozenset[str] = frozenset()  # none: split a module that outgrows the limit
 
 # No event loop, network, HTTP or threads in the content layer (sans-I/O but for key files).
-CONTENT_FORBIDDEN = frozenset({"trio", "anyio", "asyncio", "httpx", "httpcore", "h11", "threading",
-                               "concurrent", "multiprocessing", "socket", "ssl", "select",
-                               "selectors", "subprocess", "zeroconf", "urllib3", "boto3", "botocore"})
+CONTENT_FORBIDDEN = frozenset(
+    {
+        "trio",
+        "anyio",
+        "asyncio",
+        "httpx",
+        "httpcore",
+        "h11",
+        "threading",
+        "concurrent",
+        "multiprocessing",
+        "socket",
+        "ssl",
+        "select",
+        "selectors",
+        "subprocess",
+        "zeroconf",
+        "urllib3",
+        "boto3",
+        "botocore",
+    }
+)
 # The fetch schedule decides from its inputs alone: no I/O, no threads, no clock.
 SCHEDULE = "p2pimg.fetch.schedule"
 SCHEDULE_FORBIDDEN = frozenset({"trio", "httpx", "threading", "time"})
@@ -77,15 +96,17 @@ def _module_name(path: Path, root: Path) -> tuple[str, bool]:
 
 
 def _is_type_checking(test: ast.expr) -> bool:
-    return ((isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
-            or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _import_nodes(tree: ast.AST) -> Iterator[tuple[ast.Import | ast.ImportFrom, bool, bool]]:
     """Every import statement in `tree`, with (under TYPE_CHECKING, inside a function)."""
 
-    def visit(node: ast.AST, type_checking: bool, in_function: bool) -> Iterator[
-            tuple[ast.Import | ast.ImportFrom, bool, bool]]:
+    def visit(
+        node: ast.AST, type_checking: bool, in_function: bool
+    ) -> Iterator[tuple[ast.Import | ast.ImportFrom, bool, bool]]:
         if isinstance(node, ast.Import | ast.ImportFrom):
             yield node, type_checking, in_function
             return
@@ -102,17 +123,21 @@ def _import_nodes(tree: ast.AST) -> Iterator[tuple[ast.Import | ast.ImportFrom, 
     yield from visit(tree, False, False)
 
 
-def _targets(node: ast.Import | ast.ImportFrom, module: str, is_package: bool,
-             known: Container[str]) -> list[str]:
+def _targets(
+    node: ast.Import | ast.ImportFrom, module: str, is_package: bool, known: Container[str]
+) -> list[str]:
     if isinstance(node, ast.Import):
         return [alias.name for alias in node.names]
     base = node.module or ""
     if node.level:  # relative: from the module's package, one level up per extra dot
         parts = module.split(".") if is_package else module.split(".")[:-1]
-        parts = parts[:len(parts) - (node.level - 1)]
+        parts = parts[: len(parts) - (node.level - 1)]
         base = ".".join(parts + ([node.module] if node.module else []))
-    return list(dict.fromkeys(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base
-                              for alias in node.names))
+    return list(
+        dict.fromkeys(
+            f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names
+        )
+    )
 
 
 def read_package(root: Path) -> dict[str, Module]:
@@ -125,9 +150,11 @@ def read_package(root: Path) -> dict[str, Module]:
         modules[name] = Module(name, path, is_package, len(texts[name].splitlines()))
     for module in modules.values():  # once all are known: `from a import b` needs to know if a.b is one
         tree = ast.parse(texts[module.name], filename=str(module.path))
-        module.imports = [Import(target, node.lineno, type_checking, in_function)
-                          for node, type_checking, in_function in _import_nodes(tree)
-                          for target in _targets(node, module.name, module.is_package, modules)]
+        module.imports = [
+            Import(target, node.lineno, type_checking, in_function)
+            for node, type_checking, in_function in _import_nodes(tree)
+            for target in _targets(node, module.name, module.is_package, modules)
+        ]
     return modules
 
 
@@ -162,9 +189,12 @@ def unplaced_modules(modules: dict[str, Module], package: str = "p2pimg") -> lis
 
 def unknown_imports(modules: dict[str, Module], package: str = "p2pimg") -> list[str]:
     """Imports of package modules that do not exist."""
-    return [f"{m.name}:{i.line} imports {i.target}, which is not a module of {package}"
-            for m in modules.values() for i in m.imports
-            if internal(i.target, package) and i.target not in modules]
+    return [
+        f"{m.name}:{i.line} imports {i.target}, which is not a module of {package}"
+        for m in modules.values()
+        for i in m.imports
+        if internal(i.target, package) and i.target not in modules
+    ]
 
 
 def upward_imports(modules: dict[str, Module], package: str = "p2pimg") -> list[str]:
@@ -178,18 +208,26 @@ def upward_imports(modules: dict[str, Module], package: str = "p2pimg") -> list[
         for imp in module.imports:
             there = layer_of(imp.target, package) if internal(imp.target, package) else None
             if here is not None and there is not None and there > here:
-                where = " under TYPE_CHECKING" if imp.type_checking else \
-                    " in a function" if imp.in_function else ""
-                found.append(f"{module.name}:{imp.line} ({_layer_name(here)}) imports {imp.target} "
-                             f"({_layer_name(there)}){where}")
+                where = (
+                    " under TYPE_CHECKING"
+                    if imp.type_checking
+                    else " in a function"
+                    if imp.in_function
+                    else ""
+                )
+                found.append(
+                    f"{module.name}:{imp.line} ({_layer_name(here)}) imports {imp.target} "
+                    f"({_layer_name(there)}){where}"
+                )
     return found
 
 
 def import_cycles(modules: dict[str, Module], package: str = "p2pimg") -> list[list[str]]:
     """Groups of modules that import each other, directly or through others (Tarjan's strongly
     connected components, iteratively); a module importing itself counts too."""
-    graph = {name: sorted({i.target for i in m.imports if i.target in modules})
-             for name, m in modules.items()}
+    graph = {
+        name: sorted({i.target for i in m.imports if i.target in modules}) for name, m in modules.items()
+    }
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
@@ -241,8 +279,9 @@ def reached(modules: dict[str, Module], start: str) -> set[str]:
     return seen
 
 
-def forbidden_imports(modules: dict[str, Module], starts: Iterable[str], forbidden: frozenset[str],
-                      package: str = "p2pimg") -> list[str]:
+def forbidden_imports(
+    modules: dict[str, Module], starts: Iterable[str], forbidden: frozenset[str], package: str = "p2pimg"
+) -> list[str]:
     """Imports of a forbidden top-level module by `starts` or any package module they reach."""
     found = []
     for name in sorted(set().union(*(reached(modules, s) for s in starts))):
@@ -252,10 +291,14 @@ def forbidden_imports(modules: dict[str, Module], starts: Iterable[str], forbidd
     return found
 
 
-def oversize(modules: dict[str, Module], repo: Path, allowed: frozenset[str] = OVERSIZE_ALLOWED,
-             limit: int = MAX_LINES) -> list[str]:
-    return sorted(f"{m.path.relative_to(repo).as_posix()}: {m.lines} lines" for m in modules.values()
-                  if m.lines > limit and m.path.relative_to(repo).as_posix() not in allowed)
+def oversize(
+    modules: dict[str, Module], repo: Path, allowed: frozenset[str] = OVERSIZE_ALLOWED, limit: int = MAX_LINES
+) -> list[str]:
+    return sorted(
+        f"{m.path.relative_to(repo).as_posix()}: {m.lines} lines"
+        for m in modules.values()
+        if m.lines > limit and m.path.relative_to(repo).as_posix() not in allowed
+    )
 
 
 # -- the package ------------------------------------------------------------------------------------
@@ -289,8 +332,7 @@ def test_no_import_cycles(modules: dict[str, Module]) -> None:
 
 
 def test_content_layer_has_no_io_runtime(modules: dict[str, Module]) -> None:
-    content = [name for name in modules if layer_of(name) == LAYERS.index("content")
-               and name != "p2pimg"]
+    content = [name for name in modules if layer_of(name) == LAYERS.index("content") and name != "p2pimg"]
     assert content
     assert forbidden_imports(modules, content, CONTENT_FORBIDDEN) == []
 
@@ -303,7 +345,8 @@ def test_fetch_schedule_is_pure(modules: dict[str, Module]) -> None:
 
 def test_no_module_is_over_the_line_limit(modules: dict[str, Module]) -> None:
     assert oversize(modules, PACKAGE_DIR.parent) == [], (
-        f"split modules over {MAX_LINES} lines (or, only while someone splits one, allow it)")
+        f"split modules over {MAX_LINES} lines (or, only while someone splits one, allow it)"
+    )
 
 
 # -- the checks can fail ----------------------------------------------------------------------------
@@ -318,64 +361,81 @@ def _write(root: Path, files: dict[str, str]) -> dict[str, Module]:
 
 
 def test_the_checks_catch_a_made_up_package_breaking_each_rule(tmp_path: Path) -> None:
-    modules = _write(tmp_path, {
-        "p2pimg/__init__.py": "from p2pimg.content.cid import Cid\n",
-        "p2pimg/__main__.py": "from p2pimg.cli import main\n",
-        "p2pimg/errors.py": "",
-        "p2pimg/content/__init__.py": "",
-        "p2pimg/content/cid.py": "import threading\nfrom p2pimg.errors import *\n",
-        "p2pimg/content/model.py": (
-            "from . import cid\n"
-            "def late():\n    from p2pimg.web.registry import handle\n"),  # upward, in a function
-        "p2pimg/store/__init__.py": "",
-        "p2pimg/store/chunks.py": (
-            "from typing import TYPE_CHECKING\n"
-            "if TYPE_CHECKING:\n    from p2pimg.node.node import Node\n"  # upward, for types only
-            "from p2pimg.store import index\n"),
-        "p2pimg/store/index.py": "import p2pimg.store.chunks\nfrom p2pimg.tasks import x\n",  # a cycle
-        "p2pimg/tasks.py": "import trio\n",  # kernel: allowed here, not for content reaching it
-        "p2pimg/fetch/__init__.py": "",
-        "p2pimg/fetch/schedule.py": "from time import monotonic\nfrom ..content import model\n",
-        "p2pimg/node/__init__.py": "",
-        "p2pimg/node/node.py": "from p2pimg.web import registry\n",  # upward
-        "p2pimg/web/__init__.py": "",
-        "p2pimg/web/registry.py": "from ..content.model import late\nfrom p2pimg.nothere import y\n",
-        "p2pimg/cli/__init__.py": "",
-        "p2pimg/cli/main.py": "from p2pimg import __version__\n" + "x = 1\n" * 700,
-        "p2pimg/extra.py": "",  # in no layer
-    })
+    modules = _write(
+        tmp_path,
+        {
+            "p2pimg/__init__.py": "from p2pimg.content.cid import Cid\n",
+            "p2pimg/__main__.py": "from p2pimg.cli import main\n",
+            "p2pimg/errors.py": "",
+            "p2pimg/content/__init__.py": "",
+            "p2pimg/content/cid.py": "import threading\nfrom p2pimg.errors import *\n",
+            "p2pimg/content/model.py": (
+                "from . import cid\ndef late():\n    from p2pimg.web.registry import handle\n"
+            ),  # upward, in a function
+            "p2pimg/store/__init__.py": "",
+            "p2pimg/store/chunks.py": (
+                "from typing import TYPE_CHECKING\n"
+                "if TYPE_CHECKING:\n    from p2pimg.node.node import Node\n"  # upward, for types only
+                "from p2pimg.store import index\n"
+            ),
+            "p2pimg/store/index.py": "import p2pimg.store.chunks\nfrom p2pimg.tasks import x\n",  # a cycle
+            "p2pimg/tasks.py": "import trio\n",  # kernel: allowed here, not for content reaching it
+            "p2pimg/fetch/__init__.py": "",
+            "p2pimg/fetch/schedule.py": "from time import monotonic\nfrom ..content import model\n",
+            "p2pimg/node/__init__.py": "",
+            "p2pimg/node/node.py": "from p2pimg.web import registry\n",  # upward
+            "p2pimg/web/__init__.py": "",
+            "p2pimg/web/registry.py": "from ..content.model import late\nfrom p2pimg.nothere import y\n",
+            "p2pimg/cli/__init__.py": "",
+            "p2pimg/cli/main.py": "from p2pimg import __version__\n" + "x = 1\n" * 700,
+            "p2pimg/extra.py": "",  # in no layer
+        },
+    )
     assert modules["p2pimg.content.model"].imports[0].target == "p2pimg.content.cid"
     assert unplaced_modules(modules) == ["p2pimg.extra"]
-    assert unknown_imports(modules) == ["p2pimg.web.registry:2 imports p2pimg.nothere, which is not a "
-                                        "module of p2pimg"]
+    assert unknown_imports(modules) == [
+        "p2pimg.web.registry:2 imports p2pimg.nothere, which is not a module of p2pimg"
+    ]
     assert sorted(upward_imports(modules)) == [
         "p2pimg.content.model:3 (content) imports p2pimg.web.registry (web) in a function",
         "p2pimg.node.node:1 (node) imports p2pimg.web.registry (web)",
         "p2pimg.store.chunks:3 (store) imports p2pimg.node.node (node) under TYPE_CHECKING",
     ]
-    assert sorted(import_cycles(modules)) == [["p2pimg.content.model", "p2pimg.web.registry"],
-                                              ["p2pimg.store.chunks", "p2pimg.store.index"]]
+    assert sorted(import_cycles(modules)) == [
+        ["p2pimg.content.model", "p2pimg.web.registry"],
+        ["p2pimg.store.chunks", "p2pimg.store.index"],
+    ]
     assert forbidden_imports(modules, ["p2pimg.content.cid"], CONTENT_FORBIDDEN) == [
-        "p2pimg.content.cid:1 imports threading"]
+        "p2pimg.content.cid:1 imports threading"
+    ]
     assert forbidden_imports(modules, ["p2pimg.fetch.schedule"], SCHEDULE_FORBIDDEN) == [
-        "p2pimg.content.cid:1 imports threading", "p2pimg.fetch.schedule:1 imports time"]
+        "p2pimg.content.cid:1 imports threading",
+        "p2pimg.fetch.schedule:1 imports time",
+    ]
     # what a module reaches counts: store.chunks -> store.index -> tasks -> trio, and through
     # node.node -> web.registry -> content.model -> content.cid -> threading
     assert forbidden_imports(modules, ["p2pimg.store.chunks"], CONTENT_FORBIDDEN) == [
-        "p2pimg.content.cid:1 imports threading", "p2pimg.tasks:1 imports trio"]
+        "p2pimg.content.cid:1 imports threading",
+        "p2pimg.tasks:1 imports trio",
+    ]
     assert oversize(modules, tmp_path) == ["p2pimg/cli/main.py: 701 lines"]
     assert oversize(modules, tmp_path, frozenset({"p2pimg/cli/main.py"})) == []
 
 
 def test_the_checks_pass_a_made_up_package_that_keeps_the_rules(tmp_path: Path) -> None:
-    modules = _write(tmp_path, {
-        "p2pimg/__init__.py": "",
-        "p2pimg/errors.py": "",
-        "p2pimg/content/__init__.py": "",
-        "p2pimg/content/cid.py": "import hashlib\nfrom p2pimg.errors import E\n",
-        "p2pimg/web/__init__.py": "",
-        "p2pimg/web/server.py": "import trio\nfrom p2pimg.content import cid\nfrom p2pimg import errors\n",
-    })
+    modules = _write(
+        tmp_path,
+        {
+            "p2pimg/__init__.py": "",
+            "p2pimg/errors.py": "",
+            "p2pimg/content/__init__.py": "",
+            "p2pimg/content/cid.py": "import hashlib\nfrom p2pimg.errors import E\n",
+            "p2pimg/web/__init__.py": "",
+            "p2pimg/web/server.py": (
+                "import trio\nfrom p2pimg.content import cid\nfrom p2pimg import errors\n"
+            ),
+        },
+    )
     assert unplaced_modules(modules) == unknown_imports(modules) == upward_imports(modules) == []
     assert import_cycles(modules) == []
     assert forbidden_imports(modules, ["p2pimg.content.cid"], CONTENT_FORBIDDEN) == []

@@ -90,8 +90,20 @@ def test_check_chunk_size_accepts_powers_of_two(size: int) -> None:
 
 @pytest.mark.parametrize(
     "size",
-    [0, 1, -4096, 2048, MIN_CHUNK_SIZE - 1, MIN_CHUNK_SIZE + 1, 3 * 4096, 5 << 20, SEGMENT_SIZE - 1,
-     SEGMENT_SIZE + 1, SEGMENT_SIZE * 2, 1 << 40],
+    [
+        0,
+        1,
+        -4096,
+        2048,
+        MIN_CHUNK_SIZE - 1,
+        MIN_CHUNK_SIZE + 1,
+        3 * 4096,
+        5 << 20,
+        SEGMENT_SIZE - 1,
+        SEGMENT_SIZE + 1,
+        SEGMENT_SIZE * 2,
+        1 << 40,
+    ],
 )
 def test_check_chunk_size_refuses(size: int) -> None:
     with pytest.raises(InvalidInput) as info:
@@ -564,8 +576,15 @@ def test_tag_record_decode_refuses(block: bytes) -> None:
         {"name": "demo/app\n"},
         {"tag": "1\n"},
     ],
-    ids=["negative-seq", "uppercase-name", "empty-component", "empty-tag", "slash-tag", "name-newline",
-         "tag-newline"],
+    ids=[
+        "negative-seq",
+        "uppercase-name",
+        "empty-component",
+        "empty-tag",
+        "slash-tag",
+        "name-newline",
+        "tag-newline",
+    ],
 )
 def test_tag_record_constructor_refuses(kwargs: dict[str, Any]) -> None:
     with pytest.raises(BlockInvalid):
@@ -575,4 +594,3 @@ def test_tag_record_constructor_refuses(kwargs: dict[str, Any]) -> None:
 def test_tag_record_constructor_refuses_raw_root() -> None:
     with pytest.raises(BlockInvalid):
         TagRecord(name="demo/app", tag="1", root=raw_cid(b"root"), seq=0)
-

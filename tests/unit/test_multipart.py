@@ -32,12 +32,15 @@ def sha(data: bytes) -> str:
 # -- the plan --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("size", "part_size", "lengths"), [
-    (10, 4, [4, 4, 2]),
-    (8, 4, [4, 4]),
-    (1, 4, [1]),
-    (5, 1, [1, 1, 1, 1, 1]),
-])
+@pytest.mark.parametrize(
+    ("size", "part_size", "lengths"),
+    [
+        (10, 4, [4, 4, 2]),
+        (8, 4, [4, 4]),
+        (1, 4, [1]),
+        (5, 1, [1, 1, 1, 1, 1]),
+    ],
+)
 def test_parts_cover_the_blob_in_order(size: int, part_size: int, lengths: list[int]) -> None:
     plan = PartPlan(size, part_size)
     assert [p.length for p in plan.parts] == lengths
@@ -52,15 +55,18 @@ def test_plan_needs_bytes_and_a_part_size(size: int, part_size: int) -> None:
         PartPlan(size, part_size)
 
 
-@pytest.mark.parametrize(("stored", "strays"), [
-    ({}, []),
-    ({1: 4, 2: 4, 3: 2}, []),
-    ({3: 1}, []),  # smaller than planned: sending part 3 again replaces it
-    ({0: 4}, [0]),  # a plain upload's segments
-    ({1: 4, 4: 1}, [4]),  # past the last part
-    ({1: 5}, [1]),  # larger than planned: another part size
-    ({3: 3, 0: 1, 9: 4}, [0, 3, 9]),
-])
+@pytest.mark.parametrize(
+    ("stored", "strays"),
+    [
+        ({}, []),
+        ({1: 4, 2: 4, 3: 2}, []),
+        ({3: 1}, []),  # smaller than planned: sending part 3 again replaces it
+        ({0: 4}, [0]),  # a plain upload's segments
+        ({1: 4, 4: 1}, [4]),  # past the last part
+        ({1: 5}, [1]),  # larger than planned: another part size
+        ({3: 3, 0: 1, 9: 4}, [0, 3, 9]),
+    ],
+)
 def test_strays(stored: dict[int, int], strays: list[int]) -> None:
     plan = PartPlan(10, 4, {n: StoredPart(size, "x") for n, size in stored.items()})
     assert plan.strays == strays
@@ -173,8 +179,9 @@ async def upload(store: Store, source: Source, *, parallel: int = 2, size: int =
     def open_reader() -> BinaryIO:
         return source
 
-    await upload_multipart(store, open_reader, size, PART, key="k", url="mem://", parallel=parallel,
-                           stats=stats)
+    await upload_multipart(
+        store, open_reader, size, PART, key="k", url="mem://", parallel=parallel, stats=stats
+    )
     return stats
 
 
@@ -190,8 +197,8 @@ async def test_fresh_upload_sends_every_part() -> None:
 
 async def test_resume_keeps_matching_parts_and_sends_the_rest() -> None:
     store = Store()
-    stale = BLOB[2 * PART:3 * PART][::-1]  # part 3 holds other bytes
-    upload_id = store.add({1: BLOB[:PART], 3: stale, 5: BLOB[4 * PART:5 * PART]})
+    stale = BLOB[2 * PART : 3 * PART][::-1]  # part 3 holds other bytes
+    upload_id = store.add({1: BLOB[:PART], 3: stale, 5: BLOB[4 * PART : 5 * PART]})
     stats = await upload(store, Source(BLOB))
     assert store.completed == {upload_id: BLOB} and not store.aborted
     assert sorted(store.sent) == [2, 3, 4, 6, 7, 8, 9, 10]

@@ -61,8 +61,31 @@ cids = st.builds(Cid, st.sampled_from([RAW, DAG_CBOR]), st.binary(min_size=32, m
 name_parts = st.from_regex(r"[a-z0-9]{1,8}([._-][a-z0-9]{1,4}){0,2}", fullmatch=True)
 names = st.lists(name_parts, min_size=1, max_size=4).map("/".join)
 tags = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,20}", fullmatch=True)
-nasty_chars = st.sampled_from(["", ":", "/", "..", "@", "\r\n", "\x00", "%2e", "²", "٣", "Ａ", "ſ", "K",
-                               "\ud800", "-", "_", "__", " ", "ipfs/", "sha256:", "A"])
+nasty_chars = st.sampled_from(
+    [
+        "",
+        ":",
+        "/",
+        "..",
+        "@",
+        "\r\n",
+        "\x00",
+        "%2e",
+        "²",
+        "٣",
+        "Ａ",
+        "ſ",
+        "K",
+        "\ud800",
+        "-",
+        "_",
+        "__",
+        " ",
+        "ipfs/",
+        "sha256:",
+        "A",
+    ]
+)
 # Text built from near-miss pieces hits the edges of the grammars far more often than noise.
 nasty_text = st.lists(st.one_of(nasty_chars, name_parts, tags, st.text(max_size=5)), max_size=12).map("".join)
 any_text = st.one_of(st.text(max_size=300), nasty_text, st.text(max_size=3000))
@@ -87,12 +110,13 @@ def mutate(data: bytes, edits: list[tuple[int, int, int]]) -> bytes:
         elif op == 2 and out:
             del out[pos % len(out)]
         else:
-            del out[pos % (len(out) + 1):]
+            del out[pos % (len(out) + 1) :]
     return bytes(out)
 
 
-edit_lists = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 1 << 16), st.integers(0, 255)),
-                      min_size=1, max_size=6)
+edit_lists = st.lists(
+    st.tuples(st.integers(0, 3), st.integers(0, 1 << 16), st.integers(0, 255)), min_size=1, max_size=6
+)
 
 # -- names, tags, references ------------------------------------------------------------------
 
@@ -127,8 +151,13 @@ def test_check_repository(text: str) -> None:
 
 
 @FAST
-@given(st.one_of(any_text, st.builds("{}:{}".format, names, tags),
-                 st.builds("ipfs/{}".format, st.one_of(cids.map(str), nasty_text))))
+@given(
+    st.one_of(
+        any_text,
+        st.builds("{}:{}".format, names, tags),
+        st.builds("ipfs/{}".format, st.one_of(cids.map(str), nasty_text)),
+    )
+)
 def test_warm_parse_ref(text: str) -> None:
     parsed = refused(InvalidInput, warm.parse_ref, text)
     if isinstance(parsed, Cid):
@@ -139,8 +168,15 @@ def test_warm_parse_ref(text: str) -> None:
 
 
 @FAST
-@given(st.one_of(any_text, digests, st.builds("{}:{}".format, nasty_text, nasty_text),
-                 hexes.map(lambda h: "sha256:" + h.upper()), hexes.map(lambda h: "sha512:" + h * 2)))
+@given(
+    st.one_of(
+        any_text,
+        digests,
+        st.builds("{}:{}".format, nasty_text, nasty_text),
+        hexes.map(lambda h: "sha256:" + h.upper()),
+        hexes.map(lambda h: "sha512:" + h * 2),
+    )
+)
 def test_parse_digest(text: str) -> None:
     hex_part = refused(DigestInvalid, parse_digest, text)
     if hex_part is not None:
@@ -148,9 +184,16 @@ def test_parse_digest(text: str) -> None:
 
 
 @FAST
-@given(st.one_of(any_text, cids.map(str), cids.map(lambda c: str(c)[:-1]), cids.map(lambda c: str(c).upper()),
-                 st.builds(lambda c, t: str(c) + t, cids, nasty_text),
-                 st.just("QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG")))
+@given(
+    st.one_of(
+        any_text,
+        cids.map(str),
+        cids.map(lambda c: str(c)[:-1]),
+        cids.map(lambda c: str(c).upper()),
+        st.builds(lambda c, t: str(c) + t, cids, nasty_text),
+        st.just("QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG"),
+    )
+)
 def test_cid_parse(text: str) -> None:
     cid = refused(DigestInvalid, Cid.parse, text)
     if cid is not None:
@@ -158,8 +201,11 @@ def test_cid_parse(text: str) -> None:
 
 
 @FAST
-@given(st.one_of(st.binary(max_size=80), cids.map(Cid.to_bytes),
-                 st.builds(mutate, cids.map(Cid.to_bytes), edit_lists)))
+@given(
+    st.one_of(
+        st.binary(max_size=80), cids.map(Cid.to_bytes), st.builds(mutate, cids.map(Cid.to_bytes), edit_lists)
+    )
+)
 def test_cid_from_bytes(data: bytes) -> None:
     cid = refused(DigestInvalid, Cid.from_bytes, data)
     if cid is not None:
@@ -168,13 +214,24 @@ def test_cid_from_bytes(data: bytes) -> None:
 
 # -- Range headers -----------------------------------------------------------------------------
 
-numbers = st.one_of(st.integers(0, 2**70).map(str), st.just(""), st.just("9" * 199), st.just("-1"),
-                    st.just("²"), st.just("0x10"), st.just(" 1"), st.just("1_0"))
+numbers = st.one_of(
+    st.integers(0, 2**70).map(str),
+    st.just(""),
+    st.just("9" * 199),
+    st.just("-1"),
+    st.just("²"),
+    st.just("0x10"),
+    st.just(" 1"),
+    st.just("1_0"),
+)
 range_headers = st.one_of(
     any_text,
-    st.builds("{}={}-{}".format,
-              st.sampled_from(["bytes", "BYTES", "Bytes ", "byteſ", "items", "", "bytes "]),
-              numbers, numbers),
+    st.builds(
+        "{}={}-{}".format,
+        st.sampled_from(["bytes", "BYTES", "Bytes ", "byteſ", "items", "", "bytes "]),
+        numbers,
+        numbers,
+    ),
     st.builds("bytes={}-{},{}-{}".format, numbers, numbers, numbers, numbers),
     st.builds("bytes={}{}".format, numbers, nasty_text),
 )
@@ -198,16 +255,44 @@ def test_parse_range(header: str, size: int) -> None:
 
 # -- DAG-CBOR blocks and the nodes in them ------------------------------------------------------
 
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**64), 2**64 - 1), st.text(max_size=20),
-                    st.binary(max_size=20), cids, digests, st.sampled_from([BLOB_MAP_TYPE, IMAGE_ROOT_TYPE,
-                                                                              TAG_RECORD_TYPE]))
-keys = st.one_of(st.sampled_from(["type", "digest", "size", "chunkSize", "chunks", "top", "manifests",
-                                  "blobs",
-                                  "mediaType", "block", "map", "name", "tag", "root", "seq"]),
-                 digests, st.text(max_size=6))
-dag_values = st.recursive(scalars, lambda kids: st.one_of(st.lists(kids, max_size=5),
-                                                          st.dictionaries(keys, kids, max_size=6)),
-                          max_leaves=30)
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**64), 2**64 - 1),
+    st.text(max_size=20),
+    st.binary(max_size=20),
+    cids,
+    digests,
+    st.sampled_from([BLOB_MAP_TYPE, IMAGE_ROOT_TYPE, TAG_RECORD_TYPE]),
+)
+keys = st.one_of(
+    st.sampled_from(
+        [
+            "type",
+            "digest",
+            "size",
+            "chunkSize",
+            "chunks",
+            "top",
+            "manifests",
+            "blobs",
+            "mediaType",
+            "block",
+            "map",
+            "name",
+            "tag",
+            "root",
+            "seq",
+        ]
+    ),
+    digests,
+    st.text(max_size=6),
+)
+dag_values = st.recursive(
+    scalars,
+    lambda kids: st.one_of(st.lists(kids, max_size=5), st.dictionaries(keys, kids, max_size=6)),
+    max_leaves=30,
+)
 
 
 @st.composite
@@ -234,8 +319,13 @@ def _seeds() -> Any:
 @st.composite
 def wrong_nodes(draw: st.DrawFn) -> object:
     """A valid node with fields replaced, removed or added: decodable, but maybe not a valid node."""
-    good = draw(st.one_of(valid_blob_maps().map(BlobMap.to_node), valid_roots().map(ImageRoot.to_node),
-                          st.just(_seeds().tag_record().to_node())))
+    good = draw(
+        st.one_of(
+            valid_blob_maps().map(BlobMap.to_node),
+            valid_roots().map(ImageRoot.to_node),
+            st.just(_seeds().tag_record().to_node()),
+        )
+    )
     node = dict(good)
     for _ in range(draw(st.integers(1, 3))):
         key = draw(st.one_of(st.sampled_from(sorted(node) or ["type"]), keys))
@@ -257,9 +347,20 @@ blocks = st.one_of(
     st.builds(mutate, dag_values.map(dagcbor.encode), edit_lists),
     st.builds(mutate, valid_blob_maps().map(BlobMap.encode), edit_lists),
     st.builds(mutate, valid_roots().map(ImageRoot.encode), edit_lists),
-    st.builds(mutate, st.sampled_from([b"\x9f\x01\xff", b"\xbf\x61a\x01\xff", b"\xf9\x3c\x00",
-                                       b"\xc2\x41\x01", b"\xd8\x2a\x41\x00", b"\x82" * 40]),
-              edit_lists),
+    st.builds(
+        mutate,
+        st.sampled_from(
+            [
+                b"\x9f\x01\xff",
+                b"\xbf\x61a\x01\xff",
+                b"\xf9\x3c\x00",
+                b"\xc2\x41\x01",
+                b"\xd8\x2a\x41\x00",
+                b"\x82" * 40,
+            ]
+        ),
+        edit_lists,
+    ),
 )
 
 
@@ -291,8 +392,13 @@ def test_nodes_from_wrong_values(value: object) -> None:
 
 
 @FAST
-@given(st.one_of(wrong_nodes().map(dagcbor.encode), blocks,
-                 st.builds(mutate, st.just(_seeds().tag_record().encode()), edit_lists)))
+@given(
+    st.one_of(
+        wrong_nodes().map(dagcbor.encode),
+        blocks,
+        st.builds(mutate, st.just(_seeds().tag_record().encode()), edit_lists),
+    )
+)
 @example(b"")
 def test_tag_record_decode(data: bytes) -> None:
     record = refused(BlockInvalid, TagRecord.decode, data, name="demo/app", tag="1")
@@ -303,13 +409,27 @@ def test_tag_record_decode(data: bytes) -> None:
 # -- manifests and indexes ------------------------------------------------------------------------
 
 json_values = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=10),
-              digests, st.sampled_from(sorted(MANIFEST_MEDIA_TYPES))),
-    lambda kids: st.one_of(st.lists(kids, max_size=4),
-                           st.dictionaries(st.sampled_from(["schemaVersion", "mediaType", "config", "layers",
-                                                            "manifests", "digest", "size"]),
-                                           kids, max_size=5)),
-    max_leaves=20)
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(),
+        st.floats(allow_nan=False),
+        st.text(max_size=10),
+        digests,
+        st.sampled_from(sorted(MANIFEST_MEDIA_TYPES)),
+    ),
+    lambda kids: st.one_of(
+        st.lists(kids, max_size=4),
+        st.dictionaries(
+            st.sampled_from(
+                ["schemaVersion", "mediaType", "config", "layers", "manifests", "digest", "size"]
+            ),
+            kids,
+            max_size=5,
+        ),
+    ),
+    max_leaves=20,
+)
 manifest_docs = st.one_of(
     st.binary(max_size=300),
     json_values.map(lambda v: json.dumps(v).encode()),
@@ -348,17 +468,23 @@ def test_manifest_parsers_deep_nesting(depth: int) -> None:
 
 
 @FAST
-@given(st.one_of(any_text,
-                 st.builds("{}{}".format, numbers, st.sampled_from(["", "K", "M", "G", "KiB", "mb", "x"]))))
+@given(
+    st.one_of(
+        any_text, st.builds("{}{}".format, numbers, st.sampled_from(["", "K", "M", "G", "KiB", "mb", "x"]))
+    )
+)
 def test_parse_size(text: str) -> None:
     size = refused(InvalidInput, parse_size, text)
     assert size is None or isinstance(size, int)
 
 
 @FAST
-@given(st.one_of(any_text, st.builds("{}:{}".format,
-                                     st.sampled_from(["127.0.0.1", "[::1]", "", "host", "::"]),
-                                     numbers)))
+@given(
+    st.one_of(
+        any_text,
+        st.builds("{}:{}".format, st.sampled_from(["127.0.0.1", "[::1]", "", "host", "::"]), numbers),
+    )
+)
 @example("127.0.0.1:²")  # "²".isdigit() is True but int("²") raises ValueError
 @example("127.0.0.1:" + "9" * 5000)  # int() refuses more than 4300 digits with ValueError
 def test_parse_listen(text: str) -> None:
@@ -401,15 +527,49 @@ async def _exchange(port: int, raw: bytes) -> int | None:
 async def _send_all(sock: trio.socket.SocketType, raw: bytes) -> None:
     view = memoryview(raw)
     while view:
-        view = view[await sock.send(view):]
+        view = view[await sock.send(view) :]
 
 
 path_pieces = st.one_of(
-    st.sampled_from(["/v2/", "/v2", "/v2/demo/app/manifests/1", "/v2/demo/app/tags/list", "/metrics",
-                     "/v2/demo/app/blobs/", "/v2/ipfs/", "/manifests/", "/blobs/", "?n=", "&last=", "?ns=",
-                     "%", "%00", "%0d%0a", "%C2%B2", "%ff", "..", "/../", "//", "#", " ", "\t", "\r\n",
-                     "\r\nX-Injected: 1\r\n", "sha256:", "latest", "/tags/list", "*", "http://x/"]),
-    names, tags, digests, cids.map(str), st.text(max_size=8),
+    st.sampled_from(
+        [
+            "/v2/",
+            "/v2",
+            "/v2/demo/app/manifests/1",
+            "/v2/demo/app/tags/list",
+            "/metrics",
+            "/v2/demo/app/blobs/",
+            "/v2/ipfs/",
+            "/manifests/",
+            "/blobs/",
+            "?n=",
+            "&last=",
+            "?ns=",
+            "%",
+            "%00",
+            "%0d%0a",
+            "%C2%B2",
+            "%ff",
+            "..",
+            "/../",
+            "//",
+            "#",
+            " ",
+            "\t",
+            "\r\n",
+            "\r\nX-Injected: 1\r\n",
+            "sha256:",
+            "latest",
+            "/tags/list",
+            "*",
+            "http://x/",
+        ]
+    ),
+    names,
+    tags,
+    digests,
+    cids.map(str),
+    st.text(max_size=8),
 )
 targets = st.one_of(
     st.lists(path_pieces, max_size=10).map(lambda parts: "".join(parts).encode("utf-8", "surrogatepass")),
@@ -419,8 +579,18 @@ targets = st.one_of(
 header_values = st.one_of(
     range_headers.map(lambda v: v.encode("utf-8", "surrogatepass")),
     st.binary(max_size=60),
-    st.sampled_from([b"bytes=0-0", b"bytes=-1", b"bytes=0-\r\nX-Injected: 1", b"bytes=" + b"9" * 300,
-                     b"bytes=" + b"1" * 20_000 + b"-", "bytes=\u00b2-".encode(), b"\xff\xfe", b"\x00"]),
+    st.sampled_from(
+        [
+            b"bytes=0-0",
+            b"bytes=-1",
+            b"bytes=0-\r\nX-Injected: 1",
+            b"bytes=" + b"9" * 300,
+            b"bytes=" + b"1" * 20_000 + b"-",
+            "bytes=\u00b2-".encode(),
+            b"\xff\xfe",
+            b"\x00",
+        ]
+    ),
 )
 methods = st.sampled_from([b"GET", b"HEAD", b"POST", b"DELETE", b"G\x00T", b"get", b"PATCH" * 40])
 
@@ -430,8 +600,11 @@ def raw_requests(draw: st.DrawFn, blob_paths: list[bytes]) -> bytes:
     target = draw(st.one_of(targets, st.sampled_from(blob_paths)))
     headers = [b"Host: registry"]
     for _ in range(draw(st.integers(0, 3))):
-        name = draw(st.sampled_from([b"Range", b"range", b"Accept", b"Authorization", b"X-" + b"a" * 50,
-                                     b"Bad Name", b""]))
+        name = draw(
+            st.sampled_from(
+                [b"Range", b"range", b"Accept", b"Authorization", b"X-" + b"a" * 50, b"Bad Name", b""]
+            )
+        )
         headers.append(name + b": " + draw(header_values))
     if draw(st.booleans()):
         headers.append(b"Range: " + draw(header_values))
@@ -447,8 +620,12 @@ async def test_http_edge_raw_requests(node: Any) -> None:
     seen: list[tuple[bytes, int | None]] = []
     problems: list[str] = []
 
-    @settings(max_examples=120, deadline=timedelta(seconds=10), derandomize=True,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=120,
+        deadline=timedelta(seconds=10),
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(raw_requests(blob_paths))
     def check(raw: bytes) -> None:
         status = trio.from_thread.run(_exchange, port, raw)
@@ -467,8 +644,10 @@ async def test_http_edge_raw_requests(node: Any) -> None:
 @pytest.mark.parametrize("query", ["n=%C2%B2", "n=" + "9" * 5000])
 async def test_http_tags_list_bad_n(node: Any, query: str) -> None:
     """BUG: `?n=` is checked with str.isdigit() then int(): "²" or 5000 digits raise ValueError -> 500."""
-    status = await _exchange(int(node.url.rsplit(":", 1)[1]),
-                             f"GET /v2/demo/app/tags/list?{query} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    status = await _exchange(
+        int(node.url.rsplit(":", 1)[1]),
+        f"GET /v2/demo/app/tags/list?{query} HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
+    )
     assert status is not None and status < 500
 
 
@@ -493,8 +672,14 @@ def test_oversized_sha256_multihash(ref: str) -> None:
 
 # -- the fuzz targets, as a CI smoke run -----------------------------------------------------------
 
-FUZZ_TARGETS = ["fuzz_refs", "fuzz_digests", "fuzz_ranges", "fuzz_dagcbor", "fuzz_manifests",
-                "fuzz_tag_records"]
+FUZZ_TARGETS = [
+    "fuzz_refs",
+    "fuzz_digests",
+    "fuzz_ranges",
+    "fuzz_dagcbor",
+    "fuzz_manifests",
+    "fuzz_tag_records",
+]
 
 
 @pytest.mark.parametrize("target", FUZZ_TARGETS)

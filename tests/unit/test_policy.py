@@ -13,10 +13,22 @@ KINDS = ["peer", "origin", "upstream"]
 def stats_strategy() -> st.SearchStrategy[SourceStats]:
     return st.builds(
         lambda i, kind, limit, in_flight, rate, until, banned: SourceStats(
-            f"s{i}", kind, limit, in_flight=min(in_flight, limit), throughput=rate,
-            unavailable_until=until, banned=banned),
-        st.integers(0, 10**6), st.sampled_from(KINDS), st.integers(1, 8), st.integers(0, 8),
-        st.floats(0, 1e9), st.floats(0, 20), st.booleans())
+            f"s{i}",
+            kind,
+            limit,
+            in_flight=min(in_flight, limit),
+            throughput=rate,
+            unavailable_until=until,
+            banned=banned,
+        ),
+        st.integers(0, 10**6),
+        st.sampled_from(KINDS),
+        st.integers(1, 8),
+        st.integers(0, 8),
+        st.floats(0, 1e9),
+        st.floats(0, 20),
+        st.booleans(),
+    )
 
 
 ORDER = {"peer": 0, "origin": 1, "upstream": 2}

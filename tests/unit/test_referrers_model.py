@@ -48,11 +48,13 @@ TOP, SIG, SBOM, OTHER = (b'{"m":"top"}', b'{"m":"sig"}', b'{"m":"sbom"}', b'{"m"
 
 
 def root(referrers: dict[str, tuple[str, ...]]) -> ImageRoot:
-    return ImageRoot(top=digest(TOP), manifests={digest(m): entry(m) for m in (TOP, SIG, SBOM, OTHER)},
-                     referrers=referrers)
+    return ImageRoot(
+        top=digest(TOP), manifests={digest(m): entry(m) for m in (TOP, SIG, SBOM, OTHER)}, referrers=referrers
+    )
 
 
 # -- ImageRoot.referrers -----------------------------------------------------------------------
+
 
 def test_a_root_with_referrers_round_trips() -> None:
     refs = {digest(TOP): tuple(sorted([digest(SIG), digest(SBOM)])), digest(SBOM): (digest(OTHER),)}
@@ -71,9 +73,14 @@ def test_a_root_without_referrers_encodes_as_before_the_field() -> None:
     r = root({})
     assert "referrers" not in r.to_node()
     # The node as p2pimg wrote it before referrers existed.
-    old = {"type": "p2pimg/image@1", "top": r.top, "blobs": {},
-           "manifests": {d: {"mediaType": m.media_type, "size": m.size, "block": m.cid}
-                         for d, m in r.manifests.items()}}
+    old = {
+        "type": "p2pimg/image@1",
+        "top": r.top,
+        "blobs": {},
+        "manifests": {
+            d: {"mediaType": m.media_type, "size": m.size, "block": m.cid} for d, m in r.manifests.items()
+        },
+    }
     assert r.encode() == dagcbor.encode(old)
     assert ImageRoot.from_node(dagcbor.decode(dagcbor.encode(old))) == r
 
@@ -90,20 +97,23 @@ def _node(referrers: Any) -> dict[str, Any]:
     return node
 
 
-@pytest.mark.parametrize("referrers", [
-    {},  # empty: a second encoding of "none"
-    [],
-    {digest(TOP): []},  # an empty list
-    {digest(TOP): [digest(SIG), digest(SIG)]},  # duplicates
-    {digest(TOP): sorted([digest(SIG), digest(SBOM)], reverse=True)},  # unsorted
-    {digest(TOP): [digest(b"not a manifest of the image")]},
-    {digest(TOP): [digest(TOP)]},  # itself
-    {digest(b"not a manifest"): [digest(SIG)]},  # a subject that is not one of its manifests
-    {"sha256:../../x": [digest(SIG)]},
-    {digest(TOP): digest(SIG)},  # not a list
-    {digest(TOP): [1]},
-    {digest(TOP): [Cid.of_raw(SIG)]},
-])
+@pytest.mark.parametrize(
+    "referrers",
+    [
+        {},  # empty: a second encoding of "none"
+        [],
+        {digest(TOP): []},  # an empty list
+        {digest(TOP): [digest(SIG), digest(SIG)]},  # duplicates
+        {digest(TOP): sorted([digest(SIG), digest(SBOM)], reverse=True)},  # unsorted
+        {digest(TOP): [digest(b"not a manifest of the image")]},
+        {digest(TOP): [digest(TOP)]},  # itself
+        {digest(b"not a manifest"): [digest(SIG)]},  # a subject that is not one of its manifests
+        {"sha256:../../x": [digest(SIG)]},
+        {digest(TOP): digest(SIG)},  # not a list
+        {digest(TOP): [1]},
+        {digest(TOP): [Cid.of_raw(SIG)]},
+    ],
+)
 def test_malformed_referrers_are_refused(referrers: Any) -> None:
     with pytest.raises(BlockInvalid):
         ImageRoot.from_node(_node(referrers))
@@ -111,10 +121,15 @@ def test_malformed_referrers_are_refused(referrers: Any) -> None:
 
 # -- subjects, descriptors, the index ----------------------------------------------------------
 
+
 def manifest(**fields: Any) -> bytes:
-    doc = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-           "config": {"mediaType": "application/vnd.example.config+json", "digest": digest(b"c"), "size": 1},
-           "layers": [], **fields}
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.example.config+json", "digest": digest(b"c"), "size": 1},
+        "layers": [],
+        **fields,
+    }
     return json.dumps(doc).encode()
 
 
@@ -130,23 +145,32 @@ def test_manifest_subject() -> None:
 
 
 def test_referrer_descriptor() -> None:
-    data = manifest(subject=SUBJECT, artifactType="application/vnd.example.sbom.v1",
-                    annotations={"a": "b"})
+    data = manifest(subject=SUBJECT, artifactType="application/vnd.example.sbom.v1", annotations={"a": "b"})
     assert referrer_descriptor(data, digest(data), OCI_MANIFEST, digest(TOP)) == {
-        "mediaType": OCI_MANIFEST, "digest": digest(data), "size": len(data),
-        "artifactType": "application/vnd.example.sbom.v1", "annotations": {"a": "b"}}
+        "mediaType": OCI_MANIFEST,
+        "digest": digest(data),
+        "size": len(data),
+        "artifactType": "application/vnd.example.sbom.v1",
+        "annotations": {"a": "b"},
+    }
     # No artifactType: the config's media type; no annotations: none listed.
     data = manifest(subject=SUBJECT)
     assert referrer_descriptor(data, digest(data), OCI_MANIFEST, digest(TOP)) == {
-        "mediaType": OCI_MANIFEST, "digest": digest(data), "size": len(data),
-        "artifactType": "application/vnd.example.config+json"}
+        "mediaType": OCI_MANIFEST,
+        "digest": digest(data),
+        "size": len(data),
+        "artifactType": "application/vnd.example.config+json",
+    }
     # An empty artifactType counts as none.
     data = manifest(subject=SUBJECT, artifactType="", annotations={})
-    assert referrer_descriptor(data, digest(data), OCI_MANIFEST, digest(TOP))["artifactType"] == \
-        "application/vnd.example.config+json"
+    assert (
+        referrer_descriptor(data, digest(data), OCI_MANIFEST, digest(TOP))["artifactType"]
+        == "application/vnd.example.config+json"
+    )
     # An index without artifactType has none (it has no config).
-    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [],
-                        "subject": SUBJECT}).encode()
+    index = json.dumps(
+        {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [], "subject": SUBJECT}
+    ).encode()
     assert "artifactType" not in referrer_descriptor(index, digest(index), OCI_INDEX, digest(TOP))
 
 
@@ -168,34 +192,56 @@ def test_referrers_index() -> None:
 
 # -- artifacts ---------------------------------------------------------------------------------
 
+
 def test_artifact_manifest() -> None:
     files = [ArtifactFile(digest(b"f"), 1, "application/spdx+json", "sbom.json")]
-    data = artifact_manifest("application/spdx+json", (digest(TOP), len(TOP), OCI_MANIFEST), files,
-                             {"k": "v"})
+    data = artifact_manifest(
+        "application/spdx+json", (digest(TOP), len(TOP), OCI_MANIFEST), files, {"k": "v"}
+    )
     doc = json.loads(data)
     assert doc == {
-        "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": "application/spdx+json",
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": "application/spdx+json",
         "config": {"mediaType": EMPTY_MEDIA_TYPE, "digest": EMPTY_DIGEST, "size": 2, "data": "e30="},
-        "layers": [{"mediaType": "application/spdx+json", "digest": digest(b"f"), "size": 1,
-                    "annotations": {TITLE_ANNOTATION: "sbom.json"}}],
+        "layers": [
+            {
+                "mediaType": "application/spdx+json",
+                "digest": digest(b"f"),
+                "size": 1,
+                "annotations": {TITLE_ANNOTATION: "sbom.json"},
+            }
+        ],
         "subject": {"mediaType": OCI_MANIFEST, "digest": digest(TOP), "size": len(TOP)},
         "annotations": {"k": "v"},
     }
     assert digest(EMPTY_BLOB) == EMPTY_DIGEST and EMPTY_BLOB.decode() == "{}"
-    assert "annotations" not in json.loads(artifact_manifest(
-        "application/x", (digest(TOP), 1, OCI_INDEX), files, {}))
+    assert "annotations" not in json.loads(
+        artifact_manifest("application/x", (digest(TOP), 1, OCI_INDEX), files, {})
+    )
     # Its descriptor as the referrers API lists it.
-    assert referrer_descriptor(data, digest(data), OCI_MANIFEST, digest(TOP))["artifactType"] == \
-        "application/spdx+json"
+    assert (
+        referrer_descriptor(data, digest(data), OCI_MANIFEST, digest(TOP))["artifactType"]
+        == "application/spdx+json"
+    )
     with pytest.raises(InvalidInput):
         artifact_manifest("application/x", (digest(TOP), 1, "application/octet-stream"), files, {})
 
 
-@pytest.mark.parametrize("value,ok", [
-    ("application/spdx+json", True), ("application/vnd.example.sbom.v1", True), ("text/plain", True),
-    ("sbom", False), ("a/b/c", False), ("", False), ("application/ spdx", False), ("/x", False),
-    ("application/x; charset=utf-8", False),
-])
+@pytest.mark.parametrize(
+    "value,ok",
+    [
+        ("application/spdx+json", True),
+        ("application/vnd.example.sbom.v1", True),
+        ("text/plain", True),
+        ("sbom", False),
+        ("a/b/c", False),
+        ("", False),
+        ("application/ spdx", False),
+        ("/x", False),
+        ("application/x; charset=utf-8", False),
+    ],
+)
 def test_check_media_type(value: str, ok: bool) -> None:
     if ok:
         assert check_media_type(value, "t") == value
@@ -219,6 +265,7 @@ def test_is_referrers_tag() -> None:
 
 # -- finding referrers in a layout (pure: the reads are functions) -----------------------------
 
+
 class Store:
     """Manifests and blobs by digest, as a layout's blobs/ would hold them."""
 
@@ -238,9 +285,14 @@ class Store:
 
 
 def artifact(store: Store, subject: dict[str, Any], payload: bytes) -> dict[str, Any]:
-    doc = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": "application/x",
-           "config": {"mediaType": EMPTY_MEDIA_TYPE, **store.put(EMPTY_BLOB)},
-           "layers": [{"mediaType": "application/octet-stream", **store.put(payload)}], "subject": subject}
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": "application/x",
+        "config": {"mediaType": EMPTY_MEDIA_TYPE, **store.put(EMPTY_BLOB)},
+        "layers": [{"mediaType": "application/octet-stream", **store.put(payload)}],
+        "subject": subject,
+    }
     return {"mediaType": OCI_MANIFEST, **store.put(json.dumps(doc).encode())}
 
 
@@ -253,15 +305,24 @@ def test_add_referrers_follows_chains_and_leaves_strangers() -> None:
     stranger = artifact(store, {"mediaType": OCI_MANIFEST, "digest": digest(b"else"), "size": 1}, b"x")
     # The referrers tag schema's form: an index of the referrers (its children are found too).
     tag_index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [sig_of_sbom]}).encode()
-    entries = [(top["digest"], top["size"], OCI_MANIFEST), (sbom["digest"], sbom["size"], OCI_MANIFEST),
-               (stranger["digest"], stranger["size"], OCI_MANIFEST),
-               (digest(tag_index), store.put(tag_index)["size"], OCI_INDEX),
-               (digest(b"c"), 1, "application/vnd.oci.image.layer.v1.tar")]  # not a manifest: skipped
+    entries = [
+        (top["digest"], top["size"], OCI_MANIFEST),
+        (sbom["digest"], sbom["size"], OCI_MANIFEST),
+        (stranger["digest"], stranger["size"], OCI_MANIFEST),
+        (digest(tag_index), store.put(tag_index)["size"], OCI_INDEX),
+        (digest(b"c"), 1, "application/vnd.oci.image.layer.v1.tar"),
+    ]  # not a manifest: skipped
     found = layout_manifests(entries, store.read)
-    assert set(found) == {top["digest"], sbom["digest"], sig_of_sbom["digest"], stranger["digest"],
-                          digest(tag_index)}
-    image = SourceImage(top=top["digest"],
-                        manifests={top["digest"]: (store.data[top["digest"]], OCI_MANIFEST)})
+    assert set(found) == {
+        top["digest"],
+        sbom["digest"],
+        sig_of_sbom["digest"],
+        stranger["digest"],
+        digest(tag_index),
+    }
+    image = SourceImage(
+        top=top["digest"], manifests={top["digest"]: (store.data[top["digest"]], OCI_MANIFEST)}
+    )
     add_referrers(image, found, store.read, store.blob)
     assert image.referrers == {top["digest"]: {sbom["digest"]}, sbom["digest"]: {sig_of_sbom["digest"]}}
     assert stranger["digest"] not in image.manifests

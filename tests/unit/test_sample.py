@@ -58,9 +58,7 @@ def read_json_blob(layout: Path, descriptor: dict[str, Any]) -> Any:
 def tree_bytes(root: Path) -> dict[str, bytes]:
     if root.is_file():
         return {"": root.read_bytes()}
-    return {
-        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
-    }
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def uncompressed(data: bytes) -> bytes:
@@ -316,9 +314,7 @@ def test_skopeo_reads_oci_layout(
 
 
 @pytest.mark.parametrize("name", ["docker", "docker-multi"])
-def test_skopeo_reads_docker_media_layout(
-    layouts: dict[str, SampleImage], tmp_path: Path, name: str
-) -> None:
+def test_skopeo_reads_docker_media_layout(layouts: dict[str, SampleImage], tmp_path: Path, name: str) -> None:
     skopeo = tool("skopeo")
     image = layouts[name]
     # skopeo 1.9 skips index.json entries with Docker media types when resolving a tag, so

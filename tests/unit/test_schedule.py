@@ -37,8 +37,16 @@ def peer(name: str, **kw: object) -> Traits:
     return Traits(name, "peer", **options)  # type: ignore[arg-type]
 
 
-def make(sources: list[Traits], count: int = 8, *, node_id: str | None = "me", have: list[bool] | None = None,
-         now: float = 0.0, seed: int = 1, **config: float) -> BlobSchedule:
+def make(
+    sources: list[Traits],
+    count: int = 8,
+    *,
+    node_id: str | None = "me",
+    have: list[bool] | None = None,
+    now: float = 0.0,
+    seed: int = 1,
+    **config: float,
+) -> BlobSchedule:
     scheduler = Scheduler(config=ScheduleConfig(**config), node_id=node_id)  # type: ignore[arg-type]
     for source in sources:
         scheduler.join(source)
@@ -103,8 +111,9 @@ def test_owner_split_each_block_from_the_origin_once() -> None:
 
 
 def test_the_next_ranked_node_takes_an_unseen_block_after_steal_after() -> None:
-    a, b = _pair(16, swarm_span=MB, slow_start=0.0, swarm_origin_requests=100, steal_after=1.5,
-                 stale_claims=100.0)
+    a, b = _pair(
+        16, swarm_span=MB, slow_start=0.0, swarm_origin_requests=100, steal_after=1.5, stale_claims=100.0
+    )
     mine = chunks(starts(b.poll(0.0), "origin"))
     assert 0 < len(mine) < 16
     assert starts(b.poll(1.4)) == [], "the owner (a) is still given time"
@@ -305,8 +314,9 @@ def _swarms(draw: st.DrawFn) -> tuple[int, list[tuple[str, bytes | None]], list[
 
 @settings(max_examples=150, deadline=None)
 @given(_swarms(), st.booleans())
-def test_properties_of_random_runs(swarm: tuple[int, list[tuple[str, bytes | None]], list[int]],
-                                   with_origin: bool) -> None:
+def test_properties_of_random_runs(
+    swarm: tuple[int, list[tuple[str, bytes | None]], list[int]], with_origin: bool
+) -> None:
     """Whatever happens: no chunk is requested from a source that does not hold it, a banned
     source gets nothing, and in the end every chunk is verified or the fetch gave up with a
     reason."""
@@ -324,8 +334,9 @@ def test_properties_of_random_runs(swarm: tuple[int, list[tuple[str, bytes | Non
                 r = action.request
                 assert not blob.scheduler.stats[r.source].banned, "a banned source got a request"
                 source = blob.scheduler.sources[r.source]
-                assert all(blob.holds(source, j) for j in range(r.span.first, r.span.end)), \
+                assert all(blob.holds(source, j) for j in range(r.span.first, r.span.end)), (
                     f"{r.source} asked for {r.span} it does not hold"
+                )
         for request in list(blob.requests.values()):
             roll = 0 if behave else rng.randrange(6)
             if roll <= 1:

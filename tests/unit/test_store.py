@@ -19,7 +19,7 @@ CHUNK = 4096
 
 def make_blob(size: int, seed: int = 1) -> tuple[bytes, BlobMap]:
     data = random.Random(seed).randbytes(size)
-    chunks = tuple(Cid.of_raw(data[i:i + CHUNK]) for i in range(0, size, CHUNK))
+    chunks = tuple(Cid.of_raw(data[i : i + CHUNK]) for i in range(0, size, CHUNK))
     return data, BlobMap(digest_of(data), size, CHUNK, chunks)
 
 
@@ -38,7 +38,7 @@ def test_chunk_that_does_not_match_is_refused(tmp_path: Path) -> None:
     with pytest.raises(VerificationError):
         partial.write_chunk(1, b"\x00" * CHUNK)
     with pytest.raises(VerificationError):
-        partial.write_chunk(5, data[5 * CHUNK:-1])  # short
+        partial.write_chunk(5, data[5 * CHUNK : -1])  # short
     assert partial.missing() == list(range(6))
     assert os.pread(partial.fd, CHUNK, CHUNK) == b"\x00" * CHUNK  # nothing was written
 

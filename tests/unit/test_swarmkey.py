@@ -47,8 +47,10 @@ def test_a_proof_binds_key_method_path_and_body() -> None:
     wrong = guard.admit(proof, "GET", "/p2pimg/v1/warm")
     assert wrong.reason == "wrong swarm key" and not wrong.signed
     assert guard.admit(proof, "POST", "/p2pimg/v1/warm/x").reason == "wrong swarm key"
-    assert _guard()[0].admit(sign(b"another key of enough length!!", "GET", INFO, now=NOW), "GET",
-                             INFO).reason == "wrong swarm key"
+    assert (
+        _guard()[0].admit(sign(b"another key of enough length!!", "GET", INFO, now=NOW), "GET", INFO).reason
+        == "wrong swarm key"
+    )
     # A forged field breaks the signature: the body digest, the timestamp, the nonce.
     for field, value in (("body", "0" * 64), ("ts", str(int(NOW * 1000) + 1)), ("nonce", "0" * 32)):
         forged = re.sub(rf"{field}=[0-9a-f]+", f"{field}={value}", proof)
@@ -159,11 +161,17 @@ def test_the_flag_wins_through_the_config(tmp_path: Path, monkeypatch: pytest.Mo
     flag = tmp_path / "flag.key"
     flag.write_text("from-the-command-line-5678")
     by_flag = load_config(home=str(home), swarm_key_file=str(flag))
-    assert load_swarm_key(by_flag.home, by_flag.swarm_key_file,
-                          given=by_flag.swarm_key_file_given) == b"from-the-command-line-5678"
+    assert (
+        load_swarm_key(by_flag.home, by_flag.swarm_key_file, given=by_flag.swarm_key_file_given)
+        == b"from-the-command-line-5678"
+    )
     by_file = load_config(home=str(home))
-    assert load_swarm_key(by_file.home, by_file.swarm_key_file,
-                          given=by_file.swarm_key_file_given) == b"from-the-environment-1234"
+    assert (
+        load_swarm_key(by_file.home, by_file.swarm_key_file, given=by_file.swarm_key_file_given)
+        == b"from-the-environment-1234"
+    )
     monkeypatch.delenv("P2PIMG_SWARM_KEY")
-    assert load_swarm_key(by_file.home, by_file.swarm_key_file,
-                          given=by_file.swarm_key_file_given) == b"from-the-config-file-9012"
+    assert (
+        load_swarm_key(by_file.home, by_file.swarm_key_file, given=by_file.swarm_key_file_given)
+        == b"from-the-config-file-9012"
+    )

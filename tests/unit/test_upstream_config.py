@@ -36,16 +36,19 @@ def config(tmp_path: Path, doc: dict[str, Any]) -> Path:
 # -- docker config -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key", ["127.0.0.1:5000", "https://127.0.0.1:5000", "http://127.0.0.1:5000/v1/",
-                                 "HTTPS://127.0.0.1:5000/v2/"])
+@pytest.mark.parametrize(
+    "key",
+    ["127.0.0.1:5000", "https://127.0.0.1:5000", "http://127.0.0.1:5000/v1/", "HTTPS://127.0.0.1:5000/v2/"],
+)
 def test_auths_key_variants(tmp_path: Path, key: str) -> None:
     path = config(tmp_path, {"auths": {key: {"auth": b64("bob:secret")}}})
     assert load_credentials("127.0.0.1:5000", path) == Credentials("bob", "secret", str(path))
     assert load_credentials("127.0.0.1:5001", path) is None
 
 
-@pytest.mark.parametrize("key", ["https://index.docker.io/v1/", "docker.io", "registry-1.docker.io",
-                                 "https://index.docker.io/v2/"])
+@pytest.mark.parametrize(
+    "key", ["https://index.docker.io/v1/", "docker.io", "registry-1.docker.io", "https://index.docker.io/v2/"]
+)
 def test_docker_hub_keys(tmp_path: Path, key: str) -> None:
     path = config(tmp_path, {"auths": {key: {"auth": b64("hubuser:pw")}}})
     assert load_credentials("docker.io", path) == Credentials("hubuser", "pw", str(path))
@@ -64,8 +67,10 @@ def test_username_and_password_fields(tmp_path: Path) -> None:
 
 
 def test_exact_key_wins_over_another_spelling(tmp_path: Path) -> None:
-    path = config(tmp_path, {"auths": {"http://r.example/v1/": {"auth": b64("old:1")},
-                                       "r.example": {"auth": b64("new:2")}}})
+    path = config(
+        tmp_path,
+        {"auths": {"http://r.example/v1/": {"auth": b64("old:1")}, "r.example": {"auth": b64("new:2")}}},
+    )
     creds = load_credentials("r.example", path)
     assert creds is not None and creds.username == "new"
 
@@ -82,19 +87,23 @@ def test_password_never_in_repr() -> None:
     assert "hunter2" not in repr(Credentials("u", "hunter2", "/x"))
 
 
-def test_cred_helper_warns_and_falls_back_to_anonymous(tmp_path: Path,
-                                                       caplog: pytest.LogCaptureFixture) -> None:
-    path = config(tmp_path, {"auths": {"r.example": {"auth": b64("u:p")}},
-                             "credHelpers": {"r.example": "ecr-login"}})
+def test_cred_helper_warns_and_falls_back_to_anonymous(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = config(
+        tmp_path, {"auths": {"r.example": {"auth": b64("u:p")}}, "credHelpers": {"r.example": "ecr-login"}}
+    )
     with caplog.at_level(logging.WARNING, logger="p2pimg.sources.upstream.dockerconfig"):
         assert load_credentials("r.example", path) is None
     assert "ecr-login" in caplog.text and "not supported" in caplog.text and "anonymous" in caplog.text
 
 
-def test_creds_store_warns_when_there_is_no_inline_auth(tmp_path: Path,
-                                                        caplog: pytest.LogCaptureFixture) -> None:
-    path = config(tmp_path, {"auths": {"r.example": {}, "other.example": {"auth": b64("u:p")}},
-                             "credsStore": "desktop"})
+def test_creds_store_warns_when_there_is_no_inline_auth(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = config(
+        tmp_path, {"auths": {"r.example": {}, "other.example": {"auth": b64("u:p")}}, "credsStore": "desktop"}
+    )
     with caplog.at_level(logging.WARNING, logger="p2pimg.sources.upstream.dockerconfig"):
         assert load_credentials("r.example", path) is None
         assert "desktop" in caplog.text and "not supported" in caplog.text
@@ -152,24 +161,36 @@ def test_normalize_repo() -> None:
         normalize_repo("ghcr.io", "../etc")
 
 
-@pytest.mark.parametrize(("url", "base", "host"), [
-    ("https://registry-1.docker.io", DOCKER_HUB_URL, "docker.io"),
-    ("https://index.docker.io/", DOCKER_HUB_URL, "docker.io"),
-    ("docker.io", DOCKER_HUB_URL, "docker.io"),
-    ("http://127.0.0.1:5000", "http://127.0.0.1:5000", "127.0.0.1:5000"),
-    ("http://127.0.0.1:5000/", "http://127.0.0.1:5000", "127.0.0.1:5000"),
-    ("localhost:5000", "http://localhost:5000", "localhost:5000"),
-    ("ghcr.io", "https://ghcr.io", "ghcr.io"),
-    ("https://GHCR.io:443", "https://ghcr.io", "ghcr.io"),
-    ("https://r.example:8443", "https://r.example:8443", "r.example:8443"),
-    ("http://[::1]:5000", "http://[::1]:5000", "[::1]:5000"),
-])
+@pytest.mark.parametrize(
+    ("url", "base", "host"),
+    [
+        ("https://registry-1.docker.io", DOCKER_HUB_URL, "docker.io"),
+        ("https://index.docker.io/", DOCKER_HUB_URL, "docker.io"),
+        ("docker.io", DOCKER_HUB_URL, "docker.io"),
+        ("http://127.0.0.1:5000", "http://127.0.0.1:5000", "127.0.0.1:5000"),
+        ("http://127.0.0.1:5000/", "http://127.0.0.1:5000", "127.0.0.1:5000"),
+        ("localhost:5000", "http://localhost:5000", "localhost:5000"),
+        ("ghcr.io", "https://ghcr.io", "ghcr.io"),
+        ("https://GHCR.io:443", "https://ghcr.io", "ghcr.io"),
+        ("https://r.example:8443", "https://r.example:8443", "r.example:8443"),
+        ("http://[::1]:5000", "http://[::1]:5000", "[::1]:5000"),
+    ],
+)
 def test_registry_base(url: str, base: str, host: str) -> None:
     assert registry_base(url) == (base, host)
 
 
-@pytest.mark.parametrize("url", ["ftp://r.example", "http://u:p@r.example", "http://r.example/v2",
-                                 "http://r.example?x=1", "https://", "http://r.example:99999"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://r.example",
+        "http://u:p@r.example",
+        "http://r.example/v2",
+        "http://r.example?x=1",
+        "https://",
+        "http://r.example:99999",
+    ],
+)
 def test_registry_base_refuses(url: str) -> None:
     with pytest.raises(InvalidInput) as info:
         registry_base(url)
@@ -179,10 +200,17 @@ def test_registry_base_refuses(url: str) -> None:
 def test_parse_image_url() -> None:
     hub = parse_image_url("docker://alpine:3.19")
     assert (hub.base_url, hub.host, hub.repo, hub.reference) == (
-        DOCKER_HUB_URL, "docker.io", "library/alpine", "3.19")
+        DOCKER_HUB_URL,
+        "docker.io",
+        "library/alpine",
+        "3.19",
+    )
     local = parse_image_url("docker://127.0.0.1:5000/samples/multi-arch:v1")
     assert (local.base_url, local.repo, local.reference) == (
-        "http://127.0.0.1:5000", "samples/multi-arch", "v1")
+        "http://127.0.0.1:5000",
+        "samples/multi-arch",
+        "v1",
+    )
     pinned = parse_image_url(f"ghcr.io/org/app:1.0@{DIGEST}")
     assert (pinned.base_url, pinned.repo, pinned.reference) == ("https://ghcr.io", "org/app", DIGEST)
     assert parse_image_url("docker://r.example/app:v1", plain_http=True).base_url == "http://r.example"
@@ -190,14 +218,17 @@ def test_parse_image_url() -> None:
     assert parse_image_url("docker://docker.io/bitnami/redis:7").repo == "bitnami/redis"
 
 
-@pytest.mark.parametrize(("url", "error"), [
-    ("docker://127.0.0.1:5000/samples/x", InvalidInput),
-    ("docker://alpine", InvalidInput),
-    ("docker://r.example/app:bad/tag", InvalidInput),
-    ("docker://r.example/app:-bad", TagInvalid),
-    ("docker://r.example/app@sha256:1234", DigestInvalid),
-    ("docker://r.example/App:v1", NameInvalid),
-])
+@pytest.mark.parametrize(
+    ("url", "error"),
+    [
+        ("docker://127.0.0.1:5000/samples/x", InvalidInput),
+        ("docker://alpine", InvalidInput),
+        ("docker://r.example/app:bad/tag", InvalidInput),
+        ("docker://r.example/app:-bad", TagInvalid),
+        ("docker://r.example/app@sha256:1234", DigestInvalid),
+        ("docker://r.example/App:v1", NameInvalid),
+    ],
+)
 def test_parse_image_url_refuses(url: str, error: type[Exception]) -> None:
     with pytest.raises(error):
         parse_image_url(url)
@@ -207,12 +238,19 @@ def test_parse_image_url_refuses(url: str, error: type[Exception]) -> None:
 
 
 def test_parse_www_authenticate() -> None:
-    bearer = parse_www_authenticate([
-        'Bearer realm="https://auth.example/token",service="registry.example",'
-        'scope="repository:a/b:pull,push",error="insufficient_scope"'])
+    bearer = parse_www_authenticate(
+        [
+            'Bearer realm="https://auth.example/token",service="registry.example",'
+            'scope="repository:a/b:pull,push",error="insufficient_scope"'
+        ]
+    )
     assert bearer is not None and bearer.scheme == "bearer"
-    assert bearer.params == {"realm": "https://auth.example/token", "service": "registry.example",
-                             "scope": "repository:a/b:pull,push", "error": "insufficient_scope"}
+    assert bearer.params == {
+        "realm": "https://auth.example/token",
+        "service": "registry.example",
+        "scope": "repository:a/b:pull,push",
+        "error": "insufficient_scope",
+    }
     basic = parse_www_authenticate(['Basic realm="fake \\"quoted\\" realm"'])
     assert basic is not None and basic.scheme == "basic" and basic.params == {"realm": 'fake "quoted" realm'}
     both = parse_www_authenticate(['Basic realm="x"', "bearer realm=https://a.example/t"])
@@ -224,8 +262,11 @@ def test_parse_www_authenticate() -> None:
 CHALLENGE = 'Bearer realm="https://auth.example/token",service="reg",scope="repository:a/b:pull"'
 
 
-def drive(state: AuthState, replies: list[tuple[int, dict[str, str], bytes]],
-          url: str = "https://reg.example/v2/a/b/manifests/v1") -> tuple[list[httpx.Request], int]:
+def drive(
+    state: AuthState,
+    replies: list[tuple[int, dict[str, str], bytes]],
+    url: str = "https://reg.example/v2/a/b/manifests/v1",
+) -> tuple[list[httpx.Request], int]:
     """Run one flow against canned replies; returns what it sent and the final status."""
     flow = state.flow(httpx.Request("GET", url), "repository:a/b:pull")
     sent: list[httpx.Request] = []
@@ -247,8 +288,9 @@ def token_body(token: str, expires_in: int = 300) -> bytes:
 def test_bearer_flow_fetches_once_and_caches() -> None:
     creds = Credentials("u", "pw", "/cfg")
     state = AuthState("reg.example", creds, secure=True)
-    sent, status = drive(state, [(401, {"WWW-Authenticate": CHALLENGE}, b""),
-                                 (200, {}, token_body("tok-1")), (200, {}, b"{}")])
+    sent, status = drive(
+        state, [(401, {"WWW-Authenticate": CHALLENGE}, b""), (200, {}, token_body("tok-1")), (200, {}, b"{}")]
+    )
     assert status == 200
     token_request = sent[1]
     assert token_request.url.host == "auth.example"
@@ -263,8 +305,14 @@ def test_bearer_flow_fetches_once_and_caches() -> None:
 def test_bearer_flow_renews_a_rejected_token_once() -> None:
     state = AuthState("reg.example", None, secure=True)
     drive(state, [(401, {"WWW-Authenticate": CHALLENGE}, b""), (200, {}, token_body("old")), (200, {}, b"")])
-    sent, status = drive(state, [(401, {"WWW-Authenticate": CHALLENGE}, b""), (200, {}, token_body("new")),
-                                 (401, {"WWW-Authenticate": CHALLENGE}, b"")])
+    sent, status = drive(
+        state,
+        [
+            (401, {"WWW-Authenticate": CHALLENGE}, b""),
+            (200, {}, token_body("new")),
+            (401, {"WWW-Authenticate": CHALLENGE}, b""),
+        ],
+    )
     assert status == 401  # tried once more with a fresh token, then gave up: the caller reports
     assert [r.headers.get("Authorization") for r in sent] == ["Bearer old", None, "Bearer new"]
 
@@ -272,8 +320,9 @@ def test_bearer_flow_renews_a_rejected_token_once() -> None:
 def test_expired_token_is_not_reused() -> None:
     now = [1000.0]
     state = AuthState("reg.example", None, secure=True, clock=lambda: now[0])
-    drive(state, [(401, {"WWW-Authenticate": CHALLENGE}, b""), (200, {}, token_body("t1", 100)),
-                  (200, {}, b"")])
+    drive(
+        state, [(401, {"WWW-Authenticate": CHALLENGE}, b""), (200, {}, token_body("t1", 100)), (200, {}, b"")]
+    )
     now[0] += 89  # renewed at 90% of its lifetime: still good
     sent, _ = drive(state, [(200, {}, b"")])
     assert sent[0].headers["Authorization"] == "Bearer t1"
@@ -282,8 +331,9 @@ def test_expired_token_is_not_reused() -> None:
     assert sent[0].url.host == "auth.example" and sent[1].headers["Authorization"] == "Bearer t2"
 
 
-@pytest.mark.parametrize(("expires_in", "kept_for"), [(None, 54), (0, 54), (True, 54), (7200, 6480),
-                                                      (10 ** 9, 24 * 3600 * 0.9)])
+@pytest.mark.parametrize(
+    ("expires_in", "kept_for"), [(None, 54), (0, 54), (True, 54), (7200, 6480), (10**9, 24 * 3600 * 0.9)]
+)
 def test_token_lifetimes(expires_in: object, kept_for: float) -> None:
     """A token service that gives no usable lifetime means the spec's 60 s; at most a day is kept."""
     now = [0.0]
@@ -309,8 +359,9 @@ def test_no_credentials_to_a_plain_http_realm_of_an_https_registry(caplog: pytes
     state = AuthState("reg.example", Credentials("u", "pw"), secure=True)
     challenge = 'Bearer realm="http://auth.example/token",service="reg"'
     with caplog.at_level(logging.WARNING, logger="p2pimg.sources.upstream.auth"):
-        sent, _ = drive(state, [(401, {"WWW-Authenticate": challenge}, b""), (200, {}, token_body("t")),
-                                (200, {}, b"")])
+        sent, _ = drive(
+            state, [(401, {"WWW-Authenticate": challenge}, b""), (200, {}, token_body("t")), (200, {}, b"")]
+        )
     assert "Authorization" not in sent[1].headers and "not sending credentials" in caplog.text
     assert "pw" not in caplog.text
 
@@ -360,23 +411,30 @@ def test_containerd_hosts_toml_other_registry_and_tls_options() -> None:
     assert doc["host"] == {"http://127.0.0.1:5050": {"capabilities": ["pull", "resolve"]}}
     plain = tomllib.loads(containerd_hosts_toml("ghcr.io", "http://127.0.0.1:5050", skip_verify=True))
     assert "skip_verify" not in plain["host"]["http://127.0.0.1:5050"]
-    tls = tomllib.loads(containerd_hosts_toml("index.docker.io", "https://mirror.local:5443",
-                                              skip_verify=True))
+    tls = tomllib.loads(
+        containerd_hosts_toml("index.docker.io", "https://mirror.local:5443", skip_verify=True)
+    )
     assert tls["server"] == "https://registry-1.docker.io"
-    assert tls["host"]["https://mirror.local:5443"] == {"capabilities": ["pull", "resolve"],
-                                                        "skip_verify": True}
-    local = tomllib.loads(containerd_hosts_toml("127.0.0.1:5000", "http://127.0.0.1:5050",
-                                                server="http://127.0.0.1:5000"))
+    assert tls["host"]["https://mirror.local:5443"] == {
+        "capabilities": ["pull", "resolve"],
+        "skip_verify": True,
+    }
+    local = tomllib.loads(
+        containerd_hosts_toml("127.0.0.1:5000", "http://127.0.0.1:5050", server="http://127.0.0.1:5000")
+    )
     assert local["server"] == "http://127.0.0.1:5000"
 
 
-@pytest.mark.parametrize(("registry", "mirror"), [
-    ('docker.io"\nx = "', "http://127.0.0.1:5050"),
-    ("docker.io", 'http://127.0.0.1:5050"]\n'),
-    ("docker.io", "http://127.0.0.1:5050/path"),
-    ("docker.io", "ftp://127.0.0.1:5050"),
-    ("https://docker.io", "http://127.0.0.1:5050"),
-])
+@pytest.mark.parametrize(
+    ("registry", "mirror"),
+    [
+        ('docker.io"\nx = "', "http://127.0.0.1:5050"),
+        ("docker.io", 'http://127.0.0.1:5050"]\n'),
+        ("docker.io", "http://127.0.0.1:5050/path"),
+        ("docker.io", "ftp://127.0.0.1:5050"),
+        ("https://docker.io", "http://127.0.0.1:5050"),
+    ],
+)
 def test_config_generators_refuse_bad_input(registry: str, mirror: str) -> None:
     with pytest.raises(InvalidInput):
         containerd_hosts_toml(registry, mirror)
@@ -386,8 +444,9 @@ def test_config_generators_refuse_bad_input(registry: str, mirror: str) -> None:
 
 def test_podman_registries_conf() -> None:
     doc = tomllib.loads(podman_registries_conf("docker.io", "http://127.0.0.1:5050"))
-    assert doc == {"registry": [{"location": "docker.io",
-                                 "mirror": [{"location": "127.0.0.1:5050", "insecure": True}]}]}
+    assert doc == {
+        "registry": [{"location": "docker.io", "mirror": [{"location": "127.0.0.1:5050", "insecure": True}]}]
+    }
     tls = tomllib.loads(podman_registries_conf("registry-1.docker.io", "https://mirror.local:5443"))
     assert tls["registry"][0]["location"] == "docker.io"
     assert tls["registry"][0]["mirror"] == [{"location": "mirror.local:5443", "insecure": False}]

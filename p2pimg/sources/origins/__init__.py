@@ -67,4 +67,5 @@ def open_origin(url: str | None, home: Path) -> Origin:
         return StorjOrigin.from_url(url)
     raise InvalidInput(
         f"unsupported origin URL {url!r}: expected file://DIR, s3://BUCKET[/PREFIX]?endpoint=URL "
-        "or storj://BUCKET[/PREFIX]")
+        "or storj://BUCKET[/PREFIX]"
+    )

@@ -89,6 +89,7 @@ class Origin(abc.ABC):
 # Blocking (run them in a worker thread). A source's failures are reported as the upload's, the
 # same way on every backend, so that publish shows one clear error rather than a traceback.
 
+
 def open_source(open_reader: BlobReader, key: str, url: str) -> BinaryIO:
     try:
         return open_reader()

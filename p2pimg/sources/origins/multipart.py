@@ -93,8 +93,10 @@ class PartPlan:
             raise ValueError(f"a multipart upload needs a size and a part size, got {size}, {part_size}")
         self.size = size
         self.part_size = part_size
-        self.parts = tuple(Part(number, offset, min(part_size, size - offset))
-                           for number, offset in enumerate(range(0, size, part_size), 1))
+        self.parts = tuple(
+            Part(number, offset, min(part_size, size - offset))
+            for number, offset in enumerate(range(0, size, part_size), 1)
+        )
         self.stored = dict(stored or {})
         self._etags: dict[int, str] = {}
 
@@ -103,8 +105,11 @@ class PartPlan:
         """Stored parts this plan has no place for, by number: past its last part (or part 0, a
         plain upload's segments), or larger than the part planned under their number (another
         part size). A smaller one is not: sending its part again replaces it."""
-        return sorted(number for number, stored in self.stored.items()
-                      if not 1 <= number <= len(self.parts) or stored.size > self.parts[number - 1].length)
+        return sorted(
+            number
+            for number, stored in self.stored.items()
+            if not 1 <= number <= len(self.parts) or stored.size > self.parts[number - 1].length
+        )
 
     def keep(self, part: Part, etag: str) -> bool:
         """Whether the stored part under `part`'s number holds the bytes whose ETag is `etag`: then it
@@ -160,15 +165,25 @@ class MultipartBackend(abc.ABC):
         raise NotImplementedError
 
 
-def _read_part(src: BinaryIO, part: Part, key: str, url: str,
-               etag_of: Callable[[bytes], str]) -> tuple[bytes, str]:
+def _read_part(
+    src: BinaryIO, part: Part, key: str, url: str, etag_of: Callable[[bytes], str]
+) -> tuple[bytes, str]:
     """A part's bytes and their ETag (blocking: hashing is CPU work for the worker thread too)."""
     data = read_exactly(src, part.length, key, url)
     return data, etag_of(data)
 
 
-async def upload_multipart(backend: MultipartBackend, open_reader: BlobReader, size: int, part_size: int,
-                           *, key: str, url: str, parallel: int, stats: UploadStats) -> None:
+async def upload_multipart(
+    backend: MultipartBackend,
+    open_reader: BlobReader,
+    size: int,
+    part_size: int,
+    *,
+    key: str,
+    url: str,
+    parallel: int,
+    stats: UploadStats,
+) -> None:
     """Upload `size` bytes from `open_reader` as `key`, resuming a pending upload of it if there is one.
 
     On failure or cancellation the upload stays pending for the next attempt. A source that fails
@@ -206,8 +221,9 @@ async def upload_multipart(backend: MultipartBackend, open_reader: BlobReader, s
                 # A slot is taken before reading, so at most `parallel` parts are in memory.
                 await slots.acquire()
                 try:
-                    data, etag = await trio.to_thread.run_sync(_read_part, src, part, key, url,
-                                                               backend.etag_of)
+                    data, etag = await trio.to_thread.run_sync(
+                        _read_part, src, part, key, url, backend.etag_of
+                    )
                 except P2pimgError as exc:
                     slots.release()
                     source_error = exc

@@ -108,8 +108,9 @@ class S3Origin(Origin):
             # trio.run more than once with one origin: each run gets its own client.
             self._client = httpx.AsyncClient(
                 timeout=httpx.Timeout(60.0, connect=10.0),
-                limits=httpx.Limits(max_connections=self.max_connections,
-                                    max_keepalive_connections=self.max_connections),
+                limits=httpx.Limits(
+                    max_connections=self.max_connections, max_keepalive_connections=self.max_connections
+                ),
                 # Ranged reads must come back byte for byte, never transfer-decoded.
                 headers={"Accept-Encoding": "identity"},
             )
@@ -123,16 +124,26 @@ class S3Origin(Origin):
         return f"{self.location.prefix}/{key}" if self.location.prefix else key
 
     def _sign(self, method: str, url: str, headers: Mapping[str, str], payload_hash: str) -> dict[str, str]:
-        request = AWSRequest(method=method, url=url,
-                             headers={**headers, "Host": self._host, "X-Amz-Content-SHA256": payload_hash})
+        request = AWSRequest(
+            method=method,
+            url=url,
+            headers={**headers, "Host": self._host, "X-Amz-Content-SHA256": payload_hash},
+        )
         self._signer.add_auth(request)
         return dict(request.headers.items())
 
     @contextlib.asynccontextmanager
-    async def _request(self, method: str, bucket_key: str | None, *, params: Mapping[str, str] | None = None,
-                       headers: Mapping[str, str] | None = None,
-                       body: bytes | AsyncIterator[bytes] = b"", payload_hash: str | None = None,
-                       content_length: int | None = None) -> AsyncIterator[httpx.Response]:
+    async def _request(
+        self,
+        method: str,
+        bucket_key: str | None,
+        *,
+        params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        body: bytes | AsyncIterator[bytes] = b"",
+        payload_hash: str | None = None,
+        content_length: int | None = None,
+    ) -> AsyncIterator[httpx.Response]:
         """A signed request whose response streams; transport failures become OriginError."""
         url = self._bucket_url + (f"/{bucket_key}" if bucket_key is not None else "")
         if params:
@@ -252,8 +263,12 @@ class S3Origin(Origin):
         seen: set[str] = set()
         while True:
             # encoding-type=url: a foreign key with characters XML 1.0 cannot carry still parses.
-            params = {"list-type": "2", "prefix": bucket_prefix, "encoding-type": "url",
-                      "max-keys": str(self.list_page_size)}
+            params = {
+                "list-type": "2",
+                "prefix": bucket_prefix,
+                "encoding-type": "url",
+                "max-keys": str(self.list_page_size),
+            }
             if token is not None:
                 params["continuation-token"] = token
             async with self._request("GET", None, params=params) as response:
@@ -323,8 +338,9 @@ class S3Origin(Origin):
             try:
                 remaining = size
                 while remaining:
-                    piece = await trio.to_thread.run_sync(read_source, src, min(_PIECE, remaining), key,
-                                                          self.url)
+                    piece = await trio.to_thread.run_sync(
+                        read_source, src, min(_PIECE, remaining), key, self.url
+                    )
                     md5.update(piece)
                     remaining -= len(piece)
                     # Checked before the last piece goes out: a source that changed between the
@@ -337,8 +353,9 @@ class S3Origin(Origin):
                     await trio.to_thread.run_sync(src.close)
 
         headers = {"Content-MD5": base64.b64encode(digest).decode()}
-        async with self._request("PUT", bucket_key, headers=headers, body=body(), payload_hash=_UNSIGNED,
-                                 content_length=size) as response:
+        async with self._request(
+            "PUT", bucket_key, headers=headers, body=body(), payload_hash=_UNSIGNED, content_length=size
+        ) as response:
             if response.status_code != 200:
                 await self._fail(response, f"writing {key}")
         self.stats.parts_uploaded += 1
@@ -348,8 +365,16 @@ class S3Origin(Origin):
         part_size = self.segment_size
         if part_count(size, part_size) > _MAX_PARTS:
             raise OriginError(f"{key}: {size} bytes need more than {_MAX_PARTS} parts of {part_size}")
-        await upload_multipart(_S3Upload(self, key, bucket_key), open_reader, size, part_size, key=key,
-                               url=self.url, parallel=self.parallel_parts, stats=self.stats)
+        await upload_multipart(
+            _S3Upload(self, key, bucket_key),
+            open_reader,
+            size,
+            part_size,
+            key=key,
+            url=self.url,
+            parallel=self.parallel_parts,
+            stats=self.stats,
+        )
 
     async def _find_upload(self, key: str, bucket_key: str) -> tuple[str, dict[int, StoredPart]] | None:
         """The newest in-progress upload of exactly this key with its parts, if there is one."""
@@ -372,8 +397,10 @@ class S3Origin(Origin):
                 # `>=`: S3 lists one key's uploads oldest first, so on equal times the later wins.
                 if newest is None or started >= newest[0]:
                     newest = (started, upload_id)
-            next_markers = {"key-marker": _text(root, "NextKeyMarker") or "",
-                            "upload-id-marker": _text(root, "NextUploadIdMarker") or ""}
+            next_markers = {
+                "key-marker": _text(root, "NextKeyMarker") or "",
+                "upload-id-marker": _text(root, "NextUploadIdMarker") or "",
+            }
             if not _truncated(root) or next_markers == markers:
                 break
             markers = next_markers
@@ -382,8 +409,7 @@ class S3Origin(Origin):
         parts = await self._list_parts(key, bucket_key, newest[1])
         return None if parts is None else (newest[1], parts)
 
-    async def _list_parts(self, key: str, bucket_key: str,
-                          upload_id: str) -> dict[int, StoredPart] | None:
+    async def _list_parts(self, key: str, bucket_key: str, upload_id: str) -> dict[int, StoredPart] | None:
         """Parts of an upload, or None if it is gone (completed or aborted meanwhile)."""
         what = f"listing uploaded parts of {key}"
         parts: dict[int, StoredPart] = {}
@@ -417,14 +443,16 @@ class S3Origin(Origin):
             raise OriginError(f"{what}: no UploadId in the response")
         return upload_id
 
-    async def _upload_part(self, key: str, bucket_key: str, upload_id: str, number: int, data: bytes,
-                           md5: bytes) -> str:
+    async def _upload_part(
+        self, key: str, bucket_key: str, upload_id: str, number: int, data: bytes, md5: bytes
+    ) -> str:
         params = {"partNumber": str(number), "uploadId": upload_id}
         # Content-MD5 lets the store refuse a damaged part; hashing 64 MiB again for a signed
         # payload would add nothing but CPU time.
         headers = {"Content-MD5": base64.b64encode(md5).decode()}
-        async with self._request("PUT", bucket_key, params=params, headers=headers, body=data,
-                                 payload_hash=_UNSIGNED) as response:
+        async with self._request(
+            "PUT", bucket_key, params=params, headers=headers, body=data, payload_hash=_UNSIGNED
+        ) as response:
             if response.status_code != 200:
                 await self._fail(response, f"uploading part {number} of {key}")
             etag: str | None = response.headers.get("ETag")
@@ -432,8 +460,9 @@ class S3Origin(Origin):
             raise OriginError(f"uploading part {number} of {key}: no ETag in the response")
         return etag
 
-    async def _complete_upload(self, key: str, bucket_key: str, upload_id: str,
-                               etags: dict[int, str]) -> None:
+    async def _complete_upload(
+        self, key: str, bucket_key: str, upload_id: str, etags: dict[int, str]
+    ) -> None:
         what = f"completing the upload of {key}"
         root = ET.Element("CompleteMultipartUpload", xmlns="http://s3.amazonaws.com/doc/2006-03-01/")
         for number in sorted(etags):
@@ -441,8 +470,13 @@ class S3Origin(Origin):
             ET.SubElement(part, "PartNumber").text = str(number)
             ET.SubElement(part, "ETag").text = etags[number]
         body = ET.tostring(root, encoding="utf-8", xml_declaration=False)
-        async with self._request("POST", bucket_key, params={"uploadId": upload_id},
-                                 headers={"Content-Type": "application/xml"}, body=body) as response:
+        async with self._request(
+            "POST",
+            bucket_key,
+            params={"uploadId": upload_id},
+            headers={"Content-Type": "application/xml"},
+            body=body,
+        ) as response:
             if response.status_code != 200:
                 await self._fail(response, what)
             # S3 may answer 200 and still fail: the error then is the body.
@@ -475,8 +509,9 @@ class _S3Upload(MultipartBackend):
         return _md5(data).hex()
 
     async def send(self, upload_id: str, part: Part, data: bytes, etag: str) -> str:
-        return await self.origin._upload_part(self.key, self.bucket_key, upload_id, part.number, data,
-                                              bytes.fromhex(etag))
+        return await self.origin._upload_part(
+            self.key, self.bucket_key, upload_id, part.number, data, bytes.fromhex(etag)
+        )
 
     async def complete(self, upload_id: str, etags: dict[int, str]) -> None:
         await self.origin._complete_upload(self.key, self.bucket_key, upload_id, etags)

@@ -41,8 +41,10 @@ def _check_bucket(bucket: str) -> str:
     if not bucket:
         raise InvalidInput("s3 origin URL needs a bucket: s3://BUCKET[/PREFIX]?endpoint=URL")
     if not _BUCKET_RE.match(bucket):
-        raise InvalidInput(f"invalid bucket name {bucket[:70]!r}: 3 to 63 characters of a-z, 0-9, '.' "
-                           "and '-', starting and ending with a letter or digit")
+        raise InvalidInput(
+            f"invalid bucket name {bucket[:70]!r}: 3 to 63 characters of a-z, 0-9, '.' "
+            "and '-', starting and ending with a letter or digit"
+        )
     if ".." in bucket or ".-" in bucket or "-." in bucket:
         raise InvalidInput(f"invalid bucket name {bucket!r}: no '..', '.-' or '-.'")
     with contextlib.suppress(ValueError):
@@ -66,8 +68,9 @@ def _check_endpoint(endpoint: str | None) -> str:
     if not parts.hostname:
         raise InvalidInput(f"s3 endpoint has no host: {endpoint[:100]!r}")
     if parts.username is not None or parts.password is not None:
-        raise InvalidInput("s3 endpoint must not carry credentials: "
-                           "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY instead")
+        raise InvalidInput(
+            "s3 endpoint must not carry credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY instead"
+        )
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise InvalidInput(f"s3 endpoint must be scheme://host[:port] with no path: {endpoint[:100]!r}")
     host = parts.hostname
@@ -82,8 +85,10 @@ def _check_prefix(path: str) -> str:
         return ""
     for component in prefix.split("/"):
         if not _COMPONENT_RE.match(component):
-            raise InvalidInput(f"invalid s3 key prefix {prefix[:100]!r}: components of A-Z a-z 0-9 . _ -, "
-                               "each starting with a letter or digit")
+            raise InvalidInput(
+                f"invalid s3 key prefix {prefix[:100]!r}: components of A-Z a-z 0-9 . _ -, "
+                "each starting with a letter or digit"
+            )
     return prefix
 
 
@@ -93,8 +98,10 @@ def parse_s3_url(url: str) -> S3Location:
     if parts.scheme != "s3":
         raise InvalidInput(f"not an s3:// URL: {url[:100]!r}")
     if "@" in parts.netloc:
-        raise InvalidInput("s3 origin URL must not carry credentials: "
-                           "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY instead")
+        raise InvalidInput(
+            "s3 origin URL must not carry credentials: "
+            "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY instead"
+        )
     if parts.fragment:
         raise InvalidInput(f"s3 origin URL must not have a fragment: {url[:100]!r}")
     bucket = _check_bucket(parts.netloc)
@@ -122,9 +129,14 @@ def credentials_from_env(env: Mapping[str, str] | None = None) -> Credentials:
     env = os.environ if env is None else env
     access = env.get("AWS_ACCESS_KEY_ID", "")
     secret = env.get("AWS_SECRET_ACCESS_KEY", "")
-    missing = [name for name, value in (("AWS_ACCESS_KEY_ID", access), ("AWS_SECRET_ACCESS_KEY", secret))
-               if not value]
+    missing = [
+        name
+        for name, value in (("AWS_ACCESS_KEY_ID", access), ("AWS_SECRET_ACCESS_KEY", secret))
+        if not value
+    ]
     if missing:
-        raise InvalidInput(f"s3 origin needs credentials: set {' and '.join(missing)} "
-                           "(and AWS_SESSION_TOKEN for temporary credentials)")
+        raise InvalidInput(
+            f"s3 origin needs credentials: set {' and '.join(missing)} "
+            "(and AWS_SESSION_TOKEN for temporary credentials)"
+        )
     return Credentials(access, secret, env.get("AWS_SESSION_TOKEN") or None)

@@ -66,8 +66,10 @@ def parse_storj_url(url: str) -> tuple[str, str]:
     if parts.scheme != "storj":
         raise InvalidInput(f"not a storj:// URL: {url!r}")
     if parts.query or parts.fragment or "@" in parts.netloc or ":" in parts.netloc:
-        raise InvalidInput(f"storj origin URL takes only a bucket and a prefix: {url!r} "
-                           "(the access grant comes from STORJ_ACCESS)")
+        raise InvalidInput(
+            f"storj origin URL takes only a bucket and a prefix: {url!r} "
+            "(the access grant comes from STORJ_ACCESS)"
+        )
     return parts.netloc, parts.path.strip("/")
 
 
@@ -79,11 +81,18 @@ class StorjOrigin(Origin):
     # segment each. (Tests lower it on an instance to exercise many parts cheaply.)
     part_size = segment_size
 
-    def __init__(self, bucket: str, prefix: str = "", *, access: str | None = None,
-                 project_factory: ProjectFactory | None = None) -> None:
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        access: str | None = None,
+        project_factory: ProjectFactory | None = None,
+    ) -> None:
         if not _BUCKET_RE.match(bucket) or ".." in bucket:
-            raise InvalidInput(f"invalid Storj bucket name {bucket!r}: 3-63 lowercase letters, "
-                               "digits, dots and hyphens")
+            raise InvalidInput(
+                f"invalid Storj bucket name {bucket!r}: 3-63 lowercase letters, digits, dots and hyphens"
+            )
         if prefix:
             self._check_components(prefix, what="prefix")
         self.bucket = bucket
@@ -93,7 +102,8 @@ class StorjOrigin(Origin):
         self._native = NativeBucket(self._wrapper, bucket)
         if project_factory is None:
             project_factory = native_project_factory(
-                self._wrapper, access if access is not None else os.environ.get("STORJ_ACCESS"))
+                self._wrapper, access if access is not None else os.environ.get("STORJ_ACCESS")
+            )
         self._open_project = project_factory
         self._project: Any = None
         self._project_lock = trio.Lock()
@@ -127,14 +137,15 @@ class StorjOrigin(Origin):
                     raise self._error(exc, "open the Storj project for", None) from None
             return self._project
 
-    def _error(self, exc: BaseException, what: str, key: str | None, *,
-               reading: bool = True) -> OriginError:
+    def _error(self, exc: BaseException, what: str, key: str | None, *, reading: bool = True) -> OriginError:
         code, message = native_error(exc)
         if code == ERROR_OBJECT_NOT_FOUND and key is not None and reading:
             return OriginNotFound(f"origin has no {key}")
         if code == ERROR_BUCKET_NOT_FOUND:
-            return OriginError(f"Storj bucket {self.bucket!r} does not exist (create it with "
-                               f"`uplink mb sj://{self.bucket}` or in the Storj console)")
+            return OriginError(
+                f"Storj bucket {self.bucket!r} does not exist (create it with "
+                f"`uplink mb sj://{self.bucket}` or in the Storj console)"
+            )
         target = f"{key} on {self.url}" if key is not None else self.url
         return OriginError(f"cannot {what} {target}: {message}")
 
@@ -161,20 +172,23 @@ class StorjOrigin(Origin):
 
     # -- reads -----------------------------------------------------------------------------------
 
-    async def _pieces(self, project: Any, key: str, offset: int, length: int,
-                      download: Any = None) -> AsyncGenerator[bytes, None]:
+    async def _pieces(
+        self, project: Any, key: str, offset: int, length: int, download: Any = None
+    ) -> AsyncGenerator[bytes, None]:
         """Bytes [offset, offset+length) of `key`, from `download` if given (open at `offset`)."""
         pos, end = offset, offset + length
         try:
             if download is None:
                 options = self._wrapper.classes.DownloadOptions(offset, length)
-                download = await self._call("read", key, project.download_object,
-                                            self.bucket, self._path(key), options)
+                download = await self._call(
+                    "read", key, project.download_object, self.bucket, self._path(key), options
+                )
             buf = ctypes.create_string_buffer(min(_PIECE, length))
             stalls = 0
             while pos < end:
-                data, eof = await self._call("read", key, self._native.read, download, buf,
-                                             min(_PIECE, end - pos))
+                data, eof = await self._call(
+                    "read", key, self._native.read, download, buf, min(_PIECE, end - pos)
+                )
                 pos += len(data)
                 if data:
                     stalls = 0
@@ -182,8 +196,9 @@ class StorjOrigin(Origin):
                 elif not eof:
                     stalls += 1  # io.Reader allows (0, nil); a reader that only says that is stuck
                 if pos < end and (eof or stalls > 3):
-                    raise OriginError(f"{key} on {self.url} is shorter than expected "
-                                      f"(ends at byte {pos}, before {end})")
+                    raise OriginError(
+                        f"{key} on {self.url} is shorter than expected (ends at byte {pos}, before {end})"
+                    )
         finally:
             if download is not None:
                 await self._quietly(self._native.release, "download", download)
@@ -244,8 +259,7 @@ class StorjOrigin(Origin):
         try:
             if isinstance(fill, bytes):
                 for start in range(0, len(fill), _PIECE):
-                    await self._call("write", key, self._native.write, upload,
-                                     fill[start:start + _PIECE])
+                    await self._call("write", key, self._native.write, upload, fill[start : start + _PIECE])
             else:
                 await self._pump(key, upload, fill, size)
             await self._call("write", key, upload.commit)
@@ -281,8 +295,16 @@ class StorjOrigin(Origin):
             self.stats.bytes_uploaded += size
         else:
             project = await self._project_handle()
-            await upload_multipart(_StorjUpload(self, project, key, size), open_reader, size, part_size,
-                                   key=key, url=self.url, parallel=_PARALLEL_PARTS, stats=self.stats)
+            await upload_multipart(
+                _StorjUpload(self, project, key, size),
+                open_reader,
+                size,
+                part_size,
+                key=key,
+                url=self.url,
+                parallel=_PARALLEL_PARTS,
+                stats=self.stats,
+            )
 
     async def delete(self, key: str) -> None:
         path = self._path(key)
@@ -311,13 +333,15 @@ class StorjOrigin(Origin):
             raise InvalidInput(f"origin list prefix must end with '/': {prefix[:100]!r}")
         full = self._path(prefix.rstrip("/")) + "/"
         project = await self._project_handle()
-        listed = await self._call("list", prefix, partial(self._native.list_objects, system=system),
-                                  project, full)
+        listed = await self._call(
+            "list", prefix, partial(self._native.list_objects, system=system), project, full
+        )
         # libuplink returns whole keys (the listing prefix included); anything else would mean
         # its contract changed, and guessing would risk answering with the wrong keys.
         if stray := [k for k, _created in listed if not k.startswith(full)]:
-            raise OriginError(f"listing {full} on storj://{self.bucket} returned {stray[0]!r}, "
-                              "which is outside the prefix")
+            raise OriginError(
+                f"listing {full} on storj://{self.bucket} returned {stray[0]!r}, which is outside the prefix"
+            )
         strip = len(self.prefix) + 1 if self.prefix else 0
         return sorted((k[strip:], created) for k, created in listed)
 
@@ -371,13 +395,20 @@ class _StorjUpload(MultipartBackend):
     async def send(self, upload_id: str, part: Part, data: bytes, etag: str) -> str:
         what = f"write part {part.number} of"
         lib = self.project.uplink.m_libuplink
-        result = await self._call(what, self.native.begin_part, self.project, self.path, upload_id,
-                                  part.number)
+        result = await self._call(
+            what, self.native.begin_part, self.project, self.path, upload_id, part.number
+        )
         committed = False
         try:
             for start in range(0, len(data), _PIECE):
-                await self._call(what, self.native.write_all, lib, "uplink_part_upload_write",
-                                 result.part_upload, data[start:start + _PIECE])
+                await self._call(
+                    what,
+                    self.native.write_all,
+                    lib,
+                    "uplink_part_upload_write",
+                    result.part_upload,
+                    data[start : start + _PIECE],
+                )
             await self._call(what, self.native.commit_part, lib, result.part_upload, etag)
             committed = True
         finally:
@@ -389,11 +420,13 @@ class _StorjUpload(MultipartBackend):
         return etag
 
     async def complete(self, upload_id: str, etags: dict[int, str]) -> None:
-        stored = await self._call("commit the upload of", self.native.commit_upload, self.project, self.path,
-                                  upload_id)
+        stored = await self._call(
+            "commit the upload of", self.native.commit_upload, self.project, self.path, upload_id
+        )
         if stored != self.size:
-            raise OriginError(f"{self.key} on {self.origin.url} has {stored} bytes after upload, "
-                              f"expected {self.size}")
+            raise OriginError(
+                f"{self.key} on {self.origin.url} has {stored} bytes after upload, expected {self.size}"
+            )
 
     async def abort(self, upload_id: str) -> None:
         await self._call("abort an upload of", self.native.abort_upload, self.project, self.path, upload_id)

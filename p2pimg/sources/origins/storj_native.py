@@ -82,8 +82,12 @@ class Wrapper:
 def load_wrapper() -> Wrapper:
     """Import storj_uplink, or say exactly what is missing."""
     try:
-        return Wrapper(*(importlib.import_module(f"storj_uplink.{name}")
-                          for name in ("module_classes", "module_def", "errors", "uplink")))
+        return Wrapper(
+            *(
+                importlib.import_module(f"storj_uplink.{name}")
+                for name in ("module_classes", "module_def", "errors", "uplink")
+            )
+        )
     except ImportError as exc:
         raise InvalidInput(
             f"storj:// needs the storj-uplink package, which is not installed ({exc}). Install it "
@@ -109,8 +113,7 @@ def native_project_factory(wrapper: Wrapper, grant: str | None) -> ProjectFactor
         access = uplink.parse_access(grant)
     except Exception as exc:
         raise InvalidInput(
-            f"STORJ_ACCESS does not hold a usable access grant ({native_error(exc)[1]}). "
-            + ACCESS_HELP
+            f"STORJ_ACCESS does not hold a usable access grant ({native_error(exc)[1]}). " + ACCESS_HELP
         ) from None
     return lambda: access.open_project()
 
@@ -180,13 +183,27 @@ class MultipartTypes:
 def multipart_types(defs: Any) -> MultipartTypes:
     ptr, handle = ctypes.POINTER, [("_handle", ctypes.c_size_t)]
     error_p = ptr(defs._Error)
-    upload_info = _structure("UplinkUploadInfo", [
-        ("upload_id", ctypes.c_char_p), ("key", ctypes.c_char_p), ("is_prefix", ctypes.c_bool),
-        ("system", defs._SystemMetadataStruct), ("custom", defs._CustomMetadataStruct)])
-    part = _structure("UplinkPart", [
-        ("part_number", ctypes.c_uint32), ("size", ctypes.c_size_t), ("modified", ctypes.c_int64),
-        # char * with a length: read as a pointer (c_char_p would stop at a NUL byte).
-        ("etag", ptr(ctypes.c_char)), ("etag_length", ctypes.c_size_t)])
+    upload_info = _structure(
+        "UplinkUploadInfo",
+        [
+            ("upload_id", ctypes.c_char_p),
+            ("key", ctypes.c_char_p),
+            ("is_prefix", ctypes.c_bool),
+            ("system", defs._SystemMetadataStruct),
+            ("custom", defs._CustomMetadataStruct),
+        ],
+    )
+    part = _structure(
+        "UplinkPart",
+        [
+            ("part_number", ctypes.c_uint32),
+            ("size", ctypes.c_size_t),
+            ("modified", ctypes.c_int64),
+            # char * with a length: read as a pointer (c_char_p would stop at a NUL byte).
+            ("etag", ptr(ctypes.c_char)),
+            ("etag_length", ctypes.c_size_t),
+        ],
+    )
     part_upload = _structure("UplinkPartUpload", handle)
     return MultipartTypes(
         part_upload=part_upload,
@@ -194,18 +211,29 @@ def multipart_types(defs: Any) -> MultipartTypes:
         part_iterator=_structure("UplinkPartIterator", handle),
         upload_info=upload_info,
         part=part,
-        list_uploads_options=_structure("UplinkListUploadsOptions", [
-            ("prefix", ctypes.c_char_p), ("cursor", ctypes.c_char_p), ("recursive", ctypes.c_bool),
-            ("system", ctypes.c_bool), ("custom", ctypes.c_bool)]),
+        list_uploads_options=_structure(
+            "UplinkListUploadsOptions",
+            [
+                ("prefix", ctypes.c_char_p),
+                ("cursor", ctypes.c_char_p),
+                ("recursive", ctypes.c_bool),
+                ("system", ctypes.c_bool),
+                ("custom", ctypes.c_bool),
+            ],
+        ),
         list_upload_parts_options=_structure("UplinkListUploadPartsOptions", [("cursor", ctypes.c_uint32)]),
-        commit_upload_options=_structure("UplinkCommitUploadOptions",
-                                         [("custom_metadata", defs._CustomMetadataStruct)]),
-        upload_info_result=_structure("UplinkUploadInfoResult",
-                                      [("info", ptr(upload_info)), ("error", error_p)]),
-        part_upload_result=_structure("UplinkPartUploadResult",
-                                      [("part_upload", ptr(part_upload)), ("error", error_p)]),
-        commit_upload_result=_structure("UplinkCommitUploadResult",
-                                        [("object", ptr(defs._ObjectStruct)), ("error", error_p)]),
+        commit_upload_options=_structure(
+            "UplinkCommitUploadOptions", [("custom_metadata", defs._CustomMetadataStruct)]
+        ),
+        upload_info_result=_structure(
+            "UplinkUploadInfoResult", [("info", ptr(upload_info)), ("error", error_p)]
+        ),
+        part_upload_result=_structure(
+            "UplinkPartUploadResult", [("part_upload", ptr(part_upload)), ("error", error_p)]
+        ),
+        commit_upload_result=_structure(
+            "UplinkCommitUploadResult", [("object", ptr(defs._ObjectStruct)), ("error", error_p)]
+        ),
     )
 
 
@@ -234,11 +262,15 @@ def signatures(defs: Any) -> dict[str, tuple[list[Any], Any]]:
         "uplink_free_object": ([ptr(defs._ObjectStruct)], None),
         "uplink_free_error": ([error], None),
         # multipart.go: (project, bucket, key[, upload_id], ...)
-        "uplink_begin_upload": ([project, char_p, char_p, ptr(defs._UploadOptionsStruct)],
-                                t.upload_info_result),
+        "uplink_begin_upload": (
+            [project, char_p, char_p, ptr(defs._UploadOptionsStruct)],
+            t.upload_info_result,
+        ),
         "uplink_free_upload_info_result": ([t.upload_info_result], None),
-        "uplink_commit_upload": ([project, char_p, char_p, char_p, ptr(t.commit_upload_options)],
-                                 t.commit_upload_result),
+        "uplink_commit_upload": (
+            [project, char_p, char_p, char_p, ptr(t.commit_upload_options)],
+            t.commit_upload_result,
+        ),
         "uplink_free_commit_upload_result": ([t.commit_upload_result], None),
         "uplink_abort_upload": ([project, char_p, char_p, char_p], error),
         "uplink_upload_part": ([project, char_p, char_p, char_p, ctypes.c_uint32], t.part_upload_result),
@@ -253,8 +285,10 @@ def signatures(defs: Any) -> dict[str, tuple[list[Any], Any]]:
         "uplink_upload_iterator_err": ([uploads], error),
         "uplink_free_upload_iterator": ([uploads], None),
         "uplink_free_upload_info": ([ptr(t.upload_info)], None),
-        "uplink_list_upload_parts": ([project, char_p, char_p, char_p, ptr(t.list_upload_parts_options)],
-                                     parts),
+        "uplink_list_upload_parts": (
+            [project, char_p, char_p, char_p, ptr(t.list_upload_parts_options)],
+            parts,
+        ),
         "uplink_part_iterator_next": ([parts], ctypes.c_bool),
         "uplink_part_iterator_item": ([parts], ptr(t.part)),
         "uplink_part_iterator_err": ([parts], error),
@@ -265,12 +299,27 @@ def signatures(defs: Any) -> dict[str, tuple[list[Any], Any]]:
 
 # The functions that walk each kind of libuplink iterator: next, item, err, free it, free an item.
 _ITERATORS = {
-    "object": ("uplink_object_iterator_next", "uplink_object_iterator_item", "uplink_object_iterator_err",
-               "uplink_free_object_iterator", "uplink_free_object"),
-    "upload": ("uplink_upload_iterator_next", "uplink_upload_iterator_item", "uplink_upload_iterator_err",
-               "uplink_free_upload_iterator", "uplink_free_upload_info"),
-    "part": ("uplink_part_iterator_next", "uplink_part_iterator_item", "uplink_part_iterator_err",
-             "uplink_free_part_iterator", "uplink_free_part"),
+    "object": (
+        "uplink_object_iterator_next",
+        "uplink_object_iterator_item",
+        "uplink_object_iterator_err",
+        "uplink_free_object_iterator",
+        "uplink_free_object",
+    ),
+    "upload": (
+        "uplink_upload_iterator_next",
+        "uplink_upload_iterator_item",
+        "uplink_upload_iterator_err",
+        "uplink_free_upload_iterator",
+        "uplink_free_upload_info",
+    ),
+    "part": (
+        "uplink_part_iterator_next",
+        "uplink_part_iterator_item",
+        "uplink_part_iterator_err",
+        "uplink_free_part_iterator",
+        "uplink_free_part",
+    ),
 }
 
 
@@ -397,8 +446,9 @@ class NativeBucket:
 
     def begin_upload(self, project: Any, path: str) -> str:
         lib = project.uplink.m_libuplink
-        result = self.fn(lib, "uplink_begin_upload")(project.project, self.bucket.encode(), path.encode(),
-                                                     None)
+        result = self.fn(lib, "uplink_begin_upload")(
+            project.project, self.bucket.encode(), path.encode(), None
+        )
         try:
             if result.error:
                 raise c_error(result.error.contents)
@@ -412,10 +462,12 @@ class NativeBucket:
         """(creation time, upload ID) of the pending uploads of exactly `path`."""
         lib = project.uplink.m_libuplink
         # A prefix without a trailing slash lists the pending uploads of exactly that key.
-        options = multipart_types(self.wrapper.defs).list_uploads_options(path.encode(), b"", True, True,
-                                                                          False)
-        iterator = self.fn(lib, "uplink_list_uploads")(project.project, self.bucket.encode(),
-                                                      ctypes.byref(options))
+        options = multipart_types(self.wrapper.defs).list_uploads_options(
+            path.encode(), b"", True, True, False
+        )
+        iterator = self.fn(lib, "uplink_list_uploads")(
+            project.project, self.bucket.encode(), ctypes.byref(options)
+        )
 
         def upload(info: Any) -> tuple[int, str] | None:
             if info.is_prefix or not info.upload_id or info.key != path.encode():
@@ -429,7 +481,8 @@ class NativeBucket:
         lib = project.uplink.m_libuplink
         options = multipart_types(self.wrapper.defs).list_upload_parts_options(0)
         iterator = self.fn(lib, "uplink_list_upload_parts")(
-            project.project, self.bucket.encode(), path.encode(), upload_id.encode(), ctypes.byref(options))
+            project.project, self.bucket.encode(), path.encode(), upload_id.encode(), ctypes.byref(options)
+        )
 
         def part(info: Any) -> tuple[int, int, str]:
             etag = ctypes.string_at(info.etag, info.etag_length) if info.etag else b""
@@ -446,13 +499,17 @@ class NativeBucket:
     def begin_part(self, project: Any, path: str, upload_id: str, number: int) -> Any:
         """The `UplinkPartUploadResult` of a new part upload (free it when done with it)."""
         lib = project.uplink.m_libuplink
-        result = self.fn(lib, "uplink_upload_part")(project.project, self.bucket.encode(), path.encode(),
-                                                    upload_id.encode(), number)
+        result = self.fn(lib, "uplink_upload_part")(
+            project.project, self.bucket.encode(), path.encode(), upload_id.encode(), number
+        )
         if result.error or not result.part_upload:
             # On failure uplink-c v1.13 still hands out a handle, with no part upload behind it:
             # any call on it but the free would crash the process.
-            error = (c_error(result.error.contents) if result.error
-                     else NativeError(None, "libuplink returned no part upload"))
+            error = (
+                c_error(result.error.contents)
+                if result.error
+                else NativeError(None, "libuplink returned no part upload")
+            )
             self.free_part(lib, result)
             raise error
         return result
@@ -471,8 +528,9 @@ class NativeBucket:
     def commit_upload(self, project: Any, path: str, upload_id: str) -> int:
         """Commit an upload; the size of the object it made."""
         lib = project.uplink.m_libuplink
-        result = self.fn(lib, "uplink_commit_upload")(project.project, self.bucket.encode(), path.encode(),
-                                                      upload_id.encode(), None)
+        result = self.fn(lib, "uplink_commit_upload")(
+            project.project, self.bucket.encode(), path.encode(), upload_id.encode(), None
+        )
         try:
             if result.error:
                 raise c_error(result.error.contents)
@@ -484,8 +542,12 @@ class NativeBucket:
 
     def abort_upload(self, project: Any, path: str, upload_id: str) -> None:
         lib = project.uplink.m_libuplink
-        self.check(lib, self.fn(lib, "uplink_abort_upload")(project.project, self.bucket.encode(),
-                                                            path.encode(), upload_id.encode()))
+        self.check(
+            lib,
+            self.fn(lib, "uplink_abort_upload")(
+                project.project, self.bucket.encode(), path.encode(), upload_id.encode()
+            ),
+        )
 
     # -- listing --------------------------------------------------------------------------------
 
@@ -496,11 +558,11 @@ class NativeBucket:
         defs = self.wrapper.defs
         lib = project.uplink.m_libuplink
         options = defs._ListObjectsOptionsStruct(prefix.encode(), b"", True, system, False)
-        iterator = self.fn(lib, "uplink_list_objects")(project.project, self.bucket.encode(),
-                                                      ctypes.byref(options))
+        iterator = self.fn(lib, "uplink_list_objects")(
+            project.project, self.bucket.encode(), ctypes.byref(options)
+        )
 
         def key(obj: Any) -> tuple[str, int] | None:
             return None if obj.is_prefix else (str(obj.key.decode("utf-8")), int(obj.system.created))
 
         return self.drain(lib, "object", iterator, key)
-

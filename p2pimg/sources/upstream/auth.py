@@ -91,16 +91,20 @@ def parse_www_authenticate(values: list[str]) -> Challenge | None:
     return found.get("bearer") or found.get("basic")
 
 
-def read_token(status: int, body: bytes | None, where: str, host: str,
-               creds: Credentials | None, sent_credentials: bool) -> tuple[str, float]:
+def read_token(
+    status: int, body: bytes | None, where: str, host: str, creds: Credentials | None, sent_credentials: bool
+) -> tuple[str, float]:
     """(token, lifetime in seconds) from a token service's reply, or the error it stands for."""
     if status in (401, 403):
         if creds is not None and sent_credentials:
             raise UpstreamAuthError(
                 f"{where} rejected the credentials of user {creds.username!r} from {creds.source} "
-                f"(HTTP {status}): check them (docker login {host})")
-        raise UpstreamAuthError(f"{where} refused an anonymous token (HTTP {status}): "
-                                f"this registry needs credentials (docker login {host})")
+                f"(HTTP {status}): check them (docker login {host})"
+            )
+        raise UpstreamAuthError(
+            f"{where} refused an anonymous token (HTTP {status}): "
+            f"this registry needs credentials (docker login {host})"
+        )
     if status == 429:
         raise UpstreamRateLimited(f"{where} is rate limiting us (HTTP 429)")
     if status != 200:
@@ -123,8 +127,9 @@ class TokenCache:
     """Bearer tokens by scope, each until shortly before it expires; the least recently used go
     first beyond `capacity`. The clock is a parameter, so that expiry is a plain input."""
 
-    def __init__(self, *, capacity: int = _MAX_CACHED_TOKENS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, *, capacity: int = _MAX_CACHED_TOKENS, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._capacity = capacity
         self._clock = clock
         self._tokens: OrderedDict[str, tuple[str, float]] = OrderedDict()
@@ -165,8 +170,14 @@ Flow = Generator[Step, Reply, Reply]
 class AuthState:
     """Authentication for one registry: which scheme it wants, and its tokens by scope."""
 
-    def __init__(self, host: str, creds: Credentials | None, *, secure: bool,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        host: str,
+        creds: Credentials | None,
+        *,
+        secure: bool,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.host = host
         self.creds = creds
         self._secure = secure
@@ -199,8 +210,12 @@ class AuthState:
             self._bearer = challenge
             token = yield from self._fetch_token(challenge, scope, request)
             retry.headers["Authorization"] = f"Bearer {token}"
-        elif (challenge is not None and challenge.scheme == "basic" and self.creds is not None
-              and not request.headers.get("Authorization", "").startswith("Basic ")):
+        elif (
+            challenge is not None
+            and challenge.scheme == "basic"
+            and self.creds is not None
+            and not request.headers.get("Authorization", "").startswith("Basic ")
+        ):
             self._basic = True
             retry.headers["Authorization"] = self._basic_header()
         else:
@@ -227,16 +242,25 @@ class AuthState:
             else:
                 # An HTTPS registry sending us to a plain-HTTP token service would expose the
                 # password on the wire.
-                log.warning("registry %s names a plain-HTTP token service %s: not sending credentials",
-                            self.host, realm_url.host)
+                log.warning(
+                    "registry %s names a plain-HTTP token service %s: not sending credentials",
+                    self.host,
+                    realm_url.host,
+                )
         return httpx.Request("GET", realm_url, params=params, headers=headers)
 
-    def _fetch_token(self, challenge: Challenge, scope: str, request: httpx.Request) -> Generator[
-            Step, Reply, str]:
+    def _fetch_token(
+        self, challenge: Challenge, scope: str, request: httpx.Request
+    ) -> Generator[Step, Reply, str]:
         token_request = self._token_request(challenge, scope, request)
         response, body = yield Step(token_request, body=MAX_TOKEN_BODY)
-        token, lifetime = read_token(response.status_code, body,
-                                     f"token service {token_request.url.host} of registry {self.host}",
-                                     self.host, self.creds, "Authorization" in token_request.headers)
+        token, lifetime = read_token(
+            response.status_code,
+            body,
+            f"token service {token_request.url.host} of registry {self.host}",
+            self.host,
+            self.creds,
+            "Authorization" in token_request.headers,
+        )
         self.tokens.put(scope, token, lifetime)
         return token

@@ -45,16 +45,20 @@ from p2pimg.sources.upstream.refs import is_digest_reference, normalize_repo, re
 __all__ = ["ACCEPT_MANIFESTS", "UpstreamClient", "UpstreamManifest"]
 
 # Preference order: an index first, so a multi-arch tag is served as the whole image.
-ACCEPT_MANIFESTS = ", ".join([
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-])
-_SCHEMA1_TYPES = frozenset({
-    "application/vnd.docker.distribution.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v1+prettyjws",
-})
+ACCEPT_MANIFESTS = ", ".join(
+    [
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+    ]
+)
+_SCHEMA1_TYPES = frozenset(
+    {
+        "application/vnd.docker.distribution.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    }
+)
 
 _MAX_ERROR_BODY = 64 << 10
 # Small requests (manifests, HEADs, tokens) get this many `timeout`s in total, covering the
@@ -73,6 +77,7 @@ class UpstreamManifest:
 
 # -- checking replies --------------------------------------------------------------------------
 
+
 def _content_length(response: httpx.Response) -> int | None:
     value = response.headers.get("content-length", "")
     return int(value) if value.isdigit() and len(value) < 20 else None
@@ -86,16 +91,17 @@ def _manifest_what(repo: str, reference: str) -> str:
     return f"manifest {repo}{'@' if ':' in reference else ':'}{reference}"
 
 
-def _check_manifest(response: httpx.Response, data: bytes, reference: str,
-                    ctx: RequestContext) -> UpstreamManifest:
+def _check_manifest(
+    response: httpx.Response, data: bytes, reference: str, ctx: RequestContext
+) -> UpstreamManifest:
     digest = digest_of(data)
     if is_digest_reference(reference) and digest != reference:
-        raise VerificationError(f"registry {ctx.host} sent a manifest with digest {digest} "
-                                f"for {ctx.what}")
+        raise VerificationError(f"registry {ctx.host} sent a manifest with digest {digest} for {ctx.what}")
     claimed = response.headers.get("docker-content-digest", "").strip()
     if claimed.startswith("sha256:") and claimed != digest:
-        raise VerificationError(f"registry {ctx.host} sent {ctx.what} as {claimed}, "
-                                f"but its bytes hash to {digest}")
+        raise VerificationError(
+            f"registry {ctx.host} sent {ctx.what} as {claimed}, but its bytes hash to {digest}"
+        )
     declared = _media_type(response)
     try:
         schema = json.loads(data).get("schemaVersion")
@@ -104,7 +110,8 @@ def _check_manifest(response: httpx.Response, data: bytes, reference: str,
     if declared in _SCHEMA1_TYPES or schema == 1:
         raise ManifestUnsupported(
             f"{ctx.what} on registry {ctx.host} is a Docker schema 1 manifest, which p2pimg does not "
-            "support: push the image again with a current client (e.g. skopeo copy --format v2s2)")
+            "support: push the image again with a current client (e.g. skopeo copy --format v2s2)"
+        )
     try:
         media = manifest_media_type(data, declared if declared in MANIFEST_MEDIA_TYPES else "", ctx.what)
     except SourceInvalid as exc:
@@ -127,8 +134,9 @@ def _range_skip(response: httpx.Response, offset: int, ctx: RequestContext) -> i
         return offset
     m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", response.headers.get("content-range", "").strip())
     if m is None or int(m.group(1)) != offset:
-        raise UpstreamError(f"registry {ctx.host} answered a range request for {ctx.what} with "
-                            f"a mismatching Content-Range")
+        raise UpstreamError(
+            f"registry {ctx.host} answered a range request for {ctx.what} with a mismatching Content-Range"
+        )
     return 0
 
 
@@ -158,8 +166,9 @@ class _BodyCheck:
         if self.skip or self.left:
             raise UpstreamError(f"registry {self.ctx.host} ended {self.ctx.what} early")
         if self.hasher is not None and "sha256:" + self.hasher.hexdigest() != self.digest:
-            raise VerificationError(f"registry {self.ctx.host} sent bytes for {self.ctx.what} that do "
-                                    "not match its digest")
+            raise VerificationError(
+                f"registry {self.ctx.host} sent bytes for {self.ctx.what} that do not match its digest"
+            )
 
 
 def _client_options(timeout: float) -> dict[str, Any]:
@@ -173,8 +182,9 @@ def _client_options(timeout: float) -> dict[str, Any]:
     }
 
 
-async def _aread(response: httpx.Response, limit: int, ctx: RequestContext, *,
-                 truncate: bool = False) -> bytes:
+async def _aread(
+    response: httpx.Response, limit: int, ctx: RequestContext, *, truncate: bool = False
+) -> bytes:
     """At most `limit` bytes of a body: cut there (`truncate`) or refuse a larger one."""
     data = await read_capped(response, limit, truncate=truncate)
     if data is None:
@@ -183,6 +193,7 @@ async def _aread(response: httpx.Response, limit: int, ctx: RequestContext, *,
 
 
 # -- the client --------------------------------------------------------------------------------
+
 
 class UpstreamClient:
     """Reads from one upstream registry on trio. Safe for concurrent use by many tasks."""
@@ -213,8 +224,9 @@ class UpstreamClient:
 
     async def _send(self, method: str, path: str, repo: str, headers: dict[str, str]) -> Reply:
         """Drive the authentication flow for one request: send each step, answer with its reply."""
-        flow = self._auth.flow(self._client.build_request(method, self.url + path, headers=headers),
-                               pull_scope(repo))
+        flow = self._auth.flow(
+            self._client.build_request(method, self.url + path, headers=headers), pull_scope(repo)
+        )
         auth_ctx = self._ctx(repo, f"the token for {repo}", "token")
         step = next(flow)
         while True:
@@ -222,8 +234,9 @@ class UpstreamClient:
             body = None
             if step.body is not None or response.status_code == 401:
                 try:
-                    body = await _aread(response, step.body or _MAX_ERROR_BODY, auth_ctx,
-                                        truncate=step.body is None)
+                    body = await _aread(
+                        response, step.body or _MAX_ERROR_BODY, auth_ctx, truncate=step.body is None
+                    )
                 finally:
                     await response.aclose()
             try:
@@ -238,8 +251,10 @@ class UpstreamClient:
             with mapped(ctx), trio.fail_after(self.timeout * _DEADLINE_FACTOR):
                 yield
         except trio.TooSlowError:
-            raise UpstreamError(f"registry {self.host} did not deliver {ctx.what} within "
-                                f"{self.timeout * _DEADLINE_FACTOR:.0f}s") from None
+            raise UpstreamError(
+                f"registry {self.host} did not deliver {ctx.what} within "
+                f"{self.timeout * _DEADLINE_FACTOR:.0f}s"
+            ) from None
 
     async def _fail(self, reply: Reply, ctx: RequestContext) -> P2pimgError:
         response, body = reply
@@ -247,14 +262,16 @@ class UpstreamClient:
             body = await _aread(response, _MAX_ERROR_BODY, ctx, truncate=True)
         return error_for(response, body, ctx)
 
-    async def _manifest_reply(self, method: str, repo: str,
-                              reference: str) -> tuple[httpx.Response, bytes, RequestContext]:
+    async def _manifest_reply(
+        self, method: str, repo: str, reference: str
+    ) -> tuple[httpx.Response, bytes, RequestContext]:
         """GET or HEAD a manifest: the (closed) 200 response, its body (b"" for HEAD) and the
         request's context; the mapped error for any other status."""
         ctx = self._ctx(repo, _manifest_what(repo, reference), "manifest")
         with self._bounded(ctx):
-            reply = await self._send(method, f"/v2/{repo}/manifests/{reference}", repo,
-                                     {"Accept": ACCEPT_MANIFESTS})
+            reply = await self._send(
+                method, f"/v2/{repo}/manifests/{reference}", repo, {"Accept": ACCEPT_MANIFESTS}
+            )
             response = reply[0]
             try:
                 if response.status_code != 200:
@@ -282,10 +299,16 @@ class UpstreamClient:
         digest = response.headers.get("docker-content-digest", "").strip()
         media, size = _media_type(response), _content_length(response)
         if media in _SCHEMA1_TYPES:
-            raise ManifestUnsupported(f"{ctx.what} on registry {self.host} is a Docker schema 1 manifest, "
-                                      "which p2pimg does not support")
-        if (not digest.startswith("sha256:") or media not in MANIFEST_MEDIA_TYPES or size is None
-                or size > MAX_MANIFEST_SIZE):
+            raise ManifestUnsupported(
+                f"{ctx.what} on registry {self.host} is a Docker schema 1 manifest, "
+                "which p2pimg does not support"
+            )
+        if (
+            not digest.startswith("sha256:")
+            or media not in MANIFEST_MEDIA_TYPES
+            or size is None
+            or size > MAX_MANIFEST_SIZE
+        ):
             manifest = await self.get_manifest(repo, reference)
             return manifest.digest, manifest.media_type, len(manifest.data)
         parse_digest(digest)
@@ -293,8 +316,9 @@ class UpstreamClient:
             raise VerificationError(f"registry {self.host} answered {ctx.what} with digest {digest}")
         return digest, media, size
 
-    async def read_blob(self, repo: str, digest: str, offset: int = 0, length: int | None = None, *,
-                        size: int | None = None) -> AsyncGenerator[bytes, None]:
+    async def read_blob(
+        self, repo: str, digest: str, offset: int = 0, length: int | None = None, *, size: int | None = None
+    ) -> AsyncGenerator[bytes, None]:
         """Stream a blob, or `length` bytes of it from `offset` (all the rest with None).
 
         A whole-blob read is verified against `digest`: its last piece is only yielded once the
@@ -316,8 +340,13 @@ class UpstreamClient:
                 with self._bounded(ctx):
                     raise await self._fail(reply, ctx)
             whole = not headers and response.status_code == 200
-            check = _BodyCheck(ctx, digest, _range_skip(response, offset, ctx),
-                               size if whole and size is not None else length, whole=whole)
+            check = _BodyCheck(
+                ctx,
+                digest,
+                _range_skip(response, offset, ctx),
+                size if whole and size is not None else length,
+                whole=whole,
+            )
             # Closed explicitly below: a range read stops before the body ends.
             pieces = cast(AsyncGenerator[bytes, None], response.aiter_raw())
             held = b""

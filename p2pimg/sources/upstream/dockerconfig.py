@@ -69,8 +69,12 @@ def _entry_credentials(entry: dict[str, Any], where: str, source: str) -> Creden
     if isinstance(user, str) and user and isinstance(password, str) and password:
         return Credentials(user, password, source)
     if entry.get("identitytoken") or entry.get("registrytoken"):
-        log.warning("%s: the entry for %s holds a token (from a credential helper login), which "
-                    "p2pimg does not support; using anonymous access", source, where)
+        log.warning(
+            "%s: the entry for %s holds a token (from a credential helper login), which "
+            "p2pimg does not support; using anonymous access",
+            source,
+            where,
+        )
     return None
 
 
@@ -115,9 +119,13 @@ def load_credentials(host: str, docker_config: Path | None = None) -> Credential
     if isinstance(helpers, dict):
         helper = next((v for k, v in helpers.items() if _auth_key_host(k) == host), None)
         if helper is not None:
-            log.warning("%s: credential helper %r for %s is not supported by p2pimg; using anonymous "
-                        "access (put an inline auth entry in auths to authenticate)",
-                        source, str(helper)[:50], host)
+            log.warning(
+                "%s: credential helper %r for %s is not supported by p2pimg; using anonymous "
+                "access (put an inline auth entry in auths to authenticate)",
+                source,
+                str(helper)[:50],
+                host,
+            )
             return None
 
     auths = doc.get("auths")
@@ -133,11 +141,17 @@ def load_credentials(host: str, docker_config: Path | None = None) -> Credential
     for _, key, entry in sorted(matches, key=lambda m: m[0]):
         creds = _entry_credentials(entry, host, source)
         if creds is not None:
-            log.debug("using credentials of user %r for %s from %s (key %r)",
-                      creds.username, host, source, key)
+            log.debug(
+                "using credentials of user %r for %s from %s (key %r)", creds.username, host, source, key
+            )
             return creds
     store = doc.get("credsStore")
     if isinstance(store, str) and store:
-        log.warning("%s: credential store %r is not supported by p2pimg; using anonymous access to %s "
-                    "(put an inline auth entry in auths to authenticate)", source, store[:50], host)
+        log.warning(
+            "%s: credential store %r is not supported by p2pimg; using anonymous access to %s "
+            "(put an inline auth entry in auths to authenticate)",
+            source,
+            store[:50],
+            host,
+        )
     return None

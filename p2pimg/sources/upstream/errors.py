@@ -75,8 +75,7 @@ def _oci_error(body: bytes | None) -> tuple[str, str]:
         doc = json.loads(body or b"")
         first = doc["errors"][0]
         return str(first.get("code", ""))[:64], str(first.get("message", ""))[:200]
-    except (ValueError, UnicodeDecodeError, KeyError, IndexError, TypeError, AttributeError,
-            RecursionError):
+    except (ValueError, UnicodeDecodeError, KeyError, IndexError, TypeError, AttributeError, RecursionError):
         return "", ""
 
 
@@ -94,23 +93,34 @@ def error_for(response: httpx.Response, body: bytes | None, ctx: RequestContext)
     if status in (401, 403):
         if response.history and response.url.host != response.history[0].url.host:
             # A redirect target (blob storage, a CDN) refused: not about our credentials.
-            return UpstreamError(f"storage {response.url.host} behind registry {ctx.host} refused "
-                                 f"{ctx.what} (HTTP {status}){detail}")
+            return UpstreamError(
+                f"storage {response.url.host} behind registry {ctx.host} refused "
+                f"{ctx.what} (HTTP {status}){detail}"
+            )
         if ctx.creds is not None:
-            hint = (f"check the credentials of user {ctx.creds.username!r} from {ctx.creds.source} "
-                    "and that they may pull this repository")
+            hint = (
+                f"check the credentials of user {ctx.creds.username!r} from {ctx.creds.source} "
+                "and that they may pull this repository"
+            )
         else:
-            hint = (f"the repository may not exist, or needs credentials: run `docker login {ctx.host}` "
-                    "or add an auths entry to docker's config.json")
-        return UpstreamAuthError(f"registry {ctx.host} denied access to {ctx.what} "
-                                 f"(HTTP {status}){detail}: {hint}")
+            hint = (
+                f"the repository may not exist, or needs credentials: run `docker login {ctx.host}` "
+                "or add an auths entry to docker's config.json"
+            )
+        return UpstreamAuthError(
+            f"registry {ctx.host} denied access to {ctx.what} (HTTP {status}){detail}: {hint}"
+        )
     if status == 429:
-        return UpstreamRateLimited(f"registry {ctx.host} is rate limiting pulls of {ctx.what} (HTTP 429)"
-                                   f"{detail}", detail=response.headers.get("retry-after"))
+        return UpstreamRateLimited(
+            f"registry {ctx.host} is rate limiting pulls of {ctx.what} (HTTP 429){detail}",
+            detail=response.headers.get("retry-after"),
+        )
     if status == 416:
         total = response.headers.get("content-range", "").rpartition("/")[2]
-        return RangeNotSatisfiable(f"registry {ctx.host}: range not satisfiable for {ctx.what}",
-                                   size=int(total) if total.isdigit() else 0)
+        return RangeNotSatisfiable(
+            f"registry {ctx.host}: range not satisfiable for {ctx.what}",
+            size=int(total) if total.isdigit() else 0,
+        )
     return UpstreamError(f"registry {ctx.host} answered HTTP {status} for {ctx.what}{detail}")
 
 
@@ -120,14 +130,16 @@ def mapped(ctx: RequestContext) -> Iterator[None]:
     try:
         yield
     except httpx.TooManyRedirects:
-        raise UpstreamError(f"registry {ctx.host}: more than {MAX_REDIRECTS} redirects for {ctx.what}") \
-            from None
+        raise UpstreamError(
+            f"registry {ctx.host}: more than {MAX_REDIRECTS} redirects for {ctx.what}"
+        ) from None
     except httpx.TimeoutException as exc:
         raise UpstreamError(f"registry {ctx.host} timed out on {ctx.what} ({type(exc).__name__})") from None
     except httpx.HTTPError as exc:
         # httpx messages name the failure and at most a URL; they never carry headers.
-        raise UpstreamError(f"cannot fetch {ctx.what} from registry {ctx.host}: "
-                            f"{type(exc).__name__}: {str(exc)[:200]}") from None
+        raise UpstreamError(
+            f"cannot fetch {ctx.what} from registry {ctx.host}: {type(exc).__name__}: {str(exc)[:200]}"
+        ) from None
 
 
 def too_large(ctx: RequestContext, limit: int) -> UpstreamError:

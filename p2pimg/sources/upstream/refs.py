@@ -36,11 +36,14 @@ __all__ = [
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_URL = "https://registry-1.docker.io"
 # Every name Docker Hub goes by; all of them mean the registry at DOCKER_HUB_URL.
-DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io",
-                                "registry.hub.docker.com"})
+DOCKER_HUB_ALIASES = frozenset(
+    {"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
+)
 # `host[:port]` in the form registry_base returns it: DNS labels or a bracketed IPv6 literal.
-HOST_RE = re.compile(r"(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*"
-                     r"|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?")
+HOST_RE = re.compile(
+    r"(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*"
+    r"|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?"
+)
 
 
 def canonical_hub(host: str) -> str:
