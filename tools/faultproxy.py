@@ -11,9 +11,11 @@ listed kinds, at most `--max-faults` times; everything else is passed through un
     stall    send the headers and part of the body, then send nothing more
     corrupt  flip one byte in the middle of the body
 
-`--latency` delays every response (a far origin); `--rate` caps each connection's bytes/s and
-`--total-rate` all of them together (the origin's uplink). It
-prints `listening on HOST:PORT` on stdout when ready, and a line per fault on stderr.
+`--no-ranges` drops the Range header of every request, so the upstream answers 200 with the
+whole body (a server that does not do ranges). `--latency` delays every response (a far
+origin); `--rate` caps each connection's bytes/s and `--total-rate` all of them together (the
+origin's uplink). It prints `listening on HOST:PORT` on stdout when ready, and a line per fault
+on stderr.
 `GET /__faultproxy/stats` answers how many ranged GETs and body bytes went through (the origin's
 egress as its clients see it), and how many requests each path got (`paths`, query left off).
 """
@@ -56,6 +58,7 @@ class Proxy:
         self.kinds: Iterator[str] = itertools.cycle([k for k in args.faults.split(",") if k] or ["none"])
         self.every = max(1, args.every)
         self.max_faults = args.max_faults
+        self.no_ranges = args.no_ranges
         self.ranged = 0
         self.faults = 0
         self.body_bytes = 0
@@ -177,7 +180,11 @@ class Proxy:
         upstream_request = self.client.build_request(
             request.method.decode(),
             self.upstream + request.target.decode(),
-            headers=[(k, v) for k, v in request.headers if k.lower() not in _HOP],
+            headers=[
+                (k, v)
+                for k, v in request.headers
+                if k.lower() not in _HOP and not (self.no_ranges and k.lower() == b"range")
+            ],
             content=body,
         )
         response = await self.client.send(upstream_request, stream=True)
@@ -234,6 +241,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--faults", default="", help="comma-separated: fail,reset,stall,corrupt")
     p.add_argument("--every", type=int, default=3, help="fault every Nth ranged GET")
     p.add_argument("--max-faults", type=int, default=1_000_000)
+    p.add_argument("--no-ranges", action="store_true", help="drop Range headers: whole bodies only")
     return p.parse_args(argv)
 
 

@@ -123,12 +123,19 @@ def _node(value: object, type_name: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class BlobMap:
-    """One OCI blob as an ordered list of chunk CIDs."""
+    """One OCI blob as an ordered list of chunk CIDs.
+
+    A blob nobody has published chunk CIDs for (a mirrored upstream blob) has a map without them
+    (`unchecked`, `checked` False): its chunks are addressed by index alone and only its digest
+    can check its bytes (see docs/architecture.md, "Mirrored blobs through the swarm"). Such a
+    map is never encoded or stored.
+    """
 
     digest: str
     size: int
     chunk_size: int
     chunks: tuple[Cid, ...]
+    checked: bool = True
 
     def __post_init__(self) -> None:
         parse_digest(self.digest)
@@ -136,19 +143,30 @@ class BlobMap:
             check_chunk_size(self.chunk_size)
         except InvalidInput as exc:
             raise BlockInvalid(str(exc)) from None
-        if self.size < 0 or len(self.chunks) != chunk_count(self.size, self.chunk_size):
+        if self.size < 0:
+            raise BlockInvalid(f"blob map for {self.digest}: negative size")
+        if self.checked and len(self.chunks) != chunk_count(self.size, self.chunk_size):
             raise BlockInvalid(f"blob map for {self.digest}: chunk count does not match size")
+        if not self.checked and self.chunks:
+            raise BlockInvalid(f"blob map for {self.digest}: an unchecked map has no chunk CIDs")
         if any(c.codec != RAW for c in self.chunks):
             raise BlockInvalid(f"blob map for {self.digest}: chunks must be raw CIDs")
 
+    @classmethod
+    def unchecked(cls, digest: str, size: int, chunk_size: int) -> BlobMap:
+        """The map of a blob known only by its digest and size."""
+        return cls(digest, size, chunk_size, (), checked=False)
+
     @property
     def count(self) -> int:
-        return len(self.chunks)
+        return len(self.chunks) if self.checked else chunk_count(self.size, self.chunk_size)
 
     def bounds(self, index: int) -> tuple[int, int]:
         return chunk_bounds(index, self.size, self.chunk_size)
 
     def to_node(self) -> dict[str, Any]:
+        if not self.checked:
+            raise ValueError(f"the map of {self.digest} has no chunk CIDs to encode")
         return {
             "type": BLOB_MAP_TYPE,
             "digest": self.digest,

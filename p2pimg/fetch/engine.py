@@ -28,6 +28,8 @@ from p2pimg.content.model import BlobMap
 from p2pimg.errors import CacheError, OriginError, P2pimgError, VerificationError
 from p2pimg.fetch.policy import PreferNear, SourcePolicy, SourceStats
 from p2pimg.fetch.schedule import (
+    COMING,
+    HAVE,
     Action,
     BlobSchedule,
     Cancel,
@@ -64,6 +66,13 @@ class BlobFetch:
     schedule: BlobSchedule | None = None  # once its sources have been asked what they hold
     scopes: dict[int, trio.CancelScope] = field(default_factory=dict)  # request id -> its scope
     followed: set[str] = field(default_factory=set)  # sources whose inventory is being kept fresh
+    # An unchecked map's blob (mirrored: only its digest can check it) keeps who sent what.
+    firsthand: bytearray = field(default_factory=bytearray)  # chunks from a non-peer source
+    suppliers: dict[int, str] = field(default_factory=dict)  # chunk -> the peer that sent it
+    # Round 2: every chunk -> (the peer that sent it in round 1, or "", the hash of what it sent).
+    referee: dict[int, tuple[str, bytes]] | None = None
+    changed: set[int] = field(default_factory=set)  # chunks whose bytes round 2 found different
+    round: int = 0  # bumped when the bytes received so far turned out wrong and are fetched again
 
     @property
     def map(self) -> BlobMap:
@@ -80,6 +89,11 @@ class BlobFetch:
             await self.ready[index].wait()
         if not self.partial.have[index]:
             raise self.error or OriginError(f"chunk {index} of {self.map.digest} was not fetched")
+
+    def shareable(self, index: int) -> bool:
+        """Whether chunk `index` may go to a peer now: verified against its CID, or, for a blob
+        only its digest checks, fetched from a non-peer source by this node itself."""
+        return bool(self.partial.have[index]) and (self.map.checked or bool(self.firsthand[index]))
 
     def _fail(self, error: P2pimgError) -> None:
         if self.error is None:
@@ -154,8 +168,19 @@ class Fetcher:
         if fetch is None:
             return None
         if fetch.schedule is None:
-            return bytes(1 if h else 0 for h in fetch.partial.have)
-        return fetch.schedule.availability()
+            return bytes(HAVE if fetch.shareable(i) else 0 for i in range(fetch.map.count))
+        states = fetch.schedule.availability()
+        if fetch.map.checked:
+            return states
+        # Of a blob only its digest checks, peers hear of what this node brings first-hand.
+        far = bytearray(fetch.map.count)
+        for request in fetch.schedule.requests.values():
+            if request.kind != "peer":
+                far[request.next_index : request.span.end] = b"\x01" * (request.span.end - request.next_index)
+        return bytes(
+            HAVE if state == HAVE and fetch.firsthand[i] else COMING if state == COMING and far[i] else 0
+            for i, state in enumerate(states)
+        )
 
     def fetch_of(self, digest: str) -> BlobFetch | None:
         return self._fetches.get(digest)
@@ -176,6 +201,7 @@ class Fetcher:
             try:
                 partial = await trio.to_thread.run_sync(self.store.open_partial, blob_map)
                 fetch = BlobFetch(partial, [trio.Event() for _ in range(blob_map.count)])
+                fetch.firsthand = bytearray(blob_map.count)
                 for i, have in enumerate(partial.have):
                     if have:
                         fetch.ready[i].set()
@@ -207,20 +233,18 @@ class Fetcher:
         bmap = fetch.map
         try:
             with fetch.scope:
-                async with trio.open_nursery() as requests:
-                    schedule = await self._prepare(fetch, requests)
-                    while not schedule.complete and schedule.error is None:
-                        now = trio.current_time()
-                        self._follow_new(fetch, requests)
-                        self._tell_inventories(fetch, now)
-                        actions = schedule.poll(now)
-                        self._carry_out(fetch, requests, actions)
-                        if not any(isinstance(a, Start) for a in actions):
-                            await self._changed.wait(self.config.tick)
-                    requests.cancel_scope.cancel()  # hedged losers still reading
-                if schedule.error is not None:
-                    raise schedule.error
-                await trio.to_thread.run_sync(fetch.partial.finalize)
+                while True:
+                    schedule = await self._round(fetch)
+                    if schedule.error is not None:
+                        raise schedule.error
+                    try:
+                        await trio.to_thread.run_sync(fetch.partial.finalize)
+                    except VerificationError as exc:
+                        if not await self._refetch_alone(fetch, exc):
+                            raise
+                        continue
+                    await self._judge(fetch)
+                    break
         except P2pimgError as exc:
             fetch.error = exc
         except Exception as exc:  # never let one blob's bug take the server down
@@ -238,6 +262,60 @@ class Fetcher:
             fetch.partial.close()
             self._changed.fire()
 
+    async def _round(self, fetch: BlobFetch) -> BlobSchedule:
+        """Fetch every missing chunk (or fail): the loop around the blob's schedule."""
+        async with trio.open_nursery() as requests:
+            schedule = await self._prepare(fetch, requests)
+            while not schedule.complete and schedule.error is None:
+                now = trio.current_time()
+                self._follow_new(fetch, requests)
+                self._tell_inventories(fetch, now)
+                actions = schedule.poll(now)
+                self._carry_out(fetch, requests, actions)
+                if not any(isinstance(a, Start) for a in actions):
+                    await self._changed.wait(self.config.tick)
+            requests.cancel_scope.cancel()  # hedged losers still reading
+        return schedule
+
+    async def _refetch_alone(self, fetch: BlobFetch, error: VerificationError) -> bool:
+        """A blob only its digest checks did not match it. If peers sent some of it, note what
+        each sent, forget every chunk, and fetch the blob again from non-peer sources alone
+        (True); `_judge` then bans the peers whose bytes differ. If the upstream sent all of it,
+        or this was that second round already, the fetch fails (False)."""
+        if fetch.map.checked or fetch.referee is not None or not fetch.suppliers:
+            self.metrics.verify_failures.labels("upstream").inc()
+            return False
+        suppliers = dict(fetch.suppliers)
+        hashes = await trio.to_thread.run_sync(fetch.partial.chunk_hashes, list(range(fetch.map.count)))
+        fetch.referee = {i: (suppliers.get(i, ""), h) for i, h in hashes.items()}
+        log.warning("%s; fetching it again without peers to find whose bytes were wrong", error)
+        await trio.to_thread.run_sync(fetch.partial.reset)
+        fetch.round += 1  # readers that sent bytes of the first round are cut (registry.py)
+        fetch.firsthand = bytearray(fetch.map.count)
+        fetch.suppliers.clear()
+        fetch.ready = [trio.Event() for _ in range(fetch.map.count)]
+        fetch.schedule = None
+        fetch.followed.clear()
+        self._changed.fire()
+        return True
+
+    async def _judge(self, fetch: BlobFetch) -> None:
+        """After a second round matched the digest: ban each peer whose chunks of the first round
+        differ from what the non-peer sources sent."""
+        if not fetch.referee:
+            return
+        hashes = await trio.to_thread.run_sync(fetch.partial.chunk_hashes, sorted(fetch.referee))
+        fetch.changed = {i for i, (_, sent) in fetch.referee.items() if hashes[i] != sent}
+        for peer in sorted({fetch.referee[i][0] for i in fetch.changed} - {""}):
+            if (stats := self.scheduler.stats.get(peer)) is not None:
+                stats.lied()
+            self.metrics.verify_failures.labels("peer").inc()
+            log.warning(
+                "%s sent wrong bytes of %s (the digest and the upstream's bytes say so): banned",
+                peer,
+                fetch.map.digest,
+            )
+
     async def _prepare(self, fetch: BlobFetch, nursery: trio.Nursery) -> BlobSchedule:
         """Ask the sources what they hold (briefly), keep asking while the fetch runs, and make
         the blob's schedule."""
@@ -252,7 +330,12 @@ class Fetcher:
             nursery.start_soon(source.track, bmap, self._changed.fire)
         now = trio.current_time()
         schedule = self.scheduler.blob(
-            bmap.digest, bmap.size, bmap.chunk_size, [bool(h) for h in fetch.partial.have], now
+            bmap.digest,
+            bmap.size,
+            bmap.chunk_size,
+            [bool(h) for h in fetch.partial.have],
+            now,
+            with_peers=False if fetch.referee is not None else None,
         )
         fetch.schedule = schedule
         self._tell_inventories(fetch, now)
@@ -274,8 +357,10 @@ class Fetcher:
     def _tell_inventories(self, fetch: BlobFetch, now: float) -> None:
         """What each source holds now (peers learn it by polling, in `track`)."""
         assert fetch.schedule is not None
+        alone = fetch.referee is not None  # the second round of a blob peers sent wrong bytes of
         for source in self.sources:
-            fetch.schedule.inventory(source.name, source.inventory(fetch.map), now)
+            states = None if alone and source.kind == "peer" else source.inventory(fetch.map)
+            fetch.schedule.inventory(source.name, states, now)
 
     def _carry_out(self, fetch: BlobFetch, nursery: trio.Nursery, actions: list[Action]) -> None:
         for action in actions:
@@ -354,6 +439,10 @@ class Fetcher:
                             if not partial.have[index]:
                                 chunk = memoryview(buf)[: hi - lo]
                                 await trio.to_thread.run_sync(partial.write_chunk, index, chunk)
+                                if kind != "peer":
+                                    fetch.firsthand[index] = 1
+                                elif not bmap.checked:
+                                    fetch.suppliers[index] = source.name
                                 self.metrics.source_bytes.labels(kind).inc(hi - lo)
                                 fetch.ready[index].set()
                                 self._changed.fire()

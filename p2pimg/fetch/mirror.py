@@ -1,42 +1,42 @@
 """Pull-through mirror mode: names not published to p2pimg come from upstream registries.
 
-Upstream bytes can only be checked against the whole blob's digest, so they follow a rule of
-their own: they may stream to the requesting client as they arrive (clients check the digest
-too), except the last byte, which is held until the digest matched; on a mismatch the response is
-cut. They become visible in the cache (and so to peers) only once the digest matched, and then
-as a chunk-mapped blob like any other: chunk CIDs are computed while the bytes stream in, and the
-blob map is stored beside the blob.
+Manifests: a tag is asked of the upstream (at most every `tag_ttl` seconds; the last answer is
+served while the upstream is unreachable); a manifest by digest comes from the cache, else from a
+LAN peer, else from the upstream, checked against its digest wherever it came from.
+
+Blobs go through the fetch engine like any other content, each upstream a source of it
+(`UpstreamSource`), with a map that has no chunk CIDs (`BlobMap.unchecked`): only the whole
+blob's digest can check upstream bytes, and bytes from peers for such a blob likewise. What that
+means for what may reach a client, a peer and the cache is the engine's and the registry's part
+(docs/architecture.md, "Mirrored blobs through the swarm"): the client gets every byte but the
+last until the digest matched, peers get only what a node fetched from the upstream itself until
+then, and the cache only a blob whose digest matched.
 
 What an upstream gives only with the user's credentials (from the Docker config) may be private:
-its manifests, blobs and blob maps are marked so before they become visible, and the peer listener
-serves marked content only when a swarm key guards it (web/peerapi.py).
-
-Mutable upstream tags are re-checked after `tag_ttl` seconds; manifests by digest never change.
+its manifests and blobs are marked so before they exist here, and the peer listener serves marked
+content only when a swarm key guards it (web/peerapi.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
+import json
 import logging
-import os
-import tempfile
 import time
-from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
 
 from p2pimg.content.cid import Cid, parse_digest
 from p2pimg.content.model import DEFAULT_CHUNK_SIZE, MAX_MANIFEST_SIZE, BlobMap, check_name, check_tag
-from p2pimg.errors import CacheError, NameUnknown, OriginError, P2pimgError, VerificationError
+from p2pimg.errors import NameUnknown, OriginError, P2pimgError
 from p2pimg.fetch.resolver import Manifest
 from p2pimg.metrics import Metrics
 from p2pimg.sources.upstream.client import UpstreamClient
 from p2pimg.sources.upstream.refs import normalize_repo
+from p2pimg.sources.upstream.source import UpstreamSource
 from p2pimg.store.chunks import ChunkStore
-from p2pimg.tasks import guarded
 
 log = logging.getLogger(__name__)
 
@@ -44,32 +44,25 @@ log = logging.getLogger(__name__)
 Upstream = UpstreamClient
 
 _TAG_FILE_MAX = 512
+_MAX_SIZES = 65536  # blob sizes remembered from manifests (least recently learnt go first)
+_MANIFEST_TYPES = {  # what a manifest without a mediaType field is, by its keys
+    "manifests": "application/vnd.oci.image.index.v1+json",
+    "layers": "application/vnd.oci.image.manifest.v1+json",
+}
 
 
-@dataclass(eq=False)
-class UpstreamFetch:
-    """One in-flight download of an upstream blob, shared by its readers."""
-
-    digest: str
-    size: int
-    path: Path
-    fd: int
-    private: bool = False  # fetched with the user's credentials: peers need the swarm key
-    written: int = 0
-    verified: bool = False
-    error: P2pimgError | None = None
-    readers: int = 0
-    done: trio.Event = field(default_factory=trio.Event)
-    progress: trio.Event = field(default_factory=trio.Event)
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-
-    def _advance(self) -> None:
-        self.progress.set()
-        self.progress = trio.Event()
-
-    def readable(self) -> int:
-        """Bytes a reader may take now: everything once verified, else all but the last byte."""
-        return self.size if self.verified else min(self.written, max(self.size - 1, 0))
+def media_type_of(data: bytes) -> str | None:
+    """The media type a manifest's JSON declares (or its shape implies); None if not JSON."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    declared = doc.get("mediaType")
+    if isinstance(declared, str) and 0 < len(declared) <= 255:
+        return declared
+    return next((media for key, media in _MANIFEST_TYPES.items() if key in doc), None)
 
 
 class Mirror:
@@ -90,8 +83,11 @@ class Mirror:
         self.tag_ttl = tag_ttl
         self.chunk_size = chunk_size
         self._root = store.root / "upstream"
-        self._fetches: dict[str, UpstreamFetch] = {}
-        self.on_blob_map: Callable[[BlobMap], None] = lambda _bmap: None  # the chunk index
+        # Each upstream as a source of the fetch engine (the node adds them to it).
+        self.sources = {u.host: UpstreamSource(u) for u in upstreams}
+        self._sizes: OrderedDict[str, int] = OrderedDict()  # blob digest -> size, from manifests
+        # A block by CID from the LAN's peers (the node's swarm), checked against the CID.
+        self.peer_block: Callable[[Cid, int], Awaitable[bytes | None]] | None = None
 
     def upstream_for(self, ns: str | None) -> UpstreamClient | None:
         """The upstream a request means: containerd names it with `?ns=`, others get the first."""
@@ -123,10 +119,10 @@ class Mirror:
         if data is None:
             return None
         try:
-            media = (self._dir(upstream, repo) / "manifests" / digest[7:]).read_text()
-        except OSError:
-            return None
-        return Manifest(digest=digest, media_type=media, data=data)
+            media: str | None = (self._dir(upstream, repo) / "manifests" / digest[7:]).read_text()
+        except OSError:  # kept under another name, or first seen as a block from a peer
+            media = media_type_of(data)
+        return Manifest(digest=digest, media_type=media, data=data) if media else None
 
     def _cached_tag(self, upstream: UpstreamClient, repo: str, tag: str) -> tuple[str, float] | None:
         try:
@@ -139,13 +135,20 @@ class Mirror:
 
     async def manifest(self, upstream: UpstreamClient, name: str, reference: str) -> Manifest:
         repo = normalize_repo(upstream.host, name)
+        manifest = await self._manifest(upstream, repo, reference)
+        self._learn(upstream, repo, manifest)
+        return manifest
+
+    async def _manifest(self, upstream: UpstreamClient, repo: str, reference: str) -> Manifest:
         if ":" in reference:
             parse_digest(reference)
             cached = await trio.to_thread.run_sync(self._cached, upstream, repo, reference)
             if cached is not None:
                 return cached
-            got = await upstream.get_manifest(repo, reference)
-            manifest = Manifest(got.digest, got.media_type, got.data)
+            manifest = await self._from_peers(reference)
+            if manifest is None:
+                got = await upstream.get_manifest(repo, reference)
+                manifest = Manifest(got.digest, got.media_type, got.data)
             await trio.to_thread.run_sync(self._remember, upstream, repo, manifest, None)
             return manifest
         check_tag(reference)
@@ -176,136 +179,56 @@ class Mirror:
         await trio.to_thread.run_sync(self._remember, upstream, repo, manifest, reference)
         return manifest
 
+    async def _from_peers(self, digest: str) -> Manifest | None:
+        """A manifest by digest from a LAN peer (the swarm checks it against the digest)."""
+        if self.peer_block is None:
+            return None
+        data = await self.peer_block(Cid.from_digest(digest), MAX_MANIFEST_SIZE)
+        media = media_type_of(data) if data is not None else None
+        if data is None or media is None:
+            return None
+        self.metrics.source_bytes.labels("peer").inc(len(data))
+        return Manifest(digest=digest, media_type=media, data=data)
+
     # -- blobs -------------------------------------------------------------------------------
 
-    async def blob_size(self, upstream: UpstreamClient, name: str, digest: str) -> int:
-        if (fetch := self._fetches.get(digest)) is not None:
-            return fetch.size
-        return await upstream.blob_size(normalize_repo(upstream.host, name), digest)
-
-    def open(self, upstream: UpstreamClient, name: str, digest: str, size: int) -> tuple[UpstreamFetch, int]:
-        """Join (or start) the download of a blob: the fetch and a descriptor of its file for this
-        reader, who must `release()` the fetch and close the fd when done (a request makes both
-        its own with `Request.hold` before any await)."""
-        fetch = self._fetches.get(digest)
-        if fetch is None:
-            fd, tmp = tempfile.mkstemp(dir=self.store.root / "tmp", prefix="upstream-")
-            fetch = UpstreamFetch(digest, size, Path(tmp), fd, private=upstream.credentialed)
-            self._fetches[digest] = fetch
-            self.nursery.start_soon(
-                guarded,
-                f"upstream download of {digest}",
-                self._download,
-                upstream,
-                normalize_repo(upstream.host, name),
-                fetch,
-            )
-        fetch.readers += 1
-        return fetch, os.dup(fetch.fd)
-
-    def release(self, fetch: UpstreamFetch) -> None:
-        fetch.readers -= 1
-        if fetch.readers == 0 and not fetch.done.is_set():
-            if self._fetches.get(fetch.digest) is fetch:
-                del self._fetches[fetch.digest]
-            fetch.scope.cancel()
-
-    async def _download(self, upstream: UpstreamClient, repo: str, fetch: UpstreamFetch) -> None:
-        whole = hashlib.sha256()
-        chunks: list[Cid] = []
-        buf = bytearray()
-        self.metrics.source_requests.labels("upstream").inc()
-
-        def write(data: bytes, offset: int) -> None:
-            os.pwrite(fetch.fd, data, offset)
-            whole.update(data)
-            for i in range(0, len(data), self.chunk_size):
-                chunks.append(Cid.of_raw(data[i : i + self.chunk_size]))
-
+    def _learn(self, upstream: UpstreamClient, repo: str, manifest: Manifest) -> None:
+        """The blobs an image manifest names: where to read each, and its size (no HEAD needed)."""
         try:
-            with fetch.scope:
-                async with contextlib.aclosing(upstream.read_blob(repo, fetch.digest)) as pieces:
-                    async for piece in pieces:
-                        buf += piece
-                        if fetch.written + len(buf) > fetch.size:
-                            raise VerificationError(
-                                f"upstream sent more than {fetch.size} bytes of {fetch.digest}"
-                            )
-                        if len(buf) >= self.chunk_size:
-                            cut = len(buf) - len(buf) % self.chunk_size
-                            data = bytes(buf[:cut])
-                            del buf[:cut]
-                            await trio.to_thread.run_sync(write, data, fetch.written)
-                            fetch.written += len(data)
-                            fetch._advance()
-                if buf:
-                    await trio.to_thread.run_sync(write, bytes(buf), fetch.written)
-                    fetch.written += len(buf)
-                if fetch.written != fetch.size or "sha256:" + whole.hexdigest() != fetch.digest:
-                    raise VerificationError(f"upstream bytes of {fetch.digest} do not match that digest")
-                bmap = BlobMap(fetch.digest, fetch.size, self.chunk_size, tuple(chunks))
-                await trio.to_thread.run_sync(self._keep, fetch, bmap)
-                self.on_blob_map(bmap)
-                fetch.verified = True
-                self.metrics.source_bytes.labels("upstream").inc(fetch.size)
-        except VerificationError as exc:
-            self.metrics.verify_failures.labels("upstream").inc()
-            fetch.error = exc
-        except P2pimgError as exc:
-            fetch.error = exc
-        except OSError as exc:
-            fetch.error = CacheError(f"cannot cache upstream blob {fetch.digest}: {exc}")
-        except Exception as exc:  # a bug: this download fails, its readers are cut, the node serves on
-            log.exception("upstream download of %s crashed", fetch.digest)
-            fetch.error = OriginError(f"upstream download of {fetch.digest} failed: {exc!r}")
-        finally:
-            if self._fetches.get(fetch.digest) is fetch:
-                del self._fetches[fetch.digest]
-            if not fetch.verified:
-                with contextlib.suppress(OSError):
-                    fetch.path.unlink()
-                if fetch.error is None:
-                    fetch.error = OriginError(f"download of {fetch.digest} was cancelled")
-                log.warning("upstream blob %s: %s", fetch.digest, fetch.error)
-            fetch.done.set()
-            fetch._advance()
-            os.close(fetch.fd)
-
-    def _keep(self, fetch: UpstreamFetch, bmap: BlobMap) -> None:
-        """Make a verified upstream blob visible, with its blob map, as any other cached blob."""
-        data = bmap.encode()
-        map_cid = Cid.of_dag_cbor(data)
-        if fetch.private:
-            self.store.mark_private(map_cid.digest.hex())
-            self.store.mark_private(fetch.digest[7:])
-        self.store.put_block(map_cid, data)
-        os.fsync(fetch.fd)
-        os.replace(fetch.path, self.store.blob_path(fetch.digest))
-        self.store.write_small(self._root / "maps" / fetch.digest[7:], str(map_cid).encode())
-
-    async def wait_readable(self, fetch: UpstreamFetch, start: int, end: int) -> None:
-        """Wait until the first of bytes [start, end) can be read, so that a reader answers a
-        download that fails at once with an error, not a cut body; the download's error (a
-        P2pimgError) when it failed before that."""
-        while fetch.readable() <= start < end and fetch.error is None:
-            await fetch.progress.wait()
-        if fetch.error is not None and fetch.readable() <= start:
-            raise fetch.error
-
-    async def regions(
-        self, fetch: UpstreamFetch, start: int, end: int
-    ) -> AsyncGenerator[tuple[int, int], None]:
-        """Bytes [start, end) of the blob's file as they become readable, in order, as (offset,
-        length) regions. Raises the download's error (a P2pimgError) when the blob turns out wrong
-        or cannot be had: what was read of it already must then not be taken for the blob. The
-        reader owns the descriptor of the file and the count `open()` took (see there)."""
-        offset = start
-        while offset < end:
-            available = min(fetch.readable(), end)
-            if available > offset:
-                yield offset, available - offset
-                offset = available
+            doc = json.loads(manifest.data)
+        except (ValueError, RecursionError):
+            return
+        if not isinstance(doc, dict):
+            return
+        layers = doc.get("layers")
+        descriptors = [doc.get("config"), *(layers if isinstance(layers, list) else [])]
+        source = self.sources[upstream.host]
+        for desc in descriptors:
+            if not isinstance(desc, dict):
                 continue
-            if fetch.error is not None:
-                raise fetch.error
-            await fetch.progress.wait()
+            digest, size = desc.get("digest"), desc.get("size")
+            if (
+                isinstance(digest, str)
+                and isinstance(size, int)
+                and size >= 0
+                and digest.startswith("sha256:")
+            ):
+                source.learn(digest, repo)
+                self._sizes[digest] = size
+                self._sizes.move_to_end(digest)
+        while len(self._sizes) > _MAX_SIZES:
+            self._sizes.popitem(last=False)
+
+    async def blob_map(self, upstream: UpstreamClient, name: str, digest: str) -> BlobMap:
+        """The (unchecked) map of an upstream blob, for the fetch engine: the upstream's source
+        learns where to read it, and, fetched with the user's credentials, it is marked private
+        before any of it exists here (so no peer without the swarm key ever hears of it)."""
+        repo = normalize_repo(upstream.host, name)
+        parse_digest(digest)
+        size = self._sizes.get(digest)
+        if size is None:
+            size = await upstream.blob_size(repo, digest)
+        self.sources[upstream.host].learn(digest, repo)
+        if upstream.credentialed:
+            await trio.to_thread.run_sync(self.store.mark_private, digest[7:])
+        return BlobMap.unchecked(digest, size, self.chunk_size)

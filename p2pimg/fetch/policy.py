@@ -119,6 +119,12 @@ class SourceStats:
         self.unavailable_until = now + min(BACKOFF_MAX, 4 * BACKOFF_BASE * 2**self.bad_chunks)
         self.banned = self.bad_chunks >= BAN_AFTER_BAD_CHUNKS
 
+    def lied(self) -> None:
+        """Its bytes of a blob only a digest checks (a mirrored blob) proved wrong against the
+        upstream's: nothing else explains that, so it is banned at once."""
+        self.bad_chunks += 1
+        self.banned = True
+
 
 class SourcePolicy(abc.ABC):
     """Picks a source for a span from the sources that hold its first chunk."""

@@ -114,8 +114,10 @@ class Scheduler:
         now: float,
         *,
         rng: random.Random | None = None,
+        with_peers: bool | None = None,
     ) -> BlobSchedule:
-        return BlobSchedule(self, digest, size, chunk_size, have, now, rng=rng)
+        """A blob's schedule; `with_peers` False: fetched without peers (None: with them if any)."""
+        return BlobSchedule(self, digest, size, chunk_size, have, now, rng=rng, with_peers=with_peers)
 
     def _next_id(self) -> int:
         self._ids += 1
@@ -135,6 +137,7 @@ class BlobSchedule:
         now: float,
         *,
         rng: random.Random | None = None,
+        with_peers: bool | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.config = scheduler.config
@@ -157,7 +160,8 @@ class BlobSchedule:
         self.coming_since: dict[int, float] = {}
         self.unseen_since: dict[int, float] = {}  # block -> when it was first seen owned elsewhere
         self.received: dict[str, int] = {}  # verified bytes by kind of source
-        self.swarm = any(s.kind == "peer" for s in scheduler.sources.values())
+        peers = any(s.kind == "peer" for s in scheduler.sources.values())
+        self.swarm = peers if with_peers is None else with_peers and peers
         order = list(range(self.count))
         self.block_chunks = max(1, self.config.swarm_span // chunk_size)
         if self.swarm:
@@ -542,10 +546,11 @@ class BlobSchedule:
     def _grow_span(
         self, source: SourceTraits, first: int, live_peers: list[SourceTraits], sharing: bool, now: float
     ) -> Span:
-        peers = live_peers if source.kind != "peer" else []
+        whole = not getattr(source, "ranges", True)  # every request streams from the blob's start
+        peers = live_peers if source.kind != "peer" and not whole else []
         span_bytes = (
             source.max_span
-            if source.kind == "peer" or not sharing
+            if source.kind == "peer" or not sharing or whole
             else min(source.max_span, self.config.swarm_span)
         )
         per_span = max(1, span_bytes // self.chunk_size)

@@ -276,8 +276,10 @@ async def open_node(config: Config, *, advertise: tuple[str, int] | None = None)
                 key,
             )
             resolver.on_blob_map = index.add
-            if mirror is not None:
-                mirror.on_blob_map = index.add
+            if mirror is not None:  # upstream blobs go through the engine, manifests by digest via peers
+                for upstream_source in mirror.sources.values():
+                    fetcher.add_source(upstream_source)
+                mirror.peer_block = swarm.block
             resolver.peer_block = swarm.block
             resolver.peer_tags = swarm.tag_records
             await nursery.start(swarm.run)

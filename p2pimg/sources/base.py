@@ -27,6 +27,7 @@ class ChunkSource(abc.ABC):
     kind: str  # "origin" | "peer" | "upstream": the metrics label and the policy's first key
     limit: int = 8  # concurrent requests, over all blobs
     max_span: int = 16 << 20
+    ranges: bool = True  # False: it can only send whole blobs, so ask for all that is left at once
     segment_size: int = 64 << 20
     stall_timeout: float | None = None  # None: the engine's default
 

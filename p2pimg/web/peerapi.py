@@ -333,7 +333,7 @@ class PeerService:
         asked = parse_range(request.headers.get("range"), bmap.size)
         rng = asked if asked is not None else (0, bmap.size)
         first, last = rng[0] // bmap.chunk_size, (rng[1] - 1) // bmap.chunk_size
-        if rng[1] <= rng[0] or not all(fetch.partial.have[i] for i in range(first, last + 1)):
+        if rng[1] <= rng[0] or not all(fetch.shareable(i) for i in range(first, last + 1)):
             raise RangeNotSatisfiable(f"this peer has not verified all of {rng} yet", size=bmap.size)
         return self._region(request.dup(fetch.partial.fd), rng, bmap.size, request, ranged=asked is not None)
 
@@ -377,7 +377,7 @@ class PeerService:
                         request.open_file(self.store.blob_path(bmap.digest)), lo, hi, headers, request
                     )
                 fetch = self.fetcher.fetch_of(bmap.digest)
-                if fetch is not None and fetch.partial.have[i]:
+                if fetch is not None and fetch.shareable(i):
                     return self._raw(request.dup(fetch.partial.fd), lo, hi, headers, request)
         raise absent
 

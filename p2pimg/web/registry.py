@@ -21,12 +21,12 @@ import logging
 import os
 import re
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 from functools import partial
+from typing import NoReturn
 
 from p2pimg.content.cid import Cid, parse_digest
 from p2pimg.content.graph import OCI_INDEX
-from p2pimg.content.model import BlobEntry, check_name, check_tag
+from p2pimg.content.model import BlobEntry, BlobMap, check_name, check_tag
 from p2pimg.content.referrers import ARTIFACT_TYPE_FILTER, referrer_descriptor, referrers_index
 from p2pimg.errors import (
     DigestInvalid,
@@ -35,9 +35,10 @@ from p2pimg.errors import (
     NameUnknown,
     P2pimgError,
     RangeNotSatisfiable,
+    VerificationError,
 )
 from p2pimg.fetch.engine import BlobFetch, Fetcher
-from p2pimg.fetch.mirror import Mirror, Upstream, UpstreamFetch
+from p2pimg.fetch.mirror import Mirror, Upstream
 from p2pimg.fetch.resolver import IPFS_PREFIX, IPFS_TAG, Resolver
 from p2pimg.metrics import CONTENT_TYPE_LATEST, Metrics
 from p2pimg.store.chunks import ChunkStore
@@ -45,6 +46,10 @@ from p2pimg.web.ranges import content_range, parse_range
 from p2pimg.web.server import AbortResponse, BodyPart, FileRegion, Request, Response
 
 log = logging.getLogger(__name__)
+
+# Bytes of a mirrored blob already sent turned out wrong (its digest did not match, and the
+# upstream's own bytes, fetched again, differ): the response is cut.
+_SENT_WRONG = VerificationError("bytes already sent did not match the blob's digest")
 
 API_HEADER = ("docker-distribution-api-version", "registry/2.0")
 _READ_METHODS = ("GET", "HEAD")
@@ -273,39 +278,17 @@ class Registry:
 
     async def _upstream_blob(self, upstream: Upstream, name: str, digest: str, request: Request) -> Response:
         assert self.mirror is not None
-        path = self.store.blob_path(digest)
         fd = self._open_cached(digest, request)
         if fd is not None:
             status, start, end, headers = self._blob_headers(digest, os.fstat(fd).st_size, request)
             if request.method == "HEAD":
                 return Response(status, headers)
             return Response(status, headers, self._file_body(fd, start, end))
-        size = await self.mirror.blob_size(upstream, name, digest)
-        status, start, end, headers = self._blob_headers(digest, size, request)
+        bmap = await self.mirror.blob_map(upstream, name, digest)
+        status, start, end, headers = self._blob_headers(digest, bmap.size, request)
         if request.method == "HEAD":
             return Response(status, headers)
-        if self.store.has_blob(digest):  # finished while we asked for its size
-            return Response(status, headers, self._file_body(request.open_file(path), start, end))
-        fetch, fd = self.mirror.open(upstream, name, digest, size)
-        request.hold(partial(self.mirror.release, fetch))
-        request.hold(partial(os.close, fd))
-        # As for origin blobs: an upstream that fails at once gets an error status.
-        await self.mirror.wait_readable(fetch, start, end)
-        return Response(status, headers, self._upstream_body(fetch, fd, start, end))
-
-    async def _upstream_body(
-        self, fetch: UpstreamFetch, fd: int, start: int, end: int
-    ) -> AsyncIterator[BodyPart]:
-        """An upstream blob's bytes as its download makes them readable; the connection is cut if
-        the blob turns out wrong (the fetch's reader and `fd` belong to the request)."""
-        assert self.mirror is not None
-        try:
-            async with aclosing(self.mirror.regions(fetch, start, end)) as regions:
-                async for offset, length in regions:
-                    yield FileRegion(fd, offset, length)
-                    self.metrics.served_bytes.inc(length)
-        except P2pimgError as exc:
-            raise AbortResponse(str(exc)) from None
+        return Response(status, headers, await self._fetched_body(bmap, start, end, request))
 
     def _open_cached(self, digest: str, request: Request) -> int | None:
         """A descriptor of the complete cached blob, owned by `request` (a cache hit), or None (a
@@ -322,14 +305,19 @@ class Registry:
     async def _blob_body(
         self, entry: BlobEntry, digest: str, start: int, end: int, request: Request
     ) -> AsyncIterator[BodyPart]:
-        path = self.store.blob_path(digest)
         fd = self._open_cached(digest, request)
         if fd is not None:
             return self._file_body(fd, start, end)
-        bmap = await self.resolver.blob_map(entry, digest)
+        return await self._fetched_body(await self.resolver.blob_map(entry, digest), start, end, request)
+
+    async def _fetched_body(
+        self, bmap: BlobMap, start: int, end: int, request: Request
+    ) -> AsyncIterator[BodyPart]:
+        """Bytes [start, end) of a blob through the fetch engine (or the cache, if it completed
+        meanwhile); the fetch's reader and descriptor belong to `request`."""
         fetch = await self.fetcher.open(bmap)
         if fetch is None:  # completed while we looked
-            return self._file_body(request.open_file(path), start, end)
+            return self._file_body(request.open_file(self.store.blob_path(bmap.digest)), start, end)
         request.hold(partial(self.fetcher.release, fetch))
         fd = request.dup(fetch.partial.fd)
         if start < end:
@@ -344,20 +332,36 @@ class Registry:
         self.metrics.served_bytes.inc(end - start)
 
     async def _chunked_body(self, fetch: BlobFetch, fd: int, start: int, end: int) -> AsyncIterator[BodyPart]:
-        """Blob bytes in order, each chunk sent as soon as it is verified on disk (the fetch's
-        reader and `fd` belong to the request)."""
+        """Blob bytes in order, each chunk sent as soon as it is on disk (the fetch's reader and
+        `fd` belong to the request). Chunks of a blob with CIDs are verified first. Of a blob only
+        its digest checks (mirrored), chunks this node fetched from the upstream itself go at once,
+        while a peer's chunks and the last one wait for the digest check: a lying peer then costs
+        the client time, not a failed pull."""
         bmap = fetch.map
         offset = start
         index = start // bmap.chunk_size if bmap.count else 0
+        sent_in = fetch.round  # the round whose bytes this response sends
         while offset < end:
             try:
                 await fetch.wait_chunk(index)
             except P2pimgError as exc:
-                log.warning("aborting blob %s at byte %d: %s", bmap.digest, offset, exc)
-                raise AbortResponse(str(exc)) from None
+                self._abort(bmap, offset, exc)
             _, hi = bmap.bounds(index)
             stop = min(hi, end)
+            if not bmap.checked and (fetch.round != sent_in or not fetch.firsthand[index] or hi == bmap.size):
+                await fetch.done.wait()
+                if fetch.error is not None:
+                    self._abort(bmap, offset, fetch.error)
+                first = start // bmap.chunk_size
+                if offset > start and any(first <= i < index for i in fetch.changed):
+                    self._abort(bmap, offset, _SENT_WRONG)
+                stop = end  # all of it matched the digest: the rest goes at once
             yield FileRegion(fd, offset, stop - offset)
             self.metrics.served_bytes.inc(stop - offset)
             offset = stop
             index += 1
+
+    @staticmethod
+    def _abort(bmap: BlobMap, offset: int, exc: P2pimgError) -> NoReturn:
+        log.warning("aborting blob %s at byte %d: %s", bmap.digest, offset, exc)
+        raise AbortResponse(str(exc)) from None

@@ -1,7 +1,7 @@
 """Pull-through mirror mode against the Debian docker-registry as the upstream.
 
 p2pimg serves names it has not published from the upstream: verified against the whole-blob
-digest, cached (chunk-mapped) once it matches, and from then on served from the cache. It works
+digest, cached once it matches, and from then on served from the cache. It works
 as a containerd mirror (hosts.toml, `?ns=`) and a podman mirror (registries.conf).
 """
 
@@ -52,11 +52,11 @@ def test_pull_through_caches_and_verifies(
     assert top == image.top_digest and blobs == set(image.blob_digests)
     layer_bytes = image.total_bytes - len((image.path / "blobs" / "sha256" / top[7:]).read_bytes())
     assert metric(server.host, "p2pimg_source_bytes_total", source="upstream") == layer_bytes
-    # Verified upstream blobs are now ordinary cached blobs, each with a blob map beside it.
+    # Verified upstream blobs are now ordinary cached blobs (nothing is left half-written).
     cache = p2pimg_home / "cache"
     for digest in blobs - {top}:
         assert (cache / "blobs" / "sha256" / digest[7:]).is_file()
-        assert (cache / "upstream" / "maps" / digest[7:]).is_file()
+    assert not [p for p in (cache / "partial").iterdir() if p.suffix == ".data"]
 
     # A second pull is served from the cache: no upstream blob bytes.
     again, _ = pull_digests(skopeo, f"{server.host}/{repo}:1", tmp_path / "b")

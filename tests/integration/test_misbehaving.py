@@ -399,15 +399,15 @@ def test_fake_peers_cannot_fail_or_stall_a_pull(
 async def test_a_bug_in_a_mirror_download_fails_that_download_only(
     registry: Registry, skopeo: Skopeo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An exception nobody planned for, inside the download of an upstream blob (here: keeping
-    it in the cache): the client's transfer is cut, the node keeps serving, and the next request
+    """An exception nobody planned for, inside the fetch of an upstream blob (here: keeping it in
+    the cache): the client's transfer is cut, the node keeps serving, and the next request
     downloads the blob again, correctly."""
     import httpx
     import trio
     from test_mirror import push
 
-    from p2pimg.fetch.mirror import Mirror
     from p2pimg.node.config import load_config
+    from p2pimg.store.chunks import PartialBlob
     from p2pimg.web.serve import serve as serve_node
 
     image = write_oci_layout(tmp_path / "img", [LayerSpec(2 << 20, "none")], tag="1", seed=25)
@@ -417,12 +417,12 @@ async def test_a_bug_in_a_mirror_download_fails_that_download_only(
     config = load_config(
         home=str(tmp_path / "home"), listen="127.0.0.1:0", upstreams=[registry.url], mdns=False
     )
-    real_keep = Mirror._keep
+    real_finalize = PartialBlob.finalize
 
-    def broken_keep(self: Mirror, *args: object) -> None:
+    def broken_finalize(self: PartialBlob) -> Path:
         raise RuntimeError("injected bug")
 
-    monkeypatch.setattr(Mirror, "_keep", broken_keep)
+    monkeypatch.setattr(PartialBlob, "finalize", broken_finalize)
     async with trio.open_nursery() as nursery:
         address = await nursery.start(serve_node, config)
         async with httpx.AsyncClient(base_url=f"http://{address}", timeout=30) as client:
@@ -430,7 +430,7 @@ async def test_a_bug_in_a_mirror_download_fails_that_download_only(
                 r = await client.get(f"/v2/{repo}/blobs/{digest}")
                 r.raise_for_status()
             assert (await client.get("/v2/")).status_code == 200
-            monkeypatch.setattr(Mirror, "_keep", real_keep)
+            monkeypatch.setattr(PartialBlob, "finalize", real_finalize)
             r = await client.get(f"/v2/{repo}/blobs/{digest}")
             assert r.status_code == 200 and hashlib.sha256(r.content).hexdigest() == digest[7:]
             metrics = (await client.get("/metrics")).text

@@ -204,6 +204,8 @@ class UpstreamClient:
         creds = load_credentials(self.host, docker_config)
         self._auth = AuthState(self.host, creds, secure=self.url.startswith("https:"))
         self._client = httpx.AsyncClient(**_client_options(timeout))
+        # Whether it answers a Range with 206 (None: not asked yet; False: it sent the whole blob).
+        self.ranged: bool | None = None
 
     @property
     def credentialed(self) -> bool:
@@ -340,6 +342,8 @@ class UpstreamClient:
                 with self._bounded(ctx):
                     raise await self._fail(reply, ctx)
             whole = not headers and response.status_code == 200
+            if headers:
+                self.ranged = response.status_code == 206
             check = _BodyCheck(
                 ctx,
                 digest,

@@ -1,10 +1,10 @@
 """An upstream registry as a `ChunkSource`: byte ranges of the blobs it can name.
 
-A registry serves a blob under a repository, so the source learns, from the manifests read
-through it, which repository to ask for which digest (`learn`); it holds what it can name. Its
-ranges are checked by the reader like any other source's: per chunk when the blob map is known
-(a mirrored blob, once its map has been made; see the mirror-swarm work), otherwise only the
-whole blob's digest can check them, which is why the mirror streams those itself.
+A registry serves a blob under a repository, so the source learns, from the manifests the mirror
+reads through it, which repository to ask for which digest (`learn`); it holds what it can name.
+Only the whole blob's digest can check its bytes (fetch/mirror.py). Most registries answer a Range
+with 206 (the distribution registry, Docker Hub's and GHCR's blob storage); one that sends the
+whole blob instead (200) is asked for whole blobs from then on: one stream per blob.
 """
 
 from __future__ import annotations
@@ -29,8 +29,17 @@ class UpstreamSource(ChunkSource):
         self.client = client
         self.name = f"upstream {client.url}"
         self.limit = limit
-        self.max_span = max_span
+        self._max_span = max_span
         self._repos: OrderedDict[str, str] = OrderedDict()  # digest -> repository to read it from
+
+    @property
+    def ranges(self) -> bool:  # type: ignore[override]
+        """False once the registry ignored a Range (sent 200 and the whole blob)."""
+        return self.client.ranged is not False
+
+    @property
+    def max_span(self) -> int:  # type: ignore[override]
+        return self._max_span if self.ranges else 1 << 62
 
     def learn(self, digest: str, repo: str) -> None:
         """`digest` can be read from `repo` on this registry."""
