@@ -22,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import httpx
 import pytest
 from conftest import FaultProxy, client_env, free_port, metric
 from test_mirror import push
@@ -317,3 +318,29 @@ def test_peer_that_fails_mid_blob_still_yields_a_correct_pull(
     assert bad.stats()["faults"] >= 1, "the peer was never asked: nothing was tested"
     assert metric(b_host, "p2pimg_source_bytes_total", source="upstream") > 0
     cache_is_clean(tmp_path / "b")
+
+
+def test_upstream_failing_blob_requests_gets_a_clear_error_then_recovers(
+    registry: Registry, skopeo: Skopeo, nodes: Nodes, fault_proxy: Callable[..., FaultProxy], tmp_path: Path
+) -> None:
+    """An upstream answering 503 to every blob request: the client gets an error status with an
+    OCI error body (not a cut or empty 200) and nothing is cached; once the upstream is healthy,
+    the same home pulls correctly."""
+    image, ref = upstream_image(tmp_path, skopeo, registry, [LayerSpec(3 * MiB, "none")], 9)
+    failing = fault_proxy(registry.url, "--faults", "fail", "--every", "1")
+    origin = tmp_path / "origin-a"
+    origin.mkdir()
+    daemon, host, _ = nodes.start("a", origin.as_uri(), "--upstream", failing.endpoint)
+    layer = max(image.blob_digests, key=lambda d: (image.path / "blobs" / "sha256" / d[7:]).stat().st_size)
+    repo = ref.partition(":")[0]
+    with httpx.Client(trust_env=False, timeout=60) as client:
+        client.get(f"http://{host}/v2/{repo}/manifests/1").raise_for_status()  # learns the blobs
+        r = client.get(f"http://{host}/v2/{repo}/blobs/{layer}")
+        assert r.status_code >= 500, (r.status_code, r.text[:200])
+        assert "503" in r.json()["errors"][0]["message"], r.text
+    assert failing.stats()["faults"] >= 1
+    assert not (tmp_path / "a" / "cache" / "blobs" / "sha256" / layer[7:]).exists()
+    daemon.stop()
+    _, host, _ = nodes.start("a", origin.as_uri(), "--upstream", registry.url)
+    pull(host, ref, image, tmp_path / "out")
+    cache_is_clean(tmp_path / "a")
