@@ -36,6 +36,7 @@ def _config(args: argparse.Namespace) -> Config:
         policy=getattr(args, "policy", None),
         peer_listen=getattr(args, "peer_listen", None),
         peers=getattr(args, "peer", None),
+        peer_dns=getattr(args, "peer_dns", None),
         mdns=False if getattr(args, "no_mdns", False) else None,
         peer_rate=getattr(args, "peer_rate", None),
         peer_max_requests=getattr(args, "peer_max_requests", None),

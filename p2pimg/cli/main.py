@@ -215,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="share this cache with LAN peers on this address (off by default)",
     )
+    p.add_argument(
+        "--peer-dns",
+        action="append",
+        metavar="NAME[:PORT]",
+        help="take every address NAME resolves to as a peer listening on PORT (default 5051), "
+        "looked up at start and every 30 s, e.g. a Kubernetes headless Service (repeatable)",
+    )
     p.add_argument("--peer-rate", metavar="BYTES/S", help="upload limit to peers, e.g. 50M (default: none)")
     p.add_argument(
         "--peer-max-requests",

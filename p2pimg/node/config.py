@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -15,6 +16,9 @@ from p2pimg.content.model import DEFAULT_CHUNK_SIZE, check_chunk_size, parse_siz
 from p2pimg.errors import InvalidInput
 
 DEFAULT_LISTEN = "127.0.0.1:5050"
+DEFAULT_PEER_PORT = 5051  # the port of a `--peer-dns` name that gives none
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?"
+_DNS_NAME = re.compile(rf"(?=.{{1,253}}\.?$){_LABEL}(?:\.{_LABEL})*\.?")  # labels of 1..63, 253 in all
 
 
 def default_home() -> Path:
@@ -27,6 +31,38 @@ def parse_listen(value: str) -> tuple[str, int]:
     if not sep or not host or not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
         raise InvalidInput(f"invalid listen address {value!r}: expected HOST:PORT")
     return host, int(port)
+
+
+def parse_peer_dns(value: str) -> tuple[str, int]:
+    """(name, port) of a `--peer-dns NAME[:PORT]`: a DNS name or an address (IPv6 in brackets
+    when a port follows) and the port of the peer listeners it names, 5051 when left out."""
+    text = value.strip()
+    if text.startswith("["):  # [IPv6] or [IPv6]:PORT
+        name, bracket, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else str(DEFAULT_PEER_PORT) if not rest else ""
+        usable = bool(bracket) and _ip_version(name) == 6
+    elif text.count(":") == 1:  # NAME:PORT
+        name, _, port = text.partition(":")
+        usable = _is_dns_name(name) or _ip_version(name) == 4
+    else:  # NAME, or a bare address
+        name, port = text, str(DEFAULT_PEER_PORT)
+        usable = _is_dns_name(name) or _ip_version(name) != 0
+    if not (usable and re.fullmatch(r"[0-9]{1,5}", port) and 0 < int(port) < 65536):
+        raise InvalidInput(f"invalid peer DNS name {value[:100]!r}: expected NAME[:PORT]")
+    return name, int(port)
+
+
+def _is_dns_name(text: str) -> bool:
+    # A top-level label is never all digits: "1.2.3" is a malformed address, not a name.
+    return bool(_DNS_NAME.fullmatch(text)) and not text.rstrip(".").rpartition(".")[2].isdigit()
+
+
+def _ip_version(text: str) -> int:
+    """4 or 6 for an IP address, 0 for anything else."""
+    try:
+        return ipaddress.ip_address(text).version
+    except ValueError:
+        return 0
 
 
 def _env_flag(name: str, default: object) -> bool:
@@ -47,6 +83,7 @@ class Config:
     policy: str = "prefer-near"
     peer_listen: str | None = None
     peers: tuple[str, ...] = ()
+    peer_dns: tuple[tuple[str, int], ...] = ()  # names whose addresses are peers (--peer-dns)
     mdns: bool = True
     peer_rate: float = 0.0
     peer_max_requests: int = 32
@@ -74,6 +111,7 @@ def load_config(
     policy: str | None = None,
     peer_listen: str | None = None,
     peers: list[str] | None = None,
+    peer_dns: list[str] | None = None,
     mdns: bool | None = None,
     peer_rate: str | None = None,
     peer_max_requests: int | None = None,
@@ -114,6 +152,9 @@ def load_config(
     for url in chosen_peers:
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise InvalidInput(f"invalid peer {url!r}: expected http://HOST:PORT")
+    chosen_peer_dns = peer_dns or file_values.get("peer_dns") or []
+    if not isinstance(chosen_peer_dns, list) or not all(isinstance(n, str) for n in chosen_peer_dns):
+        raise InvalidInput(f"{config_file}: peer_dns must be a list of NAME[:PORT]")
     max_requests = peer_max_requests or file_values.get("peer_max_requests") or 32
     if not isinstance(max_requests, int) or max_requests < 1:
         raise InvalidInput(f"invalid peer request limit {max_requests!r}")
@@ -138,6 +179,7 @@ def load_config(
         policy=policy or file_values.get("policy") or "prefer-near",
         peer_listen=chosen_peer_listen,
         peers=tuple(chosen_peers),
+        peer_dns=tuple(dict.fromkeys(parse_peer_dns(n) for n in chosen_peer_dns)),
         mdns=_env_flag("P2PIMG_MDNS", file_values.get("mdns", True)) if mdns is None else mdns,
         peer_rate=float(parse_size(peer_rate or file_values.get("peer_rate") or 0)),
         peer_max_requests=max_requests,

@@ -27,6 +27,7 @@ from p2pimg.fetch.resolver import Resolver
 from p2pimg.metrics import Metrics
 from p2pimg.node import swarmkey
 from p2pimg.node.config import Config
+from p2pimg.node.dnspeers import DnsPeers
 from p2pimg.node.peertls import PeerTls, load_peer_tls
 from p2pimg.node.warm import WarmJobs
 from p2pimg.sources.base import OriginSource
@@ -67,7 +68,8 @@ def node_id(home: os.PathLike[str] | str) -> str:
 
 @dataclass
 class Swarm:
-    """The node's peers: static ones (`--peer`) and those mDNS finds, as fetch sources."""
+    """The node's peers: static ones (`--peer`), those mDNS finds and those DNS names give
+    (`--peer-dns`), as fetch sources."""
 
     fetcher: Fetcher
     own_id: str
@@ -76,6 +78,8 @@ class Swarm:
     discovery: object | None = None
     peers: dict[str, PeerSource] = field(default_factory=dict)
     tls: bool = False  # peers must speak mutual TLS (https) with the swarm CA's certificates
+    peer_dns: tuple[tuple[str, int], ...] = ()  # (name, port): every address of the name is a peer
+    dns: DnsPeers | None = None  # keeps the peers of `peer_dns`, once running
     _refused: set[str] = field(default_factory=set)
 
     def add(self, url: str, peer_node: str | None = None) -> bool:
@@ -167,6 +171,9 @@ class Swarm:
             for url in self.static:
                 if self.add(url):
                     nursery.start_soon(guarded, f"static peer {url}", self._check_static, url)
+            if self.peer_dns:
+                self.dns = DnsPeers(self, self.peer_dns)
+                nursery.start_soon(guarded, "DNS peer discovery", self.dns.run)
             if self.discovery is not None:
                 # Not nursery.start: announcing first probes the LAN for name clashes (~2 s), and
                 # serving must not wait for that.
@@ -180,7 +187,8 @@ class Swarm:
             found = {p.url: p.node_id for p in self.discovery.peers()}  # type: ignore[attr-defined]
             for url, peer_node in found.items():
                 self.add(url, peer_node)
-            for url in [u for u in self.peers if u not in found and u not in self.static]:
+            kept = set(self.static) | (self.dns.owned if self.dns is not None else set())  # not mDNS's
+            for url in [u for u in self.peers if u not in found and u not in kept]:
                 self.remove(url)
             await self.discovery.changed()  # type: ignore[attr-defined]
 
@@ -260,6 +268,7 @@ async def open_node(config: Config, *, advertise: tuple[str, int] | None = None)
             resolver = Resolver(store, origin, trust=trust, home=config.home)
             index = ChunkIndex()
             swarm = Swarm(fetcher, own_id, list(config.peers), client, discovery, tls=tls is not None)
+            swarm.peer_dns = config.peer_dns
             node = Node(
                 config,
                 nursery,
