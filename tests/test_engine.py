@@ -387,3 +387,20 @@ async def test_a_peer_that_joins_mid_fetch_is_asked_too(tmp_path: Path, nursery:
     fetcher.release(fetch)
     assert store.blob_path(bmap.digest).read_bytes() == data
     assert counter(metrics, "source_bytes", "peer") >= 8 * CHUNK, "the late peer brought most of it"
+
+
+async def test_chunks_that_do_not_add_up_to_the_digest_are_never_visible(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """Each chunk matches its CID, but the map names another digest: the whole-blob hash, made
+    while the chunks arrive, catches it, and the blob never becomes visible."""
+    data, good = make_blob(6 * CHUNK)
+    wrong = BlobMap(digest_of(data + b"x"), good.size, good.chunk_size, good.chunks)
+    fetcher, store, _ = engine(tmp_path, nursery, [MemorySource("origin", "origin", data)])
+    fetch = await fetcher.open(wrong)
+    assert fetch is not None
+    with trio.fail_after(20):
+        await fetch.done.wait()
+    fetcher.release(fetch)
+    assert fetch.error is not None and "do not add up" in fetch.error.message
+    assert not store.has_blob(wrong.digest)

@@ -285,3 +285,23 @@ async def test_cached_images_pull_while_the_origin_is_down(
             r = await c.get(f"/v2/demo/app/blobs/{other['digest']}")
         assert r.status_code == 502 and "connection refused" in r.text
     assert "last verified record of demo/app:1" in caplog.text
+
+
+async def test_a_nodes_first_look_at_an_image_fetches_all_its_blob_maps(
+    tmp_path: Path, sample: SampleImage
+) -> None:
+    """Once a node reads an image's root (a client asked for its manifest), every blob map is
+    fetched at once in the background: the blob requests that follow do not each wait for the
+    origin's round trip first."""
+    from p2pimg.node.config import load_config
+    from p2pimg.node.node import open_node
+
+    origin, root_cid = await published_home(tmp_path, sample)
+    config = load_config(home=str(tmp_path / "home"), origin=origin.root.as_uri(), mdns=False)
+    async with open_node(config) as node:
+        await node.resolver.manifest_for("demo/app", "1")
+        root = await node.resolver.root(root_cid)
+        assert len(root.blobs) >= 2
+        with trio.fail_after(10):
+            while any(e.map not in node.resolver._maps for e in root.blobs.values()):
+                await trio.sleep(0.01)

@@ -19,6 +19,8 @@ chunk.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import logging
 from dataclasses import dataclass, field
 
@@ -44,6 +46,8 @@ from p2pimg.sources.base import ChunkSource, SourceBusy
 from p2pimg.store.chunks import ChunkStore, PartialBlob
 
 log = logging.getLogger(__name__)
+
+_FLUSH_EVERY = 16 << 20  # bytes hashed between two pushes of the partial blob to the disk
 
 
 @dataclass
@@ -234,11 +238,17 @@ class Fetcher:
         try:
             with fetch.scope:
                 while True:
-                    schedule = await self._round(fetch)
+                    hashed: list[str] = []
+                    async with trio.open_nursery() as hashing:
+                        hashing.start_soon(self._hash_along, fetch, hashed)
+                        schedule = await self._round(fetch)
+                        if schedule.error is not None:
+                            hashing.cancel_scope.cancel()
                     if schedule.error is not None:
                         raise schedule.error
                     try:
-                        await trio.to_thread.run_sync(fetch.partial.finalize)
+                        digest = hashed[0] if hashed else None
+                        await trio.to_thread.run_sync(fetch.partial.finalize, digest)
                     except VerificationError as exc:
                         if not await self._refetch_alone(fetch, exc):
                             raise
@@ -261,6 +271,29 @@ class Fetcher:
             fetch.done.set()
             fetch.partial.close()
             self._changed.fire()
+
+    async def _hash_along(self, fetch: BlobFetch, hashed: list[str]) -> None:
+        """The whole blob's sha256, computed in order while its chunks arrive (on another core
+        than the chunk checks), so that the digest check at the end waits for nothing; what is
+        hashed is also flushed to disk every `_FLUSH_EVERY` bytes, so the final fsync is short.
+        Appends the digest to `hashed` once every chunk is in; stops if the fetch fails."""
+        bmap, partial = fetch.map, fetch.partial
+        h = hashlib.sha256()
+        i = unflushed = 0
+        while i < bmap.count:
+            await fetch.ready[i].wait()
+            if not partial.have[i]:
+                return  # the fetch failed: its round ends with the error
+            j = i + 1
+            while j < bmap.count and partial.have[j]:
+                j += 1
+            lo, hi = bmap.bounds(i)[0], bmap.bounds(j - 1)[1]
+            unflushed += hi - lo
+            flush = unflushed >= _FLUSH_EVERY
+            unflushed = 0 if flush else unflushed
+            await trio.to_thread.run_sync(functools.partial(partial.hash_into, h, lo, hi, flush=flush))
+            i = j
+        hashed.append("sha256:" + h.hexdigest())
 
     async def _round(self, fetch: BlobFetch) -> BlobSchedule:
         """Fetch every missing chunk (or fail): the loop around the blob's schedule."""

@@ -61,6 +61,7 @@ IPFS_PREFIX = "ipfs/"
 IPFS_TAG = "latest"  # the one tag of an image named by its root CID
 _ROOT_CACHE = 256
 _MAP_CACHE = 4096
+_PREFETCH = 8  # blob maps of one image fetched at once
 _RELISTED_NAMES = 4096
 # In a home: the warning that unsigned tag records are accepted was given there (it is given once).
 UNSIGNED_NOTICE = "unsigned-tags-accepted"
@@ -104,6 +105,8 @@ class Resolver:
         self._tags_checked: dict[str, float] = {}  # name -> when referrers last re-read its tags
         self._tag_flights: SingleFlight[tuple[str, str], Cid] = SingleFlight()
         self.on_blob_map: Callable[[BlobMap], None] = lambda _bmap: None  # the chunk index
+        # A root was read for the first time (the node prefetches its blob maps).
+        self.on_root: Callable[[ImageRoot], None] = lambda _root: None
         # Blocks by CID from LAN peers when the origin cannot give them (the node wires it).
         self.peer_block: Callable[[Cid, int], Awaitable[bytes | None]] = _no_peer_block
         # Encoded tag records LAN peers hold for a name and tag (the node wires it).
@@ -186,7 +189,24 @@ class Resolver:
         except OriginNotFound:
             raise NameUnknown(f"no image with root {cid}") from None
         self._remember(self._roots, cid, root, _ROOT_CACHE)  # type: ignore[arg-type]
+        self.on_root(root)
         return root
+
+    async def prefetch_maps(self, root: ImageRoot) -> None:
+        """Fetch every blob map of an image at once (`_PREFETCH` at a time), so that a pull's blob
+        requests, which come one after another or a few at a time, find them ready instead of each
+        paying the origin's round trip first. Failures are left for the blob request to meet."""
+        limit = trio.CapacityLimiter(_PREFETCH)
+
+        async def one(digest: str, entry: BlobEntry) -> None:
+            async with limit:
+                with contextlib.suppress(P2pimgError):
+                    await self.blob_map(entry, digest)
+
+        async with trio.open_nursery() as nursery:
+            for digest, entry in root.blobs.items():
+                if entry.map not in self._maps:
+                    nursery.start_soon(one, digest, entry)
 
     async def blob_map(self, entry: BlobEntry, digest: str) -> BlobMap:
         if (hit := self._maps.get(entry.map)) is not None:

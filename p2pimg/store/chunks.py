@@ -317,22 +317,33 @@ class PartialBlob:
                 os.pwrite(self._have_fd, b"\x01", index)
         self.have[index] = 1
 
-    def finalize(self) -> Path:
-        """Check the whole blob's digest, then make it visible atomically."""
+    def hash_into(self, h: hashlib._Hash, start: int, end: int, *, flush: bool = False) -> None:
+        """Feed bytes [start, end) of the blob as on disk to `h`; with `flush`, then push what is
+        written of the file to the disk (so the final fsync has little left to wait for)."""
+        offset = start
+        while offset < end:
+            piece = os.pread(self._data_fd, min(_READ_PIECE, end - offset), offset)
+            if not piece:
+                raise CacheError(f"blob {self.map.digest} is shorter on disk than its size")
+            h.update(piece)
+            offset += len(piece)
+        if flush:
+            with _cache_io(f"blob {self.map.digest}"):
+                os.fdatasync(self._data_fd)
+
+    def finalize(self, hashed: str | None = None) -> Path:
+        """Check the whole blob's digest, then make it visible atomically. `hashed`: the digest
+        of the bytes on disk as computed while they arrived (`hash_into`), else it is read back."""
         if self.final_path.is_file():
             self._remove_files()  # a stale partial left beside a finished blob
             return self.final_path
         if not self.complete:
             raise CacheError(f"blob {self.map.digest} is not complete")
-        h = hashlib.sha256()
-        offset = 0
-        while offset < self.map.size:
-            piece = os.pread(self._data_fd, min(_READ_PIECE, self.map.size - offset), offset)
-            if not piece:
-                break
-            h.update(piece)
-            offset += len(piece)
-        if "sha256:" + h.hexdigest() != self.map.digest:
+        if hashed is None:
+            h = hashlib.sha256()
+            self.hash_into(h, 0, self.map.size)
+            hashed = "sha256:" + h.hexdigest()
+        if hashed != self.map.digest:
             if not self.map.checked:
                 # Whose bytes were wrong is for the caller to find out (`chunk_hashes`, `reset`).
                 raise VerificationError(f"the bytes received for {self.map.digest} do not match that digest")
