@@ -105,7 +105,7 @@ class PeerService:
         self._bucket: TokenBucket | None = None
         self.warm = warm
         self.swarm_key = swarm_key
-        self.guard = swarmkey.SwarmGuard(swarm_key) if swarm_key is not None else None
+        self.guard = swarmkey.SwarmGuard(swarm_key, node_id) if swarm_key is not None else None
         self._warned_at = -_WARN_EVERY
 
     @classmethod
@@ -160,21 +160,30 @@ class PeerService:
         response = error_response(err)
         if verdict.status == 401:
             response.headers.append(("www-authenticate", swarmkey.SCHEME))
+        elif verdict.other_node:  # a keyed sender then asks who this node is, and sends again
+            response.headers.append(("www-authenticate", swarmkey.OTHER_NODE))
         return response
 
     async def handle(self, request: Request) -> Response:
         """A request from the LAN: with a swarm key set, only nodes that prove it get anything.
         Its head was checked by `gate` on the listener (here when no listener did), its body is
-        checked here: it must be the body the proof was made for."""
-        if self.guard is not None:
-            refusal = None if request.admitted else self.gate(request)
-            if refusal is None:
-                refusal = self._refusal(
-                    request, self.guard.body_matches(request.headers.get("authorization"), request.body)
-                )
-            if refusal is not None:
-                return refusal
-        return await self.handle_local(request)
+        checked here: it must be the body the proof was made for. This node's /info answer then
+        proves its id to the sender (`swarmkey.NODE_HEADER`, for that request only), which names
+        it in its next proofs."""
+        if self.guard is None:
+            return await self.handle_local(request)
+        proof = request.headers.get("authorization")
+        refusal = None if request.admitted else self.gate(request)
+        if refusal is None:
+            refusal = self._refusal(request, self.guard.body_matches(proof, request.body))
+        if refusal is not None:
+            return refusal
+        response = await self.handle_local(request)
+        if request.path == swarmkey.INFO_PATH and response.status == 200:
+            vouch = self.guard.vouch(proof)
+            if vouch is not None:
+                response.headers.append((swarmkey.NODE_HEADER, vouch))
+        return response
 
     async def handle_local(self, request: Request) -> Response:
         """A request from this machine (the node's own control endpoints), or one already let in.

@@ -25,11 +25,12 @@ class Clock:
 
 NOW = 1_800_000_000.0
 INFO = "/p2pimg/v1/info"
+NODE = "0123456789abcdef0123456789abcdef"  # the guarded node's id
 
 
 def _guard(**options: object) -> tuple[SwarmGuard, Clock]:
     clock = Clock(NOW)
-    return SwarmGuard(KEY, clock=clock, **options), clock  # type: ignore[arg-type]
+    return SwarmGuard(KEY, NODE, clock=clock, **options), clock  # type: ignore[arg-type]
 
 
 def test_a_proof_is_taken_once() -> None:
@@ -43,7 +44,7 @@ def test_a_proof_is_taken_once() -> None:
 
 def test_a_proof_binds_key_method_path_and_body() -> None:
     guard, _clock = _guard()
-    proof = sign(KEY, "POST", "/p2pimg/v1/warm", b'{"ref": "demo/app:1"}', now=NOW)
+    proof = sign(KEY, "POST", "/p2pimg/v1/warm", b'{"ref": "demo/app:1"}', to=NODE, now=NOW)
     wrong = guard.admit(proof, "GET", "/p2pimg/v1/warm")
     assert wrong.reason == "wrong swarm key" and not wrong.signed
     assert guard.admit(proof, "POST", "/p2pimg/v1/warm/x").reason == "wrong swarm key"
@@ -108,7 +109,13 @@ def test_what_is_not_a_proof() -> None:
     for header in (None, "", "Bearer abc", f"{SCHEME}", f"{SCHEME} "):
         assert guard.admit(header, "GET", "/").status == 401
     # The previous scheme (an HMAC of the minute) and garbage: a proof that cannot hold.
-    for header in (f"{SCHEME} {'0' * 64}", f"{SCHEME} v=1,ts=1", sign(KEY, "GET", "/").replace("v=2", "v=3")):
+    version_2 = re.sub(r",to=[^,]*", "", sign(KEY, "GET", INFO).replace("v=3", "v=2"))  # named no node
+    for header in (
+        f"{SCHEME} {'0' * 64}",
+        f"{SCHEME} v=1,ts=1",
+        version_2,
+        sign(KEY, "GET", "/").replace("v=3", "v=4"),
+    ):
         refused = guard.admit(header, "GET", "/")
         assert refused.status == 403 and "version" in refused.reason
     assert guard.remembered == 0  # nothing that failed is remembered: strangers cannot fill it
@@ -118,6 +125,7 @@ def test_swarm_auth_signs_each_request_afresh_with_its_body() -> None:
     guard, clock = _guard()
     clock.now = time.time()
     auth = SwarmAuth(KEY)
+    auth.nodes["http://10.0.0.5:5051"] = NODE  # learnt (see test_swarm_targets.py for how)
     sent = []
     for body in (b'{"ref": "demo/app:1"}', b'{"ref": "demo/app:1"}'):
         request = httpx.Request("POST", "http://10.0.0.5:5051/p2pimg/v1/warm", content=body)
