@@ -450,6 +450,18 @@ def _fetch(url: str, digest: str) -> dict[str, Any]:
             n += len(piece)
     elapsed = time.perf_counter() - started
     if "sha256:" + h.hexdigest() != digest:
+def _timeline(url: str) -> dict[str, Any]:
+    """A node's timeline (`GET /p2pimg/v1/timeline` on its registry listener), reduced."""
+    import urllib.request
+
+    from bench.timeline import summarize
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=30) as response:
+        doc = json.loads(response.read())
+    return summarize(doc["events"])
+
+
         raise SystemExit(f"fetched bytes hash to sha256:{h.hexdigest()}, not {digest}")
     return {"seconds": elapsed, "bytes": n}
 
@@ -467,6 +479,8 @@ def main(argv: list[str]) -> int:
     from p2pimg.sources.origins import blob_key
 
     match argv:
+        case ["timeline", url]:
+            result = _timeline(url)
         case ["stream", url, digest, size]:
             result = trio.run(_stream, url, blob_key(digest), int(size), digest)
         case ["fetch", url, digest]:

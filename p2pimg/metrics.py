@@ -3,6 +3,9 @@ read them (`GET /metrics`, Prometheus text format)."""
 
 from __future__ import annotations
 
+import collections
+import time
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -12,7 +15,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics", "Timeline"]
 
 # `*_created` series double the output and nothing here reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -22,6 +25,7 @@ class Metrics:
     """A node's metrics in a registry of its own (several nodes may share a process in tests)."""
 
     def __init__(self) -> None:
+        self.timeline = Timeline()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.source_bytes = Counter(
@@ -77,3 +81,22 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class Timeline:
+    """The last `size` timed events of a node (a span from a source, a block from the origin), for
+    seeing where a pull's time went: `GET /p2pimg/v1/timeline` on the registry listener, from this
+    machine. Times are seconds on one monotonic clock, so events compare with each other only."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.events: collections.deque[dict[str, object]] = collections.deque(maxlen=size)
+
+    @staticmethod
+    def now() -> float:
+        return time.monotonic()
+
+    def add(self, what: str, start: float, end: float, **fields: object) -> None:
+        self.events.append({"what": what, "start": round(start, 4), "end": round(end, 4), **fields})
+
+    def snapshot(self) -> list[dict[str, object]]:
+        return list(self.events)

@@ -305,3 +305,22 @@ async def test_a_nodes_first_look_at_an_image_fetches_all_its_blob_maps(
         with trio.fail_after(10):
             while any(e.map not in node.resolver._maps for e in root.blobs.values()):
                 await trio.sleep(0.01)
+
+
+def test_the_timeline_summary_finds_metadata_waits_and_idle_link() -> None:
+    from bench.timeline import summarize
+
+    events = [
+        {"what": "client", "start": 10.0, "end": 10.2, "request": "GET /v2/demo/app/manifests/1"},
+        {"what": "tag", "start": 10.0, "end": 10.05},
+        {"what": "block", "start": 10.05, "end": 10.1},
+        {"what": "span", "start": 10.2, "end": 11.0, "source": "origin", "first_byte": 0.05, "hedge": False},
+        {"what": "span", "start": 11.5, "end": 12.0, "source": "origin", "first_byte": 0.07, "hedge": True},
+        {"what": "block", "start": 11.6, "end": 11.7},
+    ]
+    got = summarize(events)
+    assert got["first_span_after_s"] == 0.2
+    assert got["metadata_round_trips_before_first_span"] == 2 and got["metadata_round_trips"] == 3
+    assert got["spans"] == 2 and got["hedges"] == 1
+    assert got["no_span_running_s"] == 0.5 and got["last_span_end_s"] == 2.0
+    assert summarize([]) == {"events": 0}

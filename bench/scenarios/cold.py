@@ -108,6 +108,7 @@ def _image(ctx: Context, plan: ColdPlan, spec: ImageSpec, work: Path) -> list[Me
     fetches: list[float] = []
     streams: list[float] = []
     egress: list[float] = []
+    timelines: list[dict[str, object]] = []  # where each pull's time went (bench/timeline.py)
     with lans() as make:
         ctx.progress(f"cold pull {label}: building the namespaces")
         lan = make(1)
@@ -157,6 +158,14 @@ def _image(ctx: Context, plan: ColdPlan, spec: ImageSpec, work: Path) -> list[Me
                     )
                 )
                 egress.append((origin.stats(client)["body_bytes"] - before) / image.total_bytes)
+                timelines.append(
+                    helper(
+                        client,
+                        "timeline",
+                        f"http://127.0.0.1:{P2PIMG_PORT}/p2pimg/v1/timeline",
+                        what="p2pimg's timeline",
+                    )
+                )
             finally:
                 stop_daemon(node)
                 shutil.rmtree(home, ignore_errors=True)
@@ -192,6 +201,7 @@ def _image(ctx: Context, plan: ColdPlan, spec: ImageSpec, work: Path) -> list[Me
             "baseline_MB_s": mbps(image.total_bytes, registry_pulls),
             "bound_MB_s": round(rate / MB, 1),
             "p2pimg_origin_egress_x_image": [round(e, 3) for e in egress],
+            "p2pimg_timeline": timelines,
         },
     )
     fetch = Measure(

@@ -41,7 +41,7 @@ from p2pimg.fetch.schedule import (
     Scheduler,
     Start,
 )
-from p2pimg.metrics import Metrics
+from p2pimg.metrics import Metrics, Timeline
 from p2pimg.sources.base import ChunkSource, SourceBusy
 from p2pimg.store.chunks import ChunkStore, PartialBlob
 
@@ -439,6 +439,7 @@ class Fetcher:
         assert schedule is not None
         kind, span = source.kind, request.span
         start, end = span.byte_range(bmap.size, bmap.chunk_size)
+        began = Timeline.now()
         first_byte: float | None = None
         outcome = "cancelled"
         error: P2pimgError | None = None
@@ -516,6 +517,18 @@ class Fetcher:
             if outcome == "ok":
                 self.metrics.span_seconds.labels(kind).observe(now - request.started)
             request.next_index = max(request.next_index, index)
+            self.metrics.timeline.add(
+                "span",
+                began,
+                Timeline.now(),
+                blob=bmap.digest[7:19],
+                source=source.name,
+                chunks=[span.first, span.end],
+                bytes=request.received,
+                first_byte=None if first_byte is None else round(first_byte, 4),
+                outcome=outcome,
+                hedge=request.hedge,
+            )
             schedule.ended(request, outcome, now, error=error, first_byte=first_byte)
             fetch.scopes.pop(request.id, None)
             self._changed.fire()

@@ -41,6 +41,7 @@ from p2pimg.errors import (
     P2pimgError,
     VerificationError,
 )
+from p2pimg.metrics import Timeline
 from p2pimg.sources.origins import Origin, block_key, tag_key
 from p2pimg.store.chunks import ChunkStore
 from p2pimg.tasks import SingleFlight
@@ -105,6 +106,7 @@ class Resolver:
         self._tags_checked: dict[str, float] = {}  # name -> when referrers last re-read its tags
         self._tag_flights: SingleFlight[tuple[str, str], Cid] = SingleFlight()
         self.on_blob_map: Callable[[BlobMap], None] = lambda _bmap: None  # the chunk index
+        self.timeline = Timeline()  # origin round trips (the node shares its metrics' timeline)
         # A root was read for the first time (the node prefetches its blob maps).
         self.on_root: Callable[[ImageRoot], None] = lambda _root: None
         # Blocks by CID from LAN peers when the origin cannot give them (the node wires it).
@@ -146,8 +148,10 @@ class Resolver:
         data = await trio.to_thread.run_sync(self.store.get_block, cid)
         if data is not None:
             return data
+        began = Timeline.now()
         try:
             data = await self.origin.get(block_key(cid), max_size=max_size)
+            self.timeline.add("block", began, Timeline.now(), cid=str(cid)[-12:], bytes=len(data))
         except OriginError as exc:
             # The origin is unreachable (or does not have it): a peer may have the block, and a
             # block named by its CID can come from anyone, since it is checked against the CID.
@@ -240,6 +244,7 @@ class Resolver:
         now = time.monotonic()
         try:
             data = await self.origin.get(tag_key(name, tag), max_size=MAX_TAG_RECORD_SIZE)
+            self.timeline.add("tag", now, Timeline.now(), name=name, tag=tag)
         except OriginNotFound:
             await self.tags(name)  # NAME_UNKNOWN when the repository itself is unknown
             raise ManifestUnknown(f"{name}:{tag} is not published") from None

@@ -290,6 +290,7 @@ async def open_node(config: Config, *, advertise: tuple[str, int] | None = None)
                     fetcher.add_source(upstream_source)
                 mirror.peer_block = swarm.block
             resolver.peer_block = swarm.block
+            resolver.timeline = metrics.timeline
             resolver.on_root = lambda root: nursery.start_soon(
                 guarded, "fetching an image's blob maps", resolver.prefetch_maps, root
             )

@@ -40,7 +40,7 @@ from p2pimg.errors import (
 from p2pimg.fetch.engine import BlobFetch, Fetcher
 from p2pimg.fetch.mirror import Mirror, Upstream
 from p2pimg.fetch.resolver import IPFS_PREFIX, IPFS_TAG, Resolver
-from p2pimg.metrics import CONTENT_TYPE_LATEST, Metrics
+from p2pimg.metrics import CONTENT_TYPE_LATEST, Metrics, Timeline
 from p2pimg.store.chunks import ChunkStore
 from p2pimg.web.ranges import content_range, parse_range
 from p2pimg.web.server import AbortResponse, BodyPart, FileRegion, Request, Response
@@ -108,8 +108,14 @@ class Registry:
 
     async def handle(self, request: Request) -> Response:
         head = request.method == "HEAD"
+        began = Timeline.now()
         try:
-            return await self._route(request)
+            response = await self._route(request)
+            if request.path.startswith("/v2/"):  # when a client asked, and got its answer's head
+                self.metrics.timeline.add(
+                    "client", began, Timeline.now(), request=f"{request.method} {request.path[:160]}"
+                )
+            return response
         except P2pimgError as exc:
             if exc.http_status >= 500:
                 log.warning("%s %s: %s", request.method, request.path[:300], exc)

@@ -34,8 +34,13 @@ def local_control(node: Node, registry: Registry, peers: PeerService) -> Handler
 
     async def handle(request: Request) -> Response:
         if request.path.startswith("/p2pimg/v1/") and request.from_this_machine:
-            if request.path == "/p2pimg/v1/peers":
-                body = json.dumps(sorted(node.swarm.peers)).encode()
+            if request.path in ("/p2pimg/v1/peers", "/p2pimg/v1/timeline"):
+                doc: object = (
+                    sorted(node.swarm.peers)
+                    if request.path == "/p2pimg/v1/peers"
+                    else {"now": node.metrics.timeline.now(), "events": node.metrics.timeline.snapshot()}
+                )
+                body = json.dumps(doc).encode()
                 return Response(
                     200, [("content-type", "application/json"), ("content-length", str(len(body)))], body
                 )

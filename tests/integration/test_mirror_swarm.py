@@ -133,6 +133,12 @@ def test_b_after_a_takes_the_blobs_from_a(
     extra = upstream.stats()["body_bytes"] - before
     assert extra <= 16 << 10, f"B took {extra} bytes from the upstream"
     cache_is_clean(tmp_path / "b")
+    # B's timeline (this machine only) shows where its bytes came from, span by span.
+    events = httpx.get(f"http://{b_host}/p2pimg/v1/timeline", timeout=10).json()["events"]
+    spans = [e for e in events if e["what"] == "span"]
+    assert spans and all(e["source"] == f"peer {a_peer}" and e["outcome"] == "ok" for e in spans)
+    assert sum(e["bytes"] for e in spans) == blob_bytes(image)
+    assert any(e["what"] == "client" and "/blobs/" in e["request"] for e in events)
 
 
 def test_three_nodes_at_once_fetch_the_image_about_once(
