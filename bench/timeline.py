@@ -52,4 +52,19 @@ def summarize(events: list[dict[str, Any]]) -> dict[str, Any]:
         "no_span_running_s": round((last_span - first_span) - busy, 3),
         "last_span_end_s": round(last_span - t0, 3),
         "client_requests": len(clients),
+        # The pull itself: every span as [start, first byte, end, MB] and every client request as
+        # [start, when its answer began], seconds after the first client request.
+        "span_windows": [
+            [
+                round(float(e["start"]) - t0, 3),
+                round(float(e["start"]) - t0 + float(e.get("first_byte") or 0), 3),
+                round(float(e["end"]) - t0, 3),
+                round(int(e["bytes"]) / 1e6, 2),
+            ]
+            for e in sorted(spans, key=lambda e: float(e["start"]))
+        ],
+        "client_windows": [
+            [round(float(e["start"]) - t0, 3), round(float(e["end"]) - t0, 3), str(e["request"])[:80]]
+            for e in sorted(clients, key=lambda e: float(e["start"]))
+        ],
     }

@@ -287,12 +287,12 @@ async def test_cached_images_pull_while_the_origin_is_down(
     assert "last verified record of demo/app:1" in caplog.text
 
 
-async def test_a_nodes_first_look_at_an_image_fetches_all_its_blob_maps(
+async def test_a_nodes_first_look_at_an_image_fetches_its_blob_maps_and_config(
     tmp_path: Path, sample: SampleImage
 ) -> None:
-    """Once a node reads an image's root (a client asked for its manifest), every blob map is
-    fetched at once in the background: the blob requests that follow do not each wait for the
-    origin's round trip first."""
+    """Once a node reads an image's root (a client asked for its manifest), every blob map, and
+    every small blob, is fetched at once in the background: the blob requests that follow do not
+    each wait for the origin's round trip first."""
     from p2pimg.node.config import load_config
     from p2pimg.node.node import open_node
 
@@ -305,6 +305,13 @@ async def test_a_nodes_first_look_at_an_image_fetches_all_its_blob_maps(
         with trio.fail_after(10):
             while any(e.map not in node.resolver._maps for e in root.blobs.values()):
                 await trio.sleep(0.01)
+        # Its small blobs (the config) are fetched too, before any client asks; big ones are not.
+        small = {d for d, e in root.blobs.items() if e.size <= 256 << 10}
+        assert small and small != set(root.blobs)
+        with trio.fail_after(10):
+            while not all(node.store.has_blob(d) for d in small):
+                await trio.sleep(0.01)
+        assert not any(node.store.has_blob(d) for d in set(root.blobs) - small)
 
 
 def test_the_timeline_summary_finds_metadata_waits_and_idle_link() -> None:

@@ -18,8 +18,9 @@ import httpx
 import trio
 
 from p2pimg.content.cid import Cid
-from p2pimg.content.model import MAX_TAG_RECORD_SIZE
+from p2pimg.content.model import MAX_TAG_RECORD_SIZE, ImageRoot
 from p2pimg.content.signing import TrustStore
+from p2pimg.errors import P2pimgError
 from p2pimg.fetch.engine import Fetcher
 from p2pimg.fetch.mirror import Mirror
 from p2pimg.fetch.policy import policy_named
@@ -45,6 +46,8 @@ _MAX_ASKED_PEERS = 16  # peers asked for a block or a tag record when the origin
 _ASK_TIMEOUT = httpx.Timeout(3.0, connect=1.0)  # a block or a tag record from a peer
 _BLOCK_ASKS = 4  # peers read from at once for one block (each answer up to the block's limit)
 _BLOCK_WAIT = 5.0  # seconds all the peers together have to send a block
+_SMALL_BLOB = 256 << 10  # blobs this small (image configs) are fetched when their image is first read
+_SMALL_BLOBS = 32  # at most this many of them per image
 
 
 def node_id(home: os.PathLike[str] | str) -> str:
@@ -214,6 +217,18 @@ class Node:
         self.warm = WarmJobs(self.resolver, self.store, self.fetcher, self.chunk_index, self.nursery)
 
 
+async def first_look(resolver: Resolver, fetcher: Fetcher, root: ImageRoot) -> None:
+    """A node reads an image's root for the first time (a client asked for its manifest): fetch
+    all its blob maps at once, then its small blobs (image configs, which a client always asks
+    for, often last, after the layers), so that neither waits for the origin's round trip then."""
+    await resolver.prefetch_maps(root)
+    small = [(d, e) for d, e in root.blobs.items() if e.size <= _SMALL_BLOB][:_SMALL_BLOBS]
+    for digest, entry in small:
+        if not fetcher.store.has_blob(digest):
+            with contextlib.suppress(P2pimgError):
+                await fetcher.open(await resolver.blob_map(entry, digest), warm=True)
+
+
 def peer_client(key: bytes | None, tls: PeerTls | None, **options: Any) -> httpx.AsyncClient:
     """The HTTP client for talking to peers: signed with the swarm key, presenting our certificate
     when peers speak mutual TLS, and never through a proxy (peers are on the LAN)."""
@@ -292,7 +307,7 @@ async def open_node(config: Config, *, advertise: tuple[str, int] | None = None)
             resolver.peer_block = swarm.block
             resolver.timeline = metrics.timeline
             resolver.on_root = lambda root: nursery.start_soon(
-                guarded, "fetching an image's blob maps", resolver.prefetch_maps, root
+                guarded, "a first look at an image", first_look, resolver, fetcher, root
             )
             resolver.peer_tags = swarm.tag_records
             await nursery.start(swarm.run)
