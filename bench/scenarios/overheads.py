@@ -3,7 +3,8 @@
 - manifest HEAD latency (p50 and p99 of many HEADs by tag over one keep-alive connection) on a
   warm cache, against docker-registry serving the same image;
 - verification throughput: checking 1 MiB chunks against their CIDs, as every fetched chunk is
-  checked, against plain hashlib.sha256 over the same bytes on this machine;
+  checked, and that plus the whole blob's sha256 hashed alongside on a second thread, as a cold
+  fetch does, against plain hashlib.sha256 over the same bytes on this machine;
 - peak RSS (VmHWM) of the p2pimg proxy while a client pulls the largest image cold from its file
   origin, against docker-registry's peak RSS serving the same pull.
 
@@ -14,8 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -79,16 +82,28 @@ def verification(ctx: Context) -> list[Measure]:
         return time.perf_counter() - started
 
     def chunks_and_blob() -> float:
-        # A cold fetch also re-hashes the whole blob before it enters the cache (the blob map
-        # could lie about the blob's digest while every chunk matches its CID).
+        # A cold fetch also hashes the whole blob before it enters the cache (the blob map could
+        # lie about the blob's digest while every chunk matches its CID): as the engine does, on
+        # a second thread while the chunks are checked, each chunk handed over once checked.
         started = time.perf_counter()
+        checked: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
+        whole: list[bytes] = []
+
+        def hash_along() -> None:
+            h = hashlib.sha256()
+            while (chunk := checked.get()) is not None:
+                h.update(chunk)
+            whole.append(h.digest())
+
+        follower = threading.Thread(target=hash_along)
+        follower.start()
         for cid, chunk in zip(cids, chunks, strict=True):
             if not cid.matches(chunk):
                 raise AssertionError("a chunk does not match its own CID")
-        h = hashlib.sha256()
-        for chunk in chunks:
-            h.update(chunk)
-        if h.digest() != blob_digest:
+            checked.put(chunk)
+        checked.put(None)
+        follower.join()
+        if whole != [blob_digest]:
             raise AssertionError("the blob does not match its digest")
         return time.perf_counter() - started
 
@@ -127,7 +142,7 @@ def verification(ctx: Context) -> list[Measure]:
             ("1 MiB chunks vs their CIDs", "verification throughput (Cid.matches per chunk)", chunk_only),
             (
                 "chunk CIDs + blob digest (cold fetch)",
-                "verification throughput (chunk CIDs, then the blob's sha256)",
+                "verification throughput (chunk CIDs, the blob's sha256 on a second thread)",
                 full_path,
             ),
         )
