@@ -22,6 +22,7 @@ class ScheduleConfig:
     same_source_hedge: float = 5.0  # no progress for this long: race a request on its own source
     steal_after: float = 1.5  # the r-th ranked node takes an unseen block after r times this
     origin_fetchers: int = 8  # with a membership list: nodes that fetch a blob from the origin
+    span_wait_share: float = 0.125  # at most this share of an origin span spent before its first byte
 
 
 @dataclass(eq=False)

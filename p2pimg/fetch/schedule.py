@@ -553,6 +553,12 @@ class BlobSchedule:
             if source.kind == "peer" or not sharing or whole
             else min(source.max_span, self.config.swarm_span)
         )
+        if source.kind != "peer" and not sharing:
+            # A source whose requests cost much time before their first byte (a far gateway, a
+            # store that reads the whole object for every range) gets spans long enough that the
+            # wait is a small part of each: `span_wait_share` of it at the rate it has shown.
+            stats = self.scheduler.stats[source.name]
+            span_bytes = max(span_bytes, int(stats.throughput * stats.latency / self.config.span_wait_share))
         per_span = max(1, span_bytes // self.chunk_size)
         per_segment = max(1, source.segment_size // self.chunk_size)
         end = first + 1

@@ -76,6 +76,20 @@ def test_alone_in_order_in_spans_that_never_cross_a_segment() -> None:
     assert spans == [Span(0, 3), Span(3, 6), Span(6, 8)]  # in order; cut at 3 and 6 (segments)
 
 
+def test_spans_grow_where_the_wait_for_a_first_byte_dominates() -> None:
+    """A source that has shown 0.5 s before each first byte at 40 MB/s gets spans of at least
+    8 x 0.5 x 40 MB (within its segments); one with a short wait keeps its span size."""
+    slow = make([origin(max_span=2 * MB, segment_size=64 * MB)], count=64)
+    stats = slow.scheduler.stats["origin"]
+    stats.throughput, stats.latency = 40 * MB, 0.5
+    spans = [r.span for r in starts(slow.poll(0.0))]
+    assert spans[0] == Span(0, 64)  # 160 MB wanted: the whole 64 MB segment in one request
+    quick = make([origin(max_span=2 * MB, segment_size=64 * MB)], count=64)
+    stats = quick.scheduler.stats["origin"]
+    stats.throughput, stats.latency = 40 * MB, 0.001
+    assert {r.span.end - r.span.first for r in starts(quick.poll(0.0))} == {2}
+
+
 def test_resume_from_verified_chunks_asks_only_for_what_is_missing() -> None:
     have = [True, True, False, False, True, False, False, False]
     blob = make([origin()], have=have)
