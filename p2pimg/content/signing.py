@@ -22,13 +22,16 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING
 
 from p2pimg.content.model import TagRecord
 from p2pimg.errors import InvalidInput, VerificationError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+# `cryptography` (several MiB of a node's memory) is imported where a key is used, not here: a
+# node that trusts no key and signs nothing never loads it.
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +110,8 @@ def read_public_key(path: Path) -> bytes:
 
 
 def _public_raw(key: Ed25519PrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
@@ -143,6 +148,9 @@ def generate_key(home: Path) -> Path:
         keys.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise KeyFileError(f"cannot create {keys} ({exc.strerror})") from None
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -183,6 +191,9 @@ def load_signer(home: Path) -> Signer | None:
         raise KeyFileError(f"{path}: cannot read the publisher key ({exc.strerror})") from None
     if mode & 0o077:
         log.warning("%s is readable by other users (mode %o); it should be 0600", path, mode & 0o777)
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):
@@ -249,6 +260,9 @@ class TrustStore:
             raise TagSignatureError(
                 f"tag record of {ref} is signed by key {record.key}, which is not trusted here"
             )
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
         try:
             Ed25519PublicKey.from_public_bytes(trusted.public_raw).verify(record.sig, record.signed_bytes())
         except InvalidSignature:
