@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trio
 
 from p2pimg.errors import InvalidInput
-from p2pimg.ops import admin
+from p2pimg.ops import admin, lease
+from p2pimg.ops import publish as publish_module
 from p2pimg.ops.publish import publish
 from p2pimg.ops.sample import LayerSpec, write_oci_layout
 from p2pimg.sources.origins import FileOrigin
+from p2pimg.sources.origins.multipart import completion_key
 
 
 def cli(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
@@ -153,3 +158,165 @@ def test_parse_duration() -> None:
     for bad in ("", "-1", "1w", "h", "1 h 2"):
         with pytest.raises(InvalidInput, match="invalid duration"):
             admin.parse_duration(bad)
+
+
+# -- gc beside a publish that reuses old objects (publish leases, `ops.lease`) ----------------
+
+
+def _age_all(root: Path, seconds: float) -> None:
+    """Date every object of a file origin `seconds` ago (as if written then)."""
+    then = time.time() - seconds
+    for path in root.rglob("*"):
+        if path.is_file():
+            os.utime(path, (then, then))
+
+
+async def _untagged_old_image(tmp_path: Path) -> tuple[FileOrigin, str]:
+    """An image published two hours ago and untagged since: all of it is gc's garbage."""
+    origin = FileOrigin(tmp_path / "origin")
+    image = write_oci_layout(tmp_path / "img", [LayerSpec(20 << 10), LayerSpec(5 << 10)], tag="1")
+    await publish(f"oci:{image.path}:1", "demo/app", "1", origin)
+    await admin.untag(origin, "demo/app", "1")
+    _age_all(origin.root, 7200)
+    return origin, f"oci:{image.path}:1"
+
+
+async def _whole(origin: FileOrigin) -> None:
+    """Every tag's image is complete in the origin, and nothing else is there."""
+    check = await admin.plan_gc(origin, grace=0)
+    assert check.problems == [] and check.garbage == [] and check.leased == []
+    assert await origin.list(lease.LEASES) == []
+
+
+async def test_gc_spares_old_objects_a_publish_reuses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gc planned (no tag reaches the old image), then a publish of the same image finds all of it
+    in the origin and uploads nothing; gc deletes between that publish's existence checks and
+    its tag write. The publish's lease names what it reuses: gc spares all of it."""
+    origin, source = await _untagged_old_image(tmp_path)
+    plan = await admin.plan_gc(origin)
+    assert plan.problems == [] and plan.young == [] and len(plan.garbage) == len(await origin.list("p2pimg/"))
+    real_write = publish_module._write_root_and_tag
+    deleted: list[int] = []
+
+    async def gc_then_write(*args: Any, **kwargs: Any) -> Any:
+        deleted.append(await admin.run_gc(origin, plan))  # between the checks and the tag
+        return await real_write(*args, **kwargs)
+
+    monkeypatch.setattr(publish_module, "_write_root_and_tag", gc_then_write)
+    report = await publish(source, "demo/app", "2", origin)
+    assert report.blobs_uploaded == 0 and report.blobs_skipped == 3  # config and two layers
+    assert deleted == [0]
+    await _whole(origin)
+
+
+async def test_a_publish_that_leases_after_gc_listed_the_leases_waits_for_gc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other ordering: gc lists the leases (none), then a publish writes its lease and looks
+    which objects exist, before gc deletes them. gc's hold, written before it listed, makes that
+    publish wait until the deletions are over; it then finds the objects gone and uploads them."""
+    origin, source = await _untagged_old_image(tmp_path)
+    plan = await admin.plan_gc(origin)
+    real_read = admin.read_leases
+    publish_waits, gc_done = trio.Event(), trio.Event()
+    reports: list[Any] = []
+
+    async def pause(_seconds: float) -> None:
+        publish_waits.set()
+        await gc_done.wait()
+
+    monkeypatch.setattr(lease, "pause", pause)
+    async with trio.open_nursery() as nursery:
+
+        async def run_publish() -> None:
+            reports.append(await publish(source, "demo/app", "2", origin))
+            publish_waits.set()  # (only if it never waited: then the test fails below)
+
+        async def read_then_publish(*args: Any, **kwargs: Any) -> lease.LeaseView:
+            view = await real_read(*args, **kwargs)
+            if not publish_waits.is_set():  # gc listed the leases: now the publish runs
+                nursery.start_soon(run_publish)
+                await publish_waits.wait()
+            return view
+
+        monkeypatch.setattr(admin, "read_leases", read_then_publish)
+        assert await admin.run_gc(origin, plan) == len(plan.garbage)
+        gc_done.set()
+    assert reports[0].blobs_uploaded == 3 and reports[0].blobs_skipped == 0
+    await _whole(origin)
+
+
+async def test_a_gc_tag_written_after_the_plan_keeps_its_objects(tmp_path: Path) -> None:
+    """A publish that ran all its course (lease gone) between gc's plan and its deletions: gc reads
+    the tags again before deleting, and spares what the new tag reaches."""
+    origin, source = await _untagged_old_image(tmp_path)
+    plan = await admin.plan_gc(origin)
+    await publish(source, "demo/app", "2", origin)
+    assert await admin.run_gc(origin, plan) == 0
+    await _whole(origin)
+
+
+async def test_stale_leases_and_holds_are_ignored_and_collected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    origin, source = await _untagged_old_image(tmp_path)
+    keys = await origin.list("p2pimg/")
+    await origin.put_bytes(lease.LEASES + "publish-dead", json.dumps({"keys": keys}).encode())
+    await origin.put_bytes(lease.LEASES + "gc-dead", b"{}")
+    live = await admin.plan_gc(origin)
+    assert sorted(live.leased) == keys and live.garbage == []
+    _age_all(origin.root / lease.LEASES, lease.TTL + 60)
+    paused: list[float] = []
+
+    async def pause(seconds: float) -> None:
+        paused.append(seconds)
+
+    monkeypatch.setattr(lease, "pause", pause)
+    plan = await admin.plan_gc(origin)
+    assert plan.leased == [] and set(plan.garbage) == {*keys, *(await origin.list(lease.LEASES))}
+    assert await admin.run_gc(origin, plan) == len(keys) + 2
+    # A publish does not wait for a stale hold either.
+    await origin.put_bytes(lease.LEASES + "gc-dead", b"{}")
+    _age_all(origin.root / lease.LEASES, lease.TTL + 60)
+    await publish(source, "demo/app", "3", origin)
+    assert paused == []
+    await origin.delete(lease.LEASES + "gc-dead")
+    await _whole(origin)
+
+
+# -- completion stamps (multipart uploads, dated by when they began) ------------------------------
+
+
+async def test_gc_dates_an_object_by_its_completion_stamp(tmp_path: Path) -> None:
+    origin = FileOrigin(tmp_path / "origin")
+    blob = "p2pimg/blobs/sha256/" + "ab" * 32
+    stamp = completion_key(blob)
+    assert stamp == "p2pimg/completed/blobs/sha256/" + "ab" * 32
+    await origin.put_bytes(blob, b"completed from a multipart upload begun two hours ago")
+    _age_all(origin.root, 7200)
+    await origin.put_bytes(stamp, b"")  # stamped just now, when it completed
+    fresh = await admin.plan_gc(origin)
+    assert fresh.garbage == [] and fresh.young == [blob, stamp]
+    later = await admin.plan_gc(origin, now=time.time() + admin.DEFAULT_GRACE + 60)
+    assert later.garbage == [blob, stamp]  # the stamp goes with its object, after it
+    # An orphan stamp (an upload that never completed): garbage once past the grace.
+    orphan = completion_key("p2pimg/blobs/sha256/" + "cd" * 32)
+    await origin.put_bytes(orphan, b"")
+    assert (await admin.plan_gc(origin)).young == [blob, stamp, orphan]
+    _age_all(origin.root, 7200)
+    plan = await admin.plan_gc(origin)
+    assert plan.garbage == [blob, stamp, orphan]
+    assert await admin.run_gc(origin, plan) == 3
+    assert await origin.list("p2pimg/") == []
+
+
+async def test_gc_keeps_the_stamp_of_a_reachable_object(tmp_path: Path) -> None:
+    origin = FileOrigin(tmp_path / "origin")
+    image = write_oci_layout(tmp_path / "img", [LayerSpec(10 << 10)], tag="1")
+    await publish(f"oci:{image.path}:1", "demo/app", "1", origin)
+    layer = next(k for k in await origin.list("p2pimg/blobs/sha256/"))
+    await origin.put_bytes(completion_key(layer), b"")
+    _age_all(origin.root, 7200)
+    assert (await admin.plan_gc(origin)).garbage == []

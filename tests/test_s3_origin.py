@@ -649,3 +649,53 @@ def test_publish_and_resolve_cli(moto: Moto, bucket: str, sample: SampleImage, t
     keys = [o["Key"] for o in moto.client().list_objects_v2(Bucket=bucket)["Contents"]]
     assert "pfx/p2pimg/tags/demo/app/1" in keys
     assert any(k.startswith("pfx/p2pimg/blobs/sha256/") for k in keys)
+
+
+class _DatedByInitiation(S3Origin):
+    """S3 as AWS dates a multipart object: by when its upload was *initiated*. moto dates it by
+    its completion (its CompleteMultipartUpload stores a new key, dated then), so this listing
+    reports, for an object completed from an upload, the initiation time recorded here; the test
+    places it two hours back, as for an upload resumed long after its first attempt."""
+
+    initiated: dict[str, float]
+
+    async def _create_upload(self, key: str, bucket_key: str) -> str:
+        self.initiated[key] = time.time() - 7200
+        return await super()._create_upload(key, bucket_key)
+
+    async def list_info(self, prefix: str) -> list[Any]:
+        from p2pimg.sources.origins.base import ObjectInfo
+
+        return [
+            ObjectInfo(i.key, self.initiated.get(i.key, i.modified)) for i in await super().list_info(prefix)
+        ]
+
+
+async def test_gc_dates_a_multipart_object_by_its_completion_stamp(moto: Moto, bucket: str) -> None:
+    from p2pimg.ops import admin
+    from p2pimg.sources.origins.multipart import completion_key
+
+    origin = _DatedByInitiation(f"s3://{bucket}/pfx?endpoint={moto.endpoint}")
+    origin.initiated = {}
+    origin.segment_size = 5 * MiB  # S3's smallest part: three parts
+    data = os.urandom(11 * MiB)
+    key = "p2pimg/blobs/sha256/" + hashlib.sha256(data).hexdigest()
+    try:
+        await origin.put_blob(key, lambda: io.BytesIO(data), len(data))
+        assert origin.stats.parts_uploaded == 3 and key in origin.initiated
+        stamp = completion_key(key)
+        assert await origin.exists(stamp)
+        listed = {i.key: i.modified for i in await origin.list_info("p2pimg/")}
+        assert time.time() - listed[key] > admin.DEFAULT_GRACE  # dated by its initiation: "old"
+        plan = await admin.plan_gc(origin)
+        assert plan.garbage == [] and plan.young == [key, stamp]  # young by its stamp
+        later = await admin.plan_gc(origin, now=time.time() + admin.DEFAULT_GRACE + 60)
+        assert later.garbage == [key, stamp]
+        orphan = completion_key("p2pimg/blobs/sha256/" + "ee" * 32)
+        await origin.put_bytes(orphan, b"")  # an upload that never completed
+        later = await admin.plan_gc(origin, now=time.time() + admin.DEFAULT_GRACE + 60)
+        assert later.garbage == [key, stamp, orphan]
+        assert await admin.run_gc(origin, later) == 3
+        assert await origin.list("p2pimg/") == []
+    finally:
+        await origin.aclose()

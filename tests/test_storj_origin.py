@@ -1431,7 +1431,11 @@ async def test_small_blobs_keep_the_single_upload(origin: StorjOrigin, fake: Fak
     data += b"!"
     await origin.put_blob("p2pimg/blobs/sha256/bb", lambda: io.BytesIO(data), len(data))
     assert fake.objects["pre/p2pimg/blobs/sha256/bb"] == data
-    assert "uplink_upload_object" not in fake.calls and _written(fake) == {1: 1 << 20, 2: 1}
+    assert _written(fake) == {1: 1 << 20, 2: 1}
+    # Its only single upload is its completion stamp, written right before the commit.
+    assert fake.calls.count("uplink_upload_object") == 1
+    assert fake.calls.index("uplink_upload_object") < fake.calls.index("uplink_commit_upload")
+    assert fake.objects["pre/p2pimg/completed/blobs/sha256/bb"] == b""
     # More parts than an upload may have: a single upload too.
     origin.part_size = 1
     fake.calls.clear()
@@ -1623,11 +1627,34 @@ async def test_uploads_are_dated_as_storj_dates_them(origin: StorjOrigin, fake: 
     data = _blob(3 << 20)
     await origin.put_blob("p2pimg/blobs/sha256/big", lambda: io.BytesIO(data), len(data))
     began = fake.created["pre/p2pimg/blobs/sha256/big"]  # multipart: when the upload began
-    assert began == 1_700_000_500 and fake.clock > began
+    stamped = fake.created["pre/p2pimg/completed/blobs/sha256/big"]  # its completion stamp
+    assert began == 1_700_000_500 and fake.clock >= stamped > began
     assert {i.key: i.modified for i in await origin.list_info("p2pimg/")} == {
         "p2pimg/blobs/sha256/big": began,
+        "p2pimg/completed/blobs/sha256/big": stamped,
         "p2pimg/blocks/small": 1_700_000_000,
     }
+
+
+async def test_gc_dates_a_multipart_object_by_its_completion_stamp(
+    origin: StorjOrigin, fake: FakeLibuplink
+) -> None:
+    """Storj dates the object by when its upload began: an upload that took longer than the grace
+    is young all the same by its stamp, which goes with it."""
+    from p2pimg.ops import admin
+
+    origin.part_size = 1 << 20
+    data = _blob(3 << 20)
+    key, stamp = "p2pimg/blobs/sha256/big", "p2pimg/completed/blobs/sha256/big"
+    await origin.put_blob(key, lambda: io.BytesIO(data), len(data))
+    stamped = fake.created[f"pre/{stamp}"]
+    fake.created[f"pre/{key}"] = stamped - 7200  # its upload began two hours before it completed
+    young = await admin.plan_gc(origin, now=stamped + 60)
+    assert young.garbage == [] and young.young == [key, stamp]
+    old = await admin.plan_gc(origin, now=stamped + admin.DEFAULT_GRACE + 60)
+    assert old.garbage == [key, stamp]
+    assert await admin.run_gc(origin, old, now=stamped + 60) == 2
+    assert f"pre/{key}" not in fake.objects and f"pre/{stamp}" not in fake.objects
 
 
 async def test_gc_spares_young_objects(origin: StorjOrigin, fake: FakeLibuplink) -> None:

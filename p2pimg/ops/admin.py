@@ -9,10 +9,13 @@ from dataclasses import dataclass, field
 from p2pimg.content import dagcbor
 from p2pimg.content.cid import Cid
 from p2pimg.content.model import MAX_MANIFEST_SIZE, BlobMap, ImageRoot, TagRecord
-from p2pimg.errors import BlockInvalid, InvalidInput, NotFound, P2pimgError
+from p2pimg.errors import BlockInvalid, InvalidInput, NotFound, OriginError, P2pimgError
+from p2pimg.ops.lease import gc_hold, read_leases
 from p2pimg.sources.origins import PREFIX, Origin, block_key, tag_key
+from p2pimg.sources.origins.multipart import COMPLETED, stamped_key
 
 _TAGS = f"{PREFIX}/tags/"
+_STAMPS = f"{PREFIX}/{COMPLETED}/"
 
 # gc spares unreachable objects written less than this long ago: a publish uploads an image's
 # blobs and blocks first and its tag last, so until then they are reachable from nothing.
@@ -55,12 +58,26 @@ class GcPlan:
     garbage: list[str] = field(default_factory=list)  # origin keys
     problems: list[str] = field(default_factory=list)
     young: list[str] = field(default_factory=list)  # unreachable, but within the grace period: kept
+    leased: list[str] = field(default_factory=list)  # unreachable, but a running publish's: kept
+    marked_roots: set[str] = field(default_factory=set)  # roots of the tags read
+    grace: float = DEFAULT_GRACE
+
+
+def _subject(key: str) -> str:
+    """The object a key is about: a completion stamp's object, else the key itself."""
+    return stamped_key(key) if key.startswith(_STAMPS) else key
 
 
 async def plan_gc(origin: Origin, *, grace: float = DEFAULT_GRACE, now: float | None = None) -> GcPlan:
     """Mark everything a tag reaches; the rest of blobs/ and blocks/ is garbage, except what was
     written less than `grace` seconds before `now` (default: when the plan starts), which may be
-    a concurrent publish's, whose tag is not written yet.
+    a concurrent publish's, whose tag is not written yet, and what a live publish lease names
+    (`ops.lease`: a publish reusing an old object). `run_gc` looks at the leases again.
+
+    An object completed from a multipart upload (S3, Storj) is dated by its completion stamp
+    (`multipart.completion_key`) when that is later than the object's own date, which for such an
+    object is when its upload began. A stamp goes with its object; a stamp whose object is not
+    there (its upload never completed) is garbage once past the grace, like an object.
 
     A tag whose image cannot be read keeps everything: deleting on partial knowledge could destroy
     what that image needs, so such a plan lists the problem and no garbage at all.
@@ -68,32 +85,53 @@ async def plan_gc(origin: Origin, *, grace: float = DEFAULT_GRACE, now: float | 
     # Ages count from before the tags are read: any publish whose tag this plan does not see
     # wrote its tag later, so an object stays young for at least `grace` of that publish's time.
     now = time.time() if now is None else now
-    plan = GcPlan()
+    plan = GcPlan(grace=grace)
+    await _mark_tags(origin, plan)
+    if plan.problems:
+        return plan
+    leases = await read_leases(origin, now=now)  # after the tags: see `ops.lease`
+    stamps = {stamped_key(info.key): info for info in await origin.list_info(_STAMPS)}
+    objects = await origin.list_info(f"{PREFIX}/blocks/")
+    objects += await origin.list_info(f"{PREFIX}/blobs/sha256/")
+    listed = {info.key for info in objects}
+    for info in objects:
+        name = info.key.rpartition("/")[2]
+        if name in plan.reachable_blocks or "sha256:" + name in plan.reachable_blobs:
+            continue
+        stamp = stamps.get(info.key)
+        keys = [info.key] if stamp is None else [info.key, stamp.key]
+        modified = info.modified if stamp is None else max(info.modified, stamp.modified)
+        _sort(plan, keys, now - modified, leases.keys)
+    for key, stamp in stamps.items():
+        if key not in listed:  # an orphan stamp
+            _sort(plan, [stamp.key], now - stamp.modified, leases.keys)
+    plan.garbage += leases.stale
+    return plan
+
+
+def _sort(plan: GcPlan, keys: list[str], age: float, leased: set[str]) -> None:
+    # Young, or dated in the future (a store's clock ahead of ours): kept.
+    if _subject(keys[0]) in leased:
+        plan.leased += keys
+    elif age < plan.grace:
+        plan.young += keys
+    else:
+        plan.garbage += keys
+
+
+async def _mark_tags(origin: Origin, plan: GcPlan) -> None:
+    """Mark from every tag whose root is not marked yet."""
     for name, tags in (await list_tags(origin)).items():
         for tag in tags:
             try:
                 record = TagRecord.decode(
                     await origin.get(tag_key(name, tag), max_size=64 << 10), name=name, tag=tag
                 )
-                await _mark(origin, record.root, plan)
+                if str(record.root) not in plan.marked_roots:
+                    await _mark(origin, record.root, plan)
+                    plan.marked_roots.add(str(record.root))
             except (P2pimgError, OSError) as exc:
                 plan.problems.append(f"{name}:{tag}: {exc}")
-    if plan.problems:
-        return plan
-    unreachable = [
-        info
-        for info in await origin.list_info(f"{PREFIX}/blocks/")
-        if info.key.rpartition("/")[2] not in plan.reachable_blocks
-    ]
-    unreachable += [
-        info
-        for info in await origin.list_info(f"{PREFIX}/blobs/sha256/")
-        if "sha256:" + info.key.rpartition("/")[2] not in plan.reachable_blobs
-    ]
-    for info in unreachable:
-        # Young, or dated in the future (a store's clock ahead of ours): kept.
-        (plan.young if now - info.modified < grace else plan.garbage).append(info.key)
-    return plan
 
 
 async def _mark(origin: Origin, root_cid: Cid, plan: GcPlan) -> None:
@@ -118,11 +156,40 @@ async def _mark(origin: Origin, root_cid: Cid, plan: GcPlan) -> None:
             raise BlockInvalid(f"blob map {blob.map} does not describe {digest}")
 
 
-async def run_gc(origin: Origin, plan: GcPlan) -> int:
-    """Delete the plan's garbage; returns how many objects went."""
-    for key in plan.garbage:
-        await origin.delete(key)
-    return len(plan.garbage)
+_BATCH = 1000
+
+
+async def run_gc(origin: Origin, plan: GcPlan, *, now: float | None = None) -> int:
+    """Delete the plan's garbage, batch by batch; returns how many objects went.
+
+    Before each batch, under a gc hold (`ops.lease`), the leases are listed again and the tags
+    read again: what a live lease names, or a tag written since the plan reaches, is spared (with
+    its stamp). A stamp is deleted after its object, so a crash between them leaves an orphan
+    stamp (garbage for the next gc), never an object without the stamp that dates it.
+    """
+    deleted = 0
+    async with gc_hold(origin) as hold:
+        for start in range(0, len(plan.garbage), _BATCH):
+            await hold()
+            leases = await read_leases(origin, now=now)
+            await _mark_tags(origin, plan)
+            if plan.problems:
+                raise OriginError(
+                    f"gc stopped after deleting {deleted} objects: cannot read {plan.problems[0]}"
+                )
+            for key in plan.garbage[start : start + _BATCH]:
+                subject = _subject(key)
+                name = subject.rpartition("/")[2]
+                if (
+                    subject in leases.keys
+                    or key in leases.live  # a stale lease refreshed since the plan
+                    or name in plan.reachable_blocks
+                    or "sha256:" + name in plan.reachable_blobs
+                ):
+                    continue
+                await origin.delete(key)
+                deleted += 1
+    return deleted
 
 
 __all__ = ["DEFAULT_GRACE", "GcPlan", "list_tags", "parse_duration", "plan_gc", "run_gc", "untag"]

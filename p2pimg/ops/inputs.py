@@ -15,7 +15,7 @@ import json
 import tarfile
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
-from typing import IO, Any, BinaryIO, cast
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, cast
 
 import trio
 
@@ -34,6 +34,9 @@ from p2pimg.content.graph import (
 from p2pimg.content.model import MAX_MANIFEST_SIZE
 from p2pimg.content.referrers import add_referrers, is_referrers_tag, layout_manifests, manifest_subject
 from p2pimg.errors import SourceInvalid
+
+if TYPE_CHECKING:
+    from p2pimg.sources.upstream.client import UpstreamClient, UpstreamManifest
 
 _REF_ANNOTATION = "org.opencontainers.image.ref.name"
 _MAX_INDEX_JSON = 4 << 20
@@ -297,7 +300,8 @@ async def _registry_image(
     """`docker://HOST/REPO:TAG` (or `@DIGEST`) through the async registry client.
 
     Every manifest (for an index, every child too) is fetched byte for byte and checked before
-    this yields; a blob is only requested when publish opens it, as one streamed, verified GET.
+    this yields, and so are the image's referrers (`_add_registry_referrers`); a blob is only
+    requested when publish opens it, as one streamed, verified GET.
     """
     # The registry client is only needed here: `publish oci:...` never imports httpx.
     from p2pimg.sources.upstream.client import UpstreamClient
@@ -314,20 +318,67 @@ async def _registry_image(
                 lambda: cast(BinaryIO, _ThreadedBlob(client.read_blob(ref.repo, digest, size=size))),
             )
 
-        walk = graph_walk(top.digest, top.media_type, blob)
-        try:
-            digest, size = next(walk)
-            while True:
-                if digest == top.digest:
-                    data = top.data
-                elif size > MAX_MANIFEST_SIZE:
-                    raise SourceInvalid(f"manifest {digest} exceeds {MAX_MANIFEST_SIZE} bytes")
-                else:
-                    data = (await client.get_manifest(ref.repo, digest)).data
-                digest, size = walk.send(data)
-        except StopIteration as stop:
-            image: SourceImage = stop.value
+        image = await _walk_registry(client, ref.repo, top, blob)
+        await _add_registry_referrers(client, ref.repo, image, blob)
         yield image
+
+
+async def _walk_registry(
+    client: UpstreamClient, repo: str, top: UpstreamManifest, blob: Callable[[str, int], SourceBlob]
+) -> SourceImage:
+    """The graph under `top`: every manifest below it fetched and checked, blobs to be opened."""
+    walk = graph_walk(top.digest, top.media_type, blob)
+    try:
+        digest, size = next(walk)
+        while True:
+            if digest == top.digest:
+                data = top.data
+            elif size > MAX_MANIFEST_SIZE:
+                raise SourceInvalid(f"manifest {digest} exceeds {MAX_MANIFEST_SIZE} bytes")
+            else:
+                data = (await client.get_manifest(repo, digest)).data
+            digest, size = walk.send(data)
+    except StopIteration as stop:
+        image: SourceImage = stop.value
+    return image
+
+
+_MAX_REFERRERS = 1000
+
+
+async def _add_registry_referrers(
+    client: UpstreamClient, repo: str, image: SourceImage, blob: Callable[[str, int], SourceBlob]
+) -> None:
+    """Add to `image` the referrers the registry lists for each of its manifests (signatures,
+    SBOMs: through the referrers API, or the referrers tag schema's `sha256-<hex>` tag where the
+    registry has no API), each with all it refers to, as `read_oci_layout` does with a layout's;
+    also the referrers of a referrer. A listed manifest whose `subject` is not the manifest it is
+    listed for (a stale tag schema index) is left out."""
+    pending = sorted(image.manifests)
+    asked = set(pending)
+    added = 0
+    while pending:
+        subject = pending.pop()
+        for digest, size, _media in await client.get_referrers(repo, subject):
+            if digest in image.manifests:
+                continue
+            if size > MAX_MANIFEST_SIZE:
+                raise SourceInvalid(f"referrer {digest} exceeds {MAX_MANIFEST_SIZE} bytes")
+            added += 1
+            if added > _MAX_REFERRERS:
+                raise SourceInvalid(f"the image has more than {_MAX_REFERRERS} referrers")
+            manifest = await client.get_manifest(repo, digest)
+            if manifest_subject(manifest.data, f"manifest {digest}") != subject:
+                continue
+            graph = await _walk_registry(client, repo, manifest, blob)
+            for d, entry in graph.manifests.items():
+                image.manifests.setdefault(d, entry)
+                if d not in asked:
+                    asked.add(d)
+                    pending.append(d)
+            for d, b in graph.blobs.items():
+                image.blobs.setdefault(d, b)
+            image.referrers.setdefault(subject, set()).add(digest)
 
 
 class _ThreadedBlob(io.RawIOBase):

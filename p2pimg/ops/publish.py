@@ -1,7 +1,9 @@
 """`p2pimg publish`: chunk an image's blobs and write blobs, blocks and the tag record to an origin.
 
 Order matters for readers of the origin: blobs, then blob maps and manifest blocks, then the image
-root, and the tag record last, so a tag never points at something that is not there yet.
+root, and the tag record last, so a tag never points at something that is not there yet. All of
+it happens under a lease naming what the tag will reach (`ops.lease`), so that a concurrent
+`gc --yes` does not delete an old object this publish found in the origin and reuses.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from p2pimg.content.referrers import (
 )
 from p2pimg.errors import OriginError, OriginNotFound, P2pimgError, SourceInvalid
 from p2pimg.ops.inputs import open_source
+from p2pimg.ops.lease import publish_lease
 from p2pimg.sources.origins import Origin, blob_key, block_key, tag_key
 from p2pimg.tasks import first_failure_nursery
 
@@ -95,23 +98,62 @@ async def _put_block_once(origin: Origin, cid: Cid, data: bytes) -> None:
 
 
 @dataclass
+class _Chunked:
+    """A blob to publish, with its blob map (encoded) and the map's CID."""
+
+    blob: SourceBlob
+    map_data: bytes
+    map_cid: Cid
+
+
+@dataclass
 class _Uploaded:
-    entries: dict[str, BlobEntry]
     uploaded: int = 0
     skipped: int = 0
     bytes: int = 0
 
 
-async def _upload_blobs(
-    blobs: Iterable[SourceBlob], origin: Origin, chunk_size: int, progress: Callable[[str], None]
-) -> _Uploaded:
-    """Chunk each blob, upload the ones the origin lacks, and write their blob maps."""
-    done = _Uploaded({})
+async def _chunk_blobs(blobs: Iterable[SourceBlob], chunk_size: int) -> dict[str, _Chunked]:
+    """Chunk each blob (in worker threads, a few at a time): their blob maps, before anything is
+    written, so that the publish's lease can name every key its tag will reach."""
+    chunked: dict[str, _Chunked] = {}
     limit = trio.CapacityLimiter(_PARALLEL_UPLOADS)
 
     async def one(blob: SourceBlob) -> None:
         async with limit:
-            bmap = await trio.to_thread.run_sync(chunk_blob, blob, chunk_size)
+            data = (await trio.to_thread.run_sync(chunk_blob, blob, chunk_size)).encode()
+            chunked[blob.digest] = _Chunked(blob, data, Cid.of_dag_cbor(data))
+
+    async with first_failure_nursery() as nursery:
+        for blob in blobs:
+            nursery.start_soon(one, blob)
+    return chunked
+
+
+def _entries(chunked: Mapping[str, _Chunked]) -> dict[str, BlobEntry]:
+    return {d: BlobEntry(size=c.blob.size, map=c.map_cid) for d, c in chunked.items()}
+
+
+def _root_keys(root: ImageRoot) -> set[str]:
+    """Every origin key an image root reaches, the root's own block included."""
+    keys = {block_key(Cid.of_dag_cbor(root.encode()))}
+    keys.update(block_key(m.cid) for m in root.manifests.values())
+    for digest, entry in root.blobs.items():
+        keys.update((blob_key(digest), block_key(entry.map)))
+    return keys
+
+
+async def _upload_blobs(
+    chunked: Mapping[str, _Chunked], origin: Origin, progress: Callable[[str], None]
+) -> _Uploaded:
+    """Upload the blobs the origin lacks, and write their blob maps. The caller's lease names them
+    all already: what is found here stays until the lease ends (`ops.lease`)."""
+    done = _Uploaded()
+    limit = trio.CapacityLimiter(_PARALLEL_UPLOADS)
+
+    async def one(item: _Chunked) -> None:
+        blob = item.blob
+        async with limit:
             key = blob_key(blob.digest)
             if await origin.exists(key):
                 done.skipped += 1
@@ -121,24 +163,24 @@ async def _upload_blobs(
                 done.uploaded += 1
                 done.bytes += blob.size
                 progress(f"upload {blob.digest} ({blob.size} bytes)")
-            data = bmap.encode()
-            map_cid = Cid.of_dag_cbor(data)
-            await _put_block_once(origin, map_cid, data)
-            done.entries[blob.digest] = BlobEntry(size=blob.size, map=map_cid)
+            await _put_block_once(origin, item.map_cid, item.map_data)
 
     async with first_failure_nursery() as nursery:
-        for blob in blobs:
-            nursery.start_soon(one, blob)
+        for item in chunked.values():
+            nursery.start_soon(one, item)
     return done
 
 
-async def _put_manifests(manifests: dict[str, tuple[bytes, str]], origin: Origin) -> dict[str, ManifestEntry]:
-    entries: dict[str, ManifestEntry] = {}
-    for digest, (data, media) in manifests.items():
-        cid = Cid.from_digest(digest)
-        await _put_block_once(origin, cid, data)
-        entries[digest] = ManifestEntry(media_type=media, size=len(data), cid=cid)
-    return entries
+def _manifest_entries(manifests: Mapping[str, tuple[bytes, str]]) -> dict[str, ManifestEntry]:
+    return {
+        digest: ManifestEntry(media_type=media, size=len(data), cid=Cid.from_digest(digest))
+        for digest, (data, media) in manifests.items()
+    }
+
+
+async def _put_manifests(manifests: Mapping[str, tuple[bytes, str]], origin: Origin) -> None:
+    for digest, (data, _) in manifests.items():
+        await _put_block_once(origin, Cid.from_digest(digest), data)
 
 
 async def _write_root_and_tag(
@@ -191,13 +233,25 @@ async def publish_image(
     progress: Callable[[str], None] = lambda _msg: None,
     signer: Signer | None = None,
 ) -> PublishReport:
-    """Publish `image` as `name:tag`; with a `signer`, the tag record is signed by its key."""
+    """Publish `image` as `name:tag`; with a `signer`, the tag record is signed by its key.
+
+    Every blob is chunked first, so the image root is known before anything is written: the
+    publish's lease names all it reaches before the publish looks which of it the origin holds
+    (`ops.lease`: a concurrent `gc --yes` then spares it), and goes once the tag is written."""
     check_chunk_size(chunk_size)
-    done = await _upload_blobs(image.blobs.values(), origin, chunk_size, progress)
-    manifests = await _put_manifests(image.manifests, origin)
+    chunked = await _chunk_blobs(image.blobs.values(), chunk_size)
     referrers = {subject: tuple(sorted(digests)) for subject, digests in image.referrers.items() if digests}
-    root = ImageRoot(top=image.top, manifests=manifests, blobs=done.entries, referrers=referrers)
-    root_cid, record = await _write_root_and_tag(root, name, tag, origin, signer)
+    root = ImageRoot(
+        top=image.top,
+        manifests=_manifest_entries(image.manifests),
+        blobs=_entries(chunked),
+        referrers=referrers,
+    )
+    async with publish_lease(origin) as lease:
+        await lease.cover(_root_keys(root), progress)
+        done = await _upload_blobs(chunked, origin, progress)
+        await _put_manifests(image.manifests, origin)
+        root_cid, record = await _write_root_and_tag(root, name, tag, origin, signer)
     return PublishReport(root_cid, record, done.uploaded, done.skipped, done.bytes)
 
 
@@ -276,15 +330,19 @@ async def attach(
     digest = digest_of(data)
     progress(f"artifact {digest} ({artifact_type}) for {old.top}")
 
-    done = await _upload_blobs(
-        [b for d, b in blobs.items() if d not in old.blobs], origin, chunk_size, progress
-    )
-    manifests = dict(old.manifests)
-    manifests.update(await _put_manifests({digest: (data, OCI_MANIFEST)}, origin))
+    chunked = await _chunk_blobs([b for d, b in blobs.items() if d not in old.blobs], chunk_size)
+    new_manifest = {digest: (data, OCI_MANIFEST)}
     referrers = dict(old.referrers)
     referrers[old.top] = tuple(sorted({*old.referrers_of(old.top), digest}))
     root = ImageRoot(
-        top=old.top, manifests=manifests, blobs={**old.blobs, **done.entries}, referrers=referrers
+        top=old.top,
+        manifests={**old.manifests, **_manifest_entries(new_manifest)},
+        blobs={**old.blobs, **_entries(chunked)},
+        referrers=referrers,
     )
-    root_cid, record = await _write_root_and_tag(root, name, tag, origin, signer, moving_from=old_cid)
+    async with publish_lease(origin) as lease:
+        await lease.cover(_root_keys(root), progress)
+        done = await _upload_blobs(chunked, origin, progress)
+        await _put_manifests(new_manifest, origin)
+        root_cid, record = await _write_root_and_tag(root, name, tag, origin, signer, moving_from=old_cid)
     return PublishReport(root_cid, record, done.uploaded, done.skipped, done.bytes, artifact=digest)

@@ -109,6 +109,7 @@ class Store(MultipartBackend):
         self.sent: list[int] = []
         self.sending = self.peak = 0
         self.fail_part: int | None = None
+        self.stamps = 0
 
     def add(self, parts: dict[int, bytes]) -> str:
         upload_id = f"u{len(self.uploads) + 1}"
@@ -141,7 +142,11 @@ class Store(MultipartBackend):
         finally:
             self.sending -= 1
 
+    async def stamp_completion(self) -> None:
+        self.stamps += 1
+
     async def complete(self, upload_id: str, etags: dict[int, str]) -> None:
+        assert self.stamps == len(self.completed) + 1, "the stamp comes right before the completion"
         parts = self.uploads.pop(upload_id)
         assert all(parts[n][1] == etag for n, etag in etags.items())
         self.completed[upload_id] = b"".join(parts[n][0] for n in sorted(etags))

@@ -3,6 +3,9 @@
     p2pimg/blobs/sha256/<hex>    whole blob bytes
     p2pimg/blocks/<cid>          DAG-CBOR blocks (image roots, blob maps) and raw manifest blocks
     p2pimg/tags/<name>/<tag>     tag records
+    p2pimg/leases/<kind>-<id>    a running publish's lease, a running gc's hold (`ops.lease`)
+    p2pimg/completed/<key>       completion stamp of an object written by a multipart upload
+                                 (`multipart.completion_key`): its date is the object's for gc
 
 An origin only moves bytes under keys. It never interprets them: everything read from it is
 verified above it, against the CID or digest the key was asked under.

@@ -19,7 +19,8 @@ BlobReader = Callable[[], BinaryIO]
 class ObjectInfo:
     """An object of a listing, and when the store says it was written: seconds since the epoch
     by the store's clock (a file's mtime, S3's LastModified, Storj's creation time; for S3 and
-    Storj multipart uploads, when the upload began)."""
+    Storj multipart uploads, when the upload began, which is why such an upload also writes a
+    completion stamp: see `multipart`)."""
 
     key: str
     modified: float

@@ -14,6 +14,14 @@ size and ETag match what the source holds now, sends the others and completes.
 Parts go in number order: the source is a stream, read once. A part's ETag is the backend's
 digest of its bytes (S3: MD5; Storj: the SHA-256 p2pimg sets as the ETag), so a kept part is
 known to hold exactly the bytes that would have been sent.
+
+S3 and Storj date an object completed from a multipart upload by when the upload *began*: an
+upload resumed a day after its first attempt, or one that took longer than gc's grace, would come
+out looking old the moment it became visible, and `gc` (which spares unreachable objects by age,
+since a publish writes its tag last) could delete it before the publish wrote its tag. So right
+before completing, the loop writes a small completion stamp, `completion_key(key)`, whose own date
+is the completion's (within one request); gc counts such an object's age from the later of the
+two dates (`ops.admin`).
 """
 
 from __future__ import annotations
@@ -27,22 +35,46 @@ from typing import BinaryIO
 
 import trio
 
-from p2pimg.errors import OriginError, P2pimgError
+from p2pimg.errors import InvalidInput, OriginError, P2pimgError
 from p2pimg.sources.origins.base import BlobReader, open_source, read_exactly
 from p2pimg.tasks import first_failure_nursery
 
 __all__ = [
+    "COMPLETED",
     "MultipartBackend",
     "Part",
     "PartPlan",
     "StoredPart",
     "UploadStats",
+    "completion_key",
+    "stamped_key",
     "part_count",
     "same_etag",
     "upload_multipart",
 ]
 
 log = logging.getLogger(__name__)
+
+COMPLETED = "completed"  # `<prefix>/completed/<rest of the key>`: completion stamps
+
+
+def completion_key(key: str) -> str:
+    """Where the completion of a multipart upload of `key` is stamped: the key's first component
+    (the origin layout's prefix), then `completed/`, then the rest of it; for
+    `p2pimg/blobs/sha256/<hex>`, `p2pimg/completed/blobs/sha256/<hex>` (for a key of one
+    component, which the layout never uses, `completed/<key>`)."""
+    head, sep, rest = key.partition("/")
+    if not sep or not head or not rest:
+        return f"{COMPLETED}/{key}"
+    return f"{head}/{COMPLETED}/{rest}"
+
+
+def stamped_key(stamp: str) -> str:
+    """The key a completion stamp is about: the inverse of `completion_key`."""
+    head, sep, rest = stamp.partition(f"/{COMPLETED}/")
+    if not sep or not head or not rest or "/" in head:
+        raise InvalidInput(f"not a completion stamp: {stamp[:100]!r}")
+    return f"{head}/{rest}"
 
 
 @dataclass
@@ -157,6 +189,11 @@ class MultipartBackend(abc.ABC):
         """Upload one part; the ETag to complete the upload with."""
 
     @abc.abstractmethod
+    async def stamp_completion(self) -> None:
+        """Write (or rewrite) the object's completion stamp, `completion_key(key)`: called right
+        before `complete`, once every part is stored, so the stamp is dated when the object appears."""
+
+    @abc.abstractmethod
     async def complete(self, upload_id: str, etags: dict[int, str]) -> None:
         """Complete the upload from every part's ETag, in part number order."""
 
@@ -240,4 +277,7 @@ async def upload_multipart(
             await trio.to_thread.run_sync(src.close)
     if source_error is not None:
         raise source_error
-    await backend.complete(upload_id, plan.completion())
+    etags = plan.completion()
+    # The stamp first: an object completed without it would be dated by when the upload began.
+    await backend.stamp_completion()
+    await backend.complete(upload_id, etags)

@@ -30,6 +30,7 @@ from p2pimg.sources.origins.multipart import (
     Part,
     StoredPart,
     UploadStats,
+    completion_key,
     part_count,
     upload_multipart,
 )
@@ -512,6 +513,9 @@ class _S3Upload(MultipartBackend):
         return await self.origin._upload_part(
             self.key, self.bucket_key, upload_id, part.number, data, bytes.fromhex(etag)
         )
+
+    async def stamp_completion(self) -> None:
+        await self.origin.put_bytes(completion_key(self.key), b"")
 
     async def complete(self, upload_id: str, etags: dict[int, str]) -> None:
         await self.origin._complete_upload(self.key, self.bucket_key, upload_id, etags)

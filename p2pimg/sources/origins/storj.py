@@ -31,6 +31,7 @@ from p2pimg.sources.origins.multipart import (
     Part,
     StoredPart,
     UploadStats,
+    completion_key,
     part_count,
     upload_multipart,
 )
@@ -418,6 +419,9 @@ class _StorjUpload(MultipartBackend):
                 await self.origin._quietly(self.native.abort_part, lib, result.part_upload)
             await self.origin._quietly(self.native.free_part, lib, result)
         return etag
+
+    async def stamp_completion(self) -> None:
+        await self.origin.put_bytes(completion_key(self.key), b"")
 
     async def complete(self, upload_id: str, etags: dict[int, str]) -> None:
         stored = await self._call(

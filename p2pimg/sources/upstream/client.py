@@ -402,3 +402,36 @@ class UpstreamClient:
         if size is None:
             raise UpstreamError(f"registry {self.host} does not tell the size of {ctx.what}")
         return size
+
+    async def get_referrers(self, repo: str, digest: str) -> list[tuple[str, int, str]]:
+        """What the registry lists as referrers of the manifest `digest`: (digest, size, media type)
+        of each manifest in the OCI index its referrers API answers (distribution spec 1.1), or,
+        when it answers that API with 404 (a registry without it), in the index kept under the
+        referrers tag schema's tag `sha256-<hex>`, as oras and cosign push it there; none when
+        neither exists. A listing is only a hint: fetch each by digest and check its subject."""
+        from p2pimg.content.graph import OCI_INDEX, descriptor, parse_json
+        from p2pimg.errors import NotFound
+
+        repo = normalize_repo(self.host, repo)
+        hex_digest = parse_digest(digest)
+        ctx = self._ctx(repo, f"the referrers of {repo}@{digest}", "manifest")
+        data: bytes | None = None
+        with self._bounded(ctx):
+            reply = await self._send("GET", f"/v2/{repo}/referrers/{digest}", repo, {"Accept": OCI_INDEX})
+            response = reply[0]
+            try:
+                if response.status_code == 200:
+                    data = await _aread(response, MAX_MANIFEST_SIZE, ctx)
+                elif response.status_code != 404:
+                    raise await self._fail(reply, ctx)
+            finally:
+                await response.aclose()
+        if data is None:
+            try:
+                data = (await self.get_manifest(repo, f"sha256-{hex_digest}")).data
+            except NotFound:
+                return []
+        entries = parse_json(data, ctx.what).get("manifests")
+        if not isinstance(entries, list):
+            raise UpstreamError(f"registry {self.host} listed {ctx.what} without a manifests array")
+        return [descriptor(entry, ctx.what) for entry in entries]
