@@ -320,3 +320,15 @@ async def test_gc_keeps_the_stamp_of_a_reachable_object(tmp_path: Path) -> None:
     await origin.put_bytes(completion_key(layer), b"")
     _age_all(origin.root, 7200)
     assert (await admin.plan_gc(origin)).garbage == []
+
+
+async def test_gc_says_what_a_running_publish_leased(tmp_path: Path) -> None:
+    origin, _source = await _untagged_old_image(tmp_path)
+    keys = await origin.list("p2pimg/")
+    await origin.put_bytes(lease.LEASES + "publish-live", json.dumps({"keys": keys}).encode())
+    out = cli("gc", "--origin", origin.url, "--yes", home=tmp_path / "home")
+    assert out.returncode == 0, out.stderr
+    assert f"kept {len(keys)} unreachable objects a running publish has leased" in out.stderr
+    assert sorted(await origin.list("p2pimg/blobs/")) == sorted(
+        k for k in keys if k.startswith("p2pimg/blobs/")
+    )

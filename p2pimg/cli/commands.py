@@ -191,6 +191,12 @@ def cmd_gc(args: argparse.Namespace) -> int:
                 "(a publish in progress may need them; --grace sets how long)",
                 file=sys.stderr,
             )
+        if plan.leased:
+            print(
+                f"kept {len(plan.leased)} unreachable objects a running publish has leased "
+                "(its tag will reach them)",
+                file=sys.stderr,
+            )
         if not args.yes:
             print(
                 f"{len(plan.garbage)} objects are unreachable from any tag in {origin.url}; "
