@@ -321,8 +321,16 @@ def test_the_timeline_summary_finds_metadata_waits_and_idle_link() -> None:
         {"what": "client", "start": 10.0, "end": 10.2, "request": "GET /v2/demo/app/manifests/1"},
         {"what": "tag", "start": 10.0, "end": 10.05},
         {"what": "block", "start": 10.05, "end": 10.1},
-        {"what": "span", "start": 10.2, "end": 11.0, "source": "origin", "first_byte": 0.05, "hedge": False},
-        {"what": "span", "start": 11.5, "end": 12.0, "source": "origin", "first_byte": 0.07, "hedge": True},
+        {"what": "span", "start": 10.2, "end": 11.0, "source": "o", "first_byte": 0.05, "bytes": 2_000_000},
+        {
+            "what": "span",
+            "start": 11.5,
+            "end": 12.0,
+            "source": "o",
+            "first_byte": 0.07,
+            "bytes": 0,
+            "hedge": True,
+        },
         {"what": "block", "start": 11.6, "end": 11.7},
     ]
     got = summarize(events)
@@ -330,4 +338,6 @@ def test_the_timeline_summary_finds_metadata_waits_and_idle_link() -> None:
     assert got["metadata_round_trips_before_first_span"] == 2 and got["metadata_round_trips"] == 3
     assert got["spans"] == 2 and got["hedges"] == 1
     assert got["no_span_running_s"] == 0.5 and got["last_span_end_s"] == 2.0
+    assert got["span_windows"] == [[0.2, 0.25, 1.0, 2.0], [1.5, 1.57, 2.0, 0.0]]
+    assert got["client_windows"] == [[0.0, 0.2, "GET /v2/demo/app/manifests/1"]]
     assert summarize([]) == {"events": 0}
