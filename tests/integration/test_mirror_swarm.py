@@ -159,6 +159,7 @@ def test_three_nodes_at_once_fetch_the_image_about_once(
         finish(proc, image, tmp_path / f"out-{i}")
     sent = upstream.stats()["body_bytes"]
     taken = [metric(h, "p2pimg_source_bytes_total", source="upstream") for h in hosts]
+    print(f"upstream sent {sent / blob_bytes(image):.3f}x the image's blobs; per node: {taken}")
     assert sum(taken) <= 1.2 * blob_bytes(image), f"upstream blob bytes per node: {taken}"
     assert sent <= 1.2 * blob_bytes(image) + (64 << 10), f"the upstream sent {sent} bytes"
     for h in hosts:  # each node took its share, and the rest from its peers
