@@ -117,6 +117,16 @@ def rss_kib(pid: int) -> int:
     return _status_kib(pid, "VmRSS:")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time the process has used so far, all its threads together
+    (utime + stime of /proc/PID/stat; Linux only). Children are not counted."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    # The command name (field 2) is in parentheses and may hold spaces: count fields after it.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
 def _status_kib(pid: int, key: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key):

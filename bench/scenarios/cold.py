@@ -18,18 +18,28 @@ Figures per image, each against a baseline from the same origin host and link:
   same blob from the same S3 origin (`S3Origin.read_range` of the whole object, hashed).
 
 The bound of each is its bytes divided by the link rate.
+
+Two more rows need no namespaces and run on loopback (`bench/cold_pull_s3.py`): one GET of a
+single large layer (128 MiB in --quick) through p2pimg against one sequential stream of it from
+the same S3 origin (moto), first with faultproxy in front capping every connection (8 MiB/s,
+20 ms before each response: a far gateway's per-stream limit), then straight from moto with no
+cap and no added latency. Loopback moto rereads the whole object for every ranged GET, so on
+the uncapped link many parallel spans cost moto far more than one stream does.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.cold_pull_s3 import Figures, compare, s3_layer
+from bench.procs import require
 from bench.scenario import Context, Measure, Skipped
-from bench.scenarios import ImageSpec, build_image, image_matrix
+from bench.scenarios import ImageSpec, build_image, image_matrix, tiny
 from bench.shaped import (
     IMAGE_NAME,
     MB,
@@ -84,10 +94,130 @@ def cold_plan(ctx: Context) -> ColdPlan:
 
 def cold_pull(ctx: Context) -> list[Measure | Skipped]:
     plan = cold_plan(ctx)
+    rows: list[Measure | Skipped] = []
     reason = unavailable("skopeo", "docker-registry", "curl")
     if reason:
-        return [Skipped(SCENARIO, reason)]
-    return per_image(ctx.workdir / "cold", plan.images, lambda spec, work: _image(ctx, plan, spec, work))
+        rows.append(Skipped(SCENARIO, reason))
+    else:
+        rows += per_image(ctx.workdir / "cold", plan.images, lambda spec, work: _image(ctx, plan, spec, work))
+    rows += s3_loopback(ctx)
+    return rows
+
+
+# -- one layer from S3 on loopback, no namespaces ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class S3Plan:
+    layer_bytes: int
+    rate: float  # faultproxy's cap per connection, bytes/s
+    latency_s: float  # faultproxy's wait before every response
+
+
+def s3_plan(ctx: Context) -> S3Plan:
+    """128 MiB at 8 MiB/s per connection in --quick (16 s for the single stream), 256 MiB in
+    --full; 20 ms before each response."""
+    mib = 1 << 20
+    size = 1 * mib if tiny() else 128 * mib if ctx.quick else 256 * mib
+    return S3Plan(layer_bytes=size, rate=8 * mib, latency_s=0.02)
+
+
+def s3_loopback(ctx: Context) -> list[Measure | Skipped]:
+    """The two loopback S3 rows; a failure is a skipped row, not a lost scenario."""
+    missing = require("curl")
+    if importlib.util.find_spec("moto") is None or importlib.util.find_spec("flask") is None:
+        missing.append("moto[server] (python)")
+    if missing:
+        return [Skipped(SCENARIO, f"one layer from S3 on loopback: missing {', '.join(missing)}")]
+    try:
+        return _s3_rows(ctx, s3_plan(ctx))
+    except Exception as exc:
+        return [Skipped(SCENARIO, f"one layer from S3 on loopback: error: {type(exc).__name__}: {exc}")]
+
+
+def _s3_rows(ctx: Context, plan: S3Plan) -> list[Measure | Skipped]:
+    work = ctx.workdir / "s3"
+    mib = plan.layer_bytes / (1 << 20)
+    label = f"{mib:.0f} MiB layer" if mib >= 1 else f"{plan.layer_bytes / 1000:.0f} kB layer"
+    cap = f"{plan.rate / (1 << 20):g} MiB/s per connection, {plan.latency_s * 1000:.0f} ms"
+    ctx.progress(f"S3 on loopback: writing and publishing a {label} to moto")
+    try:
+        with s3_layer(work, plan.layer_bytes) as layer:
+            ctx.progress(f"S3 on loopback, {label}, {cap}")
+            capped = compare(
+                work,
+                layer,
+                ctx.runs,
+                latency=plan.latency_s,
+                rate=plan.rate,
+                progress=lambda line: ctx.progress(f"S3 on loopback, {label}, {cap}: {line}"),
+            )
+            ctx.progress(f"S3 on loopback, {label}, no cap")
+            uncapped = compare(
+                work,
+                layer,
+                ctx.runs,
+                latency=0.0,
+                rate=0.0,
+                progress=lambda line: ctx.progress(f"S3 on loopback, {label}, no cap: {line}"),
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    def mbps(seconds: list[float]) -> list[float]:
+        return [layer.size / MB / s for s in seconds]
+
+    def details(figures: Figures, **link: object) -> dict[str, object]:
+        return {
+            "origin": "moto_server on loopback (S3), no namespaces",
+            **link,
+            "layer_bytes": layer.size,
+            "client": "curl through a fresh p2pimg serve; baseline S3Origin.read_range of the whole blob",
+            "p2pimg_seconds": figures.p2pimg_s,
+            "baseline_seconds": figures.stream_s,
+            "p2pimg_MB_s": [round(x, 1) for x in mbps(figures.p2pimg_s)],
+            "baseline_MB_s": [round(x, 1) for x in mbps(figures.stream_s)],
+            "p2pimg_peak_rss_mib": [round(k / 1024, 1) for k in figures.peak_rss_kib],
+        }
+
+    baseline = "one sequential ranged stream from the same origin (S3Origin.read_range, hashed)"
+    return [
+        Measure(
+            scenario=SCENARIO,
+            client=f"GET of one layer, S3 at {plan.rate / (1 << 20):g} MiB/s per connection",
+            metric=f"blob fetch throughput ({label}, S3 origin behind a per-connection cap: {cap})",
+            unit="MB/s",
+            p2pimg=mbps(capped.p2pimg_s),
+            baseline=mbps(capped.stream_s),
+            baseline_name=baseline,
+            lower_is_better=False,
+            details={
+                **details(
+                    capped,
+                    per_connection_cap_bytes_s=plan.rate,
+                    latency_s=plan.latency_s,
+                    proxy="tools/faultproxy.py --rate --latency in front of moto",
+                ),
+                "target_ratio": ">= 4 (the speed-up)",
+                "bound": "none: a per-connection cap, no link limit",
+            },
+        ),
+        Measure(
+            scenario=SCENARIO,
+            client="GET of one layer on an uncapped link",
+            metric=f"blob fetch time ({label}, loopback moto, no cap, no added latency)",
+            unit="s",
+            p2pimg=uncapped.p2pimg_s,
+            baseline=uncapped.stream_s,
+            baseline_name=baseline,
+            details={
+                **details(uncapped, per_connection_cap_bytes_s=None, latency_s=0.0, proxy="none"),
+                "target_ratio": "<= 1.0",
+                "note": "moto rereads the whole object for every ranged GET: p2pimg's parallel spans "
+                "cost the origin far more CPU than one stream does on this loopback",
+            },
+        ),
+    ]
 
 
 def _image(ctx: Context, plan: ColdPlan, spec: ImageSpec, work: Path) -> list[Measure | Skipped]:

@@ -5,39 +5,64 @@ The figure is the client's wall-clock pull time; the ratio p2pimg / docker-regis
 serving from p2pimg's verified chunk cache costs against a plain registry on the same disk.
 Clients: `skopeo copy` into a fresh OCI layout, and `ctr content fetch` into a fresh namespace of
 a private containerd (its content store isolated per namespace, so every pull downloads).
+
+And `curl`: one GET of a single large blob (256 MB in --quick, 1 GB in --full) from each server,
+body to /dev/null, giving two rows: throughput (MB/s) and the server's CPU seconds per GB served
+(utime + stime of the server process from /proc, read before and after each GET). This is what a
+warm cache costs per byte when the client is not the bottleneck: p2pimg sends cached blobs with
+sendfile, docker-registry copies them through its own buffers.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
-from ..procs import Containerd, Unavailable, containerd, docker_registry, p2pimg_serve, require
+from ..procs import (
+    Containerd,
+    Unavailable,
+    client_env,
+    containerd,
+    cpu_seconds,
+    p2pimg_serve,
+    registry_process,
+    require,
+)
 from ..scenario import Context, Measure, Skipped
-from . import REPO, ImageSpec, build_image, file_origin, image_matrix, publish, push, skopeo_pull
+from . import MB, REPO, ImageSpec, build_image, file_origin, image_matrix, publish, push, skopeo_pull, tiny
 
 SCENARIO = "warm-pull"
-CLIENTS = ("skopeo", "ctr")
+CLIENTS = ("skopeo", "ctr", "curl")
 BASELINE = "docker-registry (local disk)"
+GB = 1000 * MB
+# The tag of the one-layer image whose blob the curl rows GET.
+BLOB_TAG = "blob"
 
 
 def warm_pull(ctx: Context, clients: Sequence[str] = CLIENTS) -> list[Measure | Skipped]:
-    """One row per client and image; `clients` narrows the clients (the smoke test uses skopeo)."""
+    """One row per client and image, and curl's two rows of one large blob; `clients` narrows the
+    clients (the smoke test uses skopeo)."""
     if unknown := set(clients) - set(CLIENTS):
         raise ValueError(f"unknown clients {sorted(unknown)}; known: {', '.join(CLIENTS)}")
     # skopeo also places the image in docker-registry, so it is needed even for ctr's rows.
     if missing := require("skopeo", "docker-registry"):
         return [Skipped(SCENARIO, f"missing {', '.join(missing)} (apt-get install skopeo docker-registry)")]
     rows: list[Measure | Skipped] = []
+    if "curl" in clients and require("curl"):
+        rows.append(Skipped(SCENARIO, "curl: not installed (apt-get install curl)"))
+        clients = [c for c in clients if c != "curl"]
     specs = image_matrix(ctx)
     home = ctx.workdir / "home"
+    blob: tuple[ImageSpec, str, int] | None = None  # curl's image, its layer's digest and size
     with ExitStack() as stack:
-        registry = stack.enter_context(docker_registry(ctx.workdir))
+        registry, registry_proc = stack.enter_context(registry_process(ctx.workdir))
         layers: dict[ImageSpec, list[str]] = {}
         for spec in specs:
             ctx.progress(f"making and placing a {spec.label} image")
@@ -47,8 +72,18 @@ def warm_pull(ctx: Context, clients: Sequence[str] = CLIENTS) -> list[Measure | 
             publish(image, f"{REPO}:{spec.key}", home)
             push(image, f"{registry}/{REPO}:{spec.key}")
             shutil.rmtree(image.path)  # both registries hold their own copy now
+        if "curl" in clients:
+            spec = blob_spec(ctx)
+            ctx.progress(f"making and placing a {spec.label} image for curl")
+            image = build_image(spec, ctx.workdir / "layout-blob")
+            manifest = json.loads((image.path / "blobs" / "sha256" / image.top_digest[7:]).read_bytes())
+            (layer,) = manifest["layers"]
+            blob = (spec, str(layer["digest"]), int(layer["size"]))
+            publish(image, f"{REPO}:{BLOB_TAG}", home)
+            push(image, f"{registry}/{REPO}:{BLOB_TAG}")
+            shutil.rmtree(image.path)
         # Started after publishing, so it serves what is there and nothing races its startup.
-        proxy, _proc = stack.enter_context(
+        proxy, proxy_proc = stack.enter_context(
             p2pimg_serve(home, origin=file_origin(home), log=ctx.workdir / "p2pimg.log")
         )
         pullers: dict[str, Callable[[str], float]] = {}
@@ -95,7 +130,124 @@ def warm_pull(ctx: Context, clients: Sequence[str] = CLIENTS) -> list[Measure | 
                         details={"image": spec.label, "image_bytes": spec.total, "layers": spec.layers},
                     )
                 )
+        if blob is not None:
+            spec, digest, size = blob
+            try:
+                rows += blob_get(
+                    ctx,
+                    home,
+                    spec,
+                    digest,
+                    size,
+                    ours=(proxy, proxy_proc.pid),
+                    theirs=(registry, registry_proc.pid),
+                )
+            except Exception as exc:  # the pull rows above stand on their own
+                rows.append(Skipped(SCENARIO, f"curl, blob GET: error: {type(exc).__name__}: {exc}"))
     return rows
+
+
+def blob_spec(ctx: Context) -> ImageSpec:
+    """The one-layer image of curl's rows: 256 MB in --quick, 1 GB in --full."""
+    if tiny():
+        return ImageSpec(2 * MB, 1)
+    return ImageSpec(256 * MB if ctx.quick else GB, 1)
+
+
+def curl_get(host: str, digest: str, size: int) -> float:
+    """Seconds curl takes to GET the blob `digest` from `host` (body to /dev/null, size checked)."""
+    url = f"http://{host}/v2/{REPO}/blobs/{digest}"
+    argv = ["curl", "-sSf", "--noproxy", "*", "-o", "/dev/null", "-w", "%{size_download}", url]
+    started = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, env=client_env(), timeout=600, check=False)
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"curl {url} exited with {done.returncode}: {done.stderr.decode(errors='replace')}"
+        )
+    if int(float(done.stdout.decode() or 0)) != size:
+        raise RuntimeError(f"curl {url} got {done.stdout.decode()} bytes, not {size}")
+    return elapsed
+
+
+def blob_get(
+    ctx: Context,
+    home: Path,
+    spec: ImageSpec,
+    digest: str,
+    size: int,
+    *,
+    ours: tuple[str, int],
+    theirs: tuple[str, int],
+) -> list[Measure]:
+    """curl's rows: throughput of a warm GET of one large blob, and the server's CPU per GB.
+
+    `ours` and `theirs` are each server's HOST:PORT and process id. The first GET through p2pimg
+    fills its cache from the file origin; one untimed GET from docker-registry puts its file in
+    the page cache alike. Then each run GETs the blob once from each server, in alternating order,
+    reading the server's CPU time right before and right after.
+
+    A figure is over `repeat` GETs one after another, at least 1 GB in all: a 256 MB GET takes a
+    fraction of a second, and CPU time is counted in clock ticks (10 ms at 100 Hz).
+    """
+    repeat = 1 if tiny() else max(1, -(-GB // size))
+    what = f"curl, blob GET of {size / MB:.0f} MB"
+    ctx.progress(f"{what}: warming up")
+    for host, _pid in (ours, theirs):
+        curl_get(host, digest, size)
+    check_cached(home, [digest])
+    speed: tuple[list[float], list[float]] = ([], [])
+    cpu: tuple[list[float], list[float]] = ([], [])
+    seconds: tuple[list[float], list[float]] = ([], [])
+    cpu_raw: tuple[list[float], list[float]] = ([], [])
+    for run in range(ctx.runs):
+        ctx.progress(f"{what}: run {run + 1}/{ctx.runs}")
+        sides = [(0, ours), (1, theirs)]
+        if run % 2:
+            sides.reverse()
+        for side, (host, pid) in sides:
+            before = cpu_seconds(pid)
+            elapsed = sum(curl_get(host, digest, size) for _ in range(repeat))
+            used = cpu_seconds(pid) - before
+            seconds[side].append(elapsed)
+            cpu_raw[side].append(used)
+            speed[side].append(repeat * size / MB / elapsed)
+            cpu[side].append(used / (repeat * size / GB))
+    details: dict[str, object] = {
+        "image": spec.label,
+        "blob_bytes": size,
+        "client": "curl -o /dev/null, one connection",
+        "gets_per_figure": repeat,
+        "cache": "warm: the blob was GET through p2pimg once before the timed runs",
+        "p2pimg_seconds": seconds[0],  # of all the GETs of each figure
+        "baseline_seconds": seconds[1],
+        "p2pimg_cpu_seconds": cpu_raw[0],
+        "baseline_cpu_seconds": cpu_raw[1],
+        "cpu_clock_ticks_per_s": os.sysconf("SC_CLK_TCK"),
+    }
+    return [
+        Measure(
+            scenario=SCENARIO,
+            client=what,
+            metric="blob GET throughput, blob in p2pimg's cache",
+            unit="MB/s",
+            p2pimg=speed[0],
+            baseline=speed[1],
+            baseline_name=BASELINE,
+            lower_is_better=False,
+            details={**details, "target_ratio": ">= 2.0"},
+        ),
+        Measure(
+            scenario=SCENARIO,
+            client=what,
+            metric="server CPU seconds per GB served (utime + stime)",
+            unit="s/GB",
+            p2pimg=cpu[0],
+            baseline=cpu[1],
+            baseline_name=BASELINE,
+            details={**details, "target_ratio": "<= 0.35"},
+        ),
+    ]
 
 
 def ctr_fetch(ctd: Containerd, ref: str) -> float:
