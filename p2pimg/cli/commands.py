@@ -21,7 +21,8 @@ from p2pimg.ops.publish import publish
 from p2pimg.sources.origins import FileOrigin, open_origin
 from p2pimg.store.chunks import ChunkStore
 
-_M_ARENA_MAX = -8  # mallopt's parameter number in glibc's malloc.h
+_M_ARENA_MAX = -8  # mallopt's parameter numbers in glibc's malloc.h
+_M_MMAP_THRESHOLD = -3
 
 
 def _trust_store(config: Config) -> signing.TrustStore:
@@ -222,8 +223,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _few_malloc_arenas() -> None:
     """glibc gives each thread that allocates its own malloc arena (up to 8 per core), and each
     keeps what it freed: with a worker thread per chunk write, a server's resident memory grows
-    by megabytes it does not use. Two arenas are plenty for one trio thread and its workers.
-    (Before any thread starts; nothing happens where the C library is not glibc.)"""
+    by megabytes it does not use. Two arenas are plenty for one trio thread and its workers. And
+    buffers of 256 KiB or more (chunks, file pieces) are mapped and unmapped on their own rather
+    than left in an arena's heap once freed (glibc would raise that threshold to 32 MiB as it
+    goes). (Before any thread starts; nothing happens where the C library is not glibc.)"""
     import ctypes
     import ctypes.util
 
@@ -232,6 +235,7 @@ def _few_malloc_arenas() -> None:
         libc = ctypes.CDLL(name) if name else None
         if libc is not None and hasattr(libc, "mallopt"):
             libc.mallopt(_M_ARENA_MAX, 2)
+            libc.mallopt(_M_MMAP_THRESHOLD, 256 << 10)
 
 
 def cmd_warm(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ from p2pimg.errors import InvalidInput, OriginError, OriginNotFound
 from p2pimg.sources.origins.base import BlobReader, ObjectInfo, Origin
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(?:/[A-Za-z0-9][A-Za-z0-9._-]*)*/?$")
-_PIECE = 1 << 20
+_PIECE = 256 << 10  # bytes read at a time: a few requests in flight hold little memory
 
 
 class FileOrigin(Origin):
