@@ -2,13 +2,13 @@
 
     python -m bench [--quick | --full] [--runs N] [--only NAME[,NAME]] [--out DIR]
 
-Scenarios run one after another, in this order: warm pull, cold pull, LAN swarm, overheads,
-soak. A
-scenario module missing from this build, a tool it needs that is not installed, or an exception
-it raises is recorded as a skipped scenario with the reason; the run goes on. Each figure is
-reduced to median, p10 and p90 over the repetitions, and the ratio p2pimg median / baseline
-median. Output goes to bench/results/<timestamp>/: results.json, results.md and one PNG per
-scenario; the table is printed at the end. Nothing is installed: missing tools are named.
+Scenarios run one after another, in this order: warm pull, cold pull, LAN swarm, LAN swarm of
+pull-through mirrors, overheads, soak. A scenario module missing from this build, a tool it needs
+that is not installed, or an exception it raises is recorded as a skipped scenario with the
+reason; the run goes on. Each figure is reduced to median, p10 and p90 over the repetitions, and
+the ratio p2pimg median / baseline median. Output goes to bench/results/<timestamp>/:
+results.json, results.md and one PNG per scenario; the table is printed at the end. Nothing is
+installed: missing tools are named.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ SCENARIOS = [
     Entry("warm-pull", "bench.scenarios.warm", "warm_pull"),
     Entry("cold-pull", "bench.scenarios.cold", "cold_pull"),
     Entry("lan-swarm", "bench.scenarios.swarm", "lan_swarm"),
+    Entry("lan-swarm-mirror", "bench.scenarios.mirror", "lan_swarm_mirror"),
     Entry("overheads", "bench.scenarios.overheads", "overheads"),
     Entry("soak", "bench.scenarios.soak", "soak"),
 ]

@@ -377,27 +377,23 @@ def start_p2pimg(
     name: str,
     home: Path,
     logs: Path,
-    origin_url: str,
+    origin_url: str | None,
     *,
+    upstream: str | None = None,
     peer_listen: bool = False,
     peers: Sequence[str] = (),
     wait: bool = True,
 ) -> Daemon:
     """`p2pimg serve` on the host's loopback (its own namespace), static peers only, no mDNS.
 
-    With `wait=False` it returns at once; `p2pimg_ready` then waits for it to answer.
+    `origin_url` None: the home's own (empty) file origin, for a pull-through mirror of
+    `upstream`. With `wait=False` it returns at once; `p2pimg_ready` then waits for it to answer.
     """
-    argv = [
-        sys.executable,
-        "-m",
-        "p2pimg",
-        "serve",
-        "--listen",
-        f"127.0.0.1:{P2PIMG_PORT}",
-        "--origin",
-        origin_url,
-        "--no-mdns",
-    ]
+    argv = [sys.executable, "-m", "p2pimg", "serve", "--listen", f"127.0.0.1:{P2PIMG_PORT}", "--no-mdns"]
+    if origin_url is not None:
+        argv += ["--origin", origin_url]
+    if upstream is not None:
+        argv += ["--upstream", upstream]
     if peer_listen:
         argv += ["--peer-listen", f"{host.addr}:{PEER_PORT}"]
     argv += [a for peer in peers for a in ("--peer", peer)]
@@ -450,6 +446,10 @@ def _fetch(url: str, digest: str) -> dict[str, Any]:
             n += len(piece)
     elapsed = time.perf_counter() - started
     if "sha256:" + h.hexdigest() != digest:
+        raise SystemExit(f"fetched bytes hash to sha256:{h.hexdigest()}, not {digest}")
+    return {"seconds": elapsed, "bytes": n}
+
+
 def _timeline(url: str) -> dict[str, Any]:
     """A node's timeline (`GET /p2pimg/v1/timeline` on its registry listener), reduced."""
     import urllib.request
@@ -460,10 +460,6 @@ def _timeline(url: str) -> dict[str, Any]:
     with opener.open(url, timeout=30) as response:
         doc = json.loads(response.read())
     return summarize(doc["events"])
-
-
-        raise SystemExit(f"fetched bytes hash to sha256:{h.hexdigest()}, not {digest}")
-    return {"seconds": elapsed, "bytes": n}
 
 
 def _mkbucket(endpoint: str, bucket: str) -> dict[str, Any]:
@@ -479,12 +475,12 @@ def main(argv: list[str]) -> int:
     from p2pimg.sources.origins import blob_key
 
     match argv:
-        case ["timeline", url]:
-            result = _timeline(url)
         case ["stream", url, digest, size]:
             result = trio.run(_stream, url, blob_key(digest), int(size), digest)
         case ["fetch", url, digest]:
             result = _fetch(url, digest)
+        case ["timeline", url]:
+            result = _timeline(url)
         case ["mkbucket", endpoint, bucket]:
             result = _mkbucket(endpoint, bucket)
         case _:

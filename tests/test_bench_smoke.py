@@ -161,3 +161,130 @@ def test_soak_tiny_then_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     document = write_results(measures, [Skipped("cold-pull", runner.NOT_AVAILABLE)], out, dict(META))
     check_report(out, document, {"soak"})
     assert (out / "soak-over-time.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_mirror_metrics_are_parsed_by_source() -> None:
+    from bench.scenarios.mirror import parse_sources
+
+    page = (
+        "# HELP p2pimg_source_bytes_total Verified bytes received, by kind of source\n"
+        "# TYPE p2pimg_source_bytes_total counter\n"
+        'p2pimg_source_bytes_total{source="origin"} 0.0\n'
+        'p2pimg_source_bytes_total{source="peer"} 7.5e+07\n'
+        'p2pimg_source_bytes_total{source="upstream"} 2.5e+07\n'
+        'p2pimg_verify_failures_total{source="peer"} 1.0\n'
+        "p2pimg_served_bytes_total 1.0e+08\n"
+    )
+    assert parse_sources(page) == {
+        "p2pimg_source_bytes_total": {"origin": 0.0, "peer": 75e6, "upstream": 25e6},
+        "p2pimg_verify_failures_total": {"peer": 1.0},
+    }
+    assert [e.name for e in runner.parse_args(["--only", "lan-swarm-mirror"]).entries] == ["lan-swarm-mirror"]
+
+
+def test_lan_swarm_mirror_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mirror swarm at toy size (4 namespaces, a 200 kB image, one run, a few seconds): both
+    rounds pull the image on every node, the upstream's egress is counted and every node's
+    counters by source are recorded. Its figures are not checked against the targets here."""
+    from bench.scenarios.mirror import SCENARIO, lan_swarm_mirror
+    from bench.shaped import unavailable
+
+    if reason := unavailable("skopeo", "docker-registry", "curl"):
+        pytest.skip(reason)
+    monkeypatch.setenv(TINY_ENV, "1")
+    work = tmp_path / "work"
+    work.mkdir()
+    rows = lan_swarm_mirror(ctx(work))
+    measures = [r for r in rows if isinstance(r, Measure)]
+    assert [m.metric.split(" (")[0] for m in measures] == [
+        "time to first done",
+        "time to all done",
+        "per-node pull time",
+        "upstream egress / image size",
+    ], rows
+    assert all(m.scenario == SCENARIO for m in measures)
+    times, egress = measures[1], measures[3]
+    assert len(times.p2pimg) == len(times.baseline) == 1 and min(times.p2pimg + times.baseline) > 0
+    # Four direct pulls take four copies; the mirrors take at least one and at most four.
+    assert 3.9 <= egress.baseline[0] <= 4.1
+    assert 0.9 <= egress.p2pimg[0] <= 4.1
+    (nodes,) = egress.details["source_bytes"]  # type: ignore[misc]
+    assert [n["node"] for n in nodes] == ["h0", "h1", "h2", "h3"]
+    for n in nodes:  # every node received each blob once, from the upstream or a peer
+        assert n["upstream"] + n["peer"] >= 0.99 * 200_000, n
+    out = tmp_path / "out"
+    document = write_results(measures, [Skipped("cold-pull", runner.NOT_AVAILABLE)], out, dict(META))
+    check_report(out, document, {SCENARIO})
+
+
+def test_cpu_seconds_reads_proc_stat() -> None:
+    import os
+
+    from bench.procs import cpu_seconds
+
+    before = cpu_seconds(os.getpid())
+    sum(i * i for i in range(200_000))
+    assert cpu_seconds(os.getpid()) >= before >= 0
+
+
+def test_warm_blob_get_tiny_then_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """curl's warm-pull rows at toy size: a blob GET from each server, throughput and the
+    server's CPU per GB, both with docker-registry as the baseline."""
+    if missing := [t for t in ("skopeo", "docker-registry", "curl") if shutil.which(t) is None]:
+        pytest.skip(f"{' and '.join(missing)} not installed (apt-get install skopeo docker-registry curl)")
+    from bench.scenarios.warm import BASELINE, warm_pull
+
+    monkeypatch.setenv(TINY_ENV, "1")
+    work = tmp_path / "work"
+    work.mkdir()
+    rows = warm_pull(ctx(work), clients=("curl",))
+    measures = [r for r in rows if isinstance(r, Measure)]
+    assert [(m.metric, m.unit) for m in measures] == [
+        ("blob GET throughput, blob in p2pimg's cache", "MB/s"),
+        ("server CPU seconds per GB served (utime + stime)", "s/GB"),
+    ], rows
+    speed, cpu = measures
+    assert not speed.lower_is_better and cpu.lower_is_better
+    assert {m.baseline_name for m in measures} == {BASELINE}
+    assert len(speed.p2pimg) == len(speed.baseline) == 1 and min(speed.p2pimg + speed.baseline) > 0
+    assert min(cpu.p2pimg + cpu.baseline) >= 0  # CPU time comes in clock ticks: a toy GET may take none
+    out = tmp_path / "out"
+    document = write_results(measures, [Skipped("cold-pull", runner.NOT_AVAILABLE)], out, dict(META))
+    check_report(out, document, {"warm-pull"})
+
+
+def test_cold_s3_loopback_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cold-pull rows of one layer from moto on loopback (no namespaces), at toy size: behind
+    faultproxy's per-connection cap, then uncapped, each against one sequential stream."""
+    import importlib.util
+
+    from bench.scenarios.cold import s3_loopback
+
+    if shutil.which("curl") is None or importlib.util.find_spec("moto") is None:
+        pytest.skip("curl or moto[server] missing")
+    monkeypatch.setenv(TINY_ENV, "1")
+    work = tmp_path / "work"
+    work.mkdir()
+    rows = s3_loopback(ctx(work))
+    measures = [r for r in rows if isinstance(r, Measure)]
+    assert [(m.client, m.unit, m.lower_is_better) for m in measures] == [
+        ("GET of one layer, S3 at 8 MiB/s per connection", "MB/s", False),
+        ("GET of one layer on an uncapped link", "s", True),
+    ], rows
+    for m in measures:
+        assert len(m.p2pimg) == len(m.baseline) == 1 and min(m.p2pimg + m.baseline) > 0
+        assert m.details["layer_bytes"] and m.details["p2pimg_peak_rss_mib"]
+    out = tmp_path / "out"
+    document = write_results(measures, [Skipped("cold-pull", runner.NOT_AVAILABLE)], out, dict(META))
+    check_report(out, document, {"cold-pull"})
+
+
+def test_peak_rss_has_a_1gb_layer_row_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--quick adds a 1 GB-layer row to the largest image's; in --full that is the largest."""
+    monkeypatch.delenv(TINY_ENV, raising=False)
+    from bench.scenarios import largest
+    from bench.scenarios.overheads import GB_LAYER
+
+    assert largest(ctx(Path("."))) != GB_LAYER
+    full = Context(workdir=Path("."), quick=False, runs=1, progress=lambda _line: None)
+    assert largest(full) == GB_LAYER

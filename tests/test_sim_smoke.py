@@ -96,3 +96,33 @@ def test_flows_share_links_without_exceeding_them() -> None:
     assert float(rate.sum()) <= 100.0 + 1e-6
     net.advance(1.0)
     assert float(net.sent[0]) == pytest.approx(100.0)
+
+
+def test_mirror_checks_whole_blobs_and_fetches_wrong_ones_again(tmp_path: Path) -> None:
+    """--mirror: no chunk CIDs, a blob is checked by its digest once whole; until then a node
+    shares only what it fetched from the upstream itself. Forged chunks are taken unchecked, so
+    every blob they reach fails its digest and is fetched again whole from the upstream alone;
+    none is accepted, and their senders are banned."""
+    small = ["--nodes", "50", "--image-mb", "64", "--mirror"]
+    plain = simulate(tmp_path, *small)
+    assert plain["params"]["mirror"] and plain["wrong_blobs_accepted"] == 0
+    assert plain["unfinished"] == 0
+    assert plain["serve_misses"] == 0, "a peer was asked for what it may not send"
+    assert plain["mirror"]["digest_failures"] == 0
+    # Peers carry most of the image: far from one copy per node (50), above one copy.
+    assert 0.99 <= plain["origin_egress_ratio"] <= 5
+    assert plain["received_bytes"]["peer"] > 5 * plain["received_bytes"]["upstream"]
+
+    hostile = simulate(tmp_path, *small, "--hostile", "0.1")
+    m = hostile["mirror"]
+    assert hostile["wrong_blobs_accepted"] == 0 and hostile["wrong_chunks_accepted"] == 0
+    assert hostile["unfinished"] == 0
+    assert m["unchecked_bad_chunks_taken"] > 0 and m["digest_failures"] > 0 and m["peers_banned"] > 0
+    assert hostile["bad_chunks_rejected"] == 0, "no chunk is checked on its own in mirror mode"
+    # Each blob that failed its digest was fetched again, whole, from the upstream alone.
+    size = hostile["image_bytes"]
+    assert m["digest_failures"] * size <= hostile["origin_bytes"] <= (m["digest_failures"] + 5) * size
+
+    unchecked = simulate(tmp_path, *small, "--hostile", "0.1", "--skip-verify")
+    assert unchecked["wrong_blobs_accepted"] > 0, "the digest check is what keeps forged blobs out"
+    assert unchecked["mirror"]["digest_failures"] == 0

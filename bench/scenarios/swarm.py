@@ -129,7 +129,7 @@ def _image(ctx: Context, plan: SwarmPlan, spec: ImageSpec, work: Path) -> list[M
             try:
                 ctx.progress(f"{step}: {plan.nodes} nodes pulling through p2pimg at once")
                 before, wire = origin.stats(lan.hosts[0])["body_bytes"], link_tx_bytes(origin_host)
-                times = _pull_at_once(
+                times = pull_at_once(
                     lan.hosts,
                     f"127.0.0.1:{P2PIMG_PORT}/{IMAGE_NAME}",
                     work / f"run{run}" / "out",
@@ -150,7 +150,7 @@ def _image(ctx: Context, plan: SwarmPlan, spec: ImageSpec, work: Path) -> list[M
 
             ctx.progress(f"{step}: {plan.nodes} nodes pulling from docker-registry at once")
             before, wire = registry.egress(), link_tx_bytes(origin_host)
-            times = _pull_at_once(lan.hosts, registry.ref, work / f"run{run}" / "out", image, timeout)
+            times = pull_at_once(lan.hosts, registry.ref, work / f"run{run}" / "out", image, timeout)
             theirs.append(Round(times, registry.egress() - before, link_tx_bytes(origin_host) - wire))
             shutil.rmtree(work / f"run{run}", ignore_errors=True)
 
@@ -169,7 +169,7 @@ def _image(ctx: Context, plan: SwarmPlan, spec: ImageSpec, work: Path) -> list[M
     }
 
     def pct(rounds: list[Round], pick: str) -> dict[str, float]:
-        values = _pick(rounds, pick)
+        values = pick_times(rounds, pick)
         return {"p50": round(percentile(values, 50), 3), "p99": round(percentile(values, 99), 3)}
 
     def row(metric: str, pick: str) -> Measure:
@@ -178,8 +178,8 @@ def _image(ctx: Context, plan: SwarmPlan, spec: ImageSpec, work: Path) -> list[M
             client=CLIENT,
             metric=f"{metric} ({label}, {plan.nodes} nodes)",
             unit="s",
-            p2pimg=_pick(ours, pick),
-            baseline=_pick(theirs, pick),
+            p2pimg=pick_times(ours, pick),
+            baseline=pick_times(theirs, pick),
             baseline_name="docker-registry behind the same uplink",
             bound=one_copy,
             details={**common, "p2pimg_s": pct(ours, pick), "baseline_s": pct(theirs, pick)},
@@ -214,7 +214,7 @@ def _image(ctx: Context, plan: SwarmPlan, spec: ImageSpec, work: Path) -> list[M
     ]
 
 
-def _pick(rounds: list[Round], pick: str) -> list[float]:
+def pick_times(rounds: list[Round], pick: str) -> list[float]:
     if pick == "first":
         return [min(r.times) for r in rounds]
     if pick == "all":
@@ -250,7 +250,7 @@ def _start_nodes(hosts: list[Host], origin: Origin, work: Path, logs: Path, run:
     return nodes
 
 
-def _pull_at_once(hosts: list[Host], ref: str, out: Path, image: SampleImage, timeout: float) -> list[float]:
+def pull_at_once(hosts: list[Host], ref: str, out: Path, image: SampleImage, timeout: float) -> list[float]:
     """Start skopeo on every host at once; each host's seconds until its copy is complete."""
     out.mkdir(parents=True, exist_ok=True)
     dests = [out / host.name for host in hosts]

@@ -30,6 +30,18 @@ Events, in a heap ordered by time (ties in the order they were made):
 
 What a chunk holds is tracked per node (`store`: the true bytes, or forged ones), so that a
 wrong chunk accepted anywhere would show in `wrong_chunks_accepted`.
+
+Mirror mode (`mirror`): the origin is an upstream registry, a blob is checked only by its digest
+once whole, as the engine does for a mirrored blob (`p2pimg/fetch/engine.py`):
+- a chunk from a peer cannot be checked on its own: it is taken as it comes (forged or not);
+- before its blob is whole and checked, a node tells its peers of (and serves them) only the
+  chunks it fetched from the upstream itself (first-hand: HAVE), and those an upstream request
+  of its own is bringing (COMING); once checked, all of it;
+- a whole blob is hashed (`digest_mbps`) before it counts as checked; if it does not match, every
+  chunk is forgotten and the blob fetched again from the upstream alone (`Scheduler.blob(...,
+  with_peers=False)`, peers told as holding nothing), and each peer whose chunks of the first
+  round differ from the upstream's is banned (`SourceStats.lied`). `wrong_blobs_accepted`
+  counts honest nodes done with a forged chunk in their blob.
 """
 
 from __future__ import annotations
@@ -37,12 +49,15 @@ from __future__ import annotations
 import heapq
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from p2pimg.content.model import DEFAULT_CHUNK_SIZE
 from p2pimg.errors import OriginError, P2pimgError, VerificationError
 from p2pimg.fetch.schedule import (
+    COMING,
+    HAVE,
     BlobSchedule,
     Cancel,
     GiveUp,
@@ -62,9 +77,10 @@ DIGEST = "sha256:" + "5e" * 32
 ORIGIN = "origin"
 MISSING, TRUE, FORGED = 0, 1, 2
 HOSTILE_KINDS = ("liar", "forger", "staller")
+PROGRESS_EVERY = 10.0  # simulated seconds between progress lines (--progress)
 
 # Event kinds.
-_JOIN, _LEAVE, _FORGET, _ROUND, _TICK, _POLL, _OPEN, _CHUNK, _RETRY, _SAMPLE = range(10)
+_JOIN, _LEAVE, _FORGET, _ROUND, _TICK, _POLL, _OPEN, _CHUNK, _RETRY, _SAMPLE, _DIGEST = range(11)
 
 
 @dataclass
@@ -96,6 +112,8 @@ class Params:
     origin_fetchers: int = ScheduleConfig.origin_fetchers  # with the membership list
     view_only: bool = False  # no membership list: each node ranks only the peers it polls
     skip_verify: bool = False  # accept chunks unchecked (to show that the check is real)
+    mirror: bool = False  # the origin is an upstream registry: blobs are checked by digest only
+    digest_mbps: float = 1200.0  # mirror: sha256 of a whole blob, MB/s (1e6 bytes); 0: instant
 
     @property
     def image_bytes(self) -> int:
@@ -147,6 +165,13 @@ class Node:
     polls: int = 0
     gave_up: int = 0
     last_error: str | None = None
+    # Mirror mode: chunks fetched from the upstream by this node itself; the peer that sent each
+    # other chunk; the round (1, or 2: fetching again without peers after a digest mismatch).
+    firsthand: bytearray | None = None
+    suppliers: dict[int, str] = field(default_factory=dict)
+    referee: dict[int, tuple[str, int]] | None = None  # round 2: chunk -> (peer, what it sent)
+    hashing: bool = False  # whole, its digest being computed
+    received_before: dict[str, int] = field(default_factory=dict)  # bytes of discarded rounds
 
     @property
     def honest(self) -> bool:
@@ -162,8 +187,24 @@ class Node:
             return None
         if self.avail_version != self.version:
             self.avail = self.blob.availability()
+            if self.firsthand is not None:
+                self.avail = self._firsthand_only(self.blob, self.avail, self.firsthand)
             self.avail_version = self.version
         return self.avail
+
+    @staticmethod
+    def _firsthand_only(blob: BlobSchedule, states: bytes, firsthand: bytearray) -> bytes:
+        """A blob only its digest checks: peers hear of the chunks this node fetched from the
+        upstream itself, and of those its own upstream requests are bringing (as the engine's
+        `Fetcher.availability`)."""
+        far = bytearray(len(states))
+        for request in blob.requests.values():
+            if request.kind != "peer":
+                far[request.next_index : request.span.end] = b"\x01" * (request.span.end - request.next_index)
+        return bytes(
+            HAVE if state == HAVE and firsthand[i] else COMING if state == COMING and far[i] else 0
+            for i, state in enumerate(states)
+        )
 
 
 @dataclass
@@ -173,25 +214,37 @@ class Counters:
     hedges: int = 0
     bad_chunks: int = 0
     serve_misses: int = 0  # an honest peer asked for a chunk it did not hold (should be 0)
+    # Mirror mode.
+    unchecked_bad: int = 0  # forged chunks taken from peers (unchecked until the blob is whole)
+    digest_failures: int = 0  # whole blobs that did not match their digest: fetched again
+    bans: int = 0  # peers banned for bytes that differ from the upstream's
+    discard_misses: int = 0  # a peer asked for a chunk a node had forgotten (digest mismatch)
     polls: int = 0
     events: int = 0
     steps: int = 0
 
 
 class World:
-    def __init__(self, params: Params, *, churn_window: float | None = None) -> None:
+    def __init__(
+        self,
+        params: Params,
+        *,
+        churn_window: float | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
         p = self.params = params
         self.rng = random.Random(p.seed)
         self.size = p.image_bytes
         self.chunk = p.chunk_bytes
         self.count = -(-self.size // self.chunk)
         self.config = ScheduleConfig() if p.view_only else ScheduleConfig(origin_fetchers=p.origin_fetchers)
-        self.origin_traits = Traits(ORIGIN, "origin", limit=p.origin_limit)
+        self.origin_traits = Traits(ORIGIN, "upstream" if p.mirror else "origin", limit=p.origin_limit)
         self.counters = Counters()
         self.queue: list[tuple[float, int, int, Any]] = []
         self._seq = 0
         self.now = 0.0
         self.step_end = 0.0
+        self.progress = progress  # a line every PROGRESS_EVERY simulated seconds
         window = p.churn_window or churn_window or 10.0
 
         n = p.nodes
@@ -218,6 +271,7 @@ class World:
                 start,
                 late=is_late,
                 store=bytearray(self.count) if kind == "honest" else bytearray(),
+                firsthand=bytearray(self.count) if kind == "honest" and p.mirror else None,
             )
             if i in leaving:
                 node.leave_at = self.rng.uniform(0.0, window)
@@ -346,6 +400,8 @@ class World:
         elif kind == _SAMPLE:
             self._sample(now)
             self._push(now + self.params.sample_every, _SAMPLE, None)
+        elif kind == _DIGEST:
+            self._digest(obj, now)
 
     def _sample(self, now: float) -> None:
         series = self.series
@@ -356,6 +412,15 @@ class World:
         series["peer_flows"].append(len(self.flows) - origin_flows)
         series["done"].append(sum(1 for n in self.nodes if n.honest and n.done_at is not None))
         series["chunks"].append(sum(self.count - n.blob.missing for n in self.nodes if n.blob is not None))
+        if (
+            self.progress is not None
+            and len(series["t"]) % max(1, round(PROGRESS_EVERY / self.params.sample_every)) == 1
+        ):
+            egress = series["origin_bytes"][-1] / self.size
+            self.progress(
+                f"t={now:.1f} s: {series['done'][-1]} done, origin {egress:.2f}x the image, "
+                f"{origin_flows} origin and {series['peer_flows'][-1]} peer flows"
+            )
 
     # -- nodes coming and going ----------------------------------------------------------------
 
@@ -390,9 +455,13 @@ class World:
         if not node.alive:
             return
         have = [s != MISSING for s in node.store]
-        node.blob = node.scheduler.blob(
-            DIGEST, self.size, self.chunk, have, now, rng=random.Random(self.rng.random())
-        )
+        rng = random.Random(self.rng.random())
+        if node.referee is None:
+            node.blob = node.scheduler.blob(DIGEST, self.size, self.chunk, have, now, rng=rng)
+        else:  # mirror mode, after a digest mismatch: the upstream alone
+            node.blob = node.scheduler.blob(
+                DIGEST, self.size, self.chunk, have, now, rng=rng, with_peers=False
+            )
         node.version += 1
         node.told.clear()
         self._tell(node, now)
@@ -449,10 +518,11 @@ class World:
         assert blob is not None
         told = node.told
         changed = False
+        alone = node.referee is not None  # a mirrored blob fetched again without peers
         for m in node.neighbours:
             if not m.alive:
                 continue  # gone: its last answer stands until it is forgotten
-            states = m.availability()
+            states = None if alone else m.availability()
             if told.get(m.idx, ...) is not states:
                 told[m.idx] = states
                 blob.inventory(m.name, states, now)
@@ -468,7 +538,7 @@ class World:
 
     def _poll(self, node: Node, now: float) -> None:
         blob = node.blob
-        if blob is None or not node.alive or node.done_at is not None:
+        if blob is None or not node.alive or node.done_at is not None or node.hashing:
             return
         self.counters.polls += 1
         node.polls += 1
@@ -544,17 +614,35 @@ class World:
         blob = node.blob
         assert blob is not None
         sender = flow.sender
-        content = TRUE if sender is None else FORGED if sender.kind == "forger" else sender.store[i]
+        mirror = self.params.mirror
+        if sender is None:
+            content = TRUE
+        elif sender.kind == "forger":
+            content = FORGED
+        elif sender.firsthand is not None and sender.done_at is None and not sender.firsthand[i]:
+            content = MISSING  # a mirrored blob not checked yet: only first-hand chunks go out
+        else:
+            content = sender.store[i]
         if content == MISSING:
-            self.counters.serve_misses += 1
+            if sender is not None and sender.referee is not None:
+                self.counters.discard_misses += 1
+            else:
+                self.counters.serve_misses += 1
             self._end(flow, "error", now, OriginError(f"{sender.name if sender else ORIGIN} ended early"))
             return
-        if content != TRUE and not self.params.skip_verify:
+        if content != TRUE and not self.params.skip_verify and not mirror:
             self.counters.bad_chunks += 1
             self._end(flow, "bad", now, VerificationError(f"chunk {i} from {request.source} does not match"))
             return
         if node.store[i] == MISSING:
             node.store[i] = content
+            if node.firsthand is not None:
+                if sender is None:
+                    node.firsthand[i] = 1
+                else:
+                    node.suppliers[i] = sender.name
+                    if content != TRUE:
+                        self.counters.unchecked_bad += 1
         node.version += 1
         for action in blob.verified(request, i, now):
             if not isinstance(action, Cancel):
@@ -563,7 +651,10 @@ class World:
             if other is not None and other is not flow:
                 self._end(other, "cancelled", now)
         if blob.complete:
-            self._done(node, now)
+            if mirror:
+                self._whole(node, now)
+            else:
+                self._done(node, now)
             return
         i += 1
         flow.index = i
@@ -577,6 +668,49 @@ class World:
         left = float(net.rem[flow.slot])
         if left <= 0:  # the next chunk ends within this step too
             self._push(self.step_end + left / rate, _CHUNK, (flow, int(net.gen[flow.slot]), rate))
+
+    def _whole(self, node: Node, now: float) -> None:
+        """Mirror mode: every chunk is in; the blob's digest is computed before it counts. The
+        requests still running (hedged losers) end, as the engine cancels them."""
+        blob = node.blob
+        assert blob is not None
+        for flow in list(node.flows.values()):
+            self._close(flow)
+            blob.ended(flow.request, "cancelled", now)
+        node.flows.clear()
+        node.hashing = True
+        node.version += 1
+        rate = self.params.digest_mbps * 1e6
+        self._push(now + (self.size / rate if rate > 0 else 0.0), _DIGEST, node)
+
+    def _digest(self, node: Node, now: float) -> None:
+        """Mirror mode: the whole blob's digest. A match ends the fetch (and, after a second round,
+        bans each peer whose first-round chunks differ from the upstream's); a mismatch forgets
+        every chunk and fetches the blob again from the upstream alone."""
+        if not node.alive or not node.hashing:
+            return
+        node.hashing = False
+        assert node.scheduler is not None and node.blob is not None
+        if self.params.skip_verify or all(c == TRUE for c in node.store):
+            for peer in sorted({peer for peer, sent in (node.referee or {}).values() if sent != TRUE}):
+                stats = node.scheduler.stats.get(peer)
+                if stats is not None and not stats.banned:
+                    self.counters.bans += 1
+                if stats is not None:
+                    stats.lied()
+            self._done(node, now)
+            return
+        if node.referee is not None or not node.suppliers:
+            raise RuntimeError(f"{node.name}: the upstream's own bytes did not match the digest")
+        self.counters.digest_failures += 1
+        node.referee = {i: (peer, node.store[i]) for i, peer in node.suppliers.items()}
+        for kind, nbytes in node.blob.received.items():
+            node.received_before[kind] = node.received_before.get(kind, 0) + nbytes
+        node.store = bytearray(self.count)
+        node.firsthand = bytearray(self.count)
+        node.suppliers.clear()
+        node.blob = None
+        self._restart(node, now)
 
     def _done(self, node: Node, now: float) -> None:
         node.done_at = now
