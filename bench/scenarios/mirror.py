@@ -42,21 +42,17 @@ from pathlib import Path
 from typing import Any
 
 from bench.scenario import Context, Measure, Skipped
-from bench.scenarios import ImageSpec, build_image, file_origin, image_matrix
-from bench.scenarios.swarm import Round, pick_times, pull_at_once
+from bench.scenarios import ImageSpec, build_image, image_matrix
+from bench.scenarios.swarm import Round, pick_times, pull_at_once, start_nodes
 from bench.shaped import (
     IMAGE_NAME,
     P2PIMG_PORT,
     REGISTRY_PORT,
-    Daemon,
     bytes_per_s,
     curl,
     link_tx_bytes,
-    p2pimg_ready,
-    peer_url,
     per_image,
     percentile,
-    start_p2pimg,
     start_registry,
     stop_daemon,
     transfer_timeout,
@@ -150,7 +146,9 @@ def _image(ctx: Context, plan: MirrorPlan, spec: ImageSpec, work: Path) -> list[
         for run in range(plan.runs):
             step = f"mirror swarm {label}, run {run + 1}/{plan.runs}"
             ctx.progress(f"{step}: starting {plan.nodes} p2pimg mirrors")
-            nodes = _start_mirrors(lan.hosts, upstream, work / f"run{run}", logs, run)
+            nodes = start_nodes(
+                lan.hosts, None, work / f"run{run}", logs, f"mirror-run{run}", upstream=upstream
+            )
             try:
                 ctx.progress(f"{step}: {plan.nodes} nodes pulling through their mirrors at once")
                 before, wire = registry.egress(), link_tx_bytes(upstream_host)
@@ -312,32 +310,3 @@ def _counters(host: Host, seconds: float) -> dict[str, Any]:
     record.update({source: int(received.get(source, 0)) for source in SOURCES})
     record["verify_failures"] = {k: int(v) for k, v in failures.items() if v}
     return record
-
-
-def _start_mirrors(hosts: list[Host], upstream: str, work: Path, logs: Path, run: int) -> list[Daemon]:
-    """`p2pimg serve --upstream` on every host with a fresh home, each knowing every other by --peer."""
-    urls = [peer_url(h) for h in hosts]
-    nodes: list[Daemon] = []
-    try:
-        for i, host in enumerate(hosts):
-            home = work / f"home-{host.name}"
-            nodes.append(
-                start_p2pimg(
-                    host,
-                    f"mirror-run{run}-{host.name}",
-                    home,
-                    logs,
-                    file_origin(home),
-                    upstream=upstream,
-                    peer_listen=True,
-                    peers=[u for j, u in enumerate(urls) if j != i],
-                    wait=False,
-                )
-            )
-        for host, node in zip(hosts, nodes, strict=True):
-            p2pimg_ready(host, node)
-    except BaseException:
-        for node in nodes:
-            stop_daemon(node)
-        raise
-    return nodes

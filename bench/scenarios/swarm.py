@@ -27,12 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.scenario import Context, Measure, Skipped
-from bench.scenarios import ImageSpec, build_image, image_matrix
+from bench.scenarios import ImageSpec, build_image, file_origin, image_matrix
 from bench.shaped import (
     IMAGE_NAME,
     P2PIMG_PORT,
     Daemon,
-    Origin,
     bytes_per_s,
     check_pulled,
     child_env,
@@ -125,7 +124,7 @@ def _image(ctx: Context, plan: SwarmPlan, spec: ImageSpec, work: Path) -> list[M
         for run in range(plan.runs):
             step = f"lan swarm {label}, run {run + 1}/{plan.runs}"
             ctx.progress(f"{step}: starting {plan.nodes} p2pimg nodes")
-            nodes = _start_nodes(lan.hosts, origin, work / f"run{run}", logs, run)
+            nodes = start_nodes(lan.hosts, origin.url, work / f"run{run}", logs, f"p2pimg-run{run}")
             try:
                 ctx.progress(f"{step}: {plan.nodes} nodes pulling through p2pimg at once")
                 before, wire = origin.stats(lan.hosts[0])["body_bytes"], link_tx_bytes(origin_host)
@@ -222,20 +221,31 @@ def pick_times(rounds: list[Round], pick: str) -> list[float]:
     return [t for r in rounds for t in r.times]
 
 
-def _start_nodes(hosts: list[Host], origin: Origin, work: Path, logs: Path, run: int) -> list[Daemon]:
-    """`p2pimg serve` on every host with a fresh home, each knowing every other by --peer."""
+def start_nodes(
+    hosts: list[Host],
+    origin_url: str | None,
+    work: Path,
+    logs: Path,
+    name: str,
+    *,
+    upstream: str | None = None,
+) -> list[Daemon]:
+    """`p2pimg serve` on every host with a fresh home, each knowing every other by --peer (with
+    `upstream`, a pull-through mirror of it; `origin_url` None: each home's own file origin)."""
     urls = [peer_url(h) for h in hosts]
     nodes: list[Daemon] = []
     try:
         # All start at once and load in parallel; then each must answer.
         for i, host in enumerate(hosts):
+            home = work / f"home-{host.name}"
             nodes.append(
                 start_p2pimg(
                     host,
-                    f"p2pimg-run{run}-{host.name}",
-                    work / f"home-{host.name}",
+                    f"{name}-{host.name}",
+                    home,
                     logs,
-                    origin.url,
+                    origin_url if origin_url is not None else file_origin(home),
+                    upstream=upstream,
                     peer_listen=True,
                     peers=[u for j, u in enumerate(urls) if j != i],
                     wait=False,
