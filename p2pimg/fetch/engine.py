@@ -315,7 +315,9 @@ class Fetcher:
         each sent, forget every chunk, and fetch the blob again from non-peer sources alone
         (True); `_judge` then bans the peers whose bytes differ. If the upstream sent all of it,
         or this was that second round already, the fetch fails (False)."""
-        if fetch.map.checked or fetch.referee is not None or not fetch.suppliers:
+        if fetch.map.checked:
+            return False  # the publisher's blob map lies about its digest: nothing to fetch again
+        if fetch.referee is not None or not fetch.suppliers:
             self.metrics.verify_failures.labels("upstream").inc()
             return False
         suppliers = dict(fetch.suppliers)
