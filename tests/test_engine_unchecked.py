@@ -127,3 +127,21 @@ def test_an_unchecked_map_is_never_encoded() -> None:
     assert bmap.count == 1 and not bmap.checked
     with pytest.raises(ValueError, match="no chunk CIDs"):
         bmap.encode()
+
+
+async def test_the_nodes_own_origin_is_not_asked_for_a_mirrored_blob(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """An origin holds what was published to it: a blob without chunk CIDs (an upstream's) is
+    not asked of it, so its misses neither cost round trips nor use up the blob's attempts."""
+    from p2pimg.sources.base import OriginSource
+    from p2pimg.sources.origins import FileOrigin
+
+    data, bmap = unchecked_blob(4 * CHUNK)
+    origin = OriginSource(FileOrigin(tmp_path / "origin"))
+    upstream = MemorySource("upstream", "upstream", data, fail_first=2)
+    fetcher, store, _ = engine(tmp_path, nursery, [origin, upstream])
+    fetch = await fetch_all(fetcher, bmap)
+    assert fetch is not None and fetch.error is None and cached(store, bmap) == data
+    assert fetcher.stats[origin.name].requests == 0
+    assert len(upstream.requests) == 3  # two failures, then the blob: within the attempts

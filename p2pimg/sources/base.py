@@ -60,5 +60,9 @@ class OriginSource(ChunkSource):
         self.segment_size = origin.segment_size
         self.max_span = origin.preferred_span
 
+    def inventory(self, blob_map: BlobMap) -> bytes | None:
+        # A blob without chunk CIDs is a mirrored one: an upstream's, not published here.
+        return b"" if blob_map.checked else None
+
     def read_span(self, blob_map: BlobMap, start: int, length: int) -> AsyncIterator[bytes]:
         return self.origin.read_range(blob_key(blob_map.digest), start, length)
