@@ -182,6 +182,39 @@ def test_mirror_metrics_are_parsed_by_source() -> None:
     assert [e.name for e in runner.parse_args(["--only", "lan-swarm-mirror"]).entries] == ["lan-swarm-mirror"]
 
 
+def test_mirror_upstream_spans_count_chunks_fetched_twice() -> None:
+    """From the nodes' timelines: which chunks more than one node kept from the upstream, and
+    whether each later fetch overlapped the first or came after it had ended."""
+    from bench.scenarios.mirror import upstream_spans
+
+    def span(source: str, chunks: tuple[int, int], nbytes: int, start: float, end: float, **kw: Any) -> Any:
+        return {"what": "span", "source": source, "blob": "b", "chunks": list(chunks), "bytes": nbytes,
+                "start": start, "end": end, "hedge": False, "outcome": "ok", **kw}  # fmt: skip
+
+    up, peer, origin, mib = (
+        "upstream http://10.0.0.201:5000",
+        "peer http://10.0.0.2:5051",
+        "origin file:///o",
+        1 << 20,
+    )
+    got = upstream_spans(
+        {
+            "h0": [span(up, (0, 2), 2 * mib, 10.0, 11.0), span(peer, (2, 4), 2 * mib, 10, 10.5)],
+            "h1": [
+                span(up, (0, 2), 2 * mib, 10.5, 12.0),
+                span(up, (2, 4), mib, 12, 13, hedge=True, outcome="cancelled"),
+            ],
+            "h2": [span(up, (1, 2), mib, 11.5, 12.0), span(origin, (0, 1), 0, 10, 10.1, outcome="error")],
+        }
+    )
+    kinds = {"upstream": {"ok": 3, "cancelled": 1}, "peer": {"ok": 1}, "origin": {"error": 1}}
+    assert got["spans_by_kind"] == kinds
+    assert got["chunk_bytes"] == mib and got["upstream_hedges"] == 1
+    assert got["chunks_kept_more_than_once"] == 2 and got["extra_chunk_fetches"] == 3
+    assert (got["extra_while_fetched_elsewhere"], got["extra_after_held_elsewhere"]) == (2, 1)
+    assert got["extra_fetches"][-1] == [1.5, 1.0, False, "h2"]
+
+
 def test_lan_swarm_mirror_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The mirror swarm at toy size (4 namespaces, a 200 kB image, one run, a few seconds): both
     rounds pull the image on every node, the upstream's egress is counted and every node's

@@ -230,10 +230,11 @@ def _image(ctx: Context, plan: MirrorPlan, spec: ImageSpec, work: Path) -> list[
             "source; totals are summed over the nodes and divided by the image size",
             "source_bytes_x": totals,
             "source_bytes": per_node,
-            "upstream_spans_note": "from every node's timeline: spans fetched from the upstream "
-            "by outcome, hedges, and chunks kept from the upstream by more than one node (as a "
-            "share of the image; each such chunk with when its later fetch started, seconds after "
-            "the round's first upstream span, and whether that fetch was a hedge)",
+            "upstream_spans_note": "from every node's timeline: spans by kind of source and "
+            "outcome, hedges to the upstream, and chunks kept from the upstream by more than one "
+            "node: each later fetch (1 chunk each) started while the earliest was running or after "
+            "it had ended; extra_fetches lists them as [its start, the earliest fetch's end, hedge, "
+            "node], seconds after the round's first upstream span",
             "upstream_spans": spans,
         },
     )
@@ -272,23 +273,31 @@ def upstream_spans(timelines: dict[str, list[dict[str, Any]]]) -> dict[str, Any]
     if not ups:
         return {"spans_by_kind": kinds}
     t0 = min(float(e["start"]) for _, e in ups)
-    kept: dict[tuple[str, int], list[tuple[float, bool, str]]] = {}  # (blob, chunk) -> fetches
+    # (blob, chunk) -> every span that kept it: (start, end, hedge, node), seconds after t0
+    kept: dict[tuple[str, int], list[tuple[float, float, bool, str]]] = {}
     chunk = _chunk_bytes(ups)
     for node, e in ups:
         first, end = (int(x) for x in e["chunks"])
         got = -(-int(e.get("bytes") or 0) // chunk) if chunk else end - first
+        fetch = (float(e["start"]) - t0, float(e["end"]) - t0, bool(e.get("hedge")), node)
         for i in range(first, min(end, first + got)):
-            kept.setdefault((str(e["blob"]), i), []).append(
-                (float(e["start"]) - t0, bool(e.get("hedge")), node)
-            )
-    again = [sorted(f)[1:] for f in kept.values() if len(f) > 1]
+            kept.setdefault((str(e["blob"]), i), []).append(fetch)
+    # Each later fetch of a chunk, with the earliest one: started while that one was still
+    # running, or after it had ended (the chunk then held first-hand by another node).
+    again = [(sorted(f)[0], later) for f in kept.values() if len(f) > 1 for later in sorted(f)[1:]]
     return {
         "spans_by_kind": kinds,
         "upstream_hedges": sum(1 for _, e in ups if e.get("hedge")),
         "chunk_bytes": chunk,
-        "chunks_kept_more_than_once": len(again),
-        "extra_chunk_fetches": sum(len(a) for a in again),
-        "extra_fetches": [[round(t, 3), hedge, node] for a in again for t, hedge, node in a],
+        "chunks_kept_more_than_once": sum(1 for f in kept.values() if len(f) > 1),
+        "extra_chunk_fetches": len(again),
+        "extra_while_fetched_elsewhere": sum(1 for first, later in again if later[0] < first[1]),
+        "extra_after_held_elsewhere": sum(1 for first, later in again if later[0] >= first[1]),
+        "extra_by_hedges": sum(1 for _, later in again if later[2]),
+        # [the later fetch's start, the earliest fetch's end, hedge, node]
+        "extra_fetches": [
+            [round(later[0], 3), round(first[1], 3), later[2], later[3]] for first, later in again
+        ],
     }
 
 

@@ -44,6 +44,7 @@ def done_svg(result: dict[str, Any]) -> str:
         + (f", hostile {p['hostile']:g}" if p["hostile"] else "")
         + (f", churn {p['churn']:g}" if p["churn"] else "")
         + (", view only" if p.get("view_only") else "")
+        + (", mirror (digest-checked blobs)" if p.get("mirror") else "")
         + ": time to done per node"
     )
     parts.append(f'<text x="{W / 2}" y="18" text-anchor="middle" font-size="13">{escape(title)}</text>')
