@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass
 
 KIND_RANK = {"peer": 0, "origin": 1, "upstream": 2}
+MIN_RATE_SAMPLE = 256 << 10  # bytes a finished request needs for its rate to count
 BAN_AFTER_BAD_CHUNKS = 3
 BACKOFF_BASE = 0.25
 BACKOFF_MAX = 8.0
@@ -80,7 +81,9 @@ class SourceStats:
         self.bytes += nbytes
         self.errors = 0
         self.delivered += 1
-        if nbytes and seconds > 0:
+        if nbytes >= MIN_RATE_SAMPLE and seconds > 0:
+            # (A small transfer measures its round trip, not the rate: a few hundred bytes in
+            # 50 ms would make a fast source look like a trickle, and its stragglers never hedged.)
             rate = nbytes / seconds
             self.throughput = rate if not self.throughput else (1 - _EWMA) * self.throughput + _EWMA * rate
         if first_byte is not None:

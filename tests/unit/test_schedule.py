@@ -379,3 +379,17 @@ def test_properties_of_random_runs(
         assert all(blob.have)
     if with_origin:
         assert blob.complete or "giving up" in blob.error.message  # type: ignore[union-attr]
+
+
+def test_a_tiny_transfer_does_not_set_a_sources_rate() -> None:
+    """A few hundred bytes in 50 ms measure a round trip, not a rate: counted as the source's
+    throughput they would make every later straggler look normal and never be hedged."""
+    from p2pimg.fetch.policy import SourceStats
+
+    stats = SourceStats("peer p", "peer", 4)
+    stats.started()
+    stats.finished(400, 0.05, 0.04)
+    assert stats.throughput == 0.0 and stats.delivered == 1
+    stats.started()
+    stats.finished(MB, 0.5, 0.04)
+    assert stats.throughput == 2 * MB
