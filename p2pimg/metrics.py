@@ -70,6 +70,12 @@ class Metrics:
         self.peer_served_bytes = Counter(
             "p2pimg_peer_served_bytes", "Bytes sent to peers from the peer listener", registry=r
         )
+        self.cache_evictions = Counter(
+            "p2pimg_cache_evictions", "Cache files evicted to keep under --cache-max", registry=r
+        )
+        self.cache_evicted_bytes = Counter(
+            "p2pimg_cache_evicted_bytes", "Bytes of cache files evicted to keep under --cache-max", registry=r
+        )
         for result in ("served", "busy", "refused"):
             self.peer_requests.labels(result)
         for kind in ("origin", "peer", "upstream"):

@@ -53,6 +53,7 @@ def _config(args: argparse.Namespace) -> Config:
             getattr(args, "peer_tls_ca", None),
         ),
         allow_public_mirror=getattr(args, "allow_public_mirror", None) or None,
+        ui_read_only=getattr(args, "ui_read_only", None) or None,
     )
 
 

@@ -205,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(anyone who reaches it can pull what they reach)",
     )
     p.add_argument(
+        "--ui-read-only",
+        action="store_true",
+        help="the dashboard at /ui/ only shows: no warm, pin, unpin or cache gc from it",
+    )
+    p.add_argument(
         "--policy",
         choices=sorted(POLICIES),
         help="which source sends each chunk: prefer-near (LAN peers, then the origin, then "

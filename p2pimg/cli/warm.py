@@ -10,18 +10,15 @@ from dataclasses import dataclass
 import httpx
 import trio
 
-from p2pimg.errors import OriginError
 from p2pimg.node.config import Config
 from p2pimg.node.node import open_node, peer_client, read_serve_info
 from p2pimg.node.peertls import load_peer_tls
 from p2pimg.node.swarmkey import load_swarm_key
-from p2pimg.node.warm import WarmProgress, parse_ref
-from p2pimg.sources.peer import get_json, request_json
+from p2pimg.node.warm import ANSWER_LIMIT, WarmProgress, parse_ref, remote_warm
+from p2pimg.sources.peer import get_json
 
 _POLL = 0.25
 _DISCOVERY_WAIT = 2.0
-_REMOTE_TIMEOUT = 3600.0
-_ANSWER_LIMIT = 64 << 10  # a warm job's JSON, or the peer list of the local server
 
 
 @dataclass
@@ -77,48 +74,9 @@ async def _follow(poll: Callable[[], Awaitable[dict[str, object]]], label: str) 
 
 
 async def _remote_warm(client: httpx.AsyncClient, base: str, ref: str) -> dict[str, object]:
-    """Ask a node (the local server, or a LAN peer) to warm, and wait for it."""
-    try:
-        started = await request_json(
-            client, "POST", f"{base}/p2pimg/v1/warm", body={"ref": ref}, limit=_ANSWER_LIMIT, timeout=30
-        )
-        doc = started.doc
-        if started.status != 202 or not isinstance(doc, dict) or not isinstance(doc.get("id"), str):
-            errors = doc.get("errors") if isinstance(doc, dict) else None
-            message = (
-                errors[0].get("message")
-                if isinstance(errors, list) and errors and isinstance(errors[0], dict)
-                else started.text.strip()
-            )
-            return {"state": "failed", "error": f"{started.status}: {message}"}
-        job = doc["id"]
-
-        async def poll() -> dict[str, object]:
-            answer = await request_json(
-                client, "GET", f"{base}/p2pimg/v1/warm/{job}", limit=_ANSWER_LIMIT, timeout=30
-            )
-            if answer.status != 200 or not isinstance(answer.doc, dict):
-                raise ValueError(f"{answer.status} from {base} for warm job {job}: {answer.text.strip()}")
-            return answer.doc
-
-        with trio.fail_after(_REMOTE_TIMEOUT):
-            return (
-                await _follow(poll, f"warming on {base}")
-                if base.startswith("http://127.")
-                else await _poll_quietly(poll)
-            )
-    except (httpx.HTTPError, ValueError, KeyError, trio.TooSlowError) as exc:
-        return {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}
-    except OriginError as exc:
-        return {"state": "failed", "error": exc.message}
-
-
-async def _poll_quietly(poll: Callable[[], Awaitable[dict[str, object]]]) -> dict[str, object]:
-    while True:
-        status = await poll()
-        if status.get("state") != "running":
-            return status
-        await trio.sleep(_POLL)
+    """Ask a node (the local server, or a LAN peer) to warm, and wait for it (with a progress bar
+    when it is this machine's server)."""
+    return await remote_warm(client, base, ref, follow=_follow if base.startswith("http://127.") else None)
 
 
 async def run_warm(config: Config, ref: str, *, lan: bool) -> int:
@@ -136,7 +94,7 @@ async def run_warm(config: Config, ref: str, *, lan: bool) -> int:
             peers: list[str] = []
             if lan:
                 try:
-                    found = await get_json(client, f"{base}/p2pimg/v1/peers", limit=_ANSWER_LIMIT, timeout=10)
+                    found = await get_json(client, f"{base}/p2pimg/v1/peers", limit=ANSWER_LIMIT, timeout=10)
                 except httpx.HTTPError:
                     found = None
                 peers = [url for url in found if isinstance(url, str)] if isinstance(found, list) else []

@@ -41,6 +41,7 @@ from p2pimg.fetch.schedule import (
     Scheduler,
     Start,
 )
+from p2pimg.fetch.transfers import TransferLog, TransferRecord
 from p2pimg.metrics import Metrics, Timeline
 from p2pimg.sources.base import ChunkSource, SourceBusy
 from p2pimg.store.chunks import ChunkStore, PartialBlob
@@ -77,6 +78,7 @@ class BlobFetch:
     referee: dict[int, tuple[str, bytes]] | None = None
     changed: set[int] = field(default_factory=set)  # chunks whose bytes round 2 found different
     round: int = 0  # bumped when the bytes received so far turned out wrong and are fetched again
+    record: TransferRecord | None = None  # what it did, for people to look at (fetch/transfers.py)
 
     @property
     def map(self) -> BlobMap:
@@ -145,6 +147,7 @@ class Fetcher:
         self._fetches: dict[str, BlobFetch] = {}
         self._opening: dict[str, trio.Event] = {}
         self._changed = _Broadcast()
+        self.transfers = TransferLog()
 
     @property
     def stats(self) -> dict[str, SourceStats]:
@@ -191,9 +194,12 @@ class Fetcher:
 
     # -- readers ---------------------------------------------------------------------------
 
-    async def open(self, blob_map: BlobMap, *, warm: bool = False) -> BlobFetch | None:
+    async def open(
+        self, blob_map: BlobMap, *, warm: bool = False, repository: str | None = None
+    ) -> BlobFetch | None:
         """None if the blob is complete in the cache; else its (shared) fetch, joined as a reader
-        unless `warm` (then it runs to the end whoever reads). Readers must `release()`."""
+        unless `warm` (then it runs to the end whoever reads). Readers must `release()`.
+        `repository`: the name a client asked for the blob under, shown with the transfer."""
         digest = blob_map.digest
         while digest in self._opening:
             await self._opening[digest].wait()
@@ -206,6 +212,9 @@ class Fetcher:
                 partial = await trio.to_thread.run_sync(self.store.open_partial, blob_map)
                 fetch = BlobFetch(partial, [trio.Event() for _ in range(blob_map.count)])
                 fetch.firsthand = bytearray(blob_map.count)
+                fetch.record = self.transfers.begin(
+                    digest, blob_map.size, blob_map.chunk_size, partial.have, trio.current_time()
+                )
                 for i, have in enumerate(partial.have):
                     if have:
                         fetch.ready[i].set()
@@ -214,6 +223,8 @@ class Fetcher:
             finally:
                 del self._opening[digest]
                 opened.set()
+        if fetch.record is not None and fetch.record.repository is None:
+            fetch.record.repository = repository
         if warm:
             fetch.warm = True
         else:
@@ -268,6 +279,9 @@ class Fetcher:
             elif fetch.error is not None:
                 log.warning("fetch of %s failed: %s", bmap.digest, fetch.error)
                 fetch._fail(fetch.error)
+            if fetch.record is not None:
+                failure = fetch.error or (fetch.scope.cancelled_caught and "cancelled: no reader left")
+                self.transfers.end(fetch.record, trio.current_time(), str(failure) if failure else None)
             fetch.done.set()
             fetch.partial.close()
             self._changed.fire()
@@ -326,6 +340,9 @@ class Fetcher:
         log.warning("%s; fetching it again without peers to find whose bytes were wrong", error)
         await trio.to_thread.run_sync(fetch.partial.reset)
         fetch.round += 1  # readers that sent bytes of the first round are cut (registry.py)
+        if fetch.record is not None:
+            fetch.record.failures += 1
+            fetch.record.restart()
         fetch.firsthand = bytearray(fetch.map.count)
         fetch.suppliers.clear()
         fetch.ready = [trio.Event() for _ in range(fetch.map.count)]
@@ -480,6 +497,8 @@ class Fetcher:
                                 elif not bmap.checked:
                                     fetch.suppliers[index] = source.name
                                 self.metrics.source_bytes.labels(kind).inc(hi - lo)
+                                if fetch.record is not None:
+                                    fetch.record.chunk(index, source.name, hi - lo, trio.current_time())
                                 fetch.ready[index].set()
                                 self._changed.fire()
                             for action in schedule.verified(request, index, trio.current_time()):
@@ -491,6 +510,8 @@ class Fetcher:
         except VerificationError as exc:
             outcome, error = "bad", exc
             self.metrics.verify_failures.labels(kind).inc()
+            if fetch.record is not None:
+                fetch.record.failures += 1
             log.warning("%s sent a bad chunk %d of %s: %s", source.name, index, bmap.digest, exc)
         except SourceBusy as exc:
             outcome = "busy"  # a polite no: not the source's failure, nor the chunk's

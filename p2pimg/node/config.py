@@ -94,6 +94,7 @@ class Config:
     peer_tls: tuple[str | None, str | None, str | None] = (None, None, None)  # cert, key, CA files
     # serve a mirror that pulls with the user's credentials on a registry listener beyond loopback
     allow_public_mirror: bool = False
+    ui_read_only: bool = False  # the dashboard shows, but takes no actions (warm, pin, gc)
 
     @property
     def cache_dir(self) -> Path:
@@ -120,6 +121,7 @@ def load_config(
     swarm_key_file: str | None = None,
     peer_tls: tuple[str | None, str | None, str | None] | None = None,
     allow_public_mirror: bool | None = None,
+    ui_read_only: bool | None = None,
 ) -> Config:
     home_path = Path(home or os.environ.get("P2PIMG_HOME") or default_home()).expanduser().absolute()
     file_values: dict[str, Any] = {}
@@ -169,6 +171,9 @@ def load_config(
     )
     if not isinstance(public_mirror, bool):
         raise InvalidInput(f"{config_file}: allow_public_mirror must be true or false")
+    read_only = ui_read_only if ui_read_only is not None else file_values.get("ui_read_only", False)
+    if not isinstance(read_only, bool):
+        raise InvalidInput(f"{config_file}: ui_read_only must be true or false")
     return Config(
         home=home_path,
         origin=chosen_origin,
@@ -189,6 +194,7 @@ def load_config(
         swarm_key_file_given=bool(swarm_key_file),
         peer_tls=_peer_tls(peer_tls, file_values),
         allow_public_mirror=public_mirror,
+        ui_read_only=read_only,
     )
 
 

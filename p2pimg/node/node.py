@@ -5,6 +5,7 @@ without a running server uses one for the length of the warm."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -148,6 +149,14 @@ class Swarm:
                 for source in list(self.peers.values())[:_MAX_ASKED_PEERS]:
                     nursery.start_soon(ask, source)
         return found
+
+    def found_by(self, url: str) -> str:
+        """How a peer was found: "static" (--peer), "dns" (--peer-dns) or "mdns"."""
+        if url in self.static:
+            return "static"
+        if self.dns is not None and url in self.dns.owned:
+            return "dns"
+        return "mdns"
 
     def remove(self, url: str) -> None:
         if self.peers.pop(url, None) is not None:
@@ -314,16 +323,20 @@ async def open_node(config: Config, *, advertise: tuple[str, int] | None = None)
             if config.peer_listen:  # only the peer listener serves chunks by CID
                 nursery.start_soon(guarded, "indexing cached chunks", index.add_cached, store)
             if config.cache_max is not None:
-                from p2pimg.store.cache import enforce_limit
+                from p2pimg.store.cache import Removed, enforce_limit
 
-                nursery.start_soon(
-                    guarded,
-                    "cache size limit",
+                def evicted(item: Removed) -> None:
+                    metrics.cache_evictions.inc()
+                    metrics.cache_evicted_bytes.inc(item.size)
+
+                limit = functools.partial(
                     enforce_limit,
                     store,
                     config.cache_max,
                     lambda digest: fetcher.fetch_of(digest) is not None,
+                    evicted=evicted,
                 )
+                nursery.start_soon(guarded, "cache size limit", limit)
             yield node
             nursery.cancel_scope.cancel()
     finally:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import httpx
 import trio
 
 from p2pimg.content.cid import Cid
@@ -20,6 +22,7 @@ from p2pimg.content.model import ImageRoot, parse_name_tag
 from p2pimg.errors import InvalidInput, P2pimgError, first_error
 from p2pimg.fetch.engine import BlobFetch, Fetcher
 from p2pimg.fetch.resolver import IPFS_PREFIX, Resolver
+from p2pimg.sources.peer import request_json
 from p2pimg.store.chunks import ChunkStore
 from p2pimg.store.index import ChunkIndex
 from p2pimg.tasks import guarded
@@ -45,6 +48,7 @@ class WarmProgress:
     blobs: int = 0
     bytes_total: int = 0
     done_bytes: int = 0  # of blobs finished
+    done_blobs: int = 0
     by_source: dict[str, int] = field(default_factory=dict)
     error: str | None = None
     exit_code: int = 0  # a failed job: its first error's process exit code (3 not found, ...)
@@ -67,6 +71,7 @@ class WarmProgress:
             "root": self.root,
             "state": self.state,
             "blobs": self.blobs,
+            "blobs_done": self.done_blobs,
             "bytes_total": self.bytes_total,
             "bytes_done": self.bytes_done,
             "by_source": self.by_source,
@@ -143,6 +148,7 @@ class WarmJobs:
                     if self.store.has_blob(digest):
                         progress.by_source["cache"] = progress.by_source.get("cache", 0) + entry.size
                         progress.done_bytes += entry.size
+                        progress.done_blobs += 1
                         return
                     bmap = await self.resolver.blob_map(entry, digest)
                     self.index.add(bmap)
@@ -161,6 +167,7 @@ class WarmJobs:
                         if kept > 0:  # verified chunks already on disk before this warm
                             progress.by_source["cache"] = progress.by_source.get("cache", 0) + kept
                     progress.done_bytes += entry.size
+                    progress.done_blobs += 1
 
             async with trio.open_nursery() as nursery:
                 for digest in root.blobs:
@@ -183,3 +190,62 @@ class WarmJobs:
             progress.finished = time.monotonic()
             if progress.state == "running":
                 progress.state, progress.error = "failed", progress.error or "interrupted"
+
+
+# -- warming on another node ------------------------------------------------------------------
+
+ANSWER_LIMIT = 64 << 10  # a warm job's JSON, or a node's peer list
+_REMOTE_TIMEOUT = 3600.0
+_POLL = 0.25
+
+Poll = Callable[[], Awaitable[dict[str, object]]]
+
+
+async def poll_quietly(poll: Poll, label: str = "") -> dict[str, object]:
+    """Poll a warm job until it ends."""
+    while True:
+        status = await poll()
+        if status.get("state") != "running":
+            return status
+        await trio.sleep(_POLL)
+
+
+async def remote_warm(
+    client: httpx.AsyncClient,
+    base: str,
+    ref: str,
+    *,
+    follow: Callable[[Poll, str], Awaitable[dict[str, object]]] | None = None,
+) -> dict[str, object]:
+    """Ask a node (this machine's server, or a LAN peer at `base`) to warm `ref` through its API,
+    and wait for the job to end, following it with `follow` (default: quietly). The job's last
+    status; a failure to reach the node or a refusal is a status too (state "failed")."""
+    try:
+        started = await request_json(
+            client, "POST", f"{base}/p2pimg/v1/warm", body={"ref": ref}, limit=ANSWER_LIMIT, timeout=30
+        )
+        doc = started.doc
+        if started.status != 202 or not isinstance(doc, dict) or not isinstance(doc.get("id"), str):
+            errors = doc.get("errors") if isinstance(doc, dict) else None
+            message = (
+                errors[0].get("message")
+                if isinstance(errors, list) and errors and isinstance(errors[0], dict)
+                else started.text.strip()
+            )
+            return {"state": "failed", "error": f"{started.status}: {message}"}
+        job = doc["id"]
+
+        async def poll() -> dict[str, object]:
+            answer = await request_json(
+                client, "GET", f"{base}/p2pimg/v1/warm/{job}", limit=ANSWER_LIMIT, timeout=30
+            )
+            if answer.status != 200 or not isinstance(answer.doc, dict):
+                raise ValueError(f"{answer.status} from {base} for warm job {job}: {answer.text.strip()}")
+            return answer.doc
+
+        with trio.fail_after(_REMOTE_TIMEOUT):
+            return await (follow or poll_quietly)(poll, f"warming on {base}")
+    except (httpx.HTTPError, ValueError, KeyError, trio.TooSlowError) as exc:
+        return {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}
+    except P2pimgError as exc:
+        return {"state": "failed", "error": exc.message}

@@ -11,10 +11,9 @@ from p2pimg.content.cid import Cid
 from p2pimg.content.model import MAX_MANIFEST_SIZE, BlobMap, ImageRoot, TagRecord
 from p2pimg.errors import BlockInvalid, InvalidInput, NotFound, OriginError, P2pimgError
 from p2pimg.ops.lease import gc_hold, read_leases
-from p2pimg.sources.origins import PREFIX, Origin, block_key, tag_key
+from p2pimg.sources.origins import PREFIX, Origin, block_key, list_tags, tag_key
 from p2pimg.sources.origins.multipart import COMPLETED, stamped_key
 
-_TAGS = f"{PREFIX}/tags/"
 _STAMPS = f"{PREFIX}/{COMPLETED}/"
 
 # gc spares unreachable objects written less than this long ago: a publish uploads an image's
@@ -32,16 +31,6 @@ def parse_duration(text: str) -> float:
             "s, m, h or d (e.g. 30m, 1h)"
         )
     return float(match[1]) * _UNITS[match[2]]
-
-
-async def list_tags(origin: Origin) -> dict[str, list[str]]:
-    """Published names and their tags."""
-    names: dict[str, list[str]] = {}
-    for key in await origin.list(_TAGS):
-        name, _, tag = key[len(_TAGS) :].rpartition("/")
-        if name and tag:
-            names.setdefault(name, []).append(tag)
-    return {n: sorted(t) for n, t in sorted(names.items())}
 
 
 async def untag(origin: Origin, name: str, tag: str) -> None:

@@ -319,14 +319,22 @@ def _unlink_all(paths: list[Path]) -> bool:
 
 
 async def enforce_limit(
-    store: ChunkStore, limit: int, busy: Callable[[str], bool], *, every: float = ENFORCE_EVERY
+    store: ChunkStore,
+    limit: int,
+    busy: Callable[[str], bool],
+    *,
+    every: float = ENFORCE_EVERY,
+    evicted: Callable[[Removed], object] = lambda _r: None,
 ) -> None:
-    """Keep a running node's cache under `limit` bytes, checking every `every` seconds (forever)."""
+    """Keep a running node's cache under `limit` bytes, checking every `every` seconds (forever);
+    `evicted` hears of every file removed."""
     while True:
         try:
             state = await trio.to_thread.run_sync(scan, store)
             if state.total > limit:
                 result = collect(store, limit, state=state, busy=busy)
+                for item in result.removed:
+                    evicted(item)
                 for item in result.removed:
                     log.info("evicted %s %s (%d bytes)", item.kind, item.name, item.size)
                 if result.removed:

@@ -22,6 +22,7 @@ verified by the receiver, and a peer that lies is penalised, then banned (fetch/
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import json
 import logging
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 
 
 _PIECE = 256 << 10
+_CLIENTS_KEPT = 1024  # addresses whose received bytes are counted one by one
 _WARN_EVERY = 60.0  # seconds between warnings about refused requests made with the swarm key
 
 
@@ -107,6 +109,7 @@ class PeerService:
         self.swarm_key = swarm_key
         self.guard = swarmkey.SwarmGuard(swarm_key, node_id) if swarm_key is not None else None
         self._warned_at = -_WARN_EVERY
+        self.served_to: collections.Counter[str] = collections.Counter()  # client address -> bytes
 
     @classmethod
     def for_node(cls, node: Node) -> PeerService:
@@ -204,14 +207,20 @@ class PeerService:
         except P2pimgError as exc:
             return error_response(exc, head=request.method == "HEAD")
         if not isinstance(response.body, bytes):
-            response.body = self._paced(response.body)
+            response.body = self._paced(response.body, request.client)
         return response
+
+    def _count(self, client: str, n: int) -> None:
+        """Bytes sent to `client`, for the dashboard; the table stays bounded (many addresses
+        beyond `_CLIENTS_KEPT` are counted together)."""
+        key = client if client in self.served_to or len(self.served_to) < _CLIENTS_KEPT else "other"
+        self.served_to[key] += n
 
     def _release_slot(self) -> None:
         self.active -= 1
 
-    async def _paced(self, body: AsyncIterator[BodyPart]) -> AsyncIterator[BodyPart]:
-        """Pace a body to the upload rate (in 256 KiB pieces)."""
+    async def _paced(self, body: AsyncIterator[BodyPart], client: str) -> AsyncIterator[BodyPart]:
+        """Pace a body to the upload rate (in 256 KiB pieces), counting what `client` got."""
         if self._bucket is None:
             self._bucket = TokenBucket(self.rate)
         async with contextlib.aclosing(body):  # type: ignore[type-var]
@@ -222,11 +231,13 @@ class PeerService:
                         await self._bucket.take(n)
                         yield FileRegion(part.fd, part.offset + off, n)
                         self.metrics.peer_served_bytes.inc(n)
+                        self._count(client, n)
                 else:
                     if self.rate:
                         await self._bucket.take(len(part))
                     yield part
                     self.metrics.peer_served_bytes.inc(len(part))
+                    self._count(client, len(part))
 
     async def _route(self, request: Request) -> Response:
         path = request.path

@@ -260,7 +260,7 @@ class Registry:
         status, start, end, headers = self._blob_headers(digest, entry.size, request)
         if request.method == "HEAD":
             return Response(status, headers)
-        body = await self._blob_body(entry, digest, start, end, request)
+        body = await self._blob_body(name, entry, digest, start, end, request)
         return Response(status, headers, body)
 
     @staticmethod
@@ -294,7 +294,7 @@ class Registry:
         status, start, end, headers = self._blob_headers(digest, bmap.size, request)
         if request.method == "HEAD":
             return Response(status, headers)
-        return Response(status, headers, await self._fetched_body(bmap, start, end, request))
+        return Response(status, headers, await self._fetched_body(name, bmap, start, end, request))
 
     def _open_cached(self, digest: str, request: Request) -> int | None:
         """A descriptor of the complete cached blob, owned by `request` (a cache hit), or None (a
@@ -309,19 +309,20 @@ class Registry:
         return fd
 
     async def _blob_body(
-        self, entry: BlobEntry, digest: str, start: int, end: int, request: Request
+        self, name: str, entry: BlobEntry, digest: str, start: int, end: int, request: Request
     ) -> AsyncIterator[BodyPart]:
         fd = self._open_cached(digest, request)
         if fd is not None:
             return self._file_body(fd, start, end)
-        return await self._fetched_body(await self.resolver.blob_map(entry, digest), start, end, request)
+        bmap = await self.resolver.blob_map(entry, digest)
+        return await self._fetched_body(name, bmap, start, end, request)
 
     async def _fetched_body(
-        self, bmap: BlobMap, start: int, end: int, request: Request
+        self, name: str, bmap: BlobMap, start: int, end: int, request: Request
     ) -> AsyncIterator[BodyPart]:
         """Bytes [start, end) of a blob through the fetch engine (or the cache, if it completed
         meanwhile); the fetch's reader and descriptor belong to `request`."""
-        fetch = await self.fetcher.open(bmap)
+        fetch = await self.fetcher.open(bmap, repository=name)
         if fetch is None:  # completed while we looked
             return self._file_body(request.open_file(self.store.blob_path(bmap.digest)), start, end)
         request.hold(partial(self.fetcher.release, fetch))

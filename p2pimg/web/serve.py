@@ -19,6 +19,7 @@ from p2pimg.sources.upstream.refs import is_loopback, registry_base
 from p2pimg.web.peerapi import PeerService
 from p2pimg.web.registry import Registry
 from p2pimg.web.server import Handler, Request, Response, listen, serve_connection
+from p2pimg.web.ui import Dashboard
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +28,16 @@ log = logging.getLogger(__name__)
 PEER_CONNECTIONS = 128
 
 
-def local_control(node: Node, registry: Registry, peers: PeerService) -> Handler:
+def local_control(
+    node: Node, registry: Registry, peers: PeerService, dashboard: Dashboard | None = None
+) -> Handler:
     """The registry listener's handler: the OCI API for everyone, plus the node's own control
-    endpoints (warm jobs, the peer list; `peers` is the peer API the peer listener serves) for
-    clients on this machine only."""
+    endpoints (warm jobs, the peer list; `peers` is the peer API the peer listener serves) and
+    the dashboard (`/ui/`) for clients on this machine only."""
 
     async def handle(request: Request) -> Response:
+        if dashboard is not None and dashboard.wants(request):
+            return await dashboard.handle(request)
         if request.path.startswith("/p2pimg/v1/") and request.from_this_machine:
             if request.path in ("/p2pimg/v1/peers", "/p2pimg/v1/timeline"):
                 doc: object = (
@@ -108,12 +113,10 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[str] = trio.TASK
         async with open_node(config, advertise=advertise) as node:
             registry = Registry(node.store, node.resolver, node.fetcher, node.metrics, node.mirror)
             peers = PeerService.for_node(node)
-            node.nursery.start_soon(
-                partial(
-                    trio.serve_listeners, serve_connection(local_control(node, registry, peers)), listeners
-                )
-            )
             address = _address(listeners)
+            dashboard = Dashboard(node, peers, registry=address)
+            handler = local_control(node, registry, peers, dashboard)
+            node.nursery.start_soon(partial(trio.serve_listeners, serve_connection(handler), listeners))
             peer_address = None
             if peer_listeners:
                 tls = node.tls.server_context() if node.tls is not None else None
@@ -132,7 +135,8 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[str] = trio.TASK
                     extra += f", peers on {'https' if node.tls else 'http'}://{peer_address}"
                     extra += " (mutual TLS)" if node.tls else ""
                 print(
-                    f"p2pimg: serving registry on http://{address} (origin {node.origin.url}{extra})",
+                    f"p2pimg: serving registry on http://{address} (origin {node.origin.url}{extra}); "
+                    f"dashboard on http://{address}/ui/",
                     file=sys.stderr,
                     flush=True,
                 )

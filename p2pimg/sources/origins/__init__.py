@@ -23,7 +23,16 @@ from p2pimg.errors import InvalidInput
 from p2pimg.sources.origins.base import BlobReader, Origin
 from p2pimg.sources.origins.file import FileOrigin
 
-__all__ = ["BlobReader", "FileOrigin", "Origin", "blob_key", "block_key", "open_origin", "tag_key"]
+__all__ = [
+    "BlobReader",
+    "FileOrigin",
+    "Origin",
+    "blob_key",
+    "block_key",
+    "list_tags",
+    "open_origin",
+    "tag_key",
+]
 
 PREFIX = "p2pimg"
 
@@ -40,6 +49,17 @@ def tag_key(name: str, tag: str = "") -> str:
     """Key of a tag record, or with no tag the prefix under which a name's tags live."""
     base = f"{PREFIX}/tags/{check_name(name)}/"
     return base + check_tag(tag) if tag else base
+
+
+async def list_tags(origin: Origin) -> dict[str, list[str]]:
+    """Published names and their tags."""
+    names: dict[str, list[str]] = {}
+    base = f"{PREFIX}/tags/"
+    for key in await origin.list(base):
+        name, _, tag = key[len(base) :].rpartition("/")
+        if name and tag:
+            names.setdefault(name, []).append(tag)
+    return {n: sorted(t) for n, t in sorted(names.items())}
 
 
 def default_origin_url(home: Path) -> str:

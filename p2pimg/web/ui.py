@@ -1,0 +1,469 @@
+"""The dashboard: `/ui/` on the registry listener (never on the peer listener), and its JSON API.
+
+    GET  /ui/                     the page (static files under /ui/static/, shipped in the package)
+    GET  /ui/api/node             this node: id, addresses, origin, upstreams, TLS and swarm key
+    GET  /ui/api/images           published and cached images: root CID, size, cached bytes, pinned
+    GET  /ui/api/transfers        running and recent blob fetches: chunk map by source, series
+    GET  /ui/api/peers            peers: how found, rate, backoff/ban, bytes each way
+    GET  /ui/api/cache            used vs limit, pinned bytes, evictions
+    POST /ui/api/warm             {"ref", "lan"}: warm here (and on every peer) -> {"id"}
+    GET  /ui/api/warm/<id>        a warm's progress (with each peer's, for a LAN warm)
+    POST /ui/api/pin, /unpin      {"ref"}
+    POST /ui/api/gc               {"max_size"?}: evict down to it (default --cache-max, else 0)
+
+Who may see and do what. The dashboard shows the node's peers and images, so it answers clients
+on this machine only, and only under a loopback or literal-address `Host` (a page of another
+site that rebinds its DNS name to 127.0.0.1 never gets an answer). An action (POST) also needs
+the session's token, which the page gets embedded in it (a new one each time the node starts), an
+`Origin`, when the browser sends one, of this very listener, and a JSON body (which a plain form
+of another site cannot send without a CORS preflight, never answered here). `--ui-read-only`
+refuses every action.
+"""
+
+from __future__ import annotations
+
+import collections
+import hmac
+import importlib.resources
+import json
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import trio
+
+import p2pimg
+from p2pimg.content.cid import Cid
+from p2pimg.errors import InvalidInput, NotFound, P2pimgError
+from p2pimg.fetch.engine import BlobFetch
+from p2pimg.fetch.resolver import IPFS_PREFIX
+from p2pimg.fetch.schedule import COMING
+from p2pimg.node import pins as node_pins
+from p2pimg.node.node import Node, peer_client
+from p2pimg.node.warm import Poll, parse_ref, remote_warm
+from p2pimg.sources.origins import list_tags
+from p2pimg.store import cache
+from p2pimg.web.peerapi import PeerService
+from p2pimg.web.registry import error_response
+from p2pimg.web.server import Request, Response
+
+log = logging.getLogger(__name__)
+
+_STATIC = importlib.resources.files("p2pimg.web") / "ui_static"
+_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+}
+_POLICY = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; script-src 'self'; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+)
+_MAX_BODY = 4096  # an action's JSON
+_IMAGES_EVERY = 5.0  # seconds between two listings of the origin's tags
+_CACHE_EVERY = 2.0  # seconds between two scans of the cache directory
+_MAX_IMAGES = 200  # tags shown (each needs its image root)
+_WARMS_KEPT = 64  # LAN warm tables kept
+_MAX_CLIENTS = 50  # clients of the peer listener listed (those that are not our peers)
+
+
+class Denied(P2pimgError):
+    """The dashboard refuses a request: not from this machine, a foreign origin, no token, or
+    an action in read-only mode."""
+
+    oci_code = "DENIED"
+    http_status = 403
+    exit_code = 2
+
+
+def _json(value: object, status: int = 200) -> Response:
+    body = json.dumps(value).encode()
+    headers = [
+        ("content-type", "application/json"),
+        ("content-length", str(len(body))),
+        ("cache-control", "no-store"),
+    ]
+    return Response(status, headers, body)
+
+
+def _loopback_host(host: str) -> bool:
+    """A `Host` naming this machine literally: localhost, 127.x, ::1 (any port)."""
+    name = urlsplit(f"//{host}").hostname or ""
+    return name == "localhost" or name.startswith("127.") or name == "::1"
+
+
+class Dashboard:
+    """The `/ui/` part of the registry listener of one node."""
+
+    def __init__(self, node: Node, peers: PeerService, *, registry: str = "") -> None:
+        self.node = node
+        self.peers = peers
+        self.registry = registry  # HOST:PORT of the listener, once bound
+        self.read_only = node.config.ui_read_only
+        self.token = secrets.token_urlsafe(32)
+        self.started = time.monotonic()
+        self._images: tuple[float, list[dict[str, object]]] = (-_IMAGES_EVERY, [])
+        self._cache: tuple[float, cache.CacheState | None] = (-_CACHE_EVERY, None)
+        self._lan: collections.OrderedDict[str, dict[str, dict[str, object]]] = collections.OrderedDict()
+        self._gets: dict[str, Callable[[], Awaitable[object]]] = {
+            "/ui/api/node": self._node,
+            "/ui/api/images": self._images_doc,
+            "/ui/api/transfers": self._transfers,
+            "/ui/api/peers": self._peers,
+            "/ui/api/cache": self._cache_doc,
+        }
+        self._posts: dict[str, Callable[[dict[str, Any]], Awaitable[tuple[int, object]]]] = {
+            "/ui/api/warm": self._warm,
+            "/ui/api/pin": self._pin,
+            "/ui/api/unpin": self._unpin,
+            "/ui/api/gc": self._gc,
+        }
+
+    @staticmethod
+    def wants(request: Request) -> bool:
+        return request.path == "/ui" or request.path.startswith("/ui/")
+
+    async def handle(self, request: Request) -> Response:
+        try:
+            self._check_caller(request)
+            if request.path == "/ui":
+                return Response(308, [("location", "/ui/"), ("content-length", "0")], b"")
+            if request.method == "POST":
+                return await self._post(request)
+            if request.method not in ("GET", "HEAD"):
+                raise Denied(f"{request.method} is not allowed on {request.path}")
+            if request.path == "/ui/":
+                return self._page()
+            if request.path.startswith("/ui/static/"):
+                return self._static(request.path[len("/ui/static/") :])
+            if request.path.startswith("/ui/api/warm/"):
+                return _json(self._warm_status(request.path[len("/ui/api/warm/") :]))
+            get = self._gets.get(request.path)
+            if get is None:
+                raise NotFound(f"no dashboard page or API at {request.path}")
+            return _json(await get())
+        except P2pimgError as exc:
+            return error_response(exc, head=request.method == "HEAD")
+
+    # -- who is asking -----------------------------------------------------------------------
+
+    def _check_caller(self, request: Request) -> None:
+        if not request.from_this_machine:
+            raise Denied("the dashboard answers clients on this machine only")
+        if not _loopback_host(request.headers.get("host", "")):
+            raise Denied("open the dashboard as http://127.0.0.1:PORT/ui/ or http://localhost:PORT/ui/")
+
+    def _check_action(self, request: Request) -> None:
+        if self.read_only:
+            raise Denied("this node's dashboard is read-only (--ui-read-only)")
+        origin = request.headers.get("origin")
+        if origin is not None and origin != f"http://{request.headers.get('host', '')}":
+            raise Denied(f"an action from another origin ({origin[:100]}) is refused")
+        given = request.headers.get("x-p2pimg-token", "")
+        if not hmac.compare_digest(given.encode(), self.token.encode()):
+            raise Denied("missing or wrong X-P2pimg-Token: reload the dashboard page")
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            raise InvalidInput("an action's body must be JSON (Content-Type: application/json)")
+
+    async def _post(self, request: Request) -> Response:
+        action = self._posts.get(request.path)
+        if action is None:
+            raise NotFound(f"no dashboard action at {request.path}")
+        self._check_action(request)
+        if len(request.body) > _MAX_BODY:
+            raise InvalidInput(f"an action's body is at most {_MAX_BODY} bytes")
+        try:
+            doc = json.loads(request.body or b"{}")
+        except (ValueError, UnicodeDecodeError):
+            raise InvalidInput("the body is not JSON") from None
+        if not isinstance(doc, dict):
+            raise InvalidInput("the body must be a JSON object")
+        status, answer = await action(doc)
+        return _json(answer, status)
+
+    # -- the page ----------------------------------------------------------------------------
+
+    def _page(self) -> Response:
+        text = (_STATIC / "index.html").read_text()
+        text = text.replace("{{TOKEN}}", self.token).replace("{{READ_ONLY}}", "1" if self.read_only else "0")
+        body = text.encode()
+        return Response(
+            200,
+            [
+                ("content-type", _TYPES[".html"]),
+                ("content-length", str(len(body))),
+                ("cache-control", "no-store"),
+                ("content-security-policy", _POLICY),
+                ("x-content-type-options", "nosniff"),
+                ("referrer-policy", "no-referrer"),
+            ],
+            body,
+        )
+
+    @staticmethod
+    def _static(name: str) -> Response:
+        suffix = name[name.rfind(".") :] if "." in name else ""
+        # Only plain file names of the package's own directory: no paths, no hidden files.
+        if "/" in name or name.startswith(".") or suffix not in _TYPES or name == "index.html":
+            raise NotFound(f"no dashboard file {name[:100]}")
+        resource = _STATIC / name
+        if not resource.is_file():
+            raise NotFound(f"no dashboard file {name[:100]}")
+        body = resource.read_bytes()
+        return Response(
+            200,
+            [
+                ("content-type", _TYPES[suffix]),
+                ("content-length", str(len(body))),
+                ("cache-control", "no-cache"),
+                ("x-content-type-options", "nosniff"),
+            ],
+            body,
+        )
+
+    # -- what it shows -----------------------------------------------------------------------
+
+    async def _node(self) -> dict[str, object]:
+        config = self.node.config
+        return {
+            "node_id": self.node.node_id,
+            "version": p2pimg.__version__,
+            "registry": self.registry,
+            "peer_listen": config.peer_listen,
+            "origin": self.node.origin.url,
+            "upstreams": list(config.upstreams),
+            "gateways": list(getattr(config, "ipfs_gateways", ())),
+            "read_only": self.read_only,
+            "tls": self.node.tls is not None,
+            "swarm_key": self.node.swarm_key is not None,
+            "uptime": round(time.monotonic() - self.started, 1),
+        }
+
+    async def _transfers(self) -> dict[str, object]:
+        log_ = self.node.fetcher.transfers
+        now = trio.current_time()
+        active = []
+        for record in list(log_.active.values()):
+            fetch = self.node.fetcher.fetch_of(record.digest)
+            active.append(record.to_json(now, _coming(fetch)))
+        active.sort(key=lambda t: float(t["started"]))  # type: ignore[arg-type]
+        return {"now": round(now, 4), "active": active, "finished": [r.to_json(now) for r in log_.finished]}
+
+    async def _peers(self) -> dict[str, object]:
+        swarm, stats = self.node.swarm, self.node.fetcher.stats
+        now = trio.current_time()
+        found = []
+        for url, source in sorted(swarm.peers.items()):
+            s = stats.get(source.name)
+            state = "ok"
+            if s is not None and s.banned:
+                state = "banned"
+            elif s is not None and s.unavailable_until > now:
+                state = "backoff"
+            found.append(
+                {
+                    "url": url,
+                    "node_id": source.node_id,
+                    "found": swarm.found_by(url),
+                    "rate": round(s.throughput, 1) if s is not None and s.throughput else None,
+                    "state": state,
+                    "backoff": round(s.unavailable_until - now, 1) if state == "backoff" and s else None,
+                    "bad_chunks": s.bad_chunks if s is not None else 0,
+                    "tls": url.startswith("https://"),
+                    "sent_us": s.bytes if s is not None else 0,
+                    "we_sent": self.peers.served_to.get(urlsplit(url).hostname or "", 0),
+                }
+            )
+        hosts = {urlsplit(url).hostname for url in swarm.peers}
+        clients = [
+            {"address": address, "we_sent": n}
+            for address, n in self.peers.served_to.most_common(_MAX_CLIENTS)
+            if address not in hosts
+        ]
+        return {"me": self.node.node_id, "peers": found, "clients": clients}
+
+    async def _scan(self) -> cache.CacheState:
+        stamp, state = self._cache
+        if state is None or time.monotonic() - stamp >= _CACHE_EVERY:
+            state = await trio.to_thread.run_sync(cache.scan, self.node.store)
+            self._cache = (time.monotonic(), state)
+        return state
+
+    async def _cache_doc(self) -> dict[str, object]:
+        state = await self._scan()
+        metrics = self.node.metrics
+        return {
+            "used": state.total,
+            "limit": self.node.config.cache_max,
+            "blobs": len(state.blobs),
+            "blob_bytes": state.blob_bytes,
+            "partial": state.partial_bytes,
+            "pinned": sum(b.size for b in state.blobs if b.pinned),
+            "evictions": int(metrics.cache_evictions._value.get()),
+            "evicted_bytes": int(metrics.cache_evicted_bytes._value.get()),
+        }
+
+    async def _images_doc(self) -> dict[str, object]:
+        stamp, images = self._images
+        if time.monotonic() - stamp >= _IMAGES_EVERY:
+            images = await self._list_images()
+            self._images = (time.monotonic(), images)
+        state = await self._scan()
+        sizes = {b.digest: b.size for b in state.blobs}
+        partial = {p.digest: p.verified for p in state.partials}
+        pinned_roots = await trio.to_thread.run_sync(cache.pins, self.node.store)
+        shown = []
+        for image in images:
+            digests: list[str] = image.get("_digests", [])  # type: ignore[assignment]
+            cached = sum(sizes.get(d) or partial.get(d, 0) for d in digests)
+            shown.append(
+                {k: v for k, v in image.items() if not k.startswith("_")}
+                | {"cached": cached, "pinned": image["root"] in pinned_roots}
+            )
+        return {"images": shown}
+
+    async def _list_images(self) -> list[dict[str, object]]:
+        """Published NAME:TAGs (from the origin; those this cache saw when it is unreachable),
+        then images only pinned here, each with its root's size and blob digests."""
+        resolver, store = self.node.resolver, self.node.store
+        refs: list[tuple[str, str, str]] = []  # (name, tag, kind)
+        try:
+            with trio.fail_after(10):
+                published = await list_tags(self.node.origin)
+        except (P2pimgError, OSError, trio.TooSlowError) as exc:
+            log.info("dashboard: cannot list the origin's tags: %s", exc)
+            published = {}
+        refs += [(name, tag, "published") for name, tags in published.items() for tag in tags]
+        for ref, _digests in (await trio.to_thread.run_sync(cache.pins, store)).values():
+            if ref.startswith(IPFS_PREFIX):
+                refs.append((ref, "latest", "cached"))
+            elif ":" in ref and tuple(ref.rsplit(":", 1)) not in {(n, t) for n, t, _ in refs}:
+                name, tag = ref.rsplit(":", 1)
+                refs.append((name, tag, "cached"))
+        images: list[dict[str, object]] = []
+        for name, tag, kind in refs[:_MAX_IMAGES]:
+            try:
+                with trio.fail_after(10):
+                    cid = (
+                        Cid.parse(name[len(IPFS_PREFIX) :])
+                        if name.startswith(IPFS_PREFIX)
+                        else await resolver.resolve_tag(name, tag)
+                    )
+                    root = await resolver.root(cid)
+            except (P2pimgError, trio.TooSlowError) as exc:
+                failed: dict[str, object] = {"name": name, "tag": tag, "kind": kind, "root": None}
+                images.append(failed | {"size": 0, "blobs": 0, "error": str(exc)})
+                continue
+            images.append(
+                {
+                    "name": name,
+                    "tag": tag,
+                    "root": str(cid),
+                    "kind": kind,
+                    "size": sum(e.size for e in root.blobs.values()),
+                    "blobs": len(root.blobs),
+                    "_digests": sorted(root.blobs),
+                }
+            )
+        return images
+
+    # -- actions -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _ref(doc: dict[str, Any]) -> str:
+        ref = doc.get("ref")
+        if not isinstance(ref, str) or not ref.strip():
+            raise InvalidInput('expected {"ref": "NAME:TAG" or "ipfs/<CID>"}')
+        ref = ref.strip()
+        parse_ref(ref)  # a bad reference is a 400 now
+        return ref
+
+    async def _warm(self, doc: dict[str, Any]) -> tuple[int, object]:
+        ref = self._ref(doc)
+        lan = doc.get("lan", False)
+        if not isinstance(lan, bool):
+            raise InvalidInput('"lan" must be true or false')
+        job = self.node.warm.start(ref)
+        if lan:
+            table: dict[str, dict[str, object]] = {}
+            self._lan[job] = table
+            while len(self._lan) > _WARMS_KEPT:
+                self._lan.popitem(last=False)
+            client = peer_client(self.node.swarm_key, self.node.tls)
+            self.node.nursery.start_soon(self._warm_peers, client, ref, list(self.node.swarm.peers), table)
+        return 202, {"id": job}
+
+    async def _warm_peers(
+        self, client: Any, ref: str, urls: list[str], table: dict[str, dict[str, object]]
+    ) -> None:
+        async def one(url: str) -> None:
+            table[url] = {"state": "running"}
+
+            async def follow(poll: Poll, _label: str) -> dict[str, object]:
+                while True:
+                    table[url] = status = await poll()
+                    if status.get("state") != "running":
+                        return status
+                    await trio.sleep(0.5)
+
+            table[url] = await remote_warm(client, url.rstrip("/"), ref, follow=follow)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for url in urls:
+                    nursery.start_soon(one, url)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await client.aclose()
+
+    def _warm_status(self, job: str) -> dict[str, object]:
+        status = self.node.warm.status(job)
+        if status is None:
+            raise NotFound(f"no warm job {job[:64]}")
+        doc = dict(status, id=job, bytes=status.get("bytes_total"))
+        if job in self._lan:
+            doc["peers"] = dict(self._lan[job])
+        return doc
+
+    async def _pin(self, doc: dict[str, Any]) -> tuple[int, object]:
+        root, digests = await node_pins.pin(self.node.store, self.node.resolver, self._ref(doc))
+        self._images = (-_IMAGES_EVERY, [])
+        return 200, {"root": str(root), "blobs": len(digests)}
+
+    async def _unpin(self, doc: dict[str, Any]) -> tuple[int, object]:
+        roots = await node_pins.unpin(self.node.store, self.node.resolver, self._ref(doc))
+        self._images = (-_IMAGES_EVERY, [])
+        return 200, {"roots": roots}
+
+    async def _gc(self, doc: dict[str, Any]) -> tuple[int, object]:
+        text = doc.get("max_size")
+        if text is not None and not isinstance(text, str | int):
+            raise InvalidInput('"max_size" must be a size such as "10G" or a number of bytes')
+        limit = cache.parse_limit(str(text)) if text is not None else self.node.config.cache_max or 0
+        fetcher = self.node.fetcher
+        result = cache.collect(
+            self.node.store, limit, busy=lambda digest: fetcher.fetch_of(digest) is not None
+        )
+        self._cache = (-_CACHE_EVERY, None)
+        return 200, {
+            "removed": len(result.removed),
+            "freed": sum(item.size for item in result.removed),
+            "before": result.before,
+            "after": result.after,
+            "limit": limit,
+        }
+
+
+def _coming(fetch: BlobFetch | None) -> bytes:
+    """Per chunk, nonzero where a request is bringing it now."""
+    if fetch is None or fetch.schedule is None:
+        return b""
+    return bytes(1 if state == COMING else 0 for state in fetch.schedule.availability())
+
+
+__all__ = ["Dashboard", "Denied"]
