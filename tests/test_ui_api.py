@@ -312,3 +312,34 @@ async def test_peers_of_a_two_node_swarm_and_bytes_both_ways(
         (t,) = [t for t in transfers["finished"] if t["digest"] == layer["digest"]]
         assert any(s.startswith("peer ") for s in t["sources"])
     nursery.cancel_scope.cancel()
+
+
+async def test_the_unix_socket_answers_its_owner_without_a_token(
+    tmp_path: Path, sample: SampleImage, nursery: trio.Nursery
+) -> None:
+    """`--ui-socket`: the registry and the dashboard on a unix socket of mode 0600, where an
+    action needs no token (no browser page can connect to it); the file goes when serve stops."""
+    import os
+    import stat
+
+    path = str(tmp_path / "p2pimg.sock")
+    origin, root = await published_home(tmp_path, sample)
+    config = load_config(
+        home=str(tmp_path / "home"),
+        origin=origin.root.as_uri(),
+        listen="127.0.0.1:0",
+        mdns=False,
+        ui_socket=path,
+    )
+    async with trio.open_nursery() as inner:
+        await inner.start(serve, config)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        transport = httpx.AsyncHTTPTransport(uds=path)
+        async with httpx.AsyncClient(transport=transport, base_url="http://p2pimg", timeout=30) as client:
+            assert (await client.get("/v2/")).status_code == 200
+            assert (await client.get("/ui/api/node")).json()["node_id"]
+            r = await client.post("/ui/api/pin", json={"ref": "demo/app:1"})
+            assert r.status_code == 200 and r.json()["root"] == str(root), r.text
+            assert [i["pinned"] for i in (await client.get("/ui/api/images")).json()["images"]] == [True]
+        inner.cancel_scope.cancel()
+    assert not os.path.exists(path)

@@ -54,6 +54,7 @@ def _config(args: argparse.Namespace) -> Config:
         ),
         allow_public_mirror=getattr(args, "allow_public_mirror", None) or None,
         ui_read_only=getattr(args, "ui_read_only", None) or None,
+        ui_socket=getattr(args, "ui_socket", None),
     )
 
 

@@ -41,7 +41,8 @@ config file: $P2PIMG_HOME/config.toml (TOML; every key optional), for example
   keys: origin, listen, chunk_size, policy, upstreams (a list), upstream_tag_ttl,
   peer_listen, peers (a list), peer_dns (a list), mdns (true/false), peer_rate,
   peer_max_requests, cache_max, trust (a list of .pub files), swarm_key_file, peer_tls_cert,
-  peer_tls_key, peer_tls_ca, allow_public_mirror (true/false), ui_read_only (true/false)
+  peer_tls_key, peer_tls_ca, allow_public_mirror (true/false), ui_read_only (true/false),
+  ui_socket
 
 exit codes: 0 ok, 1 other failure, 2 bad input, 3 not found, 4 verification failed,
   5 origin failed, 6 cache write failed"""

@@ -210,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the dashboard at /ui/ only shows: no warm, pin, unpin or cache gc from it",
     )
     p.add_argument(
+        "--ui-socket",
+        metavar="PATH",
+        help="also serve the registry and dashboard on this unix socket (mode 0600; whoever "
+        "opens it acts as this machine's user: the Docker Desktop extension's backend uses it)",
+    )
+    p.add_argument(
         "--policy",
         choices=sorted(POLICIES),
         help="which source sends each chunk: prefer-near (LAN peers, then the origin, then "

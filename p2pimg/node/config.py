@@ -95,6 +95,7 @@ class Config:
     # serve a mirror that pulls with the user's credentials on a registry listener beyond loopback
     allow_public_mirror: bool = False
     ui_read_only: bool = False  # the dashboard shows, but takes no actions (warm, pin, gc)
+    ui_socket: str | None = None  # also serve the registry listener's API on this unix socket
 
     @property
     def cache_dir(self) -> Path:
@@ -122,6 +123,7 @@ def load_config(
     peer_tls: tuple[str | None, str | None, str | None] | None = None,
     allow_public_mirror: bool | None = None,
     ui_read_only: bool | None = None,
+    ui_socket: str | None = None,
 ) -> Config:
     home_path = Path(home or os.environ.get("P2PIMG_HOME") or default_home()).expanduser().absolute()
     file_values: dict[str, Any] = {}
@@ -195,6 +197,7 @@ def load_config(
         peer_tls=_peer_tls(peer_tls, file_values),
         allow_public_mirror=public_mirror,
         ui_read_only=read_only,
+        ui_socket=ui_socket or file_values.get("ui_socket"),
     )
 
 

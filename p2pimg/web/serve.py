@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import resource
 import signal
 import sys
@@ -18,7 +20,7 @@ from p2pimg.sources.upstream.dockerconfig import docker_config_path, load_creden
 from p2pimg.sources.upstream.refs import is_loopback, registry_base
 from p2pimg.web.peerapi import PeerService
 from p2pimg.web.registry import Registry
-from p2pimg.web.server import Handler, Request, Response, listen, serve_connection
+from p2pimg.web.server import Handler, Request, Response, listen, listen_unix, serve_connection
 from p2pimg.web.ui import Dashboard
 
 log = logging.getLogger(__name__)
@@ -117,6 +119,9 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[str] = trio.TASK
             dashboard = Dashboard(node, peers, registry=address)
             handler = local_control(node, registry, peers, dashboard)
             node.nursery.start_soon(partial(trio.serve_listeners, serve_connection(handler), listeners))
+            if config.ui_socket:
+                unix = await listen_unix(config.ui_socket)
+                node.nursery.start_soon(partial(trio.serve_listeners, serve_connection(handler), unix))
             peer_address = None
             if peer_listeners:
                 tls = node.tls.server_context() if node.tls is not None else None
@@ -148,3 +153,6 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[str] = trio.TASK
                     break
             finally:
                 clear_serve_info(config)
+                if config.ui_socket:
+                    with contextlib.suppress(OSError):
+                        os.unlink(config.ui_socket)

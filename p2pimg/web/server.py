@@ -31,6 +31,7 @@ import os
 import select
 import socket
 import ssl
+import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -64,6 +65,8 @@ MAX_CONNECTIONS = 1024
 _SEND_BUFFER = 4 << 20
 _TLS_PIECE = 256 << 10
 
+UNIX = "unix"  # the client address of a unix socket's connections
+
 
 @dataclass(frozen=True)
 class FileRegion:
@@ -94,9 +97,10 @@ class Request:
 
     @property
     def from_this_machine(self) -> bool:
-        """Loopback, or a connection from our own address to itself."""
+        """Loopback, a connection from our own address to itself, or a unix socket's."""
         return (
-            self.client.startswith("127.")
+            self.client == UNIX
+            or self.client.startswith("127.")
             or self.client in ("::1", "::ffff:127.0.0.1")
             or (bool(self.client) and self.client == self.local)
         )
@@ -239,11 +243,7 @@ class _Connection:
         self.gate = gate
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         sock = stream.transport_stream.socket if isinstance(stream, trio.SSLStream) else stream.socket
-        try:
-            self.client = str(sock.getpeername()[0])
-            self.local = str(sock.getsockname()[0])
-        except OSError:
-            self.client = self.local = ""
+        self.client, self.local = _addresses(sock)
 
     async def _send(self, event: h11.Event, pace: _Pace | None = None) -> None:
         data = self.conn.send(event)
@@ -448,6 +448,36 @@ def _to_request(event: h11.Request) -> Request | None:
     )
 
 
+def _addresses(sock: trio.socket.SocketType) -> tuple[str, str]:
+    """(client, local) addresses of a connection: IPs, or both UNIX for a unix socket's."""
+    if sock.family == socket.AF_UNIX:
+        return UNIX, UNIX
+    try:
+        return str(sock.getpeername()[0]), str(sock.getsockname()[0])
+    except OSError:
+        return "", ""
+
+
+async def listen_unix(path: str) -> list[trio.SocketListener]:
+    """A listener on a unix socket at `path` (a stale socket file there is replaced), which only
+    its owner can open: whoever connects through it is this machine's user."""
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+        old = os.umask(0o177)
+        try:
+            await sock.bind(path)
+        finally:
+            os.umask(old)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"cannot listen on {path}: {exc.strerror or exc}", errno=exc.errno) from None
+    return [trio.SocketListener(sock)]
+
+
 async def listen(host: str, port: int) -> list[trio.SocketListener]:
     try:
         return await trio.open_tcp_listeners(port, host=host)
@@ -484,10 +514,7 @@ def serve_connection(
 
     async def on_connection(stream: trio.SocketStream) -> None:
         nonlocal last_warning
-        try:
-            client = str(stream.socket.getpeername()[0])
-        except OSError:
-            client = ""
+        client = _addresses(stream.socket)[0]
         over_client = per_client is not None and by_client.get(client, 0) >= per_client
         if over_client or connections.available_tokens < 1:
             if trio.current_time() - last_warning > 60:  # an attack must not flood the log too

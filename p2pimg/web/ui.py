@@ -17,7 +17,9 @@ site that rebinds its DNS name to 127.0.0.1 never gets an answer). An action (PO
 the session's token, which the page gets embedded in it (a new one each time the node starts), an
 `Origin`, when the browser sends one, of this very listener, and a JSON body (which a plain form
 of another site cannot send without a CORS preflight, never answered here). `--ui-read-only`
-refuses every action.
+refuses every action. The same handler also answers on `--ui-socket PATH`, a unix socket only
+its owner can open and no browser page can reach: there neither Host, Origin nor token is asked
+for (it is how the Docker Desktop extension's UI reaches its backend container).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from p2pimg.sources.origins import list_tags
 from p2pimg.store import cache
 from p2pimg.web.peerapi import PeerService
 from p2pimg.web.registry import error_response
-from p2pimg.web.server import Request, Response
+from p2pimg.web.server import UNIX, Request, Response
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +155,8 @@ class Dashboard:
     # -- who is asking -----------------------------------------------------------------------
 
     def _check_caller(self, request: Request) -> None:
+        if request.client == UNIX:
+            return  # only this machine's user can open the socket, and no browser page can
         if not request.from_this_machine:
             raise Denied("the dashboard answers clients on this machine only")
         if not _loopback_host(request.headers.get("host", "")):
@@ -161,6 +165,8 @@ class Dashboard:
     def _check_action(self, request: Request) -> None:
         if self.read_only:
             raise Denied("this node's dashboard is read-only (--ui-read-only)")
+        if request.client == UNIX:
+            return
         origin = request.headers.get("origin")
         if origin is not None and origin != f"http://{request.headers.get('host', '')}":
             raise Denied(f"an action from another origin ({origin[:100]}) is refused")
