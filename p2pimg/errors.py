@@ -110,6 +110,11 @@ class BlockInvalid(P2pimgError):
     http_status = 502
 
 
+class UnixfsInvalid(BlockInvalid):
+    """A dag-pb block or UnixFS node that is malformed, or a DAG that is not the file it was taken
+    for (a directory, a wrong codec, sizes that do not add up, too deep, too wide, too big)."""
+
+
 class NotFound(P2pimgError):
     """Something is not there. The spec has no generic "not found" code (`NOT_FOUND` is not one):
     p2pimg's content is addressed blobs and blocks, and what is missing without a more specific

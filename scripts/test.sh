@@ -11,7 +11,8 @@ log() { printf '==> %s\n' "$*" >&2; }
 
 # --- System packages: the real registry clients the integration tests drive. ---------------
 # Only ask apt when something is missing, so a prepared machine pays nothing here.
-packages=(skopeo podman containerd docker-registry umoci uidmap iproute2 curl)
+# npm: Node 22 and the JS IPFS packages come from the npm registry (tools/ipfs_node.sh).
+packages=(skopeo podman containerd docker-registry umoci uidmap iproute2 curl npm)
 if [[ ! -d .venv ]]; then
     # `python3 -m venv` needs ensurepip, which Debian ships separately in python3-venv.
     packages+=(python3 python3-venv)
@@ -94,6 +95,10 @@ fi
 
 # --- Checks. Run all of them so one report shows every problem; fail if any failed. ---------
 failed=()
+
+# Node 22 and npm's UnixFS importer in .cache/node, for the IPFS interop tests (idempotent).
+log "tools/ipfs_node.sh"
+bash tools/ipfs_node.sh >/dev/null || failed+=(ipfs-node)
 
 log "ruff check p2pimg tests bench tools fuzz"
 .venv/bin/ruff check p2pimg tests bench tools fuzz || failed+=(ruff)

@@ -1,9 +1,14 @@
 """Content identifiers: CIDv1 over sha2-256 and the OCI digests they mirror.
 
-Only two kinds of CID name things in p2pimg: `raw` (0x55) for bytes (chunks, manifests, whole
+Only two kinds of CID name p2pimg's own content: `raw` (0x55) for bytes (chunks, manifests, whole
 blobs) and `dag-cbor` (0x71) for DAG nodes (blob maps, image roots), both hashed with sha2-256.
 A raw CID carries the same multihash as the OCI digest `sha256:<hex>` of the same bytes, so the
 two convert into each other without touching the content.
+
+A third, `dag-pb` (0x70), names UnixFS nodes: content added to IPFS by other software (nerdctl's
+images). A `Cid` can hold one, but `parse` and `from_bytes` refuse it unless the caller asks for
+it (`codecs=IPFS_CODECS`): p2pimg's own DAG never links to dag-pb, and places that parse CIDs of
+its own content keep refusing what it cannot hold.
 
 CIDs from outside are parsed by `multiformats` (any multibase, full validation). CIDs built here
 from a digest take a fast path: the binary form is a fixed 4-byte prefix plus the digest, and
@@ -15,6 +20,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -23,10 +29,15 @@ from multiformats import CID as _MfCID
 from p2pimg.errors import DigestInvalid
 
 RAW = 0x55
+DAG_PB = 0x70
 DAG_CBOR = 0x71
 SHA2_256 = 0x12
 
-_CODEC_NAMES = {RAW: "raw", DAG_CBOR: "dag-cbor"}
+_CODEC_NAMES = {RAW: "raw", DAG_PB: "dag-pb", DAG_CBOR: "dag-cbor"}
+# What `parse` and `from_bytes` accept by default: the codecs of p2pimg's own content.
+NATIVE_CODECS = frozenset({RAW, DAG_CBOR})
+# Those plus UnixFS nodes, for content read from IPFS.
+IPFS_CODECS = frozenset({RAW, DAG_PB, DAG_CBOR})
 _DIGEST_RE = re.compile(r"sha256:([a-f0-9]{64})")
 _MAX_CID_TEXT = 128
 
@@ -40,6 +51,7 @@ class Cid:
 
     _PREFIXES: ClassVar[dict[int, bytes]] = {
         RAW: bytes([0x01, RAW, SHA2_256, 0x20]),
+        DAG_PB: bytes([0x01, DAG_PB, SHA2_256, 0x20]),
         DAG_CBOR: bytes([0x01, DAG_CBOR, SHA2_256, 0x20]),
     }
 
@@ -57,21 +69,25 @@ class Cid:
         return cls(DAG_CBOR, hashlib.sha256(block).digest())
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Cid:
+    def of_dag_pb(cls, block: bytes) -> Cid:
+        return cls(DAG_PB, hashlib.sha256(block).digest())
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, codecs: AbstractSet[int] = NATIVE_CODECS) -> Cid:
         """Parse a binary CID (as carried in DAG-CBOR tag 42, after its 0x00 prefix)."""
         data = bytes(data)
         if len(data) == 36:
             for codec, prefix in cls._PREFIXES.items():
-                if data.startswith(prefix):
+                if data.startswith(prefix) and codec in codecs:
                     return cls(codec, data[4:])
         try:
             parsed = _MfCID.decode(data)
         except Exception as exc:
             raise DigestInvalid(f"malformed binary CID: {exc}") from None
-        return cls._from_multiformats(parsed, data.hex())
+        return cls._from_multiformats(parsed, data.hex(), codecs)
 
     @classmethod
-    def parse(cls, text: str) -> Cid:
+    def parse(cls, text: str, *, codecs: AbstractSet[int] = NATIVE_CODECS) -> Cid:
         """Parse a CID string from outside (any multibase multiformats knows)."""
         if not text or len(text) > _MAX_CID_TEXT or not text.isascii():
             raise DigestInvalid(f"invalid CID {text[:80]!r}")
@@ -79,16 +95,17 @@ class Cid:
             parsed = _MfCID.decode(text)
         except Exception as exc:
             raise DigestInvalid(f"invalid CID {text!r}: {exc}") from None
-        return cls._from_multiformats(parsed, text)
+        return cls._from_multiformats(parsed, text, codecs)
 
     @classmethod
-    def _from_multiformats(cls, parsed: _MfCID, shown: str) -> Cid:
+    def _from_multiformats(cls, parsed: _MfCID, shown: str, codecs: AbstractSet[int]) -> Cid:
         if parsed.version != 1:
             raise DigestInvalid(f"CID {shown} is CIDv{parsed.version}; p2pimg names content by CIDv1")
         if parsed.hashfun.name != "sha2-256":
             raise DigestInvalid(f"CID {shown} uses {parsed.hashfun.name}; only sha2-256 is supported")
-        if parsed.codec.code not in _CODEC_NAMES:
-            raise DigestInvalid(f"CID {shown} has codec {parsed.codec.name}; expected raw or dag-cbor")
+        if parsed.codec.code not in codecs or parsed.codec.code not in _CODEC_NAMES:
+            expected = " or ".join(_CODEC_NAMES[c] for c in sorted(codecs) if c in _CODEC_NAMES)
+            raise DigestInvalid(f"CID {shown} has codec {parsed.codec.name}; expected {expected}")
         try:
             digest = bytes(parsed.raw_digest)  # multiformats checks the declared length only here
         except Exception as exc:

@@ -12,12 +12,21 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multiformats import multihash
 
-from p2pimg.content.cid import DAG_CBOR, RAW, SHA2_256, Cid, digest_of, parse_digest
+from p2pimg.content.cid import (
+    DAG_CBOR,
+    DAG_PB,
+    IPFS_CODECS,
+    RAW,
+    SHA2_256,
+    Cid,
+    digest_of,
+    parse_digest,
+)
 from p2pimg.errors import DigestInvalid, InvalidInput
 
 digests = st.binary(min_size=32, max_size=32)
 codecs = st.sampled_from([RAW, DAG_CBOR])
-CODEC_NAME = {RAW: "raw", DAG_CBOR: "dag-cbor"}
+CODEC_NAME = {RAW: "raw", DAG_CBOR: "dag-cbor", DAG_PB: "dag-pb"}
 
 EMPTY_SHA256 = bytes.fromhex("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
 # The well-known CIDv1(raw, sha2-256) of the empty byte string.
@@ -62,10 +71,24 @@ def test_to_bytes_layout() -> None:
     assert Cid(DAG_CBOR, d).to_bytes() == bytes([0x01, 0x71, SHA2_256, 0x20]) + d
 
 
-@pytest.mark.parametrize("codec", [0x70, 0x00, 0x01, 0x72, 0x0129, -1])
+@pytest.mark.parametrize("codec", [0x00, 0x01, 0x72, 0x0129, -1])
 def test_constructor_refuses_other_codecs(codec: int) -> None:
     with pytest.raises(DigestInvalid):
         Cid(codec, b"\x00" * 32)
+
+
+def test_dag_pb_cids_are_parsed_only_when_asked_for() -> None:
+    block = b"\x0a\x02\x08\x02"  # a UnixFS File node with no links
+    c = Cid.of_dag_pb(block)
+    assert c.codec == DAG_PB and c.codec_name == "dag-pb"
+    assert c.to_bytes() == bytes([0x01, 0x70, SHA2_256, 0x20]) + hashlib.sha256(block).digest()
+    assert str(c) == str(mf_cid(DAG_PB, hashlib.sha256(block).digest()))
+    assert Cid.parse(str(c), codecs=IPFS_CODECS) == c
+    assert Cid.from_bytes(c.to_bytes(), codecs=IPFS_CODECS) == c
+    assert Cid.parse(str(Cid.of_raw(block)), codecs=IPFS_CODECS) == Cid.of_raw(block)
+    # p2pimg's own content never links to dag-pb: the defaults keep refusing it.
+    assert "dag-pb" in str(_raises_digest_invalid(Cid.parse, str(c)))
+    _raises_digest_invalid(Cid.from_bytes, c.to_bytes())
 
 
 @pytest.mark.parametrize("length", [0, 1, 31, 33, 64])
