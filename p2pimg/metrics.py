@@ -78,7 +78,7 @@ class Metrics:
         )
         for result in ("served", "busy", "refused"):
             self.peer_requests.labels(result)
-        for kind in ("origin", "peer", "upstream"):
+        for kind in ("origin", "peer", "upstream", "gateway"):
             self.source_bytes.labels(kind)
             self.source_requests.labels(kind)
             self.verify_failures.labels(kind)

@@ -96,9 +96,11 @@ fi
 # --- Checks. Run all of them so one report shows every problem; fail if any failed. ---------
 failed=()
 
-# Node 22 and npm's UnixFS importer in .cache/node, for the IPFS interop tests (idempotent).
-log "tools/ipfs_node.sh"
-bash tools/ipfs_node.sh >/dev/null || failed+=(ipfs-node)
+# Node 22 with npm's UnixFS importer (.cache/node) and Helia (.cache/helia), for the IPFS
+# interop tests: the Python importer against the JS one, Helia against the peer listener
+# (idempotent; helia_node.sh runs ipfs_node.sh first).
+log "tools/helia_node.sh"
+bash tools/helia_node.sh >/dev/null || failed+=(ipfs-js-tools)
 
 log "ruff check p2pimg tests bench tools fuzz"
 .venv/bin/ruff check p2pimg tests bench tools fuzz || failed+=(ruff)

@@ -37,6 +37,7 @@ def _config(args: argparse.Namespace) -> Config:
         chunk_size=getattr(args, "chunk_size", None),
         upstreams=getattr(args, "upstream", None),
         upstream_tag_ttl=getattr(args, "upstream_tag_ttl", None),
+        ipfs_gateways=getattr(args, "ipfs_gateway", None),
         policy=getattr(args, "policy", None),
         peer_listen=getattr(args, "peer_listen", None),
         peers=getattr(args, "peer", None),

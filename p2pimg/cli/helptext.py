@@ -29,6 +29,7 @@ environment (a flag wins over the environment, which wins over config.toml):
                      to 64M (default 1M)
   P2PIMG_SWARM_KEY   the LAN's shared secret (else $P2PIMG_HOME/swarm.key)
   P2PIMG_MDNS=0      neither announce nor browse for LAN peers with mDNS
+  P2PIMG_IPFS_GATEWAYS  IPFS trustless gateways for serve (URLs, space- or comma-separated)
   AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN)   credentials of s3:// origins
   STORJ_ACCESS       the access grant of storj:// origins
   DOCKER_CONFIG      directory of the Docker config.json with registry credentials
@@ -39,7 +40,7 @@ config file: $P2PIMG_HOME/config.toml (TOML; every key optional), for example
   listen = "127.0.0.1:5050"
   chunk_size = "1M"
   keys: origin, listen, chunk_size, policy, upstreams (a list), upstream_tag_ttl,
-  peer_listen, peers (a list), peer_dns (a list), mdns (true/false), peer_rate,
+  ipfs_gateways (a list), peer_listen, peers (a list), peer_dns (a list), mdns (true/false), peer_rate,
   peer_max_requests, cache_max, trust (a list of .pub files), swarm_key_file, peer_tls_cert,
   peer_tls_key, peer_tls_ca, allow_public_mirror (true/false), ui_read_only (true/false),
   ui_socket
@@ -83,14 +84,23 @@ ABOUT: dict[str, str] = {
         "Run the read-only OCI registry (127.0.0.1:5050 unless --listen says otherwise) in the "
         "foreground until Ctrl-C. It serves the published images by NAME:TAG and by ipfs/<CID>, "
         "fetching chunks from LAN peers and the origin and verifying each one; with --upstream it is "
-        "also a pull-through mirror of other registries, and with --peer-listen it shares its cache "
-        "with the LAN. GET /metrics gives Prometheus metrics."
+        "also a pull-through mirror of other registries, with --ipfs-gateway it pulls images nerdctl "
+        "pushed to IPFS (ipfs/<CID>:latest), and with --peer-listen it shares its cache with the LAN. "
+        "GET /metrics gives Prometheus metrics."
     ),
     "warm": (
         "Fetch an image completely into this home's cache, every blob verified, so that later pulls "
         "need no network; with --lan, ask every known peer to warm it too. When a `p2pimg serve` runs "
         "on the same home, this goes through it. Exits 0 only when every blob is there (and every peer "
         "succeeded)."
+    ),
+    "export": (
+        "Write an image's whole DAG as a CAR v1 file: its root, manifests, blob maps and chunks, each "
+        "block once and verified, the root CID as the CAR's root (printed as the last line). `ipfs dag "
+        "import FILE.car` then takes it, so an image published with p2pimg can be pinned in any IPFS "
+        "node or pinning service. What the cache lacks is fetched first, as `p2pimg warm` does (through"
+        " the server of the same home when one runs). IPFS refuses blocks over 2 MiB: an image "
+        "published with --chunk-size over 2M cannot be exported."
     ),
     "cache": ("Look after this home's cache ($P2PIMG_HOME/cache); the origin is not touched."),
     "cache ls": ("List the complete blobs (size, last use, pinned or not), the partial ones and the totals."),

@@ -199,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="re-check mutable upstream tags after this long (default 300)",
     )
     p.add_argument(
+        "--ipfs-gateway",
+        action="append",
+        metavar="URL",
+        help="fetch IPFS content (images nerdctl pushed, served as ipfs/<CID>) from this IPFS "
+        "trustless gateway, e.g. http://127.0.0.1:8080 (repeatable; each block checked by its CID)",
+    )
+    p.add_argument(
         "--allow-public-mirror",
         action="store_true",
         help="mirror with registry credentials even though --listen is beyond loopback "
@@ -261,6 +268,20 @@ def build_parser() -> argparse.ArgumentParser:
     _peers(p)
     _common(p)
     p.set_defaults(func=commands.cmd_warm)
+
+    p = sub.add_parser(
+        "export",
+        help="write an image's whole DAG as a CAR file, for ipfs dag import",
+        description=helptext.ABOUT["export"],
+    )
+    _trust(p)
+    p.add_argument("ref", metavar="REF", help="NAME:TAG or ipfs/<CID>")
+    p.add_argument(
+        "file", metavar="FILE.car", help="the CAR file to write (replaced whole, or left as it was)"
+    )
+    _peers(p)
+    _common(p)
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser(
         "cache",
@@ -360,6 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=commands.cmd_sample)
     return parser
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from p2pimg.cli.export import cmd_export  # only this command needs the gateway's walk
+
+    return cmd_export(args)
 
 
 class OneLineFormatter(logging.Formatter):

@@ -41,7 +41,7 @@ def summary(ref: str, status: dict[str, object]) -> str:
     )
 
 
-async def _follow(poll: Callable[[], Awaitable[dict[str, object]]], label: str) -> dict[str, object]:
+async def follow_progress(poll: Callable[[], Awaitable[dict[str, object]]], label: str) -> dict[str, object]:
     """Poll a warm job until it ends, with a progress bar on a terminal."""
     if not sys.stderr.isatty():
         while True:
@@ -73,10 +73,12 @@ async def _follow(poll: Callable[[], Awaitable[dict[str, object]]], label: str) 
             await trio.sleep(_POLL)
 
 
-async def _remote_warm(client: httpx.AsyncClient, base: str, ref: str) -> dict[str, object]:
+async def warm_through(client: httpx.AsyncClient, base: str, ref: str) -> dict[str, object]:
     """Ask a node (the local server, or a LAN peer) to warm, and wait for it (with a progress bar
     when it is this machine's server)."""
-    return await remote_warm(client, base, ref, follow=_follow if base.startswith("http://127.") else None)
+    return await remote_warm(
+        client, base, ref, follow=follow_progress if base.startswith("http://127.") else None
+    )
 
 
 async def run_warm(config: Config, ref: str, *, lan: bool) -> int:
@@ -101,7 +103,7 @@ async def run_warm(config: Config, ref: str, *, lan: bool) -> int:
             async with trio.open_nursery() as nursery:
                 for url in peers:
                     nursery.start_soon(_warm_peer, client, url, ref, outcomes)
-                outcomes.insert(0, Outcome("this machine", await _remote_warm(client, base, ref)))
+                outcomes.insert(0, Outcome("this machine", await warm_through(client, base, ref)))
         else:
             async with open_node(config) as node:
                 if lan and node.swarm.discovery is not None:
@@ -116,7 +118,7 @@ async def run_warm(config: Config, ref: str, *, lan: bool) -> int:
                     if lan:
                         for url in list(node.swarm.peers):
                             nursery.start_soon(_warm_peer, client, url, ref, outcomes)
-                    outcomes.insert(0, Outcome("this machine", await _follow(poll, f"warming {ref}")))
+                    outcomes.insert(0, Outcome("this machine", await follow_progress(poll, f"warming {ref}")))
     finally:
         await client.aclose()
     status = 0
@@ -137,6 +139,6 @@ async def run_warm(config: Config, ref: str, *, lan: bool) -> int:
 
 async def _warm_peer(client: httpx.AsyncClient, url: str, ref: str, outcomes: list[Outcome]) -> None:
     started = time.monotonic()
-    status = await _remote_warm(client, url.rstrip("/"), ref)
+    status = await warm_through(client, url.rstrip("/"), ref)
     status.setdefault("seconds", round(time.monotonic() - started, 3))
     outcomes.append(Outcome(f"peer {url}", status))

@@ -27,7 +27,11 @@ import abc
 import math
 from dataclasses import dataclass
 
-KIND_RANK = {"peer": 0, "origin": 1, "upstream": 2}
+KIND_RANK = {"peer": 0, "origin": 1, "upstream": 2, "gateway": 2}
+# Kinds that pass on content others published (LAN peers, IPFS gateways): bytes that do not match
+# their CID are their fault, so they are penalised, then banned, for it; an origin or upstream is
+# the authority for what it holds (a bad object there is damage, not a lie).
+RELAYS = frozenset({"peer", "gateway"})
 MIN_RATE_SAMPLE = 256 << 10  # bytes a finished request needs for its rate to count
 BAN_AFTER_BAD_CHUNKS = 3
 BACKOFF_BASE = 0.25
@@ -108,13 +112,13 @@ class SourceStats:
     def sent_bad_chunk(self, now: float, nbytes: int = 0) -> None:
         """A chunk that did not match its CID.
 
-        A peer that lies gets a long penalty and, when it repeats, a ban. An origin or upstream
-        is the authority for what it published: a bad chunk there is damage to that one object
-        (or to one transfer), so the source stays in use at once for everything else; the
-        engine's per-chunk attempt limit ends the fetch of a damaged object.
+        A peer or gateway that lies (`RELAYS`) gets a long penalty and, when it repeats, a ban.
+        An origin or upstream is the authority for what it published: a bad chunk there is
+        damage to that one object (or to one transfer), so the source stays in use at once for
+        everything else; the engine's per-chunk attempt limit ends the fetch of a damaged object.
         """
         self.bad_chunks += 1
-        if self.kind != "peer":
+        if self.kind not in RELAYS:
             self.in_flight -= 1
             self.bytes += nbytes
             return

@@ -20,7 +20,7 @@ from typing import TypeVar
 import trio
 
 from p2pimg.content import dagcbor
-from p2pimg.content.cid import Cid, parse_digest
+from p2pimg.content.cid import DAG_CBOR, IPFS_CODECS, Cid, parse_digest
 from p2pimg.content.model import (
     MAX_MANIFEST_SIZE,
     MAX_TAG_RECORD_SIZE,
@@ -41,6 +41,7 @@ from p2pimg.errors import (
     P2pimgError,
     VerificationError,
 )
+from p2pimg.fetch.nerdctl import FileBlob, NerdctlImage, NerdctlImages
 from p2pimg.metrics import Timeline
 from p2pimg.sources.origins import Origin, block_key, tag_key
 from p2pimg.store.chunks import ChunkStore
@@ -109,6 +110,8 @@ class Resolver:
         self.timeline = Timeline()  # origin round trips (the node shares its metrics' timeline)
         # A root was read for the first time (the node prefetches its blob maps).
         self.on_root: Callable[[ImageRoot], None] = lambda _root: None
+        # `ipfs/<CID>` of another codec than dag-cbor: an image nerdctl pushed to IPFS (the node wires it).
+        self.nerdctl: NerdctlImages | None = None
         # Blocks by CID from LAN peers when the origin cannot give them (the node wires it).
         self.peer_block: Callable[[Cid, int], Awaitable[bytes | None]] = _no_peer_block
         # Encoded tag records LAN peers hold for a name and tag (the node wires it).
@@ -196,23 +199,26 @@ class Resolver:
         self.on_root(root)
         return root
 
-    async def prefetch_maps(self, root: ImageRoot) -> None:
+    async def prefetch_maps(self, root: ImageRoot | NerdctlImage) -> None:
         """Fetch every blob map of an image at once (`_PREFETCH` at a time), so that a pull's blob
         requests, which come one after another or a few at a time, find them ready instead of each
         paying the origin's round trip first. Failures are left for the blob request to meet."""
         limit = trio.CapacityLimiter(_PREFETCH)
 
-        async def one(digest: str, entry: BlobEntry) -> None:
+        async def one(digest: str, entry: BlobEntry | FileBlob) -> None:
             async with limit:
                 with contextlib.suppress(P2pimgError):
                     await self.blob_map(entry, digest)
 
         async with trio.open_nursery() as nursery:
             for digest, entry in root.blobs.items():
-                if entry.map not in self._maps:
+                if not isinstance(entry, BlobEntry) or entry.map not in self._maps:
                     nursery.start_soon(one, digest, entry)
 
-    async def blob_map(self, entry: BlobEntry, digest: str) -> BlobMap:
+    async def blob_map(self, entry: BlobEntry | FileBlob, digest: str) -> BlobMap:
+        if isinstance(entry, FileBlob):  # a blob of a nerdctl image
+            assert self.nerdctl is not None
+            return await self.nerdctl.blob_map(entry, digest)
         if (hit := self._maps.get(entry.map)) is not None:
             return hit
 
@@ -441,10 +447,14 @@ class Resolver:
 
     # -- what a registry name means --------------------------------------------------------
 
-    async def _roots_of(self, name: str) -> list[ImageRoot]:
-        """Images a name can serve: an `ipfs/<CID>` root, or the roots of the name's tags."""
+    async def _roots_of(self, name: str) -> list[ImageRoot] | list[NerdctlImage]:
+        """Images a name can serve: an `ipfs/<CID>` root (a nerdctl image's CID when it is not
+        dag-cbor), or the roots of the name's tags."""
         if name.startswith(IPFS_PREFIX):
-            return [await self.root(Cid.parse(name[len(IPFS_PREFIX) :]))]
+            cid = Cid.parse(name[len(IPFS_PREFIX) :], codecs=IPFS_CODECS)
+            if cid.codec != DAG_CBOR and self.nerdctl is not None:
+                return [await self.nerdctl.image(cid)]
+            return [await self.root(cid)]
         known = self._name_roots.get(name)
         if not known:
             refused: list[TagSignatureError] = []
@@ -459,7 +469,9 @@ class Resolver:
                 raise refused[0]
         return [await self.root(cid) for cid in sorted(known, key=str)]
 
-    async def _find(self, name: str, digest: str, kind: str) -> tuple[ImageRoot, object] | None:
+    async def _find(
+        self, name: str, digest: str, kind: str
+    ) -> tuple[ImageRoot | NerdctlImage, object] | None:
         parse_digest(digest)
         for attempt in range(2):
             for root in await self._roots_of(name):
@@ -502,12 +514,12 @@ class Resolver:
             root = await self.root(await self.resolve_tag(name, reference))
         return await self.manifest(root.top_entry, root.top)
 
-    async def blob_for(self, name: str, digest: str) -> BlobEntry:
+    async def blob_for(self, name: str, digest: str) -> BlobEntry | FileBlob:
         found = await self._find(name, digest, "blob")
         if found is None:
             raise BlobUnknown(f"blob {digest} is not part of {name}")
         entry = found[1]
-        assert isinstance(entry, BlobEntry)
+        assert isinstance(entry, BlobEntry | FileBlob)
         return entry
 
     async def referrers(self, name: str, subject: str) -> list[tuple[str, ManifestEntry]]:

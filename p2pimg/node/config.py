@@ -80,6 +80,7 @@ class Config:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     upstreams: tuple[str, ...] = ()
     upstream_tag_ttl: float = 300.0
+    ipfs_gateways: tuple[str, ...] = ()  # IPFS trustless gateways: a source of IPFS content
     policy: str = "prefer-near"
     peer_listen: str | None = None
     peers: tuple[str, ...] = ()
@@ -110,6 +111,7 @@ def load_config(
     chunk_size: str | None = None,
     upstreams: list[str] | None = None,
     upstream_tag_ttl: float | None = None,
+    ipfs_gateways: list[str] | None = None,
     policy: str | None = None,
     peer_listen: str | None = None,
     peers: list[str] | None = None,
@@ -149,6 +151,12 @@ def load_config(
     ttl = upstream_tag_ttl if upstream_tag_ttl is not None else file_values.get("upstream_tag_ttl", 300.0)
     if not isinstance(ttl, int | float) or ttl < 0:
         raise InvalidInput(f"invalid upstream tag TTL {ttl!r}: expected seconds >= 0")
+    gateways = ipfs_gateways or os.environ.get("P2PIMG_IPFS_GATEWAYS", "").replace(",", " ").split()
+    gateways = gateways or file_values.get("ipfs_gateways") or []
+    if not isinstance(gateways, list) or not all(
+        isinstance(u, str) and u.startswith(("http://", "https://")) for u in gateways
+    ):
+        raise InvalidInput(f"invalid IPFS gateways {gateways!r}: expected http(s)://HOST[:PORT] URLs")
     chosen_peer_listen = peer_listen or file_values.get("peer_listen")
     if chosen_peer_listen:
         parse_listen(chosen_peer_listen)
@@ -183,6 +191,7 @@ def load_config(
         chunk_size=size,
         upstreams=tuple(chosen_upstreams),
         upstream_tag_ttl=float(ttl),
+        ipfs_gateways=tuple(dict.fromkeys(u.rstrip("/") for u in gateways)),
         policy=policy or file_values.get("policy") or "prefer-near",
         peer_listen=chosen_peer_listen,
         peers=tuple(chosen_peers),

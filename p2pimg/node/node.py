@@ -24,6 +24,7 @@ from p2pimg.content.signing import TrustStore
 from p2pimg.errors import P2pimgError
 from p2pimg.fetch.engine import Fetcher
 from p2pimg.fetch.mirror import Mirror
+from p2pimg.fetch.nerdctl import NerdctlImage, NerdctlImages
 from p2pimg.fetch.policy import policy_named
 from p2pimg.fetch.resolver import Resolver
 from p2pimg.metrics import Metrics
@@ -33,6 +34,7 @@ from p2pimg.node.dnspeers import DnsPeers
 from p2pimg.node.peertls import PeerTls, load_peer_tls
 from p2pimg.node.warm import WarmJobs
 from p2pimg.sources.base import OriginSource
+from p2pimg.sources.gateway import Gateways
 from p2pimg.sources.httpbody import read_capped
 from p2pimg.sources.origins import Origin, open_origin
 from p2pimg.sources.peer import PeerSource, get_json
@@ -226,7 +228,7 @@ class Node:
         self.warm = WarmJobs(self.resolver, self.store, self.fetcher, self.chunk_index, self.nursery)
 
 
-async def first_look(resolver: Resolver, fetcher: Fetcher, root: ImageRoot) -> None:
+async def first_look(resolver: Resolver, fetcher: Fetcher, root: ImageRoot | NerdctlImage) -> None:
     """A node reads an image's root for the first time (a client asked for its manifest): fetch
     all its blob maps at once, then its small blobs (image configs, which a client always asks
     for, often last, after the layers), so that neither waits for the origin's round trip then."""
@@ -264,6 +266,10 @@ async def open_node(config: Config, *, advertise: tuple[str, int] | None = None)
         timeout=httpx.Timeout(30, connect=1.0),
         limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
     )
+    # IPFS gateways may be anywhere (a local Kubo, a public one): through a proxy if one is set.
+    gateway_client = httpx.AsyncClient(
+        timeout=httpx.Timeout(30, connect=5.0), limits=httpx.Limits(max_connections=32)
+    )
     own_id = await trio.to_thread.run_sync(node_id, config.home)
     trust = TrustStore.load(config.home, [Path(p) for p in config.trust])  # a bad key file fails at start
     discovery = None
@@ -274,9 +280,8 @@ async def open_node(config: Config, *, advertise: tuple[str, int] | None = None)
     try:
         async with trio.open_nursery() as nursery:
             metrics = Metrics()
-            fetcher = Fetcher(
-                store, [OriginSource(origin)], nursery, metrics=metrics, policy=policy, node_id=own_id
-            )
+            origin_source = OriginSource(origin)
+            fetcher = Fetcher(store, [origin_source], nursery, metrics=metrics, policy=policy, node_id=own_id)
             mirror = (
                 Mirror(
                     store,
@@ -319,6 +324,18 @@ async def open_node(config: Config, *, advertise: tuple[str, int] | None = None)
                 guarded, "a first look at an image", first_look, resolver, fetcher, root
             )
             resolver.peer_tags = swarm.tag_records
+            # `ipfs/<CID>` of an image nerdctl pushed: blocks from peers and gateways, blobs through
+            # the engine, the gateways being sources of it.
+            gateways = Gateways(config.ipfs_gateways, gateway_client, stats=fetcher.stats.get)
+            for gateway_source in gateways.sources:
+                fetcher.add_source(gateway_source)
+            nerdctl = NerdctlImages(store, gateways, chunk_size=config.chunk_size, peer_block=swarm.block)
+            nerdctl.on_blob_map = index.add
+            nerdctl.on_image = lambda image: nursery.start_soon(
+                guarded, "a first look at an image", first_look, resolver, fetcher, image
+            )
+            resolver.nerdctl = nerdctl
+            origin_source.elsewhere = lambda digest: gateways.files.get(digest) is not None
             await nursery.start(swarm.run)
             if config.peer_listen:  # only the peer listener serves chunks by CID
                 nursery.start_soon(guarded, "indexing cached chunks", index.add_cached, store)
@@ -342,6 +359,7 @@ async def open_node(config: Config, *, advertise: tuple[str, int] | None = None)
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(5):
             await client.aclose()
+            await gateway_client.aclose()
             for upstream in upstreams:
                 await upstream.aclose()
             await origin.aclose()

@@ -59,10 +59,12 @@ class OriginSource(ChunkSource):
         self.limit = limit
         self.segment_size = origin.segment_size
         self.max_span = origin.preferred_span
+        # Blobs known to be someone else's (in IPFS: an image nerdctl pushed), never asked of it.
+        self.elsewhere: Callable[[str], bool] = lambda _digest: False
 
     def inventory(self, blob_map: BlobMap) -> bytes | None:
         # A blob without chunk CIDs is a mirrored one: an upstream's, not published here.
-        return b"" if blob_map.checked else None
+        return b"" if blob_map.checked and not self.elsewhere(blob_map.digest) else None
 
     def read_span(self, blob_map: BlobMap, start: int, length: int) -> AsyncIterator[bytes]:
         return self.origin.read_range(blob_key(blob_map.digest), start, length)

@@ -4,8 +4,9 @@ Content-addressed only: a peer never serves a path, only content named by CID or
 only bytes it has verified. Single blocks follow the IPFS trustless-gateway form; what the swarm
 needs beyond it is versioned under /p2pimg/v1/:
 
-    GET /ipfs/<cid>                     a block: a chunk, a manifest, a DAG node, or a whole blob
-                                        (Accept: application/vnd.ipld.raw, or ?format=raw)
+    GET /ipfs/<cid>                     an IPFS trustless gateway (web/gateway.py): a block (a
+                                        chunk, a manifest, a DAG node, a blob up to 2 MiB) or a
+                                        CAR of a DAG (?format=car, or by Accept)
     GET /p2pimg/v1/have/<digest>        {"digest", "complete", "node", "chunks": base64 of one
                                         byte per chunk: 1 verified, 2 being fetched, 0 missing}
     GET /p2pimg/v1/blobs/<digest>       verified bytes of a blob; Range: one span
@@ -31,7 +32,7 @@ from collections.abc import AsyncIterator
 
 import trio
 
-from p2pimg.content.cid import Cid, parse_digest
+from p2pimg.content.cid import parse_digest
 from p2pimg.content.model import check_name, check_tag
 from p2pimg.errors import (
     BlobUnknown,
@@ -45,9 +46,10 @@ from p2pimg.fetch.engine import Fetcher
 from p2pimg.node import swarmkey
 from p2pimg.node.node import Node
 from p2pimg.node.warm import WarmBusy, WarmJobs
-from p2pimg.sources.peer import PROTOCOL_VERSION, RAW_BLOCK, TAG_RECORD
+from p2pimg.sources.peer import PROTOCOL_VERSION, TAG_RECORD
 from p2pimg.store.chunks import ChunkStore
 from p2pimg.store.index import ChunkIndex
+from p2pimg.web.gateway import Gateway
 from p2pimg.web.ranges import content_range, parse_range
 from p2pimg.web.registry import error_response
 from p2pimg.web.server import BodyPart, FileRegion, Request, Response
@@ -108,6 +110,7 @@ class PeerService:
         self.warm = warm
         self.swarm_key = swarm_key
         self.guard = swarmkey.SwarmGuard(swarm_key, node_id) if swarm_key is not None else None
+        self.gateway = Gateway(store, fetcher, index, self._hidden)  # /ipfs/<cid>
         self._warned_at = -_WARN_EVERY
         self.served_to: collections.Counter[str] = collections.Counter()  # client address -> bytes
 
@@ -272,7 +275,7 @@ class PeerService:
         if path.startswith("/p2pimg/v1/blobs/"):
             return await self._blob(path.rpartition("/")[2], request)
         if path.startswith("/ipfs/"):
-            return await self._block(path[len("/ipfs/") :], request)
+            return await self.gateway.serve(path[len("/ipfs/") :], request)
         raise NotFound(f"no such endpoint {path[:100]}")
 
     @staticmethod
@@ -325,11 +328,15 @@ class PeerService:
             b"" if request.method == "HEAD" else body,
         )
 
+    def _hidden(self, sha256_hex: str) -> bool:
+        """Private content, when no swarm key guards the listener (see `_guard`)."""
+        return self.swarm_key is None and self.store.is_private(sha256_hex)
+
     def _guard(self, sha256_hex: str, absent: P2pimgError) -> None:
         """Content fetched with the user's upstream credentials goes only to peers that proved the
         swarm key; without one this node raises `absent`, the very answer it gives for content it
         does not have, so a stranger cannot even learn that it is here."""
-        if self.swarm_key is None and self.store.is_private(sha256_hex):
+        if self._hidden(sha256_hex):
             raise absent
 
     async def _blob(self, digest: str, request: Request) -> Response:
@@ -367,47 +374,6 @@ class PeerService:
         if request.method == "HEAD":
             return Response(206 if ranged else 200, headers)
         return Response(206 if ranged else 200, headers, _file_body(fd, start, end))
-
-    async def _block(self, text: str, request: Request) -> Response:
-        cid = Cid.parse(text)
-        absent = NotFound(f"this peer does not have {cid}")
-        self._guard(cid.digest.hex(), absent)
-        headers = [
-            ("content-type", RAW_BLOCK),
-            ("x-content-type-options", "nosniff"),
-            ("etag", f'"{cid}.raw"'),
-        ]
-        data = await trio.to_thread.run_sync(self.store.get_block, cid)
-        if data is not None:
-            headers.append(("content-length", str(len(data))))
-            return Response(200, headers, b"" if request.method == "HEAD" else data)
-        if cid.codec_name == "raw":
-            digest = cid.to_digest()
-            if self.store.has_blob(digest):  # a whole blob, named by the CID of all its bytes
-                fd = request.open_file(self.store.blob_path(digest))
-                size = os.fstat(fd).st_size
-                return self._raw(fd, 0, size, headers, request)
-            found = self.index.find(cid)
-            if found is not None:
-                bmap, i = found
-                self._guard(bmap.digest[7:], absent)
-                lo, hi = bmap.bounds(i)
-                if self.store.has_blob(bmap.digest):
-                    return self._raw(
-                        request.open_file(self.store.blob_path(bmap.digest)), lo, hi, headers, request
-                    )
-                fetch = self.fetcher.fetch_of(bmap.digest)
-                if fetch is not None and fetch.shareable(i):
-                    return self._raw(request.dup(fetch.partial.fd), lo, hi, headers, request)
-        raise absent
-
-    @staticmethod
-    def _raw(fd: int, lo: int, hi: int, headers: list[tuple[str, str]], request: Request) -> Response:
-        """Bytes [lo, hi) of `fd`, a descriptor the request owns."""
-        headers = [*headers, ("content-length", str(hi - lo))]
-        if request.method == "HEAD":
-            return Response(200, headers)
-        return Response(200, headers, _file_body(fd, lo, hi))
 
 
 async def _file_body(fd: int, start: int, end: int) -> AsyncIterator[BodyPart]:

@@ -39,6 +39,7 @@ from p2pimg.errors import (
 )
 from p2pimg.fetch.engine import BlobFetch, Fetcher
 from p2pimg.fetch.mirror import Mirror, Upstream
+from p2pimg.fetch.nerdctl import FileBlob
 from p2pimg.fetch.resolver import IPFS_PREFIX, IPFS_TAG, Resolver
 from p2pimg.metrics import CONTENT_TYPE_LATEST, Metrics, Timeline
 from p2pimg.store.chunks import ChunkStore
@@ -309,7 +310,7 @@ class Registry:
         return fd
 
     async def _blob_body(
-        self, name: str, entry: BlobEntry, digest: str, start: int, end: int, request: Request
+        self, name: str, entry: BlobEntry | FileBlob, digest: str, start: int, end: int, request: Request
     ) -> AsyncIterator[BodyPart]:
         fd = self._open_cached(digest, request)
         if fd is not None:

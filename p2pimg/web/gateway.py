@@ -1,0 +1,551 @@
+"""The peer listener's `/ipfs/<cid>`: an IPFS trustless gateway over what this node holds verified.
+
+    GET|HEAD /ipfs/<cid>                    a block (application/vnd.ipld.raw, `?format=raw`) or
+                                            a CAR v1 (application/vnd.ipld.car, `?format=car`)
+
+It follows https://specs.ipfs.tech/http-gateways/trustless-gateway/ as a non-recursive gateway:
+it serves only what this node holds, verified, and never fetches anything for the asker.
+
+- Format: `?format=` wins over `Accept` (with its q-values and the CAR parameters `version`,
+  `order`, `dups`; the `car-version`, `car-order`, `car-dups` query parameters win over those).
+  No `Accept` at all (or `*/*`): a raw block, what p2pimg's own peers and older clients expect.
+  What it cannot give is 406: dag-json, dag-cbor, json, cbor and tar (trustless responses only),
+  ipns-record, CAR version 2, an unknown order. `order=unk` is answered in `dfs` order and
+  `dups=y` with `dups=n`, both declared in the Content-Type, as the spec lets a gateway do.
+- Status: 400 only for a malformed CID (or request); 404 for any well-formed CID it does not
+  hold (CIDv0, dag-pb, other hash functions and codecs included: it cannot hold those), and for
+  private content when no swarm key guards the listener (the same answer as for absent content,
+  see `PeerService._guard`); 403 for a block over 2 MiB (a whole blob by its raw CID: IPFS
+  peers refuse such blocks; the bytes are on /p2pimg/v1/blobs/<digest>); 412 with
+  `Cache-Control: only-if-cached` when the block is not here; 304 for a matching If-None-Match.
+  `bafkqaaa` (and any identity CID) is answered from the CID itself: the probe gets 200, empty.
+- Headers: Content-Type with its parameters, `Cache-Control: public, max-age=29030400,
+  immutable`, `Content-Disposition: attachment; filename="<cid>.bin|.car"`, `Etag`,
+  `X-Content-Type-Options: nosniff`, `X-Ipfs-Path`, `X-Ipfs-Roots`, `Vary: Accept`, and
+  `Content-Location` when `Accept` chose the format.
+
+CAR responses walk the DAG depth-first, each block once (`order=dfs; dups=n`), links in the order
+their node encodes them. `dag-scope`:
+
+- `block`: the block alone.
+- `entity`: the block and the blocks it links to directly. For a blob map that is the whole
+  blob, like a UnixFS file: the map and its chunks (`entity-bytes=from:to` narrows them to the
+  chunks holding those bytes). For an image root it is the image's structure without its layer
+  bytes, like a UnixFS directory's listing: the root, its manifests and its blob maps. A raw
+  block is its own entity.
+- `all` (the default): everything reachable: for an image root, the root, each blob map
+  followed by its chunks, and the manifests (what `p2pimg export` writes).
+
+dag-pb blocks (UnixFS content from other IPFS software, when this node holds it) are walked by
+their links too; the entity of a UnixFS file is all of its blocks (`entity-bytes` is honoured
+for blob maps only: a UnixFS file's entity is then sent whole, a superset of the range).
+
+The body streams, one block at a time: chunks go from the cached blob file (or the verified part
+of one being fetched) to the socket with sendfile. The root block must be here before anything
+is sent (404 otherwise); a block further down that is missing (or over 2 MiB) ends the stream
+there, cut short, as the spec says a gateway that already answered 200 must (the client sees an
+incomplete chunked body, never a short CAR that looks whole).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode
+
+import trio
+from multiformats import multibase
+
+from p2pimg.content import dagcbor
+from p2pimg.content.car import IDENTITY, MAX_BLOCK, CidParts, car_header, read_cid, section_head
+from p2pimg.content.cid import DAG_CBOR, DAG_PB, RAW, Cid
+from p2pimg.content.dagpb import decode_pb_node
+from p2pimg.content.model import BLOB_MAP_TYPE, BlobMap
+from p2pimg.content.unixfs import DataType, decode_unixfs
+from p2pimg.errors import DigestInvalid, P2pimgError
+from p2pimg.fetch.engine import BlobFetch, Fetcher
+from p2pimg.store.chunks import ChunkStore
+from p2pimg.store.index import ChunkIndex
+from p2pimg.web.server import AbortResponse, BodyPart, FileRegion, Request, Response
+
+log = logging.getLogger(__name__)
+
+RAW_BLOCK = "application/vnd.ipld.raw"
+CAR = "application/vnd.ipld.car"
+CAR_TYPE = f"{CAR}; version=1; order=dfs; dups=n"
+IMMUTABLE = "public, max-age=29030400, immutable"
+# `format=` values of the path gateway that a trustless gateway does not give (406, not 400).
+_OTHER_FORMATS = frozenset({"dag-json", "dag-cbor", "json", "cbor", "tar", "ipns-record"})
+_MAX_CID_TEXT = 512
+_MAX_DEPTH = 64  # DAG-CBOR levels a CAR follows (p2pimg's images have three)
+
+
+class _Refusal(Exception):
+    """An answer other than the content: its status and plain-text message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# -- what was asked for ------------------------------------------------------------------------
+
+
+def parse_cid_text(text: str) -> tuple[CidParts, bytes]:
+    """Any well-formed CID (v0 or v1, any codec and hash function): its fields and binary form;
+    400 when malformed."""
+    if not text or len(text) > _MAX_CID_TEXT or not text.isascii():
+        raise _Refusal(400, f"invalid CID {text[:80]!r}")
+    try:
+        if len(text) == 46 and text.startswith("Qm"):  # CIDv0: base58btc without a multibase prefix
+            binary = bytes(multibase.get("base58btc").raw_decoder(text))
+        else:
+            binary = bytes(multibase.decode(text))
+            if binary[:1] == b"\x12":
+                raise ValueError("a CIDv0 cannot be multibase-encoded")
+        parts, end = read_cid(binary, 0, len(binary))
+        if end != len(binary):
+            raise ValueError("bytes after the CID")
+    except Exception as exc:  # multibase's decoders raise errors that share no useful base class
+        message = exc.message if isinstance(exc, P2pimgError) else str(exc)
+        raise _Refusal(400, f"invalid CID {text[:100]!r}: {message[:200]}") from None
+    return parts, binary
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """What the request asks for: a raw block, or a CAR of `scope` (with an optional byte range
+    of the entity, `entity-bytes`: first and last offset, negative from the end, None for `*`)."""
+
+    car: bool
+    scope: str = "all"
+    entity_bytes: tuple[int, int | None] | None = None
+    by_accept: bool = False  # chosen by the Accept header, the URL naming no format
+
+
+def _media_ranges(accept: str) -> list[tuple[str, dict[str, str], float]]:
+    """An Accept header's media ranges: (type, parameters, q), in their order."""
+    ranges = []
+    for item in accept.split(","):
+        fields = [f.strip() for f in item.split(";")]
+        kind = fields[0].lower()
+        if not kind:
+            continue
+        params: dict[str, str] = {}
+        for field in fields[1:]:
+            name, _, value = field.partition("=")
+            params[name.strip().lower()] = value.strip().strip('"')
+        try:
+            q = float(params.pop("q", "1"))
+        except ValueError:
+            q = 0.0
+        if not 0 <= q <= 1:  # nan too: not a preference
+            q = 0.0
+        ranges.append((kind, params, q))
+    return ranges
+
+
+def _car_params_ok(params: dict[str, str]) -> bool:
+    return (
+        params.get("version", "1") == "1"
+        and params.get("order", "dfs") in ("dfs", "unk", "")
+        and params.get("dups", "n") in ("y", "n")
+    )
+
+
+def _one(query: dict[str, list[str]], name: str) -> str | None:
+    values = query.get(name)
+    return values[-1] if values else None
+
+
+def negotiate(request: Request) -> Wanted:
+    """The response format and CAR shape a request asks for (406 or 400 when it cannot be given)."""
+    query = request.query
+    accept = request.headers.get("accept", "").strip()
+    ranges = sorted(_media_ranges(accept), key=lambda r: -r[2])  # a stable sort keeps ties in order
+    car_params: dict[str, str] = next((p for k, p, q in ranges if k == CAR and q > 0), {})
+    fmt = _one(query, "format")
+    if fmt is not None:
+        if fmt in _OTHER_FORMATS:
+            raise _Refusal(406, f"format={fmt} is not served here: this is a trustless gateway (raw, car)")
+        if fmt not in ("raw", "car"):
+            raise _Refusal(400, f"unknown format {fmt[:40]!r}")
+        car, by_accept = fmt == "car", False
+    elif not accept:
+        car, by_accept = False, False
+    else:
+        chosen = None
+        for kind, params, q in ranges:
+            if q <= 0:
+                continue
+            if kind == RAW_BLOCK or kind in ("*/*", "application/*"):
+                chosen = False
+            elif kind == CAR and _car_params_ok(params):
+                chosen, car_params = True, params
+            if chosen is not None:
+                break
+        if chosen is None:
+            raise _Refusal(406, f"none of {accept[:200]!r} is served here (raw blocks and CAR v1 are)")
+        car, by_accept = chosen, kind != "*/*" and kind != "application/*"
+    if not car:
+        return Wanted(False, by_accept=by_accept)
+    for name in ("version", "order", "dups"):
+        if (value := _one(query, f"car-{name}")) is not None:
+            car_params = {**car_params, name: value}
+    if not _car_params_ok(car_params):
+        raise _Refusal(
+            406, "only CAR version=1 with order=dfs and dups=n (or y, answered as n) is served here"
+        )
+    entity_bytes = _one(query, "entity-bytes")
+    scope = _one(query, "dag-scope") or ("entity" if entity_bytes is not None else "all")
+    if scope not in ("block", "entity", "all"):
+        raise _Refusal(400, f"dag-scope must be block, entity or all, not {scope[:40]!r}")
+    return Wanted(True, scope, _parse_entity_bytes(entity_bytes), by_accept)
+
+
+def _parse_entity_bytes(text: str | None) -> tuple[int, int | None] | None:
+    if text is None:
+        return None
+    first, sep, last = text.partition(":")
+    try:
+        start = int(first)
+        end = None if last == "*" else int(last)
+    except ValueError:
+        raise _Refusal(
+            400, f"entity-bytes must be FROM:TO (integers, TO may be *), not {text[:40]!r}"
+        ) from None
+    if not sep or (end is not None and 0 <= end < start):
+        raise _Refusal(400, f"entity-bytes {text[:40]!r} is not a range")
+    return start, end
+
+
+def chunk_span(bmap: BlobMap, entity_bytes: tuple[int, int | None] | None) -> range:
+    """The chunks of a blob holding the bytes `entity-bytes` asks for (all without a range; none
+    when the range selects nothing of the blob: the answer is then the map alone)."""
+    if entity_bytes is None:
+        return range(bmap.count)
+    start, end = entity_bytes
+    first = max(0, bmap.size + start if start < 0 else start)
+    last = bmap.size - 1 if end is None else min(bmap.size - 1, bmap.size + end if end < 0 else end)
+    if first > last:
+        return range(0)
+    return range(first // bmap.chunk_size, last // bmap.chunk_size + 1)
+
+
+# -- what this node holds ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Held:
+    """A verified block this node holds: its bytes, or where they are in a blob's file."""
+
+    size: int
+    data: bytes | None = None
+    blob: str | None = None  # bytes [lo, lo + size) of this blob's complete file...
+    fetch: BlobFetch | None = None  # ...or of the partial file of this fetch
+    lo: int = 0
+
+
+class _OpenFile:
+    """The one blob file a CAR body reads from at a time, owned by its exchange (`Request.hold`
+    takes `close`): a region is sent before the body resumes, so the next blob can replace it."""
+
+    def __init__(self, store: ChunkStore) -> None:
+        self.store = store
+        self.key: object = None
+        self.fd: int | None = None
+
+    def of(self, held: _Held) -> int:
+        key = ("blob", held.blob) if held.fetch is None else ("partial", held.fetch.map.digest)
+        if self.fd is None or key != self.key:
+            self.close()
+            if held.fetch is not None:
+                self.fd = os.dup(held.fetch.partial.fd)
+            else:
+                assert held.blob is not None
+                self.fd = os.open(self.store.blob_path(held.blob), os.O_RDONLY)
+            self.key = key
+        return self.fd
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+Link = tuple[Cid, tuple[BlobMap, int] | None]  # a child and, for a chunk, its blob map and index
+
+
+class Gateway:
+    """`/ipfs/<cid>` over a node's cache; `hidden(sha256 hex)` says what must look absent."""
+
+    def __init__(
+        self, store: ChunkStore, fetcher: Fetcher, index: ChunkIndex, hidden: Callable[[str], bool]
+    ) -> None:
+        self.store = store
+        self.fetcher = fetcher
+        self.index = index
+        self.hidden = hidden
+
+    async def serve(self, rest: str, request: Request) -> Response:
+        head = request.method == "HEAD"
+        try:
+            return await self._serve(rest, request)
+        except _Refusal as refusal:
+            return _text(refusal.status, refusal.message, head)
+
+    async def _serve(self, rest: str, request: Request) -> Response:
+        text, _, path = rest.partition("/")
+        parts, binary = parse_cid_text(text)
+        want = negotiate(request)
+        if path:
+            if want.car:
+                raise _Refusal(501, "paths under a CID are not served here: ask for the CID they lead to")
+            raise _Refusal(400, "a block is asked for as /ipfs/<cid>, without a path")
+        if parts.hash_code == IDENTITY:  # the data is the CID itself: nothing to hold
+            return self._identity(text, binary, parts.digest, want, request)
+        try:
+            cid = parts.to_cid()
+        except DigestInvalid:
+            cid = None  # well-formed, but nothing this node can hold
+        held = await self._locate(cid, None) if cid is not None else None
+        if held is None or cid is None:
+            if "only-if-cached" in request.headers.get("cache-control", ""):
+                raise _Refusal(412, f"{text} is not held here")
+            raise _Refusal(404, f"this peer does not have {text}")
+        if held.size > MAX_BLOCK:
+            raise _Refusal(403, self._too_large(cid, held))
+        headers = _ok_headers(text, want, request)
+        if _matches(request.headers.get("if-none-match"), dict(headers)["etag"]):
+            return Response(304, [h for h in headers if h[0] != "content-type"])
+        if not want.car:
+            headers.append(("content-length", str(held.size)))
+            if request.method == "HEAD":
+                return Response(200, headers)
+            if held.data is not None:
+                return Response(200, headers, held.data)
+            files = _OpenFile(self.store)
+            request.hold(files.close)
+            try:
+                fd = files.of(held)
+            except FileNotFoundError:  # evicted since it was found
+                raise _Refusal(404, f"this peer does not have {text}") from None
+            return Response(200, headers, _region(fd, held.lo, held.size))
+        if request.method == "HEAD":
+            return Response(200, headers)
+        files = _OpenFile(self.store)
+        request.hold(files.close)  # the exchange owns the file the body reads, however it ends
+        return Response(200, headers, self._car(cid, held, want, files))
+
+    @staticmethod
+    def _identity(text: str, binary: bytes, data: bytes, want: Wanted, request: Request) -> Response:
+        """An identity CID holds its data: the probe `bafkqaaa` is 200 and empty. Its CAR names it
+        as the root and holds no block (identity blocks are never sent)."""
+        headers = _ok_headers(text, want, request)
+        body = car_header([binary]) if want.car else data
+        headers.append(("content-length", str(len(body))))
+        return Response(200, headers, b"" if request.method == "HEAD" else body)
+
+    @staticmethod
+    def _too_large(cid: Cid, held: _Held) -> str:
+        if held.blob is not None and held.lo == 0 and cid.codec == RAW and cid.to_digest() == held.blob:
+            return (
+                f"{cid} is the whole blob {held.blob} ({held.size} bytes): IPFS blocks stop at "
+                f"{MAX_BLOCK} bytes. Its bytes are served at /p2pimg/v1/blobs/{held.blob}, and its "
+                "chunks by their own CIDs (see its blob map)"
+            )
+        return f"{cid} is a block of {held.size} bytes: IPFS blocks stop at {MAX_BLOCK} bytes"
+
+    # -- finding blocks ------------------------------------------------------------------------
+
+    async def _locate(self, cid: Cid, chunk: tuple[BlobMap, int] | None) -> _Held | None:
+        """The verified block `cid` names, if this node holds it (and may show it); `chunk` says
+        where it is when a blob map named it."""
+        if self.hidden(cid.digest.hex()):
+            return None
+        if chunk is not None:
+            return self._chunk(*chunk)
+        data = await trio.to_thread.run_sync(self.store.get_block, cid)  # re-verified on read
+        if data is not None:
+            return _Held(len(data), data=data)
+        if cid.codec != RAW:
+            return None
+        digest = cid.to_digest()
+        try:  # a whole blob, named by the CID of all its bytes
+            return _Held(os.stat(self.store.blob_path(digest)).st_size, blob=digest)
+        except FileNotFoundError:
+            pass
+        found = self.index.find(cid)
+        return self._chunk(*found) if found is not None else None
+
+    def _chunk(self, bmap: BlobMap, index: int) -> _Held | None:
+        """Chunk `index` of a blob, from its complete file or the verified part of its fetch."""
+        if self.hidden(bmap.digest[7:]):
+            return None
+        lo, hi = bmap.bounds(index)
+        if self.store.has_blob(bmap.digest):
+            return _Held(hi - lo, blob=bmap.digest, lo=lo)
+        fetch = self.fetcher.fetch_of(bmap.digest)
+        if fetch is not None and fetch.shareable(index):
+            return _Held(hi - lo, fetch=fetch, lo=lo)
+        return None
+
+    # -- CAR responses -------------------------------------------------------------------------
+
+    async def export(self, root: Cid) -> AsyncIterator[BodyPart]:
+        """The CAR of everything `root` reaches (`dag-scope=all`), as `p2pimg export` writes it:
+        the same stream as the gateway's. AbortResponse when a block is missing or too large."""
+        held = await self._locate(root, None)
+        if held is None or held.size > MAX_BLOCK:
+            why = "not in the cache" if held is None else f"{held.size} bytes, over the block limit"
+            raise AbortResponse(f"block {root}: {why}")
+        files = _OpenFile(self.store)
+        try:
+            async for part in self._car(root, held, Wanted(True), files):
+                yield part
+        finally:
+            files.close()
+
+    async def _car(self, root: Cid, held: _Held, want: Wanted, files: _OpenFile) -> AsyncIterator[BodyPart]:
+        """The CAR body: depth-first from `root`, each block once; a block that is missing (or
+        too large) cuts the stream there."""
+        depth_limit = {"block": 0, "entity": 1, "all": _MAX_DEPTH}[want.scope]
+        if want.scope == "entity" and root.codec == DAG_PB and _unixfs_file(held):
+            depth_limit = _MAX_DEPTH  # a UnixFS file's entity is all of its blocks
+        yield car_header([root])
+        seen = {root}
+        for part in self._section(root, held, files):
+            yield part
+        stack: list[tuple[Iterator[Link], int]] = []
+        if depth_limit:
+            stack.append((self._links(root, held, want.entity_bytes), 1))
+        while stack:
+            links, depth = stack[-1]
+            nxt = next(links, None)
+            if nxt is None:
+                stack.pop()
+                continue
+            cid, chunk = nxt
+            if cid in seen:
+                continue
+            seen.add(cid)
+            child = await self._locate(cid, chunk)
+            if child is None or child.size > MAX_BLOCK:
+                why = "not held here" if child is None else f"{child.size} bytes, over the block limit"
+                log.info("CAR of %s cut at %s: %s", root, cid, why)
+                raise AbortResponse(f"block {cid} of the DAG of {root}: {why}")
+            for part in self._section(cid, child, files):
+                yield part
+            if depth < depth_limit:
+                stack.append((self._links(cid, child, None), depth + 1))
+
+    def _section(self, cid: Cid, held: _Held, files: _OpenFile) -> Iterator[BodyPart]:
+        if held.data is not None:
+            yield section_head(cid, held.size) + held.data
+        else:
+            try:
+                fd = files.of(held)
+            except FileNotFoundError:  # evicted since it was found: as if missing
+                raise AbortResponse(f"block {cid}: its blob left the cache") from None
+            yield section_head(cid, held.size)
+            yield FileRegion(fd, held.lo, held.size)
+
+    @staticmethod
+    def _links(cid: Cid, held: _Held, entity_bytes: tuple[int, int | None] | None) -> Iterator[Link]:
+        """The blocks a DAG-CBOR or dag-pb node links to, in the order it encodes them (a blob
+        map's chunks in order, those `entity_bytes` selects); raw blocks link to nothing."""
+        if held.data is None:
+            return iter(())
+        if cid.codec == DAG_PB:  # UnixFS content another IPFS node added (nerdctl's images)
+            try:
+                return ((link.cid, None) for link in decode_pb_node(held.data).links)
+            except P2pimgError as exc:
+                raise AbortResponse(f"block {cid} is not dag-pb: {exc.message}") from None
+        if cid.codec != DAG_CBOR:
+            return iter(())
+        try:
+            node = dagcbor.decode(held.data)
+        except P2pimgError as exc:  # verified bytes that do not decode: cut the CAR, as if missing
+            raise AbortResponse(f"block {cid} is not DAG-CBOR: {exc.message}") from None
+        if isinstance(node, dict) and node.get("type") == BLOB_MAP_TYPE:
+            try:
+                bmap = BlobMap.from_node(node)
+            except P2pimgError as exc:
+                raise AbortResponse(f"block {cid} is not a blob map: {exc.message}") from None
+            return ((bmap.chunks[i], (bmap, i)) for i in chunk_span(bmap, entity_bytes))
+        return ((link, None) for link in _node_links(node))
+
+
+def _unixfs_file(held: _Held) -> bool:
+    try:
+        node = decode_pb_node(held.data or b"")
+        return node.data is not None and decode_unixfs(node.data).type in (DataType.FILE, DataType.RAW)
+    except P2pimgError:
+        return False
+
+
+def _node_links(value: Any) -> Iterator[Cid]:
+    """The links of a decoded DAG-CBOR value, in encoding order (decoded maps keep it)."""
+    if isinstance(value, Cid):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _node_links(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _node_links(item)
+
+
+async def _region(fd: int, lo: int, size: int) -> AsyncIterator[BodyPart]:
+    if size:
+        yield FileRegion(fd, lo, size)
+
+
+def _ok_headers(text: str, want: Wanted, request: Request) -> list[tuple[str, str]]:
+    if want.car:
+        extra = "" if want.entity_bytes is None else f".{want.entity_bytes[0]}-{want.entity_bytes[1] or '*'}"
+        kind, etag, ext = CAR_TYPE, f'W/"{text}.car.{want.scope}{extra}.dfs.n"', "car"
+    else:
+        kind, etag, ext = RAW_BLOCK, f'"{text}.raw"', "bin"
+    headers = [
+        ("content-type", kind),
+        ("cache-control", IMMUTABLE),
+        ("content-disposition", f'attachment; filename="{text}.{ext}"'),
+        ("x-content-type-options", "nosniff"),
+        ("etag", etag),
+        ("x-ipfs-path", f"/ipfs/{text}"),
+        ("x-ipfs-roots", text),
+        ("vary", "Accept"),
+    ]
+    if want.car:
+        headers.append(("accept-ranges", "none"))
+    if want.by_accept:  # so that HTTP caches keep the raw block and the CAR apart
+        query = [(k, v) for k, values in request.query.items() for v in values]
+        query.append(("format", "car" if want.car else "raw"))
+        headers.append(("content-location", f"/ipfs/{text}?{urlencode(query)}"))
+    return headers
+
+
+def _matches(if_none_match: str | None, etag: str) -> bool:
+    if not if_none_match:
+        return False
+    bare = etag.removeprefix("W/")
+    return any(
+        tag.strip() in ("*", etag, bare) or tag.strip().removeprefix("W/") == bare
+        for tag in if_none_match.split(",")
+    )
+
+
+def _text(status: int, message: str, head: bool) -> Response:
+    body = (message + "\n").encode()
+    headers = [
+        ("content-type", "text/plain; charset=utf-8"),
+        ("content-length", str(len(body))),
+        ("x-content-type-options", "nosniff"),
+        ("vary", "Accept"),
+    ]
+    return Response(status, headers, b"" if head else body)
