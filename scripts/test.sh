@@ -12,7 +12,8 @@ log() { printf '==> %s\n' "$*" >&2; }
 # --- System packages: the real registry clients the integration tests drive. ---------------
 # Only ask apt when something is missing, so a prepared machine pays nothing here.
 # npm: Node 22 and the JS IPFS packages come from the npm registry (tools/ipfs_node.sh).
-packages=(skopeo podman containerd docker-registry umoci uidmap iproute2 curl npm)
+# chromium: the dashboard is tested in a real browser (Playwright drives Debian's build).
+packages=(skopeo podman containerd docker-registry umoci uidmap iproute2 curl npm chromium)
 if [[ ! -d .venv ]]; then
     # `python3 -m venv` needs ensurepip, which Debian ships separately in python3-venv.
     packages+=(python3 python3-venv)
@@ -60,7 +61,7 @@ if ((${#missing[@]} > 0)); then
         done
     done
 fi
-for tool in skopeo podman containerd ctr docker-registry umoci; do
+for tool in skopeo podman containerd ctr docker-registry umoci chromium; do
     command -v "$tool" >/dev/null 2>&1 || { log "required tool '$tool' is not on PATH"; exit 1; }
 done
 

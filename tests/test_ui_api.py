@@ -308,6 +308,13 @@ async def test_peers_of_a_two_node_swarm_and_bytes_both_ways(
         assert peers_a["peers"] == []  # A was given no peers: B is only its client
         (b,) = peers_a["clients"]
         assert b["address"] == "127.0.0.1" and b["we_sent"] >= peer["sent_us"] > 0
+        with trio.fail_after(20):  # the body is sent before the digest check ends the fetch
+            while not [
+                t
+                for t in (await client.get(f"{base_b}/ui/api/transfers")).json()["finished"]
+                if t["digest"] == layer["digest"]
+            ]:
+                await trio.sleep(0.02)
         transfers = (await client.get(f"{base_b}/ui/api/transfers")).json()
         (t,) = [t for t in transfers["finished"] if t["digest"] == layer["digest"]]
         assert any(s.startswith("peer ") for s in t["sources"])
