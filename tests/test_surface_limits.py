@@ -510,11 +510,12 @@ async def test_block_from_a_peer_is_read_only_up_to_its_limit(
     tmp_path: Path, sample: SampleImage, nursery: trio.Nursery
 ) -> None:
     """A block the origin cannot give is asked of LAN peers (resolver.peer_block): a peer that
-    answers /ipfs/<cid> with 32 MiB is cut at the block limit asked for, and its bytes refused."""
+    answers /p2pimg/v1/blocks/<cid> with 32 MiB is cut at the block limit asked for, and its bytes
+    refused."""
     piece = b"\0" * (1 << 20)
 
     async def flood(request: Request) -> Response:
-        if not request.path.startswith("/ipfs/"):
+        if not request.path.startswith("/p2pimg/v1/blocks/"):
             return Response(404, [("content-length", "0")])
 
         async def body() -> AsyncIterator[BodyPart]:
@@ -547,7 +548,7 @@ async def test_a_block_is_asked_of_peers_at_once(
         raise AssertionError("unreachable")
 
     async def good(request: Request) -> Response:
-        if request.path != f"/ipfs/{cid}":
+        if request.path != f"/p2pimg/v1/blocks/{cid}":
             return Response(404, [("content-length", "0")])
         return Response(
             200, [("content-type", "application/vnd.ipld.raw"), ("content-length", str(len(wanted)))], wanted

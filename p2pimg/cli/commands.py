@@ -12,6 +12,7 @@ from pathlib import Path
 import trio
 
 from p2pimg.content import signing
+from p2pimg.content.cid import Cid
 from p2pimg.content.model import parse_name_tag
 from p2pimg.errors import OriginNotFound
 from p2pimg.fetch.resolver import Resolver
@@ -258,7 +259,12 @@ def _pin(config: Config, ref: str) -> None:
     resolver = Resolver(
         store, open_origin(config.origin, config.home), trust=_trust_store(config), home=config.home
     )
-    root, digests = trio.run(pins.pin, store, resolver, ref)
+
+    async def run() -> tuple[Cid, list[str]]:
+        async with pins.reading_ipfs(resolver, config):  # `ipfs/<CID>` of a nerdctl image too
+            return await pins.pin(store, resolver, ref)
+
+    root, digests = trio.run(run)
     print(f"pinned {ref} ({root}): {len(digests)} blobs", file=sys.stderr)
 
 
@@ -332,7 +338,12 @@ def cmd_cache_unpin(args: argparse.Namespace) -> int:
     resolver = Resolver(
         store, open_origin(config.origin, config.home), trust=_trust_store(config), home=config.home
     )
-    roots = trio.run(pins.unpin, store, resolver, args.ref)
+
+    async def run() -> list[str]:
+        async with pins.reading_ipfs(resolver, config):
+            return await pins.unpin(store, resolver, args.ref)
+
+    roots = trio.run(run)
     print(f"unpinned {args.ref} ({', '.join(roots)})", file=sys.stderr)
     return 0
 

@@ -4,8 +4,18 @@ The image is first warmed like `p2pimg warm` does it (through the server of the 
 one runs, else with a node of this process): whatever the cache lacks is fetched and verified.
 Then the CAR is written from the cache, by the very walk the peer listener's gateway answers
 `/ipfs/<root>?format=car` with: the root, each blob map followed by its chunks, the manifests,
-each block once, depth-first (what `ipfs dag import` takes). It goes to a temporary file next
-to FILE, fsynced and renamed, so FILE is either the whole CAR or untouched.
+each block once, depth-first (what `ipfs dag import` takes). Every chunk is checked against its
+CID first (a blob cached through another image was checked by its digest only). It goes to a
+temporary file next to FILE, fsynced and renamed, so FILE is either the whole CAR or untouched.
+
+An image `nerdctl push ipfs://` made (`ipfs/<its CID>`) is exported as nerdctl stored it: its
+root (the raw block of its descriptor), then the UnixFS DAG of each of its files (the index, each
+manifest, then its config and layers), the blocks in the order nerdctl's push lists them. That
+takes the blocks from the cache: the descriptor and the manifests' files are kept whole, the
+dag-pb nodes above a blob's leaves too, and when the leaves are raw blocks of one power-of-two
+size (Kubo's default chunker) they are the chunks of the cached blob. Any other layout (other
+leaf sizes, data inside dag-pb nodes) is pulled and checked by the blob's digest, its leaves not
+kept as blocks: exporting such an image is refused, saying so and what to do instead.
 """
 
 from __future__ import annotations
@@ -24,7 +34,9 @@ import trio
 from p2pimg.cli.warm import follow_progress, summary, warm_through
 from p2pimg.content.car import MAX_BLOCK
 from p2pimg.content.cid import Cid
-from p2pimg.errors import InvalidInput, P2pimgError
+from p2pimg.content.model import BlobMap
+from p2pimg.errors import InvalidInput, P2pimgError, VerificationError
+from p2pimg.fetch.nerdctl import NerdctlImage
 from p2pimg.node.config import Config
 from p2pimg.node.node import Node, open_node, peer_client, read_serve_info
 from p2pimg.node.peertls import load_peer_tls
@@ -100,22 +112,58 @@ async def _export(node: Node, ref: str, root: Cid | None, out: Path) -> tuple[Ci
         root = Cid.parse(progress.root)
     # The walk reads blocks from the cache only: make sure each is there (a blob cached before,
     # through another image, may have left its map uncached).
-    image = await node.resolver.root(root)
+    image = await node.resolver.image(root)
     for digest, entry in image.manifests.items():
         await node.resolver.manifest(entry, digest)
     for digest, blob in image.blobs.items():
         bmap = await node.resolver.blob_map(blob, digest)
+        if not bmap.checked:  # only a nerdctl image's blobs can have such maps
+            raise InvalidInput(_not_kept(ref, digest))
         if bmap.size > MAX_BLOCK and bmap.chunk_size > MAX_BLOCK:
             raise InvalidInput(
                 f"cannot export {ref}: it was published in chunks of {bmap.chunk_size >> 20} MiB, over "
                 f"the block limit of IPFS ({MAX_BLOCK >> 20} MiB); publish it again with --chunk-size 2M "
                 "or less"
             )
+        # A blob cached through another image was checked by its digest, not by these chunk CIDs.
+        await trio.to_thread.run_sync(_check_chunks, node.store.blob_path(digest), bmap, ref)
     gateway = Gateway(node.store, node.fetcher, node.chunk_index, hidden=lambda _sha256: False)
+    # A nerdctl image's root is the raw block of its descriptor: its files follow it, in nerdctl's order.
+    files = image.files if isinstance(image, NerdctlImage) else ()
     try:
-        return root, await write_atomically(gateway.export(root), out)
+        return root, await write_atomically(gateway.export(root, files), out)
     except AbortResponse as exc:
         raise P2pimgError(f"cannot export {ref}: {exc}") from None
+
+
+def _not_kept(ref: str, digest: str) -> str:
+    return (
+        f"cannot export {ref}: nerdctl stored blob {digest} as a UnixFS file whose leaves are not "
+        "raw blocks of one power-of-two size (another chunker than Kubo's default, or data inside "
+        "dag-pb nodes); p2pimg then checks the blob by its digest and keeps its bytes, not those "
+        "leaves as IPFS blocks, so it cannot write the image's DAG as nerdctl stored it. Export it "
+        "from an IPFS node that holds it (`ipfs dag export` of the image CID and of each ipfs:// "
+        "URL in its manifests), or publish it with p2pimg (`p2pimg publish "
+        f"docker://127.0.0.1:5050/{ref}:latest NAME:TAG`) and export that (a p2pimg DAG, another root CID)"
+    )
+
+
+def _check_chunks(path: Path, bmap: BlobMap, ref: str) -> None:
+    """Every chunk of a cached blob against its CID in `bmap`, read a chunk at a time (at most
+    2 MiB: checked before). A blob of one chunk is that chunk: its digest was checked."""
+    if not bmap.checked or bmap.chunks in ((), (Cid.from_digest(bmap.digest),)):
+        return
+    try:
+        with path.open("rb") as f:
+            for i, cid in enumerate(bmap.chunks):
+                lo, hi = bmap.bounds(i)
+                if not cid.matches(f.read(hi - lo)):
+                    raise VerificationError(
+                        f"cannot export {ref}: chunk {i} of blob {bmap.digest} in the cache is not "
+                        f"{cid} (the blob matches its digest, but not this image's chunk CIDs)"
+                    )
+    except FileNotFoundError:
+        raise P2pimgError(f"cannot export {ref}: blob {bmap.digest} left the cache; try again") from None
 
 
 async def write_atomically(parts: AsyncIterator[BodyPart], out: Path) -> int:

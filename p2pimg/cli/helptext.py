@@ -100,7 +100,9 @@ ABOUT: dict[str, str] = {
         "import FILE.car` then takes it, so an image published with p2pimg can be pinned in any IPFS "
         "node or pinning service. What the cache lacks is fetched first, as `p2pimg warm` does (through"
         " the server of the same home when one runs). IPFS refuses blocks over 2 MiB: an image "
-        "published with --chunk-size over 2M cannot be exported."
+        "published with --chunk-size over 2M cannot be exported. An image nerdctl pushed to IPFS "
+        "(ipfs/<CID>) is written as nerdctl stored it, when its layers were chunked as Kubo does by "
+        "default (otherwise export says why it cannot)."
     ),
     "cache": ("Look after this home's cache ($P2PIMG_HOME/cache); the origin is not touched."),
     "cache ls": ("List the complete blobs (size, last use, pinned or not), the partial ones and the totals."),

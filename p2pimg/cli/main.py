@@ -64,6 +64,16 @@ def _peers(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _ipfs_gateway(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ipfs-gateway",
+        action="append",
+        metavar="URL",
+        help="read images nerdctl pushed to IPFS (ipfs/<CID>) from this IPFS trustless gateway "
+        "when the cache lacks them (repeatable; a server running on the home uses its own)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="p2pimg",
@@ -265,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref", metavar="REF", help="NAME:TAG or ipfs/<CID>")
     p.add_argument("--lan", action="store_true", help="ask every known peer to warm it too")
     p.add_argument("--pin", action="store_true", help="pin the image once warmed (never evicted)")
+    _ipfs_gateway(p)
     _peers(p)
     _common(p)
     p.set_defaults(func=commands.cmd_warm)
@@ -279,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "file", metavar="FILE.car", help="the CAR file to write (replaced whole, or left as it was)"
     )
+    _ipfs_gateway(p)
     _peers(p)
     _common(p)
     p.set_defaults(func=_cmd_export)
@@ -313,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
         "pin", help="never evict the blobs of an image", description=helptext.ABOUT["cache pin"]
     )
     c.add_argument("ref", metavar="REF", help="NAME:TAG or ipfs/<CID>")
+    _ipfs_gateway(c)
     _common(c)
     c.set_defaults(func=commands.cmd_cache_pin)
     c = cache_sub.add_parser("unpin", help="remove a pin", description=helptext.ABOUT["cache unpin"])

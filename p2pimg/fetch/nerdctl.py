@@ -91,6 +91,9 @@ class NerdctlImage:
     manifests: dict[str, ManifestEntry]
     blobs: dict[str, FileBlob]
     referrers: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Its UnixFS files as nerdctl walks them: the top manifest or index, then depth first each
+    # manifest before its config and layers (the order of the image's blocks in a CAR export).
+    files: tuple[Cid, ...] = ()
 
     @property
     def top_entry(self) -> ManifestEntry:
@@ -296,14 +299,16 @@ class NerdctlImages:
             raise ManifestUnknown(f"{cid} names a {top.media_type[:100]}, not an image manifest or index")
         manifests: dict[str, ManifestEntry] = {}
         blobs: dict[str, FileBlob] = {}
-        await self._manifest(top, manifests, blobs, 0, what)
-        return NerdctlImage(cid, top.digest, manifests, blobs)
+        files: list[Cid] = []
+        await self._manifest(top, manifests, blobs, files, 0, what)
+        return NerdctlImage(cid, top.digest, manifests, blobs, files=tuple(files))
 
     async def _manifest(
         self,
         desc: _Descriptor,
         manifests: dict[str, ManifestEntry],
         blobs: dict[str, FileBlob],
+        files: list[Cid],
         depth: int,
         what: str,
     ) -> None:
@@ -324,6 +329,7 @@ class NerdctlImages:
         entry = ManifestEntry(desc.media_type, desc.size, Cid.from_digest(desc.digest))
         await trio.to_thread.run_sync(self.store.put_block, entry.cid, data)
         manifests[desc.digest] = entry
+        files.append(desc.file)
         try:
             doc: Any = json.loads(data)
         except (ValueError, RecursionError):
@@ -339,7 +345,7 @@ class NerdctlImages:
                         "%s: index %s names %s without an ipfs:// URL", what, desc.digest, child_desc.digest
                     )
                     continue
-                await self._manifest(child_desc, manifests, blobs, depth + 1, what)
+                await self._manifest(child_desc, manifests, blobs, files, depth + 1, what)
             return
         layers = doc.get("layers")
         for i, value in enumerate([doc.get("config"), *(layers if isinstance(layers, list) else [])]):
@@ -348,6 +354,7 @@ class NerdctlImages:
                 log.info("%s: blob %s has no ipfs:// URL; it cannot be served", what, blob.digest)
                 continue
             blobs[blob.digest] = FileBlob(blob.size, blob.file)
+            files.append(blob.file)
 
     # -- blob maps ---------------------------------------------------------------------------
 

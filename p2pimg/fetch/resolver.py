@@ -49,6 +49,8 @@ from p2pimg.tasks import SingleFlight
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+# What `ipfs/<CID>` names: a p2pimg image root, or an image nerdctl pushed to IPFS.
+Image = ImageRoot | NerdctlImage
 
 
 async def _no_peer_block(_cid: Cid, _max_size: int) -> bytes | None:
@@ -199,7 +201,14 @@ class Resolver:
         self.on_root(root)
         return root
 
-    async def prefetch_maps(self, root: ImageRoot | NerdctlImage) -> None:
+    async def image(self, cid: Cid) -> Image:
+        """The image a CID names: a p2pimg image root (dag-cbor), else (raw or dag-pb) an image
+        nerdctl pushed to IPFS, named by its descriptor's CID, on a node that reads those."""
+        if cid.codec == DAG_CBOR or self.nerdctl is None:
+            return await self.root(cid)
+        return await self.nerdctl.image(cid)
+
+    async def prefetch_maps(self, root: Image) -> None:
         """Fetch every blob map of an image at once (`_PREFETCH` at a time), so that a pull's blob
         requests, which come one after another or a few at a time, find them ready instead of each
         paying the origin's round trip first. Failures are left for the blob request to meet."""
@@ -447,14 +456,10 @@ class Resolver:
 
     # -- what a registry name means --------------------------------------------------------
 
-    async def _roots_of(self, name: str) -> list[ImageRoot] | list[NerdctlImage]:
-        """Images a name can serve: an `ipfs/<CID>` root (a nerdctl image's CID when it is not
-        dag-cbor), or the roots of the name's tags."""
+    async def _roots_of(self, name: str) -> list[Image]:
+        """Images a name can serve: the image an `ipfs/<CID>` names, or the roots of the name's tags."""
         if name.startswith(IPFS_PREFIX):
-            cid = Cid.parse(name[len(IPFS_PREFIX) :], codecs=IPFS_CODECS)
-            if cid.codec != DAG_CBOR and self.nerdctl is not None:
-                return [await self.nerdctl.image(cid)]
-            return [await self.root(cid)]
+            return [await self.image(Cid.parse(name[len(IPFS_PREFIX) :], codecs=IPFS_CODECS))]
         known = self._name_roots.get(name)
         if not known:
             refused: list[TagSignatureError] = []
@@ -469,9 +474,7 @@ class Resolver:
                 raise refused[0]
         return [await self.root(cid) for cid in sorted(known, key=str)]
 
-    async def _find(
-        self, name: str, digest: str, kind: str
-    ) -> tuple[ImageRoot | NerdctlImage, object] | None:
+    async def _find(self, name: str, digest: str, kind: str) -> tuple[Image, object] | None:
         parse_digest(digest)
         for attempt in range(2):
             for root in await self._roots_of(name):

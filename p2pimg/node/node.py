@@ -108,7 +108,11 @@ class Swarm:
     async def block(self, cid: Cid, max_size: int) -> bytes | None:
         """A block by CID from the first peer that sends it whole (checked against the CID here
         too). Peers are asked at once, `_BLOCK_ASKS` at a time (so at most that many answers of
-        up to `max_size` are read at once), and the first good answer stops the others."""
+        up to `max_size` are read at once), and the first good answer stops the others.
+
+        Asked on `/p2pimg/v1/blocks/`, not `/ipfs/`: a peer's IPFS gateway sends no block over
+        2 MiB, as the spec says, while a manifest may be 4 MiB and a root or blob map 8 MiB; and
+        the size of a block is not known before it arrives, so one path for all, one request."""
         found: list[bytes] = []
         limit = trio.CapacityLimiter(_BLOCK_ASKS)
 
@@ -116,10 +120,7 @@ class Swarm:
             async with limit:
                 with contextlib.suppress(httpx.HTTPError):
                     async with self.client.stream(
-                        "GET",
-                        f"{source.url}/ipfs/{cid}",
-                        timeout=_ASK_TIMEOUT,
-                        headers={"accept": "application/vnd.ipld.raw"},
+                        "GET", f"{source.url}/p2pimg/v1/blocks/{cid}", timeout=_ASK_TIMEOUT
                     ) as r:
                         data = await read_capped(r, max_size) if r.status_code == 200 else None
                         if data is not None and cid.matches(data):

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import httpx
 import trio
 
-from p2pimg.content.cid import Cid
-from p2pimg.content.model import ImageRoot, parse_name_tag
-from p2pimg.errors import InvalidInput, P2pimgError, first_error
+from p2pimg.content.cid import IPFS_CODECS, Cid
+from p2pimg.content.model import parse_name_tag
+from p2pimg.errors import P2pimgError, first_error
 from p2pimg.fetch.engine import BlobFetch, Fetcher
 from p2pimg.fetch.resolver import IPFS_PREFIX, Resolver
 from p2pimg.sources.peer import request_json
@@ -82,12 +82,10 @@ class WarmProgress:
 
 
 def parse_ref(ref: str) -> tuple[str, str] | Cid:
-    """`NAME:TAG` or `ipfs/<CID>`."""
+    """`NAME:TAG` or `ipfs/<CID>`: a p2pimg image root (dag-cbor), or the CID `nerdctl push
+    ipfs://` printed (raw, or dag-pb); which one it is, the resolver finds out (`Resolver.image`)."""
     if ref.startswith(IPFS_PREFIX):
-        cid = Cid.parse(ref[len(IPFS_PREFIX) :])
-        if cid.codec_name != "dag-cbor":
-            raise InvalidInput(f"{ref} does not name an image root (a dag-cbor CID)")
-        return cid
+        return Cid.parse(ref[len(IPFS_PREFIX) :], codecs=IPFS_CODECS)
     return parse_name_tag(ref)
 
 
@@ -135,7 +133,7 @@ class WarmJobs:
             parsed = parse_ref(ref)
             root_cid = parsed if isinstance(parsed, Cid) else await self.resolver.resolve_tag(*parsed)
             progress.root = str(root_cid)
-            root: ImageRoot = await self.resolver.root(root_cid)
+            root = await self.resolver.image(root_cid)  # a p2pimg root, or a nerdctl image
             for digest, entry in root.manifests.items():
                 await self.resolver.manifest(entry, digest)  # verified and cached as blocks
             progress.blobs = len(root.blobs)

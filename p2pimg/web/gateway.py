@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -319,27 +319,53 @@ class Gateway:
             raise _Refusal(404, f"this peer does not have {text}")
         if held.size > MAX_BLOCK:
             raise _Refusal(403, self._too_large(cid, held))
+        if not want.car:
+            return self._raw(text, held, want, request)
         headers = _ok_headers(text, want, request)
         if _matches(request.headers.get("if-none-match"), dict(headers)["etag"]):
             return Response(304, [h for h in headers if h[0] != "content-type"])
-        if not want.car:
-            headers.append(("content-length", str(held.size)))
-            if request.method == "HEAD":
-                return Response(200, headers)
-            if held.data is not None:
-                return Response(200, headers, held.data)
-            files = _OpenFile(self.store)
-            request.hold(files.close)
-            try:
-                fd = files.of(held)
-            except FileNotFoundError:  # evicted since it was found
-                raise _Refusal(404, f"this peer does not have {text}") from None
-            return Response(200, headers, _region(fd, held.lo, held.size))
         if request.method == "HEAD":
             return Response(200, headers)
         files = _OpenFile(self.store)
         request.hold(files.close)  # the exchange owns the file the body reads, however it ends
         return Response(200, headers, self._car(cid, held, want, files))
+
+    def _raw(self, text: str, held: _Held, want: Wanted, request: Request) -> Response:
+        headers = _ok_headers(text, want, request)
+        if _matches(request.headers.get("if-none-match"), dict(headers)["etag"]):
+            return Response(304, [h for h in headers if h[0] != "content-type"])
+        headers.append(("content-length", str(held.size)))
+        if request.method == "HEAD":
+            return Response(200, headers)
+        if held.data is not None:
+            return Response(200, headers, held.data)
+        files = _OpenFile(self.store)
+        request.hold(files.close)
+        try:
+            fd = files.of(held)
+        except FileNotFoundError:  # evicted since it was found
+            raise _Refusal(404, f"this peer does not have {text}") from None
+        return Response(200, headers, _region(fd, held.lo, held.size))
+
+    async def serve_block(self, text: str, request: Request, max_size: int) -> Response:
+        """`/p2pimg/v1/blocks/<cid>` of the peer API: a block this node holds, raw, found and
+        hidden as `/ipfs/` finds and hides it, but up to `max_size` bytes instead of IPFS's 2 MiB:
+        p2pimg's own blocks (image roots and blob maps up to 8 MiB, manifests up to 4 MiB), which
+        its peers ask for when their origin cannot give them."""
+        try:
+            parts, _binary = parse_cid_text(text)
+            try:
+                cid: Cid | None = parts.to_cid()
+            except DigestInvalid:
+                cid = None  # well-formed, but nothing this node can hold
+            held = await self._locate(cid, None) if cid is not None else None
+            if held is None:
+                raise _Refusal(404, f"this peer does not have {text}")
+            if held.size > max_size:
+                raise _Refusal(403, f"{text} is {held.size} bytes, over {max_size}: ask for blobs by digest")
+            return self._raw(text, held, Wanted(False), request)
+        except _Refusal as refusal:
+            return _text(refusal.status, refusal.message, request.method == "HEAD")
 
     @staticmethod
     def _identity(text: str, binary: bytes, data: bytes, want: Wanted, request: Request) -> Response:
@@ -396,21 +422,25 @@ class Gateway:
 
     # -- CAR responses -------------------------------------------------------------------------
 
-    async def export(self, root: Cid) -> AsyncIterator[BodyPart]:
+    async def export(self, root: Cid, also: Sequence[Cid] = ()) -> AsyncIterator[BodyPart]:
         """The CAR of everything `root` reaches (`dag-scope=all`), as `p2pimg export` writes it:
-        the same stream as the gateway's. AbortResponse when a block is missing or too large."""
+        the same stream as the gateway's; then the DAGs of `also`, each block still once (a
+        nerdctl image: its root is a raw block that names its files by URL, not by links).
+        AbortResponse when a block is missing or too large."""
         held = await self._locate(root, None)
         if held is None or held.size > MAX_BLOCK:
             why = "not in the cache" if held is None else f"{held.size} bytes, over the block limit"
             raise AbortResponse(f"block {root}: {why}")
         files = _OpenFile(self.store)
         try:
-            async for part in self._car(root, held, Wanted(True), files):
+            async for part in self._car(root, held, Wanted(True), files, also):
                 yield part
         finally:
             files.close()
 
-    async def _car(self, root: Cid, held: _Held, want: Wanted, files: _OpenFile) -> AsyncIterator[BodyPart]:
+    async def _car(
+        self, root: Cid, held: _Held, want: Wanted, files: _OpenFile, also: Sequence[Cid] = ()
+    ) -> AsyncIterator[BodyPart]:
         """The CAR body: depth-first from `root`, each block once; a block that is missing (or
         too large) cuts the stream there."""
         depth_limit = {"block": 0, "entity": 1, "all": _MAX_DEPTH}[want.scope]
@@ -420,7 +450,8 @@ class Gateway:
         seen = {root}
         for part in self._section(root, held, files):
             yield part
-        stack: list[tuple[Iterator[Link], int]] = []
+        # `also` at the bottom of the stack: walked after the root's own links, as if it were more.
+        stack: list[tuple[Iterator[Link], int]] = [(((cid, None) for cid in also), 1)]
         if depth_limit:
             stack.append((self._links(root, held, want.entity_bytes), 1))
         while stack:

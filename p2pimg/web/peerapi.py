@@ -10,6 +10,11 @@ needs beyond it is versioned under /p2pimg/v1/:
     GET /p2pimg/v1/have/<digest>        {"digest", "complete", "node", "chunks": base64 of one
                                         byte per chunk: 1 verified, 2 being fetched, 0 missing}
     GET /p2pimg/v1/blobs/<digest>       verified bytes of a blob; Range: one span
+    GET /p2pimg/v1/blocks/<cid>         a block, raw, as /ipfs/ finds it (verified, private content
+                                        hidden, swarm key required when set) but up to 8 MiB, not
+                                        IPFS's 2 MiB: the image roots, blob maps and manifests (up to
+                                        4 MiB) a node asks its peers for when its origin cannot give
+                                        them (`Swarm.block`)
     GET /p2pimg/v1/tags/<name>/<tag>    the node's cached tag record (DAG-CBOR, as published; the
                                         asker accepts it only when a key it trusts signed it)
     GET /p2pimg/v1/info                 {"version": 1, "node": "<node id>"}
@@ -32,8 +37,9 @@ from collections.abc import AsyncIterator
 
 import trio
 
+from p2pimg.content import dagcbor
 from p2pimg.content.cid import parse_digest
-from p2pimg.content.model import check_name, check_tag
+from p2pimg.content.model import MAX_MANIFEST_SIZE, check_name, check_tag
 from p2pimg.errors import (
     BlobUnknown,
     InvalidInput,
@@ -58,6 +64,8 @@ log = logging.getLogger(__name__)
 
 
 _PIECE = 256 << 10
+# The largest block `/p2pimg/v1/blocks/` sends: a DAG-CBOR node's limit (a manifest is at most 4 MiB).
+MAX_PEER_BLOCK = max(dagcbor.MAX_BLOCK_SIZE, MAX_MANIFEST_SIZE)
 _CLIENTS_KEPT = 1024  # addresses whose received bytes are counted one by one
 _WARN_EVERY = 60.0  # seconds between warnings about refused requests made with the swarm key
 
@@ -194,11 +202,11 @@ class PeerService:
     async def handle_local(self, request: Request) -> Response:
         """A request from this machine (the node's own control endpoints), or one already let in.
 
-        Uploads (blob spans and blocks: `/p2pimg/v1/blobs/`, `/ipfs/`) take one of
+        Uploads (blob spans and blocks: `/p2pimg/v1/blobs/`, `/p2pimg/v1/blocks/`, `/ipfs/`) take one of
         `max_requests` slots, and get 429 when none is free. Inventories, `/info`, tag records
         and warm requests are small answers from memory: they take none, so a node busy
         uploading still tells others what it holds."""
-        if request.path.startswith(("/p2pimg/v1/blobs/", "/ipfs/")):
+        if request.path.startswith(("/p2pimg/v1/blobs/", "/p2pimg/v1/blocks/", "/ipfs/")):
             if self.active >= self.max_requests:
                 self.metrics.peer_requests.labels("busy").inc()
                 return self._busy()
@@ -276,6 +284,8 @@ class PeerService:
             return await self._blob(path.rpartition("/")[2], request)
         if path.startswith("/ipfs/"):
             return await self.gateway.serve(path[len("/ipfs/") :], request)
+        if path.startswith("/p2pimg/v1/blocks/"):
+            return await self.gateway.serve_block(path[len("/p2pimg/v1/blocks/") :], request, MAX_PEER_BLOCK)
         raise NotFound(f"no such endpoint {path[:100]}")
 
     @staticmethod
