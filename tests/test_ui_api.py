@@ -350,3 +350,106 @@ async def test_the_unix_socket_answers_its_owner_without_a_token(
             assert [i["pinned"] for i in (await client.get("/ui/api/images")).json()["images"]] == [True]
         inner.cancel_scope.cancel()
     assert not os.path.exists(path)
+
+
+async def test_names_that_only_look_like_addresses_are_refused(node: Served) -> None:
+    """DNS rebinding with a name that starts like an address: refused; addresses written out
+    (any IP, as when a node listens on 0.0.0.0 and is opened by its LAN address) are fine."""
+    for host in ("127.evil.example:5050", "127.0.0.1.nip.io", "localhost.evil.example", ""):
+        r = await node.client.get(f"{node.base}/ui/", headers={"host": host})
+        assert r.status_code == 403, host
+    for host in ("127.0.0.1:5050", "[::1]:5050", "localhost", "10.1.2.3:5050"):
+        r = await node.client.get(f"{node.base}/ui/api/node", headers={"host": host})
+        assert r.status_code == 200, host
+
+
+async def test_the_nodes_other_control_endpoints_refuse_a_foreign_page(node: Served) -> None:
+    """`/p2pimg/v1/warm` (what `p2pimg warm` uses) is on the same listener: a page of another
+    site can send it neither a simple form POST, nor anything under its own Host or Origin."""
+    url = f"{node.base}/p2pimg/v1/warm"
+    body = b'{"ref": "demo/app:1"}'
+    cases = [
+        {"content-type": "text/plain"},
+        {"content-type": "application/x-www-form-urlencoded"},
+        {"content-type": "application/json", "host": "attacker.example:5050"},
+        {"content-type": "application/json", "origin": "http://attacker.example"},
+    ]
+    for headers in cases:
+        r = await node.client.post(url, content=body, headers=headers)
+        assert r.status_code == 403 and r.json()["errors"][0]["code"] == "DENIED", headers
+    r = await node.client.post(url, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 202, r.text
+    r = await node.client.get(f"{node.base}/p2pimg/v1/peers", headers={"host": "attacker.example"})
+    assert r.status_code == 403
+
+
+async def test_gc_from_the_dashboard_counts_its_evictions(node: Served) -> None:
+    r = await node.post("/ui/api/warm", {"ref": "demo/app:1"})
+    job = r.json()["id"]
+
+    async def done() -> bool:
+        return bool((await node.get(f"/ui/api/warm/{job}"))["state"] == "done")
+
+    await _wait(done, "the warm")
+    r = await node.post("/ui/api/gc", {"max_size": 0})
+    removed, freed = r.json()["removed"], r.json()["freed"]
+    assert removed >= 2
+    cache = await node.get("/ui/api/cache")
+    assert cache["evictions"] == removed and cache["evicted_bytes"] == freed
+    assert cache["disk_size"] >= cache["disk_free"] > 0
+
+
+async def test_a_peer_that_never_answers_is_shown_unreachable(
+    tmp_path: Path, sample: SampleImage, nursery: trio.Nursery
+) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    base, _home, _root = await _start(nursery, tmp_path, sample, "lonely", peers=[dead])
+    async with httpx.AsyncClient(timeout=30) as client:
+        (peer,) = (await client.get(f"{base}/ui/api/peers")).json()["peers"]
+        assert peer["url"] == dead and peer["state"] == "unreachable" and peer["sent_us"] == 0
+    nursery.cancel_scope.cancel()
+
+
+async def test_pulls_group_an_images_blobs_with_one_series(node: Served) -> None:
+    manifest = (
+        await node.client.get(
+            f"{node.base}/v2/demo/app/manifests/1",
+            headers={"accept": "application/vnd.oci.image.manifest.v1+json"},
+        )
+    ).json()
+    for layer in manifest["layers"]:
+        r = await node.client.get(f"{node.base}/v2/demo/app/blobs/{layer['digest']}")
+        assert r.status_code == 200
+
+    async def grouped() -> bool:
+        pulls = (await node.get("/ui/api/transfers"))["pulls"]
+        return any(p["repository"] == "demo/app" and p["ended"] is not None for p in pulls)
+
+    await _wait(grouped, "the pull to end")
+    doc = await node.get("/ui/api/transfers")
+    (pull,) = [p for p in doc["pulls"] if p["repository"] == "demo/app"]
+    # The config, fetched on the node's first look at the image, before the client asked by
+    # name, is part of the same pull.
+    digests = {t["digest"]: t["size"] for t in doc["finished"] if t["id"] in pull["transfers"]}
+    assert digests == {d["digest"]: d["size"] for d in [manifest["config"], *manifest["layers"]]}
+    total = sum(digests.values())
+    assert pull["blobs"] == len(digests) and pull["size"] == total and pull["ok"] is True
+    assert sum(pull["bytes_by_source"].values()) == total
+    assert sum(sum(points) for points in pull["series"]["by_source"].values()) == total
+
+
+async def test_a_second_node_does_not_take_a_live_socket_over(tmp_path: Path) -> None:
+    from p2pimg.errors import ListenError
+    from p2pimg.web.server import listen_unix
+
+    path = str(tmp_path / "p2pimg.sock")
+    first = await listen_unix(path)
+    with pytest.raises(ListenError, match="another process"):
+        await listen_unix(path)
+    await first[0].aclose()  # gone, its file left behind: the next one takes the path
+    second = await listen_unix(path)
+    await second[0].aclose()

@@ -19,6 +19,7 @@ content only when a swarm key guards it (web/peerapi.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -85,6 +86,7 @@ class Mirror:
         self._root = store.root / "upstream"
         # Each upstream as a source of the fetch engine (the node adds them to it).
         self.sources = {u.host: UpstreamSource(u) for u in upstreams}
+        self.upstreams_by_host = {u.host: u for u in upstreams}
         self._sizes: OrderedDict[str, int] = OrderedDict()  # blob digest -> size, from manifests
         # A block by CID from the LAN's peers (the node's swarm), checked against the CID.
         self.peer_block: Callable[[Cid, int], Awaitable[bytes | None]] | None = None
@@ -132,6 +134,49 @@ class Mirror:
             return digest, float(checked)
         except (OSError, ValueError, P2pimgError):
             return None
+
+    def cached_images(self, most: int = 200) -> list[tuple[str, str, str, str, dict[str, int]]]:
+        """(upstream host, repository, tag, top manifest digest, {blob digest: size}) of the tags
+        this mirror served and cached, at most `most` (blocking: run in a thread). The blobs of
+        an index are those of its platform manifests cached here."""
+        hosts = {u.host.replace(":", "_"): u.host for u in self.upstreams}
+        found: list[tuple[str, str, str, str, dict[str, int]]] = []
+        for dirname, host in sorted(hosts.items()):
+            base = self._root / dirname
+            for tags in sorted(base.rglob("tags")) if base.is_dir() else []:
+                repo = tags.parent.relative_to(base).as_posix()
+                for entry in sorted(tags.iterdir()):
+                    cached = self._cached_tag(self.upstreams_by_host[host], repo, entry.name)
+                    if cached is None or len(found) >= most:
+                        continue
+                    found.append((host, repo, entry.name, cached[0], self._blobs_of(cached[0])))
+        return found
+
+    def _blobs_of(self, digest: str, depth: int = 0) -> dict[str, int]:
+        data = self.store.get_block(Cid.from_digest(digest))
+        try:
+            doc = json.loads(data) if data is not None else None
+        except (ValueError, RecursionError):
+            doc = None
+        if not isinstance(doc, dict):
+            return {}
+        blobs: dict[str, int] = {}
+        children = doc.get("manifests")
+        if isinstance(children, list) and depth == 0:  # an index: its platforms cached here
+            for child in children:
+                if isinstance(child, dict) and isinstance(child.get("digest"), str):
+                    with contextlib.suppress(P2pimgError):
+                        blobs |= self._blobs_of(child["digest"], depth + 1)
+            return blobs
+        layers = doc.get("layers")
+        for desc in [doc.get("config"), *(layers if isinstance(layers, list) else [])]:
+            if (
+                isinstance(desc, dict)
+                and isinstance(desc.get("digest"), str)
+                and isinstance(desc.get("size"), int)
+            ):
+                blobs[desc["digest"]] = desc["size"]
+        return blobs
 
     async def manifest(self, upstream: UpstreamClient, name: str, reference: str) -> Manifest:
         repo = normalize_repo(upstream.host, name)

@@ -60,6 +60,7 @@ class TransferRecord:
     ok: bool | None = None
     error: str | None = None
     series: Series | None = None
+    totals: collections.Counter[str] | None = None  # the log's bytes by source, all fetches
 
     def chunk(self, index: int, source: str, nbytes: int, now: float) -> None:
         """Chunk `index` arrived from `source`, verified."""
@@ -70,6 +71,8 @@ class TransferRecord:
                 self.sources.append(source)
         self.delivered[index] = 1 + self.sources.index(source)
         self.bytes_by_source[source] = self.bytes_by_source.get(source, 0) + nbytes
+        if self.totals is not None:
+            self.totals[source] += nbytes
         assert self.series is not None
         self.series.add(source, nbytes, now)
 
@@ -77,14 +80,16 @@ class TransferRecord:
         """The bytes received so far are fetched again (a second round): the map starts over."""
         self.delivered = bytearray(self.count)
 
-    def rate(self, now: float, window: float = 2.0) -> float:
-        """Bytes per second over the last `window` seconds of the series (0 when ended)."""
+    def rate(self, now: float, window: float = 2.0, source: str | None = None) -> float:
+        """Bytes per second over the last `window` seconds of the series, from every source or
+        from `source` (0 when ended)."""
         if self.ended is not None or self.series is None:
             return 0.0
         series = self.series
         last = int((now - series.start) / series.step)
         first = max(0, last - max(1, int(window / series.step)) + 1)
-        total = sum(sum(p[first : last + 1]) for p in series.by_source.values())
+        points = series.by_source.values() if source is None else [series.by_source.get(source, [])]
+        total = sum(sum(p[first : last + 1]) for p in points)
         return total / max(series.step, min(window, now - series.start, (last - first + 1) * series.step))
 
     def to_json(self, now: float, coming: bytes = b"") -> dict[str, object]:
@@ -126,6 +131,39 @@ class TransferLog:
         self.active: dict[str, TransferRecord] = {}  # id -> record
         self.finished: collections.deque[TransferRecord] = collections.deque(maxlen=KEPT)
         self._ids = itertools.count(1)
+        self.totals: collections.Counter[str] = collections.Counter()  # verified bytes by source
+
+    def source_rate(self, source: str, now: float, window: float = 2.0) -> float:
+        """Bytes per second `source` delivered over the last `window` seconds, all fetches."""
+        return sum(r.rate(now, window, source) for r in list(self.active.values()))
+
+    def pulls(self, now: float, gap: float = 5.0, most: int = 20) -> list[dict[str, object]]:
+        """Fetches grouped into pulls: those of one repository that ran within `gap` seconds of
+        each other (a client pulling an image asks for its blobs one after another or a few at
+        a time), newest first, each with its totals and one throughput series by source."""
+        everything = [*self.active.values(), *self.finished]
+        named = sorted((r for r in everything if r.repository), key=lambda r: (r.repository, r.started))
+        groups: list[list[TransferRecord]] = []
+        for record in named:
+            last = groups[-1] if groups else None
+            if (
+                last is not None
+                and last[0].repository == record.repository
+                and record.started <= _end(last, now) + gap
+            ):
+                last.append(record)
+            else:
+                groups.append([record])
+        # A fetch no client asked for by name (an image's small blobs, fetched when a node first
+        # reads its root; a peer's or a warm's) joins the pull it ran within, else stands alone.
+        for record in sorted((r for r in everything if not r.repository), key=lambda r: r.started):
+            near = [g for g in groups if g[0].started - gap <= record.started <= _end(g, now) + gap]
+            if near:
+                near[0].append(record)
+            else:
+                groups.append([record])
+        groups.sort(key=lambda g: max(r.started for r in g), reverse=True)
+        return [_pull(g, now) for g in groups[:most]]
 
     def begin(
         self, digest: str, size: int, chunk_size: int, have: bytes | bytearray, now: float
@@ -139,6 +177,7 @@ class TransferLog:
             started=now,
             delivered=bytearray(CACHED if h else MISSING for h in have),
             series=Series(now),
+            totals=self.totals,
         )
         self.active[record.id] = record
         return record
@@ -148,3 +187,37 @@ class TransferLog:
             return
         record.ended, record.ok, record.error = now, error is None, error
         self.finished.appendleft(record)
+
+
+def _end(records: list[TransferRecord], now: float) -> float:
+    return max(r.ended if r.ended is not None else now for r in records)
+
+
+def _pull(records: list[TransferRecord], now: float) -> dict[str, object]:
+    """One pull's summary, its series the sum of its fetches' on one time axis."""
+    start = min(r.started for r in records)
+    running = any(r.ended is None for r in records)
+    end = now if running else max(r.ended or now for r in records)
+    merged = Series(start)
+    by_source: dict[str, int] = {}
+    for r in records:
+        for source, n in r.bytes_by_source.items():
+            by_source[source] = by_source.get(source, 0) + n
+        if r.series is not None:
+            for source, points in r.series.by_source.items():
+                for i, n in enumerate(points):
+                    if n:
+                        merged.add(source, n, r.series.start + (i + 0.5) * r.series.step)
+    return {
+        "id": records[0].id,
+        "repository": next((r.repository for r in records if r.repository), None),
+        "started": round(start, 4),
+        "ended": None if running else round(end, 4),
+        "seconds": round(end - start, 3),
+        "blobs": len(records),
+        "size": sum(r.size for r in records),
+        "bytes_by_source": by_source,
+        "ok": None if running else all(r.ok for r in records),
+        "transfers": [r.id for r in records],
+        "series": merged.to_json(),
+    }

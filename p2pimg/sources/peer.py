@@ -91,6 +91,10 @@ class PeerSource(ChunkSource):
         self.node_id = node_id
         self._have: dict[str, bytes | None] = {}  # digest -> states (b"" = complete, None = nothing)
         self._misses: dict[str, int] = {}  # digest -> failed polls in a row
+        # When it last answered an inventory poll, and when one last failed (trio's clock), for
+        # people to see whether it is there at all.
+        self.answered_at = float("-inf")
+        self.failed_at = float("-inf")
 
     def inventory(self, blob_map: BlobMap) -> bytes | None:
         return self._have.get(blob_map.digest)
@@ -104,6 +108,7 @@ class PeerSource(ChunkSource):
                 self.client, "GET", f"{self.url}/p2pimg/v1/have/{blob_map.digest}", limit=limit, timeout=2.0
             )
         except (httpx.HTTPError, OriginError):
+            self.failed_at = trio.current_time()
             # A busy machine answers late now and then; three misses in a row mean it is gone,
             # and whatever it claimed to be bringing is not coming.
             self._misses[blob_map.digest] = misses = self._misses.get(blob_map.digest, 0) + 1
@@ -113,6 +118,7 @@ class PeerSource(ChunkSource):
             self._have[blob_map.digest] = None
             return changed
         self._misses.pop(blob_map.digest, None)
+        self.answered_at = trio.current_time()
         states: bytes | None = None
         doc = answer.doc if answer.status == 200 else None
         if isinstance(doc, dict):

@@ -19,9 +19,9 @@ from p2pimg.node.node import Node, clear_serve_info, open_node, write_serve_info
 from p2pimg.sources.upstream.dockerconfig import docker_config_path, load_credentials
 from p2pimg.sources.upstream.refs import is_loopback, registry_base
 from p2pimg.web.peerapi import PeerService
-from p2pimg.web.registry import Registry
-from p2pimg.web.server import Handler, Request, Response, listen, listen_unix, serve_connection
-from p2pimg.web.ui import Dashboard
+from p2pimg.web.registry import Registry, error_response
+from p2pimg.web.server import UNIX, Handler, Request, Response, listen, listen_unix, serve_connection
+from p2pimg.web.ui import Dashboard, Denied, literal_host
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,9 @@ def local_control(
         if dashboard is not None and dashboard.wants(request):
             return await dashboard.handle(request)
         if request.path.startswith("/p2pimg/v1/") and request.from_this_machine:
+            refused = _foreign_page(request)
+            if refused is not None:
+                return error_response(Denied(refused))
             if request.path in ("/p2pimg/v1/peers", "/p2pimg/v1/timeline"):
                 doc: object = (
                     sorted(node.swarm.peers)
@@ -55,6 +58,24 @@ def local_control(
         return await registry.handle(request)
 
     return handle
+
+
+def _foreign_page(request: Request) -> str | None:
+    """Why a control request from this machine may come from a web page of another site (and is
+    refused), or None. Browsers send a page's requests to 127.0.0.1 too: under the page's own
+    name after a DNS rebinding (so the Host must be written out), and a cross-site POST as a
+    "simple" request with no preflight unless its body is JSON (so it must be, as the CLI's are)."""
+    if request.client == UNIX:
+        return None
+    if not literal_host(request.headers.get("host", "")):
+        return "control requests need Host: localhost or an IP address"
+    origin = request.headers.get("origin")
+    if origin is not None and origin != f"http://{request.headers.get('host', '')}":
+        return f"a control request from another origin ({origin[:100]}) is refused"
+    content_type = request.headers.get("content-type", "").split(";")[0].strip()
+    if request.method == "POST" and content_type != "application/json":
+        return "a control request's body must be JSON (Content-Type: application/json)"
+    return None
 
 
 def check_public_mirror(config: Config) -> None:

@@ -24,6 +24,7 @@ reads a byte now and then cannot hold its connection for long.
 from __future__ import annotations
 
 import contextlib
+import errno
 import http
 import logging
 import math
@@ -465,7 +466,13 @@ async def listen_unix(path: str) -> list[trio.SocketListener]:
     try:
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                    try:
+                        probe.connect(path)
+                    except OSError:
+                        os.unlink(path)  # left behind by a process that is gone
+                    else:
+                        raise OSError(errno.EADDRINUSE, "another process is serving on it")
         old = os.umask(0o177)
         try:
             await sock.bind(path)

@@ -11,15 +11,17 @@
     POST /ui/api/pin, /unpin      {"ref"}
     POST /ui/api/gc               {"max_size"?}: evict down to it (default --cache-max, else 0)
 
-Who may see and do what. The dashboard shows the node's peers and images, so it answers clients
-on this machine only, and only under a loopback or literal-address `Host` (a page of another
-site that rebinds its DNS name to 127.0.0.1 never gets an answer). An action (POST) also needs
-the session's token, which the page gets embedded in it (a new one each time the node starts), an
-`Origin`, when the browser sends one, of this very listener, and a JSON body (which a plain form
-of another site cannot send without a CORS preflight, never answered here). `--ui-read-only`
-refuses every action. The same handler also answers on `--ui-socket PATH`, a unix socket only
-its owner can open and no browser page can reach: there neither Host, Origin nor token is asked
-for (it is how the Docker Desktop extension's UI reaches its backend container).
+Who may see and do what. The dashboard shows the node's peers and images, so it answers clients on
+this machine only, and only under a `Host` of `localhost` or an IP address (a page of another site
+that rebinds its DNS name to 127.0.0.1 sends its name, and never gets an answer). An action (POST)
+also needs the session's token, which the page gets embedded in it (a new one each time the node
+starts), an `Origin`, when the browser sends one, of this very listener, and a JSON body (which a
+plain form of another site cannot send without a CORS preflight, never answered here).
+`--ui-read-only` refuses every action. The same handler also answers on `--ui-socket PATH`, a unix
+socket only its owner can open and no browser page can reach: there neither Host, Origin nor token
+is asked for (it is how the Docker Desktop extension's UI reaches its backend container). The
+node's other control endpoints on this listener (`/p2pimg/v1/warm`, ...) refuse a rebound Host,
+a foreign Origin and a POST that is not JSON in the same way (`web/serve.py`).
 """
 
 from __future__ import annotations
@@ -27,19 +29,23 @@ from __future__ import annotations
 import collections
 import hmac
 import importlib.resources
+import ipaddress
 import json
 import logging
+import math
+import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from functools import partial
+from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
 
 import trio
 
 import p2pimg
-from p2pimg.content.cid import Cid
-from p2pimg.errors import InvalidInput, NotFound, P2pimgError
+from p2pimg.content.cid import IPFS_CODECS, Cid
+from p2pimg.errors import EndpointUnknown, InvalidInput, NotFound, P2pimgError, UnsupportedMethod
 from p2pimg.fetch.engine import BlobFetch
 from p2pimg.fetch.resolver import IPFS_PREFIX
 from p2pimg.fetch.schedule import COMING
@@ -53,6 +59,7 @@ from p2pimg.web.registry import error_response
 from p2pimg.web.server import UNIX, Request, Response
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 _STATIC = importlib.resources.files("p2pimg.web") / "ui_static"
 _TYPES = {
@@ -93,10 +100,66 @@ def _json(value: object, status: int = 200) -> Response:
     return Response(status, headers, body)
 
 
-def _loopback_host(host: str) -> bool:
-    """A `Host` naming this machine literally: localhost, 127.x, ::1 (any port)."""
+def literal_host(host: str) -> bool:
+    """A `Host` that no DNS name can stand behind: `localhost`, or an IP address written out
+    (127.0.0.1, [::1], the address a client on this machine connected to; any port). A page of
+    another site reaches a node only under its own name (DNS rebinding), so it never passes; nor
+    does a name that merely looks like an address (127.0.0.1.attacker.example)."""
     name = urlsplit(f"//{host}").hostname or ""
-    return name == "localhost" or name.startswith("127.") or name == "::1"
+    if name == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+class _Refreshed(Generic[_T]):
+    """A value that is slow to make (a cache scan, the origin's tags). A caller gets the last
+    one at once; a stale one is made again in the background, one at a time, and no more often
+    than every `every` seconds or ten times as long as the last one took, so a dashboard left
+    open costs little however large the cache. `forget()` makes the next caller wait for a new
+    one (after an action changed it)."""
+
+    def __init__(self, make: Callable[[], Awaitable[_T]], every: float, nursery: trio.Nursery) -> None:
+        self._make, self._every, self._nursery = make, every, nursery
+        self._value: _T | None = None
+        self._made = -math.inf
+        self._took = 0.0
+        self._running: trio.Event | None = None
+
+    async def get(self) -> _T:
+        if self._value is None:
+            if self._running is None:
+                await self._run()
+            else:
+                await self._running.wait()
+            if self._value is None:  # the making failed (logged): try again next time
+                raise P2pimgError("the dashboard could not read this node's state; see the log")
+            return self._value
+        stale = time.monotonic() - self._made >= max(self._every, 10 * self._took)
+        if stale and self._running is None:
+            self._running = trio.Event()  # before the task starts: one at a time
+            self._nursery.start_soon(self._run)
+        return self._value
+
+    def forget(self) -> None:
+        self._value, self._made = None, -math.inf
+
+    async def _run(self) -> None:
+        if self._running is None:
+            self._running = trio.Event()
+        done = self._running
+        began = time.monotonic()
+        try:
+            self._value = await self._make()
+            self._made, self._took = time.monotonic(), time.monotonic() - began
+        except Exception:  # a bug or an unreadable directory: shown as an error, logged once here
+            log.exception("dashboard: refreshing its state failed")
+        finally:
+            self._running = None
+            done.set()
 
 
 class Dashboard:
@@ -109,8 +172,10 @@ class Dashboard:
         self.read_only = node.config.ui_read_only
         self.token = secrets.token_urlsafe(32)
         self.started = time.monotonic()
-        self._images: tuple[float, list[dict[str, object]]] = (-_IMAGES_EVERY, [])
-        self._cache: tuple[float, cache.CacheState | None] = (-_CACHE_EVERY, None)
+        self._images = _Refreshed(self._list_images, _IMAGES_EVERY, node.nursery)
+        self._scan = _Refreshed(
+            partial(trio.to_thread.run_sync, cache.scan, node.store), _CACHE_EVERY, node.nursery
+        )
         self._lan: collections.OrderedDict[str, dict[str, dict[str, object]]] = collections.OrderedDict()
         self._gets: dict[str, Callable[[], Awaitable[object]]] = {
             "/ui/api/node": self._node,
@@ -138,7 +203,7 @@ class Dashboard:
             if request.method == "POST":
                 return await self._post(request)
             if request.method not in ("GET", "HEAD"):
-                raise Denied(f"{request.method} is not allowed on {request.path}")
+                raise UnsupportedMethod(f"{request.method} is not allowed on {request.path}")
             if request.path == "/ui/":
                 return self._page()
             if request.path.startswith("/ui/static/"):
@@ -159,7 +224,7 @@ class Dashboard:
             return  # only this machine's user can open the socket, and no browser page can
         if not request.from_this_machine:
             raise Denied("the dashboard answers clients on this machine only")
-        if not _loopback_host(request.headers.get("host", "")):
+        if not literal_host(request.headers.get("host", "")):
             raise Denied("open the dashboard as http://127.0.0.1:PORT/ui/ or http://localhost:PORT/ui/")
 
     def _check_action(self, request: Request) -> None:
@@ -258,10 +323,11 @@ class Dashboard:
             fetch = self.node.fetcher.fetch_of(record.digest)
             active.append(record.to_json(now, _coming(fetch)))
         active.sort(key=lambda t: float(t["started"]))  # type: ignore[arg-type]
-        return {"now": round(now, 4), "active": active, "finished": [r.to_json(now) for r in log_.finished]}
+        finished = [r.to_json(now) for r in log_.finished]
+        return {"now": round(now, 4), "active": active, "finished": finished, "pulls": log_.pulls(now)}
 
     async def _peers(self) -> dict[str, object]:
-        swarm, stats = self.node.swarm, self.node.fetcher.stats
+        swarm, stats, log_ = self.node.swarm, self.node.fetcher.stats, self.node.fetcher.transfers
         now = trio.current_time()
         found = []
         for url, source in sorted(swarm.peers.items()):
@@ -271,17 +337,19 @@ class Dashboard:
                 state = "banned"
             elif s is not None and s.unavailable_until > now:
                 state = "backoff"
+            elif source.node_id is None or source.failed_at > source.answered_at:
+                state = "unreachable"  # never answered, or its last inventory poll failed
             found.append(
                 {
                     "url": url,
                     "node_id": source.node_id,
                     "found": swarm.found_by(url),
-                    "rate": round(s.throughput, 1) if s is not None and s.throughput else None,
+                    "rate": round(log_.source_rate(source.name, now), 1),
                     "state": state,
                     "backoff": round(s.unavailable_until - now, 1) if state == "backoff" and s else None,
                     "bad_chunks": s.bad_chunks if s is not None else 0,
                     "tls": url.startswith("https://"),
-                    "sent_us": s.bytes if s is not None else 0,
+                    "sent_us": log_.totals.get(source.name, 0),
                     "we_sent": self.peers.served_to.get(urlsplit(url).hostname or "", 0),
                 }
             )
@@ -293,17 +361,13 @@ class Dashboard:
         ]
         return {"me": self.node.node_id, "peers": found, "clients": clients}
 
-    async def _scan(self) -> cache.CacheState:
-        stamp, state = self._cache
-        if state is None or time.monotonic() - stamp >= _CACHE_EVERY:
-            state = await trio.to_thread.run_sync(cache.scan, self.node.store)
-            self._cache = (time.monotonic(), state)
-        return state
-
     async def _cache_doc(self) -> dict[str, object]:
-        state = await self._scan()
+        state = await self._scan.get()
         metrics = self.node.metrics
+        disk = await trio.to_thread.run_sync(os.statvfs, self.node.store.root)
         return {
+            "disk_size": disk.f_frsize * disk.f_blocks,
+            "disk_free": disk.f_frsize * disk.f_bavail,
             "used": state.total,
             "limit": self.node.config.cache_max,
             "blobs": len(state.blobs),
@@ -315,11 +379,8 @@ class Dashboard:
         }
 
     async def _images_doc(self) -> dict[str, object]:
-        stamp, images = self._images
-        if time.monotonic() - stamp >= _IMAGES_EVERY:
-            images = await self._list_images()
-            self._images = (time.monotonic(), images)
-        state = await self._scan()
+        images = await self._images.get()
+        state = await self._scan.get()
         sizes = {b.digest: b.size for b in state.blobs}
         partial = {p.digest: p.verified for p in state.partials}
         pinned_roots = await trio.to_thread.run_sync(cache.pins, self.node.store)
@@ -329,7 +390,7 @@ class Dashboard:
             cached = sum(sizes.get(d) or partial.get(d, 0) for d in digests)
             shown.append(
                 {k: v for k, v in image.items() if not k.startswith("_")}
-                | {"cached": cached, "pinned": image["root"] in pinned_roots}
+                | {"cached": cached, "pinned": image["root"] is not None and image["root"] in pinned_roots}
             )
         return {"images": shown}
 
@@ -356,11 +417,11 @@ class Dashboard:
             try:
                 with trio.fail_after(10):
                     cid = (
-                        Cid.parse(name[len(IPFS_PREFIX) :])
+                        Cid.parse(name[len(IPFS_PREFIX) :], codecs=IPFS_CODECS)
                         if name.startswith(IPFS_PREFIX)
                         else await resolver.resolve_tag(name, tag)
                     )
-                    root = await resolver.root(cid)
+                    root = await resolver.image(cid)  # a p2pimg root, or a nerdctl image
             except (P2pimgError, trio.TooSlowError) as exc:
                 failed: dict[str, object] = {"name": name, "tag": tag, "kind": kind, "root": None}
                 images.append(failed | {"size": 0, "blobs": 0, "error": str(exc)})
@@ -376,6 +437,22 @@ class Dashboard:
                     "_digests": sorted(root.blobs),
                 }
             )
+        mirror = self.node.mirror
+        if mirror is not None:  # images pulled through --upstream: no root CID, no actions here
+            for host, repo, tag, top, blobs in await trio.to_thread.run_sync(mirror.cached_images):
+                images.append(
+                    {
+                        "name": repo,
+                        "tag": tag,
+                        "root": None,
+                        "digest": top,
+                        "upstream": host,
+                        "kind": "mirror",
+                        "size": sum(blobs.values()),
+                        "blobs": len(blobs),
+                        "_digests": sorted(blobs),
+                    }
+                )
         return images
 
     # -- actions -------------------------------------------------------------------------------
@@ -430,7 +507,7 @@ class Dashboard:
     def _warm_status(self, job: str) -> dict[str, object]:
         status = self.node.warm.status(job)
         if status is None:
-            raise NotFound(f"no warm job {job[:64]}")
+            raise EndpointUnknown(f"no warm job {job[:64]}")
         doc = dict(status, id=job, bytes=status.get("bytes_total"))
         if job in self._lan:
             doc["peers"] = dict(self._lan[job])
@@ -438,12 +515,12 @@ class Dashboard:
 
     async def _pin(self, doc: dict[str, Any]) -> tuple[int, object]:
         root, digests = await node_pins.pin(self.node.store, self.node.resolver, self._ref(doc))
-        self._images = (-_IMAGES_EVERY, [])
+        self._images.forget()
         return 200, {"root": str(root), "blobs": len(digests)}
 
     async def _unpin(self, doc: dict[str, Any]) -> tuple[int, object]:
         roots = await node_pins.unpin(self.node.store, self.node.resolver, self._ref(doc))
-        self._images = (-_IMAGES_EVERY, [])
+        self._images.forget()
         return 200, {"roots": roots}
 
     async def _gc(self, doc: dict[str, Any]) -> tuple[int, object]:
@@ -451,11 +528,17 @@ class Dashboard:
         if text is not None and not isinstance(text, str | int):
             raise InvalidInput('"max_size" must be a size such as "10G" or a number of bytes')
         limit = cache.parse_limit(str(text)) if text is not None else self.node.config.cache_max or 0
-        fetcher = self.node.fetcher
+        fetcher, metrics = self.node.fetcher, self.node.metrics
+        # The scan in a thread; the deletions here, each checked against running fetches right
+        # before it (no await between), as the node's own cache limit does.
+        state = await trio.to_thread.run_sync(cache.scan, self.node.store)
         result = cache.collect(
-            self.node.store, limit, busy=lambda digest: fetcher.fetch_of(digest) is not None
+            self.node.store, limit, state=state, busy=lambda digest: fetcher.fetch_of(digest) is not None
         )
-        self._cache = (-_CACHE_EVERY, None)
+        for item in result.removed:
+            metrics.cache_evictions.inc()
+            metrics.cache_evicted_bytes.inc(item.size)
+        self._scan.forget()
         return 200, {
             "removed": len(result.removed),
             "freed": sum(item.size for item in result.removed),

@@ -64,6 +64,22 @@ def test_pull_through_caches_and_verifies(
     assert metric(server.host, "p2pimg_source_bytes_total", source="upstream") == layer_bytes
     assert metric(server.host, "p2pimg_cache_requests_total", result="hit") >= 2
 
+    # The dashboard lists the mirrored image, cached whole, and its fetches from the upstream.
+    with urllib.request.urlopen(f"http://{server.host}/ui/api/images", timeout=10) as r:
+        images = json.loads(r.read())["images"]
+    (shown,) = [i for i in images if i["name"] == repo]
+    assert shown["kind"] == "mirror" and shown["tag"] == "1" and shown["digest"] == top
+    assert shown["upstream"] == registry.host and shown["root"] is None and shown["pinned"] is False
+    assert (
+        shown["size"]
+        == shown["cached"]
+        == image.total_bytes - len((image.path / "blobs" / "sha256" / top[7:]).read_bytes())
+    )
+    with urllib.request.urlopen(f"http://{server.host}/ui/api/transfers", timeout=10) as r:
+        finished = json.loads(r.read())["finished"]
+    layers = [t for t in finished if t["repository"] == repo]
+    assert layers and all(t["ok"] and t["sources"] == [f"upstream {registry.url}"] for t in layers)
+
 
 def test_corrupt_upstream_blob_is_refused(
     registry: Registry, skopeo: Skopeo, p2pimg_serve: P2pimgServe, p2pimg_home: Path, tmp_path: Path
