@@ -8,12 +8,18 @@ block`, `entity-bytes=from:to` over a UnixFS file and `dups=y|n`. It serves the 
 It can misbehave on purpose: `car=False` (a gateway that only knows blocks: 406 to CAR requests),
 `lie=True` (every block it sends has a byte flipped), `once=True` (a block that occurs twice in
 a DAG is sent once, whatever was asked: `dups=n`), `stall=True` (it takes requests and never
-answers), `missing` (CIDs it does not hold: 404, or a CAR that stops before them). Every request
-is logged (`requests`), so a test can tell whether a node asked it anything.
+answers), `missing` (CIDs it does not hold: 404, or a CAR that stops before them), `scramble`
+(CARs in `order=unk`: the blocks reversed, each twice, between blocks nobody asked for: an
+unrelated one, one whose bytes do not match its CID, an identity block and a sha2-512 one, which
+a client must ignore), `gzip` (every answer gzip-compressed, with `Content-Encoding: gzip`, though
+the client asked for identity). Every request is logged (`requests`), so a test can tell whether
+a node asked it anything.
 """
 
 from __future__ import annotations
 
+import gzip as gzip_codec
+import hashlib
 import re
 import threading
 from collections.abc import Iterator
@@ -22,7 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from p2pimg.content.car import CarReader, car_header, car_section
+from p2pimg.content.car import IDENTITY_EMPTY, CarReader, car_header, car_section, encode_varint
 from p2pimg.content.cid import DAG_PB, IPFS_CODECS, RAW, Cid
 from p2pimg.content.unixfs import DataType, FileNode, decode_pb_node, decode_unixfs, expand_file
 from p2pimg.errors import P2pimgError
@@ -53,6 +59,8 @@ class IpfsGateway:
     lie: bool = False
     stall: bool = False
     once: bool = False  # sends every block once (dups=n), whatever was asked
+    scramble: bool = False  # CARs in any order, with duplicates and blocks nobody asked for
+    gzip: bool = False  # answers compressed, whatever was asked
     missing: set[Cid] = field(default_factory=set)
     requests: list[Request] = field(default_factory=list)
     url: str = ""
@@ -210,8 +218,10 @@ class _Handler(BaseHTTPRequestHandler):
             ("x-ipfs-path", f"/ipfs/{cid}"),
             ("vary", "Accept"),
         ]
+        if gw.gzip:
+            common.append(("content-encoding", "gzip"))
         if fmt == "raw":
-            body = gw.sent(cid)
+            body = gzip_codec.compress(gw.sent(cid)) if gw.gzip else gw.sent(cid)
             self.send_response(200)
             for key, value in [*common, ("content-type", RAW_TYPE), ("content-length", str(len(body)))]:
                 self.send_header(key, value)
@@ -231,12 +241,35 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         for key, value in common:
             self.send_header(key, value)
-        self.send_header("content-type", f"{CAR_TYPE}; version=1; order=dfs; dups={'y' if dups else 'n'}")
+        order = "unk" if gw.scramble else "dfs"
+        self.send_header("content-type", f"{CAR_TYPE}; version=1; order={order}; dups={'y' if dups else 'n'}")
         self.send_header("content-disposition", f'attachment; filename="{cid}.car"')
         self.send_header("connection", "close")
         self.end_headers()
         if head:
             return
-        self.wfile.write(car_header([cid]))
-        for each in gw.dag(cid, scope, span, dups):
-            self.wfile.write(car_section(each, gw.sent(each)))
+        walked = gw.dag(cid, scope, span, dups)
+        sections: Iterator[bytes] = (car_section(each, gw.sent(each)) for each in walked)
+        if gw.scramble:
+            cids = reversed(list(gw.dag(cid, scope, span, dups)))
+            sections = (part for each in cids for part in (car_section(each, gw.sent(each)), *_UNASKED) * 2)
+        if gw.gzip:
+            sections = iter([gzip_codec.compress(b"".join([car_header([cid]), *sections]))])
+        else:
+            self.wfile.write(car_header([cid]))
+        for section in sections:
+            self.wfile.write(section)
+
+
+def _unverifiable(cid: bytes, block: bytes) -> bytes:
+    return encode_varint(len(cid) + len(block)) + cid + block
+
+
+# Blocks a client did not ask for: one it could verify but does not need, one whose bytes do not
+# match its CID, and ones under CIDs it cannot verify (identity, sha2-512).
+_UNASKED = [
+    car_section(Cid.of_raw(b"unrelated"), b"unrelated"),
+    car_section(Cid.of_raw(b"claimed"), b"something else"),
+    _unverifiable(IDENTITY_EMPTY, b""),
+    _unverifiable(b"\x01\x55\x13\x40" + hashlib.sha512(b"x").digest(), b"x"),
+]

@@ -28,7 +28,8 @@ from p2pimg.content.model import BlobMap, ImageRoot
 from p2pimg.node.config import load_config
 from p2pimg.node.node import Node, open_node
 from p2pimg.ops.sample import LayerSpec, SampleImage, write_oci_layout
-from p2pimg.web.gateway import chunk_span, parse_cid_text
+from p2pimg.web.carwalk import chunk_span
+from p2pimg.web.gateway import parse_cid_text
 from p2pimg.web.peerapi import PeerService
 from p2pimg.web.server import serve_http
 
@@ -466,6 +467,81 @@ async def test_a_unixfs_file_held_here_is_walked_by_its_links(gw: Gw) -> None:
     assert [c for c, _ in read_car(r.content)[1]] == [root]
     r = await gw.get(f"/ipfs/{root}?format=raw")
     assert r.status_code == 200 and r.content == distinct[root]
+
+
+async def test_entity_bytes_of_a_unixfs_file_are_the_blocks_that_prove_them(gw: Gw) -> None:
+    """`entity-bytes` on a UnixFS file: the root, the nodes on the way down and the leaves holding
+    the range, nothing else (the spec's minimal set), each block once; the range's bytes can be
+    read from them, also when a subtree repeats and each occurrence holds another part of it."""
+    from p2pimg.content.unixfs import FileLeaf, FileNode, expand_file, import_file
+
+    pattern = os.urandom(16 << 10)  # four distinct leaves, twice: the same subtree twice
+    data = pattern * 2 + bytes(40 << 10) + os.urandom(9000)
+    blocks = dict(import_file([data], chunk_size=4096, max_links=4))
+    root, size = list(blocks)[-1], len(data)
+    for cid, block in blocks.items():
+        gw.node.store.put_block(cid, block)
+
+    def walk(have: dict[Cid, bytes], first: int, last: int) -> tuple[set[Cid], bytes]:
+        """The blocks a client needs for bytes [first, last] and those bytes, read from `have`."""
+        needed, parts = {root}, []
+
+        def visit(node: FileNode) -> None:
+            for child in expand_file(node, have[node.cid]):
+                if child.offset > last or child.offset + (child.size or 0) <= first:
+                    continue
+                if isinstance(child, FileNode):
+                    needed.add(child.cid)
+                    visit(child)
+                elif isinstance(child, FileLeaf):
+                    needed.add(child.cid)
+                    parts.append((child.offset, have[child.cid] if child.inline is None else child.inline))
+
+        visit(FileNode(root, 0, size))
+        joined = b"".join(p for _, p in parts)
+        return needed, joined[first - parts[0][0] : last + 1 - parts[0][0]]
+
+    ranges = {
+        "0:0": (0, 0),
+        f"{8192}:{4096 * 5 + 10}": (8192, 4096 * 5 + 10),  # the end of one copy, the start of the next
+        "20000:60000": (20000, 60000),
+        "-1:*": (size - 1, size - 1),
+        "499:-1000": (499, size - 1000),
+        "-20000:-5000": (size - 20000, size - 5000),
+        "0:*": (0, size - 1),
+    }
+    for text, (first, last) in ranges.items():
+        r = await gw.get(f"/ipfs/{root}?format=car&dag-scope=entity&entity-bytes={text}")
+        assert r.status_code == 200 and r.headers["etag"].startswith(f'W/"{root}.car.entity.')
+        reader, got = read_car(r.content)
+        cids = [c for c, _ in got]
+        assert cids[0] == root and len(cids) == len(set(cids)), text
+        needed, _ = walk(blocks, first, last)
+        assert set(cids) == needed, text
+        assert walk(dict(got), first, last)[1] == data[first : last + 1], text
+    # None of the file's bytes: the root alone (the spec's dag-scope=block equivalent).
+    r = await gw.get(f"/ipfs/{root}?format=car&entity-bytes={size + 10}:*")
+    assert [c for c, _ in read_car(r.content)[1]] == [root]
+
+
+async def test_a_subtree_linked_thousands_of_times_is_walked_once_per_range_end(gw: Gw) -> None:
+    """A 16 MiB file of three blocks (root -> 4096 x node -> 4096 x the same 1-byte leaf): a range
+    across it is those three blocks, found without expanding the node once per link."""
+    from p2pimg.content.unixfs import DataType, PbLink, PbNode, UnixfsData, encode_pb_node, encode_unixfs
+
+    def node(child: Cid, size: int, n: int) -> tuple[Cid, bytes]:
+        fs = UnixfsData(DataType.FILE, None, size * n, (size,) * n)
+        block = encode_pb_node(PbNode((PbLink(child, "", size),) * n, encode_unixfs(fs)))
+        return Cid.of_dag_pb(block), block
+
+    leaf = Cid.of_raw(b"x")
+    middle, middle_block = node(leaf, 1, 4096)
+    root, root_block = node(middle, 4096, 4096)
+    for cid, block in ((leaf, b"x"), (middle, middle_block), (root, root_block)):
+        gw.node.store.put_block(cid, block)
+    with trio.fail_after(10):
+        r = await gw.get(f"/ipfs/{root}?format=car&entity-bytes=1000:-1000")
+    assert [c for c, _ in read_car(r.content)[1]] == [root, middle, leaf]
 
 
 # -- the pure parts, over any input ------------------------------------------------------------------

@@ -21,8 +21,10 @@ since what to do with a wrong one (penalise a source, fail a pull) is the caller
 Roots are kept whatever they are (`root_cids`, binary): the trustless-gateway spec tells clients
 to ignore them, and a gateway's answer to the `bafkqaaa` probe names an identity CID no `Cid`
 can hold. Blocks are named by a `Cid` (raw, dag-pb or dag-cbor, sha2-256; a CIDv0 is a dag-pb
-CIDv1 with the same digest): a block under any other CID could not be verified, so it is refused
-rather than passed on.
+CIDv1 with the same digest). A block under any other well-formed CID (the identity hash, another
+hash function, another codec) could not be verified, so it is skipped, not passed on (`skipped`
+counts them): the spec says clients MUST ignore blocks they did not expect, and a CAR that
+carries one is still a CAR. Skipped sections are bounded like the others.
 """
 
 from __future__ import annotations
@@ -127,6 +129,11 @@ def read_cid(data: bytes | bytearray | memoryview, pos: int, end: int) -> tuple[
     return CidParts(1, codec, hash_code, bytes(data[at : at + length])), at + length
 
 
+def _verifiable(parts: CidParts) -> bool:
+    """Whether a block under this CID can be checked here (else it is skipped, never trusted)."""
+    return parts.version == 0 or (parts.hash_code == SHA2_256 and parts.codec in IPFS_CODECS)
+
+
 def _shown(cid: bytes) -> str:
     return "b" + base64.b32encode(cid).decode("ascii").lower().rstrip("=")
 
@@ -224,6 +231,7 @@ class CarReader:
         self.version: int | None = None  # 1 once the header is read
         self.root_cids: tuple[bytes, ...] = ()  # every root, as a binary CID
         self.blocks = 0  # sections read so far
+        self.skipped = 0  # of which blocks under CIDs p2pimg cannot verify (not passed on)
         self._buffer = bytearray()
         self._closed = False
 
@@ -272,13 +280,16 @@ class CarReader:
                     raise CarInvalid(
                         f"a CAR block of {end - at} bytes is over the {self.max_block}-byte bound"
                     )
-                try:
-                    cid = parts.to_cid()
-                except DigestInvalid as exc:
-                    shown = _shown(bytes(buffer[start:at])) if parts.version else "a CIDv0"
-                    raise CarInvalid(f"CAR block {shown[:100]}: {exc.message}") from None
-                found.append((cid, bytes(buffer[at:end])))
                 self.blocks += 1
+                if not _verifiable(parts):
+                    self.skipped += 1
+                else:
+                    try:
+                        cid = parts.to_cid()
+                    except DigestInvalid as exc:  # a sha2-256 digest of the wrong length: malformed
+                        shown = _shown(bytes(buffer[start:at])) if parts.version else "a CIDv0"
+                        raise CarInvalid(f"CAR block {shown[:100]}: {exc.message}") from None
+                    found.append((cid, bytes(buffer[at:end])))
             pos = end
         if pos:
             del buffer[:pos]

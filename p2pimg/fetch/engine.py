@@ -22,12 +22,14 @@ import contextlib
 import functools
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
 
 from p2pimg.content.model import BlobMap
 from p2pimg.errors import CacheError, OriginError, P2pimgError, VerificationError
+from p2pimg.fetch.nerdctl import FileMap
 from p2pimg.fetch.policy import PreferNear, SourcePolicy, SourceStats
 from p2pimg.fetch.schedule import (
     COMING,
@@ -98,7 +100,11 @@ class BlobFetch:
 
     def shareable(self, index: int) -> bool:
         """Whether chunk `index` may go to a peer now: verified against its CID, or, for a blob
-        only its digest checks, fetched from a non-peer source by this node itself."""
+        only its digest checks, fetched from a non-peer source by this node itself. Nothing of
+        a nerdctl image's blob before the digest check: its leaves are bound to the digest by no
+        one, and a peer asking by digest must get the digest's bytes."""
+        if isinstance(self.map, FileMap):
+            return False
         return bool(self.partial.have[index]) and (self.map.checked or bool(self.firsthand[index]))
 
     def _fail(self, error: P2pimgError) -> None:
@@ -148,6 +154,8 @@ class Fetcher:
         self._opening: dict[str, trio.Event] = {}
         self._changed = _Broadcast()
         self.transfers = TransferLog()
+        # Told of each fetch as it starts, with its map (nerdctl images: which file to read).
+        self.on_start: Callable[[BlobMap], None] = lambda _bmap: None
 
     @property
     def stats(self) -> dict[str, SourceStats]:
@@ -172,7 +180,7 @@ class Fetcher:
         if self.store.has_blob(digest):
             return b""
         fetch = self._fetches.get(digest)
-        if fetch is None:
+        if fetch is None or isinstance(fetch.map, FileMap):  # (see `BlobFetch.shareable`)
             return None
         if fetch.schedule is None:
             return bytes(HAVE if fetch.shareable(i) else 0 for i in range(fetch.map.count))
@@ -199,11 +207,19 @@ class Fetcher:
     ) -> BlobFetch | None:
         """None if the blob is complete in the cache; else its (shared) fetch, joined as a reader
         unless `warm` (then it runs to the end whoever reads). Readers must `release()`.
-        `repository`: the name a client asked for the blob under, shown with the transfer."""
+        `repository`: the name a client asked for the blob under, shown with the transfer.
+
+        A fetch of the digest running with another map (another image's claim about the same
+        digest, which may be false) is not joined: the reader waits for it to end, then reads
+        the blob it made or, if it failed, fetches with its own map."""
         digest = blob_map.digest
-        while digest in self._opening:
-            await self._opening[digest].wait()
-        fetch = self._fetches.get(digest)
+        while True:
+            while digest in self._opening:
+                await self._opening[digest].wait()
+            fetch = self._fetches.get(digest)
+            if fetch is None or fetch.map is blob_map or fetch.map == blob_map:
+                break
+            await fetch.done.wait()
         if fetch is None:
             if self.store.has_blob(digest):
                 return None
@@ -219,6 +235,7 @@ class Fetcher:
                     if have:
                         fetch.ready[i].set()
                 self._fetches[digest] = fetch
+                self.on_start(blob_map)
                 self.nursery.start_soon(self._run, fetch)
             finally:
                 del self._opening[digest]

@@ -16,10 +16,20 @@ by digest, blobs by digest), read from the DAG:
   file's dag-pb nodes are fetched (and cached, so LAN peers can walk it from this node) and its
   leaves listed at their offsets. When the leaves are raw blocks of one power-of-two size (all but
   the last), as Kubo's default chunker makes, the leaves ARE the chunks of a checked `BlobMap`:
-  peers and gateways send chunks the engine checks by their CIDs, and LAN peers find them by CID
-  in this node's chunk index. Any other layout (other chunk sizes, uneven or inline leaves) gets
-  an unchecked map: the gateway source checks every block it reads by its CID, the engine checks
-  the whole blob by its digest, and nothing is held in memory beyond a span.
+  peers and gateways send chunks the engine checks by their CIDs. Any other layout (other chunk
+  sizes, uneven or inline leaves) gets an unchecked map: the gateway source checks every block it
+  reads by its CID, the engine checks the whole blob by its digest, and nothing is held in memory
+  beyond a span. Either way the raw leaves go to the chunk index with their offsets, so that the
+  peer listener can serve them by CID once the blob is here (after checking the bytes).
+
+Nothing binds a file's leaves to the digest its descriptor claims: any image can name a real
+digest with another file. So a map is a `FileMap`, which names its file (two files claiming one
+digest give two maps, never one cached under the digest alone), the registry holds back the last
+byte of such a blob until the whole-digest check passed, the engine does not let a reader with
+one map join a fetch running with another, and the gateway sources are given a file's layout when
+a fetch with its map starts (`started`), not when a map is made. A hostile DAG is refused before
+it costs much: the pieces of a file are counted as each node is read, before they are listed,
+and the layouts kept are bounded by their pieces in all.
 
 Blocks come from the cache, then LAN peers, then the gateways (`Gateways.block`), each checked
 against its CID before anything reads it.
@@ -27,6 +37,7 @@ against its CID before anything reads it.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -65,9 +76,10 @@ log = logging.getLogger(__name__)
 MAX_DESCRIPTOR = 1 << 20  # the top descriptor's JSON
 MAX_MANIFESTS = 1024  # manifests and indexes of one image
 MAX_NESTING = 4  # indexes inside indexes
-MAX_PIECES = 1 << 20  # leaves of one blob's file
+MAX_PIECES = 1 << 18  # leaves of one blob's file (~300 bytes each in memory while kept)
 _WALKERS = 8  # dag-pb nodes of one file fetched at once
-_KEPT = 256  # images, and 16 times as many blob maps, remembered
+_KEPT = 256  # images remembered
+_KEPT_PIECES = 2 * MAX_PIECES  # pieces of the maps' layouts remembered, in all
 
 
 async def _no_peer_block(_cid: Cid, _max_size: int) -> bytes | None:
@@ -135,6 +147,16 @@ def _descriptor(value: object, what: str) -> _Descriptor:
     return _Descriptor(media_type, digest, size, file)
 
 
+@dataclass(frozen=True)
+class FileMap(BlobMap):
+    """The map of a blob of a nerdctl image, as read from the UnixFS file `file`: equal only to
+    the map of the same file (a `BlobMap` of the same digest is another map). Its chunk CIDs, if
+    any, are the file's leaves: checked as chunks arrive, but bound to the digest by no one."""
+
+    file: Cid | None = None
+    layout: FileLayout | None = field(default=None, compare=False, repr=False)
+
+
 def checked_map(digest: str, size: int, pieces: list[Piece]) -> BlobMap | None:
     """The blob's map with its leaves as chunks, when they can be: raw leaves of one power-of-two
     size from 4 KiB (all but the last, which is not larger); None for any other layout."""
@@ -168,12 +190,14 @@ class NerdctlImages:
         self.gateways = gateways
         self.chunk_size = chunk_size  # of unchecked maps: the same on every node, as the mirror's
         self.peer_block = peer_block  # a block by CID from LAN peers (the node wires it)
-        self.on_blob_map: Callable[[BlobMap], None] = lambda _bmap: None  # the chunk index
+        # The chunk index: a blob's raw leaves (cid, offset, size), claims it checks before use.
+        self.on_leaves: Callable[[str, list[tuple[Cid, int, int]]], None] = lambda _d, _leaves: None
         self.on_image: Callable[[NerdctlImage], None] = lambda _image: None  # first read of an image
         self._images: OrderedDict[Cid, NerdctlImage] = OrderedDict()
-        self._maps: OrderedDict[str, BlobMap] = OrderedDict()
+        self._maps: OrderedDict[tuple[str, Cid], FileMap] = OrderedDict()  # (digest, file)
+        self._kept_pieces = 0
         self._image_flights: SingleFlight[Cid, NerdctlImage] = SingleFlight()
-        self._map_flights: SingleFlight[str, BlobMap] = SingleFlight()
+        self._map_flights: SingleFlight[tuple[str, Cid], FileMap] = SingleFlight()
         self._block_flights: SingleFlight[Cid, bytes] = SingleFlight()
 
     # -- blocks ------------------------------------------------------------------------------
@@ -226,28 +250,42 @@ class NerdctlImages:
 
     async def layout(self, cid: Cid, size: int, what: str) -> FileLayout:
         """The leaves of a blob's file at their offsets, walking its dag-pb nodes level by level
-        (`_WALKERS` at a time); a node is kept in the cache only when it is structure (links),
-        not when it is data carried inline, which the blob's file holds anyway."""
+        (`_WALKERS` at a time)."""
         root = file_root(cid, size)
         if isinstance(root, FileLeaf):
             return FileLayout(cid, size, [Piece(cid, 0, size)])
         pieces: list[Piece] = []
         level: list[FileNode] = [root]
         limiter = trio.CapacityLimiter(_WALKERS)
+        # A level's blocks are counted before any of them is listed: each distinct node is read
+        # once (a DAG may link the same subtree again and again: a tiny one can name millions of
+        # blocks that way), its children counted as many times as it occurs, and the file is
+        # refused as soon as that passes MAX_PIECES, having listed at most MAX_PIECES blocks.
+        counted = [1]
+        too_many = f"{what} (ipfs://{cid}) has more than {MAX_PIECES} blocks"
         while level:
-            below: list[list[FileNode | Piece]] = [[] for _ in level]
+            firsts: dict[tuple[Cid, int | None, int], FileNode] = {}
+            weight: collections.Counter[tuple[Cid, int | None, int]] = collections.Counter()
+            for node in level:
+                key = (node.cid, node.size, node.depth)
+                firsts.setdefault(key, node)
+                weight[key] += 1
+            decoded: dict[tuple[Cid, int | None, int], list[FileNode | FileLeaf]] = {}
             async with first_failure_nursery() as nursery:
-                for i, node in enumerate(level):
-                    nursery.start_soon(self._expand, node, what, limiter, below, i)
-            level = []
-            for items in below:
-                for item in items:
-                    if isinstance(item, Piece):
-                        pieces.append(item)
+                for key, node in firsts.items():
+                    nursery.start_soon(
+                        self._expand, node, what, limiter, decoded, weight[key], counted, too_many
+                    )
+            below: list[FileNode] = []
+            for node in level:
+                key = (node.cid, node.size, node.depth)
+                shift = node.offset - firsts[key].offset  # the same subtree elsewhere in the file
+                for c in decoded[key]:
+                    if isinstance(c, FileNode):
+                        below.append(FileNode(c.cid, c.offset + shift, c.size, c.depth))
                     else:
-                        level.append(item)
-            if len(pieces) + len(level) > MAX_PIECES:
-                raise BlockInvalid(f"{what} (ipfs://{cid}) has more than {MAX_PIECES} blocks")
+                        pieces.append(Piece(c.cid, c.offset + shift, c.size, c.inline is not None))
+            level = below
         pieces.sort(key=lambda p: p.offset)
         return FileLayout(cid, size, pieces)
 
@@ -256,18 +294,23 @@ class NerdctlImages:
         node: FileNode,
         what: str,
         limiter: trio.CapacityLimiter,
-        into: list[list[FileNode | Piece]],
-        i: int,
+        into: dict[tuple[Cid, int | None, int], list[FileNode | FileLeaf]],
+        times: int,
+        counted: list[int],
+        too_many: str,
     ) -> None:
+        """Read one node of a file (`times` occurrences of it in this level) and count what it
+        is made of; a node is kept in the cache only when it is structure (links), not when it
+        is data carried inline, which the blob's file holds anyway."""
         async with limiter:
             block = await self.block(node.cid, what, keep=False)
-            children = expand_file(node, block)
+            children = expand_file(node, block)  # at most unixfs.MAX_LINKS
+            counted[0] += times * len(children)
+            if counted[0] > MAX_PIECES:
+                raise BlockInvalid(too_many)
             if any(isinstance(c, FileNode) or c.inline is None for c in children):
                 await trio.to_thread.run_sync(self.store.put_block, node.cid, block)
-        into[i] = [
-            c if isinstance(c, FileNode) else Piece(c.cid, c.offset, c.size, c.inline is not None)
-            for c in children
-        ]
+        into[(node.cid, node.size, node.depth)] = children
 
     # -- images ------------------------------------------------------------------------------
 
@@ -358,29 +401,57 @@ class NerdctlImages:
 
     # -- blob maps ---------------------------------------------------------------------------
 
-    async def blob_map(self, entry: FileBlob, digest: str) -> BlobMap:
-        """The map of a blob of a nerdctl image; its layout is handed to the gateway sources."""
-        if (hit := self._maps.get(digest)) is not None and self.gateways.files.get(digest) is not None:
+    async def blob_map(self, entry: FileBlob, digest: str) -> FileMap:
+        """The map of a blob of a nerdctl image, read from the file its descriptor names (one map
+        per digest and file: another image may claim the same digest with another file)."""
+        key = (digest, entry.file)
+        if (hit := self._maps.get(key)) is not None and hit.size == entry.size:
+            self._maps.move_to_end(key)
             return hit
-        bmap, _ = await self._map_flights.run(digest, lambda: self._map(entry, digest))
+        bmap, _ = await self._map_flights.run(key, lambda: self._map(entry, digest))
         return bmap
 
-    async def _map(self, entry: FileBlob, digest: str) -> BlobMap:
+    def started(self, bmap: BlobMap) -> None:
+        """A fetch of `bmap` starts (the engine's `on_start`): the gateway sources read the blob
+        from the layout of that map's file. Only one fetch of a digest runs at a time, so this
+        layout stays the blob's while it runs."""
+        if isinstance(bmap, FileMap) and bmap.layout is not None:
+            self.gateways.files.put(bmap.digest, bmap.layout)
+            self._index(bmap.layout, bmap.digest)
+
+    def _index(self, layout: FileLayout, digest: str) -> None:
+        """Tell the chunk index where the file's raw leaves are in the blob: when the blob is
+        fetched or already here, not when a map is merely read (a hostile image could make it
+        learn millions of claims for nothing)."""
+        self.on_leaves(digest, [(p.cid, p.offset, p.size) for p in layout.pieces if not p.inline])
+
+    async def _map(self, entry: FileBlob, digest: str) -> FileMap:
         what = f"blob {digest}"
         layout = await self.layout(entry.file, entry.size, what)
-        bmap = checked_map(digest, entry.size, list(layout.pieces))
-        if bmap is not None and len(layout.pieces) == 1 and layout.pieces[0].cid.to_digest() != digest:
+        found = checked_map(digest, entry.size, list(layout.pieces))
+        if found is not None and len(layout.pieces) == 1 and layout.pieces[0].cid.to_digest() != digest:
             raise VerificationError(f"ipfs://{entry.file} is one block, and not blob {digest}")
-        if bmap is None:
-            bmap = BlobMap.unchecked(digest, entry.size, self.chunk_size)
-        elif bmap.chunks:
-            # Kept as a block, so that a restarted node knows the chunks of the blob by CID.
-            encoded = bmap.encode()
+        if found is None:
+            found = BlobMap.unchecked(digest, entry.size, self.chunk_size)
+        elif found.chunks:
+            # Kept as a block, so that a restarted node knows the chunks of the blob by CID (a
+            # claim: the chunk index checks the bytes before it serves one).
+            encoded = found.encode()
             with contextlib.suppress(P2pimgError):
                 await trio.to_thread.run_sync(self.store.put_block, Cid.of_dag_cbor(encoded), encoded)
-            self.on_blob_map(bmap)
-        self.gateways.files.put(digest, layout)
-        self._maps[digest] = bmap
-        while len(self._maps) > 16 * _KEPT:
-            self._maps.popitem(last=False)
+        bmap = FileMap(
+            found.digest, found.size, found.chunk_size, found.chunks, found.checked, entry.file, layout
+        )
+        if await trio.to_thread.run_sync(self.store.has_blob, digest):
+            self._index(layout, digest)
+        if self.gateways.files.get(digest) is None:  # a fetch that starts later gives its own
+            self.gateways.files.put(digest, layout)
+        key = (digest, entry.file)
+        if (old := self._maps.pop(key, None)) is not None and old.layout is not None:
+            self._kept_pieces -= len(old.layout.pieces)
+        self._maps[key] = bmap
+        self._kept_pieces += len(layout.pieces)
+        while len(self._maps) > 1 and (self._kept_pieces > _KEPT_PIECES or len(self._maps) > 16 * _KEPT):
+            _, dropped = self._maps.popitem(last=False)
+            self._kept_pieces -= len(dropped.layout.pieces) if dropped.layout is not None else 0
         return bmap

@@ -155,9 +155,10 @@ class TransferLog:
             else:
                 groups.append([record])
         # A fetch no client asked for by name (an image's small blobs, fetched when a node first
-        # reads its root; a peer's or a warm's) joins the pull it ran within, else stands alone.
+        # reads its root, just before its client asks for the blobs; a peer's) joins the pull
+        # it started within or just before, else stands alone.
         for record in sorted((r for r in everything if not r.repository), key=lambda r: r.started):
-            near = [g for g in groups if g[0].started - gap <= record.started <= _end(g, now) + gap]
+            near = [g for g in groups if g[0].started - gap <= record.started <= _end(g, now)]
             if near:
                 near[0].append(record)
             else:

@@ -331,7 +331,8 @@ async def open_node(config: Config, *, advertise: tuple[str, int] | None = None)
             for gateway_source in gateways.sources:
                 fetcher.add_source(gateway_source)
             nerdctl = NerdctlImages(store, gateways, chunk_size=config.chunk_size, peer_block=swarm.block)
-            nerdctl.on_blob_map = index.add
+            nerdctl.on_leaves = index.add_leaves
+            fetcher.on_start = nerdctl.started  # a fetch of a nerdctl blob reads its own map's file
             nerdctl.on_image = lambda image: nursery.start_soon(
                 guarded, "a first look at an image", first_look, resolver, fetcher, image
             )

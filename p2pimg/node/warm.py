@@ -150,7 +150,9 @@ class WarmJobs:
                         return
                     bmap = await self.resolver.blob_map(entry, digest)
                     self.index.add(bmap)
-                    fetch = await self.fetcher.open(bmap, warm=True)
+                    # Named after the image (as its pull shows on the dashboard): "warm NAME".
+                    name = f"warm {ref.rsplit(':', 1)[0] if not isinstance(parsed, Cid) else ref}"
+                    fetch = await self.fetcher.open(bmap, warm=True, repository=name)
                     if fetch is not None:
                         progress._running.append(fetch)
                         try:

@@ -3,9 +3,17 @@ of blocks and of blob bytes.
 
 A gateway is asked for one block at a time (`GET /ipfs/<cid>?format=raw`) or, for a span of a
 UnixFS file, for the blocks of that span as a CAR (`?format=car&dag-scope=entity&entity-bytes=
-from:to`, in depth-first order): one request instead of one per leaf. Every block is checked
-against its CID here, before any of its bytes are passed on; a gateway that answers a CAR request
-with something else (an older or minimal gateway) is asked block by block from then on.
+from:to`, depth-first asked for): one request instead of one per leaf. A conforming gateway sends
+only the nodes on the way to the span and its leaves, so a blob costs about its size. Whatever
+order the blocks come in, the span's leaves are kept until their turn (at most the span's own
+blocks are held); blocks the span does not need (the nodes on the way, duplicates, unrelated or
+unverifiable ones) are dropped unhashed, as the spec tells clients to. Every block that is kept is
+checked against its CID first. A gateway that answers a CAR request with something else (an
+older or minimal gateway) is asked block by block for `car_retry` seconds, then for CARs again.
+
+Bodies are read as sent: `accept-encoding: identity` is asked, an answer with any other
+Content-Encoding is refused unread (never decompressed: a small gzip body can expand a
+thousandfold), and the size bounds count the bytes on the wire.
 
 A gateway holds what IPFS holds, but only what the node was told is a UnixFS file is asked of it:
 `IpfsFiles` maps a blob's digest to its file's layout (its root and its leaves at their offsets,
@@ -44,6 +52,7 @@ _BATCH = 4  # leaves of a span asked for at once when a gateway is asked block b
 _KEPT_LAYOUTS = 4096
 _BLOCK_HEDGE = 1.0  # seconds without a block before the next gateway is asked for it too
 _BLOCK_TIMEOUT = 20.0  # seconds one gateway has to send one block
+_CAR_RETRY = 600.0  # seconds a gateway that refused a CAR request is asked block by block
 
 
 class Stats(Protocol):
@@ -110,16 +119,26 @@ class FileLayout:
 
 class IpfsFiles:
     """Digest -> the UnixFS layout of that blob, for the blobs the node was told are in IPFS (the
-    most recently told `_KEPT_LAYOUTS`). Shared by every gateway source of a node."""
+    most recently told `_KEPT_LAYOUTS`, and no more than `kept_pieces` pieces in all: a piece
+    costs a few hundred bytes, and a hostile image can make layouts of many). Shared by every
+    gateway source of a node."""
+
+    kept_pieces = 1 << 19
 
     def __init__(self) -> None:
         self._layouts: OrderedDict[str, FileLayout] = OrderedDict()
+        self._pieces = 0
 
     def put(self, digest: str, layout: FileLayout) -> None:
+        if (old := self._layouts.pop(digest, None)) is not None:
+            self._pieces -= len(old.pieces)
         self._layouts[digest] = layout
-        self._layouts.move_to_end(digest)
-        while len(self._layouts) > _KEPT_LAYOUTS:
-            self._layouts.popitem(last=False)
+        self._pieces += len(layout.pieces)
+        while len(self._layouts) > 1 and (
+            len(self._layouts) > _KEPT_LAYOUTS or self._pieces > self.kept_pieces
+        ):
+            _, dropped = self._layouts.popitem(last=False)
+            self._pieces -= len(dropped.pieces)
 
     def get(self, digest: str) -> FileLayout | None:
         return self._layouts.get(digest)
@@ -160,7 +179,26 @@ class Gateway:
         self.url = url.rstrip("/")
         self.name = f"gateway {self.url}"
         self.client = client
-        self.offers_car: bool | None = None  # False once it answered a CAR request with something else
+        # False once it answered a CAR request with something else; asked for CARs again
+        # `car_retry` seconds later (it may have been restarted, upgraded, or briefly overloaded).
+        self.offers_car: bool | None = None
+        self.car_retry = _CAR_RETRY
+        self._car_refused_at = 0.0
+
+    def asks_car(self) -> bool:
+        """Whether a span is asked for as a CAR now."""
+        return self.offers_car is not False or trio.current_time() >= self._car_refused_at + self.car_retry
+
+    def car_refused(self) -> None:
+        self.offers_car = False
+        self._car_refused_at = trio.current_time()
+
+    def _plain(self, r: httpx.Response, what: str) -> None:
+        encoding = r.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise OriginError(
+                f"{self.name} sent {what} with Content-Encoding {encoding[:40]} (identity was asked)"
+            )
 
     def _failed(self, status: int, what: str) -> P2pimgError:
         if status in (404, 410):
@@ -177,8 +215,14 @@ class Gateway:
             async with self.client.stream("GET", url, headers=headers) as r:
                 if r.status_code != 200:
                     raise self._failed(r.status_code, f"block {cid}")
+                self._plain(r, f"block {cid}")
+                declared = r.headers.get("content-length", "")
                 data = bytearray()
-                async for piece in r.aiter_bytes():
+                if declared.isdigit() and int(declared) > max_size:
+                    raise OriginError(
+                        f"{self.name} announced {declared} bytes for block {cid}, over {max_size}"
+                    )
+                async for piece in r.aiter_raw():
                     data += piece
                     if len(data) > max_size:
                         raise OriginError(f"{self.name} sent more than {max_size} bytes for block {cid}")
@@ -188,10 +232,12 @@ class Gateway:
             raise VerificationError(f"{self.name} sent a block that does not match {cid}")
         return bytes(data)
 
-    async def car(self, root: Cid, first: int, last: int) -> AsyncGenerator[tuple[Cid, bytes]]:
-        """The blocks of bytes [first, last] of the file `root` as a CAR in depth-first order, each
-        checked against its CID (duplicates may come once only). CarRefused before any block
-        when the answer is not such a CAR."""
+    async def car(
+        self, root: Cid, first: int, last: int, wanted: Callable[[Cid], bool]
+    ) -> AsyncGenerator[tuple[Cid, bytes]]:
+        """The blocks `wanted` accepts of a CAR of bytes [first, last] of the file `root`, in the
+        order the gateway sends them, each checked against its CID; the others are dropped
+        unhashed. CarRefused before any block when the answer is not a CAR."""
         url = (
             f"{self.url}/ipfs/{root}?format=car&dag-scope=entity&entity-bytes={first}:{last}"
             "&car-version=1&car-order=dfs&car-dups=y"
@@ -204,12 +250,16 @@ class Gateway:
                     raise CarRefused(f"{self.name} answered {r.status_code} {kind or '-'} to a CAR request")
                 if r.status_code != 200:
                     raise self._failed(r.status_code, f"a CAR of {root}")
-                if params.get("version", "1") != "1" or params.get("order") != "dfs":
-                    # Without the depth-first order a span's leaves could come in any order.
-                    raise CarRefused(f"{self.name} sends CARs without a depth-first order ({params})")
+                if params.get("version", "1") != "1":
+                    raise CarRefused(
+                        f"{self.name} answered a CAR request with CAR version {params['version']}"
+                    )
+                self._plain(r, f"a CAR of {root}")
                 reader = CarReader()
-                async for data in r.aiter_bytes():
+                async for data in r.aiter_raw():
                     for cid, block in reader.feed(data):
+                        if not wanted(cid):
+                            continue
                         if not cid.matches(block):
                             raise VerificationError(f"{self.name} sent a block that does not match {cid}")
                         yield cid, block
@@ -242,7 +292,7 @@ class GatewaySource(ChunkSource):
             raise OriginError(f"{self.name} was not told where {blob_map.digest} is in IPFS")
         end = start + length
         pieces = layout.pieces_in(start, end)
-        if self.gateway.offers_car is not False and layout.root.codec == DAG_PB and len(pieces) > 1:
+        if layout.root.codec == DAG_PB and len(pieces) > 1 and self.gateway.asks_car():
             sent = False
             try:
                 async with contextlib.aclosing(self._by_car(layout, pieces, start, end)) as parts:
@@ -253,8 +303,9 @@ class GatewaySource(ChunkSource):
             except CarRefused as exc:
                 if sent:
                     raise
-                log.info("%s; asking it block by block from now on", exc.message)
-                self.gateway.offers_car = False
+                if self.gateway.offers_car is not False:
+                    log.info("%s; asking it block by block for %g s", exc.message, self.gateway.car_retry)
+                self.gateway.car_refused()
         async with contextlib.aclosing(self._by_blocks(pieces, start, end)) as parts:
             async for part in parts:
                 yield part
@@ -283,21 +334,30 @@ class GatewaySource(ChunkSource):
     async def _by_car(
         self, layout: FileLayout, pieces: list[Piece], start: int, end: int
     ) -> AsyncGenerator[bytes]:
-        # The CAR brings the nodes on the way to the span, then its leaves in file order. A leaf
-        # that occurs twice in the span (zero-filled chunks) may come only once (dups=n): such
-        # leaves are kept for the rest of the span, so memory stays bounded by the span.
-        repeats = {cid for cid, n in collections.Counter(p.cid for p in pieces).items() if n > 1}
+        # A conforming CAR brings the nodes on the way to the span, then its leaves in file
+        # order, but any order is taken: a leaf that comes before its turn is kept until then,
+        # and one that occurs several times in the span (zero-filled chunks) may come once only
+        # (dups=n), so it is kept until its last use. Only the span's own leaves are ever kept:
+        # memory stays bounded by the span. Anything else (the nodes on the way, a leaf that came
+        # again, blocks the span does not use) is dropped unhashed.
+        uses = collections.Counter(p.cid for p in pieces)
         kept: dict[Cid, bytes] = {}
         i = 0
-        cars = self.gateway.car(layout.root, start, end - 1)
+
+        def wanted(cid: Cid) -> bool:
+            return uses[cid] > 0 and cid not in kept
+
+        cars = self.gateway.car(layout.root, start, end - 1, wanted)
         async with contextlib.aclosing(cars) as blocks:
             async for cid, block in blocks:
                 self.gateway.offers_car = True
-                if cid in repeats:
-                    kept[cid] = block
-                while i < len(pieces) and (pieces[i].cid == cid or pieces[i].cid in kept):
+                kept[cid] = block
+                while i < len(pieces) and pieces[i].cid in kept:
                     piece = pieces[i]
-                    data = block if piece.cid == cid else kept[piece.cid]
+                    data = kept[piece.cid]
+                    uses[piece.cid] -= 1
+                    if not uses[piece.cid]:
+                        del kept[piece.cid]
                     yield self._cut(piece, piece_bytes(piece, data), start, end)
                     i += 1
                 if i == len(pieces):

@@ -24,21 +24,9 @@ it serves only what this node holds, verified, and never fetches anything for th
   `X-Content-Type-Options: nosniff`, `X-Ipfs-Path`, `X-Ipfs-Roots`, `Vary: Accept`, and
   `Content-Location` when `Accept` chose the format.
 
-CAR responses walk the DAG depth-first, each block once (`order=dfs; dups=n`), links in the order
-their node encodes them. `dag-scope`:
-
-- `block`: the block alone.
-- `entity`: the block and the blocks it links to directly. For a blob map that is the whole
-  blob, like a UnixFS file: the map and its chunks (`entity-bytes=from:to` narrows them to the
-  chunks holding those bytes). For an image root it is the image's structure without its layer
-  bytes, like a UnixFS directory's listing: the root, its manifests and its blob maps. A raw
-  block is its own entity.
-- `all` (the default): everything reachable: for an image root, the root, each blob map
-  followed by its chunks, and the manifests (what `p2pimg export` writes).
-
-dag-pb blocks (UnixFS content from other IPFS software, when this node holds it) are walked by
-their links too; the entity of a UnixFS file is all of its blocks (`entity-bytes` is honoured
-for blob maps only: a UnixFS file's entity is then sent whole, a superset of the range).
+CAR responses walk the DAG depth-first, each block once (`order=dfs; dups=n`), with `dag-scope`
+= block, entity or all, and `entity-bytes` narrowing a blob map or a UnixFS file to the blocks of
+a byte range: which blocks, in which order, is `web/carwalk.py`.
 
 The body streams, one block at a time: chunks go from the cached blob file (or the verified part
 of one being fetched) to the socket with sendfile. The root block must be here before anything
@@ -53,22 +41,19 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urlencode
 
 import trio
 from multiformats import multibase
 
-from p2pimg.content import dagcbor
 from p2pimg.content.car import IDENTITY, MAX_BLOCK, CidParts, car_header, read_cid, section_head
-from p2pimg.content.cid import DAG_CBOR, DAG_PB, RAW, Cid
-from p2pimg.content.dagpb import decode_pb_node
-from p2pimg.content.model import BLOB_MAP_TYPE, BlobMap
-from p2pimg.content.unixfs import DataType, decode_unixfs
+from p2pimg.content.cid import RAW, Cid
+from p2pimg.content.model import BlobMap
 from p2pimg.errors import DigestInvalid, P2pimgError
 from p2pimg.fetch.engine import BlobFetch, Fetcher
 from p2pimg.store.chunks import ChunkStore
-from p2pimg.store.index import ChunkIndex
+from p2pimg.store.index import ChunkIndex, Place
+from p2pimg.web.carwalk import SCOPES, car_body
 from p2pimg.web.server import AbortResponse, BodyPart, FileRegion, Request, Response
 
 log = logging.getLogger(__name__)
@@ -80,7 +65,6 @@ IMMUTABLE = "public, max-age=29030400, immutable"
 # `format=` values of the path gateway that a trustless gateway does not give (406, not 400).
 _OTHER_FORMATS = frozenset({"dag-json", "dag-cbor", "json", "cbor", "tar", "ipns-record"})
 _MAX_CID_TEXT = 512
-_MAX_DEPTH = 64  # DAG-CBOR levels a CAR follows (p2pimg's images have three)
 
 
 class _Refusal(Exception):
@@ -202,7 +186,7 @@ def negotiate(request: Request) -> Wanted:
         )
     entity_bytes = _one(query, "entity-bytes")
     scope = _one(query, "dag-scope") or ("entity" if entity_bytes is not None else "all")
-    if scope not in ("block", "entity", "all"):
+    if scope not in SCOPES:
         raise _Refusal(400, f"dag-scope must be block, entity or all, not {scope[:40]!r}")
     return Wanted(True, scope, _parse_entity_bytes(entity_bytes), by_accept)
 
@@ -221,19 +205,6 @@ def _parse_entity_bytes(text: str | None) -> tuple[int, int | None] | None:
     if not sep or (end is not None and 0 <= end < start):
         raise _Refusal(400, f"entity-bytes {text[:40]!r} is not a range")
     return start, end
-
-
-def chunk_span(bmap: BlobMap, entity_bytes: tuple[int, int | None] | None) -> range:
-    """The chunks of a blob holding the bytes `entity-bytes` asks for (all without a range; none
-    when the range selects nothing of the blob: the answer is then the map alone)."""
-    if entity_bytes is None:
-        return range(bmap.count)
-    start, end = entity_bytes
-    first = max(0, bmap.size + start if start < 0 else start)
-    last = bmap.size - 1 if end is None else min(bmap.size - 1, bmap.size + end if end < 0 else end)
-    if first > last:
-        return range(0)
-    return range(first // bmap.chunk_size, last // bmap.chunk_size + 1)
 
 
 # -- what this node holds ----------------------------------------------------------------------
@@ -275,9 +246,6 @@ class _OpenFile:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-
-
-Link = tuple[Cid, tuple[BlobMap, int] | None]  # a child and, for a chunk, its blob map and index
 
 
 class Gateway:
@@ -390,11 +358,13 @@ class Gateway:
 
     async def _locate(self, cid: Cid, chunk: tuple[BlobMap, int] | None) -> _Held | None:
         """The verified block `cid` names, if this node holds it (and may show it); `chunk` says
-        where it is when a blob map named it."""
+        where a blob map claims it is."""
         if self.hidden(cid.digest.hex()):
             return None
         if chunk is not None:
-            return self._chunk(*chunk)
+            bmap, i = chunk
+            lo, hi = bmap.bounds(i)
+            return await self._at(cid, self.index.claim(cid, bmap.digest, lo, hi - lo))
         data = await trio.to_thread.run_sync(self.store.get_block, cid)  # re-verified on read
         if data is not None:
             return _Held(len(data), data=data)
@@ -405,19 +375,29 @@ class Gateway:
             return _Held(os.stat(self.store.blob_path(digest)).st_size, blob=digest)
         except FileNotFoundError:
             pass
-        found = self.index.find(cid)
-        return self._chunk(*found) if found is not None else None
+        for place in self.index.find(cid):
+            if (held := await self._at(cid, place)) is not None:
+                return held
+        return None
 
-    def _chunk(self, bmap: BlobMap, index: int) -> _Held | None:
-        """Chunk `index` of a blob, from its complete file or the verified part of its fetch."""
-        if self.hidden(bmap.digest[7:]):
+    async def _at(self, cid: Cid, place: Place) -> _Held | None:
+        """The block `cid` at a claimed place: in a complete blob once its bytes were found to
+        match `cid` (`ChunkIndex.check`), or in the partial blob of a fetch whose own map has
+        that very chunk there, verified as it arrived. A blob map or a UnixFS file only claims
+        what its chunks are: the bytes decide."""
+        if self.hidden(place.digest[7:]):
             return None
-        lo, hi = bmap.bounds(index)
-        if self.store.has_blob(bmap.digest):
-            return _Held(hi - lo, blob=bmap.digest, lo=lo)
-        fetch = self.fetcher.fetch_of(bmap.digest)
-        if fetch is not None and fetch.shareable(index):
-            return _Held(hi - lo, fetch=fetch, lo=lo)
+        if self.store.has_blob(place.digest):
+            if await self.index.check(self.store, cid, place):
+                return _Held(place.size, blob=place.digest, lo=place.offset)
+            return None
+        fetch = self.fetcher.fetch_of(place.digest)
+        if fetch is None or not fetch.map.checked:
+            return None
+        bmap, i = fetch.map, place.offset // fetch.map.chunk_size
+        there = i < bmap.count and bmap.bounds(i) == (place.offset, place.offset + place.size)
+        if there and bmap.chunks[i] == cid and fetch.partial.have[i]:  # have: it matched chunks[i]
+            return _Held(place.size, fetch=fetch, lo=place.offset)
         return None
 
     # -- CAR responses -------------------------------------------------------------------------
@@ -438,41 +418,20 @@ class Gateway:
         finally:
             files.close()
 
-    async def _car(
+    def _car(
         self, root: Cid, held: _Held, want: Wanted, files: _OpenFile, also: Sequence[Cid] = ()
     ) -> AsyncIterator[BodyPart]:
-        """The CAR body: depth-first from `root`, each block once; a block that is missing (or
-        too large) cuts the stream there."""
-        depth_limit = {"block": 0, "entity": 1, "all": _MAX_DEPTH}[want.scope]
-        if want.scope == "entity" and root.codec == DAG_PB and _unixfs_file(held):
-            depth_limit = _MAX_DEPTH  # a UnixFS file's entity is all of its blocks
-        yield car_header([root])
-        seen = {root}
-        for part in self._section(root, held, files):
-            yield part
-        # `also` at the bottom of the stack: walked after the root's own links, as if it were more.
-        stack: list[tuple[Iterator[Link], int]] = [(((cid, None) for cid in also), 1)]
-        if depth_limit:
-            stack.append((self._links(root, held, want.entity_bytes), 1))
-        while stack:
-            links, depth = stack[-1]
-            nxt = next(links, None)
-            if nxt is None:
-                stack.pop()
-                continue
-            cid, chunk = nxt
-            if cid in seen:
-                continue
-            seen.add(cid)
-            child = await self._locate(cid, chunk)
-            if child is None or child.size > MAX_BLOCK:
-                why = "not held here" if child is None else f"{child.size} bytes, over the block limit"
-                log.info("CAR of %s cut at %s: %s", root, cid, why)
-                raise AbortResponse(f"block {cid} of the DAG of {root}: {why}")
-            for part in self._section(cid, child, files):
-                yield part
-            if depth < depth_limit:
-                stack.append((self._links(cid, child, None), depth + 1))
+        """The CAR body (`carwalk.car_body`): blocks found as `/ipfs/` finds them, chunks read
+        from `files`; a block that is missing (or too large) cuts the stream there."""
+        return car_body(
+            root,
+            held,
+            want.scope,
+            want.entity_bytes,
+            self._locate,
+            lambda cid, block: self._section(cid, block, files),
+            also,
+        )
 
     def _section(self, cid: Cid, held: _Held, files: _OpenFile) -> Iterator[BodyPart]:
         if held.data is not None:
@@ -484,51 +443,6 @@ class Gateway:
                 raise AbortResponse(f"block {cid}: its blob left the cache") from None
             yield section_head(cid, held.size)
             yield FileRegion(fd, held.lo, held.size)
-
-    @staticmethod
-    def _links(cid: Cid, held: _Held, entity_bytes: tuple[int, int | None] | None) -> Iterator[Link]:
-        """The blocks a DAG-CBOR or dag-pb node links to, in the order it encodes them (a blob
-        map's chunks in order, those `entity_bytes` selects); raw blocks link to nothing."""
-        if held.data is None:
-            return iter(())
-        if cid.codec == DAG_PB:  # UnixFS content another IPFS node added (nerdctl's images)
-            try:
-                return ((link.cid, None) for link in decode_pb_node(held.data).links)
-            except P2pimgError as exc:
-                raise AbortResponse(f"block {cid} is not dag-pb: {exc.message}") from None
-        if cid.codec != DAG_CBOR:
-            return iter(())
-        try:
-            node = dagcbor.decode(held.data)
-        except P2pimgError as exc:  # verified bytes that do not decode: cut the CAR, as if missing
-            raise AbortResponse(f"block {cid} is not DAG-CBOR: {exc.message}") from None
-        if isinstance(node, dict) and node.get("type") == BLOB_MAP_TYPE:
-            try:
-                bmap = BlobMap.from_node(node)
-            except P2pimgError as exc:
-                raise AbortResponse(f"block {cid} is not a blob map: {exc.message}") from None
-            return ((bmap.chunks[i], (bmap, i)) for i in chunk_span(bmap, entity_bytes))
-        return ((link, None) for link in _node_links(node))
-
-
-def _unixfs_file(held: _Held) -> bool:
-    try:
-        node = decode_pb_node(held.data or b"")
-        return node.data is not None and decode_unixfs(node.data).type in (DataType.FILE, DataType.RAW)
-    except P2pimgError:
-        return False
-
-
-def _node_links(value: Any) -> Iterator[Cid]:
-    """The links of a decoded DAG-CBOR value, in encoding order (decoded maps keep it)."""
-    if isinstance(value, Cid):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _node_links(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _node_links(item)
 
 
 async def _region(fd: int, lo: int, size: int) -> AsyncIterator[BodyPart]:

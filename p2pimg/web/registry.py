@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 from functools import partial
 from typing import NoReturn
 
-from p2pimg.content.cid import Cid, parse_digest
+from p2pimg.content.cid import IPFS_CODECS, Cid, parse_digest
 from p2pimg.content.graph import OCI_INDEX
 from p2pimg.content.model import BlobEntry, BlobMap, check_name, check_tag
 from p2pimg.content.referrers import ARTIFACT_TYPE_FILTER, referrer_descriptor, referrers_index
@@ -39,7 +39,7 @@ from p2pimg.errors import (
 )
 from p2pimg.fetch.engine import BlobFetch, Fetcher
 from p2pimg.fetch.mirror import Mirror, Upstream
-from p2pimg.fetch.nerdctl import FileBlob
+from p2pimg.fetch.nerdctl import FileBlob, FileMap
 from p2pimg.fetch.resolver import IPFS_PREFIX, IPFS_TAG, Resolver
 from p2pimg.metrics import CONTENT_TYPE_LATEST, Metrics, Timeline
 from p2pimg.store.chunks import ChunkStore
@@ -82,11 +82,13 @@ def _unsupported(method: str) -> Response:
 
 
 def check_repository(name: str) -> str:
-    """A registry name: a published NAME, or `ipfs/<CID>` with a valid CID."""
+    """A registry name: a published NAME, or `ipfs/<CID>` with a valid CID (a p2pimg image root,
+    or a nerdctl image's descriptor file: raw, or dag-pb when another adder made it several
+    blocks)."""
     check_name(name)
     if name.startswith(IPFS_PREFIX):
         try:
-            Cid.parse(name[len(IPFS_PREFIX) :])
+            Cid.parse(name[len(IPFS_PREFIX) :], codecs=IPFS_CODECS)
         except DigestInvalid as exc:
             raise NameInvalid(f"invalid image CID in {name!r}: {exc.message}") from None
     return name
@@ -344,8 +346,12 @@ class Registry:
         `fd` belong to the request). Chunks of a blob with CIDs are verified first. Of a blob only
         its digest checks (mirrored), chunks this node fetched from the upstream itself go at once,
         while a peer's chunks and the last one wait for the digest check: a lying peer then costs
-        the client time, not a failed pull."""
+        the client time, not a failed pull. The chunks of a nerdctl image's blob are checked by
+        their CIDs, but nothing binds those to its digest (another blob's leaves can claim it):
+        its last chunk waits too, so that a client never gets a whole blob that is not the digest
+        it asked for."""
         bmap = fetch.map
+        unbound = isinstance(bmap, FileMap) and bmap.checked
         offset = start
         index = start // bmap.chunk_size if bmap.count else 0
         sent_in = fetch.round  # the round whose bytes this response sends
@@ -356,7 +362,9 @@ class Registry:
                 self._abort(bmap, offset, exc)
             _, hi = bmap.bounds(index)
             stop = min(hi, end)
-            if not bmap.checked and (fetch.round != sent_in or not fetch.firsthand[index] or hi == bmap.size):
+            if (unbound and hi == bmap.size) or (
+                not bmap.checked and (fetch.round != sent_in or not fetch.firsthand[index] or hi == bmap.size)
+            ):
                 await fetch.done.wait()
                 if fetch.error is not None:
                     self._abort(bmap, offset, fetch.error)

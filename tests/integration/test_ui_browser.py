@@ -3,9 +3,12 @@ real `p2pimg serve` processes while skopeo pulls through them.
 
 Three nodes share one file origin: A holds what it pulled from the origin, B has A as its peer,
 C has both. A and B cap their uploads to peers (--peer-rate), so a pull through B or C lasts a
-few seconds and the page, which polls once a second, sees it while it runs.
+few seconds and the page, which polls once a second, sees it while it runs. Another node mirrors
+a docker-registry (--upstream), one has a peer that never answers.
 
-Screenshots go to a temporary directory, and into docs/ui/ when P2PIMG_UPDATE_SCREENSHOTS=1.
+Screenshots go to a temporary directory, and into docs/ui/ when P2PIMG_UPDATE_SCREENSHOTS=1:
+2400x1600 pixels, as Docker recommends for an extension's listing (a 1200x800 part of the page at
+a device scale factor of 2).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -48,7 +52,8 @@ sync_api = pytest.importorskip(
 )
 expect = sync_api.expect
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, Locator, Page
+    from conftest import Registry
+    from playwright.sync_api import Browser, Locator, Page, ViewportSize
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Debian's chromium, never a browser build of Playwright's own (`playwright install` is not run).
@@ -69,6 +74,9 @@ WAIT_MS = 30_000
 PEER_RATE = "3M"  # bytes/s each of A and B uploads to peers: a 12 MiB layer takes seconds
 CHUNK = "64K"  # small chunks, so the chunk maps have cells to show
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "ui"
+VIEWPORT: ViewportSize = {"width": 1200, "height": 800}  # CSS pixels: the page as a screenshot shows it
+SCALE = 2  # device pixels per CSS pixel
+SHOT_SIZE = (2400, 1600)  # what Docker recommends for an extension's screenshots
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,7 +243,7 @@ def browser() -> Iterator[Browser]:
 
 @pytest.fixture
 def page(browser: Browser) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1400, "height": 900}, color_scheme="light")
+    context = browser.new_context(viewport=VIEWPORT, device_scale_factor=SCALE, color_scheme="light")
     context.set_default_timeout(WAIT_MS)
     tab = context.new_page()
     errors: list[str] = []
@@ -259,6 +267,46 @@ def keep_screenshot(shots: Path, name: str) -> None:
         shutil.copyfile(shots / name, SCREENSHOTS / name)
 
 
+def screenshot(page: Page, shots: Path, name: str, top: str) -> None:
+    """A part of the page as large as the viewport, from just above the element `top` (a CSS
+    selector) or as far down as the page goes, saved as `name`: 2400x1600 pixels."""
+    view = page.viewport_size
+    assert view is not None
+    clip = page.evaluate(
+        """([selector, width, height]) => {
+            const box = document.querySelector(selector).getBoundingClientRect();
+            // In whole device pixels at a scale of 2 or 2.5: an even number of CSS pixels.
+            const y = 2 * Math.round(Math.max(0, box.top + window.scrollY - 12) / 2);
+            // Near the end of the page, the page's background goes on below it rather than the
+            // picture starting halfway through the card above.
+            const end = document.documentElement.scrollHeight;
+            if (y + height > end) document.body.style.paddingBottom = `${y + height - end}px`;
+            return {x: 0, y, width, height};
+        }""",
+        [top, view["width"], view["height"]],
+    )
+    page.screenshot(path=shots / name, clip=clip, full_page=True)
+    page.evaluate("() => { document.body.style.paddingBottom = ''; }")
+    header = (shots / name).read_bytes()[:24]  # PNG: the IHDR chunk's width and height
+    size = (int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big"))
+    assert size == SHOT_SIZE, size
+    keep_screenshot(shots, name)
+
+
+@contextlib.contextmanager
+def narrow_page(browser: Browser) -> Iterator[Page]:
+    """A window as wide as a Docker Desktop tab, where the cards are stacked: a 960x640 viewport
+    at a device scale factor of 2.5, whose screenshots are also 2400x1600."""
+    context = browser.new_context(
+        viewport={"width": 960, "height": 640}, device_scale_factor=2.5, color_scheme="light"
+    )
+    context.set_default_timeout(WAIT_MS)
+    try:
+        yield context.new_page()
+    finally:
+        context.close()
+
+
 def open_dashboard(page: Page, node: UiNode) -> None:
     page.goto(node.ui)
     expect(page.get_by_test_id("live")).to_contain_text("live")
@@ -269,23 +317,58 @@ def image_row(page: Page, image: Image) -> Locator:
     return page.locator(f'[data-testid="image-row"][data-ref="{image.ref}"]')
 
 
-def expect_finished(page: Page, image: Image, sources: set[str]) -> dict[str, dict[str, int]]:
-    """Every blob of `image` is listed as fetched, with bytes by source adding up to its size,
-    each from one of `sources`; returns digest -> source -> bytes, as the page shows them."""
+def segments_of(row: Locator) -> dict[str, int]:
+    """The bytes by source a row's stacked bar shows."""
+    segments = row.get_by_test_id("bytes-by-source").first.get_by_test_id("source-segment")
+    expect(segments.first).to_be_attached()
+    return {
+        str(seg.get_attribute("data-source")): int(str(seg.get_attribute("data-bytes")))
+        for seg in segments.all()
+    }
+
+
+@dataclass
+class ShownPull:
+    id: str
+    size: int  # of all its blobs: the image's, and those no client named that ran with them
+    blobs: dict[str, dict[str, int]]  # the image's blobs: digest -> source -> bytes
+
+
+def expect_pull(page: Page, image: Image, sources: set[str]) -> ShownPull:
+    """The latest pull of `image` is listed as done with the bytes of all its blobs, each from
+    one of `sources`; opened, it lists every blob of the image with bytes by source adding up to
+    its size (and maybe a blob no client asked for by name: the image's p2pimg root, fetched
+    when the node first reads the image)."""
+    name = image.ref.rsplit(":", 1)[0]
+    pull = page.locator(f'[data-testid="pull-row"][data-repository="{name}"]').first
+    expect(pull).to_have_attribute("data-ok", "1")
+    size = int(str(pull.get_attribute("data-size")))
+    assert size >= image.size, (size, image.size)
+    by_source = segments_of(pull)
+    assert sum(by_source.values()) == size, (by_source, size)
+    assert set(by_source) <= sources, (by_source, sources)
+    pull_id = str(pull.get_attribute("data-id"))
+    body = page.locator(f'tbody.pull[data-id="{pull_id}"]')
+    toggle = body.get_by_test_id("pull-expand")
+    if toggle.get_attribute("aria-expanded") != "true":
+        toggle.click()
     shown: dict[str, dict[str, int]] = {}
-    for digest, size in image.blobs.items():
-        row = page.locator(f'[data-testid="transfer-finished"][data-digest="{digest}"]').first
+    for digest, blob_size in image.blobs.items():
+        row = body.locator(f'[data-testid="pull-blob"][data-digest="{digest}"]')
+        expect(row).to_be_visible()
         expect(row).to_have_attribute("data-ok", "1")
-        segments = row.get_by_test_id("source-segment")
-        expect(segments.first).to_be_attached()
-        by_source = {
-            str(seg.get_attribute("data-source")): int(str(seg.get_attribute("data-bytes")))
-            for seg in segments.all()
-        }
-        assert sum(by_source.values()) == size, (digest, by_source, size)
-        assert set(by_source) <= sources, (digest, by_source, sources)
-        shown[digest] = by_source
-    return shown
+        shown[digest] = segments_of(row)
+        assert sum(shown[digest].values()) == blob_size, (digest, shown[digest], blob_size)
+        assert set(shown[digest]) <= sources, (digest, shown[digest], sources)
+    return ShownPull(pull_id, size, shown)
+
+
+def expect_chart(page: Page, kind: str, item: str, nbytes: int) -> None:
+    """The throughput chart shows the pull or blob `item`, all its `nbytes` bytes."""
+    chart = page.get_by_test_id("throughput-chart")
+    expect(chart).to_have_attribute("data-kind", kind)
+    expect(chart).to_have_attribute("data-id", item)
+    expect(chart).to_have_attribute("data-bytes", str(nbytes))
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,6 +389,15 @@ def test_page_shows_the_node_and_its_published_images(world: World, page: Page) 
         expect(row).to_have_count(1)
         expect(row).to_have_attribute("data-root", image.root)
         expect(row.get_by_test_id("image-root")).to_have_attribute("title", image.root)
+        expect(row.get_by_test_id("image-upstream")).to_be_hidden()
+        expect(row.get_by_test_id("pin-toggle")).to_be_visible()
+    # No --cache-max: the meter is what the cache uses of what it could grow to, never full.
+    meter = page.get_by_test_id("cache-bar")
+    expect(page.get_by_test_id("cache-limit")).to_contain_text("no limit (--cache-max)")
+    expect(page.get_by_test_id("cache-disk")).to_contain_text("free on disk")
+    used, whole = (int(str(meter.get_attribute(n))) for n in ("data-used", "data-whole"))
+    assert whole > used and whole >= a.api("cache")["disk_free"] // 2, (used, whole)
+    assert meter.get_attribute("aria-valuenow") != "100"
     # Static files come from the package, with the CSP the page is served under.
     response = page.request.get(a.ui)
     assert "script-src 'self'" in response.headers["content-security-policy"]
@@ -316,8 +408,10 @@ def test_a_pull_from_the_origin_is_listed_with_its_bytes(world: World, page: Pag
     a = world.nodes["a"]
     open_dashboard(page, a)
     world.pull(skopeo, a, world.app)
-    shown = expect_finished(page, world.app, {f"origin {world.origin}"})
-    assert all(len(by_source) == 1 for by_source in shown.values()), shown
+    pull = expect_pull(page, world.app, {f"origin {world.origin}"})
+    assert all(len(by_source) == 1 for by_source in pull.blobs.values()), pull
+    # The chart shows the latest pull until something else is clicked.
+    expect_chart(page, "pull", pull.id, pull.size)
     row = image_row(page, world.app)
     expect(row.get_by_test_id("image-cached")).to_have_attribute("data-cached", str(world.app.size))
 
@@ -340,6 +434,7 @@ def test_a_pull_through_a_peer_shows_live_progress(
         expect(live).to_have_count(1)
         expect(live.get_by_test_id("chunk-map")).to_be_visible()
         expect(page.get_by_test_id("throughput-chart")).to_be_visible()
+        expect(page.get_by_test_id("throughput-chart")).to_have_attribute("data-kind", "pull")
         output = proc.communicate(timeout=COMMAND_TIMEOUT)[0]
     finally:
         if proc.poll() is None:
@@ -347,25 +442,62 @@ def test_a_pull_through_a_peer_shows_live_progress(
             proc.wait()
     assert proc.returncode == 0, output
     world.pulled.add(f"b {world.app.ref}")
-    shown = expect_finished(page, world.app, {f"peer {a.peer_url}", f"origin {world.origin}"})
-    assert shown[world.app.biggest].get(f"peer {a.peer_url}", 0) > 0, shown
+    pull = expect_pull(page, world.app, {f"peer {a.peer_url}", f"origin {world.origin}"})
+    assert pull.blobs[world.app.biggest].get(f"peer {a.peer_url}", 0) > 0, pull
     expect(page.locator('[data-testid="transfer-active"]')).to_have_count(0)
+    expect_chart(page, "pull", pull.id, pull.size)
+    # One blob of the pull, clicked, has the chart to itself until the latest pull is asked for.
+    blob = page.locator(f'[data-testid="pull-blob"][data-digest="{world.app.biggest}"]')
+    blob.click()
+    expect(blob).to_have_attribute("aria-current", "true")
+    expect_chart(page, "blob", str(blob.get_attribute("data-id")), world.app.blobs[world.app.biggest])
+    page.get_by_test_id("chart-latest").click()
+    expect_chart(page, "pull", pull.id, pull.size)
+    expect(page.get_by_test_id("chart-latest")).to_be_hidden()
 
 
-def test_the_peers_of_a_swarm_are_listed(world: World, page: Page) -> None:
+def test_the_peers_of_a_swarm_are_listed(world: World, page: Page, skopeo: Skopeo) -> None:
     a, b = world.nodes["a"], world.nodes["b"]
+    world.pull(skopeo, a, world.app)
+    world.pull(skopeo, b, world.app)  # from A
     open_dashboard(page, b)
     row = page.locator(f'[data-testid="peer-row"][data-url="{a.peer_url}"]')
     expect(row).to_have_count(1)
     expect(row).to_have_attribute("data-state", "ok")
     expect(row.get_by_test_id("peer-found")).to_have_text("static")
     expect(row.get_by_test_id("peer-node")).to_have_attribute("title", a.api("node")["node_id"])
+    # Idle now (the rate is over the last 2 s), with what it sent during B's pull.
+    expect(row.get_by_test_id("peer-rate")).to_have_text("—")
+    (peer,) = b.api("peers")["peers"]
+    assert peer["sent_us"] > 0
     expect(page.locator(f'[data-testid="swarm-node"][data-url="{a.peer_url}"]')).to_have_count(1)
     expect(page.locator('[data-testid="swarm-node"][data-me="1"]')).to_have_count(1)
 
 
+def test_a_peer_that_never_answers_is_a_warning(world: World, page: Page) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    node = world.start("lonely", "--peer", dead)
+    open_dashboard(page, node)
+    row = page.locator(f'[data-testid="peer-row"][data-url="{dead}"]')
+    expect(row).to_have_attribute("data-state", "unreachable")
+    expect(row.get_by_test_id("peer-state")).to_have_text("unreachable")
+    expect(row.get_by_test_id("peer-state")).to_have_class("state warn")
+    expect(row.get_by_test_id("peer-rate")).to_have_text("—")
+    expect(row.get_by_test_id("peer-sent-us")).to_have_text("0 B")
+    expect(page.locator(f'[data-testid="swarm-node"][data-url="{dead}"]')).to_have_attribute(
+        "data-state", "unreachable"
+    )
+
+
 def test_three_nodes_share_a_pull(
-    world: World, page: Page, skopeo: Skopeo, containers_config: ContainersConfig, shots: Path
+    world: World,
+    page: Page,
+    skopeo: Skopeo,
+    containers_config: ContainersConfig,
+    shots: Path,
+    browser: Browser,
 ) -> None:
     a, b, c = world.nodes["a"], world.nodes["b"], world.nodes["c"]
     world.pull(skopeo, a, world.app)
@@ -383,15 +515,14 @@ def test_three_nodes_share_a_pull(
         # A third of the big layer in, or all of it: the chunk map is worth a picture either way.
         page.wait_for_function(
             """(digest) => {
-                const row = (kind) => document.querySelector(
-                    `[data-testid="transfer-${kind}"][data-digest="${digest}"]`);
-                const live = row('active');
+                const live = document.querySelector(
+                    `[data-testid="transfer-active"][data-digest="${digest}"]`);
                 if (live) return 3 * Number(live.dataset.have) >= Number(live.dataset.chunks);
-                return row('finished') !== null;
+                return window.p2pimg.state.transfers.finished.some((t) => t.digest === digest);
             }""",
             arg=world.app.biggest,
         )
-        page.locator("#transfers").screenshot(path=shots / "transfers.png")
+        screenshot(page, shots, "transfers.png", "#transfers")
         output = proc.communicate(timeout=COMMAND_TIMEOUT)[0]
     finally:
         if proc.poll() is None:
@@ -399,35 +530,69 @@ def test_three_nodes_share_a_pull(
             proc.wait()
     assert proc.returncode == 0, output
     world.pulled.add(f"c {world.app.ref}")
-    keep_screenshot(shots, "transfers.png")
     peers = {f"peer {a.peer_url}", f"peer {b.peer_url}"}
-    shown = expect_finished(page, world.app, peers | {f"origin {world.origin}"})
-    assert sum(shown[world.app.biggest].get(p, 0) for p in peers) > 0, shown
+    pull = expect_pull(page, world.app, peers | {f"origin {world.origin}"})
+    assert sum(pull.blobs[world.app.biggest].get(p, 0) for p in peers) > 0, pull
+    # The dashboard as it opens: the node, its images and cache, the chart of the pull just done.
+    page.locator(f'tbody.pull[data-id="{pull.id}"]').get_by_test_id("pull-expand").click()
+    cached = image_row(page, world.app).get_by_test_id("image-cached")
+    expect(cached).to_have_attribute("data-cached", str(world.app.size), timeout=WAIT_MS)
+    expect(page.get_by_test_id("cache-partial")).to_have_text("0 B", timeout=WAIT_MS)
+    page.mouse.move(0, 0)  # no button under the pointer drawn as hovered
+    page.evaluate("() => { document.activeElement.blur(); window.scrollTo(0, 0); }")
+    screenshot(page, shots, "dashboard.png", "body")
     # Both directions of the swarm: C's page shows bytes its peers sent it...
     for peer in (a, b):
         edge = page.locator(f'[data-testid="swarm-node"][data-url="{peer.peer_url}"]')
         expect(edge).to_have_count(1)
     expect(page.locator("#swarm line.edge-in").first).to_be_attached()
-    # The peers table and the swarm graph side by side, in page coordinates.
-    box = page.evaluate(
-        """() => {
-            const rect = (id) => document.getElementById(id).getBoundingClientRect();
-            const [p, s] = [rect('peers'), rect('swarm')];
-            const top = Math.min(p.top, s.top) + window.scrollY;
-            const bottom = Math.max(p.bottom, s.bottom) + window.scrollY;
-            return {x: p.left + window.scrollX, y: top, width: s.right - p.left, height: bottom - top};
-        }"""
-    )
-    page.screenshot(path=shots / "peers.png", clip=box, full_page=True)
-    keep_screenshot(shots, "peers.png")
+    expect_labels_apart(page)
+    # The peers above the swarm, as in a Docker Desktop tab.
+    with narrow_page(browser) as narrow:
+        open_dashboard(narrow, c)
+        expect(narrow.locator("#swarm line.edge-in")).to_have_count(2)
+        screenshot(narrow, shots, "peers.png", "#peers")
     # ...and A's shows what it sent to the nodes that fetch from it.
     open_dashboard(page, a)
     expect(page.locator("#swarm line.edge-out").first).to_be_attached()
 
 
-def test_a_warm_started_from_the_page_completes(
-    world: World, page: Page, shots: Path, browser: Browser
-) -> None:
+def expect_labels_apart(page: Page) -> None:
+    """No two labels of the swarm graph overlap, and none leaves the picture, at this width and
+    at the width of a narrow window (where the card is as wide as the page)."""
+    for width in (VIEWPORT["width"], 820, 420):
+        page.set_viewport_size({"width": width, "height": VIEWPORT["height"]})
+        page.wait_for_function(
+            """(width) => {
+                const graph = document.querySelector('[data-testid="swarm-graph"]');
+                const box = document.getElementById('swarm-graph-box');
+                return graph && Math.abs(graph.viewBox.baseVal.width - Math.max(240, box.clientWidth)) < 2;
+            }""",
+            arg=width,
+        )
+        clashes = page.evaluate(
+            """() => {
+                const graph = document.querySelector('[data-testid="swarm-graph"]');
+                const frame = graph.getBoundingClientRect();
+                const rects = [...graph.querySelectorAll('text')]
+                    .map((t) => [t.textContent, t.getBoundingClientRect()]);
+                const out = [];
+                for (const [text, r] of rects) {
+                    if (r.left < frame.left - 1 || r.right > frame.right + 1 || r.top < frame.top - 1
+                        || r.bottom > frame.bottom + 1) out.push(`${text} leaves the picture`);
+                }
+                rects.forEach(([a, r], i) => rects.slice(i + 1).forEach(([b, q]) => {
+                    if (r.left < q.right && q.left < r.right && r.top < q.bottom && q.top < r.bottom)
+                        out.push(`${a} overlaps ${b}`);
+                }));
+                return out;
+            }"""
+        )
+        assert not clashes, (width, clashes)
+    page.set_viewport_size(VIEWPORT)
+
+
+def test_a_warm_started_from_the_page_completes(world: World, page: Page, browser: Browser) -> None:
     c = world.nodes["c"]
     open_dashboard(page, c)
     page.get_by_test_id("warm-ref").fill(world.warm.ref)
@@ -450,8 +615,42 @@ def test_a_warm_started_from_the_page_completes(
             expect(cached).to_have_attribute("data-cached", str(world.warm.size), timeout=WAIT_MS)
     finally:
         other.close()
-    page.screenshot(path=shots / "dashboard.png", full_page=True)
-    keep_screenshot(shots, "dashboard.png")
+
+
+def test_images_pulled_through_an_upstream(
+    world: World, page: Page, skopeo: Skopeo, registry: Registry
+) -> None:
+    """A node with nothing published and a docker-registry as its --upstream: the page says so
+    while it has no image, then lists what was pulled through it, with the upstream and the
+    manifest's digest, and no actions (they take the origin's NAME:TAG or ipfs/<CID>)."""
+    sample = write_oci_layout(world.tmp / "mirrored", [LayerSpec(2 << 20, "none")], tag="1", seed=33)
+    name = "mirrored/tool"
+    skopeo(
+        "copy",
+        "--dest-tls-verify=false",
+        "--preserve-digests",
+        f"oci:{sample.path}:1",
+        f"docker://{registry.host}/{name}:1",
+    )
+    empty = world.tmp / "empty-origin"
+    empty.mkdir()
+    node = world.start("mirror", "--origin", f"file://{empty}", "--upstream", registry.url)
+    open_dashboard(page, node)
+    expect(page.locator("#images-empty")).to_be_visible()
+    expect(page.locator("#images-empty")).to_contain_text("from its upstream")
+    image = Image(f"{name}:1", sample, "", image_blobs(sample))
+    world.pull(skopeo, node, image)
+    row = image_row(page, image)
+    # The node lists its images again every few seconds (it asks the origin each time).
+    expect(row).to_have_attribute("data-kind", "mirror", timeout=WAIT_MS)
+    expect(row).to_have_attribute("data-digest", sample.top_digest)
+    expect(row.get_by_test_id("image-upstream")).to_have_text(registry.host)
+    expect(row.get_by_test_id("image-root")).to_have_attribute("title", f"manifest {sample.top_digest}")
+    expect(row.get_by_test_id("image-root")).to_contain_text("sha256:")
+    expect(row.get_by_test_id("image-cached")).to_have_attribute("data-cached", str(image.size))
+    expect(row.get_by_test_id("pin-toggle")).to_be_hidden()
+    expect(row.get_by_test_id("warm-row")).to_be_hidden()
+    expect(page.locator("#images-empty")).to_be_hidden()
 
 
 def test_pin_and_unpin_from_the_page(world: World, page: Page) -> None:

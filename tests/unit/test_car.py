@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from p2pimg.content.car import (
     IDENTITY_EMPTY,
     MAX_BLOCK,
+    MAX_CID,
     MAX_HEADER,
     CarInvalid,
     CarReader,
@@ -240,10 +241,6 @@ def test_an_oversize_section_is_refused_from_its_length_alone() -> None:
         (b"\x02\x01\x55", "runs past"),  # a CID cut by its section's end
         (b"\x05\x12\x20\x00\x00\x00", "CIDv0 runs past"),
         (encode_varint(40) + b"\x03\x55\x12\x20" + bytes(36), "version 3"),
-        # Well-formed CIDs p2pimg cannot verify: sha2-512, an unknown codec, the identity hash.
-        (encode_varint(68) + b"\x01\x55\x13\x40" + bytes(64), "hash function 0x13"),
-        (encode_varint(38) + b"\x01\xff\x7f\x12\x20" + bytes(33), "codec 0x3fff"),
-        (encode_varint(5) + b"\x01\x55\x00\x01x", "hash function 0x0"),
         (encode_varint(36) + b"\x01\x55\x12\x1f" + bytes(32), "digest"),  # sha2-256 of 31 bytes
     ],
 )
@@ -252,6 +249,27 @@ def test_bad_sections(section: bytes, message: str) -> None:
     reader.feed(car_header([Cid.of_raw(b"r")]))
     with pytest.raises(CarInvalid, match=message):
         reader.feed(section)
+
+
+def test_blocks_it_cannot_verify_are_skipped_not_refused() -> None:
+    """Well-formed CIDs p2pimg cannot verify (sha2-512, an unknown codec, the identity hash) are
+    skipped: the spec says clients MUST ignore unexpected blocks. The blocks around them are read,
+    and a skipped section is bounded like any other."""
+    a, b = (Cid.of_raw(b"a"), b"a"), (Cid.of_raw(b"b"), b"b")
+    unverifiable = [
+        encode_varint(68) + b"\x01\x55\x13\x40" + bytes(64),  # sha2-512 of nothing
+        encode_varint(38) + b"\x01\xff\x7f\x12\x20" + bytes(33),  # codec 0x3fff
+        encode_varint(5) + b"\x01\x55\x00\x01x",  # identity: the data is in the CID
+        encode_varint(4) + IDENTITY_EMPTY,  # bafkqaaa as a block
+    ]
+    car = car_header([a[0]]) + car_section(*a) + b"".join(unverifiable) + car_section(*b)
+    for cuts in (None, [1, 50, 51, 100, 130]):
+        reader, got = read_all(car, cuts)
+        assert got == [a, b] and reader.skipped == 4 and reader.blocks == 6
+    reader = CarReader(max_block=1000)
+    reader.feed(car_header([a[0]]))
+    with pytest.raises(CarInvalid, match="over the"):
+        reader.feed(encode_varint(1000 + MAX_CID + 1) + b"\x01\x55\x00")
 
 
 def test_an_empty_stream_has_no_header() -> None:

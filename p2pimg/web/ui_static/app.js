@@ -1,4 +1,4 @@
-/* p2pimg dashboard, part 4 of 4: polls the JSON API under /ui/api/ once a second (one request per
+/* p2pimg dashboard, part 6 of 6: polls the JSON API under /ui/api/ once a second (one request per
  * endpoint, none while the tab is hidden), keeps the tables in step with it, and runs the actions
  * (warm, pin and unpin, cache gc), showing what the API refused in the error line.
  */
@@ -35,10 +35,11 @@
   const state = {
     node: null,
     images: [],
-    transfers: { now: Date.now() / 1000, active: [], finished: [] },
+    transfers: { now: Date.now() / 1000, active: [], finished: [], pulls: [] },
     peers: { peers: [], clients: [], me: '' },
     cache: null,
-    selected: null, // id of the transfer whose chart is shown; null = the latest
+    selected: null, // {kind: 'pull' | 'blob', id} whose chart is shown; null = the latest pull
+    expanded: new Set(), // ids of the pulls whose blobs are shown
     warm: null, // the warm job started from this page: {id, ref, ...its last status}
     pollError: null,
     actionError: null,
@@ -105,6 +106,7 @@
             now: typeof data.now === 'number' ? data.now : Date.now() / 1000,
             active: Array.isArray(data.active) ? data.active : [],
             finished: Array.isArray(data.finished) ? data.finished : [],
+            pulls: Array.isArray(data.pulls) ? data.pulls : [],
           };
           break;
         case 'peers':
@@ -380,6 +382,7 @@
       startWarm($('warm-ref').value, $('warm-lan').checked);
     });
     $('gc-button').addEventListener('click', runGc);
+    $('chart-latest').addEventListener('click', () => P.selectTransfer(null));
     $('error-dismiss').addEventListener('click', () => {
       state.actionError = null;
       showError();

@@ -1,9 +1,9 @@
-/* p2pimg dashboard, part 1 of 4: DOM and number helpers, the colours of sources, and the API
+/* p2pimg dashboard, part 1 of 6: DOM and number helpers, the colours of sources, and the API
  * (plain fetch in a browser; Docker Desktop's extension client when window.ddClient exists, whose
  * `vm` service forwards requests to the p2pimg container over its socket).
  *
  * Plain JavaScript with no build step and no dependencies, so the page works offline and is
- * shipped as is in the Python package; four classic scripts share `window.p2pimg`. Every value
+ * shipped as is in the Python package; six classic scripts share `window.p2pimg`. Every value
  * that comes from the API is put into the page with textContent or an attribute, never as HTML:
  * image names, peer addresses and error messages are data that other machines can choose.
  */
@@ -189,14 +189,20 @@
     });
   }
 
-  const STATE_CLASS = { ok: 'ok', backoff: 'warn', banned: 'bad' };
+  // A peer that never answered, or whose last inventory poll failed, is a warning: it may come
+  // back, but nothing is fetched from it meanwhile.
+  const STATE_CLASS = { ok: 'ok', backoff: 'warn', unreachable: 'warn', banned: 'bad' };
 
   /* Keep one DOM node per item, matched by key, so that a poll does not rebuild rows under the
-   * pointer (a button being clicked, a row being focused) and nothing flickers. */
+   * pointer (a button being clicked, a row being focused) and nothing flickers. Children the
+   * container had without a key (a table's <thead>) stay first, as they are. */
   function reconcile(container, items, keyOf, create, update) {
     const existing = new Map();
-    for (const child of Array.from(container.children)) existing.set(child.dataset.key, child);
     let previous = null;
+    for (const child of Array.from(container.children)) {
+      if (child.dataset.key === undefined) previous = child;
+      else existing.set(child.dataset.key, child);
+    }
     for (const item of items) {
       const key = String(keyOf(item));
       let node = existing.get(key);
@@ -206,7 +212,7 @@
         node.dataset.key = key;
       }
       update(node, item);
-      const expected = previous ? previous.nextSibling : container.firstChild;
+      const expected = previous ? previous.nextElementSibling : container.firstElementChild;
       if (node !== expected) container.insertBefore(node, expected);
       previous = node;
     }

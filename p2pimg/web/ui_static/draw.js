@@ -1,6 +1,6 @@
-/* p2pimg dashboard, part 2 of 4: the pictures, hand-drawn SVG. A transfer's chunk map (one cell
- * per chunk, coloured by the source that sent it) and its bytes by source, the throughput chart
- * (bytes per second by source, stacked), and the swarm (this node, its peers, bytes both ways).
+/* p2pimg dashboard, part 2 of 6: the pictures of transfers, hand-drawn SVG. A transfer's chunk
+ * map (one cell per chunk, coloured by the source that sent it), bytes by source, and the
+ * throughput chart (bytes per second by source, stacked) of a pull or of one blob.
  */
 (() => {
   'use strict';
@@ -19,7 +19,6 @@
     sourceColor,
     sourceLabel,
     orderedSources,
-    STATE_CLASS,
   } = window.p2pimg;
 
   // Chunk maps larger than this are drawn with one cell per group of chunks, so a 10 GB blob
@@ -240,6 +239,10 @@
     return { top: top * unit, steps };
   }
 
+  // `t`: what to draw, a pull or one blob's transfer: {kind: 'pull' | 'blob', id, label,
+  // series: {start, step, by_source}, bytes_by_source}, or null.
+  const TIME_STEPS = [0.1, 0.2, 0.25, 0.5, 1, 2, 2.5, 5, 10, 15, 20, 30, 60, 120, 300, 600, 900, 1800, 3600];
+
   function drawChart(box, legend, t) {
     // Drawn at the box's own pixel width, so the text in it is not scaled up or down.
     const W = Math.max(320, Math.round(box.clientWidth || 720));
@@ -247,26 +250,32 @@
     const pad = { l: 78, r: 12, t: 10, b: 28 };
     const iw = W - pad.l - pad.r;
     const ih = H - pad.t - pad.b;
-    const root = svg('svg', {
-      viewBox: `0 0 ${W} ${H}`,
-      role: 'img',
-      'data-testid': 'throughput-chart',
-      'data-transfer': t ? t.id : '',
-      'aria-label': t ? `Bytes per second by source for ${t.digest}` : 'No transfer to show',
-    });
     const series = t && t.series ? t.series : null;
     const bySource = series && series.by_source ? series.by_source : {};
     const names = orderedSources(Object.keys(bySource));
     const step = series && series.step > 0 ? series.step : 1;
     const n = names.reduce((m, s) => Math.max(m, (bySource[s] || []).length), 0);
+    let total = 0;
+    for (const s of names) for (const v of bySource[s] || []) total += v;
+    const root = svg('svg', {
+      viewBox: `0 0 ${W} ${H}`,
+      role: 'img',
+      'data-testid': 'throughput-chart',
+      'data-kind': t ? t.kind : '',
+      'data-id': t ? t.id : '',
+      'data-bytes': total,
+      'aria-label': t ? `Bytes per second by source for ${t.label}` : 'Nothing to show',
+    });
     if (!t || n === 0) {
+      // Nothing to plot: a line of text, not an empty frame as tall as a chart.
+      setAttr(root, 'viewBox', `0 0 ${W} 48`);
       root.append(
         svg('text', {
           x: W / 2,
-          y: H / 2,
+          y: 28,
           'text-anchor': 'middle',
           className: 'empty-chart',
-          text: t ? 'No samples yet' : 'Pull an image to see where its bytes come from',
+          text: t ? 'No bytes yet' : 'Pull an image to see where its bytes come from',
         }),
       );
       box.replaceChildren(root);
@@ -293,17 +302,20 @@
       axis.append(svg('line', { x1: pad.l, x2: W - pad.r, y1: y(v), y2: y(v), className: 'gridline' }));
       axis.append(svg('text', { x: pad.l - 8, y: y(v) + 4, 'text-anchor': 'end', text: fmtRate(v) }));
     }
+    // Time ticks at round numbers of seconds (0, 250 ms, 500 ms... or 0, 2 s, 4 s...), at most
+    // six of them, the last one drawn only where its label fits.
     const duration = n * step;
-    const ticks = Math.max(1, Math.min(6, n));
-    for (let k = 0; k <= ticks; k += 1) {
-      const i = (n * k) / ticks;
-      const anchor = k === 0 ? 'start' : k === ticks ? 'end' : 'middle';
+    const every = TIME_STEPS.find((s) => duration / s <= 6) || Math.ceil(duration / 6);
+    for (let k = 0; k * every <= duration + 1e-9; k += 1) {
+      const at = pad.l + ((k * every) / duration) * iw;
+      if (k > 0 && W - pad.r - at < 24 && W - pad.r - at > 0.5) continue;
+      const anchor = k === 0 ? 'start' : W - pad.r - at < 30 ? 'end' : 'middle';
       axis.append(
         svg('text', {
-          x: x(i),
+          x: at,
           y: H - 8,
           'text-anchor': anchor,
-          text: k === 0 ? '0 s' : fmtDuration((duration * k) / ticks),
+          text: k === 0 ? '0 s' : fmtDuration(k * every),
         }),
       );
     }
@@ -335,139 +347,5 @@
     renderLegend(legend, { sources: names, bytes_by_source: t.bytes_by_source || {} }, false);
   }
 
-  // ---- the swarm -------------------------------------------------------------------------------
-
-  const MAX_GRAPH_NODES = 16;
-  const plural = (n, word) => `${n} ${word}${n === 1 ? '' : 's'}`;
-
-  function drawSwarm(box, doc) {
-    // Our peers, then the nodes that fetch from us without being our peers (clients of our peer
-    // listener): each drawn around this node, with one edge per direction that carried bytes.
-    const others = [
-      ...doc.peers.map((p) => ({
-        key: p.url,
-        label: p.url.replace(/^https?:\/\//, ''),
-        state: p.state,
-        inBytes: p.sent_us || 0,
-        outBytes: p.we_sent || 0,
-        peer: p,
-      })),
-      ...(doc.clients || []).map((c) => ({
-        key: c.address,
-        label: c.address,
-        state: 'client',
-        inBytes: 0,
-        outBytes: c.we_sent || 0,
-        peer: null,
-      })),
-    ];
-    const shown = others.slice(0, MAX_GRAPH_NODES);
-    const W = 360;
-    const H = 250;
-    const cx = W / 2;
-    const cy = H / 2;
-    const R = Math.min(W, H) / 2 - 46;
-    const root = svg('svg', {
-      viewBox: `0 0 ${W} ${H}`,
-      role: 'img',
-      'data-testid': 'swarm-graph',
-      'aria-label': `This node, ${plural(doc.peers.length, 'peer')}, ${plural((doc.clients || []).length, 'client')}`,
-    });
-    const maxBytes = shown.reduce((m, o) => Math.max(m, o.inBytes, o.outBytes), 0);
-    // Width grows with the logarithm of the bytes: a peer that sent 1 GB must not dwarf one that
-    // sent 10 MB into invisibility.
-    const widthFor = (b) => (b > 0 && maxBytes > 0 ? 1.5 + 7 * (Math.log1p(b) / Math.log1p(maxBytes)) : 0);
-    const edges = svg('g');
-    const nodes = svg('g');
-    shown.forEach((o, i) => {
-      const angle =
-        -Math.PI / 2 + (2 * Math.PI * i) / Math.max(shown.length, 1) + (shown.length === 2 ? Math.PI / 2 : 0);
-      const px = cx + R * Math.cos(angle);
-      const py = cy + R * Math.sin(angle);
-      // Two parallel lines, one per direction, offset sideways so both stay visible.
-      const nx = -Math.sin(angle) * 3.5;
-      const ny = Math.cos(angle) * 3.5;
-      const win = widthFor(o.inBytes);
-      const wout = widthFor(o.outBytes);
-      if (!win && !wout) {
-        edges.append(
-          svg('line', { x1: cx, y1: cy, x2: px, y2: py, className: 'edge-idle', 'stroke-width': 1.5 }),
-        );
-      }
-      if (win) {
-        const line = svg('line', {
-          x1: cx + nx,
-          y1: cy + ny,
-          x2: px + nx,
-          y2: py + ny,
-          className: 'edge-in',
-          'stroke-width': win,
-          'stroke-linecap': 'round',
-          'data-bytes': o.inBytes,
-        });
-        line.append(svg('title', { text: `${o.label} sent us ${fmtBytes(o.inBytes)}` }));
-        edges.append(line);
-      }
-      if (wout) {
-        const line = svg('line', {
-          x1: cx - nx,
-          y1: cy - ny,
-          x2: px - nx,
-          y2: py - ny,
-          className: 'edge-out',
-          'stroke-width': wout,
-          'stroke-linecap': 'round',
-          'data-bytes': o.outBytes,
-        });
-        line.append(svg('title', { text: `we sent ${o.label} ${fmtBytes(o.outBytes)}` }));
-        edges.append(line);
-      }
-      const g = svg('g', { 'data-testid': 'swarm-node', 'data-url': o.key, 'data-state': o.state });
-      g.append(svg('circle', { cx: px, cy: py, r: 11, className: 'halo', 'stroke-width': 1 }));
-      g.append(
-        svg('circle', {
-          cx: px,
-          cy: py,
-          r: 7,
-          className: `node-${o.state in STATE_CLASS || o.state === 'client' ? o.state : 'ok'}`,
-        }),
-      );
-      // The address, and under it the bytes each way (↓ sent us, ↑ we sent): above the nodes of
-      // the upper half, below those of the lower half, away from the edges.
-      const below = py >= cy - 1;
-      const y0 = below ? py + 24 : py - 29;
-      g.append(svg('text', { x: px, y: y0, 'text-anchor': 'middle', text: o.label }));
-      const traffic = `↓ ${fmtBytes(o.inBytes)}  ↑ ${fmtBytes(o.outBytes)}`;
-      g.append(
-        svg('text', { x: px, y: y0 + 13, 'text-anchor': 'middle', className: 'traffic', text: traffic }),
-      );
-      g.append(
-        svg('title', {
-          text: o.peer
-            ? `${o.peer.url} (${o.peer.state}, found by ${o.peer.found})`
-            : `${o.label} fetches from us (not our peer)`,
-        }),
-      );
-      nodes.append(g);
-    });
-    const me = svg('g', { 'data-testid': 'swarm-node', 'data-me': '1' });
-    me.append(svg('circle', { cx, cy, r: 16, className: 'halo', 'stroke-width': 1 }));
-    me.append(svg('circle', { cx, cy, r: 11, className: 'node-me' }));
-    me.append(svg('title', { text: `this node ${doc.me || ''}`.trim() }));
-    nodes.append(me);
-    root.append(edges, nodes);
-    if (others.length > shown.length) {
-      root.append(
-        svg('text', {
-          x: W - 4,
-          y: H - 6,
-          'text-anchor': 'end',
-          text: `+${others.length - shown.length} more`,
-        }),
-      );
-    }
-    box.replaceChildren(root);
-  }
-
-  Object.assign(window.p2pimg, { renderStack, renderLegend, chunkMap, updateChunkMap, drawChart, drawSwarm });
+  Object.assign(window.p2pimg, { renderStack, renderLegend, chunkMap, updateChunkMap, drawChart });
 })();

@@ -1,5 +1,5 @@
-/* p2pimg dashboard, part 3 of 4: the tables (images, cache, transfers, peers), each kept in step
- * with the last poll. The state and the actions are app.js's, reached through window.p2pimg when
+/* p2pimg dashboard, part 4 of 6: the tables (images, cache, peers), each kept in step with the
+ * last poll. The state and the actions are app.js's, reached through window.p2pimg when
  * a table is drawn or a button pressed (app.js loads after this file).
  */
 (() => {
@@ -15,112 +15,135 @@
     fmtBytes,
     fmtRate,
     fmtDuration,
-    fmtAgo,
-    fmtClock,
     pct,
     fmtPct,
     shortMiddle,
     shortDigest,
     shortId,
     STATE_CLASS,
-    renderStack,
-    renderLegend,
-    chunkMap,
-    updateChunkMap,
-    drawChart,
     drawSwarm,
   } = P;
 
   // ---- images --------------------------------------------------------------------------------
 
   const refOf = (image) => `${image.name}:${image.tag}`;
+  // Images pulled through --upstream have no root CID: the actions, which take a NAME:TAG of
+  // the origin or ipfs/<CID>, do not apply to them.
+  const isMirror = (image) => image.kind === 'mirror';
+
+  function imageRow() {
+    const pin = el('button', { type: 'button', className: 'small', 'data-testid': 'pin-toggle' });
+    const warm = el('button', {
+      type: 'button',
+      className: 'small',
+      'data-testid': 'warm-row',
+      text: 'Warm',
+    });
+    pin.addEventListener('click', () => P.togglePin(pin.dataset.ref, pin.dataset.pinned === '1'));
+    warm.addEventListener('click', () => P.startWarm(warm.dataset.ref, $('warm-lan').checked));
+    return el(
+      'tr',
+      { 'data-testid': 'image-row' },
+      el(
+        'td',
+        null,
+        el('span', { className: 'name', 'data-testid': 'image-name' }),
+        el('span', { className: 'badge kind', 'data-testid': 'image-kind' }),
+        el('span', { className: 'badge kind upstream', 'data-testid': 'image-upstream', hidden: true }),
+      ),
+      el('td', { 'data-testid': 'image-tag' }),
+      el('td', null, el('code', { 'data-testid': 'image-root' })),
+      el('td', { className: 'num', 'data-testid': 'image-size' }),
+      el(
+        'td',
+        null,
+        el(
+          'div',
+          { className: 'cached', 'data-testid': 'image-cached' },
+          el(
+            'div',
+            { className: 'bar', role: 'progressbar', 'aria-valuemin': 0, 'aria-valuemax': 100 },
+            el('div', { className: 'bar-fill' }),
+          ),
+          el('span', { className: 'pct' }),
+        ),
+      ),
+      el('td', { 'data-testid': 'image-pinned' }),
+      el('td', { className: 'buttons' }, pin, warm),
+    );
+  }
+
+  function updateImage(row, img, ro) {
+    const ref = refOf(img);
+    const mirror = isMirror(img);
+    const cells = row.children;
+    row.dataset.ref = ref;
+    row.dataset.kind = img.kind || '';
+    row.dataset.root = img.root || '';
+    row.dataset.digest = img.digest || '';
+    const shown = img.name.startsWith('ipfs/') ? `ipfs/${shortMiddle(img.name.slice(5), 10, 6)}` : img.name;
+    const [name, kind, upstream] = cells[0].children;
+    setText(name, shown);
+    setAttr(name, 'title', img.name);
+    setText(kind, img.kind || '');
+    upstream.hidden = !mirror;
+    setText(upstream, mirror ? img.upstream || 'upstream' : '');
+    setAttr(upstream, 'title', mirror ? `pulled through the upstream ${img.upstream} (--upstream)` : null);
+    setText(cells[1], img.tag);
+    const id = cells[2].firstChild;
+    if (mirror) {
+      // Where a p2pimg image has its root CID: the digest of the manifest the upstream served.
+      setText(id, img.digest ? `sha256:${shortDigest(img.digest)}` : '–');
+      setAttr(id, 'title', img.digest ? `manifest ${img.digest}` : null);
+      setAttr(id, 'class', 'digest');
+    } else {
+      setText(id, img.root ? shortMiddle(img.root, 10, 6) : 'unresolved');
+      setAttr(id, 'title', img.root || img.error || null);
+      setAttr(id, 'class', img.root ? null : 'bad');
+    }
+    setText(cells[3], fmtBytes(img.size));
+    const p = pct(img.cached, img.size);
+    const bar = cells[4].querySelector('.bar');
+    const fill = bar.firstChild;
+    fill.style.width = `${p}%`;
+    fill.classList.toggle('full', p >= 100);
+    setAttr(bar, 'aria-valuenow', Math.round(p));
+    setAttr(bar, 'aria-label', `${ref}: ${fmtBytes(img.cached)} of ${fmtBytes(img.size)} cached`);
+    setAttr(bar, 'title', `${fmtBytes(img.cached)} of ${fmtBytes(img.size)} cached`);
+    setText(cells[4].querySelector('.pct'), fmtPct(p));
+    cells[4].firstChild.dataset.cached = String(img.cached);
+    setText(cells[5], img.pinned ? 'pinned' : '–');
+    setAttr(cells[5], 'class', img.pinned ? 'state ok' : 'muted');
+    row.dataset.pinned = img.pinned ? '1' : '0';
+    const [pin, warm] = cells[6].children;
+    pin.hidden = mirror;
+    warm.hidden = mirror;
+    pin.dataset.ref = ref;
+    pin.dataset.pinned = img.pinned ? '1' : '0';
+    setText(pin, img.pinned ? 'Unpin' : 'Pin');
+    setAttr(pin, 'aria-label', `${img.pinned ? 'Unpin' : 'Pin'} ${ref}`);
+    warm.dataset.ref = ref;
+    setAttr(warm, 'aria-label', `Warm ${ref}`);
+    pin.disabled = ro || pin.dataset.busy === '1';
+    warm.disabled = ro || Boolean(P.state.warm && P.state.warm.state === 'running');
+  }
 
   function renderImages() {
-    const body = $('image-rows');
     const ro = P.isReadOnly();
     reconcile(
-      body,
+      $('image-rows'),
       P.state.images,
-      (img) => `${img.kind}|${refOf(img)}|${img.root}`,
-      () => {
-        const pin = el('button', { type: 'button', className: 'small', 'data-testid': 'pin-toggle' });
-        const warm = el('button', {
-          type: 'button',
-          className: 'small',
-          'data-testid': 'warm-row',
-          text: 'Warm',
-        });
-        pin.addEventListener('click', () => P.togglePin(pin.dataset.ref, pin.dataset.pinned === '1'));
-        warm.addEventListener('click', () => P.startWarm(warm.dataset.ref, $('warm-lan').checked));
-        return el(
-          'tr',
-          { 'data-testid': 'image-row' },
-          el(
-            'td',
-            null,
-            el('span', { className: 'name', 'data-testid': 'image-name' }),
-            el('span', { className: 'badge kind' }),
-          ),
-          el('td', { 'data-testid': 'image-tag' }),
-          el('td', null, el('code', { 'data-testid': 'image-root' })),
-          el('td', { className: 'num', 'data-testid': 'image-size' }),
-          el(
-            'td',
-            null,
-            el(
-              'div',
-              { className: 'cached', 'data-testid': 'image-cached' },
-              el(
-                'div',
-                { className: 'bar', role: 'progressbar', 'aria-valuemin': 0, 'aria-valuemax': 100 },
-                el('div', { className: 'bar-fill' }),
-              ),
-              el('span', { className: 'pct' }),
-            ),
-          ),
-          el('td', { 'data-testid': 'image-pinned' }),
-          el('td', { className: 'buttons' }, pin, warm),
-        );
-      },
-      (row, img) => {
-        const ref = refOf(img);
-        const cells = row.children;
-        row.dataset.ref = ref;
-        row.dataset.root = img.root || '';
-        const shown = img.name.startsWith('ipfs/')
-          ? `ipfs/${shortMiddle(img.name.slice(5), 10, 6)}`
-          : img.name;
-        setText(cells[0].firstChild, shown);
-        setAttr(cells[0].firstChild, 'title', img.name);
-        setText(cells[0].lastChild, img.kind || '');
-        setText(cells[1], img.tag);
-        setText(cells[2].firstChild, img.root ? shortMiddle(img.root, 10, 6) : 'unresolved');
-        setAttr(cells[2].firstChild, 'title', img.root || img.error || null);
-        setAttr(cells[2].firstChild, 'class', img.root ? null : 'bad');
-        setText(cells[3], fmtBytes(img.size));
-        const p = pct(img.cached, img.size);
-        const bar = cells[4].querySelector('.bar');
-        const fill = bar.firstChild;
-        fill.style.width = `${p}%`;
-        fill.classList.toggle('full', p >= 100);
-        setAttr(bar, 'aria-valuenow', Math.round(p));
-        setAttr(bar, 'aria-label', `${ref}: ${fmtBytes(img.cached)} of ${fmtBytes(img.size)} cached`);
-        setAttr(bar, 'title', `${fmtBytes(img.cached)} of ${fmtBytes(img.size)} cached`);
-        setText(cells[4].querySelector('.pct'), fmtPct(p));
-        cells[4].firstChild.dataset.cached = String(img.cached);
-        setText(cells[5], img.pinned ? 'pinned' : '–');
-        setAttr(cells[5], 'class', img.pinned ? 'state ok' : 'muted');
-        row.dataset.pinned = img.pinned ? '1' : '0';
-        const [pin, warm] = cells[6].children;
-        pin.dataset.ref = ref;
-        pin.dataset.pinned = img.pinned ? '1' : '0';
-        setText(pin, img.pinned ? 'Unpin' : 'Pin');
-        setAttr(pin, 'aria-label', `${img.pinned ? 'Unpin' : 'Pin'} ${ref}`);
-        warm.dataset.ref = ref;
-        setAttr(warm, 'aria-label', `Warm ${ref}`);
-        pin.disabled = ro || pin.dataset.busy === '1';
-        warm.disabled = ro || Boolean(P.state.warm && P.state.warm.state === 'running');
-      },
+      (img) => `${img.kind}|${img.upstream || ''}|${refOf(img)}|${img.root || img.digest || ''}`,
+      imageRow,
+      (row, img) => updateImage(row, img, ro),
+    );
+    // What the list is made of, so an empty one says how to fill it.
+    const node = P.state.node;
+    const upstreams = node && Array.isArray(node.upstreams) && node.upstreams.length > 0;
+    setText(
+      $('images-empty'),
+      'No images: none is published to the origin (p2pimg publish) or pinned here' +
+        (upstreams ? ', and none was pulled through this registry from its upstream yet.' : '.'),
     );
     $('images-empty').hidden = P.state.images.length > 0;
   }
@@ -131,23 +154,42 @@
     const c = P.state.cache;
     if (!c) return;
     const limit = typeof c.limit === 'number' && c.limit > 0 ? c.limit : null;
-    const whole = limit || Math.max(c.used, 1);
+    const free = typeof c.disk_free === 'number' ? c.disk_free : null;
+    // Without --cache-max the cache may grow until its file system is full: the bar is what it
+    // uses of what it could use, never drawn full just because there is no limit.
+    const whole = limit || (free !== null ? c.used + free : 0);
     const usedPct = pct(c.used, whole);
     const fill = $('cache-fill');
     fill.style.width = `${usedPct}%`;
+    fill.style.minWidth = c.used > 0 ? '3px' : '0';
     fill.classList.toggle('high', limit !== null && usedPct >= 90);
     $('cache-pinned-fill').style.width = `${pct(Math.min(c.pinned, c.used), whole)}%`;
-    setAttr($('cache-meter'), 'aria-valuenow', Math.round(usedPct));
+    const meter = $('cache-meter');
+    meter.dataset.used = String(c.used);
+    meter.dataset.whole = String(whole);
+    setAttr(meter, 'aria-valuenow', Math.round(usedPct));
+    // An amount is not split across two lines ("47.4" at the end of one, "GiB" on the next).
+    const nb = (n) => fmtBytes(n).replace(' ', '\u00a0');
+    const onDisk = free !== null ? `${nb(free)} free on disk` : '';
     setAttr(
-      $('cache-meter'),
+      meter,
       'aria-valuetext',
-      limit ? `${fmtBytes(c.used)} of ${fmtBytes(limit)}` : `${fmtBytes(c.used)}, no limit`,
+      limit
+        ? `${fmtBytes(c.used)} of ${fmtBytes(limit)}`
+        : `${fmtBytes(c.used)}, no limit${onDisk ? `, ${onDisk}` : ''}`,
     );
     setText($('cache-used'), fmtBytes(c.used));
     setText(
       $('cache-limit'),
-      limit ? `of ${fmtBytes(limit)} (${fmtPct(usedPct)})` : 'used · no limit (--cache-max)',
+      limit ? `of ${nb(limit)} (${fmtPct(usedPct)})` : 'used · no limit (--cache-max)',
     );
+    // With a limit, the disk matters only when it cannot hold what the limit allows.
+    const short = limit && free !== null && free < limit - c.used;
+    setText($('cache-disk'), limit ? (short ? `only ${onDisk}` : '') : onDisk);
+    setAttr($('cache-disk'), 'class', short ? 'meter-note warn' : 'meter-note');
+    const disk =
+      typeof c.disk_size === 'number' ? `the cache's file system holds ${fmtBytes(c.disk_size)}` : null;
+    setAttr($('cache-disk'), 'title', disk);
     setText($('cache-blobs'), String(c.blobs));
     setText($('cache-partial'), fmtBytes(c.partial));
     setText($('cache-pinned'), fmtBytes(c.pinned));
@@ -161,174 +203,13 @@
     );
   }
 
-  // ---- transfers -----------------------------------------------------------------------------
-
-  function transferTitle(t) {
-    return `${t.repository ? `${t.repository} · ` : ''}${shortDigest(t.digest)}`;
-  }
-
-  function selectedTransfer() {
-    const all = [...P.state.transfers.active, ...P.state.transfers.finished];
-    if (P.state.selected) {
-      const found = all.find((t) => t.id === P.state.selected);
-      if (found) return found;
-    }
-    // The latest: the most recently started of those running, else the one that ended last.
-    let latest = null;
-    for (const t of P.state.transfers.active) if (!latest || t.started > latest.started) latest = t;
-    for (const t of latest ? [] : P.state.transfers.finished)
-      if (!latest || (t.ended || 0) > (latest.ended || 0)) latest = t;
-    return latest;
-  }
-
-  function select(id) {
-    P.state.selected = id;
-    renderTransfers();
-  }
-
-  function selectable(node, getId) {
-    node.tabIndex = 0;
-    node.addEventListener('click', (event) => {
-      if (event.target.closest('button, a')) return;
-      select(getId());
-    });
-    node.addEventListener('keydown', (event) => {
-      if (event.key === 'Enter' || event.key === ' ') {
-        event.preventDefault();
-        select(getId());
-      }
-    });
-  }
-
-  function renderTransfers() {
-    const { active, finished, now } = P.state.transfers;
-    const chosen = selectedTransfer();
-    const chosenId = chosen ? chosen.id : null;
-
-    reconcile(
-      $('active-transfers'),
-      active,
-      (t) => t.id,
-      (t) => {
-        const item = el(
-          'li',
-          { className: 'transfer', 'data-testid': 'transfer-active' },
-          el(
-            'div',
-            { className: 'transfer-head' },
-            el('span', { className: 'what mono' }),
-            el('span', { className: 'meta progress-text' }),
-            el('span', { className: 'meta rate' }),
-            el('span', { className: 'meta failures' }),
-          ),
-          chunkMap(),
-          el('p', { className: 'chunk-note' }),
-          el('ul', { className: 'legend' }),
-        );
-        selectable(item, () => item.dataset.key);
-        setAttr(item, 'aria-label', `Transfer ${t.digest}`);
-        return item;
-      },
-      (item, t) => {
-        item.dataset.id = t.id;
-        item.dataset.digest = t.digest;
-        item.dataset.have = String(t.have);
-        item.dataset.chunks = String(t.chunks);
-        setAttr(item, 'aria-current', t.id === chosenId ? 'true' : null);
-        const [what, progress, rate, failures] = item.firstChild.children;
-        setText(what, transferTitle(t));
-        setAttr(what, 'title', t.digest);
-        const done = bytesDone(t);
-        setText(
-          progress,
-          `${fmtBytes(done)} of ${fmtBytes(t.size)} · ${t.have}/${t.chunks} chunks · ${fmtDuration(now - t.started)}`,
-        );
-        setText(rate, fmtRate(t.rate));
-        setText(
-          failures,
-          t.failures ? `${t.failures} verification failure${t.failures === 1 ? '' : 's'}` : 'no failures',
-        );
-        setAttr(failures, 'class', t.failures ? 'meta failures bad' : 'meta failures');
-        const group = updateChunkMap(item.children[1], t);
-        const note = item.children[2];
-        setText(
-          note,
-          group > 1
-            ? `one cell = ${group} chunks of ${fmtBytes(t.chunk_size)}`
-            : `one cell = one chunk of ${fmtBytes(t.chunk_size)}`,
-        );
-        renderLegend(item.children[3], t, true);
-      },
-    );
-    $('active-empty').hidden = active.length > 0;
-
-    reconcile(
-      $('finished-rows'),
-      finished,
-      (t) => t.id,
-      () => {
-        const row = el(
-          'tr',
-          { className: 'selectable', 'data-testid': 'transfer-finished' },
-          el('td', { className: 'when' }),
-          el('td', null, el('span', { className: 'mono' })),
-          el('td', { className: 'num' }),
-          el('td', { className: 'num' }),
-          el(
-            'td',
-            null,
-            el('div', { className: 'stack', 'data-testid': 'bytes-by-source' }),
-            el('div', { className: 'stack-label' }),
-          ),
-          el('td', { className: 'result' }),
-        );
-        selectable(row, () => row.dataset.key);
-        return row;
-      },
-      (row, t) => {
-        row.dataset.id = t.id;
-        row.dataset.digest = t.digest;
-        row.dataset.ok = t.ok ? '1' : '0';
-        setAttr(row, 'aria-current', t.id === chosenId ? 'true' : null);
-        const cells = row.children;
-        setText(cells[0], t.ended ? `${fmtClock(t.ended, now)} · ${fmtAgo(now - t.ended)}` : '–');
-        setText(cells[1].firstChild, transferTitle(t));
-        setAttr(cells[1].firstChild, 'title', t.digest);
-        setText(cells[2], fmtBytes(t.size));
-        setText(cells[3], t.ended ? fmtDuration(t.ended - t.started) : '–');
-        renderStack(cells[4].firstChild, cells[4].lastChild, t);
-        const result = cells[5];
-        if (t.ok) {
-          setText(result, 'ok');
-          setAttr(result, 'class', 'result state ok');
-          setAttr(result, 'title', t.failures ? `${t.failures} verification failures on the way` : null);
-        } else {
-          setText(result, t.error ? `failed: ${t.error}` : 'failed');
-          setAttr(result, 'class', 'result state bad');
-          setAttr(result, 'title', t.error || null);
-        }
-      },
-    );
-    $('finished-empty').hidden = finished.length > 0;
-
-    renderChart(chosen);
-  }
-
-  function bytesDone(t) {
-    let total = 0;
-    for (const value of Object.values(t.bytes_by_source || {})) total += value;
-    return Math.min(total, t.size);
-  }
-
-  function renderChart(t) {
-    const what = t
-      ? `${transferTitle(t)}${t.ended ? '' : ' (active)'} · click a transfer to show its own`
-      : '';
-    setText($('chart-what'), what);
-    drawChart($('chart'), $('chart-legend'), t);
-  }
-
   // ---- peers -----------------------------------------------------------------------------------
+
+  const STATE_TITLE = {
+    unreachable: 'it never answered, or its last inventory poll failed',
+    backoff: 'it failed or stalled: not asked again until its backoff ends',
+    banned: 'it sent bytes that did not match their CID or digest: not asked again',
+  };
 
   function renderPeers() {
     const peers = P.state.peers.peers;
@@ -358,7 +239,9 @@
         setText(c[1].firstChild, p.node_id ? shortId(p.node_id) : '–');
         setAttr(c[1].firstChild, 'title', p.node_id || 'not known yet');
         setText(c[2], p.found);
-        setText(c[3], fmtRate(p.rate));
+        // Bytes/s over the last 2 s: an idle peer has no rate worth a number.
+        setText(c[3], p.rate > 0 ? fmtRate(p.rate) : '—');
+        setAttr(c[3], 'title', 'bytes per second it sent us over the last 2 s');
         let st =
           p.state === 'backoff' && typeof p.backoff === 'number'
             ? `backoff ${fmtDuration(p.backoff)}`
@@ -366,6 +249,7 @@
         if (p.bad_chunks) st += ` · ${p.bad_chunks} bad chunk${p.bad_chunks === 1 ? '' : 's'}`;
         setText(c[4], st);
         setAttr(c[4], 'class', `state ${STATE_CLASS[p.state] || ''}`.trim());
+        setAttr(c[4], 'title', STATE_TITLE[p.state] || null);
         setText(c[5], p.tls ? 'yes' : 'no');
         setAttr(c[5], 'class', p.tls ? 'ok' : 'muted');
         setText(c[6], fmtBytes(p.sent_us));
@@ -379,5 +263,5 @@
     drawSwarm($('swarm-graph-box'), P.state.peers);
   }
 
-  Object.assign(P, { renderImages, renderCache, renderTransfers, renderPeers, renderSwarm });
+  Object.assign(P, { renderImages, renderCache, renderPeers, renderSwarm });
 })();
