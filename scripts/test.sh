@@ -11,9 +11,12 @@ log() { printf '==> %s\n' "$*" >&2; }
 
 # --- System packages: the real registry clients the integration tests drive. ---------------
 # Only ask apt when something is missing, so a prepared machine pays nothing here.
-# npm: Node 22 and the JS IPFS packages come from the npm registry (tools/ipfs_node.sh).
 # chromium: the dashboard is tested in a real browser (Playwright drives Debian's build).
-packages=(skopeo podman containerd docker-registry umoci uidmap iproute2 curl npm chromium)
+packages=(skopeo podman containerd docker-registry umoci uidmap iproute2 curl chromium)
+# npm: Node 22 and the JS IPFS packages come from the npm registry (tools/ipfs_node.sh). Any npm
+# will do: a machine whose Node.js is not Debian's (NodeSource's bundles npm, and conflicts with
+# Debian's npm package) keeps its own.
+command -v npm >/dev/null 2>&1 || packages+=(npm)
 if [[ ! -d .venv ]]; then
     # `python3 -m venv` needs ensurepip, which Debian ships separately in python3-venv.
     packages+=(python3 python3-venv)
