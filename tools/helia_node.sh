@@ -13,11 +13,11 @@ prefix="${P2PIMG_HELIA_PREFIX:-$root/.cache/helia}"
 # and the fallback router that names the gateway, verified-fetch, the CAR reader).
 packages=(
     helia@7 @helia/trustless-gateway-client@1 @helia/fallback-router@1 @helia/verified-fetch@8
-    @ipld/car@5 @ipld/dag-cbor@10 multiformats@14
+    @ipld/car@5 @ipld/dag-cbor@10 multiformats@14 @helia/car@6
 )
 
 installed() {
-    for dir in helia @helia/trustless-gateway-client @helia/fallback-router @helia/verified-fetch @ipld/car @ipld/dag-cbor multiformats; do
+    for dir in helia @helia/trustless-gateway-client @helia/fallback-router @helia/verified-fetch @ipld/car @ipld/dag-cbor multiformats @helia/car; do
         [[ -f "$prefix/node_modules/$dir/package.json" ]] || return 1
     done
 }

@@ -30,7 +30,13 @@ CAR_TYPE = "application/vnd.ipld.car; version=1; order=dfs; dups=n"
 def helia_missing() -> str | None:
     if not NODE.is_file():
         return f"Node 22 is not installed ({NODE}): run tools/helia_node.sh"
-    for package in ("helia", "@helia/trustless-gateway-client", "@helia/verified-fetch", "@ipld/car"):
+    for package in (
+        "helia",
+        "@helia/trustless-gateway-client",
+        "@helia/verified-fetch",
+        "@ipld/car",
+        "@helia/car",
+    ):
         if not (HELIA / "node_modules" / package / "package.json").is_file():
             return f"npm package {package} is not installed in {HELIA}: run tools/helia_node.sh"
     if not (HELIA / "load.mjs").is_file():
@@ -100,3 +106,18 @@ def test_helia_fetches_a_published_image_from_the_peer_listener(
 
     # Helia's own CAR of the DAG (built by verified-fetch from the blocks it fetched): the same set.
     assert sorted(set(got["verifiedFetch"])) == sorted(expected)
+
+    # `p2pimg export`'s CAR, imported into an offline Helia and pinned recursively there (what
+    # `ipfs dag import` does): every block of the DAG is in it, each checked by Helia.
+    out = tmp_path / "image.car"
+    run_p2pimg("export", "helia/app:1", str(out), home=home)
+    imported = subprocess.run(
+        [str(NODE), str(REPO_ROOT / "tools" / "helia_import.mjs"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=REPO_ROOT,
+    )
+    assert imported.returncode == 0, imported.stderr[-4000:]
+    assert json.loads(imported.stdout) == {"roots": [str(root)], "pinned": len(expected)}
