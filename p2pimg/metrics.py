@@ -85,6 +85,11 @@ class Metrics:
         for result in ("hit", "miss"):
             self.cache_requests.labels(result)
 
+    def evicted(self, nbytes: int) -> None:
+        """A cache file of `nbytes` was evicted (by the size limit, or a gc asked for)."""
+        self.cache_evictions.inc()
+        self.cache_evicted_bytes.inc(nbytes)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

@@ -342,18 +342,14 @@ async def open_node(config: Config, *, advertise: tuple[str, int] | None = None)
             if config.peer_listen:  # only the peer listener serves chunks by CID
                 nursery.start_soon(guarded, "indexing cached chunks", index.add_cached, store)
             if config.cache_max is not None:
-                from p2pimg.store.cache import Removed, enforce_limit
-
-                def evicted(item: Removed) -> None:
-                    metrics.cache_evictions.inc()
-                    metrics.cache_evicted_bytes.inc(item.size)
+                from p2pimg.store.cache import enforce_limit
 
                 limit = functools.partial(
                     enforce_limit,
                     store,
                     config.cache_max,
                     lambda digest: fetcher.fetch_of(digest) is not None,
-                    evicted=evicted,
+                    evicted=lambda item: metrics.evicted(item.size),
                 )
                 nursery.start_soon(guarded, "cache size limit", limit)
             yield node

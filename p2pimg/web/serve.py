@@ -21,7 +21,7 @@ from p2pimg.sources.upstream.refs import is_loopback, registry_base
 from p2pimg.web.peerapi import PeerService
 from p2pimg.web.registry import Registry, error_response
 from p2pimg.web.server import UNIX, Handler, Request, Response, listen, listen_unix, serve_connection
-from p2pimg.web.ui import Dashboard, Denied, literal_host
+from p2pimg.web.ui import Dashboard, Denied, foreign_origin, json_body, literal_host
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +69,9 @@ def _foreign_page(request: Request) -> str | None:
         return None
     if not literal_host(request.headers.get("host", "")):
         return "control requests need Host: localhost or an IP address"
-    origin = request.headers.get("origin")
-    if origin is not None and origin != f"http://{request.headers.get('host', '')}":
+    if (origin := foreign_origin(request)) is not None:
         return f"a control request from another origin ({origin[:100]}) is refused"
-    content_type = request.headers.get("content-type", "").split(";")[0].strip()
-    if request.method == "POST" and content_type != "application/json":
+    if request.method == "POST" and not json_body(request):
         return "a control request's body must be JSON (Content-Type: application/json)"
     return None
 

@@ -115,6 +115,17 @@ def literal_host(host: str) -> bool:
     return True
 
 
+def foreign_origin(request: Request) -> str | None:
+    """The `Origin` a browser sent, when it is not this listener's own (a page of another site)."""
+    origin = request.headers.get("origin")
+    return origin if origin is not None and origin != f"http://{request.headers.get('host', '')}" else None
+
+
+def json_body(request: Request) -> bool:
+    """Whether the body is declared JSON: what a cross-site page cannot send without a preflight."""
+    return request.headers.get("content-type", "").split(";")[0].strip() == "application/json"
+
+
 class _Refreshed(Generic[_T]):
     """A value that is slow to make (a cache scan, the origin's tags). A caller gets the last
     one at once; a stale one is made again in the background, one at a time, and no more often
@@ -232,13 +243,12 @@ class Dashboard:
             raise Denied("this node's dashboard is read-only (--ui-read-only)")
         if request.client == UNIX:
             return
-        origin = request.headers.get("origin")
-        if origin is not None and origin != f"http://{request.headers.get('host', '')}":
+        if (origin := foreign_origin(request)) is not None:
             raise Denied(f"an action from another origin ({origin[:100]}) is refused")
         given = request.headers.get("x-p2pimg-token", "")
         if not hmac.compare_digest(given.encode(), self.token.encode()):
             raise Denied("missing or wrong X-P2pimg-Token: reload the dashboard page")
-        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        if not json_body(request):
             raise InvalidInput("an action's body must be JSON (Content-Type: application/json)")
 
     async def _post(self, request: Request) -> Response:
@@ -536,8 +546,7 @@ class Dashboard:
             self.node.store, limit, state=state, busy=lambda digest: fetcher.fetch_of(digest) is not None
         )
         for item in result.removed:
-            metrics.cache_evictions.inc()
-            metrics.cache_evicted_bytes.inc(item.size)
+            metrics.evicted(item.size)
         self._scan.forget()
         return 200, {
             "removed": len(result.removed),
