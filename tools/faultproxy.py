@@ -1,12 +1,13 @@
 """An HTTP proxy in front of an origin (an S3 server) that misbehaves on purpose.
 
     python -m tools.faultproxy --upstream http://127.0.0.1:9000 --listen 127.0.0.1:0 \
-        [--latency 0.05] [--rate 20e6] [--faults fail,reset,stall,corrupt] [--every 3] [--max-faults 6]
+        [--latency 0.05] [--rate 20e6] [--faults fail,busy,reset,stall,corrupt] [--every 3] [--max-faults 6]
 
 Faults hit only ranged GETs (the bytes of blobs), every `--every`th one, cycling through the
 listed kinds, at most `--max-faults` times; everything else is passed through untouched:
 
     fail     answer 503 SlowDown without asking the upstream
+    busy     answer 429 (a peer saying "not now") without asking the upstream
     reset    send the headers and part of the body, then reset the connection
     stall    send the headers and part of the body, then send nothing more
     corrupt  flip one byte in the middle of the body
@@ -161,13 +162,13 @@ class Proxy:
         fault = self.next_fault(request.method, headers)
         if self.latency:
             await trio.sleep(self.latency)
-        if fault == "fail":
+        if fault in ("fail", "busy"):
             payload = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"
             await self.send(
                 stream,
                 conn.send(
                     h11.Response(
-                        status_code=503,
+                        status_code=503 if fault == "fail" else 429,
                         headers=[
                             (b"content-type", b"application/xml"),
                             (b"content-length", str(len(payload)).encode()),
@@ -238,7 +239,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latency", type=float, default=0.0, help="seconds added to every response")
     p.add_argument("--rate", type=float, default=0.0, help="bytes/s per connection (0 = unlimited)")
     p.add_argument("--total-rate", type=float, default=0.0, help="bytes/s, all connections")
-    p.add_argument("--faults", default="", help="comma-separated: fail,reset,stall,corrupt")
+    p.add_argument("--faults", default="", help="comma-separated: fail,busy,reset,stall,corrupt")
     p.add_argument("--every", type=int, default=3, help="fault every Nth ranged GET")
     p.add_argument("--max-faults", type=int, default=1_000_000)
     p.add_argument("--no-ranges", action="store_true", help="drop Range headers: whole bodies only")

@@ -37,6 +37,7 @@ import json
 import os
 import re
 import shutil
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,7 @@ SOURCES = ("peer", "upstream", "origin")
 TARGET_EGRESS_X = 1.1  # upstream egress / image, at 4 and 8 nodes
 TARGET_ALL_DONE_RATIO = 0.5  # time to all done / the direct pulls', at 4 nodes
 NODES_ENV = "P2PIMG_BENCH_MIRROR_NODES"  # nodes instead of 4 (--quick) or 8 (--full)
+TIMELINES_ENV = "P2PIMG_BENCH_MIRROR_TIMELINES"  # a directory to keep every node's raw timeline in
 
 # One sample of a counter with a `source` label in Prometheus' text format, e.g.
 #   p2pimg_source_bytes_total{source="upstream"} 1.048576e+08
@@ -161,7 +163,13 @@ def _image(ctx: Context, plan: MirrorPlan, spec: ImageSpec, work: Path) -> list[
                 )
                 ours.append(Round(times, registry.egress() - before, link_tx_bytes(upstream_host) - wire))
                 per_node.append([_counters(host, t) for host, t in zip(lan.hosts, times, strict=True)])
-                spans.append(upstream_spans({h.name: node_timeline(h) for h in lan.hosts}))
+                timelines = {h.name: node_timeline(h) for h in lan.hosts}
+                spans.append(upstream_spans(timelines))
+                if keep := os.environ.get(TIMELINES_ENV):
+                    Path(keep).mkdir(parents=True, exist_ok=True)
+                    (Path(keep) / re.sub(r"[^\w.-]+", "_", f"timelines-{label}-run{run}.json")).write_text(
+                        json.dumps(timelines)
+                    )
             finally:
                 for node in nodes:
                     stop_daemon(node)
@@ -234,7 +242,8 @@ def _image(ctx: Context, plan: MirrorPlan, spec: ImageSpec, work: Path) -> list[
             "outcome, hedges to the upstream, and chunks kept from the upstream by more than one "
             "node: each later fetch (1 chunk each) started while the earliest was running or after "
             "it had ended; extra_fetches lists them as [its start, the earliest fetch's end, hedge, "
-            "node], seconds after the round's first upstream span",
+            "node], seconds after the round's first upstream span; extra_by_why counts them by why "
+            "each node asked (the span's `why` in its timeline: own block, stolen block, hedge)",
             "upstream_spans": spans,
         },
     )
@@ -273,13 +282,14 @@ def upstream_spans(timelines: dict[str, list[dict[str, Any]]]) -> dict[str, Any]
     if not ups:
         return {"spans_by_kind": kinds}
     t0 = min(float(e["start"]) for _, e in ups)
-    # (blob, chunk) -> every span that kept it: (start, end, hedge, node), seconds after t0
-    kept: dict[tuple[str, int], list[tuple[float, float, bool, str]]] = {}
+    # (blob, chunk) -> every span that kept it: (start, end, hedge, node, why), seconds after t0
+    kept: dict[tuple[str, int], list[tuple[float, float, bool, str, str]]] = {}
     chunk = _chunk_bytes(ups)
     for node, e in ups:
         first, end = (int(x) for x in e["chunks"])
         got = -(-int(e.get("bytes") or 0) // chunk) if chunk else end - first
-        fetch = (float(e["start"]) - t0, float(e["end"]) - t0, bool(e.get("hedge")), node)
+        why = str(e.get("why") or "")  # why the node asked: "own", "steal", "hedge of peer"...
+        fetch = (float(e["start"]) - t0, float(e["end"]) - t0, bool(e.get("hedge")), node, why)
         for i in range(first, min(end, first + got)):
             kept.setdefault((str(e["blob"]), i), []).append(fetch)
     # Each later fetch of a chunk, with the earliest one: started while that one was still
@@ -294,6 +304,13 @@ def upstream_spans(timelines: dict[str, list[dict[str, Any]]]) -> dict[str, Any]
         "extra_while_fetched_elsewhere": sum(1 for first, later in again if later[0] < first[1]),
         "extra_after_held_elsewhere": sum(1 for first, later in again if later[0] >= first[1]),
         "extra_by_hedges": sum(1 for _, later in again if later[2]),
+        # "while|after: why the later fetch was asked / why the earliest was" -> extra fetches
+        "extra_by_why": dict(
+            Counter(
+                f"{'while' if later[0] < first[1] else 'after'}: {later[4]} / {first[4]}"
+                for first, later in again
+            ).most_common()
+        ),
         # [the later fetch's start, the earliest fetch's end, hedge, node]
         "extra_fetches": [
             [round(later[0], 3), round(first[1], 3), later[2], later[3]] for first, later in again

@@ -457,7 +457,9 @@ class World:
         have = [s != MISSING for s in node.store]
         rng = random.Random(self.rng.random())
         if node.referee is None:
-            node.blob = node.scheduler.blob(DIGEST, self.size, self.chunk, have, now, rng=rng)
+            node.blob = node.scheduler.blob(
+                DIGEST, self.size, self.chunk, have, now, rng=rng, unchecked=self.params.mirror
+            )
         else:  # mirror mode, after a digest mismatch: the upstream alone
             node.blob = node.scheduler.blob(
                 DIGEST, self.size, self.chunk, have, now, rng=rng, with_peers=False

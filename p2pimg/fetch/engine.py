@@ -405,6 +405,7 @@ class Fetcher:
             [bool(h) for h in fetch.partial.have],
             now,
             with_peers=False if fetch.referee is not None else None,
+            unchecked=not bmap.checked,
         )
         fetch.schedule = schedule
         self._tell_inventories(fetch, now)
@@ -568,6 +569,7 @@ class Fetcher:
                 first_byte=None if first_byte is None else round(first_byte, 4),
                 outcome=outcome,
                 hedge=request.hedge,
+                why=request.why,
             )
             schedule.ended(request, outcome, now, error=error, first_byte=first_byte)
             fetch.scopes.pop(request.id, None)

@@ -19,6 +19,7 @@ class BlobSchedule(Protocol):
     config: ScheduleConfig
     chunk_size: int
     requests: dict[int, Request]
+    unchecked: bool
 
     def holders(self, index: int) -> list[SourceTraits]: ...
     def holds(self, source: SourceTraits, index: int) -> bool: ...
@@ -37,10 +38,12 @@ def hedge_stragglers(schedule: BlobSchedule, now: float, actions: list[Action]) 
     # The default `should_hedge` races nothing idle for a second or less: skip those early.
     patient = type(policy).should_hedge is SourcePolicy.should_hedge
     # With a membership list, the origin's share of a shared blob is the fetchers' alone.
-    fetchers_only = schedule.scheduler.members is not None and schedule.sharing_now(
+    sharing = schedule.sharing_now(
         now,
         [s for s in schedule.scheduler.sources.values() if s.kind == "peer" and schedule.live(s.name, now)],
     )
+    fetchers_only = schedule.scheduler.members is not None and sharing
+    config = schedule.config
     for request in list(schedule.requests.values()):
         if request.hedged or request.id in cancelled or request.next_index >= request.span.end:
             continue
@@ -58,12 +61,20 @@ def hedge_stragglers(schedule: BlobSchedule, now: float, actions: list[Action]) 
             continue
         chosen = policy.choose_hedge([stats[s.name] for s in holders if s.name != request.source], now)
         stuck = now - max(request.last_byte, request.last_progress)
-        if chosen is None and stuck > schedule.config.same_source_hedge:
+        if chosen is None and stuck > config.same_source_hedge:
             # With no other source, a second request to the same one beats waiting on a stuck
             # connection; but only when it is stuck (no bytes at all), not slow: on a busy
             # link or machine a second request would only send the same bytes twice.
             chosen = policy.choose_hedge([mine], now)
         if chosen is None:
+            continue
+        quiet = config.first_hand_quiet if schedule.unchecked else config.slow_peer_quiet
+        far = sharing and request.kind == "peer" and chosen.kind != "peer"
+        if far and stuck < quiet and idle < config.slow_peer_patience:
+            # Slow, not stalled: its bytes still come (a peer short of CPU, say), or, for a
+            # blob without CIDs (whose every chunk one peer holds, first-hand), not for long.
+            # The origin, which the nodes sharing the blob take turns on, would send the chunk
+            # once more, and over a shared uplink it would hardly come sooner.
             continue
         if fetchers_only and request.kind == "peer" and chosen.kind != "peer":
             # Not the origin: stop it; another peer, or the owner split, takes its chunks.
@@ -80,4 +91,5 @@ def hedge_stragglers(schedule: BlobSchedule, now: float, actions: list[Action]) 
         while end < request.span.end and schedule.holds(source, end):
             end += 1
         hedge = schedule.start_request(source, Span(request.next_index, end), now, hedged=True)
+        hedge.why = f"hedge of {request.kind}"
         actions.append(Start(hedge))

@@ -60,6 +60,7 @@ class SourceStats:
     banned: bool = False
     drops: int = 0  # times a peer was dropped for failing again and again
     delivered: int = 0  # requests finished whole
+    busy_since: float | None = None  # when it began to decline every request (429), if it does
 
     @property
     def proven(self) -> bool:
@@ -70,6 +71,10 @@ class SourceStats:
     def slots(self) -> int:
         """Requests it may have in flight: one while a peer is on probation."""
         return self.limit if self.proven else min(self.limit, 1)
+
+    def stuck_busy(self, now: float, patience: float) -> bool:
+        """It has declined every request for `patience` seconds: waiting for it is pointless."""
+        return self.busy_since is not None and now - self.busy_since >= patience
 
     def usable(self, now: float) -> bool:
         return not self.banned and now >= self.unavailable_until and self.in_flight < self.slots
@@ -85,6 +90,7 @@ class SourceStats:
         self.bytes += nbytes
         self.errors = 0
         self.delivered += 1
+        self.busy_since = None
         if nbytes >= MIN_RATE_SAMPLE and seconds > 0:
             # (A small transfer measures its round trip, not the rate: a few hundred bytes in
             # 50 ms would make a fast source look like a trickle, and its stragglers never hedged.)
@@ -108,6 +114,8 @@ class SourceStats:
         """It declined a request for now (a peer's 429): leave it alone for `seconds`; no error."""
         self.in_flight -= 1
         self.unavailable_until = max(self.unavailable_until, now + seconds)
+        if self.busy_since is None:
+            self.busy_since = now
 
     def sent_bad_chunk(self, now: float, nbytes: int = 0) -> None:
         """A chunk that did not match its CID.

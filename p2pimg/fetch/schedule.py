@@ -20,16 +20,20 @@ A chunk's life:
 
 The decisions, each named in the tests (tests/unit/test_schedule.py):
 - *Order.* Alone, a blob is fetched in order, which feeds an in-order reader first. With peers,
-  the origin's share is taken in a random order of blocks (`swarm_span` bytes), so that nodes
-  fetching the same blob at once ask the origin for different parts and trade the rest.
-- *Owner split.* Every node fetching a blob ranks the nodes fetching it (itself and the peers
-  that hold or bring part of it) per block by a hash of (node, blob, block), the same on every
-  node (rendezvous hashing). The owner asks the origin for the block; the others take it from
-  peers. The node ranked r-th takes a block nobody in its view holds or brings after r times
-  `steal_after` seconds: a slow or vanished owner delays a block, it does not lose it.
+  the origin's share is taken in a random order of blocks (`swarm_span` bytes), those it owns
+  among every peer it knows first (`swarm.first_blocks`), so that nodes fetching the same blob at
+  once ask the origin for different parts from their first request on, and trade the rest.
+- *Owner split.* Every node fetching a blob ranks the nodes taking part (itself and the peers
+  that hold it or have it open: `participates`) per block by a hash of (node, blob, block), the
+  same on every node (rendezvous hashing). The owner asks the origin for the block; the others
+  take it from peers. The node ranked r-th takes a block nobody in its view holds or brings
+  after r times `steal_after` seconds: a slow or vanished owner delays a block, it does not lose
+  it. Of a blob without CIDs (`unchecked`), not while the owner verifies chunks of any blob.
 - *Waiting for a peer that is bringing a chunk* (up to `coming_grace`), but only while that peer
-  shows progress (it verified something new within `stale_claims` seconds): a host that claims
-  to fetch everything and never does holds nobody up.
+  shows progress (it verified something new within `swarm.claims_window`: `stale_claims`, or
+  three times what a far chunk takes): a host that claims everything and never brings it holds
+  nobody up. An unchecked blob's chunk a peer holds is waited for while that peer backs off
+  (if it is only busy, up to `busy_patience`).
 - *Slow start.* While sharing with peers, one origin request per blob until `slow_start` has
   passed, then `swarm_origin_requests`: claims are small and seen by peers before the next.
 - *Span growth and segment alignment.* A span grows over contiguous chunks that its source holds
@@ -41,7 +45,8 @@ The decisions, each named in the tests (tests/unit/test_schedule.py):
 - *Stalls and hedging.* A request with no progress for its source's `stall_timeout` is cancelled
   as a failure. With nothing left to start, a request that has made no progress for much longer
   than a chunk takes from the fastest holder is raced on another source; a stalled peer request
-  is cancelled at once when hedged (a stranger may hold a slot open on purpose).
+  is cancelled at once when hedged (a stranger may hold a slot open on purpose). While sharing,
+  a peer request whose bytes still come is raced on the origin only after `slow_peer_patience`.
 
 *Membership* (`Scheduler.members`, None unless the caller sets it): with the swarm's node ids
 known, only the blob's `origin_fetchers` best ranked members fetch from the origin; why, and how a
@@ -93,6 +98,8 @@ class Scheduler:
         self.members: frozenset[str] | None = None
         self.sources: dict[str, SourceTraits] = {}
         self.stats: dict[str, SourceStats] = {}
+        self.far: dict[int, Request] = {}  # every blob's requests in flight to a non-peer source
+        self.grew: dict[str, float] = {}  # peer -> when what it holds of any blob last grew
         self._ids = 0
 
     def join(self, source: SourceTraits) -> None:
@@ -115,9 +122,13 @@ class Scheduler:
         *,
         rng: random.Random | None = None,
         with_peers: bool | None = None,
+        unchecked: bool = False,
     ) -> BlobSchedule:
-        """A blob's schedule; `with_peers` False: fetched without peers (None: with them if any)."""
-        return BlobSchedule(self, digest, size, chunk_size, have, now, rng=rng, with_peers=with_peers)
+        """A blob's schedule; `with_peers` False: fetched without peers (None: with them if any);
+        `unchecked`: no chunk CIDs (mirrored: a peer offers only what it fetched from afar)."""
+        schedule = BlobSchedule(self, digest, size, chunk_size, have, now, rng=rng, with_peers=with_peers)
+        schedule.unchecked = unchecked
+        return schedule
 
     def _next_id(self) -> int:
         self._ids += 1
@@ -159,14 +170,19 @@ class BlobSchedule:
         self.last_own_dispatch = now  # when this node last asked the origin for a chunk
         self.coming_since: dict[int, float] = {}
         self.unseen_since: dict[int, float] = {}  # block -> when it was first seen owned elsewhere
+        self.left_to_owner: dict[int, float] = {}  # block -> when first left to a working owner
+        self.busy_since: dict[int, float] = {}  # chunk -> when its peers were first found busy
         self.received: dict[str, int] = {}  # verified bytes by kind of source
+        self._window = (float("nan"), 0.0)  # (when, `swarm.claims_window` then)
         peers = any(s.kind == "peer" for s in scheduler.sources.values())
         self.swarm = peers if with_peers is None else with_peers and peers
+        self.unchecked = False  # see `Scheduler.blob`
         order = list(range(self.count))
         self.block_chunks = max(1, self.config.swarm_span // chunk_size)
         if self.swarm:
             blocks = [order[i : i + self.block_chunks] for i in range(0, len(order), self.block_chunks)]
             (rng or random.Random()).shuffle(blocks)
+            blocks.sort(key=swarm.first_blocks(scheduler, digest, self.block_chunks))
             order = [i for b in blocks for i in b]
         self.order = order
         self.position = [0] * self.count
@@ -197,6 +213,8 @@ class BlobSchedule:
         verified = self.count if states == b"" else (states.count(HAVE) if states else 0)
         if states is not None and (inv.states is None or verified > inv.verified):
             inv.grew_at = now
+            if verified > inv.verified:
+                self.scheduler.grew[source] = now
         inv.report(states)
         inv.verified = verified
 
@@ -272,6 +290,7 @@ class BlobSchedule:
             self.last_failure = OriginError(f"{request.source} stalled on chunk {index} of {self.digest}")
         for j in range(span.first, span.end):
             self.requested[j] -= 1
+        self.scheduler.far.pop(request.id, None)
         if index < span.end:  # what it left undone may need asking again
             self.cursor = min(self.cursor, *(self.position[j] for j in range(index, span.end)))
 
@@ -308,16 +327,26 @@ class BlobSchedule:
         states = inv.states
         return states is not None and (states == b"" or (len(states) > index and states[index] == HAVE))
 
-    def _progressing(self, name: str, now: float) -> bool:
+    def _progressing(self, name: str, now: float, *, anything: bool = False) -> bool:
+        """Whether a peer's claims to be bringing chunks are believed: it verified one lately, of
+        this blob or any other (or, `anything`, whether it verified any chunk at all lately)."""
         inv = self.inventories.get(name)
-        return inv is not None and now - inv.grew_at < self.config.stale_claims
+        if inv is None and not anything:
+            return False
+        if self._window[0] != now:
+            far = self.scheduler.far.values()
+            window = swarm.claims_window(self.config, self.chunk_size, self.scheduler, far, now)
+            self._window = (now, window)
+        grew = self.scheduler.grew.get(name, float("-inf"))
+        return now - (grew if anything or inv is None else max(grew, inv.grew_at)) < self._window[1]
 
     def participates(self, name: str, now: float) -> bool:
-        """Whether a peer holds all of the blob, or holds some and is still bringing more."""
+        """Whether a peer takes part in the blob: it holds it, or has a fetch of it open (it tells
+        what it holds and brings, if only nothing yet). Whether it progresses is not asked: it is
+        ranked with the others while it does, so a pause between two of its chunks does not hand
+        its blocks to others; a block it owns and does not bring is taken after `steal_after`."""
         inv = self.inventories.get(name)
-        return (
-            inv is not None and inv.states is not None and (inv.states == b"" or self._progressing(name, now))
-        )
+        return inv is not None and inv.states is not None
 
     def coming(self, name: str, index: int, now: float) -> bool:
         inv = self.inventories.get(name)
@@ -334,9 +363,14 @@ class BlobSchedule:
         return not stats.banned and now >= stats.unavailable_until
 
     def _failing(self, name: str, now: float) -> bool:
-        """Banned, or backing off after errors (not merely after declining a request: busy)."""
+        """Banned, backing off after errors, or declining every request for `busy_patience` (a
+        peer stuck at 429; declining now and then is only busy)."""
         stats = self.scheduler.stats[name]
-        return stats.banned or (stats.errors > 0 and now < stats.unavailable_until)
+        return (
+            stats.banned
+            or (stats.errors > 0 and now < stats.unavailable_until)
+            or stats.stuck_busy(now, self.config.busy_patience)
+        )
 
     def holders(self, index: int) -> list[SourceTraits]:
         """Sources that may be asked for chunk `index`: they hold it, are not banned, and (peers)
@@ -388,36 +422,6 @@ class BlobSchedule:
         )
         return self.ranking.among(seen, self.scheduler.members, self.config.origin_fetchers)
 
-    def _claim(self, index: int, now: float, seen: int, nodes: tuple[frozenset[str], int]) -> str:
-        """Whose turn chunk `index` is: "own" (this node owns its block), "leave" (to its owner), or
-        "steal" (another node owns it and has had its time). The node ranked r-th takes a block
-        that nobody in its view holds or brings once it has been idle (asked the origin for nothing
-        of its own) and the block unseen, both for r times `steal_after` (`seen`: bits of the chunks
-        live peers hold or bring). With a membership list, the chunk itself must be held or brought
-        by a peer that has not failed it: a hostile fetcher cannot strand half a block."""
-        block = index // self.block_chunks
-        if self.scheduler.members is None:
-            visible = bool(seen >> (block * self.block_chunks) & ((1 << self.block_chunks) - 1))
-        else:
-            visible = bool(seen >> index & 1) and (
-                index not in self.peer_failed
-                or any(
-                    s.kind == "peer"
-                    and s.name not in self.peer_failed[index]
-                    and self.live(s.name, now)
-                    and (self.holds(s, index) or self.coming(s.name, index, now))
-                    for s in self.scheduler.sources.values()
-                )
-            )
-        rank = self.ranking.rank(block, *nodes)  # after the fetchers (nodes[1]) when not one of them
-        if rank == 0:
-            return "own"
-        if visible:
-            self.unseen_since.pop(block, None)
-            return "leave"
-        since = max(self.unseen_since.setdefault(block, now), self.last_own_dispatch)
-        return "steal" if now - since >= rank * self.config.steal_after else "leave"
-
     def _waiting_for_peer(self, index: int, now: float, coming: int) -> bool:
         """Leave chunk `index` to a healthy peer that is fetching it, for a while, rather than
         ask the origin for it too (`coming`: chunks live, progressing peers bring, as bits)."""
@@ -427,6 +431,11 @@ class BlobSchedule:
         since = self.coming_since.setdefault(index, now)
         return now - since < self.config.coming_grace
 
+    def _wait_busy(self, index: int, now: float) -> bool:
+        """Whether to go on waiting for the busy peers that hold chunk `index` (they said "not
+        now"): for up to `busy_patience`. A peer stuck at 429 holds nothing back for longer."""
+        return now - self.busy_since.setdefault(index, now) < self.config.busy_patience
+
     def _dispatch(self, now: float, actions: list[Action]) -> bool:
         """Start requests for every chunk nobody is fetching, as far as sources allow. What a chunk
         needs to know of the peers is gathered once per poll, as bit masks (`swarm.PeerView`)."""
@@ -434,8 +443,10 @@ class BlobSchedule:
         sources = self.scheduler.sources
         stats = self.scheduler.stats
         live_peers = [s for s in sources.values() if s.kind == "peer" and self.live(s.name, now)]
-        sharing = self.sharing_now(now, live_peers)
-        nodes = self._taking_part(now, live_peers) if sharing else (frozenset[str](), 0)
+        # Backing off is about asking a peer for chunks, not whether it fetches the blob too.
+        ranked = [s for s in sources.values() if s.kind == "peer" and not stats[s.name].banned]
+        sharing = self.sharing_now(now, ranked)
+        nodes = self._taking_part(now, ranked) if sharing else (frozenset[str](), 0)
         count = self.count
         view = swarm.peer_view(
             list(sources.values()),
@@ -445,6 +456,7 @@ class BlobSchedule:
             now,
             lambda n: self._progressing(n, now),
             lambda n: self._failing(n, now),
+            self.config.busy_patience,
         )
         held, healthy, reachable, seen, far_held = (
             view.held,
@@ -498,7 +510,7 @@ class BlobSchedule:
                 return started
             if far_only and self._waiting_for_peer(i, now, view.coming):
                 continue
-            claim = self._claim(i, now, seen, nodes) if far_only and sharing else "own"
+            claim = swarm.claim(self, i, now, seen, nodes) if far_only and sharing else "own"
             if claim == "leave":
                 continue
             if holders is None and far_only:
@@ -513,7 +525,8 @@ class BlobSchedule:
                     if view.everywhere >> i & 1:
                         break  # every source holds it and none can take it now
                     continue
-                if members and sharing and reachable >> i & 1 and not free >> i & 1:
+                waits_for = reachable if members else view.kept if self.unchecked else 0
+                if sharing and waits_for >> i & 1 and not free >> i & 1 and self._wait_busy(i, now):
                     continue  # its peers are busy or said "not now": wait for them (see below)
                 holders = self.holders(i)
             chosen = self.scheduler.policy.choose([stats[s.name] for s in holders], now)
@@ -528,12 +541,15 @@ class BlobSchedule:
                 source.kind != "peer"
                 and sharing
                 and not far_only
-                and members
+                and (members or self.unchecked)
                 and any(s.kind == "peer" and not self._failing(s.name, now) for s in holders)
+                and self._wait_busy(i, now)
             ):
                 continue  # a peer that holds it only said "not now" (busy): wait for it
-            span = self._grow_span(source, i, live_peers, sharing, now)
-            actions.append(Start(self.start_request(source, span, now)))
+            span = swarm.grow_span(self, source, i, live_peers, sharing, now)
+            request = self.start_request(source, span, now)
+            request.why = "peer" if source.kind == "peer" else claim if sharing else "alone"
+            actions.append(Start(request))
             if source.kind != "peer" and claim == "own":
                 self.last_own_dispatch = now  # its own work, not a block taken from its owner
             if source.kind == "peer":
@@ -543,37 +559,6 @@ class BlobSchedule:
             started = True
         return started
 
-    def _grow_span(
-        self, source: SourceTraits, first: int, live_peers: list[SourceTraits], sharing: bool, now: float
-    ) -> Span:
-        whole = not getattr(source, "ranges", True)  # every request streams from the blob's start
-        peers = live_peers if source.kind != "peer" and not whole else []
-        span_bytes = (
-            source.max_span
-            if source.kind == "peer" or not sharing or whole
-            else min(source.max_span, self.config.swarm_span)
-        )
-        if source.kind != "peer" and not sharing:
-            # A source whose requests cost much time before their first byte (a far gateway, a
-            # store that reads the whole object for every range) gets spans long enough that the
-            # wait is a small part of each: `span_wait_share` of it at the rate it has shown.
-            stats = self.scheduler.stats[source.name]
-            span_bytes = max(span_bytes, int(stats.throughput * stats.latency / self.config.span_wait_share))
-        per_span = max(1, span_bytes // self.chunk_size)
-        per_segment = max(1, source.segment_size // self.chunk_size)
-        end = first + 1
-        while (
-            end < self.count
-            and end - first < per_span
-            and end % per_segment
-            and not self.have[end]
-            and not self.requested[end]
-            and self.holds(source, end)
-            and not any(self.coming(p.name, end, now) or self.holds(p, end) for p in peers)
-        ):
-            end += 1
-        return Span(first, end)
-
     def start_request(self, source: SourceTraits, span: Span, now: float, *, hedged: bool = False) -> Request:
         request = Request(
             self.scheduler._next_id(), source.name, source.kind, span, now, now, span.first, hedge=hedged
@@ -581,6 +566,8 @@ class BlobSchedule:
         for j in range(span.first, span.end):
             self.requested[j] += 1
         self.requests[request.id] = request
+        if source.kind != "peer":
+            self.scheduler.far[request.id] = request
         self.scheduler.stats[source.name].started()
         return request
 

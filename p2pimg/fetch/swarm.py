@@ -17,7 +17,7 @@ whatever the number of peers and chunks:
   members) take the origin's share, split among themselves block by block; everyone else ranks
   after them. Few fetchers keep few origin requests in flight, so their chunks come out early and
   steadily for the swarm to trade. The schedule's other rules for this case are listed where
-  they apply (`BlobSchedule.sharing_now`, `_dispatch`, `_claim`, `hedging.py`).
+  they apply (`BlobSchedule.sharing_now`, `_dispatch`, `claim`, `hedging.py`).
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import heapq
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
-from p2pimg.fetch.policy import SourceStats
+from p2pimg.fetch.policy import DROP_AFTER_ERRORS, SourceStats
 
 HAVE, COMING = 1, 2  # per-chunk inventory states a peer reports (0: missing)
 
@@ -113,6 +113,7 @@ class PeerView:
     held: int = 0  # held by a peer that is not banned
     healthy: int = 0  # held by a peer that is neither banned nor backing off
     reachable: int = 0  # held by a peer that is not failing (healthy, or only busy)
+    kept: int = 0  # held by a peer not banned, dropped nor stuck busy (it may be backing off a little)
     coming: int = 0  # brought by a healthy peer that is progressing
     seen: int = 0  # held or brought by a healthy peer
     everywhere: int = 0  # held by every source (none banned)
@@ -137,6 +138,7 @@ def peer_view(
     now: float,
     progressing: Callable[[str], bool],
     failing: Callable[[str], bool],
+    busy_patience: float = float("inf"),
 ) -> PeerView:
     everything = (1 << count) - 1
     view = PeerView(everywhere=everything)
@@ -158,6 +160,8 @@ def peer_view(
         view.held |= bits
         if not failing(source.name):
             view.reachable |= bits
+        if st.errors < DROP_AFTER_ERRORS and not st.stuck_busy(now, busy_patience):
+            view.kept |= bits
         if now >= st.unavailable_until:
             view.healthy |= bits
             view.peers.append((st, bits))
@@ -167,6 +171,174 @@ def peer_view(
             else:
                 view.seen |= bits
     return view
+
+
+CLAIM_CHUNKS = 3  # a peer's claims are believed for this many times what a far chunk takes
+
+
+def claims_window(
+    config: Any, chunk_size: int, scheduler: Any, far_requests: Iterable[Any], now: float
+) -> float:
+    """How long a peer that verified nothing new is still believed to be bringing the chunks it
+    says it brings: `stale_claims`, or `CLAIM_CHUNKS` times what a chunk takes from the origin (or
+    upstream) now, if longer (up to `coming_grace`). The peers fetch through the same far link as
+    this node: where it is shared by many (a mirror's uplink), a chunk takes seconds, and a peer
+    between two chunks is not a peer that stopped. What a chunk takes: at the fastest far
+    source's measured rate per request, or longer if one of this node's own far requests has
+    already waited longer for its next chunk (`far_requests`: of every blob)."""
+    rates = [
+        st.throughput
+        for s in scheduler.sources.values()
+        if s.kind != "peer" and (st := scheduler.stats[s.name]).throughput > 0
+    ]
+    # A request quiet for longer than a stall is left out: its schedule cancels it at its next
+    # poll, or was dropped without telling (a caller that abandons a blob's schedule).
+    waits = [
+        now - r.last_progress
+        for r in far_requests
+        if now - max(r.last_byte, r.last_progress) <= config.stall_timeout
+    ]
+    per_chunk = max([chunk_size / max(rates) if rates else 0.0, *waits])
+    return float(max(config.stale_claims, min(config.coming_grace, CLAIM_CHUNKS * per_chunk)))
+
+
+def grow_span(
+    schedule: Any,
+    source: SourceTraits,
+    first: int,
+    live_peers: Sequence[SourceTraits],
+    sharing: bool,
+    now: float,
+) -> Span:
+    """The span a request to `source` starting at chunk `first` covers (`schedule`: a
+    `schedule.BlobSchedule`): it grows over contiguous chunks that the source holds and nobody
+    else is fetching, up to the source's span size, never across a segment boundary; from the
+    origin, not over chunks a live peer holds or brings."""
+    config, count, chunk_size = schedule.config, schedule.count, schedule.chunk_size
+    whole = not getattr(source, "ranges", True)  # every request streams from the blob's start
+    peers = live_peers if source.kind != "peer" and not whole else []
+    span_bytes = (
+        source.max_span
+        if source.kind == "peer" or not sharing or whole
+        else min(source.max_span, config.swarm_span)
+    )
+    if source.kind != "peer" and not sharing:
+        # A source whose requests cost much time before their first byte (a far gateway, a
+        # store that reads the whole object for every range) gets spans long enough that the
+        # wait is a small part of each: `span_wait_share` of it at the rate it has shown.
+        stats = schedule.scheduler.stats[source.name]
+        span_bytes = max(span_bytes, int(stats.throughput * stats.latency / config.span_wait_share))
+    per_span = max(1, span_bytes // chunk_size)
+    per_segment = max(1, source.segment_size // chunk_size)
+    end = first + 1
+    while (
+        end < count
+        and end - first < per_span
+        and end % per_segment
+        and not schedule.have[end]
+        and not schedule.requested[end]
+        and schedule.holds(source, end)
+        and not any(schedule.coming(p.name, end, now) or schedule.holds(p, end) for p in peers)
+    ):
+        end += 1
+    return Span(first, end)
+
+
+def owner_working(schedule: Any, block: int, nodes: frozenset[str], now: float) -> bool:
+    """Whether the block's owner among `nodes` (and this node) is a peer that verified chunks, of
+    any blob, lately (`schedule`: a `schedule.BlobSchedule`): it is at work, and comes to the
+    block in its turn. Taking the block from such an owner would only race it, as the owner
+    cannot see the thief's claim before it starts the block itself. Asked of a blob without
+    CIDs only (`unchecked`: every extra upstream copy is the egress the mirror swarm exists to
+    save), and without a membership list (with one, stealing has its own rules). A published
+    blob's stealing is left as it was: the lan-swarm benchmark's pulls were slower with this
+    rule for them too (one run of three pulls, within its spread, so not proven either way)."""
+    if not schedule.unchecked or schedule.scheduler.members is not None:
+        return False
+    owner = schedule.ranking.owner(block, nodes)
+    return any(
+        s.kind == "peer" and s.node_id == owner and schedule._progressing(s.name, now, anything=True)
+        for s in schedule.scheduler.sources.values()
+    )
+
+
+def claim(schedule: Any, index: int, now: float, seen: int, nodes: tuple[frozenset[str], int]) -> str:
+    """Whose turn chunk `index` is (`schedule`: a `schedule.BlobSchedule`): "own" (this node
+    owns its block), "leave" (to its owner), or "steal" (another node owns it and has had its
+    time). The node ranked r-th takes a block
+    that nobody in its view holds or brings once it has been idle (asked the origin for nothing
+    of its own) and the block unseen, both for r times `steal_after` (`seen`: bits of the chunks
+    peers hold or bring); unchecked, the owner must have stopped too (`owner_working`), or
+    have had the block for `coming_grace` (an owner busy with other blobs does not keep it).
+    Seen counts only chunks a peer that has not failed them holds or brings (`offered`), of
+    the block (with a membership list, the chunk itself): a peer that failed a chunk, or a
+    hostile fetcher, cannot strand a block."""
+    block = index // schedule.block_chunks
+    if schedule.scheduler.members is None:  # the block: whoever shows some of it takes part
+        first = block * schedule.block_chunks
+        mask = seen >> first & ((1 << schedule.block_chunks) - 1)
+        visible = any(mask >> k & 1 and offered(schedule, first + k, now) for k in range(mask.bit_length()))
+    else:
+        visible = bool(seen >> index & 1) and offered(schedule, index, now)
+    rank = schedule.ranking.rank(block, *nodes)  # after the fetchers (nodes[1]) when not one of them
+    if rank == 0:
+        return "own"
+    if visible or (
+        index not in schedule.peer_failed
+        and now - schedule.left_to_owner.setdefault(block, now) < schedule.config.coming_grace
+        and owner_working(schedule, block, nodes[0], now)
+    ):
+        schedule.unseen_since.pop(block, None)
+        return "leave"
+    rank -= owner_holds(schedule, block, nodes[0], index)  # and failed it: the next one's turn
+    if rank == 0:
+        return "steal"
+    since = max(schedule.unseen_since.setdefault(block, now), schedule.last_own_dispatch)
+    return "steal" if now - since >= rank * schedule.config.steal_after else "leave"
+
+
+def offered(schedule: Any, index: int, now: float) -> bool:
+    """Whether chunk `index` may still come from a peer (`schedule`: a `schedule.BlobSchedule`):
+    no peer failed it, or a live one that did not holds or brings it. Without this, a peer that
+    failed a chunk, were it the block's owner and held it all, would hold the block back for ever."""
+    failed = schedule.peer_failed.get(index)
+    return not failed or any(
+        s.kind == "peer"
+        and s.name not in failed
+        and schedule.live(s.name, now)
+        and (schedule.holds(s, index) or schedule.coming(s.name, index, now))
+        for s in schedule.scheduler.sources.values()
+    )
+
+
+def owner_holds(schedule: Any, block: int, nodes: frozenset[str], index: int) -> bool:
+    """Whether the block's owner among `nodes` (and this node) is a peer that holds chunk
+    `index` (`schedule`: a `schedule.BlobSchedule`). Asked of a chunk no peer offers: that owner
+    failed it, and will not fetch from the origin what it holds, so the next node takes its turn."""
+    owner = schedule.ranking.owner(block, nodes)
+    return any(
+        s.kind == "peer" and s.node_id == owner and schedule.holds(s, index)
+        for s in schedule.scheduler.sources.values()
+    )
+
+
+def first_blocks(scheduler: Any, digest: str, block_chunks: int) -> Callable[[list[int]], bool]:
+    """A sort key for a blob's blocks (lists of chunks), in a shared fetch: those this node owns
+    among every peer it knows first. A fetch starts before the peers' inventories arrive, so
+    the nodes pulling an image at once each think themselves alone at first, and their first
+    requests would often hit the same blocks; ranked among every known peer, their first blocks
+    differ. (Without a membership list only: with one, the fetchers are chosen otherwise; and a
+    view of many peers is a sample of the swarm, whose ranking would not be shared.)"""
+    node_id = scheduler.node_id
+    known = frozenset(
+        s.node_id
+        for s in scheduler.sources.values()
+        if s.kind == "peer" and s.node_id and s.node_id != node_id and not scheduler.stats[s.name].banned
+    )
+    if not node_id or not known or scheduler.members is not None or len(known) > 64:
+        return lambda chunks: False
+    ranking = Ranking(node_id, digest)
+    return lambda chunks: ranking.rank(chunks[0] // block_chunks, known) > 0
 
 
 class Ranking:
@@ -192,6 +364,11 @@ class Ranking:
         if node_id in chosen:
             return chosen - {node_id}, 0
         return seen - chosen, len(chosen)
+
+    def owner(self, block: int, nodes: frozenset[str]) -> str | None:
+        """The node ranked first for `block` among `nodes` and this one."""
+        pool = nodes | {self.node_id} if self.node_id else nodes
+        return max(pool, key=lambda n: score(n, self.digest, block), default=None)
 
     def rank(self, block: int, nodes: frozenset[str], base: int = 0) -> int:
         """This node's rank among `nodes` for `block`, plus `base` (0: the owner); remembered

@@ -305,7 +305,7 @@ def test_containerd_pulls_through_two_mirror_nodes(
     assert metric(b_host, "p2pimg_source_bytes_total", source="peer") >= 6 * MiB
 
 
-@pytest.mark.parametrize("fault", ["fail", "reset", "stall"])
+@pytest.mark.parametrize("fault", ["fail", "busy", "reset", "stall"])
 def test_peer_that_fails_mid_blob_still_yields_a_correct_pull(
     fault: str,
     registry: Registry,
@@ -314,8 +314,9 @@ def test_peer_that_fails_mid_blob_still_yields_a_correct_pull(
     fault_proxy: Callable[..., FaultProxy],
     tmp_path: Path,
 ) -> None:
-    """A peer that claims a mirrored blob, then answers 503, resets mid-span or goes silent: the
-    pull ends correct, the upstream supplying what the peer did not."""
+    """A peer that claims a mirrored blob, then answers 503, answers 429 to every span for ever
+    (a first-hand holder is waited for while it is busy, but not for ever), resets mid-span or
+    goes silent: the pull ends correct, the upstream supplying what the peer did not."""
     image, ref = upstream_image(tmp_path, skopeo, registry, [LayerSpec(8 * MiB, "none")], 8)
     a_host, a_peer = mirror_node(nodes, tmp_path, "a", registry.url)
     pull(a_host, ref, image, tmp_path / "a-out")

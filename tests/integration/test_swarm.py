@@ -246,7 +246,7 @@ def test_lying_peer_never_reaches_the_client(
     ) == blob_bytes(image)
 
 
-@pytest.mark.parametrize("fault", ["fail", "reset", "stall", "slow"])
+@pytest.mark.parametrize("fault", ["fail", "busy", "reset", "stall", "slow"])
 def test_faulty_peer_still_yields_a_correct_pull(
     fault: str, moto: str, nodes: Nodes, fault_proxy: Callable[..., FaultProxy], tmp_path: Path
 ) -> None:
