@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from p2pimg.content.model import BlobMap
 from p2pimg.fetch.engine import BlobFetch, FetchConfig, Fetcher
 from p2pimg.metrics import Metrics
 from p2pimg.sources.base import ChunkSource, SourceBusy
-from p2pimg.store.chunks import ChunkStore
+from p2pimg.store.chunks import ChunkStore, PartialBlob
 
 CHUNK = 64 << 10
 
@@ -405,3 +406,27 @@ async def test_chunks_that_do_not_add_up_to_the_digest_are_never_visible(
     fetcher.release(fetch)
     assert fetch.error is not None and "do not add up" in fetch.error.message
     assert not store.has_blob(wrong.digest)
+
+
+@pytest.mark.parametrize("vouched", [False, True])
+async def test_a_vouched_map_is_hashed_once_chunk_by_chunk(
+    tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, vouched: bool
+) -> None:
+    """A map a trusted root names (`vouched`) binds its chunk CIDs to the digest: once every
+    chunk matched its CID, nothing reads the blob back for a whole-blob sha256. Any other map's
+    blob is hashed whole, every byte once more."""
+    data, bmap = make_blob(40 * CHUNK)
+    bmap = replace(bmap, vouched=vouched)
+    hashed: list[int] = []
+    real = PartialBlob.hash_into
+
+    def counting(self: PartialBlob, h: object, start: int, end: int, *, flush: bool = False) -> None:
+        hashed.append(end - start if h is not None else 0)
+        real(self, h, start, end, flush=flush)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(PartialBlob, "hash_into", counting)
+    fetcher, store, _ = engine(tmp_path, nursery, [MemorySource("origin", "origin", data)])
+    await fetch_all(fetcher, bmap)
+    assert store.has_blob(bmap.digest)
+    assert store.blob_path(bmap.digest).read_bytes() == data
+    assert sum(hashed) == (0 if vouched else len(data))

@@ -341,3 +341,21 @@ def test_the_timeline_summary_finds_metadata_waits_and_idle_link() -> None:
     assert got["span_windows"] == [[0.2, 0.25, 1.0, 2.0], [1.5, 1.57, 2.0, 0.0]]
     assert got["client_windows"] == [[0.0, 0.2, "GET /v2/demo/app/manifests/1"]]
     assert summarize([]) == {"events": 0}
+
+
+async def test_only_a_root_a_trusted_tag_points_at_vouches_for_its_blob_maps(
+    tmp_path: Path, sample: SampleImage
+) -> None:
+    """A root reached by CID alone does not vouch for its maps' digests (the blob is hashed
+    whole before it is cached under its digest); once a tag record from the origin points at
+    it, its maps are vouched for (hashed once, chunk by chunk), whichever was read first."""
+    origin, root = await published_home(tmp_path, sample)
+    by_cid = Resolver(ChunkStore(tmp_path / "a"), origin)
+    image = await by_cid.root(root)
+    blobs = list(image.blobs.items())
+    assert blobs and not any([(await by_cid.blob_map(e, d)).vouched for d, e in blobs])
+    assert await by_cid.resolve_tag("demo/app", "1") == root
+    assert all([(await by_cid.blob_map(e, d)).vouched for d, e in blobs])
+    by_tag = Resolver(ChunkStore(tmp_path / "b"), origin)
+    assert await by_tag.resolve_tag("demo/app", "1") == root
+    assert all([(await by_tag.blob_map(e, d)).vouched for d, e in (await by_tag.root(root)).blobs.items()])

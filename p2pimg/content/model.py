@@ -129,6 +129,12 @@ class BlobMap:
     (`unchecked`, `checked` False): its chunks are addressed by index alone and only its digest
     can check its bytes (see docs/architecture.md, "Mirrored blobs through the swarm"). Such a
     map is never encoded or stored.
+
+    `vouched`: the map was named by an image root this node trusts (one a tag record from its
+    origin, or signed by a trusted key, points at): the publisher bound these chunk CIDs to this
+    digest, so once every chunk matched its CID the whole blob's sha256 adds nothing and is not
+    computed. A map reached only through a root named by CID is not vouched for: its digest is
+    checked, since the cache is keyed by digest and another image may name the same one.
     """
 
     digest: str
@@ -136,6 +142,7 @@ class BlobMap:
     chunk_size: int
     chunks: tuple[Cid, ...]
     checked: bool = True
+    vouched: bool = field(default=False, compare=False, kw_only=True)
 
     def __post_init__(self) -> None:
         parse_digest(self.digest)

@@ -13,7 +13,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -101,6 +101,8 @@ class Resolver:
         self._warned_downgrade: set[tuple[str, str, int]] = set()
         self._roots: OrderedDict[Cid, ImageRoot] = OrderedDict()
         self._maps: OrderedDict[Cid, BlobMap] = OrderedDict()
+        self._trusted: set[Cid] = set()  # roots a trusted tag record pointed at
+        self._vouched: set[Cid] = set()  # maps such roots name (see `BlobMap.vouched`)
         self._tags: dict[tuple[str, str], tuple[float, Cid]] = {}
         self._name_roots: dict[str, set[Cid]] = {}
         self._published: dict[str, tuple[float, bool]] = {}
@@ -198,8 +200,19 @@ class Resolver:
         except OriginNotFound:
             raise NameUnknown(f"no image with root {cid}") from None
         self._remember(self._roots, cid, root, _ROOT_CACHE)  # type: ignore[arg-type]
+        if cid in self._trusted:
+            self._vouch(root)
         self.on_root(root)
         return root
+
+    def _trust(self, cid: Cid) -> None:
+        """A tag record this node accepts points at root `cid`: its blob maps are vouched for."""
+        self._trusted.add(cid)
+        if (root := self._roots.get(cid)) is not None:
+            self._vouch(root)
+
+    def _vouch(self, root: ImageRoot) -> None:
+        self._vouched.update(e.map for e in root.blobs.values() if isinstance(e, BlobEntry))
 
     async def image(self, cid: Cid) -> Image:
         """The image a CID names: a p2pimg image root (dag-cbor), else (raw or dag-pb) an image
@@ -229,7 +242,7 @@ class Resolver:
             assert self.nerdctl is not None
             return await self.nerdctl.blob_map(entry, digest)
         if (hit := self._maps.get(entry.map)) is not None:
-            return hit
+            return replace(hit, vouched=True) if entry.map in self._vouched else hit
 
         def parse(data: bytes) -> BlobMap:
             return BlobMap.from_node(dagcbor.decode_verified(data, entry.map))
@@ -239,7 +252,7 @@ class Resolver:
             raise BlockInvalid(f"blob map {entry.map} does not describe {digest}")
         self._remember(self._maps, entry.map, bmap, _MAP_CACHE)  # type: ignore[arg-type]
         self.on_blob_map(bmap)
-        return bmap
+        return replace(bmap, vouched=True) if entry.map in self._vouched else bmap
 
     async def manifest(self, entry: ManifestEntry, digest: str) -> Manifest:
         data = await self.block(entry.cid, max_size=MAX_MANIFEST_SIZE)
@@ -275,11 +288,13 @@ class Resolver:
             )
             self._tags[(name, tag)] = (now, record.root)
             self._name_roots.setdefault(name, set()).add(record.root)
+            self._trust(record.root)
             return record.root
         record = TagRecord.decode(data, name=name, tag=tag)
         self.check_record(record)
         record = await self._no_downgrade(record)
         await trio.to_thread.run_sync(self.store.put_tag_record, record)
+        self._trust(record.root)
         self._tags[(name, tag)] = (now, record.root)
         self._name_roots.setdefault(name, set()).add(record.root)
         return record.root
