@@ -321,3 +321,27 @@ def test_peak_rss_has_a_1gb_layer_row_once(monkeypatch: pytest.MonkeyPatch) -> N
     assert largest(ctx(Path("."))) != GB_LAYER
     full = Context(workdir=Path("."), quick=False, runs=1, progress=lambda _line: None)
     assert largest(full) == GB_LAYER
+
+
+def test_peak_rss_with_many_clients_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 1 GB layer's rows, on a small stand-in layer: the skopeo pull's peak RSS and that of
+    clients GETting the blob at once (5 in tiny mode, 100 otherwise), each side's every GET
+    complete and counted."""
+    monkeypatch.setenv(TINY_ENV, "1")
+    from bench.scenarios import ImageSpec, overheads
+
+    small = ImageSpec(3 << 20, 1)
+    monkeypatch.setattr(overheads, "GB_LAYER", small)
+    work = tmp_path / "work"
+    work.mkdir()
+    rows = overheads.peak_rss_of(ctx(work), small)
+    assert [(m.client, m.unit) for m in rows] == [
+        (f"skopeo, cold pull of {small.label}", "MiB"),
+        (f"5 x curl at once, GET of the {small.label} blob (cold in p2pimg)", "MiB"),
+    ]
+    many = rows[1]
+    assert len(many.p2pimg) == len(many.baseline) == 1 and min(many.p2pimg + many.baseline) > 0
+    took = many.details["p2pimg_seconds"]
+    assert many.details["clients"] == 5 and isinstance(took, list) and len(took) == 1 and took[0] > 0
+    document = write_results(rows, [Skipped("cold-pull", runner.NOT_AVAILABLE)], tmp_path / "out", dict(META))
+    check_report(tmp_path / "out", document, {"overheads"})
