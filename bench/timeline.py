@@ -1,6 +1,6 @@
 """Where a pull's time went, from a node's timeline (`GET /p2pimg/v1/timeline`, see
 `p2pimg.metrics.Timeline`): the client's requests, the origin round trips for metadata (tag
-records, roots, manifests, blob maps) and every span fetched from a source.
+records, tag heads, roots, manifests, blob maps) and every span fetched from a source.
 
 `summarize` reduces the events of one pull to the figures a regression shows up in: how long the
 first span waited for metadata, how many round trips that took, how many spans there were and
@@ -29,7 +29,7 @@ def summarize(events: list[dict[str, Any]]) -> dict[str, Any]:
     """The figures of one pull (all times in seconds, relative to the first client request)."""
     clients = [e for e in events if e["what"] == "client"]
     spans = [e for e in events if e["what"] == "span"]
-    meta = [e for e in events if e["what"] in ("tag", "block")]
+    meta = [e for e in events if e["what"] in ("tag", "head", "block")]
     if not clients or not spans:
         return {"events": len(events)}
     t0 = min(float(e["start"]) for e in clients)

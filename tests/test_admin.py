@@ -61,7 +61,10 @@ def test_ls_untag_gc(tmp_path: Path) -> None:
     assert young.returncode == 0 and young.stdout == "" and "kept" in young.stderr
     dry = cli("gc", "--grace", "0", home=home)
     garbage = set(dry.stdout.split())
-    assert dry.returncode == 0 and garbage and origin_keys(home) == before - {"p2pimg/tags/demo/one/1"}
+    # untag took the tag's record and its head (`fetch.heads`); the rest is gc's.
+    untagged = {"p2pimg/tags/demo/one/1", "p2pimg/heads/demo/one/1"}
+    assert {"p2pimg/heads/demo/two/1", "p2pimg/heads/demo/two/latest"} <= before
+    assert dry.returncode == 0 and garbage and origin_keys(home) == before - untagged
     # What only demo/one used: its unshared layer, config, manifest, blob maps and root.
     unshared = set(one.blob_digests) - set(two.blob_digests)
     assert {f"p2pimg/blobs/sha256/{d[7:]}" for d in unshared if d != one.top_digest} <= garbage
@@ -70,7 +73,7 @@ def test_ls_untag_gc(tmp_path: Path) -> None:
 
     done = cli("gc", "--yes", "--grace", "0", home=home)
     assert done.returncode == 0 and f"deleted {len(garbage)} objects" in done.stderr
-    assert origin_keys(home) == before - {"p2pimg/tags/demo/one/1"} - garbage
+    assert origin_keys(home) == before - untagged - garbage
     assert cli("gc", "--grace", "0", home=home).stdout == ""
     # demo/two is whole: everything it reaches is still there.
     assert cli("resolve", "demo/two:1", home=home).returncode == 0

@@ -320,6 +320,7 @@ def test_the_timeline_summary_finds_metadata_waits_and_idle_link() -> None:
     events = [
         {"what": "client", "start": 10.0, "end": 10.2, "request": "GET /v2/demo/app/manifests/1"},
         {"what": "tag", "start": 10.0, "end": 10.05},
+        {"what": "head", "start": 10.0, "end": 10.06},
         {"what": "block", "start": 10.05, "end": 10.1},
         {"what": "span", "start": 10.2, "end": 11.0, "source": "o", "first_byte": 0.05, "bytes": 2_000_000},
         {
@@ -335,7 +336,7 @@ def test_the_timeline_summary_finds_metadata_waits_and_idle_link() -> None:
     ]
     got = summarize(events)
     assert got["first_span_after_s"] == 0.2
-    assert got["metadata_round_trips_before_first_span"] == 2 and got["metadata_round_trips"] == 3
+    assert got["metadata_round_trips_before_first_span"] == 3 and got["metadata_round_trips"] == 4
     assert got["spans"] == 2 and got["hedges"] == 1
     assert got["no_span_running_s"] == 0.5 and got["last_span_end_s"] == 2.0
     assert got["span_windows"] == [[0.2, 0.25, 1.0, 2.0], [1.5, 1.57, 2.0, 0.0]]

@@ -7,6 +7,9 @@
                its CID is the image's identity (`ipfs/<root CID>`)
     TagRecord  DAG-CBOR: `name:tag` -> root CID, with a sequence number (newest wins), optionally
                signed by a publisher key (`key` id, `sig` over the record without `sig`)
+    tag head   DAG-CBOR: copies of the blocks a pull of a tag reads first (its root, manifests and
+               blob maps), each with its CID, so that one request brings what would take three
+               one after another; a hint only, every block is checked against its CID when used
 
 Manifests and indexes are small and are stored as raw blocks, byte for byte, so their CID and
 their OCI digest carry the same sha256. Every chunk size is a power of two that divides one
@@ -28,10 +31,12 @@ DEFAULT_CHUNK_SIZE = 1 << 20
 MIN_CHUNK_SIZE = 4 << 10
 MAX_MANIFEST_SIZE = 4 << 20
 MAX_TAG_RECORD_SIZE = 64 << 10
+MAX_TAG_HEAD_SIZE = 1 << 20
 
 BLOB_MAP_TYPE = "p2pimg/blob-map@1"
 IMAGE_ROOT_TYPE = "p2pimg/image@1"
 TAG_RECORD_TYPE = "p2pimg/tag@1"
+TAG_HEAD_TYPE = "p2pimg/tag-head@1"
 
 MANIFEST_MEDIA_TYPES = frozenset(
     {
@@ -409,3 +414,31 @@ class TagRecord:
         if (record.name, record.tag) != (name, tag):
             raise BlockInvalid(f"tag record is for {record.name}:{record.tag}, not {name}:{tag}")
         return record
+
+
+def encode_tag_head(blocks: list[tuple[Cid, bytes]], *, max_size: int = MAX_TAG_HEAD_SIZE) -> bytes:
+    """A tag head of `blocks`, in order, as many as fit in `max_size` (a block that does not fit
+    is left out, and the ones after it are tried)."""
+    kept: list[list[Any]] = []
+    room = max_size - 64
+    for cid, data in blocks:
+        cost = len(data) + len(str(cid)) + 16  # the CID binary is shorter than its text
+        if cost <= room:
+            kept.append([cid, data])
+            room -= cost
+    return dagcbor.encode({"type": TAG_HEAD_TYPE, "blocks": kept})
+
+
+def decode_tag_head(data: bytes) -> dict[Cid, bytes]:
+    """The blocks of a tag head by the CID each claims; whether a block matches its CID is the
+    reader's check, when it uses the block."""
+    node = _node(dagcbor.decode(data, max_size=MAX_TAG_HEAD_SIZE), TAG_HEAD_TYPE)
+    blocks: dict[Cid, bytes] = {}
+    for item in _field(node, "blocks", list, "tag head"):
+        if not (isinstance(item, list) and len(item) == 2):
+            raise BlockInvalid("tag head: malformed block entry")
+        cid, block = item
+        if not isinstance(cid, Cid) or not isinstance(block, bytes):
+            raise BlockInvalid("tag head: malformed block entry")
+        blocks[cid] = block
+    return blocks

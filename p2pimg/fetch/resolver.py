@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
+import outcome
 import trio
 
 from p2pimg.content import dagcbor
@@ -41,6 +42,7 @@ from p2pimg.errors import (
     P2pimgError,
     VerificationError,
 )
+from p2pimg.fetch.heads import TagHeads
 from p2pimg.fetch.nerdctl import FileBlob, NerdctlImage, NerdctlImages
 from p2pimg.metrics import Timeline
 from p2pimg.sources.origins import Origin, block_key, tag_key
@@ -112,6 +114,7 @@ class Resolver:
         self._tag_flights: SingleFlight[tuple[str, str], Cid] = SingleFlight()
         self.on_blob_map: Callable[[BlobMap], None] = lambda _bmap: None  # the chunk index
         self.timeline = Timeline()  # origin round trips (the node shares its metrics' timeline)
+        self.heads = TagHeads(origin, self.timeline)
         # A root was read for the first time (the node prefetches its blob maps).
         self.on_root: Callable[[ImageRoot], None] = lambda _root: None
         # `ipfs/<CID>` of another codec than dag-cbor: an image nerdctl pushed to IPFS (the node wires it).
@@ -156,9 +159,16 @@ class Resolver:
         if data is not None:
             return data
         began = Timeline.now()
+        held = self.heads.take(cid)
+        if held is not None and (len(held) > max_size or not cid.matches(held)):
+            log.warning("a tag head's copy of block %s is not that block; reading it from the origin", cid)
+            held = None
         try:
-            data = await self.origin.get(block_key(cid), max_size=max_size)
-            self.timeline.add("block", began, Timeline.now(), cid=str(cid)[-12:], bytes=len(data))
+            if held is not None:
+                data = held
+            else:
+                data = await self.origin.get(block_key(cid), max_size=max_size)
+                self.timeline.add("block", began, Timeline.now(), cid=str(cid)[-12:], bytes=len(data))
         except OriginError as exc:
             # The origin is unreachable (or does not have it): a peer may have the block, and a
             # block named by its CID can come from anyone, since it is checked against the CID.
@@ -269,6 +279,22 @@ class Resolver:
         return root
 
     async def _read_tag(self, name: str, tag: str) -> Cid:
+        """The record from the origin, and on a first look at the tag its head alongside: waited
+        for after the record at most as long as the record took (`fetch.heads`)."""
+        if (name, tag) in self._tags:  # read before: its blocks are most likely here already
+            return await self._read_record(name, tag)
+        async with trio.open_nursery() as nursery:
+            head = trio.Event()
+            nursery.start_soon(self.heads.read, name, tag, head)
+            began = trio.current_time()
+            got = await outcome.acapture(self._read_record, name, tag)
+            if isinstance(got, outcome.Value):
+                with trio.move_on_after(max(0.05, trio.current_time() - began)):
+                    await head.wait()
+            nursery.cancel_scope.cancel()
+        return got.unwrap()
+
+    async def _read_record(self, name: str, tag: str) -> Cid:
         now = time.monotonic()
         try:
             data = await self.origin.get(tag_key(name, tag), max_size=MAX_TAG_RECORD_SIZE)

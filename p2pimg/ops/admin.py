@@ -11,10 +11,11 @@ from p2pimg.content.cid import Cid
 from p2pimg.content.model import MAX_MANIFEST_SIZE, BlobMap, ImageRoot, TagRecord
 from p2pimg.errors import BlockInvalid, InvalidInput, NotFound, OriginError, P2pimgError
 from p2pimg.ops.lease import gc_hold, read_leases
-from p2pimg.sources.origins import PREFIX, Origin, block_key, list_tags, tag_key
+from p2pimg.sources.origins import PREFIX, Origin, block_key, head_key, list_tags, tag_key
 from p2pimg.sources.origins.multipart import COMPLETED, stamped_key
 
 _STAMPS = f"{PREFIX}/{COMPLETED}/"
+_HEADS = head_key("a", "a").removesuffix("a/a")
 
 # gc spares unreachable objects written less than this long ago: a publish uploads an image's
 # blobs and blocks first and its tag last, so until then they are reachable from nothing.
@@ -38,6 +39,7 @@ async def untag(origin: Origin, name: str, tag: str) -> None:
     if not await origin.exists(key):
         raise NotFound(f"{name}:{tag} is not published in {origin.url}")
     await origin.delete(key)
+    await origin.delete(head_key(name, tag))  # gc takes a head left behind
 
 
 @dataclass
@@ -94,8 +96,19 @@ async def plan_gc(origin: Origin, *, grace: float = DEFAULT_GRACE, now: float | 
     for key, stamp in stamps.items():
         if key not in listed:  # an orphan stamp
             _sort(plan, [stamp.key], now - stamp.modified, leases.keys)
+    # A tag's head goes with its tag (`untag` removes both; one left behind, or written by a
+    # publish that never wrote its tag, is garbage past the grace).
+    tagged = {head_key(name, tag) for name, tags in (await list_tags(origin)).items() for tag in tags}
+    for info in await origin.list_info(_HEADS):
+        if info.key not in tagged:
+            _sort(plan, [info.key], now - info.modified, leases.keys)
     plan.garbage += leases.stale
     return plan
+
+
+def _tag_of_head(key: str) -> str:
+    name, _, tag = key.removeprefix(_HEADS).rpartition("/")
+    return tag_key(name, tag)
 
 
 def _sort(plan: GcPlan, keys: list[str], age: float, leased: set[str]) -> None:
@@ -174,6 +187,7 @@ async def run_gc(origin: Origin, plan: GcPlan, *, now: float | None = None) -> i
                     or key in leases.live  # a stale lease refreshed since the plan
                     or name in plan.reachable_blocks
                     or "sha256:" + name in plan.reachable_blobs
+                    or (key.startswith(_HEADS) and await origin.exists(_tag_of_head(key)))
                 ):
                     continue
                 await origin.delete(key)

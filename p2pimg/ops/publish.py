@@ -28,6 +28,7 @@ from p2pimg.content.model import (
     ManifestEntry,
     TagRecord,
     check_chunk_size,
+    encode_tag_head,
 )
 from p2pimg.content.referrers import (
     CREATED_ANNOTATION,
@@ -41,7 +42,7 @@ from p2pimg.content.referrers import (
 from p2pimg.errors import OriginError, OriginNotFound, P2pimgError, SourceInvalid
 from p2pimg.ops.inputs import open_source
 from p2pimg.ops.lease import publish_lease
-from p2pimg.sources.origins import Origin, blob_key, block_key, tag_key
+from p2pimg.sources.origins import Origin, blob_key, block_key, head_key, tag_key
 from p2pimg.tasks import first_failure_nursery
 
 if TYPE_CHECKING:
@@ -183,6 +184,16 @@ async def _put_manifests(manifests: Mapping[str, tuple[bytes, str]], origin: Ori
         await _put_block_once(origin, Cid.from_digest(digest), data)
 
 
+def _head_blocks(
+    root: ImageRoot, manifests: Mapping[str, tuple[bytes, str]], chunked: Mapping[str, _Chunked]
+) -> list[tuple[Cid, bytes]]:
+    """What a tag's head carries after the root, in the order a pull reads it: the top manifest,
+    the other manifests, then the blob maps (of this publish's own blobs)."""
+    order = sorted(manifests, key=lambda digest: digest != root.top)
+    blocks = [(Cid.from_digest(digest), manifests[digest][0]) for digest in order]
+    return blocks + [(item.map_cid, item.map_data) for item in chunked.values()]
+
+
 async def _write_root_and_tag(
     root: ImageRoot,
     name: str,
@@ -191,10 +202,14 @@ async def _write_root_and_tag(
     signer: Signer | None,
     *,
     moving_from: Cid | None = None,
+    head: Sequence[tuple[Cid, bytes]] = (),
 ) -> tuple[Cid, TagRecord]:
-    """Write the image root, then the tag record pointing at it (signed with `signer`'s key), with a
-    sequence number above the previous record's. With `moving_from`, the tag must still point at that
-    root (an attach builds on it): if another publish moved it meanwhile, nothing is written."""
+    """Write the image root, the tag's head (the root and `head`'s blocks), then the tag record
+    pointing at the root (signed with `signer`'s key), with a sequence number above the previous
+    record's. With `moving_from`, the tag must still point at that root (an attach builds on it):
+    if another publish moved it meanwhile, neither head nor record is written. The head goes first: a
+    reader between the two writes meets the old record with the new head, whose blocks the old
+    root does not name, so it reads them from the origin as before (a head is only a hint)."""
     root_data = root.encode()
     root_cid = Cid.of_dag_cbor(root_data)
     await _put_block_once(origin, root_cid, root_data)
@@ -219,6 +234,7 @@ async def _write_root_and_tag(
     record = TagRecord(name=name, tag=tag, root=root_cid, seq=seq)
     if signer is not None:
         record = signer.sign(record)
+    await origin.put_bytes(head_key(name, tag), encode_tag_head([(root_cid, root_data), *head]))
     await origin.put_bytes(tag_key(name, tag), record.encode())
     return root_cid, record
 
@@ -251,7 +267,8 @@ async def publish_image(
         await lease.cover(_root_keys(root), progress)
         done = await _upload_blobs(chunked, origin, progress)
         await _put_manifests(image.manifests, origin)
-        root_cid, record = await _write_root_and_tag(root, name, tag, origin, signer)
+        head = _head_blocks(root, image.manifests, chunked)
+        root_cid, record = await _write_root_and_tag(root, name, tag, origin, signer, head=head)
     return PublishReport(root_cid, record, done.uploaded, done.skipped, done.bytes)
 
 
@@ -344,5 +361,8 @@ async def attach(
         await lease.cover(_root_keys(root), progress)
         done = await _upload_blobs(chunked, origin, progress)
         await _put_manifests(new_manifest, origin)
-        root_cid, record = await _write_root_and_tag(root, name, tag, origin, signer, moving_from=old_cid)
+        head = _head_blocks(root, new_manifest, chunked)
+        root_cid, record = await _write_root_and_tag(
+            root, name, tag, origin, signer, moving_from=old_cid, head=head
+        )
     return PublishReport(root_cid, record, done.uploaded, done.skipped, done.bytes, artifact=digest)

@@ -29,6 +29,7 @@ __all__ = [
     "Origin",
     "blob_key",
     "block_key",
+    "head_key",
     "list_tags",
     "open_origin",
     "tag_key",
@@ -49,6 +50,12 @@ def tag_key(name: str, tag: str = "") -> str:
     """Key of a tag record, or with no tag the prefix under which a name's tags live."""
     base = f"{PREFIX}/tags/{check_name(name)}/"
     return base + check_tag(tag) if tag else base
+
+
+def head_key(name: str, tag: str) -> str:
+    """Key of a tag's head (`content.model.encode_tag_head`): beside, not under, its tags, so
+    that listing a name's tags does not see it."""
+    return f"{PREFIX}/heads/{check_name(name)}/{check_tag(tag)}"
 
 
 async def list_tags(origin: Origin) -> dict[str, list[str]]:
