@@ -141,9 +141,11 @@ async def test_untag_and_gc_take_a_tags_head_with_it(tmp_path: Path, sample: Sam
     # A head whose tag is gone (a publish that stopped between the two writes) is.
     orphan = tmp_path / "origin" / head_key("demo/app", "2")
     orphan.write_bytes(head.read_bytes())
+    stray = tmp_path / "origin" / "p2pimg" / "heads" / "stray"  # no name/tag: nobody's head
+    stray.write_bytes(b"x")
     plan = await plan_gc(origin, grace=0, now=later)
-    assert head_key("demo/app", "2") in plan.garbage
+    assert {head_key("demo/app", "2"), "p2pimg/heads/stray"} <= set(plan.garbage)
     await run_gc(origin, plan, now=later)
-    assert not orphan.exists() and head.exists()
+    assert not orphan.exists() and not stray.exists() and head.exists()
     await untag(origin, "demo/app", "1")
     assert not head.exists()

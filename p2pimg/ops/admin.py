@@ -106,9 +106,13 @@ async def plan_gc(origin: Origin, *, grace: float = DEFAULT_GRACE, now: float | 
     return plan
 
 
-def _tag_of_head(key: str) -> str:
+async def _tagged_head(origin: Origin, key: str) -> bool:
+    """Whether `key` is the head of a tag the origin holds now (a stray key is no one's head)."""
     name, _, tag = key.removeprefix(_HEADS).rpartition("/")
-    return tag_key(name, tag)
+    try:
+        return key.startswith(_HEADS) and await origin.exists(tag_key(name, tag))
+    except InvalidInput:
+        return False
 
 
 def _sort(plan: GcPlan, keys: list[str], age: float, leased: set[str]) -> None:
@@ -187,7 +191,7 @@ async def run_gc(origin: Origin, plan: GcPlan, *, now: float | None = None) -> i
                     or key in leases.live  # a stale lease refreshed since the plan
                     or name in plan.reachable_blocks
                     or "sha256:" + name in plan.reachable_blobs
-                    or (key.startswith(_HEADS) and await origin.exists(_tag_of_head(key)))
+                    or await _tagged_head(origin, key)
                 ):
                     continue
                 await origin.delete(key)
