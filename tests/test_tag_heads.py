@@ -17,6 +17,7 @@ from p2pimg.content.cid import Cid
 from p2pimg.content.model import BlobMap, decode_tag_head, encode_tag_head
 from p2pimg.fetch.resolver import Resolver
 from p2pimg.ops.admin import plan_gc, run_gc, untag
+from p2pimg.ops.publish import attach
 from p2pimg.ops.sample import SampleImage
 from p2pimg.sources.origins import FileOrigin, block_key, head_key, tag_key
 from p2pimg.store.chunks import ChunkStore
@@ -149,3 +150,26 @@ async def test_untag_and_gc_take_a_tags_head_with_it(tmp_path: Path, sample: Sam
     assert not orphan.exists() and not stray.exists() and head.exists()
     await untag(origin, "demo/app", "1")
     assert not head.exists()
+
+
+async def test_attach_writes_a_whole_head_for_the_moved_tag(tmp_path: Path, sample: SampleImage) -> None:
+    """After an attach (a signature, an SBOM) the tag's head still carries the image's top
+    manifest and blob maps, besides the new root and the artifact's: a cold look at the moved tag
+    is again one round of requests."""
+    origin, _root = await published_home(tmp_path, sample)
+    note = tmp_path / "sbom.json"
+    note.write_text("{}")
+    report = await attach(
+        Resolver(ChunkStore(tmp_path / "publisher"), origin),
+        "demo/app",
+        "1",
+        [note],
+        origin,
+        artifact_type="application/spdx+json",
+    )
+    counting = CountingOrigin(tmp_path / "origin")
+    resolver = Resolver(ChunkStore(tmp_path / "cache"), counting)
+    manifest, maps = await look(resolver)
+    assert await resolver.resolve_tag("demo/app", "1") == report.root
+    assert Cid.from_digest(sample.top_digest).matches(manifest) and len(maps) >= 3
+    assert sorted(counting.gets) == sorted([tag_key("demo/app", "1"), head_key("demo/app", "1")])

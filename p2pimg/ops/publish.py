@@ -22,6 +22,7 @@ from p2pimg.content.cid import Cid, digest_of
 from p2pimg.content.graph import OCI_MANIFEST, SourceBlob, SourceImage
 from p2pimg.content.model import (
     DEFAULT_CHUNK_SIZE,
+    MAX_MANIFEST_SIZE,
     BlobEntry,
     BlobMap,
     ImageRoot,
@@ -361,7 +362,11 @@ async def attach(
         await lease.cover(_root_keys(root), progress)
         done = await _upload_blobs(chunked, origin, progress)
         await _put_manifests(new_manifest, origin)
-        head = _head_blocks(root, new_manifest, chunked)
+        # The head as publish writes it: the image's top manifest and blob maps too (the old
+        # head brought them to `resolver`, else they are read from the origin once).
+        head = [(top.cid, await resolver.block(top.cid, max_size=MAX_MANIFEST_SIZE))]
+        head += _head_blocks(root, new_manifest, chunked)
+        head += [(entry.map, await resolver.block(entry.map)) for entry in old.blobs.values()]
         root_cid, record = await _write_root_and_tag(
             root, name, tag, origin, signer, moving_from=old_cid, head=head
         )
