@@ -45,6 +45,7 @@ IMAGE_NAME = "bench/img:1"
 MOTO_PORT = 5001  # on the origin host's loopback: only faultproxy and the publisher talk to it
 PROXY_PORT = 9000  # faultproxy, on the origin host's LAN address
 REGISTRY_PORT = 5000  # docker-registry, on every address of the origin host
+FAR_REGISTRY_PORT = 9001  # faultproxy in front of docker-registry, on the origin host's LAN address
 P2PIMG_PORT = 5050  # p2pimg's registry on each client host's loopback
 PEER_PORT = 5051  # p2pimg's peer listener on each client host's LAN address
 START_TIMEOUT = 30.0
@@ -283,23 +284,32 @@ def start_origin(host: Host, logs: Path, *, latency_s: float, stream_rate: float
     origin.daemons.append(moto)
     wait_ready(host, f"{origin.moto}/moto-api/data.json", moto)
     helper(host, "mkbucket", origin.moto, BUCKET, what="create the bucket")
+    proxy = start_faultproxy(host, "faultproxy", origin.moto, PROXY_PORT, logs, latency_s, stream_rate)
+    origin.daemons.append(proxy)
+    return origin
+
+
+def start_faultproxy(
+    host: Host, name: str, upstream: str, port: int, logs: Path, latency_s: float, stream_rate: float = 0.0
+) -> Daemon:
+    """`tools/faultproxy.py` in front of `upstream`, on the host's LAN address at `port`, adding
+    `latency_s` before every response (and capping each connection at `stream_rate` bytes/s)."""
     argv = [
         sys.executable,
         "-m",
         "tools.faultproxy",
         "--upstream",
-        origin.moto,
+        upstream,
         "--listen",
-        f"{host.addr}:{PROXY_PORT}",
+        f"{host.addr}:{port}",
         "--latency",
         str(latency_s),
     ]
     if stream_rate:
         argv += ["--rate", str(int(stream_rate))]
-    proxy = start_daemon(host, "faultproxy", argv, logs)
-    origin.daemons.append(proxy)
-    wait_ready(host, f"{origin.proxy}/__faultproxy/stats", proxy)
-    return origin
+    proxy = start_daemon(host, name, argv, logs)
+    wait_ready(host, f"http://{host.addr}:{port}/__faultproxy/stats", proxy)
+    return proxy
 
 
 def publish(origin: Origin, image: SampleImage, home: Path, timeout: float) -> None:
@@ -331,6 +341,12 @@ class Registry:
     @property
     def ref(self) -> str:
         return f"{self.host.addr}:{REGISTRY_PORT}/{IMAGE_NAME}"
+
+    @property
+    def far_ref(self) -> str:
+        """The image through faultproxy (`start_faultproxy` at FAR_REGISTRY_PORT): the registry
+        with the origin's added latency before every response."""
+        return f"{self.host.addr}:{FAR_REGISTRY_PORT}/{IMAGE_NAME}"
 
     def egress(self) -> int:
         """Body bytes of every successful GET under /v2/ so far, from the access log."""

@@ -41,9 +41,11 @@ from bench.procs import require
 from bench.scenario import Context, Measure, Skipped
 from bench.scenarios import ImageSpec, build_image, image_matrix, tiny
 from bench.shaped import (
+    FAR_REGISTRY_PORT,
     IMAGE_NAME,
     MB,
     P2PIMG_PORT,
+    REGISTRY_PORT,
     bytes_per_s,
     check_pulled,
     helper,
@@ -52,6 +54,7 @@ from bench.shaped import (
     publish,
     run_in,
     skopeo_copy_argv,
+    start_faultproxy,
     start_origin,
     start_p2pimg,
     start_registry,
@@ -235,6 +238,7 @@ def _image(ctx: Context, plan: ColdPlan, spec: ImageSpec, work: Path) -> list[Me
 
     pulls: list[float] = []
     registry_pulls: list[float] = []
+    far_pulls: list[float] = []  # the registry behind faultproxy's added latency too
     fetches: list[float] = []
     streams: list[float] = []
     egress: list[float] = []
@@ -248,6 +252,16 @@ def _image(ctx: Context, plan: ColdPlan, spec: ImageSpec, work: Path) -> list[Me
         origin = start_origin(origin_host, logs, latency_s=plan.latency_s, stream_rate=stream_rate)
         publish(origin, image, work / "publisher", timeout=pull_timeout)
         registry = start_registry(origin_host, work / "registry", logs, image, timeout=pull_timeout)
+        # The same registry with the origin's 50 ms before every response: the two clients then
+        # wait alike for each request (a second baseline; the first sees only the link).
+        start_faultproxy(
+            origin_host,
+            "faultproxy-registry",
+            f"http://127.0.0.1:{REGISTRY_PORT}",
+            FAR_REGISTRY_PORT,
+            logs,
+            plan.latency_s,
+        )
 
         for run in range(plan.runs):
             step = f"cold pull {label}, run {run + 1}/{plan.runs}"
@@ -302,6 +316,8 @@ def _image(ctx: Context, plan: ColdPlan, spec: ImageSpec, work: Path) -> list[Me
 
             ctx.progress(f"{step}: skopeo from docker-registry")
             registry_pulls.append(_skopeo(client, registry.ref, work / "out", image, pull_timeout))
+            ctx.progress(f"{step}: skopeo from docker-registry, {plan.latency_s * 1000:.0f} ms per response")
+            far_pulls.append(_skopeo(client, registry.far_ref, work / "out", image, pull_timeout))
 
     def mbps(nbytes: int, seconds: list[float]) -> float:
         return round(nbytes / MB / statistics.median(seconds), 1)
@@ -311,7 +327,8 @@ def _image(ctx: Context, plan: ColdPlan, spec: ImageSpec, work: Path) -> list[Me
         "shaping": "tbf on the origin host's veth and its bridge port",
         "latency_s": plan.latency_s,
         "latency_note": "faultproxy adds it before every S3 response; docker-registry is reached "
-        "directly, so its requests see no added latency",
+        "directly in the first baseline (its requests see no added latency) and through a second "
+        "faultproxy in the other",
         "per_connection_cap_mbit": plan.stream_rate_mbit,
     }
     pull = Measure(
@@ -334,6 +351,18 @@ def _image(ctx: Context, plan: ColdPlan, spec: ImageSpec, work: Path) -> list[Me
             "p2pimg_timeline": timelines,
         },
     )
+    far_pull = Measure(
+        scenario=SCENARIO,
+        client="skopeo",
+        metric=f"pull time ({label}), the registry also {plan.latency_s * 1000:.0f} ms per response",
+        unit="s",
+        p2pimg=pulls,
+        baseline=far_pulls,
+        baseline_name=f"docker-registry behind the same link and faultproxy's {plan.latency_s * 1000:.0f} ms "
+        "before every response",
+        bound=image.total_bytes / rate,
+        details={**link, "image": label, "baseline_MB_s": mbps(image.total_bytes, far_pulls)},
+    )
     fetch = Measure(
         scenario=SCENARIO,
         client="GET of the largest layer",
@@ -352,7 +381,7 @@ def _image(ctx: Context, plan: ColdPlan, spec: ImageSpec, work: Path) -> list[Me
             "bound_MB_s": round(rate / MB, 1),
         },
     )
-    return [pull, fetch]
+    return [pull, far_pull, fetch]
 
 
 def _skopeo(client: Host, ref: str, dest: Path, image: SampleImage, timeout: float) -> float:
