@@ -16,6 +16,7 @@ from p2pimg.content import dagcbor
 from p2pimg.content.cid import Cid
 from p2pimg.content.model import BlobMap, decode_tag_head, encode_tag_head
 from p2pimg.fetch.resolver import Resolver
+from p2pimg.metrics import Timeline
 from p2pimg.ops.admin import plan_gc, run_gc, untag
 from p2pimg.ops.publish import attach
 from p2pimg.ops.sample import SampleImage
@@ -50,8 +51,11 @@ async def test_a_cold_look_at_a_tag_reads_root_manifest_and_maps_from_its_head(
     origin = CountingOrigin(tmp_path / "origin")
     store = ChunkStore(tmp_path / "cache")
     resolver = Resolver(store, origin)
+    resolver.timeline = Timeline()  # as a node does: its metrics' timeline, set after the fact
     manifest, maps = await look(resolver)
     assert sorted(origin.gets) == sorted([tag_key("demo/app", "1"), head_key("demo/app", "1")])
+    # Where the time went shows the head (`GET /p2pimg/v1/timeline`).
+    assert sorted(e["what"] for e in resolver.timeline.snapshot()) == ["head", "tag"]
     # What the head brought was checked and cached as if it came block by block.
     root_data = store.get_block(root_cid)
     assert root_data is not None and root_cid.matches(root_data)

@@ -31,21 +31,20 @@ HELD_BYTES = 4 * MAX_TAG_HEAD_SIZE
 
 
 class TagHeads:
-    def __init__(self, origin: Origin, timeline: Timeline, *, held_bytes: int = HELD_BYTES) -> None:
+    def __init__(self, origin: Origin, *, held_bytes: int = HELD_BYTES) -> None:
         self.origin = origin
-        self.timeline = timeline
         self.held_bytes = held_bytes
         self._held: OrderedDict[Cid, bytes] = OrderedDict()
         self._size = 0
 
-    async def read(self, name: str, tag: str, done: trio.Event) -> None:
-        """Fetch `name:tag`'s head and hold its blocks; `done` is set however it ends. Any failure
-        is only logged: the blocks are then read one by one, as without a head."""
+    async def read(self, name: str, tag: str, done: trio.Event, timeline: Timeline) -> None:
+        """Fetch `name:tag`'s head and hold its blocks (noted in `timeline`); `done` is set however
+        it ends. Any failure is only logged: the blocks are then read one by one, as without a head."""
         began = Timeline.now()
         try:
             data = await self.origin.get(head_key(name, tag), max_size=MAX_TAG_HEAD_SIZE)
             blocks = decode_tag_head(data)
-            self.timeline.add("head", began, Timeline.now(), name=name, tag=tag, bytes=len(data))
+            timeline.add("head", began, Timeline.now(), name=name, tag=tag, bytes=len(data))
             for cid, block in blocks.items():
                 self._hold(cid, block)
         except Exception as exc:  # noqa: BLE001 - a hint that failed: read without it

@@ -114,7 +114,7 @@ class Resolver:
         self._tag_flights: SingleFlight[tuple[str, str], Cid] = SingleFlight()
         self.on_blob_map: Callable[[BlobMap], None] = lambda _bmap: None  # the chunk index
         self.timeline = Timeline()  # origin round trips (the node shares its metrics' timeline)
-        self.heads = TagHeads(origin, self.timeline)
+        self.heads = TagHeads(origin)
         # A root was read for the first time (the node prefetches its blob maps).
         self.on_root: Callable[[ImageRoot], None] = lambda _root: None
         # `ipfs/<CID>` of another codec than dag-cbor: an image nerdctl pushed to IPFS (the node wires it).
@@ -285,7 +285,7 @@ class Resolver:
             return await self._read_record(name, tag)
         async with trio.open_nursery() as nursery:
             head = trio.Event()
-            nursery.start_soon(self.heads.read, name, tag, head)
+            nursery.start_soon(self.heads.read, name, tag, head, self.timeline)
             began = trio.current_time()
             got = await outcome.acapture(self._read_record, name, tag)
             if isinstance(got, outcome.Value):
