@@ -331,37 +331,41 @@ def _image(ctx: Context, plan: ColdPlan, spec: ImageSpec, work: Path) -> list[Me
         "faultproxy in the other",
         "per_connection_cap_mbit": plan.stream_rate_mbit,
     }
-    pull = Measure(
-        scenario=SCENARIO,
-        client="skopeo",
-        metric=f"pull time ({label})",
-        unit="s",
-        p2pimg=pulls,
-        baseline=registry_pulls,
-        baseline_name="docker-registry behind the same link",
-        bound=image.total_bytes / rate,
-        details={
-            **link,
-            "image": label,
-            "image_bytes": image.total_bytes,
-            "p2pimg_MB_s": mbps(image.total_bytes, pulls),
-            "baseline_MB_s": mbps(image.total_bytes, registry_pulls),
-            "bound_MB_s": round(rate / MB, 1),
-            "p2pimg_origin_egress_x_image": [round(e, 3) for e in egress],
-            "p2pimg_timeline": timelines,
-        },
+    ms = f"{plan.latency_s * 1000:.0f} ms"
+
+    def skopeo_row(metric: str, baseline: list[float], baseline_name: str, **extra: object) -> Measure:
+        """skopeo's pulls through p2pimg against one of the registry baselines."""
+        return Measure(
+            scenario=SCENARIO,
+            client="skopeo",
+            metric=metric,
+            unit="s",
+            p2pimg=pulls,
+            baseline=baseline,
+            baseline_name=baseline_name,
+            bound=image.total_bytes / rate,
+            details={
+                **link,
+                "image": label,
+                "image_bytes": image.total_bytes,
+                "p2pimg_MB_s": mbps(image.total_bytes, pulls),
+                "baseline_MB_s": mbps(image.total_bytes, baseline),
+                "bound_MB_s": round(rate / MB, 1),
+                **extra,
+            },
+        )
+
+    pull = skopeo_row(
+        f"pull time ({label})",
+        registry_pulls,
+        "docker-registry behind the same link",
+        p2pimg_origin_egress_x_image=[round(e, 3) for e in egress],
+        p2pimg_timeline=timelines,
     )
-    far_pull = Measure(
-        scenario=SCENARIO,
-        client="skopeo",
-        metric=f"pull time ({label}), the registry also {plan.latency_s * 1000:.0f} ms per response",
-        unit="s",
-        p2pimg=pulls,
-        baseline=far_pulls,
-        baseline_name=f"docker-registry behind the same link and faultproxy's {plan.latency_s * 1000:.0f} ms "
-        "before every response",
-        bound=image.total_bytes / rate,
-        details={**link, "image": label, "baseline_MB_s": mbps(image.total_bytes, far_pulls)},
+    far_pull = skopeo_row(
+        f"pull time ({label}), the registry also {ms} per response",
+        far_pulls,
+        f"docker-registry behind the same link and faultproxy's {ms} before every response",
     )
     fetch = Measure(
         scenario=SCENARIO,

@@ -11,11 +11,10 @@ from p2pimg.content.cid import Cid
 from p2pimg.content.model import MAX_MANIFEST_SIZE, BlobMap, ImageRoot, TagRecord
 from p2pimg.errors import BlockInvalid, InvalidInput, NotFound, OriginError, P2pimgError
 from p2pimg.ops.lease import gc_hold, read_leases
-from p2pimg.sources.origins import PREFIX, Origin, block_key, head_key, list_tags, tag_key
+from p2pimg.sources.origins import HEADS, PREFIX, Origin, block_key, head_key, list_tags, tag_key
 from p2pimg.sources.origins.multipart import COMPLETED, stamped_key
 
 _STAMPS = f"{PREFIX}/{COMPLETED}/"
-_HEADS = head_key("a", "a").removesuffix("a/a")
 
 # gc spares unreachable objects written less than this long ago: a publish uploads an image's
 # blobs and blocks first and its tag last, so until then they are reachable from nothing.
@@ -77,7 +76,7 @@ async def plan_gc(origin: Origin, *, grace: float = DEFAULT_GRACE, now: float | 
     # wrote its tag later, so an object stays young for at least `grace` of that publish's time.
     now = time.time() if now is None else now
     plan = GcPlan(grace=grace)
-    await _mark_tags(origin, plan)
+    listed_tags = await _mark_tags(origin, plan)
     if plan.problems:
         return plan
     leases = await read_leases(origin, now=now)  # after the tags: see `ops.lease`
@@ -98,8 +97,8 @@ async def plan_gc(origin: Origin, *, grace: float = DEFAULT_GRACE, now: float | 
             _sort(plan, [stamp.key], now - stamp.modified, leases.keys)
     # A tag's head goes with its tag (`untag` removes both; one left behind, or written by a
     # publish that never wrote its tag, is garbage past the grace).
-    tagged = {head_key(name, tag) for name, tags in (await list_tags(origin)).items() for tag in tags}
-    for info in await origin.list_info(_HEADS):
+    tagged = {head_key(name, tag) for name, tags in listed_tags.items() for tag in tags}
+    for info in await origin.list_info(HEADS):
         if info.key not in tagged:
             _sort(plan, [info.key], now - info.modified, leases.keys)
     plan.garbage += leases.stale
@@ -108,9 +107,9 @@ async def plan_gc(origin: Origin, *, grace: float = DEFAULT_GRACE, now: float | 
 
 async def _tagged_head(origin: Origin, key: str) -> bool:
     """Whether `key` is the head of a tag the origin holds now (a stray key is no one's head)."""
-    name, _, tag = key.removeprefix(_HEADS).rpartition("/")
+    name, _, tag = key.removeprefix(HEADS).rpartition("/")
     try:
-        return key.startswith(_HEADS) and await origin.exists(tag_key(name, tag))
+        return key.startswith(HEADS) and await origin.exists(tag_key(name, tag))
     except InvalidInput:
         return False
 
@@ -125,9 +124,10 @@ def _sort(plan: GcPlan, keys: list[str], age: float, leased: set[str]) -> None:
         plan.garbage += keys
 
 
-async def _mark_tags(origin: Origin, plan: GcPlan) -> None:
-    """Mark from every tag whose root is not marked yet."""
-    for name, tags in (await list_tags(origin)).items():
+async def _mark_tags(origin: Origin, plan: GcPlan) -> dict[str, list[str]]:
+    """Mark from every tag whose root is not marked yet; the tags it listed."""
+    listed = await list_tags(origin)
+    for name, tags in listed.items():
         for tag in tags:
             try:
                 record = TagRecord.decode(
@@ -138,6 +138,7 @@ async def _mark_tags(origin: Origin, plan: GcPlan) -> None:
                     plan.marked_roots.add(str(record.root))
             except (P2pimgError, OSError) as exc:
                 plan.problems.append(f"{name}:{tag}: {exc}")
+    return listed
 
 
 async def _mark(origin: Origin, root_cid: Cid, plan: GcPlan) -> None:

@@ -24,6 +24,7 @@ from p2pimg.sources.origins.base import BlobReader, Origin
 from p2pimg.sources.origins.file import FileOrigin
 
 __all__ = [
+    "HEADS",
     "BlobReader",
     "FileOrigin",
     "Origin",
@@ -52,10 +53,13 @@ def tag_key(name: str, tag: str = "") -> str:
     return base + check_tag(tag) if tag else base
 
 
+HEADS = f"{PREFIX}/heads/"
+
+
 def head_key(name: str, tag: str) -> str:
     """Key of a tag's head (`content.model.encode_tag_head`): beside, not under, its tags, so
     that listing a name's tags does not see it."""
-    return f"{PREFIX}/heads/{check_name(name)}/{check_tag(tag)}"
+    return f"{HEADS}{check_name(name)}/{check_tag(tag)}"
 
 
 async def list_tags(origin: Origin) -> dict[str, list[str]]:
