@@ -63,6 +63,15 @@ class Metrics:
             registry=r,
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 5),
         )
+        self.read_ahead_bytes = Counter(
+            "p2pimg_read_ahead_bytes",
+            "Blob bytes read from the origin before their map was known: taken by a span (used) "
+            "or dropped (wasted)",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("used", "wasted"):
+            self.read_ahead_bytes.labels(outcome)  # shown from the start, as 0
         self.hedges = Counter("p2pimg_fetch_hedges", "Slow spans raced by a second source", registry=r)
         self.peer_requests = Counter(
             "p2pimg_peer_requests", "Peer requests served or refused as busy (429)", ["result"], registry=r

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -56,6 +57,21 @@ async def guarded(what: str, fn: Callable[..., Awaitable[Any]], *args: Any) -> N
             log.error("%s failed with an unexpected error; the node keeps serving", what, exc_info=rest)
         if cancelled is not None:
             raise cancelled from None
+
+
+class Broadcast:
+    """Wake every waiter at once (trio.Event is one-shot; this re-arms itself)."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def fire(self) -> None:
+        self._event.set()
+        self._event = trio.Event()
+
+    async def wait(self, timeout: float = math.inf) -> None:
+        with trio.move_on_after(timeout):
+            await self._event.wait()
 
 
 @dataclass

@@ -30,17 +30,25 @@ class ProbeOrigin(Origin):
         self.url = inner.url
         self.bytes_read: dict[str, int] = {}
         self.requests = 0
+        self.heads = 0  # reads ahead (`read_head`), also counted in `requests`
         self.fail_next = 0
         self.pause_after: int | None = None  # bytes of a read after which it waits for `resume`
         self.resume = trio.Event()
 
-    async def read_range(self, key: str, offset: int, length: int) -> AsyncIterator[bytes]:
+    def read_range(self, key: str, offset: int, length: int) -> AsyncIterator[bytes]:
+        return self._tap(key, self.inner.read_range(key, offset, length))
+
+    def read_head(self, key: str, length: int) -> AsyncIterator[bytes]:
+        self.heads += 1
+        return self._tap(key, self.inner.read_head(key, length))
+
+    async def _tap(self, key: str, reader: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         self.requests += 1
         if self.fail_next:
             self.fail_next -= 1
             raise OriginError("injected failure")
         sent = 0
-        async with contextlib.aclosing(self.inner.read_range(key, offset, length)) as pieces:
+        async with contextlib.aclosing(reader) as pieces:  # type: ignore[type-var]
             async for piece in pieces:
                 if self.pause_after is not None and sent >= self.pause_after:
                     await self.resume.wait()

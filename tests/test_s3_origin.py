@@ -424,6 +424,23 @@ async def test_read_range(origin: S3Origin) -> None:
         await _read(origin, "p2pimg/blobs/sha256/small", size, 1)
 
 
+async def test_read_head_stops_at_the_length_or_the_object_end(origin: S3Origin) -> None:
+    data = os.urandom(MiB + 17)
+    key = "p2pimg/blobs/sha256/head"
+    await origin.put_blob(key, lambda: io.BytesIO(data), len(data))
+
+    async def head(length: int, of: str = key) -> bytes:
+        return b"".join([piece async for piece in origin.read_head(of, length)])
+
+    assert await head(1000) == data[:1000]
+    assert await head(len(data)) == data
+    assert await head(4 * MiB) == data  # shorter than asked for: all of it, no error
+    await origin.put_bytes("p2pimg/blobs/sha256/empty", b"")
+    assert await head(MiB, "p2pimg/blobs/sha256/empty") == b""
+    with pytest.raises(OriginNotFound):
+        await head(MiB, "p2pimg/blobs/sha256/missing")
+
+
 async def test_put_blob_single_source_errors(origin: S3Origin, tmp_path: Path) -> None:
     path = tmp_path / "short"
     path.write_bytes(b"x" * 100)

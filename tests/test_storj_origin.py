@@ -1123,6 +1123,15 @@ async def test_read_keeps_the_bytes_that_come_with_eof(origin: StorjOrigin, fake
     assert await origin.get("k", max_size=len(data)) == data
 
 
+async def test_read_head_ends_with_a_shorter_object(origin: StorjOrigin, fake: FakeLibuplink) -> None:
+    data = _blob(1000)
+    fake.objects["pre/k"] = data
+    assert b"".join([p async for p in origin.read_head("k", 400)]) == data[:400]
+    assert b"".join([p async for p in origin.read_head("k", 1 << 20)]) == data
+    assert fake.ranges[-1] == ("pre/k", 0, 1 << 20)  # libuplink ends the range at the object's end
+    assert fake.all_released()
+
+
 async def test_short_object_is_an_error_not_a_short_read(origin: StorjOrigin, fake: FakeLibuplink) -> None:
     fake.objects["pre/k"] = _blob(1000)
     with pytest.raises(OriginError, match="shorter than expected") as info:

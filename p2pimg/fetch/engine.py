@@ -46,7 +46,9 @@ from p2pimg.fetch.schedule import (
 from p2pimg.fetch.transfers import TransferLog, TransferRecord
 from p2pimg.metrics import Metrics, Timeline
 from p2pimg.sources.base import ChunkSource, SourceBusy
+from p2pimg.sources.readahead import AheadReport
 from p2pimg.store.chunks import ChunkStore, PartialBlob
+from p2pimg.tasks import Broadcast
 
 log = logging.getLogger(__name__)
 
@@ -114,21 +116,6 @@ class BlobFetch:
             event.set()
 
 
-class _Broadcast:
-    """Wake every waiter at once (trio.Event is one-shot; this re-arms itself)."""
-
-    def __init__(self) -> None:
-        self._event = trio.Event()
-
-    def fire(self) -> None:
-        self._event.set()
-        self._event = trio.Event()
-
-    async def wait(self, timeout: float) -> None:
-        with trio.move_on_after(timeout):
-            await self._event.wait()
-
-
 class Fetcher:
     def __init__(
         self,
@@ -152,7 +139,7 @@ class Fetcher:
             self.add_source(source)
         self._fetches: dict[str, BlobFetch] = {}
         self._opening: dict[str, trio.Event] = {}
-        self._changed = _Broadcast()
+        self._changed = Broadcast()
         self.transfers = TransferLog()
         # Told of each fetch as it starts, with its map (nerdctl images: which file to read).
         self.on_start: Callable[[BlobMap], None] = lambda _bmap: None
@@ -199,6 +186,30 @@ class Fetcher:
 
     def fetch_of(self, digest: str) -> BlobFetch | None:
         return self._fetches.get(digest)
+
+    def read_ahead(self, digest: str) -> None:
+        """A client asked for a blob whose map is still being looked up: sources that can find it
+        by digest alone start on its first bytes, for the fetch's first span to take
+        (`sources.readahead`). Nothing if the blob is being fetched or opened already."""
+        if digest not in self._fetches and digest not in self._opening:
+            for source in self.sources:
+                source.read_ahead(self.nursery, digest, self._read_ahead_over)
+
+    def _read_ahead_over(self, report: AheadReport) -> None:
+        self.metrics.read_ahead_bytes.labels("used").inc(report.used)
+        self.metrics.read_ahead_bytes.labels("wasted").inc(report.wasted)
+        self.metrics.timeline.add(
+            "ahead",
+            report.began,
+            report.ended,
+            blob=report.digest[7:19],
+            used=report.used,
+            wasted=report.wasted,
+        )
+
+    def drop_read_ahead(self, digest: str) -> None:
+        for source in self.sources:
+            source.drop_read_ahead(digest)
 
     # -- readers ---------------------------------------------------------------------------
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -35,6 +34,7 @@ from p2pimg.content.signing import TagSignatureError, TrustStore
 from p2pimg.errors import (
     BlobUnknown,
     BlockInvalid,
+    DigestInvalid,
     ManifestUnknown,
     NameUnknown,
     OriginError,
@@ -44,6 +44,7 @@ from p2pimg.errors import (
 )
 from p2pimg.fetch.heads import TagHeads
 from p2pimg.fetch.nerdctl import FileBlob, NerdctlImage, NerdctlImages
+from p2pimg.fetch.records import RecordChecks
 from p2pimg.metrics import Timeline
 from p2pimg.sources.origins import Origin, block_key, tag_key
 from p2pimg.store.chunks import ChunkStore
@@ -69,8 +70,6 @@ _ROOT_CACHE = 256
 _MAP_CACHE = 4096
 _PREFETCH = 8  # blob maps of one image fetched at once
 _RELISTED_NAMES = 4096
-# In a home: the warning that unsigned tag records are accepted was given there (it is given once).
-UNSIGNED_NOTICE = "unsigned-tags-accepted"
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,7 @@ class Manifest:
     data: bytes
 
 
-class Resolver:
+class Resolver(RecordChecks):
     def __init__(
         self,
         store: ChunkStore,
@@ -366,72 +365,6 @@ class Resolver:
         await trio.to_thread.run_sync(self.store.put_tag_record, best)
         return best, where
 
-    def check_peer_record(self, record: TagRecord) -> None:
-        """A tag record learned from a LAN peer: accepted only when signed by a trusted key. A node
-        that trusts no key takes unsigned records from its own origin, never from peers."""
-        if not len(self.trust):
-            raise TagSignatureError(
-                f"tag record of {record.name}:{record.tag} (seq {record.seq}) from a LAN peer refused: "
-                "records learned from peers must be signed by a trusted publisher key, and this node "
-                "trusts none (--trust PUBFILE or $P2PIMG_HOME/trust/*.pub)"
-            )
-        self.trust.check(record)
-
-    def check_record(self, record: TagRecord) -> None:
-        """Apply the trust policy to a tag record from the origin or this node's own cache;
-        TagSignatureError when it is refused. Records from LAN peers go through
-        `check_peer_record` instead (the unsigned exception below is for our own origin only).
-        """
-        if len(self.trust):
-            kid = self.trust.check(record)
-            log.debug(
-                "tag record of %s:%s (seq %d) signed by trusted key %s",
-                record.name,
-                record.tag,
-                record.seq,
-                kid,
-            )
-            return
-        if self._first_unsigned_notice(record):
-            how = "unsigned" if record.key is None else f"signed by key {record.key}, not checked"
-            home = str(self.home) if self.home is not None else "$P2PIMG_HOME"
-            log.warning(
-                "no publisher key is trusted: accepting tag records from the origin unchecked "
-                "(%s:%s is %s)%s. To accept only signed records, trust the publisher's key (copy "
-                "its .pub file into %s/trust/), or, for images you publish: `p2pimg keygen "
-                "--home %s`, then publish them again",
-                record.name,
-                record.tag,
-                how,
-                "; said once for this home" if self.home is not None else "",
-                home,
-                home,
-            )
-
-    def _first_unsigned_notice(self, record: TagRecord) -> bool:
-        """Whether to warn that `record` is taken unchecked: the first time in this home (or, with
-        no home, for this tag in this process); a home that cannot be written to hears it again."""
-        if (record.name, record.tag) in self._warned_unverified or self._warned_home:
-            return False
-        self._warned_unverified.add((record.name, record.tag))
-        if self.home is None:
-            return True
-        self._warned_home = True
-        # A few bytes, once per process: not worth a thread.
-        try:
-            self.home.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.home / UNSIGNED_NOTICE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return False
-        except OSError:
-            return True
-        with contextlib.suppress(OSError), os.fdopen(fd, "w") as f:
-            f.write(
-                "p2pimg warned once that this home trusts no publisher key and takes unsigned tag "
-                "records; remove this file to be warned again.\n"
-            )
-        return True
-
     async def _no_downgrade(self, record: TagRecord) -> TagRecord:
         """The record to use: `record`, unless the cache holds a newer accepted one for the tag.
 
@@ -477,6 +410,11 @@ class Resolver:
             published = False
         self._published[name] = (now, published)
         return published
+
+    def seen_unpublished(self, name: str) -> bool:
+        """Whether `is_published` said no within `tag_ttl` (a mirror's upstream image, say)."""
+        known = self._published.get(name)
+        return known is not None and not known[1] and time.monotonic() - known[0] < self.tag_ttl
 
     async def tags(self, name: str) -> list[str]:
         prefix = tag_key(name)
@@ -557,6 +495,25 @@ class Resolver:
         else:
             root = await self.root(await self.resolve_tag(name, reference))
         return await self.manifest(root.top_entry, root.top)
+
+    def knows_blob(self, name: str, digest: str) -> bool:
+        """Whether `blob_for` and `blob_map` can answer from memory: `name` was looked up and the
+        map of its blob `digest` is here (else a read ahead of the blob may pay off)."""
+        if name.startswith(IPFS_PREFIX):
+            try:
+                cid = Cid.parse(name[len(IPFS_PREFIX) :], codecs=IPFS_CODECS)
+            except DigestInvalid:
+                return True  # the request fails anyway
+            if cid.codec != DAG_CBOR:
+                return True  # an image nerdctl pushed to IPFS: its blobs are not on the origin
+            cids = {cid}
+        else:
+            cids = self._name_roots.get(name, set())
+        for cid in cids:
+            entry = root.blobs.get(digest) if (root := self._roots.get(cid)) is not None else None
+            if entry is not None and (isinstance(entry, FileBlob) or entry.map in self._maps):
+                return True
+        return False
 
     async def blob_for(self, name: str, digest: str) -> BlobEntry | FileBlob:
         found = await self._find(name, digest, "blob")

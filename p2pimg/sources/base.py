@@ -7,9 +7,12 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator, Callable
 
+import trio
+
 from p2pimg.content.model import BlobMap
 from p2pimg.errors import OriginError
 from p2pimg.sources.origins import Origin, blob_key
+from p2pimg.sources.readahead import AheadReport, ReadAhead
 
 
 class SourceBusy(OriginError):
@@ -45,6 +48,16 @@ class ChunkSource(abc.ABC):
     async def track(self, blob_map: BlobMap, changed: Callable[[], None]) -> None:  # noqa: B027
         """Keep `inventory` fresh while the blob's fetch runs; call `changed()` when it changes."""
 
+    def read_ahead(  # noqa: B027 - origins only
+        self, nursery: trio.Nursery, digest: str, report: Callable[[AheadReport], None]
+    ) -> None:
+        """A client asked for a blob whose map is still being looked up: a source that can find
+        the blob by its digest alone may start on its first bytes (`readahead`), and `report`
+        how that went when it is over."""
+
+    def drop_read_ahead(self, digest: str) -> None:  # noqa: B027 - origins only
+        """The blob turned out not to be wanted (unknown to the name, or another registry's)."""
+
     @abc.abstractmethod
     def read_span(self, blob_map: BlobMap, start: int, length: int) -> AsyncIterator[bytes]:
         """Bytes [start, start+length) of the blob, in pieces of any size."""
@@ -61,10 +74,21 @@ class OriginSource(ChunkSource):
         self.max_span = origin.preferred_span
         # Blobs known to be someone else's (in IPFS: an image nerdctl pushed), never asked of it.
         self.elsewhere: Callable[[str], bool] = lambda _digest: False
+        self.ahead = ReadAhead(origin, length=self.max_span)
 
     def inventory(self, blob_map: BlobMap) -> bytes | None:
         # A blob without chunk CIDs is a mirrored one: an upstream's, not published here.
         return b"" if blob_map.checked and not self.elsewhere(blob_map.digest) else None
 
+    def read_ahead(self, nursery: trio.Nursery, digest: str, report: Callable[[AheadReport], None]) -> None:
+        if not self.elsewhere(digest):
+            self.ahead.start(nursery, digest, report)
+
+    def drop_read_ahead(self, digest: str) -> None:
+        self.ahead.drop(digest)
+
     def read_span(self, blob_map: BlobMap, start: int, length: int) -> AsyncIterator[bytes]:
-        return self.origin.read_range(blob_key(blob_map.digest), start, length)
+        taken = self.ahead.take(blob_map.digest, start, length)
+        return (
+            taken if taken is not None else self.origin.read_range(blob_key(blob_map.digest), start, length)
+        )

@@ -111,6 +111,10 @@ class ChunkStore:
     def has_blob(self, digest: str) -> bool:
         return self.blob_path(digest).is_file()
 
+    def has_partial(self, digest: str) -> bool:
+        """Whether part of the blob was fetched before (a fetch resumes from it)."""
+        return (self._partial / f"{parse_digest(digest)}.have").is_file()
+
     def touch(self, digest: str, *, every: float = 60.0) -> None:
         """Record that a complete blob was just used (its times drive LRU eviction). Cheap: one
         stat, and a utime at most once per `every` seconds per blob; a missing blob is ignored."""

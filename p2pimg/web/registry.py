@@ -256,10 +256,28 @@ class Registry:
 
     async def _blob(self, name: str, digest: str, request: Request) -> Response:
         parse_digest(digest)
-        upstream = await self._upstream_for(name, request)
-        if upstream is not None:
-            return await self._upstream_blob(upstream, name, digest, request)
-        entry = await self.resolver.blob_for(name, digest)
+        ahead = (
+            request.method == "GET"
+            and not (  # another registry's
+                self.mirror is not None and (request.query.get("ns") or self.resolver.seen_unpublished(name))
+            )
+            and not self.resolver.knows_blob(name, digest)
+            and not self.store.has_blob(digest)
+            and not self.store.has_partial(digest)  # a resumed fetch starts where it stopped
+        )
+        if ahead:  # its first bytes come while the lookups below find its map
+            self.fetcher.read_ahead(digest)
+        try:
+            upstream = await self._upstream_for(name, request)
+            if upstream is not None:
+                if ahead:
+                    self.fetcher.drop_read_ahead(digest)
+                return await self._upstream_blob(upstream, name, digest, request)
+            entry = await self.resolver.blob_for(name, digest)
+        except P2pimgError:
+            if ahead:
+                self.fetcher.drop_read_ahead(digest)
+            raise
         status, start, end, headers = self._blob_headers(digest, entry.size, request)
         if request.method == "HEAD":
             return Response(status, headers)

@@ -52,6 +52,9 @@ def test_pull_through_caches_and_verifies(
     assert top == image.top_digest and blobs == set(image.blob_digests)
     layer_bytes = image.total_bytes - len((image.path / "blobs" / "sha256" / top[7:]).read_bytes())
     assert metric(server.host, "p2pimg_source_bytes_total", source="upstream") == layer_bytes
+    # The name is the upstream's: its blobs are not read ahead from the origin.
+    for outcome in ("used", "wasted"):
+        assert metric(server.host, "p2pimg_read_ahead_bytes_total", outcome=outcome) == 0
     # Verified upstream blobs are now ordinary cached blobs (nothing is left half-written).
     cache = p2pimg_home / "cache"
     for digest in blobs - {top}:

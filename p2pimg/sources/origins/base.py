@@ -54,6 +54,12 @@ class Origin(abc.ABC):
         """
 
     @abc.abstractmethod
+    def read_head(self, key: str, length: int) -> AsyncIterator[bytes]:
+        """Stream the first `length` bytes of an object, or all of it if it is shorter: a read
+        ahead of a blob whose size is not known yet (`sources.readahead`). Errors as `read_range`.
+        """
+
+    @abc.abstractmethod
     async def get(self, key: str, *, max_size: int) -> bytes:
         """A whole small object (block, tag record), refusing anything above `max_size`."""
 

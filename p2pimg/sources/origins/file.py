@@ -31,7 +31,13 @@ class FileOrigin(Origin):
             raise InvalidInput(f"invalid origin key {key[:100]!r}")
         return self.root / key
 
-    async def read_range(self, key: str, offset: int, length: int) -> AsyncIterator[bytes]:
+    def read_range(self, key: str, offset: int, length: int) -> AsyncIterator[bytes]:
+        return self._read(key, offset, length, shorter=False)
+
+    def read_head(self, key: str, length: int) -> AsyncIterator[bytes]:
+        return self._read(key, 0, length, shorter=True)
+
+    async def _read(self, key: str, offset: int, length: int, *, shorter: bool) -> AsyncIterator[bytes]:
         path = self._path(key)
         try:
             fd = await trio.to_thread.run_sync(os.open, path, os.O_RDONLY)
@@ -44,6 +50,8 @@ class FileOrigin(Origin):
             while offset < end:
                 piece = await trio.to_thread.run_sync(os.pread, fd, min(_PIECE, end - offset), offset)
                 if not piece:
+                    if shorter:
+                        return
                     raise OriginError(f"{key} in {self.url} is shorter than expected")
                 offset += len(piece)
                 yield piece

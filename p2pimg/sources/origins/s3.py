@@ -189,7 +189,14 @@ class S3Origin(Origin):
 
     # -- reads -----------------------------------------------------------------------------
 
-    async def read_range(self, key: str, offset: int, length: int) -> AsyncIterator[bytes]:
+    def read_range(self, key: str, offset: int, length: int) -> AsyncIterator[bytes]:
+        return self._read(key, offset, length, shorter=False)
+
+    def read_head(self, key: str, length: int) -> AsyncIterator[bytes]:
+        return self._read(key, 0, length, shorter=True)
+
+    async def _read(self, key: str, offset: int, length: int, *, shorter: bool) -> AsyncIterator[bytes]:
+        """Bytes [offset, offset+length) of `key`; fewer if `shorter` and the object ends before."""
         if offset < 0 or length < 0:
             raise InvalidInput(f"invalid range {offset}+{length} of {key}")
         bucket_key = self._key(key)
@@ -201,14 +208,21 @@ class S3Origin(Origin):
             if response.status_code == 206:
                 content_range = response.headers.get("Content-Range", "")
                 match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", content_range.strip())
-                if not match or int(match[1]) != offset:
+                if not match or int(match[1]) != offset or int(match[2]) > last:
                     raise OriginError(f"{what}: unexpected Content-Range {content_range[:100]!r}")
-                if int(match[2]) != last:
+                if int(match[2]) != last and not shorter:
                     raise OriginError(f"{key} in {self.url} is shorter than expected")
+                length = int(match[2]) - offset + 1
             elif response.status_code == 200:
                 # A store may ignore Range; that is only usable when the whole object was asked for.
-                if offset != 0 or response.headers.get("Content-Length") != str(length):
+                size = response.headers.get("Content-Length", "")
+                if offset != 0 or not (
+                    size == str(length) or (shorter and size.isdigit() and int(size) < length)
+                ):
                     raise OriginError(f"{what}: the store ignored the Range header")
+                length = int(size)
+            elif response.status_code == 416 and shorter and offset == 0:
+                return  # an empty object: no byte to read
             else:
                 await self._fail(response, what, key)
             received = 0

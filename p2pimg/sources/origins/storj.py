@@ -174,9 +174,10 @@ class StorjOrigin(Origin):
     # -- reads -----------------------------------------------------------------------------------
 
     async def _pieces(
-        self, project: Any, key: str, offset: int, length: int, download: Any = None
+        self, project: Any, key: str, offset: int, length: int, download: Any = None, *, shorter: bool = False
     ) -> AsyncGenerator[bytes, None]:
-        """Bytes [offset, offset+length) of `key`, from `download` if given (open at `offset`)."""
+        """Bytes [offset, offset+length) of `key`, from `download` if given (open at `offset`);
+        fewer if `shorter` and the object ends before (libuplink ends a longer range there)."""
         pos, end = offset, offset + length
         try:
             if download is None:
@@ -196,6 +197,8 @@ class StorjOrigin(Origin):
                     yield data
                 elif not eof:
                     stalls += 1  # io.Reader allows (0, nil); a reader that only says that is stuck
+                if pos < end and eof and shorter:
+                    return
                 if pos < end and (eof or stalls > 3):
                     raise OriginError(
                         f"{key} on {self.url} is shorter than expected (ends at byte {pos}, before {end})"
@@ -204,7 +207,13 @@ class StorjOrigin(Origin):
             if download is not None:
                 await self._quietly(self._native.release, "download", download)
 
-    async def read_range(self, key: str, offset: int, length: int) -> AsyncIterator[bytes]:
+    def read_range(self, key: str, offset: int, length: int) -> AsyncIterator[bytes]:
+        return self._read(key, offset, length, shorter=False)
+
+    def read_head(self, key: str, length: int) -> AsyncIterator[bytes]:
+        return self._read(key, 0, length, shorter=True)
+
+    async def _read(self, key: str, offset: int, length: int, *, shorter: bool) -> AsyncIterator[bytes]:
         project = await self._project_handle()
         if length <= 0:
             if not await self.exists(key):
@@ -212,7 +221,8 @@ class StorjOrigin(Origin):
             return
         # aclosing: a consumer that stops early closes this generator, which must close the
         # inner one (and with it the native download) now, not whenever it is collected.
-        async with contextlib.aclosing(self._pieces(project, key, offset, length)) as pieces:
+        pieces = self._pieces(project, key, offset, length, shorter=shorter)
+        async with contextlib.aclosing(pieces):
             async for piece in pieces:
                 yield piece
 
