@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from _support import published_home, start_registry, wait_cached
 
 from p2pimg.errors import InvalidInput
 from p2pimg.fetch.resolver import Resolver
@@ -19,7 +20,6 @@ from p2pimg.ops.sample import SampleImage
 from p2pimg.sources.origins import FileOrigin, blob_key
 from p2pimg.sources.readahead import ReadAhead
 from p2pimg.store.chunks import ChunkStore
-from tests._support import published_home, start_registry, wait_cached
 
 DIGEST = "sha256:" + "ab" * 32
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from _support import published_home
+from _support import CHUNK, published_home
 
 from p2pimg.content import dagcbor
 from p2pimg.content.cid import Cid
@@ -18,7 +18,7 @@ from p2pimg.content.model import BlobMap, decode_tag_head, encode_tag_head
 from p2pimg.fetch.resolver import Resolver
 from p2pimg.metrics import Timeline
 from p2pimg.ops.admin import plan_gc, run_gc, untag
-from p2pimg.ops.publish import attach
+from p2pimg.ops.publish import attach, publish
 from p2pimg.ops.sample import SampleImage
 from p2pimg.sources.origins import FileOrigin, block_key, head_key, tag_key
 from p2pimg.store.chunks import ChunkStore
@@ -177,3 +177,34 @@ async def test_attach_writes_a_whole_head_for_the_moved_tag(tmp_path: Path, samp
     assert await resolver.resolve_tag("demo/app", "1") == report.root
     assert Cid.from_digest(sample.top_digest).matches(manifest) and len(maps) >= 3
     assert sorted(counting.gets) == sorted([tag_key("demo/app", "1"), head_key("demo/app", "1")])
+
+
+class GatedOrigin(FileOrigin):
+    """A real FileOrigin that holds every tag record's GET until `want` of them wait at once."""
+
+    def __init__(self, root: Path, want: int) -> None:
+        super().__init__(root)
+        self.want = want
+        self.waiting = 0
+        self.all_asked = trio.Event()
+
+    async def get(self, key: str, *, max_size: int) -> bytes:
+        if key.startswith(tag_key("demo/app", "")):
+            self.waiting += 1
+            if self.waiting >= self.want:
+                self.all_asked.set()
+            await self.all_asked.wait()
+        return await super().get(key, max_size=max_size)
+
+
+async def test_a_names_tags_are_read_side_by_side(tmp_path: Path, sample: SampleImage) -> None:
+    """A blob asked for by digest under a name of many tags: the tags are read at once (one
+    after another, this test would wait forever for the third record's GET)."""
+    origin, root = await published_home(tmp_path, sample)
+    for tag in ("2", "3"):
+        await publish(f"oci:{sample.path}:1", "demo/app", tag, origin, chunk_size=CHUNK)
+    resolver = Resolver(ChunkStore(tmp_path / "cache"), GatedOrigin(tmp_path / "origin", want=3))
+    digest = next(iter((await Resolver(ChunkStore(tmp_path / "other"), origin).root(root)).blobs))
+    with trio.fail_after(10):
+        entry = await resolver.blob_for("demo/app", digest)
+    assert entry.size > 0

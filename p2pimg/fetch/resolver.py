@@ -48,7 +48,7 @@ from p2pimg.fetch.records import RecordChecks
 from p2pimg.metrics import Timeline
 from p2pimg.sources.origins import Origin, block_key, tag_key
 from p2pimg.store.chunks import ChunkStore
-from p2pimg.tasks import SingleFlight
+from p2pimg.tasks import SingleFlight, first_failure_nursery
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -441,16 +441,23 @@ class Resolver(RecordChecks):
             return [await self.image(Cid.parse(name[len(IPFS_PREFIX) :], codecs=IPFS_CODECS))]
         known = self._name_roots.get(name)
         if not known:
-            refused: list[TagSignatureError] = []
-            for tag in await self.tags(name):
-                try:
-                    await self.resolve_tag(name, tag)
-                except TagSignatureError as exc:  # one refused tag does not hide the others
-                    log.error("%s", exc.message)
-                    refused.append(exc)
+            refused: dict[str, TagSignatureError] = {}
+            limit = trio.CapacityLimiter(_PREFETCH)  # tags read at once: one round trip, not one each
+
+            async def look(tag: str) -> None:
+                async with limit:
+                    try:
+                        await self.resolve_tag(name, tag)
+                    except TagSignatureError as exc:  # one refused tag does not hide the others
+                        log.error("%s", exc.message)
+                        refused[tag] = exc
+
+            async with first_failure_nursery() as nursery:
+                for tag in await self.tags(name):
+                    nursery.start_soon(look, tag)
             known = self._name_roots.get(name, set())
             if not known and refused:
-                raise refused[0]
+                raise refused[min(refused)]  # the first tag's refusal, whichever came first
         return [await self.root(cid) for cid in sorted(known, key=str)]
 
     async def _find(self, name: str, digest: str, kind: str) -> tuple[Image, object] | None:
