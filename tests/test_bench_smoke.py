@@ -262,7 +262,8 @@ def test_cpu_seconds_reads_proc_stat() -> None:
 
 def test_warm_blob_get_tiny_then_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """curl's warm-pull rows at toy size: a blob GET from each server, throughput and the
-    server's CPU per GB, both with docker-registry as the baseline."""
+    server's CPU per GB, both with docker-registry as the baseline; and the throughput against a
+    bare sendfile server (the ceiling)."""
     if missing := [t for t in ("skopeo", "docker-registry", "curl") if shutil.which(t) is None]:
         pytest.skip(f"{' and '.join(missing)} not installed (apt-get install skopeo docker-registry curl)")
     from bench.scenarios.warm import BASELINE, warm_pull
@@ -275,11 +276,14 @@ def test_warm_blob_get_tiny_then_report(tmp_path: Path, monkeypatch: pytest.Monk
     assert [(m.metric, m.unit) for m in measures] == [
         ("blob GET throughput, blob in p2pimg's cache", "MB/s"),
         ("server CPU seconds per GB served (utime + stime)", "s/GB"),
+        ("blob GET throughput against this machine's ceiling, blob in p2pimg's cache", "MB/s"),
     ], rows
-    speed, cpu = measures
-    assert not speed.lower_is_better and cpu.lower_is_better
-    assert {m.baseline_name for m in measures} == {BASELINE}
+    speed, cpu, ceiling = measures
+    assert not speed.lower_is_better and cpu.lower_is_better and not ceiling.lower_is_better
+    assert {speed.baseline_name, cpu.baseline_name} == {BASELINE}
+    assert "sendfile" in ceiling.baseline_name and ceiling.p2pimg == speed.p2pimg
     assert len(speed.p2pimg) == len(speed.baseline) == 1 and min(speed.p2pimg + speed.baseline) > 0
+    assert len(ceiling.baseline) == 1 and ceiling.baseline[0] > 0
     assert min(cpu.p2pimg + cpu.baseline) >= 0  # CPU time comes in clock ticks: a toy GET may take none
     out = tmp_path / "out"
     document = write_results(measures, [Skipped("cold-pull", runner.NOT_AVAILABLE)], out, dict(META))

@@ -386,6 +386,18 @@ async def test_missing_keys(origin: S3Origin) -> None:
     assert await _read(origin, "p2pimg/blocks/nothing", 5, 0) == b""  # no request at all
 
 
+async def test_prepare_makes_the_client_the_first_request_uses(origin: S3Origin) -> None:
+    await origin.put_bytes("p2pimg/blocks/first", b"x")
+    fresh = S3Origin(origin.location)
+    assert fresh._client is None  # made by the first request, unless prepared
+    fresh.prepare()  # as `serve` does at start: not on the first pull's critical path
+    client = fresh._client
+    assert client is not None
+    assert await fresh.get("p2pimg/blocks/first", max_size=10) == b"x"
+    assert fresh._client is client
+    await fresh.aclose()
+
+
 async def test_get_refuses_over_max_size(origin: S3Origin) -> None:
     await origin.put_bytes("p2pimg/blocks/big", b"x" * 1000)
     assert len(await origin.get("p2pimg/blocks/big", max_size=1000)) == 1000

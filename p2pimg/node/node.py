@@ -281,6 +281,7 @@ async def open_node(config: Config, *, advertise: tuple[str, int] | None = None)
     try:
         async with trio.open_nursery() as nursery:
             metrics = Metrics()
+            origin.prepare()  # not on the first pull's critical path
             origin_source = OriginSource(origin)
             fetcher = Fetcher(store, [origin_source], nursery, metrics=metrics, policy=policy, node_id=own_id)
             mirror = (

@@ -87,6 +87,10 @@ class Origin(abc.ABC):
     async def delete(self, key: str) -> None:
         """Remove an object; removing one that is not there is not an error."""
 
+    def prepare(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
+        """Make now, in the trio run that will use them, what the first request would otherwise
+        make on its critical path (an HTTP client and its TLS context: tens of milliseconds)."""
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release connections or handles."""
 

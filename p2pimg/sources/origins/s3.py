@@ -118,6 +118,9 @@ class S3Origin(Origin):
             self._client_run = run
         return self._client
 
+    def prepare(self) -> None:
+        self._http()
+
     def _key(self, key: str, *, prefix: bool = False) -> str:
         """The bucket key of an origin key (or of a listing prefix, which ends with '/')."""
         if not _KEY_RE.match(key) or key.endswith("/") != prefix or ".." in key.split("/"):
