@@ -14,9 +14,12 @@ import pytest
 import trio
 from _support import published_home, start_registry, wait_cached
 
+from p2pimg.content.model import BlobMap
 from p2pimg.errors import InvalidInput
+from p2pimg.fetch.engine import Fetcher
 from p2pimg.fetch.resolver import Resolver
 from p2pimg.ops.sample import SampleImage
+from p2pimg.sources.base import ChunkSource, OriginSource
 from p2pimg.sources.origins import FileOrigin, blob_key
 from p2pimg.sources.readahead import ReadAhead
 from p2pimg.store.chunks import ChunkStore
@@ -296,3 +299,31 @@ async def test_an_unknown_blob_drops_its_read_ahead(
     assert r.status_code == 404 and r.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
     assert origin.blob_reads(DIGEST) == [("head", 0, 16 << 20)]
     await until(lambda: origin.open == 0)
+
+
+class SilentPeer(ChunkSource):
+    """A LAN peer that holds nothing (only its presence matters here)."""
+
+    name = "peer 10.0.0.2:5051"
+    kind = "peer"
+
+    def inventory(self, blob_map: BlobMap) -> bytes | None:
+        return None
+
+    def read_span(self, blob_map: BlobMap, start: int, length: int) -> AsyncIterator[bytes]:
+        raise AssertionError("never asked")
+
+
+async def test_no_read_ahead_with_peers(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """With peers the swarm may bring a blob's start, and the origin's share of it may lie
+    elsewhere: nothing is read ahead from the origin."""
+    origin = TapOrigin(tmp_path / "origin")
+    put_blob(tmp_path / "origin", os.urandom(1000))
+    store = ChunkStore(tmp_path / "cache")
+    alone, swarmed = OriginSource(origin), OriginSource(origin)
+    alone.ahead.keep = 0.2
+    Fetcher(store, [alone], nursery).read_ahead(DIGEST)
+    Fetcher(store, [swarmed, SilentPeer()], nursery).read_ahead(DIGEST)
+    assert alone.ahead.active(DIGEST) and not swarmed.ahead.active(DIGEST)
+    await until(lambda: not alone.ahead.active(DIGEST))  # taken by nobody: dropped after `keep`
+    assert origin.blob_reads(DIGEST) == [("head", 0, 16 << 20)]

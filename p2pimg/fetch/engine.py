@@ -190,8 +190,10 @@ class Fetcher:
     def read_ahead(self, digest: str) -> None:
         """A client asked for a blob whose map is still being looked up: sources that can find it
         by digest alone start on its first bytes, for the fetch's first span to take
-        (`sources.readahead`). Nothing if the blob is being fetched or opened already."""
-        if digest not in self._fetches and digest not in self._opening:
+        (`sources.readahead`). Nothing if the blob is being fetched or opened already, nor with
+        peers: the swarm may bring the blob's start, and the origin's share may lie elsewhere."""
+        peers = any(source.kind == "peer" for source in self.sources)
+        if not peers and digest not in self._fetches and digest not in self._opening:
             for source in self.sources:
                 source.read_ahead(self.nursery, digest, self._read_ahead_over)
 
