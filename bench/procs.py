@@ -343,12 +343,12 @@ def moto_with_image(workdir: Path, layout: Path, ref: str) -> Iterator[str]:
 
 
 @contextmanager
-def sendfile_server(path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """`tools/sendfile_server.py` serving `path` for any GET: this machine's ceiling for a blob
-    GET. Yields HOST:PORT and the process."""
+def ceiling_server(path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`tools/ceiling_server.py` serving `path` from memory for any GET: this machine's ceiling
+    for a blob GET. Yields HOST:PORT and the process."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tools.sendfile_server", "--listen", f"127.0.0.1:{port}", str(path)],
+        [sys.executable, "-m", "tools.ceiling_server", "--listen", f"127.0.0.1:{port}", str(path)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=dict(os.environ, PYTHONPATH=str(_ROOT)),

@@ -263,7 +263,7 @@ def test_cpu_seconds_reads_proc_stat() -> None:
 def test_warm_blob_get_tiny_then_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """curl's warm-pull rows at toy size: a blob GET from each server, throughput and the
     server's CPU per GB, both with docker-registry as the baseline; and the throughput against a
-    bare sendfile server (the ceiling)."""
+    bare server sending it from memory (the ceiling)."""
     if missing := [t for t in ("skopeo", "docker-registry", "curl") if shutil.which(t) is None]:
         pytest.skip(f"{' and '.join(missing)} not installed (apt-get install skopeo docker-registry curl)")
     from bench.scenarios.warm import BASELINE, warm_pull
@@ -281,7 +281,7 @@ def test_warm_blob_get_tiny_then_report(tmp_path: Path, monkeypatch: pytest.Monk
     speed, cpu, ceiling = measures
     assert not speed.lower_is_better and cpu.lower_is_better and not ceiling.lower_is_better
     assert {speed.baseline_name, cpu.baseline_name} == {BASELINE}
-    assert "sendfile" in ceiling.baseline_name and ceiling.p2pimg == speed.p2pimg
+    assert "ceiling_server" in ceiling.baseline_name and ceiling.p2pimg == speed.p2pimg
     assert len(speed.p2pimg) == len(speed.baseline) == 1 and min(speed.p2pimg + speed.baseline) > 0
     assert len(ceiling.baseline) == 1 and ceiling.baseline[0] > 0
     assert min(cpu.p2pimg + cpu.baseline) >= 0  # CPU time comes in clock ticks: a toy GET may take none
