@@ -18,6 +18,7 @@ from p2pimg.content.model import BlobMap
 from p2pimg.errors import InvalidInput
 from p2pimg.fetch.engine import Fetcher
 from p2pimg.fetch.resolver import Resolver
+from p2pimg.metrics import Metrics
 from p2pimg.ops.sample import SampleImage
 from p2pimg.sources.base import ChunkSource, OriginSource
 from p2pimg.sources.origins import FileOrigin, blob_key
@@ -220,16 +221,21 @@ async def test_drop_stops_the_read(tmp_path: Path, nursery: trio.Nursery) -> Non
 
 
 async def fresh_node(
-    tmp_path: Path, sample: SampleImage, nursery: trio.Nursery
+    tmp_path: Path, sample: SampleImage, nursery: trio.Nursery, metrics: Metrics | None = None
 ) -> tuple[TapOrigin, ChunkStore, str, str, bytes]:
     await published_home(tmp_path, sample)
     origin = TapOrigin(tmp_path / "origin")
     store = ChunkStore(tmp_path / "cache")
-    url = await start_registry(nursery, store, origin)
+    url = await start_registry(nursery, store, origin, metrics=metrics)
     blobs = Path(sample.path) / "blobs" / "sha256"
     manifest = json.loads((blobs / sample.top_digest.removeprefix("sha256:")).read_bytes())
     digest = max(manifest["layers"], key=lambda d: d["size"])["digest"]
     return origin, store, url, digest, (blobs / digest.removeprefix("sha256:")).read_bytes()
+
+
+def wasted(metrics: Metrics) -> float:
+    """Bytes of reads ahead that were dropped (counted when a read ahead ends)."""
+    return metrics.registry.get_sample_value("p2pimg_read_ahead_bytes_total", {"outcome": "wasted"}) or 0
 
 
 async def test_a_fresh_node_reads_a_blob_ahead_of_its_map(
@@ -292,13 +298,27 @@ async def test_the_resolver_knows_a_blob_once_its_map_is_here(tmp_path: Path, sa
 async def test_an_unknown_blob_drops_its_read_ahead(
     tmp_path: Path, sample: SampleImage, nursery: trio.Nursery
 ) -> None:
-    origin, store, url, digest, data = await fresh_node(tmp_path, sample, nursery)
+    metrics = Metrics()
+    origin, store, url, digest, data = await fresh_node(tmp_path, sample, nursery, metrics)
     put_blob(tmp_path / "origin", os.urandom(4 << 20))  # in the origin, but not part of demo/app
     async with httpx.AsyncClient(base_url=url, timeout=20) as c:
         r = await c.get(f"/v2/demo/app/blobs/{DIGEST}")
     assert r.status_code == 404 and r.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
     assert origin.blob_reads(DIGEST) == [("head", 0, 16 << 20)]
-    await until(lambda: origin.open == 0)
+    await until(lambda: wasted(metrics) > 0 and origin.open == 0, timeout=2)  # at once, not after 5 s
+
+
+async def test_a_bad_range_drops_its_read_ahead(
+    tmp_path: Path, sample: SampleImage, nursery: trio.Nursery
+) -> None:
+    metrics = Metrics()
+    origin, store, url, digest, data = await fresh_node(tmp_path, sample, nursery, metrics)
+    async with httpx.AsyncClient(base_url=url, timeout=20) as c:
+        r = await c.get(f"/v2/demo/app/blobs/{digest}", headers={"Range": f"bytes={len(data) + 10}-"})
+    assert r.status_code == 416
+    assert [kind for kind, _, _ in origin.blob_reads(digest)] == ["head"]
+    await until(lambda: wasted(metrics) == len(data), timeout=2)  # dropped at once, not after 5 s
+    assert not store.has_partial(digest)
 
 
 class SilentPeer(ChunkSource):

@@ -274,14 +274,14 @@ class Registry:
                     self.fetcher.drop_read_ahead(digest)
                 return await self._upstream_blob(upstream, name, digest, request)
             entry = await self.resolver.blob_for(name, digest)
+            status, start, end, headers = self._blob_headers(digest, entry.size, request)
+            if request.method == "HEAD":
+                return Response(status, headers)
+            body = await self._blob_body(name, entry, digest, start, end, request)
         except P2pimgError:
-            if ahead:
+            if ahead:  # not the name's, a bad range, no map: the read ahead is not wanted
                 self.fetcher.drop_read_ahead(digest)
             raise
-        status, start, end, headers = self._blob_headers(digest, entry.size, request)
-        if request.method == "HEAD":
-            return Response(status, headers)
-        body = await self._blob_body(name, entry, digest, start, end, request)
         return Response(status, headers, body)
 
     @staticmethod
