@@ -241,18 +241,22 @@ def _blob_rows(
         "baseline_cpu_seconds": cpu_raw[1],
         "cpu_clock_ticks_per_s": os.sysconf("SC_CLK_TCK"),
     }
-    return [
-        Measure(
+
+    def throughput(metric: str, side: int, baseline_name: str, **extra: object) -> Measure:
+        return Measure(
             scenario=SCENARIO,
             client=what,
-            metric="blob GET throughput, blob in p2pimg's cache",
+            metric=metric,
             unit="MB/s",
             p2pimg=speed[0],
-            baseline=speed[1],
-            baseline_name=BASELINE,
+            baseline=speed[side],
+            baseline_name=baseline_name,
             lower_is_better=False,
-            details={**details, "target_ratio": ">= 2.0"},
-        ),
+            details={**details, **extra},
+        )
+
+    return [
+        throughput("blob GET throughput, blob in p2pimg's cache", 1, BASELINE, target_ratio=">= 2.0"),
         Measure(
             scenario=SCENARIO,
             client=what,
@@ -263,23 +267,14 @@ def _blob_rows(
             baseline_name=BASELINE,
             details={**details, "target_ratio": "<= 0.35"},
         ),
-        Measure(
-            scenario=SCENARIO,
-            client=what,
-            metric="blob GET throughput against this machine's ceiling, blob in p2pimg's cache",
-            unit="MB/s",
-            p2pimg=speed[0],
-            baseline=speed[2],
-            baseline_name="the blob sent from memory by a bare server (tools/ceiling_server.py)",
-            lower_is_better=False,
-            details={
-                **details,
-                "baseline_seconds": seconds[2],
-                "baseline_cpu_seconds": cpu_raw[2],
-                "note": "what loopback TCP gives one curl connection here, with nothing read from "
-                "disk nor checked; 2x docker-registry is only reachable if docker-registry is "
-                "below half of it",
-            },
+        throughput(
+            "blob GET throughput against this machine's ceiling, blob in p2pimg's cache",
+            2,
+            "the blob sent from memory by a bare server (tools/ceiling_server.py)",
+            baseline_seconds=seconds[2],
+            baseline_cpu_seconds=cpu_raw[2],
+            note="what loopback TCP gives one curl connection here, with nothing read from disk "
+            "nor checked; 2x docker-registry is only reachable if docker-registry is below half of it",
         ),
     ]
 
