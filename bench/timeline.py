@@ -63,6 +63,18 @@ def summarize(events: list[dict[str, Any]]) -> dict[str, Any]:
             ]
             for e in sorted(spans, key=lambda e: float(e["start"]))
         ],
+        # Blob bytes read from the origin before their map was known (`sources/readahead.py`):
+        # [start, end, MB taken by a span, MB dropped].
+        "read_ahead_windows": [
+            [
+                round(float(e["start"]) - t0, 3),
+                round(float(e["end"]) - t0, 3),
+                round(int(e["used"]) / 1e6, 2),
+                round(int(e["wasted"]) / 1e6, 2),
+            ]
+            for e in sorted(events, key=lambda e: float(e["start"]))
+            if e["what"] == "ahead"
+        ],
         "client_windows": [
             [round(float(e["start"]) - t0, 3), round(float(e["end"]) - t0, 3), str(e["request"])[:80]]
             for e in sorted(clients, key=lambda e: float(e["start"]))

@@ -341,6 +341,7 @@ def test_the_timeline_summary_finds_metadata_waits_and_idle_link() -> None:
             "hedge": True,
         },
         {"what": "block", "start": 11.6, "end": 11.7},
+        {"what": "ahead", "start": 10.01, "end": 11.0, "used": 1_500_000, "wasted": 0},
     ]
     got = summarize(events)
     assert got["first_span_after_s"] == 0.2
@@ -349,6 +350,7 @@ def test_the_timeline_summary_finds_metadata_waits_and_idle_link() -> None:
     assert got["no_span_running_s"] == 0.5 and got["last_span_end_s"] == 2.0
     assert got["span_windows"] == [[0.2, 0.25, 1.0, 2.0], [1.5, 1.57, 2.0, 0.0]]
     assert got["client_windows"] == [[0.0, 0.2, "GET /v2/demo/app/manifests/1"]]
+    assert got["read_ahead_windows"] == [[0.01, 1.0, 1.5, 0.0]]
     assert summarize([]) == {"events": 0}
 
 

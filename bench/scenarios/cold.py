@@ -243,6 +243,7 @@ def _image(ctx: Context, plan: ColdPlan, spec: ImageSpec, work: Path) -> list[Me
     streams: list[float] = []
     egress: list[float] = []
     timelines: list[dict[str, object]] = []  # where each pull's time went (bench/timeline.py)
+    fetch_timelines: list[dict[str, object]] = []  # and each one-layer GET's
     with lans() as make:
         ctx.progress(f"cold pull {label}: building the namespaces")
         lan = make(1)
@@ -287,6 +288,14 @@ def _image(ctx: Context, plan: ColdPlan, spec: ImageSpec, work: Path) -> list[Me
                     client, "fetch", url, blob_digest, what="GET through p2pimg", timeout=blob_timeout
                 )
                 fetches.append(float(got["seconds"]))
+                fetch_timelines.append(
+                    helper(
+                        client,
+                        "timeline",
+                        f"http://127.0.0.1:{P2PIMG_PORT}/p2pimg/v1/timeline",
+                        what="p2pimg's timeline",
+                    )
+                )
             finally:
                 stop_daemon(node)
                 shutil.rmtree(home, ignore_errors=True)
@@ -383,6 +392,7 @@ def _image(ctx: Context, plan: ColdPlan, spec: ImageSpec, work: Path) -> list[Me
             "p2pimg_MB_s": mbps(blob_size, fetches),
             "baseline_MB_s": mbps(blob_size, streams),
             "bound_MB_s": round(rate / MB, 1),
+            "p2pimg_timeline": fetch_timelines,
         },
     )
     return [pull, far_pull, fetch]
