@@ -26,6 +26,7 @@ from p2pimg.sources.readahead import ReadAhead
 from p2pimg.store.chunks import ChunkStore
 
 DIGEST = "sha256:" + "ab" * 32
+READ_AHEAD = "p2pimg_read_ahead_bytes_total"
 
 
 class TapOrigin(FileOrigin):
@@ -235,7 +236,7 @@ async def fresh_node(
 
 def wasted(metrics: Metrics) -> float:
     """Bytes of reads ahead that were dropped (counted when a read ahead ends)."""
-    return metrics.registry.get_sample_value("p2pimg_read_ahead_bytes_total", {"outcome": "wasted"}) or 0
+    return metrics.registry.get_sample_value(READ_AHEAD, {"outcome": "wasted"}) or 0
 
 
 async def test_a_fresh_node_reads_a_blob_ahead_of_its_map(
@@ -319,6 +320,30 @@ async def test_a_bad_range_drops_its_read_ahead(
     assert [kind for kind, _, _ in origin.blob_reads(digest)] == ["head"]
     await until(lambda: wasted(metrics) == len(data), timeout=2)  # dropped at once, not after 5 s
     assert not store.has_partial(digest)
+
+
+async def test_a_failing_request_drops_only_its_own_read_ahead(
+    tmp_path: Path, sample: SampleImage, nursery: trio.Nursery
+) -> None:
+    """Two clients ask for one blob; the second asks for a range past its end. The first one's
+    read ahead is the one its fetch takes, whatever the second request does."""
+    metrics = Metrics()
+    origin, store, url, digest, data = await fresh_node(tmp_path, sample, nursery, metrics)
+    got: dict[str, httpx.Response] = {}
+    async with httpx.AsyncClient(base_url=url, timeout=20) as c:
+
+        async def get(who: str, headers: dict[str, str]) -> None:
+            got[who] = await c.get(f"/v2/demo/app/blobs/{digest}", headers=headers)
+
+        async with trio.open_nursery() as clients:
+            clients.start_soon(get, "whole", {})
+            await until(lambda: origin.blob_reads(digest))  # its read ahead has begun
+            clients.start_soon(get, "past the end", {"Range": f"bytes={len(data) + 10}-"})
+    assert got["whole"].status_code == 200 and got["whole"].content == data
+    assert got["past the end"].status_code == 416
+    assert [kind for kind, _, _ in origin.blob_reads(digest)] == ["head"]  # its bytes all came ahead
+    await until(lambda: metrics.registry.get_sample_value(READ_AHEAD, {"outcome": "used"}) == len(data))
+    assert wasted(metrics) == 0
 
 
 class SilentPeer(ChunkSource):

@@ -187,15 +187,19 @@ class Fetcher:
     def fetch_of(self, digest: str) -> BlobFetch | None:
         return self._fetches.get(digest)
 
-    def read_ahead(self, digest: str) -> None:
+    def read_ahead(self, digest: str) -> bool:
         """A client asked for a blob whose map is still being looked up: sources that can find it
         by digest alone start on its first bytes, for the fetch's first span to take
-        (`sources.readahead`). Nothing if the blob is being fetched or opened already, nor with
-        peers: the swarm may bring the blob's start, and the origin's share may lie elsewhere."""
-        peers = any(source.kind == "peer" for source in self.sources)
-        if not peers and digest not in self._fetches and digest not in self._opening:
-            for source in self.sources:
-                source.read_ahead(self.nursery, digest, self._read_ahead_over)
+        (`sources.readahead`); whether one did. Nothing if the blob is being fetched or opened
+        already (or read ahead), nor with peers: the swarm may bring the blob's start, and the
+        origin's share may lie elsewhere."""
+        if any(source.kind == "peer" for source in self.sources):
+            return False
+        if digest in self._fetches or digest in self._opening:
+            return False
+        return any(
+            [source.read_ahead(self.nursery, digest, self._read_ahead_over) for source in self.sources]
+        )
 
     def _read_ahead_over(self, report: AheadReport) -> None:
         self.metrics.read_ahead_bytes.labels("used").inc(report.used)

@@ -48,12 +48,11 @@ class ChunkSource(abc.ABC):
     async def track(self, blob_map: BlobMap, changed: Callable[[], None]) -> None:  # noqa: B027
         """Keep `inventory` fresh while the blob's fetch runs; call `changed()` when it changes."""
 
-    def read_ahead(  # noqa: B027 - origins only
-        self, nursery: trio.Nursery, digest: str, report: Callable[[AheadReport], None]
-    ) -> None:
+    def read_ahead(self, nursery: trio.Nursery, digest: str, report: Callable[[AheadReport], None]) -> bool:
         """A client asked for a blob whose map is still being looked up: a source that can find
         the blob by its digest alone may start on its first bytes (`readahead`), and `report`
-        how that went when it is over."""
+        how that went when it is over. Whether it started one (most sources cannot)."""
+        return False
 
     def drop_read_ahead(self, digest: str) -> None:  # noqa: B027 - origins only
         """The blob turned out not to be wanted (unknown to the name, or another registry's)."""
@@ -80,9 +79,8 @@ class OriginSource(ChunkSource):
         # A blob without chunk CIDs is a mirrored one: an upstream's, not published here.
         return b"" if blob_map.checked and not self.elsewhere(blob_map.digest) else None
 
-    def read_ahead(self, nursery: trio.Nursery, digest: str, report: Callable[[AheadReport], None]) -> None:
-        if not self.elsewhere(digest):
-            self.ahead.start(nursery, digest, report)
+    def read_ahead(self, nursery: trio.Nursery, digest: str, report: Callable[[AheadReport], None]) -> bool:
+        return not self.elsewhere(digest) and self.ahead.start(nursery, digest, report)
 
     def drop_read_ahead(self, digest: str) -> None:
         self.ahead.drop(digest)

@@ -265,8 +265,9 @@ class Registry:
             and not self.store.has_blob(digest)
             and not self.store.has_partial(digest)  # a resumed fetch starts where it stopped
         )
-        if ahead:  # its first bytes come while the lookups below find its map
-            self.fetcher.read_ahead(digest)
+        # Its first bytes come while the lookups below find its map (this request's read ahead:
+        # one another request started is that one's to drop).
+        ahead = ahead and self.fetcher.read_ahead(digest)
         try:
             upstream = await self._upstream_for(name, request)
             if upstream is not None:
