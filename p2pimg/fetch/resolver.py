@@ -68,8 +68,13 @@ IPFS_PREFIX = "ipfs/"
 IPFS_TAG = "latest"  # the one tag of an image named by its root CID
 _ROOT_CACHE = 256
 _MAP_CACHE = 4096
-_PREFETCH = 8  # blob maps of one image fetched at once
+_PREFETCH = 8  # blob maps of one image, or tags of one name, read at once
 _RELISTED_NAMES = 4096
+
+
+def ipfs_cid(name: str) -> Cid:
+    """The CID of an `ipfs/<CID>` name (DigestInvalid when it carries none)."""
+    return Cid.parse(name[len(IPFS_PREFIX) :], codecs=IPFS_CODECS)
 
 
 @dataclass(frozen=True)
@@ -162,24 +167,30 @@ class Resolver(RecordChecks):
         if held is not None and (len(held) > max_size or not cid.matches(held)):
             log.warning("a tag head's copy of block %s is not that block; reading it from the origin", cid)
             held = None
-        try:
-            if held is not None:
-                data = held
-            else:
-                data = await self.origin.get(block_key(cid), max_size=max_size)
-                self.timeline.add("block", began, Timeline.now(), cid=str(cid)[-12:], bytes=len(data))
-        except OriginError as exc:
-            # The origin is unreachable (or does not have it): a peer may have the block, and a
-            # block named by its CID can come from anyone, since it is checked against the CID.
-            data = await self.peer_block(cid, max_size)
-            if data is None:
-                raise
-            log.warning("origin failed (%s); got block %s from a peer", exc.message, cid)
-        if not cid.matches(data):
-            raise VerificationError(f"a block that does not match {cid} was returned for it")
+        if held is not None:
+            data = held  # matched its CID above
+        else:
+            data = await self._block_from_afar(cid, max_size, began)
+            if not cid.matches(data):
+                raise VerificationError(f"a block that does not match {cid} was returned for it")
         if check is not None:
             check(data)
         await trio.to_thread.run_sync(self.store.put_block, cid, data)
+        return data
+
+    async def _block_from_afar(self, cid: Cid, max_size: int, began: float) -> bytes:
+        """A block from the origin, else from a LAN peer, unchecked."""
+        try:
+            data = await self.origin.get(block_key(cid), max_size=max_size)
+        except OriginError as exc:
+            # The origin is unreachable (or does not have it): a peer may have the block, and a
+            # block named by its CID can come from anyone, since it is checked against the CID.
+            peer_data = await self.peer_block(cid, max_size)
+            if peer_data is None:
+                raise
+            log.warning("origin failed (%s); got block %s from a peer", exc.message, cid)
+            return peer_data
+        self.timeline.add("block", began, Timeline.now(), cid=str(cid)[-12:], bytes=len(data))
         return data
 
     async def node(self, cid: Cid, parse: Callable[[bytes], _T]) -> _T:
@@ -438,11 +449,11 @@ class Resolver(RecordChecks):
     async def _roots_of(self, name: str) -> list[Image]:
         """Images a name can serve: the image an `ipfs/<CID>` names, or the roots of the name's tags."""
         if name.startswith(IPFS_PREFIX):
-            return [await self.image(Cid.parse(name[len(IPFS_PREFIX) :], codecs=IPFS_CODECS))]
+            return [await self.image(ipfs_cid(name))]
         known = self._name_roots.get(name)
         if not known:
             refused: dict[str, TagSignatureError] = {}
-            limit = trio.CapacityLimiter(_PREFETCH)  # tags read at once: one round trip, not one each
+            limit = trio.CapacityLimiter(_PREFETCH)  # one round trip for the tags, not one each
 
             async def look(tag: str) -> None:
                 async with limit:
@@ -508,7 +519,7 @@ class Resolver(RecordChecks):
         map of its blob `digest` is here (else a read ahead of the blob may pay off)."""
         if name.startswith(IPFS_PREFIX):
             try:
-                cid = Cid.parse(name[len(IPFS_PREFIX) :], codecs=IPFS_CODECS)
+                cid = ipfs_cid(name)
             except DigestInvalid:
                 return True  # the request fails anyway
             if cid.codec != DAG_CBOR:

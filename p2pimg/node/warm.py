@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 import httpx
 import trio
 
-from p2pimg.content.cid import IPFS_CODECS, Cid
+from p2pimg.content.cid import Cid
 from p2pimg.content.model import parse_name_tag
 from p2pimg.errors import P2pimgError, first_error
 from p2pimg.fetch.engine import BlobFetch, Fetcher
-from p2pimg.fetch.resolver import IPFS_PREFIX, Resolver
+from p2pimg.fetch.resolver import IPFS_PREFIX, Resolver, ipfs_cid
 from p2pimg.sources.peer import request_json
 from p2pimg.store.chunks import ChunkStore
 from p2pimg.store.index import ChunkIndex
@@ -85,7 +85,7 @@ def parse_ref(ref: str) -> tuple[str, str] | Cid:
     """`NAME:TAG` or `ipfs/<CID>`: a p2pimg image root (dag-cbor), or the CID `nerdctl push
     ipfs://` printed (raw, or dag-pb); which one it is, the resolver finds out (`Resolver.image`)."""
     if ref.startswith(IPFS_PREFIX):
-        return Cid.parse(ref[len(IPFS_PREFIX) :], codecs=IPFS_CODECS)
+        return ipfs_cid(ref)
     return parse_name_tag(ref)
 
 

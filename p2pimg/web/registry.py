@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 from functools import partial
 from typing import NoReturn
 
-from p2pimg.content.cid import IPFS_CODECS, Cid, parse_digest
+from p2pimg.content.cid import parse_digest
 from p2pimg.content.graph import OCI_INDEX
 from p2pimg.content.model import BlobEntry, BlobMap, check_name, check_tag
 from p2pimg.content.referrers import ARTIFACT_TYPE_FILTER, referrer_descriptor, referrers_index
@@ -40,7 +40,7 @@ from p2pimg.errors import (
 from p2pimg.fetch.engine import BlobFetch, Fetcher
 from p2pimg.fetch.mirror import Mirror, Upstream
 from p2pimg.fetch.nerdctl import FileBlob, FileMap
-from p2pimg.fetch.resolver import IPFS_PREFIX, IPFS_TAG, Resolver
+from p2pimg.fetch.resolver import IPFS_PREFIX, IPFS_TAG, Resolver, ipfs_cid
 from p2pimg.metrics import CONTENT_TYPE_LATEST, Metrics, Timeline
 from p2pimg.store.chunks import ChunkStore
 from p2pimg.web.ranges import content_range, parse_range
@@ -88,7 +88,7 @@ def check_repository(name: str) -> str:
     check_name(name)
     if name.startswith(IPFS_PREFIX):
         try:
-            Cid.parse(name[len(IPFS_PREFIX) :], codecs=IPFS_CODECS)
+            ipfs_cid(name)
         except DigestInvalid as exc:
             raise NameInvalid(f"invalid image CID in {name!r}: {exc.message}") from None
     return name

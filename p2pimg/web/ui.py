@@ -44,10 +44,9 @@ from urllib.parse import urlsplit
 import trio
 
 import p2pimg
-from p2pimg.content.cid import IPFS_CODECS, Cid
 from p2pimg.errors import EndpointUnknown, InvalidInput, NotFound, P2pimgError, UnsupportedMethod
 from p2pimg.fetch.engine import BlobFetch
-from p2pimg.fetch.resolver import IPFS_PREFIX
+from p2pimg.fetch.resolver import IPFS_PREFIX, ipfs_cid
 from p2pimg.fetch.schedule import COMING
 from p2pimg.node import pins as node_pins
 from p2pimg.node.node import Node, peer_client
@@ -427,7 +426,7 @@ class Dashboard:
             try:
                 with trio.fail_after(10):
                     cid = (
-                        Cid.parse(name[len(IPFS_PREFIX) :], codecs=IPFS_CODECS)
+                        ipfs_cid(name)
                         if name.startswith(IPFS_PREFIX)
                         else await resolver.resolve_tag(name, tag)
                     )
